@@ -1,0 +1,329 @@
+"""Typed configuration of a vidpo run.
+
+Each section is a dataclass; each field carries its docstring right below it (the Megatron-core
+convention), and ``vidpo.recipe.field_docs`` reads those docstrings back for ``vidpo config --explain``
+and for error messages. Enum-like fields list their valid values in ``metadata={"choices": ...}``;
+``vidpo.recipe`` validates them and rejects unknown keys, naming the closest valid key.
+
+A recipe (YAML) sets any subset of these fields; ``--set section.field=value`` overrides them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from vidpo.fields import choice  # noqa: F401  (first: modules imported below use it)
+from vidpo.labeling.vlm import VLMConfig
+from vidpo.models.lora import LoRAConfig
+
+
+@dataclass
+class ModelConfig:
+    preset: str = choice("tiny", ("tiny", "small", "base", "1.3b", "5b"))
+    """Size preset of the video DiT (vidpo.models.dit.PRESETS). 'tiny' (~1 M parameters) is the CPU
+    demo model; '1.3b' is Wan-1.3B-like (30 layers, width 1536, 12 heads); '5b' is Wan-2.2-5B-like."""
+
+    width: Optional[int] = None
+    """Hidden size; overrides the preset when set."""
+
+    depth: Optional[int] = None
+    """Number of transformer blocks; overrides the preset when set."""
+
+    num_heads: Optional[int] = None
+    """Attention heads; overrides the preset when set."""
+
+    patch_size: Optional[List[int]] = None
+    """Patch size over (T, H, W); overrides the preset when set."""
+
+    attention: str = choice("sdpa", ("auto", "sdpa", "flash_attn", "te", "math"))
+    """Attention backend: 'sdpa' (torch scaled_dot_product_attention), 'flash_attn' or 'te' when those
+    packages are importable, 'math' (explicit softmax, for tests), 'auto' (fastest present)."""
+
+    dtype: str = choice("float32", ("float32", "bfloat16"))
+    """Parameter dtype. Training on GPU keeps fp32 master weights and uses bf16 autocast instead."""
+
+
+@dataclass
+class WorldConfig:
+    """The shapes world: procedural captioned clips with an exact oracle (vidpo.data.shapes)."""
+
+    frames: int = 8
+    """Frames per clip (the model's T; the toy world has no VAE, so latent frames = pixel frames)."""
+
+    height: int = 16
+    """Frame height in pixels."""
+
+    width: int = 16
+    """Frame width in pixels."""
+
+    fps: float = 8.0
+    """Frames per second of the clips; with ``label.segment_seconds`` it sets the DenseDPO segments."""
+
+    colours: List[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow"])
+    """Colour vocabulary (names from vidpo.data.shapes.PALETTE)."""
+
+    shapes: List[str] = field(default_factory=lambda: ["square", "circle"])
+    """Shape vocabulary ('square', 'circle', 'diamond')."""
+
+    directions: List[str] = field(default_factory=lambda: ["right", "left", "up", "down"])
+    """Motion directions."""
+
+    speed: float = 1.0
+    """Object speed in pixels per frame."""
+
+    object_size: int = 5
+    """Object side / diameter in pixels."""
+
+    wrong_colour: float = 0.0
+    """Fraction of training clips whose caption names a different colour than the one shown."""
+
+    reversed_direction: float = 0.0
+    """Fraction of training clips whose caption names the opposite direction of the motion shown."""
+
+    local_artifact: float = 0.0
+    """Fraction of training clips with a temporally local artifact (flicker / dropout / jitter) inside
+    one segment."""
+
+    static: float = 0.0
+    """Fraction of training clips whose object does not move."""
+
+    artifact_segment_frames: int = 2
+    """Length in frames of a local artifact."""
+
+
+@dataclass
+class FlowConfig:
+    """Rectified flow: x_t = (1 - t) x0 + t eps, target u = eps - x0 (vidpo.models.flow)."""
+
+    logit_mean: float = 0.0
+    """Mean of the logit-normal timestep distribution."""
+
+    logit_std: float = 1.0
+    """Standard deviation of the logit-normal timestep distribution."""
+
+    t_min: float = 0.0
+    """Training timesteps are drawn in [t_min, t_max] (rescaled logit-normal)."""
+
+    t_max: float = 1.0
+    """Upper end of the training timestep range."""
+
+    cond_dropout: float = 0.1
+    """Probability of replacing the condition by the null condition during training (for CFG)."""
+
+
+@dataclass
+class SampleConfig:
+    """Sampling with the Euler ODE solver and classifier-free guidance."""
+
+    steps: int = 20
+    """Euler steps from t=1 to t=0."""
+
+    cfg_scale: float = 3.0
+    """Classifier-free guidance scale (1.0 disables guidance)."""
+
+    num_samples: int = 32
+    """Samples drawn by `vidpo sample` (and per-condition grids)."""
+
+    batch_size: int = 64
+    """Samples per forward batch while sampling."""
+
+
+@dataclass
+class TrainConfig:
+    objective: str = choice("sft", ("sft", "flow_dpo", "dense_dpo", "kto"))
+    """Training objective: 'sft' (flow-matching pretraining / fine-tuning), 'flow_dpo', 'dense_dpo',
+    'kto' (preference objectives, DESIGN.md section 1)."""
+
+    max_steps: int = 600
+    """Optimizer steps of the run."""
+
+    batch_size: int = 32
+    """Clips (SFT) or pairs (DPO) per micro-batch."""
+
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine decay after warmup)."""
+
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+    init_from: Optional[str] = None
+    """Checkpoint directory or .safetensors file to initialise the policy from (relative paths are
+    resolved against the repository root, then the current directory)."""
+
+    log_every: int = 10
+    """Write a metrics.jsonl / TensorBoard row every this many steps."""
+
+    ckpt_every: int = 200
+    """Write a checkpoint every this many steps (and always at the end)."""
+
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (older ones are deleted after a newer one is complete)."""
+
+    eval_every: int = 0
+    """Oracle-evaluate the policy every this many steps during training (0: only at the end)."""
+
+    autocast: str = choice("auto", ("auto", "off", "bf16"))
+    """Mixed precision: 'auto' = bf16 autocast on GPU, off on CPU."""
+
+    optimizer: str = choice("auto", ("auto", "adamw", "fused_adamw", "apex"))
+    """'auto' picks torch's fused AdamW on GPU (apex FusedAdam only if NVIDIA apex is importable and
+    asked for), plain AdamW on CPU."""
+
+    max_bad_steps: int = 5
+    """Stop after this many consecutive non-finite losses (each one skips its step and is logged)."""
+
+    num_threads: int = 0
+    """torch intra-op threads on CPU (0: leave torch's default)."""
+
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class EvalConfig:
+    """Oracle evaluation of a checkpoint's samples (fixed seeds, so two checkpoints are paired)."""
+
+    num_samples: int = 128
+    """Samples scored; conditions cycle over the whole condition set."""
+
+    steps: int = 20
+    """Euler steps for evaluation samples."""
+
+    cfg_scale: float = 3.0
+    """Guidance scale for evaluation samples."""
+
+    seed_offset: int = 1_000_000
+    """Evaluation noise uses sample indices from here on, so it never overlaps training streams."""
+
+    grid_conditions: int = 8
+    """Conditions shown in the sample grid (GIF/PNG)."""
+
+
+@dataclass
+class GenerateConfig:
+    """Pair generation from the current policy (``vidpo generate``)."""
+
+    mode: str = choice("vanilla", ("vanilla", "structural"))
+    """'vanilla': the two videos of a pair are sampled from independent noise. 'structural' (DenseDPO's
+    StructuralDPO): both are SDEdit re-generations of one ground-truth clip from the same level eta with
+    independent noise, so they share coarse structure and motion and differ in local details."""
+
+    num_pairs: int = 256
+    """Pairs to generate; conditions cycle over a seeded permutation of the world's condition set."""
+
+    eta_min: float = 0.55
+    """Structural mode: eta ~ Uniform[eta_min, eta_max] per pair (shared by both videos of the pair)."""
+
+    eta_max: float = 0.75
+    """Upper end of the SDEdit level range."""
+
+    steps: int = 20
+    """Euler steps from t=1 (or eta) to 0."""
+
+    cfg_scale: float = 3.0
+    """Classifier-free guidance scale while sampling pairs."""
+
+    shard_size: int = 64
+    """Pairs per safetensors shard (a rerun skips complete shards)."""
+
+    heldout_pairs: int = 64
+    """Extra pairs (other seeds) generated and labelled for held-out implicit accuracy (0 disables)."""
+
+
+@dataclass
+class LabelConfig:
+    """Labelling of pairs (``vidpo label``): per-segment preferences."""
+
+    labeler: str = choice("oracle", ("oracle", "human", "vlm", "critic"))
+    """Who labels: the shapes-world 'oracle', a 'human' labels file (JSONL), a 'vlm' over HTTP
+    (OpenAI-compatible chat completions), or a trained 'critic' (IPO)."""
+
+    segment_seconds: float = 1.0
+    """DenseDPO segment length in seconds of video (mapped to latent frames with world.fps and
+    temporal_compression)."""
+
+    temporal_compression: int = 1
+    """Pixel frames per latent frame of the VAE (1 for the pixel-space toy world, 4 for Wan's VAE)."""
+
+    tie_margin: float = 0.0
+    """Oracle: a segment is a tie when the two scores differ by at most this much."""
+
+    human_file: Optional[str] = None
+    """Human labels JSONL ({"pair_id": .., "labels": [..]} or {"pair_id": .., "label": ..} per line)."""
+
+    on_error: str = choice("tie", ("tie", "raise"))
+    """What an unusable label (unparseable VLM reply, missing human label) becomes: a counted tie, or a
+    hard error."""
+
+    vlm: Optional[VLMConfig] = None
+    """The VLM labeller's endpoint, model and prompt (required when labeler is 'vlm')."""
+
+
+@dataclass
+class PreferenceConfig:
+    """Preference objectives (flow_dpo / dense_dpo / kto) and their data."""
+
+    beta: float = 1000.0
+    """DPO / KTO inverse temperature. The flow-matching errors are per-element means (~1e-3 differences),
+    so useful betas are large (DESIGN.md, Diffusion-DPO uses 2500-5000)."""
+
+    sft_weight: float = 0.0
+    """Weight of the flow-matching regularizer (IPO's real-video regularization) added to the loss."""
+
+    sft_source: str = choice("real", ("real", "winners", "both"))
+    """What the regularizer trains on: ground-truth clips of the pairs' conditions ('real'), the preferred
+    videos ('winners'), or both."""
+
+    kto_lambda_desirable: float = 1.0
+    """KTO weight of desirable videos."""
+
+    kto_lambda_undesirable: float = 1.0
+    """KTO weight of undesirable videos."""
+
+    reference: str = choice("auto", ("auto", "lora_disabled", "frozen_copy"))
+    """Reference model: the policy with LoRA disabled (no second copy of the weights; needs ``lora``), or a
+    frozen copy of the initial policy. 'auto': lora_disabled when LoRA is on, else frozen_copy."""
+
+    loss_backend: str = choice("auto", ("auto", "torch", "triton", "cpp", "cuda"))
+    """Backend of the fused paired loss (vidpo.kernels)."""
+
+    pairs: Optional[str] = None
+    """Directory with manifest.jsonl + shards to train on (``vidpo run`` sets it to its own pairs)."""
+
+    on_bad_pair: str = choice("skip", ("skip", "raise"))
+    """A malformed manifest line or a missing shard: skip it (counted, named in the log) or stop."""
+
+
+@dataclass
+class RunConfig:
+    """A whole recipe."""
+
+    seed: int = 0
+    """Root of every random stream of the run (vidpo.seeding): data, noise, timesteps, init, sampling."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    pref: PreferenceConfig = field(default_factory=PreferenceConfig)
+    lora: Optional[LoRAConfig] = None
+    """LoRA adapters on the policy (None: full fine-tuning). Setting any lora.* key turns LoRA on."""

@@ -1,0 +1,185 @@
+"""Preference pairs on disk: latent shards (safetensors) + a JSONL manifest.
+
+Layout of a pairs directory (what ``vidpo generate`` writes and ``vidpo label`` / training read)::
+
+    shards/shard_00000.safetensors   first (S,C,T,H,W), second (S,C,T,H,W), [gt (S,C,T,H,W)], cond_ids (S,K)
+    pairs.jsonl                      one line per generated pair (no labels)
+    manifest.jsonl                   the same lines plus labels (written by ``vidpo label``)
+
+A manifest line::
+
+    {"pair_id": "p000012", "shard": "shards/shard_00000.safetensors", "row": 12, "cond_ids": [1, 0, 3],
+     "caption": "a blue square moving up", "mode": "structural", "eta": 0.63,
+     "labels": [1, 0], "video_label": 1, "segment_seconds": 0.5, "label_source": "oracle"}
+
+Reading validates every line and names ``file:line`` in every complaint; with ``on_error="skip"`` a bad line
+is counted and skipped (the messages are returned), with ``"raise"`` the first one stops the run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from vidpo import atomic
+
+log = logging.getLogger("vidpo")
+
+PAIRS_FILE = "pairs.jsonl"
+MANIFEST_FILE = "manifest.jsonl"
+SHARD_DIR = "shards"
+
+
+class PairDataError(ValueError):
+    """A manifest line or shard that cannot be used; the message names the file, line and pair."""
+
+
+@dataclass
+class PairRecord:
+    pair_id: str
+    shard: str
+    row: int
+    cond_ids: list[int]
+    caption: str = ""
+    mode: str = "vanilla"
+    eta: Optional[float] = None
+    labels: Optional[list[int]] = None
+    video_label: Optional[int] = None
+    segment_seconds: Optional[float] = None
+    label_source: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
+        data.update(self.extra)
+        return json.dumps(data)
+
+
+_REQUIRED = {"pair_id": str, "shard": str, "row": int, "cond_ids": list}
+_KNOWN = set(PairRecord.__dataclass_fields__) - {"extra"}
+
+
+def parse_line(text: str, where: str, *, need_labels: bool) -> PairRecord:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PairDataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise PairDataError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    for key, typ in _REQUIRED.items():
+        if key not in data:
+            raise PairDataError(f"{where}: missing key '{key}'")
+        if not isinstance(data[key], typ) or (typ is int and isinstance(data[key], bool)):
+            raise PairDataError(f"{where}: '{key}' must be {typ.__name__}, got {data[key]!r}")
+    pid = data["pair_id"]
+    if data["row"] < 0:
+        raise PairDataError(f"{where}: pair {pid}: 'row' must be >= 0")
+    labels = data.get("labels")
+    if need_labels:
+        if labels is None:
+            raise PairDataError(f"{where}: pair {pid}: missing key 'labels' (run `vidpo label` first)")
+        if not isinstance(labels, list) or not labels or any(v not in (-1, 0, 1) or isinstance(v, bool)
+                                                               for v in labels):
+            raise PairDataError(f"{where}: pair {pid}: 'labels' must be a non-empty list of -1/0/1, got {labels!r}")
+    extra = {k: v for k, v in data.items() if k not in _KNOWN}
+    known = {k: v for k, v in data.items() if k in _KNOWN}
+    return PairRecord(**known, extra=extra)
+
+
+def read_manifest(path: str | os.PathLike, *, need_labels: bool = True, on_error: str = "raise",
+                  num_segments: Optional[int] = None) -> tuple[list[PairRecord], list[str]]:
+    """All usable records of a manifest and the messages about skipped lines."""
+    path = Path(path)
+    if not path.exists():
+        raise PairDataError(f"manifest not found: {path}")
+    records, problems, seen = [], [], set()
+    for lineno, text in enumerate(path.read_text().splitlines(), 1):
+        if not text.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = parse_line(text, where, need_labels=need_labels)
+            if rec.pair_id in seen:
+                raise PairDataError(f"{where}: duplicate pair_id '{rec.pair_id}'")
+            if need_labels and num_segments is not None and len(rec.labels) != num_segments:
+                raise PairDataError(f"{where}: pair {rec.pair_id}: {len(rec.labels)} labels, but the recipe's "
+                                    f"segments give {num_segments} (label.segment_seconds changed?)")
+        except PairDataError as exc:
+            if on_error == "raise":
+                raise
+            problems.append(str(exc))
+            log.warning("skipping %s", exc)
+            continue
+        seen.add(rec.pair_id)
+        records.append(rec)
+    return records, problems
+
+
+def write_manifest(path: str | os.PathLike, records: list[PairRecord]) -> None:
+    atomic.write_text(path, "".join(r.to_json() + "\n" for r in records))
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_DIR}/shard_{index:05d}.safetensors"
+
+
+class ShardReader:
+    """Loads shards on demand (cached) and returns a record's tensors; a missing or unreadable shard is a
+    PairDataError naming the shard file and the pair."""
+
+    def __init__(self, root: str | os.PathLike, max_cached: int = 8):
+        self.root = Path(root)
+        self.max_cached = max_cached
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def shard(self, name: str, pair_id: str = "?") -> dict[str, torch.Tensor]:
+        if name not in self._cache:
+            path = self.root / name
+            if not path.exists():
+                raise PairDataError(f"{path}: shard missing (needed by pair {pair_id})")
+            try:
+                tensors = load_file(str(path))
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise PairDataError(f"{path}: shard unreadable ({exc}) (needed by pair {pair_id})") from None
+            if len(self._cache) >= self.max_cached:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[name] = tensors
+        return self._cache[name]
+
+    def get(self, rec: PairRecord, key: str) -> torch.Tensor:
+        tensors = self.shard(rec.shard, rec.pair_id)
+        if key not in tensors:
+            raise PairDataError(f"{self.root / rec.shard}: no tensor '{key}' (pair {rec.pair_id})")
+        t = tensors[key]
+        if rec.row >= t.shape[0]:
+            raise PairDataError(f"{self.root / rec.shard}: pair {rec.pair_id} row {rec.row} out of range "
+                                f"({t.shape[0]} rows)")
+        return t[rec.row]
+
+    def check(self, rec: PairRecord) -> None:
+        """Raise PairDataError if the record's tensors cannot be read."""
+        self.get(rec, "first")
+        self.get(rec, "second")
+
+
+def validate_records(records: list[PairRecord], reader: ShardReader, on_error: str) -> tuple[list[PairRecord], list[str]]:
+    """Drop (or raise on) records whose shard rows are missing."""
+    good, problems = [], []
+    for rec in records:
+        try:
+            reader.check(rec)
+        except PairDataError as exc:
+            if on_error == "raise":
+                raise
+            problems.append(str(exc))
+            log.warning("skipping %s", exc)
+            continue
+        good.append(rec)
+    return good, problems

@@ -1,0 +1,74 @@
+"""Building a run's parts from its config: device, world, policy model, precision.
+
+One place decides how a recipe becomes objects, so ``train``, ``sample``, ``eval``, ``generate`` and the
+pipeline all build the same model the same way (and a checkpoint's ``config.yaml`` rebuilds it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+
+from vidpo.config import RunConfig
+from vidpo.seeding import derive_seed
+
+log = logging.getLogger("vidpo")
+
+
+def pick_device(requested: Optional[str] = None) -> torch.device:
+    """CUDA when present (unless VIDPO_DEVICE / ``requested`` says otherwise), else CPU."""
+    requested = requested or os.environ.get("VIDPO_DEVICE")
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_world(cfg: RunConfig):
+    from vidpo.data.shapes import ShapesWorld
+
+    return ShapesWorld(cfg.world)
+
+
+def dit_config_for(cfg: RunConfig, world):
+    from vidpo.models.dit import dit_config
+
+    return dit_config(
+        cfg.model.preset,
+        in_channels=3,
+        cond_vocab_size=world.vocab_size,
+        cond_dim=0,
+        width=cfg.model.width,
+        depth=cfg.model.depth,
+        num_heads=cfg.model.num_heads,
+        patch_size=tuple(cfg.model.patch_size) if cfg.model.patch_size else None,
+        attention=cfg.model.attention,
+    )
+
+
+def build_policy(cfg: RunConfig, world, device: torch.device | str = "cpu"):
+    """The video DiT of the recipe, initialised from the ``(seed, "init")`` stream."""
+    from vidpo.models.dit import build_dit
+
+    dcfg = dit_config_for(cfg, world)
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        model = build_dit(dcfg)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    return model.to(device=device, dtype=dtype)
+
+
+def autocast_context(cfg: RunConfig, device: torch.device):
+    """bf16 autocast on GPU when ``train.autocast`` is auto/bf16; nothing on CPU unless asked for."""
+    mode = cfg.train.autocast
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def set_threads(cfg: RunConfig) -> None:
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)

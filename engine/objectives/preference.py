@@ -1,0 +1,194 @@
+"""Preference objectives on labelled pairs: Flow-DPO, DenseDPO and Diffusion-KTO (+ SFT regularizer).
+
+For a micro-batch of B pairs (first, second) with per-segment labels y (B, S):
+  * one timestep t (B,) and one noise eps (B, C, T, H, W) per pair, shared by both videos (DESIGN.md 1);
+  * the policy runs ONCE on the concatenated batch [first; second] (2B rows), the reference without
+    gradient on the same inputs (the policy with LoRA disabled, or a frozen copy);
+  * the loss is ``vidpo.kernels.dense_dpo_loss`` with the x0/noise variant (the fused kernel forms the
+    velocity target eps - x0 itself), or ``kto_loss`` for KTO;
+  * optionally + ``pref.sft_weight`` * flow-matching loss on real clips of the same conditions (IPO's
+    real-video regularization) and/or on the preferred videos.
+
+Flow-DPO uses the whole-video label (majority of segment labels) as one segment; DenseDPO uses the segment
+labels. KTO turns each non-tie pair into one desirable (the winner) and one undesirable video.
+
+Which pairs a micro-batch holds is a pure function of (seed, step, micro): the pair order is a seeded
+permutation per epoch, so a resumed run reads exactly the pairs the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from vidpo import kernels
+from vidpo.config import RunConfig
+from vidpo.data.pairs import PairRecord, ShardReader
+from vidpo.models import flow
+from vidpo.seeding import generator
+
+log = logging.getLogger("vidpo")
+
+ReferenceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class PreferenceObjective:
+    def __init__(self, cfg: RunConfig, world, device: torch.device, records: list[PairRecord],
+                 reader: ShardReader, segment_ids: torch.Tensor, reference: ReferenceFn):
+        self.cfg = cfg
+        self.name = cfg.train.objective
+        if self.name not in ("flow_dpo", "dense_dpo", "kto"):
+            raise ValueError(f"PreferenceObjective does not handle objective '{self.name}'")
+        self.world = world
+        self.device = device
+        self.reader = reader
+        self.reference = reference
+        self.segment_ids = segment_ids.to(device)
+        self.num_segments = int(segment_ids.max()) + 1
+        if self.name == "kto":
+            # KTO needs a winner and a loser: pairs whose whole-video label is a tie carry no signal.
+            records = [r for r in records if _video_label(r) != 0]
+        if not records:
+            raise ValueError(f"no usable labelled pairs for objective '{self.name}' (all ties?)")
+        self.records = records
+
+    # ----- data --------------------------------------------------------------------------------------
+    def _pair_indices(self, step: int, micro: int) -> list[int]:
+        bsz, n = self.cfg.train.batch_size, len(self.records)
+        start = (step * self.cfg.train.grad_accum + micro) * bsz
+        out, perms = [], {}
+        for pos in range(start, start + bsz):
+            epoch, offset = divmod(pos, n)
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(n, generator=generator(self.cfg.seed, "pairs", epoch)).tolist()
+            out.append(perms[epoch][offset])
+        return out
+
+    def micro_batch(self, step: int, micro: int) -> dict:
+        cfg = self.cfg
+        recs = [self.records[i] for i in self._pair_indices(step, micro)]
+        first = torch.stack([self.reader.get(r, "first") for r in recs]).float()
+        second = torch.stack([self.reader.get(r, "second") for r in recs]).float()
+        cond_ids = torch.tensor([r.cond_ids for r in recs], dtype=torch.long)
+        if self.name == "dense_dpo":
+            labels = torch.tensor([r.labels for r in recs], dtype=torch.long)
+        else:
+            labels = torch.tensor([[_video_label(r)] for r in recs], dtype=torch.long)
+        g = generator(cfg.seed, "pref-noise", step, micro)
+        b = len(recs)
+        t = flow.sample_timesteps(b, g, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,
+                                  t_min=cfg.flow.t_min, t_max=cfg.flow.t_max)
+        noise = torch.randn(first.shape, generator=g)
+        batch = {"first": first, "second": second, "tokens": self.world.tokens(cond_ids), "labels": labels,
+                 "t": t, "noise": noise}
+        if cfg.pref.sft_weight > 0 and cfg.pref.sft_source in ("real", "both"):
+            gs = generator(cfg.seed, "pref-sft", step, micro)
+            real = self.world.render(cond_ids, gs, corrupt=False).clips
+            batch["real"] = real
+            batch["real_t"] = flow.sample_timesteps(b, gs, logit_mean=cfg.flow.logit_mean,
+                                                    logit_std=cfg.flow.logit_std)
+            batch["real_noise"] = torch.randn(real.shape, generator=gs)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # ----- loss --------------------------------------------------------------------------------------
+    def loss(self, model, batch: dict):
+        cfg = self.cfg
+        x0 = torch.cat([batch["first"], batch["second"]])
+        t2 = torch.cat([batch["t"], batch["t"]])
+        tokens2 = torch.cat([batch["tokens"], batch["tokens"]])
+        x_t = flow.interpolate(x0, torch.cat([batch["noise"], batch["noise"]]), t2)
+        v_theta = model(x_t, t2, tokens2)
+        with torch.no_grad():
+            v_ref = self.reference(x_t, t2, tokens2)
+        dtype = v_theta.dtype
+        metrics: dict[str, float] = {}
+        if self.name == "kto":
+            desirable = torch.cat([batch["labels"][:, 0] > 0, batch["labels"][:, 0] < 0])
+            out = kernels.kto_loss(v_theta, v_ref.to(dtype), None, desirable, cfg.pref.beta,
+                                   lambda_d=cfg.pref.kto_lambda_desirable, lambda_u=cfg.pref.kto_lambda_undesirable,
+                                   backend=cfg.pref.loss_backend, x0=x0.to(dtype), noise=batch["noise"].to(dtype))
+            loss = out.loss
+            metrics["kto_loss"] = out.loss.item()
+            metrics["reward_desirable"] = out.reward[desirable].mean().item()
+            metrics["reward_undesirable"] = out.reward[~desirable].mean().item()
+            metrics["ref_point"] = float(out.ref_point)
+        else:
+            segment_ids = self.segment_ids if self.name == "dense_dpo" else torch.zeros_like(self.segment_ids)
+            out = kernels.dense_dpo_loss(v_theta, v_ref.to(dtype), None, batch["labels"], segment_ids,
+                                         cfg.pref.beta, backend=cfg.pref.loss_backend, x0=x0.to(dtype),
+                                         noise=batch["noise"].to(dtype))
+            loss = out.loss
+            nontie = batch["labels"] != 0
+            metrics["dpo_loss"] = out.loss.item()
+            metrics["accuracy"] = float(out.accuracy)
+            metrics["margin_mean"] = out.margin[nontie].mean().item() if nontie.any() else 0.0
+            metrics["nontie_frac"] = nontie.double().mean().item()
+        if cfg.pref.sft_weight > 0:
+            sft = self._sft_loss(model, batch)
+            loss = loss + cfg.pref.sft_weight * sft
+            metrics["sft_loss"] = sft.item()
+        return loss, metrics
+
+    def _sft_loss(self, model, batch: dict) -> torch.Tensor:
+        """Flow matching on real clips and/or winners (the IPO regularizer)."""
+        parts = []
+        src = self.cfg.pref.sft_source
+        if src in ("real", "both"):
+            x_t = flow.interpolate(batch["real"], batch["real_noise"], batch["real_t"])
+            v = model(x_t, batch["real_t"], batch["tokens"])
+            parts.append(kernels.flow_matching_loss(v.float(), (batch["real_noise"] - batch["real"]).float()))
+        if src in ("winners", "both"):
+            win_first = (batch["labels"].sum(1) >= 0)[:, None, None, None, None]
+            winners = torch.where(win_first, batch["first"], batch["second"])
+            x_t = flow.interpolate(winners, batch["noise"], batch["t"])
+            v = model(x_t, batch["t"], batch["tokens"])
+            parts.append(kernels.flow_matching_loss(v.float(), (batch["noise"] - winners).float()))
+        return sum(parts) / len(parts)
+
+    def state_dict(self) -> dict:
+        return {"num_records": len(self.records)}
+
+    def load_state_dict(self, state: dict) -> None:
+        n = state.get("num_records")
+        if n is not None and n != len(self.records):
+            log.warning("resuming with %d usable pairs where the checkpoint had %d: the pair order differs "
+                        "from the uninterrupted run", len(self.records), n)
+
+
+def _video_label(rec: PairRecord) -> int:
+    if rec.video_label is not None:
+        return int(rec.video_label)
+    s = sum(rec.labels or [])
+    return (s > 0) - (s < 0)
+
+
+@torch.no_grad()
+def implicit_accuracy(model, reference: ReferenceFn, world, records: list[PairRecord], reader: ShardReader,
+                      segment_ids: torch.Tensor, *, beta: float, seed: int, t_min: float, t_max: float,
+                      device, batch_size: int = 32, backend: str = "auto", dense: bool = True) -> Optional[float]:
+    """Fraction of non-tie (pair, segment) labels the policy's implicit reward agrees with, on fixed
+    (seed-derived) timesteps and noise. On the toy world this tracks fitting of the labels, not quality."""
+    if not records:
+        return None
+    correct = total = 0.0
+    seg = segment_ids.to(device) if dense else torch.zeros_like(segment_ids).to(device)
+    for start in range(0, len(records), batch_size):
+        recs = records[start:start + batch_size]
+        first = torch.stack([reader.get(r, "first") for r in recs]).float().to(device)
+        second = torch.stack([reader.get(r, "second") for r in recs]).float().to(device)
+        labels = torch.tensor([r.labels if dense else [_video_label(r)] for r in recs], dtype=torch.long,
+                              device=device)
+        tokens = world.tokens(torch.tensor([r.cond_ids for r in recs], dtype=torch.long)).to(device)
+        g = generator(seed, "implicit-acc", start)
+        t = flow.sample_timesteps(len(recs), g, t_min=t_min, t_max=t_max).to(device)
+        noise = torch.randn(first.shape, generator=g).to(device)
+        x0 = torch.cat([first, second])
+        t2, tok2 = torch.cat([t, t]), torch.cat([tokens, tokens])
+        x_t = flow.interpolate(x0, torch.cat([noise, noise]), t2)
+        out = kernels.dense_dpo_loss(model(x_t, t2, tok2).float(), reference(x_t, t2, tok2).float(), None, labels,
+                                     seg, beta, backend=backend, x0=x0, noise=noise)
+        n = int(out.n_nontie)
+        correct += float(out.accuracy) * n
+        total += n
+    return correct / total if total else None
