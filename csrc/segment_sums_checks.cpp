@@ -7,6 +7,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <string>
 
 namespace vidpo {
@@ -121,6 +124,15 @@ at::Tensor check_coef(const char* op, const at::Tensor& coef, const SegmentInput
               coef.scalar_type());
   const auto compute_dtype = in.value_dtype == at::kDouble ? at::kDouble : at::kFloat;
   return coef.to(compute_dtype).contiguous();
+}
+
+at::Tensor allocate_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  // Read per call (a getenv is cheap next to the kernels) so tests can flip it at run time.
+  const char* poison = std::getenv("VIDPO_POISON_OUTPUTS");
+  if (poison != nullptr && std::strcmp(poison, "1") == 0) {
+    return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  }
+  return at::empty(sizes, options);
 }
 
 int64_t check_num_segments(const char* op, int64_t num_segments) {

@@ -253,7 +253,7 @@ at::Tensor segment_sq_err_sums_cpu(const at::Tensor& v_theta, const OptionalTens
   const int64_t num_values = in.has_ref ? 2 : 1;
   const int64_t rows = in.batch * in.channels * in.frames;
   const auto out_dtype = in.value_dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({num_values, in.batch, num_segments}, v_theta.options().dtype(out_dtype));
+  at::Tensor out = allocate_output({num_values, in.batch, num_segments}, v_theta.options().dtype(out_dtype));
   std::vector<double> row_sums(static_cast<size_t>(num_values * rows));
 
   dispatch_dtypes(kSumsOp, in.value_dtype, in.target_dtype, [&](auto value_tag, auto target_tag) {
@@ -280,7 +280,7 @@ at::Tensor segment_scaled_residual_cpu(const at::Tensor& v_theta, const Optional
                                                 segment_ids, c10::DeviceType::CPU, /*allow_double=*/true);
   const at::Tensor coef_c = check_coef(kResidualOp, coef, in);
   const int64_t num_segments = coef_c.size(1);
-  at::Tensor grad = at::empty(in.v_theta.sizes(), in.v_theta.options());
+  at::Tensor grad = allocate_output(in.v_theta.sizes(), in.v_theta.options());
   const int64_t* ids = in.segment_ids.data_ptr<int64_t>();
 
   dispatch_dtypes(kResidualOp, in.value_dtype, in.target_dtype, [&](auto value_tag, auto target_tag) {

@@ -48,6 +48,10 @@ SegmentInputs check_segment_inputs(const char* op, const at::Tensor& v_theta,
 // coef (N, S) converted to the compute dtype (fp32, or fp64 for float64 values) and made contiguous.
 at::Tensor check_coef(const char* op, const at::Tensor& coef, const SegmentInputs& in);
 
+// at::empty, or a NaN-filled tensor when the environment sets VIDPO_POISON_OUTPUTS=1, so a test sees
+// any element a kernel failed to write (the Triton backend honours the same variable).
+at::Tensor allocate_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // Checks num_segments >= 1 and returns it.
 int64_t check_num_segments(const char* op, int64_t num_segments);
 

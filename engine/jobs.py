@@ -49,14 +49,15 @@ def build_oracle(world):
     return ShapesOracle(world)
 
 
-def save_samples(result: EvalResult, world, out_dir: Path, name: str, grid: int) -> list[Path]:
-    """A GIF grid and a PNG frame strip of the first ``grid`` samples."""
+def save_samples(result: EvalResult, world, directory: Path, name: str, grid: int) -> list[Path]:
+    """``directory/name.gif`` (animated grid) and ``directory/name.png`` (frame strips) of the first
+    ``grid`` samples, captioned."""
     from vidpo.visualize import save_gif, save_png_grid
 
     n = min(grid, result.samples.shape[0])
     captions = world.captions(result.cond_ids[:n])
-    gif = out_dir / "samples" / f"{name}.gif"
-    png = out_dir / "samples" / f"{name}.png"
+    gif = Path(directory) / f"{name}.gif"
+    png = Path(directory) / f"{name}.png"
     save_gif(result.samples[:n], gif, nrow=min(8, n), captions=captions)
     save_png_grid(result.samples[:n], png, captions=captions)
     return [gif, png]
@@ -109,7 +110,7 @@ def train_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> di
         trainer.evaluate = evaluate
     result = trainer.fit()
     final = evaluate_model(model, cfg, world, oracle)
-    save_samples(final, world, out_dir, "final", cfg.eval.grid_conditions)
+    save_samples(final, world, out_dir / "samples", "final", cfg.eval.grid_conditions)
     summary = {"objective": "sft", "steps": result["steps"], "seconds": round(result["seconds"], 1),
                "final": final.summary(), "skipped_steps": result["skipped_steps"]}
     atomic.write_json(out_dir / "summary.json", summary)
@@ -158,12 +159,12 @@ def eval_job(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path, *, bas
     model = load_policy_from(checkpoint, cfg, world, device)
     result = evaluate_model(model, cfg, world, oracle, num_samples=num)
     out = {"checkpoint": str(checkpoint), "num_samples": int(result.total.numel()), "model": result.summary()}
-    save_samples(result, world, out_dir, "eval", cfg.eval.grid_conditions)
+    save_samples(result, world, out_dir / "samples", "eval", cfg.eval.grid_conditions)
     if base is not None:
         base_model = load_policy_from(base, cfg, world, device)
         base_result = evaluate_model(base_model, cfg, world, oracle, num_samples=num)
         out["base"] = base_result.summary()
         out["delta"] = paired_delta(result, base_result)
-        save_samples(base_result, world, out_dir, "base", cfg.eval.grid_conditions)
+        save_samples(base_result, world, out_dir / "samples", "base", cfg.eval.grid_conditions)
     atomic.write_json(out_dir / "eval.json", out)
     return out

@@ -326,8 +326,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) ->
     base = load_initial_policy(cfg, world, device)
     base_eval = evaluate_model(base, cfg, world, oracle)
     final_eval = evaluate_model(model, cfg, world, oracle)
-    save_samples(base_eval, world, out_dir, "base", cfg.eval.grid_conditions)
-    save_samples(final_eval, world, out_dir, "final", cfg.eval.grid_conditions)
+    save_samples(base_eval, world, out_dir / "samples", "base", cfg.eval.grid_conditions)
+    save_samples(final_eval, world, out_dir / "samples", "final", cfg.eval.grid_conditions)
     delta = paired_delta(final_eval, base_eval)
     acc_args = dict(beta=cfg.pref.beta, seed=cfg.seed, t_min=cfg.flow.t_min, t_max=cfg.flow.t_max, device=device,
                     backend=cfg.pref.loss_backend, dense=cfg.train.objective == "dense_dpo")

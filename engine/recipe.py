@@ -155,28 +155,32 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
         cls = sub
 
 
-def validate_choices(obj, source: str, prefix: str = "") -> None:
-    """Check every field declared with ``choice(...)`` (recursively)."""
+def validate_choices(obj, source: str, prefix: str = "", overridden: frozenset = frozenset()) -> None:
+    """Check every field declared with ``choice(...)`` (recursively). ``overridden`` keys came from
+    ``--set`` and are reported as such rather than as coming from the recipe file."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         dotted = prefix + f.name
         if dataclasses.is_dataclass(value):
-            validate_choices(value, source, dotted + ".")
+            validate_choices(value, source, dotted + ".", overridden)
             continue
         choices = f.metadata.get("choices") if f.metadata else None
         if choices and value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: '{dotted}' = {value!r} is not one of {list(choices)}{hint}")
+            where = f"--set {dotted}" if dotted in overridden else source
+            raise ConfigError(f"{where}: '{dotted}' = {value!r} is not one of {list(choices)}{hint}")
 
 
 def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Recipe YAML (optional) + ``KEY=VALUE`` overrides -> validated ``RunConfig``."""
     raw: dict = _read_yaml(Path(recipe)) if recipe is not None else {}
     source = str(Path(recipe).resolve()) if recipe is not None else "<defaults>"
+    overridden = set()
     for text in overrides:
         key, value = _parse_override(text)
         _set_dotted(raw, key, value, f"--set {key}")
+        overridden.add(key)
     schema = OmegaConf.structured(RunConfig)
     try:
         merged = OmegaConf.merge(schema, OmegaConf.create(raw))
@@ -184,8 +188,9 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         msg = str(exc).splitlines()[0]
-        raise ConfigError(f"{source}: bad value for '{key}': {msg}") from None
-    validate_choices(cfg, source)
+        where = f"--set {key}" if key in overridden else source
+        raise ConfigError(f"{where}: bad value for '{key}': {msg}") from None
+    validate_choices(cfg, source, overridden=frozenset(overridden))
     return cfg
 
 

@@ -11,10 +11,11 @@ The mapping, for ``k = temporal_compression`` (a causal video VAE: Wan, CogVideo
 * latent frame ``0`` encodes pixel frame ``0`` alone; latent frame ``j > 0`` encodes pixel frames
   ``(j - 1) * k + 1 .. j * k``;
 * **rule**: a latent frame belongs to the segment of the *centre* of the pixel frames it covers,
-  ``centre(0) = 0`` and ``centre(j) = j * k - (k - 1) / 2``. This is the majority rule (a latent frame
-  goes where most of its pixel frames are); an exact half/half split goes to the earlier segment
-  (the centre then lies half a frame before the later segment's first pixel frame). For ``k = 1`` it
-  is the identity (latent frame = pixel frame);
+  ``centre(0) = 0`` and ``centre(j) = j * k - (k - 1) / 2``, i.e. ``floor(centre(j) / F)``. This is
+  the majority rule (a latent frame goes where most of its pixel frames are); when ``F`` is a whole
+  number an exact half/half split goes to the earlier segment (the centre then lies half a frame
+  before the later segment's first pixel frame). For ``k = 1`` it is the identity (latent frame =
+  pixel frame);
 * a trailing segment holding fewer than half the nominal ``F / k`` latent frames is merged into the
   previous segment (a 5.06 s Wan clip is five 1 s segments, not five and a sliver).
 

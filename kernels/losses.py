@@ -82,7 +82,9 @@ def _check_segment_ids(fn, segment_ids, frames, num_segments, group, device):
     """segment_ids: (T,) integers, non-decreasing, in [0, S); every segment non-empty without a group
     (with one, a rank may hold no frame of a segment; the global count is checked after the all-reduce)."""
     if segment_ids.dim() != 1 or segment_ids.shape[0] != frames:
-        raise ValueError(f"{fn}: segment_ids must be ({frames},) (one id per latent frame), got {tuple(segment_ids.shape)}")
+        raise ValueError(
+            f"{fn}: segment_ids must be ({frames},) (one id per latent frame), got {tuple(segment_ids.shape)}"
+        )
     if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
         raise TypeError(f"{fn}: segment_ids must be an integer tensor, got {segment_ids.dtype}")
     ids = segment_ids.detach().cpu().to(torch.long)
@@ -291,7 +293,9 @@ def flow_matching_loss(
     if row_weights is not None and row_weights.shape != (v.shape[0],):
         raise ValueError(f"{fn}: row_weights must be ({v.shape[0]},), got {tuple(row_weights.shape)}")
     if name == "torch":
-        return reference.flow_matching_loss_reference(v, target, group=group, row_weights=row_weights, x0=x0, noise=noise)
+        return reference.flow_matching_loss_reference(
+            v, target, group=group, row_weights=row_weights, x0=x0, noise=noise
+        )
     one_segment = torch.zeros(v.shape[2], dtype=torch.long, device=v.device)
     sums = _segment_sums(name, v, None, target, x0, noise, one_segment, 1, group)[0, :, 0]  # (N,)
     elements = comm.all_reduce_sum_detached(torch.tensor(float(v[0].numel()), device=v.device), group)

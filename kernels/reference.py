@@ -28,8 +28,6 @@ sums and token counts are all-reduced (sum) before the epilogue, which is then r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 

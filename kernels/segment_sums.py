@@ -27,6 +27,7 @@ a test detects an element a kernel failed to write (the cpp/cuda backends honour
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -189,6 +190,11 @@ def _kernels() -> SimpleNamespace:
     return SimpleNamespace(fwd=_segment_sq_err_sums_fwd_kernel, bwd=_segment_scaled_residual_bwd_kernel)
 
 
+def _device_guard(tensor: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device), a no-op on CPU."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _target_args(v_theta, target, x0, noise):
     """(target_ptr, x0_ptr, noise_ptr, noise_rows, from_noise); absent tensors are replaced by
     v_theta, which the kernel never reads under the matching constexpr flag."""
@@ -218,13 +224,14 @@ def segment_sq_err_sums(
     partial = allocate_output((num_sums, num_planes * cfg.chunks), torch.float32, v_theta.device)
     if cfg.programs > 0:
         target_ptr, x0_ptr, noise_ptr, noise_rows, from_noise = _target_args(v_theta, target, x0, noise)
-        _kernels().fwd[(cfg.programs,)](
-            v_theta, v_ref if v_ref is not None else v_theta, target_ptr, x0_ptr, noise_ptr,
-            partial[0], partial[num_sums - 1],
-            height * width, num_planes, channels * frames, noise_rows, cfg.chunks,
-            HAS_REF=v_ref is not None, TARGET_FROM_NOISE=from_noise,
-            BLOCK=cfg.block, ITERS=cfg.iters, PLANES=cfg.planes, num_warps=cfg.num_warps,
-        )
+        with _device_guard(v_theta):
+            _kernels().fwd[(cfg.programs,)](
+                v_theta, v_ref if v_ref is not None else v_theta, target_ptr, x0_ptr, noise_ptr,
+                partial[0], partial[num_sums - 1],
+                height * width, num_planes, channels * frames, noise_rows, cfg.chunks,
+                HAS_REF=v_ref is not None, TARGET_FROM_NOISE=from_noise,
+                BLOCK=cfg.block, ITERS=cfg.iters, PLANES=cfg.planes, num_warps=cfg.num_warps,
+            )
     per_frame = partial.view(num_sums, rows, channels, frames, cfg.chunks).sum(dim=(2, 4))  # (K, N, T)
     segments = torch.arange(num_segments, device=v_theta.device)
     # A 0/1 mask and a sum rather than index_add: deterministic on CUDA (no atomics) and exact.
@@ -251,12 +258,13 @@ def segment_scaled_residual(
     if cfg.programs > 0:
         target_ptr, x0_ptr, noise_ptr, noise_rows, from_noise = _target_args(v_theta, target, x0, noise)
         coef = coef.to(device=v_theta.device, dtype=torch.float32).contiguous()
-        _kernels().bwd[(cfg.programs,)](
-            v_theta, target_ptr, x0_ptr, noise_ptr, coef, segment_ids.contiguous(), grad,
-            height * width, num_planes, frames, channels * frames, noise_rows, coef.shape[1], cfg.chunks,
-            TARGET_FROM_NOISE=from_noise, BLOCK=cfg.block, ITERS=cfg.iters, PLANES=cfg.planes,
-            num_warps=cfg.num_warps,
-        )
+        with _device_guard(v_theta):
+            _kernels().bwd[(cfg.programs,)](
+                v_theta, target_ptr, x0_ptr, noise_ptr, coef, segment_ids.contiguous(), grad,
+                height * width, num_planes, frames, channels * frames, noise_rows, coef.shape[1], cfg.chunks,
+                TARGET_FROM_NOISE=from_noise, BLOCK=cfg.block, ITERS=cfg.iters, PLANES=cfg.planes,
+                num_warps=cfg.num_warps,
+            )
     return grad
 
 

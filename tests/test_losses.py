@@ -263,7 +263,7 @@ def test_flow_matching_matches_float64_reference(backend, dtype, weights):
     loss = flow_matching_loss(v_theta, target, backend=backend, row_weights=row_weights)
     loss.backward()
     if weights == "zero":
-        assert float(loss) == 0.0 and torch.equal(v_theta.grad.abs(), torch.zeros_like(v_theta.grad))
+        assert float(loss.detach()) == 0.0 and torch.equal(v_theta.grad.abs(), torch.zeros_like(v_theta.grad))
     if weights is None:  # the plain mean over every element
         close(loss, ((v.double().cpu() - target.double().cpu()) ** 2).mean(), dtype, what="flow matching mean")
     close(loss, expected, dtype, what="flow matching vs reference")
@@ -323,8 +323,11 @@ def test_reference_backend_gives_no_gradient_to_v_ref():
 
 def test_bad_inputs_give_clear_errors():
     inputs = make_dpo_inputs("odd_unequal_segments", torch.float32, "cpu", seed=1)
-    args = lambda **kw: {**{k: inputs[k] for k in ("v_theta", "v_ref", "target", "labels", "segment_ids")},  # noqa: E731
-                         "beta": 1.0, **kw}
+
+    def args(**overrides):
+        names = ("v_theta", "v_ref", "target", "labels", "segment_ids")
+        return {**{k: inputs[k] for k in names}, "beta": 1.0, **overrides}
+
     with pytest.raises(ValueError, match="target requires grad"):
         dense_dpo_loss(**args(target=inputs["target"].clone().requires_grad_(True)))
     with pytest.raises(ValueError, match="non-decreasing"):
@@ -362,3 +365,32 @@ def test_triton_on_cpu_requires_the_interpreter(monkeypatch):
     assert not ok and "TRITON_INTERPRET=1" in reason
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", "cpu")
+
+
+@pytest.mark.parametrize("tile", [256, 2048, 16384])
+@pytest.mark.parametrize("shape", [(6, 3, 7, 5, 9), (2, 1, 3, 91, 93)], ids=["small_planes", "multi_chunk"])
+def test_triton_tilings_cover_every_plane_and_chunk(monkeypatch, tile, shape):
+    """Several plane-blocks per grid (with a partial last block) and several chunks per plane, which the
+    default interpreter tile folds into one or two programs."""
+    require("triton")
+    from vidpo.kernels import segment_sums
+
+    monkeypatch.setattr(segment_sums, "INTERPRETER_TILE", tile)
+    cfg = segment_sums.launch_config(shape[3] * shape[4], shape[0] * shape[1] * shape[2])
+    if tile == 256 and shape[3] * shape[4] < 256:  # several plane-blocks, the last one partial
+        assert cfg.programs > 1 and (shape[0] * shape[1] * shape[2]) % cfg.planes != 0
+    if shape[3] * shape[4] > 8192:
+        assert cfg.chunks > 1
+    g = torch.Generator().manual_seed(23)
+    v_theta, v_ref, x0 = (rand(shape, torch.float32, "cpu", g) for _ in range(3))
+    noise = rand((shape[0] // 2,) + shape[1:], torch.float32, "cpu", g)
+    segment_ids = torch.arange(shape[2]) * 2 // shape[2]
+    sums = segment_sums.segment_sq_err_sums(v_theta, v_ref, None, x0, noise, segment_ids, 2)
+    expected = reference.segment_sq_err_sums_reference(
+        v_theta.double(), v_ref.double(), None, x0.double(), noise.double(), segment_ids, 2)
+    close(sums, expected, torch.float32, float(expected.abs().max()), what="segment sums")
+    coef = torch.randn(shape[0], 2, generator=g)
+    grad = segment_sums.segment_scaled_residual(v_theta, None, x0, noise, coef, segment_ids)
+    expected_grad = reference.segment_scaled_residual_reference(
+        v_theta.double(), None, x0.double(), noise.double(), coef.double(), segment_ids)
+    close(grad, expected_grad, torch.float32, float(expected_grad.abs().max()), what="scaled residual")

@@ -144,7 +144,8 @@ def checks():
     for backend in CPU_BACKENDS:
         for split in SPLITS:
             out[f"dense_dpo[{backend}-{split}]"] = (check_dense_dpo_sequence_parallel, (backend, split, None))
-        out[f"dense_dpo[{backend}-x0_noise]"] = (check_dense_dpo_sequence_parallel, (backend, "inside_segment", "shared"))
+        out[f"dense_dpo[{backend}-x0_noise]"] = (
+            check_dense_dpo_sequence_parallel, (backend, "inside_segment", "shared"))
         out[f"kto_dp[{backend}]"] = (check_kto_data_parallel_reference_point, (backend,))
         out[f"kto_fm_sp[{backend}]"] = (check_kto_and_flow_matching_sequence_parallel, (backend,))
     return out

@@ -149,23 +149,28 @@ def parse_request(path: str, headers, raw: bytes) -> SeenRequest:
 class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         fake: FakeVLM = self.server.fake
+        # In flight = from arrival until just before the reply is written: a client cannot send its next
+        # request before it has read this reply, so the count never exceeds the client's concurrency.
         fake._enter()
+        status, payload = 500, b""
         try:
             raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             try:
                 request = parse_request(self.path, self.headers, raw)
             except SchemaError as err:
                 fake._record_schema_error(str(err))
-                self._send(400, json.dumps({"error": {"message": str(err)}}).encode())
-                return
-            reply = fake._respond(request)
-            if reply.delay_s:
-                time.sleep(reply.delay_s)
-            self._send(reply.status, reply.body(request.body["model"]))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client timed out and closed the socket
+                status, payload = 400, json.dumps({"error": {"message": str(err)}}).encode()
+            else:
+                reply = fake._respond(request)
+                if reply.delay_s:
+                    time.sleep(reply.delay_s)
+                status, payload = reply.status, reply.body(request.body["model"])
         finally:
             fake._leave()
+        try:
+            self._send(status, payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client timed out and closed the socket
 
     def _send(self, status: int, payload: bytes) -> None:
         self.send_response(status)

@@ -25,9 +25,9 @@ Per-frame terms (``g(z, s) = exp(-z^2 / (2 s^2))``):
   ``IoU_k = sum min(f, P_k,t) / sum max(f, P_k,t)``: high only if the caption's shape fits better than
   every other known shape *and* fits well (``P_k,t`` is rendered at ``c_t`` corrected by one
   fixed-point step for the centre estimator's bias on shape ``k``, ``_aligned_template``);
-* motion ``p_t * g(|v_t - v*|, sigma_v)``, ``v* = speed * direction``, ``sigma_v = max(0.35 speed, 0.15)``,
-  ``v_t`` = slope of the least-squares line through ``c_s`` over the frames ``|s - t| <= 1`` weighted
-  by ``p_s`` (the central difference for a clean interior frame);
+* motion ``p_t * max(p_{t-1} g(|c_t - c_{t-1} - v*|, sv), p_{t+1} g(|c_{t+1} - c_t - v*|, sv))`` with
+  ``v* = speed * direction`` and ``sv = max(0.35 speed, 0.15)`` px/frame (a missing neighbour at the
+  clip's ends counts 0): the frame moved as captioned towards at least one neighbour;
 * consistency ``p_t * g(ln(m_t / m~), 0.3) * g(|rho_t - rho~|, 0.2) * g(r_t, 0.75 px)`` where ``m~``,
   ``rho~`` are ``p``-weighted medians over the clip's frames and ``r_t = |c_t - (a + b t)|`` is the
   residual from a Theil-Sen line (``b`` = weighted median of the pairwise slopes
@@ -147,7 +147,7 @@ class ShapesOracle:
 
     def _reference_moments(self):
         """Mass and spread of each known shape's template, averaged over 8 x 8 sub-pixel offsets."""
-        offsets = (torch.arange(8, dtype=torch.float32) + 0.5) / 8.0
+        offsets = (torch.arange(8, dtype=torch.float64) + 0.5) / 8.0
         ox, oy = torch.meshgrid(offsets, offsets, indexing="xy")
         centers = torch.stack([self.width / 2.0 + ox.reshape(-1), self.height / 2.0 + oy.reshape(-1)], -1)
         masses, spreads = [], []
@@ -164,7 +164,7 @@ class ShapesOracle:
         Moments are separable, ``sum_ij f_ij g(x_j) = (sum_i f_ij) @ g(x)``, so they are computed on
         the row and column marginals.
         """
-        xs, ys = self._xs.to(f.device), self._ys.to(f.device)
+        xs, ys = self._xs.to(f.device, f.dtype), self._ys.to(f.device, f.dtype)
         columns, rows = f.sum(-2), f.sum(-1)  # (..., W), (..., H)
         mass = columns.sum(-1)
         safe_mass = mass + 1e-6
@@ -201,20 +201,22 @@ class ShapesOracle:
         """Per-frame terms ``(n, T)``: presence and the four components (module doc)."""
         cfg, device, n = self.config, clips.device, clips.shape[0]
         eps = 1e-6
-        x = ((clips.float() + 1.0) * 0.5).clamp(0, 1)  # (n, 3, T, H, W)
+        # float64 in, float64 out (for reference tests); anything else is scored in float32.
+        dtype = torch.float64 if clips.dtype == torch.float64 else torch.float32
+        x = ((clips.to(dtype) + 1.0) * 0.5).clamp(0, 1)  # (n, 3, T, H, W)
         brightness = x.amax(1)  # (n, T, H, W)
         f = self.foreground(brightness)
         mass, centroid, spread = self._moments(f, brightness)  # (n, T), (n, T, 2), (n, T)
         chroma = (f[:, None] * x).sum((-1, -2)) / ((f * brightness).sum((-1, -2)) + eps)[:, None]
         chroma = chroma.permute(0, 2, 1)  # (n, T, 3)
 
-        ref_mass = self._reference_mass.to(device)
-        ref_spread = self._reference_spread.to(device)
+        ref_mass = self._reference_mass.to(device, dtype)
+        ref_spread = self._reference_spread.to(device, dtype)
         mass_fit = _gauss(torch.log((mass[..., None] + eps) / ref_mass), cfg.mass_log_sigma)
         spread_fit = _gauss(0.5 * torch.log((spread[..., None] + eps) / ref_spread), cfg.spread_log_sigma)
         presence = (mass_fit * spread_fit).amax(-1)  # (n, T)
 
-        target_rgb = self._colour_rgb.to(device)[cond_ids[:, 0]]  # (n, 3)
+        target_rgb = self._colour_rgb.to(device, dtype)[cond_ids[:, 0]]  # (n, 3)
         colour = presence * _gauss((chroma - target_rgb[:, None, :]).norm(dim=-1), cfg.colour_sigma)
 
         templates = torch.stack([self._aligned_template(s, centroid) for s in self.shape_names], 2)  # (n, T, K, H, W)
@@ -226,9 +228,8 @@ class ShapesOracle:
         belief = torch.softmax(iou / cfg.shape_temperature, -1).gather(-1, index).squeeze(-1)
         shape = presence * belief * iou.gather(-1, index).squeeze(-1)
 
-        velocity = self._local_velocity(centroid, presence)
-        expected = self._velocity.to(device)[cond_ids[:, 2]]  # (n, 2)
-        motion = presence * _gauss((velocity - expected[:, None, :]).norm(dim=-1), self._velocity_sigma)
+        expected = self._velocity.to(device, dtype)[cond_ids[:, 2]]  # (n, 2)
+        motion = presence * self._motion(centroid, presence, expected)
 
         consistency = presence * self._consistency(mass, chroma, centroid, presence)
         return {"presence": presence, "colour": colour, "shape": shape, "motion": motion,
@@ -246,7 +247,7 @@ class ShapesOracle:
         ``u = b * clamp(h + 2 - |q - c0|_inf, 0, 1)``: the soft window (half-size ``object_size / 2 + 2``)
         keeps the whole object and drops faraway background.
         """
-        xs, ys = self._xs.to(brightness.device), self._ys.to(brightness.device)
+        xs, ys = self._xs.to(brightness.device, brightness.dtype), self._ys.to(brightness.device, brightness.dtype)
         rough = torch.stack([columns @ xs, rows @ ys], -1) / safe_mass[..., None]
         reach = self.world.size / 2.0 + 2.0
         # clamp(r - max(|dx|, |dy|)) = min(clamp(r - |dx|), clamp(r - |dy|)): separable windows.
@@ -270,24 +271,20 @@ class ShapesOracle:
         bias = self._moments(self.foreground(coverage), coverage)[1] - centre
         return self.foreground(shape_coverage(shape, centre - bias, size, self.height, self.width))
 
-    @staticmethod
-    def _local_velocity(centroid: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Weighted least-squares slope of ``centroid (n, T, 2)`` over frames ``|s - t| <= 1``: ``(n, T, 2)``.
+    def _motion(self, centroid: torch.Tensor, presence: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+        """Per-frame motion match ``(n, T)`` (before the presence gate), module doc.
 
-        ``v_t = sum_s w_ts (s - s_t)(c_s - c_t) / sum_s w_ts (s - s_t)^2`` with ``w_ts = p_s [|s - t| <= 1]``
-        and ``s_t``, ``c_t`` the ``w``-weighted means of ``s`` and ``c_s``.
+        ``max(p_{t-1} g(|c_t - c_{t-1} - v*|), p_{t+1} g(|c_{t+1} - c_t - v*|))``: the better of the
+        backward and forward displacement, each trusted as much as the neighbour is present. Taking the
+        better side keeps a glitch local: the frames next to a jittered or vanished frame keep full
+        credit from their other side, the glitched frame itself loses both.
         """
-        T = centroid.shape[1]
-        s = torch.arange(T, device=centroid.device, dtype=centroid.dtype)
-        window = ((s[:, None] - s[None, :]).abs() <= 1).to(centroid.dtype)  # (T, T) [t, s]
-        w = window[None] * weight[:, None, :]  # (n, T, T)
-        total = w.sum(-1, keepdim=True) + 1e-6
-        s_mean = (w * s).sum(-1, keepdim=True) / total  # (n, T, 1)
-        c_mean = torch.einsum("nts,nsd->ntd", w, centroid) / total  # (n, T, 2)
-        ds = s[None, None, :] - s_mean  # (n, T, T)
-        numerator = torch.einsum("nts,nsd->ntd", w * ds, centroid) - (w * ds).sum(-1, keepdim=True) * c_mean
-        denominator = (w * ds * ds).sum(-1, keepdim=True) + 1e-6
-        return numerator / denominator
+        step = centroid[:, 1:] - centroid[:, :-1]  # (n, T-1, 2): displacement t -> t+1
+        match = _gauss((step - expected[:, None, :]).norm(dim=-1), self._velocity_sigma)  # (n, T-1)
+        zero = match.new_zeros(match.shape[0], 1)
+        backward = torch.cat([zero, match * presence[:, :-1]], 1)
+        forward = torch.cat([match * presence[:, 1:], zero], 1)
+        return torch.maximum(backward, forward)
 
     def _consistency(self, mass, chroma, centroid, presence) -> torch.Tensor:
         """Per-frame temporal consistency factor in [0, 1] (``(n, T)``, before the presence gate)."""

@@ -21,7 +21,9 @@ most one corruption, with the configured probabilities:
 Geometry: pixel ``(row i, column j)`` has its centre at ``(x, y) = (j + 0.5, i + 0.5)``; x grows to the
 right and y downwards, so "up" is ``(0, -1)``. The coverage of a pixel by a shape is its area coverage
 (box filter) for squares and the clamped signed distance ``clamp(0.5 - sdf, 0, 1)`` for circles and
-diamonds; a clip is ``-1 + 2 * coverage * rgb`` per channel, in ``[-1, 1]`` with background ``-1``.
+diamonds (:func:`shape_coverage`); no pixel whose centre is more than ``size / 2 + 0.5`` from the
+object's centre along an axis is drawn, so "fully inside" means ``size / 2 <= centre <= extent -
+size / 2``. A clip is ``-1 + 2 * coverage * rgb`` per channel, in ``[-1, 1]``, background ``-1``.
 
 Every random draw comes from the ``torch.Generator`` passed in, in a fixed order and with a fixed
 count per clip, whether or not ``corrupt`` is set: the same generator state gives the same clips, and
@@ -81,7 +83,8 @@ def shape_coverage(shape: str, centers: torch.Tensor, size: float, height: int, 
     With ``h = size / 2``, ``dx = x_pixel - cx``, ``dy = y_pixel - cy``:
     square  ``clamp(h + 0.5 - |dx|, 0, 1) * clamp(h + 0.5 - |dy|, 0, 1)`` (exact box-filtered area);
     circle  ``clamp(h + 0.5 - sqrt(dx^2 + dy^2), 0, 1)``;
-    diamond ``clamp(0.5 - (|dx| + |dy| - h) / sqrt(2), 0, 1)`` (the square ``|dx| + |dy| <= h``).
+    diamond ``min(clamp(0.5 - (|dx| + |dy| - h) / sqrt(2), 0, 1), clamp(h + 0.5 - |dx|, 0, 1),
+    clamp(h + 0.5 - |dy|, 0, 1))`` (the square ``|dx| + |dy| <= h``; the box terms trim the vertices).
     Differentiable in ``centers`` (almost everywhere).
     """
     half = size / 2.0
@@ -95,7 +98,11 @@ def shape_coverage(shape: str, centers: torch.Tensor, size: float, height: int, 
         # The epsilon keeps the gradient of sqrt finite when a pixel centre coincides with the centre.
         return (half + 0.5 - torch.sqrt(dx * dx + dy * dy + 1e-12)).clamp(0, 1)
     if shape == "diamond":
-        return (0.5 - (dx.abs() + dy.abs() - half) * _DIAGONAL).clamp(0, 1)
+        # The half-plane approximation spills up to 0.7 px past the vertices; bounding it by the
+        # box coverage keeps the drawn support inside the diamond's own square |dx|, |dy| <= h.
+        edges = (0.5 - (dx.abs() + dy.abs() - half) * _DIAGONAL).clamp(0, 1)
+        box = torch.minimum((half + 0.5 - dx.abs()).clamp(0, 1), (half + 0.5 - dy.abs()).clamp(0, 1))
+        return torch.minimum(edges, box)
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 

@@ -247,6 +247,21 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+def _text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def _image_parts(urls: list[str]) -> list[dict]:
+    return [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+
+
+def _error_body(err: urllib.error.HTTPError) -> bytes:
+    try:
+        return err.read() or b""
+    except (OSError, AttributeError, http.client.HTTPException):  # no body, or the connection broke
+        return b""
+
+
 class _Failure(Exception):
     """One request that ended without a usable verdict; the message says why."""
 
@@ -276,10 +291,8 @@ class VLMLabeler(Labeler):
 
     def build_request(self, text: str, images_a: list[str], images_b: list[str]) -> dict:
         """The chat-completions body for one question about images of Video A and Video B."""
-        image_parts = lambda urls: [{"type": "image_url", "image_url": {"url": url}} for url in urls]
-        content = ([{"type": "text", "text": text}, {"type": "text", "text": VIDEO_A_MARKER}]
-                   + image_parts(images_a) + [{"type": "text", "text": VIDEO_B_MARKER}]
-                   + image_parts(images_b) + [{"type": "text", "text": ANSWER_REMINDER}])
+        content = ([_text_part(text), _text_part(VIDEO_A_MARKER)] + _image_parts(images_a)
+                   + [_text_part(VIDEO_B_MARKER)] + _image_parts(images_b) + [_text_part(ANSWER_REMINDER)])
         body = {"model": self.config.model, "messages": [{"role": "user", "content": content}],
                 "temperature": self.config.temperature, "max_tokens": self.config.max_tokens}
         body.update(self.config.extra_body)
@@ -298,7 +311,7 @@ class VLMLabeler(Labeler):
                 with self._opener.open(request, timeout=cfg.timeout_s) as response:
                     raw = response.read()
             except urllib.error.HTTPError as err:
-                problem = f"HTTP {err.code} {err.reason}: {_snippet(err.read() or b'')}"
+                problem = f"HTTP {err.code} {err.reason}: {_snippet(_error_body(err))}"
                 if err.code not in _RETRYABLE_HTTP:
                     raise _Failure(problem + " (not retried)") from None
                 continue
