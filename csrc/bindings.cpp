@@ -1,6 +1,6 @@
 // Python module vidpo._C: the CPU (always) and CUDA (VIDPO_WITH_CUDA builds) paired-loss primitives.
 //
-// These are plain pybind functions; kernels/cpp_backend.py and kernels/cuda_backend.py wrap them as
+// These are plain pybind functions (the GIL is released while the kernels run); kernels/cpp_backend.py and kernels/cuda_backend.py wrap them as
 // torch.library custom ops (vidpo::segment_sq_err_sums_cpu, ..._cuda) with fake and autograd rules,
 // so torch.compile and FSDP see opaque ops with the right output metadata.
 #include <torch/extension.h>
@@ -43,19 +43,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("segment_sq_err_sums_cpu", &vidpo::segment_sq_err_sums_cpu, py::arg("v_theta"),
         py::arg("v_ref"), py::arg("target"), py::arg("x0"), py::arg("noise"), py::arg("segment_ids"),
-        py::arg("num_segments"),
+        py::arg("num_segments"), py::call_guard<py::gil_scoped_release>(),
         "(K, N, S) sums of (v - tgt)^2 per sample and segment; K = 2 with v_ref, else 1");
   m.def("segment_scaled_residual_cpu", &vidpo::segment_scaled_residual_cpu, py::arg("v_theta"),
         py::arg("target"), py::arg("x0"), py::arg("noise"), py::arg("coef"), py::arg("segment_ids"),
-        "coef[n, segment_ids[t]] * (v_theta - tgt), like v_theta");
+        py::call_guard<py::gil_scoped_release>(), "coef[n, segment_ids[t]] * (v_theta - tgt), like v_theta");
 
 #ifdef VIDPO_WITH_CUDA
   m.def("segment_sq_err_sums_cuda", &vidpo::segment_sq_err_sums_cuda, py::arg("v_theta"),
         py::arg("v_ref"), py::arg("target"), py::arg("x0"), py::arg("noise"), py::arg("segment_ids"),
-        py::arg("num_segments"),
+        py::arg("num_segments"), py::call_guard<py::gil_scoped_release>(),
         "CUDA: (K, N, S) sums of (v - tgt)^2 per sample and segment; K = 2 with v_ref, else 1");
   m.def("segment_scaled_residual_cuda", &vidpo::segment_scaled_residual_cuda, py::arg("v_theta"),
         py::arg("target"), py::arg("x0"), py::arg("noise"), py::arg("coef"), py::arg("segment_ids"),
-        "CUDA: coef[n, segment_ids[t]] * (v_theta - tgt), like v_theta");
+        py::call_guard<py::gil_scoped_release>(), "CUDA: coef[n, segment_ids[t]] * (v_theta - tgt), like v_theta");
 #endif
 }

@@ -5,6 +5,8 @@
 // dtypes, one device, and a segment id per latent frame.
 #include "segment_sums_ops.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>

@@ -13,7 +13,7 @@
 #ifndef VIDPO_CSRC_SEGMENT_SUMS_OPS_H_
 #define VIDPO_CSRC_SEGMENT_SUMS_OPS_H_
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

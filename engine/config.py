@@ -263,12 +263,16 @@ class LabelConfig:
     tie_margin: float = 0.0
     """Oracle: a segment is a tie when the two scores differ by at most this much."""
 
+    granularity: str = choice("segment", ("segment", "video"))
+    """Oracle: 'segment' labels each segment from its own scores (DenseDPO); 'video' gives one verdict from
+    the whole-video scores, copied to every segment (what vanilla Flow-DPO's labellers see)."""
+
     human_file: Optional[str] = None
     """Human labels JSONL ({"pair_id": .., "labels": [..]} or {"pair_id": .., "label": ..} per line)."""
 
     on_error: str = choice("tie", ("tie", "raise"))
     """What an unusable label (unparseable VLM reply, missing human label) becomes: a counted tie, or a
-    hard error."""
+    hard error. It overrides label.vlm.on_error."""
 
     vlm: Optional[VLMConfig] = None
     """The VLM labeller's endpoint, model and prompt (required when labeler is 'vlm')."""

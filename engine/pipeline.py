@@ -13,6 +13,7 @@ Each stage is a CLI verb and a function, and each is resumable:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -135,7 +136,7 @@ def build_run_labeler(cfg: RunConfig, world):
 
     kind = cfg.label.labeler
     if kind == "oracle":
-        return build_labeler("oracle", world=world, tie_margin=cfg.label.tie_margin)
+        return build_labeler("oracle", world=world, tie_margin=cfg.label.tie_margin, mode=cfg.label.granularity)
     if kind == "human":
         if not cfg.label.human_file:
             raise ConfigError("label.labeler=human needs label.human_file (a JSONL of per-pair labels)")
@@ -144,7 +145,7 @@ def build_run_labeler(cfg: RunConfig, world):
     if kind == "vlm":
         if cfg.label.vlm is None:
             raise ConfigError("label.labeler=vlm needs a label.vlm section (base_url, model, ...)")
-        return build_labeler("vlm", config=cfg.label.vlm)
+        return build_labeler("vlm", config=dataclasses.replace(cfg.label.vlm, on_error=cfg.label.on_error))
     return build_labeler(kind, cfg=cfg, world=world)
 
 

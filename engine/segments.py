@@ -77,10 +77,13 @@ def num_segments(ids: torch.Tensor) -> int:
     return int(ids.max().item()) + 1 if ids.numel() else 0
 
 
+_num_segments = num_segments  # for functions whose ``num_segments`` argument shadows the name
+
+
 def segment_frame_counts(ids: torch.Tensor, num_segments: int | None = None) -> torch.Tensor:
     """Frames per segment, LongTensor ``(S,)``; ``S`` defaults to ``num_segments(ids)``."""
     if num_segments is None:
-        num_segments = globals()["num_segments"](ids)
+        num_segments = _num_segments(ids)
     return torch.bincount(ids.long().reshape(-1), minlength=int(num_segments))[: int(num_segments)]
 
 
@@ -108,7 +111,7 @@ def segment_one_hot(ids: torch.Tensor, num_segments: int | None = None,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Membership matrix ``M (T, S)`` with ``M[t, s] = 1`` iff frame t is in segment s."""
     if num_segments is None:
-        num_segments = globals()["num_segments"](ids)
+        num_segments = _num_segments(ids)
     return torch.nn.functional.one_hot(ids.long(), int(num_segments)).to(dtype)
 
 

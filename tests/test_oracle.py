@@ -273,5 +273,20 @@ def test_bad_inputs_raise(clean):
         oracle.score(batch.clips[:4], cond[:4], torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match="contiguous"):
         oracle.score(batch.clips[:4], cond[:4], torch.tensor([0, 0, 2, 2, 2, 2, 2, 2]))
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        oracle.score(batch.clips[:4, :, :1], cond[:4])
+    with pytest.raises(ValueError, match="floating-point"):
+        oracle.score(batch.clips[:4].long(), cond[:4])
     with pytest.raises(ValueError, match="tie_margin"):
         oracle.prefer(batch.clips[:4], batch.clips[:4], cond[:4], None, tie_margin=-0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scores_match_cpu(clean):
+    world, oracle, cond, batch, score = clean
+    device_score = oracle.score(batch.clips.cuda(), cond.cuda(), SEGMENTS_OF_2.cuda())
+    torch.testing.assert_close(device_score.segments.cpu(), score.segments, atol=1e-4, rtol=0)
+    rendered = world.render(cond, torch.Generator(device="cuda").manual_seed(0))
+    assert rendered.clips.is_cuda and float(oracle.score(rendered.clips, cond).total.min()) >= 0.9
+    labels = oracle.prefer(batch.clips.cuda(), -torch.ones_like(batch.clips).cuda(), cond, SEGMENTS_OF_2)
+    assert bool((labels == 1).all())

@@ -62,7 +62,8 @@ def test_matches_brute_force_majority_rule(k):
         assert got.tolist() == majority_reference(num_latent, frames_per_segment, k), (k, frames_per_segment, num_latent)
 
 
-@pytest.mark.parametrize("fps,seconds,k", [(23.976, 1.0, 4), (24, 0.7, 4), (30, 1.3, 1), (12.5, 0.5, 2), (16, 1, 8)])
+@pytest.mark.parametrize("fps,seconds,k", [(23.976, 1.0, 4), (24, 0.7, 4), (30, 1.3, 1), (12.5, 0.5, 2),
+                                           (16, 1, 8)])
 def test_result_is_contiguous_from_zero_without_empty_segments(fps, seconds, k):
     for num_latent in range(1, 60):
         ids = segment_ids(num_latent, fps, seconds, k)

@@ -54,6 +54,8 @@ def test_vocabulary_enumeration_tokens_and_captions():
     assert ranges[2] == set(range(1 + nC + nS, 1 + nC + nS + nD))
     assert world.captions(torch.tensor([[0, 1, 1], [3, 2, 3]])) == ["a red circle moving left",
                                                                    "a yellow diamond moving down"]
+    orange = ShapesWorld(WorldConfig(colours=["orange", "red"]))
+    assert orange.captions(torch.tensor([[0, 0, 0]])) == ["an orange square moving right"]
     with pytest.raises(ValueError, match="out of range"):
         world.condition(torch.tensor([world.num_conditions]))
     with pytest.raises(ValueError, match="out of range"):

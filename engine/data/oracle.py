@@ -24,7 +24,8 @@ Per-frame terms (``g(z, s) = exp(-z^2 / (2 s^2))``):
 * shape ``p_t * softmax_k(IoU_k / 0.03)[caption shape] * IoU_caption`` with the soft IoU
   ``IoU_k = sum min(f, P_k,t) / sum max(f, P_k,t)``: high only if the caption's shape fits better than
   every other known shape *and* fits well (``P_k,t`` is rendered at ``c_t`` corrected by one
-  fixed-point step for the centre estimator's bias on shape ``k``, ``_aligned_template``);
+  fixed-point step for the centre estimator's bias ``e_k`` on shape ``k``, ``_aligned_template``);
+  motion and consistency then use the refined centre ``c_t - sum_k softmax_k(IoU_k / 0.03) e_k``;
 * motion ``p_t * max(p_{t-1} g(|c_t - c_{t-1} - v*|, sv), p_{t+1} g(|c_{t+1} - c_t - v*|, sv))`` with
   ``v* = speed * direction`` and ``sv = max(0.35 speed, 0.15)`` px/frame (a missing neighbour at the
   clip's ends counts 0): the frame moved as captioned towards at least one neighbour;
@@ -182,7 +183,11 @@ class ShapesOracle:
         """
         if clips.dim() != 5 or clips.shape[1] != 3 or tuple(clips.shape[3:]) != (self.height, self.width):
             raise ValueError(f"clips must have shape (n, 3, T, {self.height}, {self.width}), got {tuple(clips.shape)}")
+        if not clips.is_floating_point():
+            raise ValueError(f"clips must be a floating-point tensor in [-1, 1], got {clips.dtype}")
         n, _, T, _, _ = clips.shape
+        if T < 2:
+            raise ValueError(f"clips need at least 2 frames to score motion and consistency, got {T}")
         cond_ids = self.world._check_cond(cond_ids).to(clips.device)
         if cond_ids.shape[0] != n:
             raise ValueError(f"{cond_ids.shape[0]} conditions for {n} clips")
@@ -219,14 +224,18 @@ class ShapesOracle:
         target_rgb = self._colour_rgb.to(device, dtype)[cond_ids[:, 0]]  # (n, 3)
         colour = presence * _gauss((chroma - target_rgb[:, None, :]).norm(dim=-1), cfg.colour_sigma)
 
-        templates = torch.stack([self._aligned_template(s, centroid) for s in self.shape_names], 2)  # (n, T, K, H, W)
+        aligned = [self._aligned_template(s, centroid) for s in self.shape_names]
+        templates = torch.stack([t for t, _ in aligned], 2)  # (n, T, K, H, W)
+        biases = torch.stack([b for _, b in aligned], 2)  # (n, T, K, 2)
         overlap = torch.minimum(f[:, :, None], templates).sum((-1, -2))  # (n, T, K)
         union = mass[..., None] + templates.sum((-1, -2)) - overlap  # sum max = sum f + sum P - sum min
         iou = overlap / (union + eps)
         target_shape = self._shape_to_known.to(device)[cond_ids[:, 1]]
         index = target_shape.view(n, 1, 1).expand(n, iou.shape[1], 1)
-        belief = torch.softmax(iou / cfg.shape_temperature, -1).gather(-1, index).squeeze(-1)
-        shape = presence * belief * iou.gather(-1, index).squeeze(-1)
+        beliefs = torch.softmax(iou / cfg.shape_temperature, -1)  # (n, T, K)
+        shape = presence * beliefs.gather(-1, index).squeeze(-1) * iou.gather(-1, index).squeeze(-1)
+        # Motion and consistency use the centre corrected for the bias of the shape that is drawn.
+        centroid = centroid - (beliefs[..., None] * biases).sum(2)
 
         expected = self._velocity.to(device, dtype)[cond_ids[:, 2]]  # (n, 2)
         motion = presence * self._motion(centroid, presence, expected)
@@ -258,8 +267,9 @@ class ShapesOracle:
         total = u_columns.sum(-1) + 1e-6
         return torch.stack([u_columns @ xs, u_rows @ ys], -1) / total[..., None]
 
-    def _aligned_template(self, shape: str, centre: torch.Tensor) -> torch.Tensor:
-        """Foreground template ``(n, T, H, W)`` of ``shape`` at the centre corrected for estimator bias.
+    def _aligned_template(self, shape: str, centre: torch.Tensor):
+        """Foreground template ``(n, T, H, W)`` of ``shape`` at the centre corrected for estimator bias,
+        and that bias ``(n, T, 2)``.
 
         The centre estimator is exact for squares but off by up to ~0.04 px (circle) / ~0.09 px
         (diamond) at some sub-pixel offsets, enough to cost a small shape several IoU points. One
@@ -269,7 +279,7 @@ class ShapesOracle:
         size = self.world.size
         coverage = shape_coverage(shape, centre, size, self.height, self.width)
         bias = self._moments(self.foreground(coverage), coverage)[1] - centre
-        return self.foreground(shape_coverage(shape, centre - bias, size, self.height, self.width))
+        return self.foreground(shape_coverage(shape, centre - bias, size, self.height, self.width)), bias
 
     def _motion(self, centroid: torch.Tensor, presence: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
         """Per-frame motion match ``(n, T)`` (before the presence gate), module doc.

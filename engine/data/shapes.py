@@ -222,10 +222,10 @@ class ShapesWorld:
         return cond_ids + offsets
 
     def captions(self, cond_ids: torch.Tensor) -> List[str]:
-        """``"a red circle moving left"`` per condition."""
+        """``"a red circle moving left"`` (``"an orange ..."``) per condition."""
         cond_ids = self._check_cond(cond_ids)
-        return [f"a {self.colours[c]} {self.shapes[s]} moving {self.directions[d]}"
-                for c, s, d in cond_ids.tolist()]
+        return [f"{'an' if self.colours[c][0] in 'aeiou' else 'a'} {self.colours[c]} {self.shapes[s]} moving "
+                f"{self.directions[d]}" for c, s, d in cond_ids.tolist()]
 
     def _check_cond(self, cond_ids: torch.Tensor) -> torch.Tensor:
         cond_ids = torch.as_tensor(cond_ids, dtype=torch.long)
