@@ -47,7 +47,7 @@ def _extensions():
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
     if not cpp_sources:
         return [], {}
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx_flags = ["-O3", "-fopenmp"]
     if os.environ.get("VIDPO_NATIVE", "1") == "1":
         # Built where it runs (editable install / local wheel): let the compiler use AVX2/AVX-512.
         cxx_flags.append("-march=native")

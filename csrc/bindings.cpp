@@ -1,9 +1,13 @@
 // Python module vidpo._C: the CPU (always) and CUDA (VIDPO_WITH_CUDA builds) paired-loss primitives.
 //
-// These are plain pybind functions (the GIL is released while the kernels run); kernels/cpp_backend.py and kernels/cuda_backend.py wrap them as
-// torch.library custom ops (vidpo::segment_sq_err_sums_cpu, ..._cuda) with fake and autograd rules,
-// so torch.compile and FSDP see opaque ops with the right output metadata.
-#include <torch/extension.h>
+// These are plain pybind functions (the GIL is released while the kernels run); kernels/cpp_backend.py
+// and kernels/cuda_backend.py wrap them as torch.library custom ops (vidpo::segment_sq_err_sums_cpu,
+// ..._cuda) with fake and autograd rules, so torch.compile and FSDP see opaque ops with the right
+// output metadata.
+//
+// torch/python.h (the Tensor type casters) rather than torch/extension.h, which also parses the whole
+// C++ frontend and makes this file take minutes to compile.
+#include <torch/python.h>
 
 #include <pybind11/stl.h>
 

@@ -346,6 +346,17 @@ void launch_sq_err_tiles_flags(const RowArgs<TV, TT>& a, bool has_ref, bool from
   }
 }
 
+template <typename TV, typename TT, int VEC>
+void launch_scaled_residual(const RowArgs<TV, TT>& a, bool from_noise, int block, const float* coef,
+                            const int64_t* segment_ids, int64_t num_segments, TV* grad, cudaStream_t stream) {
+  const unsigned int grid = static_cast<unsigned int>(a.rows * a.tiles_per_row);
+  if (from_noise) {
+    scaled_residual_kernel<TV, TT, VEC, true><<<grid, block, 0, stream>>>(a, coef, segment_ids, num_segments, grad);
+  } else {
+    scaled_residual_kernel<TV, TT, VEC, false><<<grid, block, 0, stream>>>(a, coef, segment_ids, num_segments, grad);
+  }
+}
+
 }  // namespace
 
 extern "C" size_t vidpo_segment_sums_workspace_floats(const VidpoSegmentShape* shape, int num_values) {
@@ -419,19 +430,12 @@ extern "C" cudaError_t vidpo_segment_scaled_residual_cuda(const VidpoSegmentShap
     const RowArgs<TV, TT> a = make_row_args<TV, TT>(s, v_theta, nullptr, target, x0, noise,
                                                     tiling.tiles_per_row);
     TV* out = static_cast<TV*>(grad);
-    const unsigned int grid = static_cast<unsigned int>(blocks);
     if (vectorized) {
-      if (from_noise) {
-        scaled_residual_kernel<TV, TT, kVec, true><<<grid, tiling.block, 0, stream>>>(a, coef, segment_ids, s.num_segments, out);
-      } else {
-        scaled_residual_kernel<TV, TT, kVec, false><<<grid, tiling.block, 0, stream>>>(a, coef, segment_ids, s.num_segments, out);
-      }
+      launch_scaled_residual<TV, TT, kVec>(a, from_noise, tiling.block, coef, segment_ids, s.num_segments, out,
+                                           stream);
     } else {
-      if (from_noise) {
-        scaled_residual_kernel<TV, TT, 1, true><<<grid, tiling.block, 0, stream>>>(a, coef, segment_ids, s.num_segments, out);
-      } else {
-        scaled_residual_kernel<TV, TT, 1, false><<<grid, tiling.block, 0, stream>>>(a, coef, segment_ids, s.num_segments, out);
-      }
+      launch_scaled_residual<TV, TT, 1>(a, from_noise, tiling.block, coef, segment_ids, s.num_segments, out,
+                                        stream);
     }
     return cudaGetLastError();
   });

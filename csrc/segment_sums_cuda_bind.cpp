@@ -7,6 +7,7 @@
 
 #include "segment_sums_ops.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 

@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vidpo.pipeline import add_pipeline_verbs
 
     add_pipeline_verbs(sub, _add_set)
+    from vidpo.compare import add_compare_verb
+
+    add_compare_verb(sub, _add_set)
     return parser
 
 

@@ -313,6 +313,116 @@ class PreferenceConfig:
     """A malformed manifest line or a missing shard: skip it (counted, named in the log) or stop."""
 
 
+# ----- distributed training (issue 6; vidpo.distributed, vidpo.launch, vidpo.scale) ------------------------
+@dataclass
+class ParallelConfig:
+    """How one training run is split over processes (``torchrun`` ranks). The data-parallel size is what
+    remains of the world: ``dp = world_size / (tp * cp)``. A single process ignores this section unless it
+    asks for more than one rank (an error then says to start the run with torchrun)."""
+
+    tp: int = 1
+    """Tensor-parallel size: attention heads and MLP columns are split over this many ranks (Megatron
+    ColumnParallelLinear / RowParallelLinear). Keep it within one node (NVLink)."""
+
+    sp: bool = False
+    """Sequence parallel (an option of tensor parallel): the norm / modulation / residual regions hold
+    1/tp of the tokens, all-gathers and reduce-scatters replace TP's all-reduces. Ignored when tp = 1."""
+
+    cp: int = 1
+    """Context-parallel size (Ulysses): each rank holds 1/cp of the latent frames; self-attention swaps the
+    sequence split for a head split with two all-to-alls. Needs heads % (tp * cp) == 0 and latent
+    frames (after temporal patching) % cp == 0."""
+
+    dp_shard: int = -1
+    """Ranks of a data-parallel group over which parameters, gradients and optimizer state are sharded
+    (FSDP2 ``fully_shard``; context-parallel ranks join the shard group, as in torchtitan). -1: all of the
+    data-parallel ranks; 1: no sharding (replicated data parallel, gradients all-reduced); between: hybrid
+    sharding (shard within groups of dp_shard, replicate across them)."""
+
+    fsdp_param_dtype: str = choice("float32", ("float32", "bfloat16"))
+    """Dtype FSDP all-gathers parameters in for compute (gradients are always reduced in float32)."""
+
+    activation_checkpointing: str = choice("none", ("none", "full"))
+    """'full' recomputes every transformer block in the backward pass of the parallel model."""
+
+    compile: bool = False
+    """torch.compile each transformer block of the parallel model (GPU runs; slow to start on CPU)."""
+
+    backend: str = choice("auto", ("auto", "nccl", "gloo"))
+    """Process-group backend: 'auto' is nccl on CUDA, gloo on CPU."""
+
+    timeout_minutes: int = 30
+    """Collective timeout of the process groups."""
+
+
+@dataclass
+class ClusterConfig:
+    """Where ``vidpo launch`` starts the run: node count, GPUs, SLURM settings, and the link speeds
+    ``vidpo scale`` uses to estimate communication time."""
+
+    nodes: int = 1
+    """Nodes of the job; world size = nodes * gpus_per_node."""
+
+    gpus_per_node: int = 8
+    """GPUs (= torchrun processes) per node."""
+
+    launcher: str = choice("torchrun", ("torchrun", "slurm"))
+    """'torchrun': a torchrun command / shell script for this machine (or several, with a rendezvous
+    endpoint); 'slurm': an sbatch script that runs torchrun once per node with srun."""
+
+    partition: Optional[str] = None
+    """SLURM partition (#SBATCH --partition)."""
+
+    account: Optional[str] = None
+    """SLURM account (#SBATCH --account)."""
+
+    qos: Optional[str] = None
+    """SLURM quality of service (#SBATCH --qos)."""
+
+    time_limit: str = "24:00:00"
+    """SLURM wall-clock limit (#SBATCH --time)."""
+
+    job_name: Optional[str] = None
+    """Job name; default: the recipe's file name."""
+
+    cpus_per_gpu: int = 12
+    """CPU cores reserved per GPU (data loading, decode)."""
+
+    container_image: Optional[str] = None
+    """Container image for srun (pyxis/enroot ``--container-image``); None runs on the host."""
+
+    container_mounts: List[str] = field(default_factory=list)
+    """``--container-mounts`` entries (``/host/path:/container/path``)."""
+
+    setup: List[str] = field(default_factory=list)
+    """Shell lines run before the launch on every node (module load, conda activate, cd ...)."""
+
+    env: List[str] = field(default_factory=list)
+    """``KEY=VALUE`` environment variables exported for the run (NCCL settings, cache directories)."""
+
+    rdzv_endpoint: Optional[str] = None
+    """torchrun launcher on several nodes: ``host:port`` of the rendezvous (node 0). SLURM jobs use the
+    first node of the allocation."""
+
+    master_port: int = 29500
+    """Rendezvous port."""
+
+    gpu_memory_gib: float = 80.0
+    """Memory per GPU (H100 SXM: 80, H200: 141); ``vidpo scale`` checks the estimate against it."""
+
+    gpu_tflops: float = 989.0
+    """Dense bf16 peak TFLOP/s per GPU (H100 SXM: 989), for the compute-time estimate."""
+
+    mfu: float = 0.4
+    """Model-FLOPs utilisation assumed for the compute-time estimate."""
+
+    intra_node_gbytes_per_s: float = 450.0
+    """Per-GPU unidirectional bandwidth inside a node (NVLink 4 on H100: ~450 GB/s)."""
+
+    inter_node_gbytes_per_s: float = 50.0
+    """Per-GPU unidirectional bandwidth between nodes (one 400 Gb/s InfiniBand NIC per GPU: 50 GB/s)."""
+
+
 @dataclass
 class RunConfig:
     """A whole recipe."""
@@ -331,3 +441,9 @@ class RunConfig:
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)
     lora: Optional[LoRAConfig] = None
     """LoRA adapters on the policy (None: full fine-tuning). Setting any lora.* key turns LoRA on."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Distributed layout (tensor / sequence / context / data parallel); used when started by torchrun."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Cluster the run is launched on (``vidpo launch``) and its link speeds (``vidpo scale``)."""

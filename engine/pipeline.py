@@ -209,11 +209,17 @@ def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: int = 64) 
 
 
 # ----- train ------------------------------------------------------------------------------------------
-def make_reference(cfg: RunConfig, model: torch.nn.Module):
-    """The reference forward: the policy with LoRA disabled (no weight copy), or a frozen copy."""
+def reference_mode(cfg: RunConfig) -> str:
+    """'lora_disabled' or 'frozen_copy' (pref.reference with 'auto' resolved)."""
     mode = cfg.pref.reference
     if mode == "auto":
         mode = "lora_disabled" if cfg.lora is not None else "frozen_copy"
+    return mode
+
+
+def make_reference(cfg: RunConfig, model: torch.nn.Module):
+    """The reference forward: the policy with LoRA disabled (no weight copy), or a frozen copy."""
+    mode = reference_mode(cfg)
     if mode == "lora_disabled":
         if cfg.lora is None:
             raise ConfigError("pref.reference=lora_disabled needs LoRA (set a lora section, e.g. --set lora.rank=8)")
@@ -248,6 +254,59 @@ def prepare_policy(cfg: RunConfig, world, device):
     return model, reference, mode, lora_state
 
 
+def prepare_parallel_policy(cfg: RunConfig, world, parallel):
+    """``prepare_policy`` for a multi-process run: the policy (and a frozen reference copy, when that is the
+    reference) parallelized over ``parallel`` (TP/SP -> CP -> checkpointing -> compile -> FSDP)."""
+    from vidpo.models.dit.parallelize import parallelize_dit
+
+    full = load_initial_policy(cfg, world, parallel.device)
+    mode = reference_mode(cfg)
+    lora_state = None
+    if cfg.lora is not None:
+        if parallel.tp > 1:
+            raise ConfigError("LoRA adapters are not tensor-parallel: use parallel.tp=1 (context / data parallel "
+                              "work with LoRA) or full fine-tuning with pref.reference=frozen_copy")
+        from vidpo.models.lora import apply_lora, mark_only_lora_trainable
+
+        apply_lora(full, cfg.lora)
+        mark_only_lora_trainable(full)
+        meta = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": json.dumps(cfg.lora.target_modules)}
+
+        def lora_state():
+            return {}, meta  # the distributed checkpoint writes the adapters from the consolidated weights
+    if mode == "lora_disabled" and cfg.lora is None:
+        raise ConfigError("pref.reference=lora_disabled needs LoRA (set a lora section, e.g. --set lora.rank=8)")
+    frozen = copy.deepcopy(full).eval().requires_grad_(False) if mode == "frozen_copy" else None
+    model = parallelize_dit(full, parallel, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                            compile=cfg.parallel.compile)
+    if frozen is not None:
+        frozen_parallel = parallelize_dit(frozen, parallel, compile=cfg.parallel.compile).eval()
+
+        def reference(x, t, c):
+            with torch.no_grad():
+                return frozen_parallel(x, t, c)
+    else:
+        from vidpo.models.lora import lora_disabled
+
+        def reference(x, t, c):
+            with torch.no_grad(), lora_disabled(model):
+                return model(x, t, c)
+    return model, reference, mode, lora_state
+
+
+def start_distributed(cfg: RunConfig, world):
+    """The run's ParallelContext under torchrun (None for one process), checked against the model."""
+    from vidpo.distributed import DistributedSetupError, init_distributed
+    from vidpo.modeling import dit_config_for
+
+    dcfg = dit_config_for(cfg, world)
+    try:
+        return init_distributed(cfg.parallel, num_heads=dcfg.num_heads, seed=cfg.seed,
+                                frames=cfg.world.frames // dcfg.patch_size[0])
+    except DistributedSetupError as exc:
+        raise ConfigError(f"parallel: {exc}") from None
+
+
 def load_pairs(cfg: RunConfig, pairs_dir: str | Path, num_segments: int) -> tuple[list[PairRecord], ShardReader, list[str]]:
     pairs_dir = Path(pairs_dir)
     records, problems = read_manifest(pairs_dir / MANIFEST_FILE, need_labels=True, on_error=cfg.pref.on_bad_pair,
@@ -268,27 +327,39 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
                           "`vidpo run` sets it for you")
     set_threads(cfg)
     seed_everything(cfg.seed)
-    device = pick_device()
     world = build_world(cfg)
+    parallel = start_distributed(cfg, world)   # None for one process
+    device = parallel.device if parallel is not None else pick_device()
     seg = run_segment_ids(cfg)
     records, reader, problems = load_pairs(cfg, resolve_path(cfg.pref.pairs), int(seg.max()) + 1)
-    model, reference, ref_mode, lora_state = prepare_policy(cfg, world, device)
+    if parallel is None:
+        model, reference, ref_mode, lora_state = prepare_policy(cfg, world, device)
+    else:
+        model, reference, ref_mode, lora_state = prepare_parallel_policy(cfg, world, parallel)
     log.info("train[%s]: %d pairs (%d skipped), reference=%s, loss backend=%s", cfg.train.objective, len(records),
              len(problems), ref_mode, cfg.pref.loss_backend)
-    objective = PreferenceObjective(cfg, world, device, records, reader, seg, reference)
+    objective = PreferenceObjective(cfg, world, device, records, reader, seg, reference, parallel=parallel)
     oracle = ShapesOracle(world)
 
     def evaluate(m, step):
         return evaluate_model(m, cfg, world, oracle, num_samples=max(16, cfg.eval.num_samples // 2)).flat()
 
-    atomic.write_text(run_dir / "config.yaml", to_yaml(cfg))
+    if parallel is not None and cfg.train.eval_every > 0:
+        log.info("train: in-training evaluation runs in single-process runs only; evaluate the checkpoints "
+                 "with `vidpo eval --ckpt`")
+    if parallel is None or parallel.is_main:
+        atomic.write_text(run_dir / "config.yaml", to_yaml(cfg))
     trainer = Trainer(cfg, run_dir, model, objective, device=device, resume=resume, lora_state=lora_state,
-                      evaluate=evaluate if cfg.train.eval_every > 0 else None)
+                      evaluate=evaluate if cfg.train.eval_every > 0 and parallel is None else None,
+                      parallel=parallel)
     result = trainer.fit()
-    if cfg.lora is not None:
+    if cfg.lora is not None and parallel is None:
         from vidpo.models.lora import save_lora
 
         save_lora(model, str(run_dir / "lora.safetensors"))
+    elif cfg.lora is not None and parallel.is_main:
+        latest = ckpt.latest_checkpoint(run_dir)
+        atomic.write_bytes(run_dir / "lora.safetensors", (latest / "lora.safetensors").read_bytes())
     result.update({"pairs": len(records), "skipped_pairs": len(problems), "reference": ref_mode})
     return {"model": model, "reference": reference, "records": records, "reader": reader, "result": result,
             "world": world, "segment_ids": seg}

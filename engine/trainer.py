@@ -10,11 +10,16 @@ What it guarantees:
 * **Bad steps do not poison the model.** A non-finite loss or gradient norm skips the optimizer step, is
   logged (``skipped=1``) and counted; ``train.max_bad_steps`` consecutive ones stop the run with a clear
   error after writing a checkpoint of the last good state.
+* **Distributed runs** (``parallel``: a ``vidpo.distributed.ParallelContext``): the objective's loss is
+  already the global loss on every rank; the loop sums unsharded gradients over data/context-parallel
+  ranks, clips by the norm of the whole model, writes DCP checkpoints (``vidpo.dist_checkpoint``) and
+  lets rank 0 alone log metrics. A checkpoint of any world size resumes at any other.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,10 +28,11 @@ import torch
 from tqdm import tqdm
 
 from vidpo import checkpoint as ckpt
+from vidpo import dist_checkpoint
 from vidpo.config import RunConfig
 from vidpo.metrics import MetricsLogger
 from vidpo.modeling import autocast_context
-from vidpo.recipe import to_yaml
+from vidpo.recipe import ConfigError, to_yaml
 
 log = logging.getLogger("vidpo")
 
@@ -78,8 +84,16 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, model: torch.nn.Module, objective, *,
                  device: torch.device, evaluate: Optional[Callable] = None, resume: bool = True,
-                 lora_state: Optional[Callable[[], tuple[dict, dict]]] = None, log_every: Optional[int] = None):
+                 lora_state: Optional[Callable[[], tuple[dict, dict]]] = None, log_every: Optional[int] = None,
+                 parallel=None):
         self.cfg = cfg
+        self.parallel = parallel
+        self.is_main = parallel is None or parallel.is_main
+        if parallel is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Every rank would train the whole model on the whole batch and write the same files.
+            raise ConfigError(f"this process is one of WORLD_SIZE={os.environ['WORLD_SIZE']} (torchrun) but "
+                              f"train.objective={cfg.train.objective} runs in one process; distributed training "
+                              "covers flow_dpo, dense_dpo and kto")
         self.run_dir = Path(run_dir)
         self.model = model
         self.objective = objective
@@ -95,13 +109,21 @@ class Trainer:
         resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
         if resume_from is not None:
             self._restore(resume_from)
-        self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None)
+        self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None,
+                                     enabled=self.is_main)
 
     # ----- checkpoints --------------------------------------------------------------------------------
     def _restore(self, path: Path) -> None:
-        ckpt.load_weights(self.model, path)
-        state = ckpt.load_trainer_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if dist_checkpoint.is_distributed_checkpoint(path):
+            state = dist_checkpoint.load_distributed_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                                                ctx=self.parallel)
+        elif self.parallel is not None:
+            state = dist_checkpoint.load_single_process_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                                                   ctx=self.parallel)
+        else:
+            ckpt.load_weights(self.model, path)
+            state = ckpt.load_trainer_state(path)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state.get("objective", {}))
         self.step = int(state["step"])
@@ -111,6 +133,14 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path:
+        if self.parallel is not None:
+            lora_meta = self.lora_state()[1] if self.lora_state else None
+            state = {"scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
+                     "bad_in_row": self.bad_in_row, "skipped_total": self.skipped_total}
+            return dist_checkpoint.save_distributed_checkpoint(
+                self.run_dir, self.step, model=self.model, optimizer=self.optimizer, trainer_state=state,
+                config_yaml=to_yaml(self.cfg), ctx=self.parallel, keep=self.cfg.train.keep_checkpoints,
+                lora_metadata=lora_meta)
         lora, lora_meta = self.lora_state() if self.lora_state else (None, None)
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "objective": self.objective.state_dict(), "bad_in_row": self.bad_in_row,
@@ -142,7 +172,13 @@ class Trainer:
         grad_norm = float("nan")
         if finite:
             clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            if self.parallel is not None:
+                from vidpo import distributed
+
+                distributed.sync_replicated_grads(params, self.parallel)
+                grad_norm = float(distributed.clip_grad_norm_(self.model, clip, self.parallel))
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             finite = math.isfinite(grad_norm)
         row = {"loss": total_loss if finite else float("nan"), "grad_norm": grad_norm,
                "lr": self.scheduler.get_last_lr()[0], **sums}
@@ -166,7 +202,7 @@ class Trainer:
         cfg = self.cfg
         start = self.step
         bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"train[{self.objective.name}]",
-                   disable=not cfg.train.progress, dynamic_ncols=True, leave=False)
+                   disable=not cfg.train.progress or not self.is_main, dynamic_ncols=True, leave=False)
         last: dict = {}
         t0 = time.time()
         try:

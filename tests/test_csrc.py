@@ -190,16 +190,20 @@ def test_cpu_results_are_bit_identical_across_runs_and_thread_counts(dtype):
         assert torch.equal(sums, runs[0][0]) and torch.equal(grad, runs[0][1])
 
 
+_sums = cpp_backend.segment_sq_err_sums
+_residual = cpp_backend.segment_scaled_residual
+
+
 @pytest.mark.parametrize("call,match", [
-    (lambda v, r, x0, nz, ids: cpp_backend.segment_sq_err_sums(v, r, v, x0, nz, ids, 3), "either target or"),
-    (lambda v, r, x0, nz, ids: cpp_backend.segment_sq_err_sums(v, r, None, x0, None, ids, 3), "x0 and noise"),
-    (lambda v, r, x0, nz, ids: cpp_backend.segment_sq_err_sums(v, r, None, x0, torch.cat([nz] * 3), ids, 3), "noise batch M"),
-    (lambda v, r, x0, nz, ids: cpp_backend.segment_sq_err_sums(v, r, None, x0, nz, ids[:-1], 3), "one entry per"),
-    (lambda v, r, x0, nz, ids: cpp_backend.segment_sq_err_sums(v, r.double(), None, x0, nz, ids, 3), "v_ref must have"),
-    (lambda v, r, x0, nz, ids: cpp_backend.segment_sq_err_sums(v[0], r, None, x0, nz, ids, 3), "must be 5-D"),
-    (lambda v, r, x0, nz, ids: cpp_backend.segment_sq_err_sums(v, r, None, x0, nz, ids, 0), "num_segments"),
-    (lambda v, r, x0, nz, ids: cpp_backend.segment_sq_err_sums(v.half(), None, v, None, None, ids, 3), "float32, bfloat16"),
-    (lambda v, r, x0, nz, ids: cpp_backend.segment_scaled_residual(v, None, x0, nz, torch.ones(3, 3), ids), "coef must be"),
+    (lambda v, r, x0, nz, ids: _sums(v, r, v, x0, nz, ids, 3), "either target or"),
+    (lambda v, r, x0, nz, ids: _sums(v, r, None, x0, None, ids, 3), "x0 and noise"),
+    (lambda v, r, x0, nz, ids: _sums(v, r, None, x0, torch.cat([nz] * 3), ids, 3), "noise batch M"),
+    (lambda v, r, x0, nz, ids: _sums(v, r, None, x0, nz, ids[:-1], 3), "one entry per"),
+    (lambda v, r, x0, nz, ids: _sums(v, r.double(), None, x0, nz, ids, 3), "v_ref must have"),
+    (lambda v, r, x0, nz, ids: _sums(v[0], r, None, x0, nz, ids, 3), "must be 5-D"),
+    (lambda v, r, x0, nz, ids: _sums(v, r, None, x0, nz, ids, 0), "num_segments"),
+    (lambda v, r, x0, nz, ids: _sums(v.half(), None, v, None, None, ids, 3), "float32, bfloat16"),
+    (lambda v, r, x0, nz, ids: _residual(v, None, x0, nz, torch.ones(3, 3), ids), "coef must be"),
 ], ids=["both_targets", "noise_missing", "bad_noise_batch", "short_segment_ids", "ref_dtype", "not_5d",
         "no_segments", "half", "coef_shape"])
 def test_cpu_bad_inputs_raise_clear_errors(call, match):

@@ -14,6 +14,13 @@ labels. KTO turns each non-tie pair into one desirable (the winner) and one unde
 
 Which pairs a micro-batch holds is a pure function of (seed, step, micro): the pair order is a seeded
 permutation per epoch, so a resumed run reads exactly the pairs the uninterrupted run would have.
+
+Distributed (``parallel``, a ``vidpo.distributed.ParallelContext``): every rank draws the same global
+micro-batch (train.batch_size pairs, the same t and noise as one process) and keeps its data-parallel rows;
+the model returns this rank's context-parallel frames, and the loss reduces its per-segment sums over the
+CP group with the local segment ids. Each DP rank's loss is weighted by its share of the global loss'
+normaliser (DenseDPO: non-tie tokens; KTO / SFT: videos) and all-reduced over DP, so every rank holds the
+global loss and gradients summed over ranks equal the single-process gradient.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import torch
 
 from vidpo import kernels
 from vidpo.config import RunConfig
+from vidpo.kernels import comm
 from vidpo.data.pairs import PairRecord, ShardReader
 from vidpo.models import flow
 from vidpo.seeding import generator
@@ -35,8 +43,9 @@ ReferenceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 class PreferenceObjective:
     def __init__(self, cfg: RunConfig, world, device: torch.device, records: list[PairRecord],
-                 reader: ShardReader, segment_ids: torch.Tensor, reference: ReferenceFn):
+                 reader: ShardReader, segment_ids: torch.Tensor, reference: ReferenceFn, *, parallel=None):
         self.cfg = cfg
+        self.parallel = parallel
         self.name = cfg.train.objective
         if self.name not in ("flow_dpo", "dense_dpo", "kto"):
             raise ValueError(f"PreferenceObjective does not handle objective '{self.name}'")
@@ -68,6 +77,9 @@ class PreferenceObjective:
     def micro_batch(self, step: int, micro: int) -> dict:
         cfg = self.cfg
         recs = [self.records[i] for i in self._pair_indices(step, micro)]
+        # Under data parallel, only this rank's pairs are read; random draws stay those of the whole batch.
+        rows = self.parallel.dp_rows(len(recs)) if self.parallel is not None else slice(None)
+        all_recs, recs = recs, recs[rows]
         first = torch.stack([self.reader.get(r, "first") for r in recs]).float()
         second = torch.stack([self.reader.get(r, "second") for r in recs]).float()
         cond_ids = torch.tensor([r.cond_ids for r in recs], dtype=torch.long)
@@ -76,19 +88,20 @@ class PreferenceObjective:
         else:
             labels = torch.tensor([[_video_label(r)] for r in recs], dtype=torch.long)
         g = generator(cfg.seed, "pref-noise", step, micro)
-        b = len(recs)
+        b = len(all_recs)
         t = flow.sample_timesteps(b, g, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,
                                   t_min=cfg.flow.t_min, t_max=cfg.flow.t_max)
-        noise = torch.randn(first.shape, generator=g)
+        noise = torch.randn((b,) + tuple(first.shape[1:]), generator=g)
         batch = {"first": first, "second": second, "tokens": self.world.tokens(cond_ids), "labels": labels,
-                 "t": t, "noise": noise}
+                 "t": t[rows], "noise": noise[rows]}
         if cfg.pref.sft_weight > 0 and cfg.pref.sft_source in ("real", "both"):
             gs = generator(cfg.seed, "pref-sft", step, micro)
-            real = self.world.render(cond_ids, gs, corrupt=False).clips
-            batch["real"] = real
+            all_cond = torch.tensor([r.cond_ids for r in all_recs], dtype=torch.long)
+            real = self.world.render(all_cond, gs, corrupt=False).clips
+            batch["real"] = real[rows]
             batch["real_t"] = flow.sample_timesteps(b, gs, logit_mean=cfg.flow.logit_mean,
-                                                    logit_std=cfg.flow.logit_std)
-            batch["real_noise"] = torch.randn(real.shape, generator=gs)
+                                                    logit_std=cfg.flow.logit_std)[rows]
+            batch["real_noise"] = torch.randn(real.shape, generator=gs)[rows]
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # ----- loss --------------------------------------------------------------------------------------
@@ -101,49 +114,94 @@ class PreferenceObjective:
         v_theta = model(x_t, t2, tokens2)
         with torch.no_grad():
             v_ref = self.reference(x_t, t2, tokens2)
+        # Context parallel: both models returned this rank's latent frames; the targets follow.
+        frames, group = self._local_frames(model, x0.shape[2])
+        x0, noise = x0[:, :, frames], batch["noise"][:, :, frames]
         dtype = v_theta.dtype
         metrics: dict[str, float] = {}
+        weights: dict[str, float] = {}      # data-parallel weight of each metric (its local count)
         if self.name == "kto":
             desirable = torch.cat([batch["labels"][:, 0] > 0, batch["labels"][:, 0] < 0])
+            dp_group = self.parallel.dp_group if self._dp > 1 else None
             out = kernels.kto_loss(v_theta, v_ref.to(dtype), None, desirable, cfg.pref.beta,
                                    lambda_d=cfg.pref.kto_lambda_desirable, lambda_u=cfg.pref.kto_lambda_undesirable,
-                                   backend=cfg.pref.loss_backend, x0=x0.to(dtype), noise=batch["noise"].to(dtype))
+                                   backend=cfg.pref.loss_backend, x0=x0.to(dtype), noise=noise.to(dtype),
+                                   group=group, dp_group=dp_group)
             loss = out.loss
             metrics["kto_loss"] = out.loss.item()
             metrics["reward_desirable"] = out.reward[desirable].mean().item()
             metrics["reward_undesirable"] = out.reward[~desirable].mean().item()
             metrics["ref_point"] = float(out.ref_point)
+            n = float(desirable.numel())
+            weights.update(kto_loss=n, reward_desirable=float(desirable.sum()),
+                           reward_undesirable=float((~desirable).sum()), ref_point=1.0)
+            share = 1.0 / self._dp      # every rank holds the same number of videos
         else:
-            segment_ids = self.segment_ids if self.name == "dense_dpo" else torch.zeros_like(self.segment_ids)
-            out = kernels.dense_dpo_loss(v_theta, v_ref.to(dtype), None, batch["labels"], segment_ids,
+            full_ids = self.segment_ids if self.name == "dense_dpo" else torch.zeros_like(self.segment_ids)
+            out = kernels.dense_dpo_loss(v_theta, v_ref.to(dtype), None, batch["labels"], full_ids[frames],
                                          cfg.pref.beta, backend=cfg.pref.loss_backend, x0=x0.to(dtype),
-                                         noise=batch["noise"].to(dtype))
+                                         noise=noise.to(dtype), group=group)
             loss = out.loss
             nontie = batch["labels"] != 0
             metrics["dpo_loss"] = out.loss.item()
             metrics["accuracy"] = float(out.accuracy)
             metrics["margin_mean"] = out.margin[nontie].mean().item() if nontie.any() else 0.0
             metrics["nontie_frac"] = nontie.double().mean().item()
+            share = self._dpo_share(full_ids, batch["labels"]) if self._dp > 1 else 1.0
+            weights.update(dpo_loss=share, accuracy=float(nontie.sum()), margin_mean=float(nontie.sum()),
+                           nontie_frac=float(nontie.numel()))
+        if self._dp > 1:
+            loss = loss * share
         if cfg.pref.sft_weight > 0:
-            sft = self._sft_loss(model, batch)
-            loss = loss + cfg.pref.sft_weight * sft
+            sft = self._sft_loss(model, batch, frames, group)
+            loss = loss + cfg.pref.sft_weight * (sft / self._dp if self._dp > 1 else sft)
             metrics["sft_loss"] = sft.item()
+            weights["sft_loss"] = 1.0
+        if self._dp > 1:
+            # Each rank's loss is its share of the global loss: the sum (identity backward) is the global
+            # loss on every rank, and the gradients the training loop sums over ranks are the global ones.
+            loss = comm.all_reduce_sum(loss, self.parallel.dp_group)
+            from vidpo.distributed import weighted_means
+
+            metrics = weighted_means({k: (v, weights[k]) for k, v in metrics.items()}, self.parallel.dp_group,
+                                     device=loss.device)
         return loss, metrics
 
-    def _sft_loss(self, model, batch: dict) -> torch.Tensor:
+    @property
+    def _dp(self) -> int:
+        return 1 if self.parallel is None else self.parallel.dp
+
+    def _local_frames(self, model, frames: int):
+        """(slice of this rank's latent frames, the context-parallel group or None)."""
+        if self.parallel is None or self.parallel.cp == 1:
+            return slice(None), None
+        return model.local_frames(frames), self.parallel.cp_group
+
+    def _dpo_share(self, segment_ids: torch.Tensor, labels: torch.Tensor) -> float:
+        """This rank's fraction of the global batch's DenseDPO normaliser sum_{y != 0} tokens_s."""
+        from vidpo.distributed import all_reduce_sum
+
+        frames_per_segment = torch.bincount(segment_ids.cpu(), minlength=labels.shape[1]).to(torch.float64)
+        local = (frames_per_segment[None, :] * (labels.cpu() != 0)).sum()
+        total = float(all_reduce_sum(local.to(labels.device), self.parallel.dp_group))
+        return float(local) / total if total > 0 else 0.0
+
+    def _sft_loss(self, model, batch: dict, frames=slice(None), group=None) -> torch.Tensor:
         """Flow matching on real clips and/or winners (the IPO regularizer)."""
         parts = []
         src = self.cfg.pref.sft_source
         if src in ("real", "both"):
             x_t = flow.interpolate(batch["real"], batch["real_noise"], batch["real_t"])
             v = model(x_t, batch["real_t"], batch["tokens"])
-            parts.append(kernels.flow_matching_loss(v.float(), (batch["real_noise"] - batch["real"]).float()))
+            target = (batch["real_noise"] - batch["real"])[:, :, frames]
+            parts.append(kernels.flow_matching_loss(v.float(), target.float(), group=group))
         if src in ("winners", "both"):
             win_first = (batch["labels"].sum(1) >= 0)[:, None, None, None, None]
             winners = torch.where(win_first, batch["first"], batch["second"])
             x_t = flow.interpolate(winners, batch["noise"], batch["t"])
             v = model(x_t, batch["t"], batch["tokens"])
-            parts.append(kernels.flow_matching_loss(v.float(), (batch["noise"] - winners).float()))
+            target = (batch["noise"] - winners)[:, :, frames]
+            parts.append(kernels.flow_matching_loss(v.float(), target.float(), group=group))
         return sum(parts) / len(parts)
 
     def state_dict(self) -> dict:
