@@ -100,11 +100,15 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "av"],
-        "video": ["av"],
-        "dali": ["nvidia-dali-cuda130"],
+        # megatron-core 0.16.1: the last release for Python 3.11 (0.17 needs 3.12); the distributed tests use it.
+        # Data path (issue 7): DALI's CPU video operator, tiny diffusers/transformers encoders and Parquet
+        # manifests are tested on CPU, so CI installs them (none of them depends on torch).
+        "test": ["pytest>=8", "pytest-xdist", "av", "megatron-core==0.16.1", "nvidia-dali-cuda130>=2.0",
+                 "diffusers", "transformers", "pyarrow"],
+        "video": ["av", "pyarrow"],
+        "dali": ["nvidia-dali-cuda130>=2.0"],  # CUDA 12 drivers: install nvidia-dali-cuda120 instead
         "hf": ["diffusers", "transformers", "peft", "sentencepiece"],
-        "dist": ["megatron-core"],
+        "dist": ["megatron-core==0.16.1"],
         "flash": ["flash-attn"],
         "te": ["transformer-engine[pytorch]"],
     },

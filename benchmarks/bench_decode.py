@@ -16,6 +16,7 @@ benchmarks/results/decode.csv with the columns of benchmarks/common.py; ``x`` na
 
 Examples:
     python benchmarks/bench_decode.py --quick                     # 2 codecs x 2 sizes x 2 GOPs, CPU
+    python benchmarks/bench_decode.py --quick --sizes 128,256,512 --gops 1,16,64   # the committed CPU sweep
     python benchmarks/bench_decode.py --sizes 256,512,1280x720 --gops 1,16,128 --frames 128
 """
 from __future__ import annotations
@@ -123,16 +124,18 @@ def _bench_gpu(fn, quick: bool):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--codecs", default="vp9,h264")
-    parser.add_argument("--sizes", default="128,256,512", help="W or WxH, comma separated")
-    parser.add_argument("--gops", default="1,16,64")
-    parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--sizes", help="W or WxH, comma separated (default 128,256,512; quick 128,256)")
+    parser.add_argument("--gops", help="GOP lengths (default 1,16,64; quick 1,32)")
+    parser.add_argument("--frames", type=int, help="frames per clip (default 64; quick 32)")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--quick", action="store_true", help="sizes 128,256, GOPs 1,32, 32 frames, short timing")
+    parser.add_argument("--quick", action="store_true", help="smaller default sweep, 0.5 s of timing per row")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--out", default=DEFAULT_RESULTS)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.sizes, args.gops, args.frames = "128,256", "1,32", 32
+    defaults = ("128,256", "1,32", 32) if args.quick else ("128,256,512", "1,16,64", 64)
+    args.sizes = args.sizes or defaults[0]
+    args.gops = args.gops or defaults[1]
+    args.frames = args.frames or defaults[2]
     if args.threads:
         torch.set_num_threads(args.threads)
     providers = [p for p in args.providers.split(",") if p]

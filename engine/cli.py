@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def cmd_train(args) -> int:
 
     cfg = _cfg(args)
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
-    _print(train_job(cfg, out, resume=not args.no_resume))
+    result = train_job(cfg, out, resume=not args.no_resume)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports for all
+        _print(result)
     return 0
 
 
@@ -62,6 +65,34 @@ def cmd_eval(args) -> int:
         brief["win_rate"] = out["delta"]["win_rate"]
     brief["per_component"] = {k: round(v["mean"], 4) for k, v in out["model"].items() if k != "oracle"}
     _print(brief)
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from vidpo.preprocess import preprocess_job
+
+    _print(preprocess_job(_cfg(args), args.out))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from vidpo.objectives.distill import distill_job
+
+    _print(distill_job(_cfg(args), args.out, resume=not args.no_resume))
+    return 0
+
+
+def cmd_distill_eval(args) -> int:
+    from vidpo.distill_eval import distill_eval_job
+
+    students = {}
+    for text in args.student:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--student '{text}': expected NAME=CHECKPOINT, e.g. --student cd=runs/distill/student")
+        students[name] = path
+    _print(distill_eval_job(_cfg(args), args.out, students, teacher=args.teacher, num=args.num,
+                            repeats=args.repeats))
     return 0
 
 
@@ -128,12 +159,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
+    # Consistency distillation (issue 9): preprocess -> train (objective consistency_distill) -> distill-eval.
+    p = sub.add_parser("preprocess", help="teacher ODE steps (+ CFG, motion guidance, inversion) into shards",
+                       description="Precompute the teacher's guided solver steps of consistency distillation "
+                                   "into --out (resumable: complete shards are skipped).")
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True, help="data directory (set distill.data to it for training)")
+    _add_set(p)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("distill", help="preprocess -> train the consistency student -> teacher-vs-student table",
+                       description="The whole consistency distillation into --out (data/, student/, eval/); "
+                                   "resumable.")
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-resume", action="store_true")
+    _add_set(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("distill-eval", help="teacher vs students: oracle (95%% CI), motion, ms per clip",
+                       description="Score the teacher at distill.teacher_steps and each --student at "
+                                   "distill.student_steps on the same seeds; writes a JSON and a Markdown table.")
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True)
+    p.add_argument("--student", action="append", default=[], metavar="NAME=CKPT", help="repeatable")
+    p.add_argument("--teacher", help="teacher checkpoint (default distill.teacher)")
+    p.add_argument("--num", type=int, help="samples per row (default eval.num_samples)")
+    p.add_argument("--repeats", type=int, default=1, help="timing runs per row (best is kept)")
+    _add_set(p)
+    p.set_defaults(func=cmd_distill_eval)
+
     from vidpo.pipeline import add_pipeline_verbs
 
     add_pipeline_verbs(sub, _add_set)
+    # Distributed runs (issue 6): `launch` builds the torchrun / sbatch command, `scale` sizes a layout.
+    from vidpo.launch import add_launch_verb
+    from vidpo.scale import add_scale_verb
+
+    add_launch_verb(sub, _add_set)
+    add_scale_verb(sub, _add_set)
+    from vidpo.data.cache import add_cache_verb  # issue 7: the data path's `vidpo cache`
+
+    add_cache_verb(sub, _add_set)
     from vidpo.compare import add_compare_verb
 
     add_compare_verb(sub, _add_set)
+    # Issue 5: the IPO critic and iterative rounds (importing vidpo.critic also registers the "critic" labeller,
+    # so `vidpo label --set label.labeler=critic` works).
+    from vidpo.critic import add_critic_verbs
+    from vidpo.iterate import add_iterate_verb
+
+    add_critic_verbs(sub, _add_set)
+    add_iterate_verb(sub, _add_set)
     return parser
 
 
@@ -146,15 +223,22 @@ def main(argv=None) -> int:
     from vidpo.data.pairs import PairDataError
     from vidpo.labeling import LabelingError
     from vidpo.trainer import TrainingStopped
+    from vidpo.data.decode.base import VideoDecodeError  # issue 7: bad videos, manifests, latent shards
+    from vidpo.data.latents import LatentDataError
+    from vidpo.data.manifest import ManifestError
 
     try:
         code = args.func(args)
-    except (ConfigError, FileNotFoundError, PairDataError, LabelingError, TrainingStopped) as exc:
+    except (ConfigError, FileNotFoundError, PairDataError, LabelingError, TrainingStopped, VideoDecodeError,
+            LatentDataError, ManifestError) as exc:
         print(f"vidpo {args.verb}: error: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print(f"vidpo {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
         code = 130
+    from vidpo.distributed import finish  # a torchrun rank leaves its process groups cleanly
+
+    finish()
     if __name__ == "__main__" or argv is None:
         sys.exit(code)
     return code

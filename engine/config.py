@@ -10,7 +10,7 @@ A recipe (YAML) sets any subset of these fields; ``--set section.field=value`` o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from vidpo.fields import choice  # noqa: F401  (first: modules imported below use it)
 from vidpo.labeling.vlm import VLMConfig
@@ -130,9 +130,10 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str = choice("sft", ("sft", "flow_dpo", "dense_dpo", "kto"))
+    objective: str = choice("sft", ("sft", "flow_dpo", "dense_dpo", "kto", "consistency_distill"))
     """Training objective: 'sft' (flow-matching pretraining / fine-tuning), 'flow_dpo', 'dense_dpo',
-    'kto' (preference objectives, DESIGN.md section 1)."""
+    'kto' (preference objectives, DESIGN.md section 1), 'consistency_distill' (T2V-Turbo-v2 consistency
+    distillation from preprocessed teacher data; sections ``distill`` and ``reward``)."""
 
     max_steps: int = 600
     """Optimizer steps of the run."""
@@ -313,6 +314,233 @@ class PreferenceConfig:
     """A malformed manifest line or a missing shard: skip it (counted, named in the log) or stop."""
 
 
+# ----- consistency distillation (issue 9; vidpo.preprocess, vidpo.objectives.distill, vidpo.rewards) ------
+@dataclass
+class DistillConfig:
+    """Reward-guided consistency distillation (T2V-Turbo-v2): a teacher ODE solver with classifier-free and
+    motion guidance, precomputed by ``vidpo preprocess``; a student trained with ``train.objective:
+    consistency_distill`` that maps a point of the teacher's trajectory to its origin in 1-8 steps."""
+
+    teacher: Optional[str] = None
+    """Teacher checkpoint (run dir, checkpoint dir or .safetensors; same architecture as ``model``). The
+    student starts from it unless ``train.init_from`` is set. Only ``vidpo preprocess`` loads it."""
+
+    data: Optional[str] = None
+    """Directory of preprocessed shards (``vidpo preprocess --out``) the student trains on."""
+
+    num_rows: int = 4096
+    """Training rows to preprocess: one (clip, noise, timestep) triple and its teacher solver step each."""
+
+    shard_size: int = 256
+    """Rows per safetensors shard; a rerun of ``vidpo preprocess`` skips complete shards."""
+
+    batch_size: int = 64
+    """Rows per teacher forward batch while preprocessing."""
+
+    grid_steps: int = 32
+    """N: intervals of the teacher's time grid t_0 = 0 < ... < t_N = 1 (vidpo.models.flow.time_grid)."""
+
+    skip: int = 2
+    """k: the teacher solver jumps k grid intervals (t_n -> t_{n-k}); N must be a multiple of k, and
+    training times are the multiples of k (so every chain of targets ends at t = 0)."""
+
+    shift: float = 1.0
+    """Time shift of the grid (1: uniform)."""
+
+    cfg_scale: float = 3.0
+    """Classifier-free guidance scale w of the teacher solver (the student is distilled for this w)."""
+
+    curated_fraction: float = 0.5
+    """Fraction of rows rendered clean ('curated' source, the high-quality-video role); the rest are
+    'web' rows rendered with the world's corruptions (noisy captions: wrong colour / reversed direction)."""
+
+    motion_scale: float = 0.0
+    """Motion-guidance strength eta of the PTA energy gradient (0 disables motion guidance)."""
+
+    motion_fraction: float = 0.5
+    """tau: motion guidance acts in the first tau of the solver's steps, i.e. at times t_n > 1 - tau."""
+
+    motion_block: int = -1
+    """Transformer block whose temporal attention defines the energy (-1: depth // 2)."""
+
+    motion_sources: List[str] = field(default_factory=lambda: ["curated"])
+    """Sources whose clips are trusted motion references ('curated', 'web'); other rows get eta = 0."""
+
+    distance: str = choice("huber", ("huber", "l2"))
+    """CD distance: pseudo-Huber sqrt(d^2 + c^2) - c per element (LCM's), or squared error; mean over elements."""
+
+    huber_c: float = 0.001
+    """c of the pseudo-Huber distance."""
+
+    sampler_noise: str = choice("fresh", ("fresh", "predicted"))
+    """Student multi-step sampling: re-noise the predicted x0 with fresh noise (consistency models) or with
+    the noise the student implies, eps^ = x + (1 - t) v (deterministic)."""
+
+    student_steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Student step counts reported by the evaluation table."""
+
+    teacher_steps: List[int] = field(default_factory=lambda: [16, 32])
+    """Teacher Euler + CFG step counts reported by the evaluation table."""
+
+    eval_steps: int = 4
+    """Student steps of the evaluation during / at the end of training."""
+
+
+@dataclass
+class RewardConfig:
+    """Reward mixture of consistency distillation (vidpo.rewards): R = sum beta_i R_img_i (on a few random
+    frames) + sum gamma_j R_vid_j, computed on the student's one-step prediction; loss = CD - R."""
+
+    image: Dict[str, float] = field(default_factory=dict)
+    """Image-text rewards and weights beta, e.g. {shapes_appearance: 1.0}. Empty: none."""
+
+    video: Dict[str, float] = field(default_factory=dict)
+    """Video-text rewards and weights gamma, e.g. {shapes_motion: 1.0}. Empty: none."""
+
+    image_frames: int = 2
+    """Random frames per clip scored by the image-text rewards."""
+
+    subset: str = choice("web", ("all", "curated", "web"))
+    """Rows the reward loss is computed on (the paper: CD on all data, rewards on the short-caption
+    WebVid part): 'all', or one source."""
+
+    max_rows: int = 8
+    """At most this many reward rows per micro-batch (the paper: 1 reward clip per 3 CD clips per GPU)."""
+
+
+# ----- IPO critic and iterative rounds (issue 5; vidpo.critic, vidpo.dual_ipo, vidpo.iterate) ---------------
+@dataclass
+class CriticConfig:
+    """The IPO critic (``vidpo.models.critic.VideoCritic``): a segment-level video scorer trained on preference
+    pairs with a Bradley-Terry loss that handles ties (Davidson), used as labeller ``critic``."""
+
+    checkpoint: Optional[str] = None
+    """Critic weights (critic.safetensors or its directory) that ``label.labeler=critic`` labels with.
+    ``vidpo iterate`` sets it per round."""
+
+    width: int = 64
+    """Hidden size of the critic's transformer."""
+
+    depth: int = 2
+    """Transformer blocks of the critic (the policy's DiT block with a learned, time-free modulation)."""
+
+    num_heads: int = 4
+    """Attention heads (width / num_heads must be even and >= 6)."""
+
+    patch_size: List[int] = field(default_factory=lambda: [1, 4, 4])
+    """Patch size over (T, H, W); pt = 1 keeps one score per frame."""
+
+    dropout: float = 0.1
+    """Dropout after every block and in the head (also the source of Monte-Carlo dropout votes)."""
+
+    steps: int = 300
+    """Optimizer steps of one critic training."""
+
+    batch_size: int = 32
+    """Pairs per critic step."""
+
+    lr: float = 1.0e-3
+    """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
+
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+
+    segment_weight: float = 0.0
+    """Weight of the per-segment Bradley-Terry term next to the whole-video term (useful when the labels
+    differ per segment, i.e. DenseDPO-style labels)."""
+
+    tie_init: float = -2.0
+    """Initial log nu of the Davidson tie model; nu = 0 would be plain Bradley-Terry."""
+
+    learn_ties: bool = True
+    """Learn log nu from the labels' ties (otherwise it stays at tie_init)."""
+
+    augment: bool = True
+    """Train on label-preserving symmetries of the world: horizontal / vertical flips and time reversal,
+    each with the caption's direction mapped accordingly (left <-> right, up <-> down, reversed)."""
+
+    tie_margin: Optional[float] = None
+    """Labelling: a score difference |d| <= tie_margin is a tie. None: the Davidson rule, tie where the tie
+    is the most likely outcome, |d| < 2 max(log nu, 0)."""
+
+    granularity: str = choice("video", ("segment", "video"))
+    """Pairwise labels: 'segment' labels each segment from its own scores (whole-video label = their
+    majority), 'video' gives one verdict from the whole-video scores copied to every segment."""
+
+    pointwise: str = choice("quantile", ("quantile", "threshold"))
+    """KTO labels from single-video scores: 'quantile' marks the top / bottom fractions of the scored set,
+    'threshold' compares the scores with absolute values."""
+
+    desirable: float = 0.7
+    """Quantile mode: videos scoring at or above this quantile are desirable; threshold mode: the score."""
+
+    undesirable: float = 0.3
+    """Quantile mode: videos scoring at or below this quantile are undesirable; threshold mode: the score."""
+
+    heldout_fraction: float = 0.2
+    """``vidpo critic train`` without --heldout: the fraction of the labelled pairs held out to report
+    accuracy on (``vidpo iterate`` measures on fresh oracle pairs instead and trains on all seed pairs)."""
+
+    batch_size_eval: int = 128
+    """Videos per forward pass when scoring."""
+
+
+@dataclass
+class IterateConfig:
+    """Rounds of IPO (``vidpo iterate``): generate -> label with the critic -> train -> evaluate, and, for
+    Dual-IPO, refine the critic between rounds on pseudo-labels filtered by the Preference Certainty
+    Estimate (``vidpo.dual_ipo``)."""
+
+    rounds: int = 3
+    """Number of rounds R."""
+
+    reference: str = choice("previous", ("previous", "base"))
+    """Reference model of round r: 'previous' = the policy round r starts from (round r-1's result),
+    'base' = the initial policy in every round."""
+
+    seed_pairs: int = 384
+    """Pairs sampled from the initial policy and labelled by the oracle (the stand-in for the paper's human
+    labels) to train the first critic. No oracle label is used for training after these."""
+
+    seed_granularity: str = choice("video", ("segment", "video"))
+    """Oracle labelling of the seed pairs (see label.granularity)."""
+
+    seed_tie_margin: float = 0.01
+    """Oracle score difference up to which a seed pair is labelled a tie (people call near-equal videos
+    ties too; the critic's Bradley-Terry loss models them)."""
+
+    eval_pairs: int = 192
+    """Fresh pairs per round from the current policy, labelled by the oracle with no tie margin, to measure
+    the critic's accuracy only (never trained on)."""
+
+    refine: bool = True
+    """Dual-IPO: refine the critic between rounds (pseudo-labels, majority vote, PCE filter, weighted loss)."""
+
+    votes: int = 5
+    """Critic passes K per pseudo-label."""
+
+    vote_dropout: bool = True
+    """Monte-Carlo dropout in the voting passes."""
+
+    vote_augment: bool = True
+    """Each voting pass sees a different label-preserving symmetry of the pair (flips, time reversal)."""
+
+    pce_threshold: float = 0.5
+    """Pseudo-labels are kept when PCE > this."""
+
+    pce_timesteps: int = 4
+    """(t, noise) draws averaged into the implicit reward of each video."""
+
+    pce_temperature: float = 0.0
+    """tau of the PCE (see vidpo.dual_ipo); 0: the standard deviation of the rewards over the dataset."""
+
+    accumulate_pseudo: bool = True
+    """Refinements train on the kept pseudo-labels of every earlier round, not only the latest."""
+
+
 # ----- distributed training (issue 6; vidpo.distributed, vidpo.launch, vidpo.scale) ------------------------
 @dataclass
 class ParallelConfig:
@@ -423,6 +651,90 @@ class ClusterConfig:
     """Per-GPU unidirectional bandwidth between nodes (one 400 Gb/s InfiniBand NIC per GPU: 50 GB/s)."""
 
 
+# ----- data path (issue 7; vidpo.data.decode, vidpo.data.cache, vidpo.data.latents) ----------------------
+@dataclass
+class DataConfig:
+    """What ``vidpo train`` trains on: the procedural shapes world, or latent shards from ``vidpo cache``."""
+
+    source: str = choice("shapes", ("shapes", "latents"))
+    """'shapes': clips rendered by the shapes world (section ``world``). 'latents': VAE latents and text
+    embeddings cached by ``vidpo cache`` in ``data.shards`` (the DiT's in_channels and text-embedding
+    width are read from the cache's index)."""
+
+    shards: Optional[str] = None
+    """Directory written by ``vidpo cache`` (index.json + shards/); required when source is 'latents'."""
+
+    shuffle: bool = True
+    """Visit the samples in a fresh seeded permutation each epoch (else in cache order)."""
+
+    workers: int = 2
+    """Threads reading shard rows in the background."""
+
+    prefetch: int = 4
+    """Batches read ahead of the training step (per rank)."""
+
+    on_bad_input: str = choice("skip", ("skip", "raise"))
+    """An unreadable or inconsistent shard: skip it (counted, named in the log) or stop."""
+
+
+@dataclass
+class CacheConfig:
+    """``vidpo cache``: decode the clips of a manifest, encode them with a VAE and their captions with a text
+    encoder, and write safetensors shards + an index that ``data.source: latents`` trains on."""
+
+    manifest: Optional[str] = None
+    """Clip manifest (.jsonl or .parquet; vidpo.data.manifest): path, caption, optional fps/start/end; or a
+    folder of videos with same-named .txt caption files."""
+
+    vae: Optional[str] = None
+    """Local diffusers VAE directory (AutoencoderKLWan or AutoencoderKLCogVideoX; config.json names it)."""
+
+    text_encoder: Optional[str] = None
+    """Local transformers text-encoder directory (T5 / UMT5 encoder; config.json names the class)."""
+
+    tokenizer: Optional[str] = None
+    """Local tokenizer directory (default: the text encoder's directory)."""
+
+    decoder: str = choice("auto", ("auto", "dali", "dali_cpu", "torchcodec", "pyav"))
+    """Video decoder: 'dali' (GPU/NVDEC), 'dali_cpu' (VP8/VP9 only), 'torchcodec', 'pyav', or 'auto'
+    (per codec, the first installed of: DALI on a GPU; on CPU PyAV, torchcodec, DALI CPU — see
+    vidpo.data.decode.loader for the measurements behind the order)."""
+
+    fps: float = 16.0
+    """Frame rate clips are sampled at (0: each clip's native rate)."""
+
+    frames: int = 17
+    """Frames per clip (1 + 4k for the Wan / CogVideoX VAEs' 4x temporal compression)."""
+
+    height: int = 480
+    """Frame height after resize / center crop."""
+
+    width: int = 832
+    """Frame width after resize / center crop."""
+
+    resize: str = choice("crop", ("crop", "stretch"))
+    """'crop': scale the shorter side to cover (height, width), then center-crop; 'stretch': ignore aspect."""
+
+    text_max_length: int = 512
+    """Tokens per caption: embeddings are padded (with zeros past the caption, as Wan does) or truncated."""
+
+    shard_size: int = 64
+    """Clips per shard; a rerun skips complete shards, and rank r of N takes shards r, r+N, ..."""
+
+    batch_size: int = 4
+    """Clips per VAE forward batch (and per decode batch)."""
+
+    workers: int = 2
+    """Decoding threads (DALI: its pipeline threads)."""
+
+    dtype: str = choice("bfloat16", ("float32", "bfloat16", "float16"))
+    """Storage dtype of latents and text embeddings (the encoders run in float32 on CPU, bf16 on GPU)."""
+
+    on_bad_input: str = choice("skip", ("skip", "raise"))
+    """A bad manifest line or an unusable video (missing, corrupt, truncated, too short): skip it (counted,
+    named in the log and in the shard's record) or stop."""
+
+
 @dataclass
 class RunConfig:
     """A whole recipe."""
@@ -447,3 +759,21 @@ class RunConfig:
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Cluster the run is launched on (``vidpo launch``) and its link speeds (``vidpo scale``)."""
+
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """The IPO critic (issue 5): its network, training and labelling rules."""
+
+    iterate: IterateConfig = field(default_factory=IterateConfig)
+    """Rounds of iterative preference optimisation with critic refinement (``vidpo iterate``)."""
+
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Consistency distillation (``vidpo preprocess``, ``train.objective: consistency_distill``)."""
+
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward mixture of consistency distillation."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data source (shapes world or cached latents)."""
+
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Latent / text-embedding caching (``vidpo cache``)."""

@@ -29,6 +29,7 @@ import logging
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -218,7 +219,11 @@ def load_distributed_checkpoint(path: str | Path, *, model, optimizer=None, ctx=
             entry = {k: _template(name, p.shape, plan, ctx, device) for k in OPTIM_STATE_KEYS}
             entry["step"] = torch.zeros((), dtype=torch.float32)
             state["optim"][name] = entry
-    dcp.load(state, checkpoint_id=str(path / DCP_DIR), no_dist=not (dist.is_available() and dist.is_initialized()))
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        # DCP announces that it assumes a single-process load when there is no process group: that is the point.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR), no_dist=single)
     for name, value in state["model"].items():
         _assign(params[name], _from_saved(name, value, plan))
     trainer_state = ckpt.load_trainer_state(path)

@@ -8,7 +8,7 @@ A run started by ``torchrun`` (``WORLD_SIZE > 1`` in the environment) gets a ``P
               (dp_replicate, dp_shard * cp, tp) over the same ranks for FSDP2 and for checkpoint DTensors
               (checked against megatron's groups at start-up)
   data        DP rank r takes rows [r * B / dp, (r + 1) * B / dp) of every global micro-batch; CP rank c
-              holds latent frames [c * T / cp, (c + 1) * T / cp)
+              holds latent frames [c * T / cp, (c + 1) * T / cp) (ParallelVideoDiT.local_frames)
   gradients   the loss each rank backpropagates is the global loss (objectives all-reduce it over DP), so
               the gradient is the SUM of the per-rank gradients over DP and CP (FSDP with divide factor 1,
               or ``sync_replicated_grads`` when parameters are not sharded); TP ranks need no reduction
@@ -279,15 +279,6 @@ class ParallelContext:
         share = batch // self.dp
         return slice(self.dp_rank * share, (self.dp_rank + 1) * share)
 
-    def cp_frames(self, frames: int, temporal_patch: int = 1) -> slice:
-        """This CP rank's latent frames: whole temporal patches, contiguous, rank-ordered."""
-        patches = frames // temporal_patch
-        if frames % temporal_patch or patches % self.cp:
-            raise DistributedSetupError(f"{frames} latent frames ({patches} temporal patches) cannot be split "
-                                        f"over parallel.cp={self.cp}")
-        per = patches // self.cp * temporal_patch
-        return slice(self.cp_rank * per, (self.cp_rank + 1) * per)
-
     def barrier(self) -> None:
         dist.barrier()
 
@@ -326,6 +317,8 @@ def init_distributed(parallel, *, num_heads: Optional[int] = None, frames: Optio
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=parallel.timeout_minutes))
     if not use_cuda:
         install_cpu_shim()
+        # megatron-core asks for this to order its async TP collectives on CUDA streams; meaningless on CPU.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     ps = _import_megatron()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -368,6 +361,12 @@ def shutdown() -> None:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def finish() -> None:
+    """``shutdown`` when this process started distributed work (end of a CLI command), else nothing."""
+    if dist.is_available() and dist.is_initialized():
+        shutdown()
 
 
 # ----- gradients ------------------------------------------------------------------------------------------------

@@ -82,6 +82,14 @@ def train_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> di
 
     out_dir = Path(out_dir)
     setup_logging(out_dir)
+    if cfg.data.source == "latents":  # issue 7: flow matching on `vidpo cache` shards
+        from vidpo.objectives.latent_sft import train_latent_sft
+
+        return train_latent_sft(cfg, out_dir, resume=resume)
+    if cfg.train.objective == "consistency_distill":  # issue 9: trains on `vidpo preprocess` shards
+        from vidpo.objectives.distill import train_distill
+
+        return train_distill(cfg, out_dir, resume=resume)
     if cfg.train.objective != "sft":
         from vidpo.pipeline import train_preference
 

@@ -45,6 +45,11 @@ def group_rank(group) -> int:
 
 
 # ----- raw collectives along an arbitrary dimension ------------------------------------------------------
+# torch 2.13 renamed the flat-tensor collectives (the old names still work, with a FutureWarning).
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _check_divisible(x: torch.Tensor, dim: int, world: int, what: str) -> None:
     if x.shape[dim] % world:
         raise ValueError(f"{what}: size {x.shape[dim]} of dim {dim} (shape {tuple(x.shape)}) is not divisible "
@@ -63,7 +68,7 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = group_size(group)
     moved = x.movedim(dim, 0).contiguous()
     out = moved.new_empty((world * moved.shape[0],) + tuple(moved.shape[1:]))
-    dist.all_gather_into_tensor(out, moved, group=group)
+    _all_gather_flat(out, moved, group=group)
     return out.movedim(0, dim)
 
 
@@ -73,7 +78,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     _check_divisible(x, dim, world, "reduce-scatter")
     moved = x.movedim(dim, 0).contiguous()
     out = moved.new_empty((moved.shape[0] // world,) + tuple(moved.shape[1:]))
-    dist.reduce_scatter_tensor(out, moved, op=dist.ReduceOp.SUM, group=group)
+    _reduce_scatter_flat(out, moved, op=dist.ReduceOp.SUM, group=group)
     return out.movedim(0, dim)
 
 

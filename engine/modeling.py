@@ -35,11 +35,20 @@ def build_world(cfg: RunConfig):
 def dit_config_for(cfg: RunConfig, world):
     from vidpo.models.dit import dit_config
 
+    in_channels, cond_vocab_size, cond_dim = 3, None, 0
+    if cfg.data.source == "latents":  # issue 7: the cache's index sets latent channels and text width
+        from vidpo.data.latents import latent_info
+        from vidpo.recipe import ConfigError, resolve_path
+
+        if not cfg.data.shards:
+            raise ConfigError("data.source is 'latents' but 'data.shards' is not set")
+        info = latent_info(resolve_path(cfg.data.shards))
+        in_channels, cond_vocab_size, cond_dim = info.channels, 0, info.text_dim
     return dit_config(
         cfg.model.preset,
-        in_channels=3,
-        cond_vocab_size=world.vocab_size,
-        cond_dim=0,
+        in_channels=in_channels,
+        cond_vocab_size=world.vocab_size if cond_vocab_size is None else cond_vocab_size,
+        cond_dim=cond_dim,
         width=cfg.model.width,
         depth=cfg.model.depth,
         num_heads=cfg.model.num_heads,

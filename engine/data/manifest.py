@@ -18,7 +18,8 @@ ground_truth   no        (default true) the clip is a real video that may serve 
                          ``x0_gt`` of structural pairs with its caption (DESIGN.md, StructuralDPO)
 =============  ========  ================================================================================
 
-Unknown keys are kept in ``ClipRecord.extra`` and travel into the cache index.
+Unknown keys are kept in ``ClipRecord.extra``. A *folder* of videos with same-named ``.txt`` caption files
+works as a clip manifest too (``clips_from_folder``).
 
 A **pair manifest** is the preference pipeline's manifest (``vidpo.data.pairs``: two latent references by
 ``shard`` + ``row``, per-segment ``labels``, ``segment_seconds``, ``label_source``). This module adds its
@@ -101,7 +102,10 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
         atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         return
     pa, pq = _parquet_module()
-    table = pa.Table.from_pylist(rows) if rows else pa.table({})
+    # Columns are the union of every row's keys (from_pylist would take the first row's only); a key a row
+    # lacks is stored as null, which reading treats as absent.
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    table = pa.table({k: pa.array([row.get(k) for row in rows]) for k in keys}) if rows else pa.table({})
     with atomic.atomic_path(path) as tmp:
         pq.write_table(table, str(tmp))
 
@@ -215,13 +219,41 @@ def parse_clip(where: str, row: dict, base_dir: Path) -> ClipRecord:
                       start=start, end=end, ground_truth=ground_truth, extra=extra)
 
 
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
+
+
+def clips_from_folder(folder: str | os.PathLike, *, on_error: str = "raise") -> tuple[list[ClipRecord], list[str]]:
+    """A folder of videos with their captions beside them (``clip.mp4`` + ``clip.txt``, the usual layout of
+    video-text datasets), as a clip manifest: ids are the paths relative to the folder, in sorted order. A
+    video without its caption file is a bad entry."""
+    folder = Path(folder)
+    records, problems = [], []
+    for video in sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
+        caption_file = video.with_suffix(".txt")
+        rel = str(video.relative_to(folder))
+        if not caption_file.is_file():
+            message = f"{video}: no caption file {caption_file.name} beside it"
+            if on_error == "raise":
+                raise ManifestError(message)
+            problems.append(message)
+            log.warning("skipping %s", message)
+            continue
+        records.append(ClipRecord(clip_id=rel, path=str(video), caption=caption_file.read_text().strip()))
+    if not records and not problems:
+        raise ManifestError(f"{folder}: no video files ({', '.join(VIDEO_SUFFIXES)})")
+    return records, problems
+
+
 def read_clip_manifest(path: str | os.PathLike, *, on_error: str = "raise",
                        check_files: bool = False) -> tuple[list[ClipRecord], list[str]]:
-    """All usable clips of a JSONL / Parquet manifest and the messages about skipped entries.
+    """All usable clips of a JSONL / Parquet manifest (or of a folder, ``clips_from_folder``) and the
+    messages about skipped entries.
 
     ``check_files`` also treats a missing video file as a bad entry (``vidpo cache`` leaves that to the
     decoder, which counts it with the other unusable videos)."""
     path = Path(path)
+    if path.is_dir():
+        return clips_from_folder(path, on_error=on_error)
     base_dir = path.resolve().parent
 
     def check(where, rec):

@@ -147,6 +147,9 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(width, width)
+        # Default-off hook: a callable(q, k) that receives the post-RoPE (B, heads, n, d) queries and keys
+        # (motion guidance reads a block's temporal attention from them; vidpo.models.motion_guidance).
+        self.qk_observer = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -154,6 +157,8 @@ class SelfAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))                      # (B, heads, n, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_observer is not None:
+            self.qk_observer(q, k)
         out = attention(q, k, v, self.backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 

@@ -43,7 +43,8 @@ from vidpo.mappings import (copy_to_group, gather_from_group, group_rank, group_
                             scatter_to_group, sequence_to_heads)
 
 from .attention import attention
-from .model import CrossAttention, DiTBlock, MLP, RMSNorm, SelfAttention, VideoDiT, patchify, timestep_features, unpatchify
+from .model import (CrossAttention, DiTBlock, MLP, RMSNorm, SelfAttention, VideoDiT, patchify, timestep_features,
+                    unpatchify)
 from .rope import apply_rope, grid_positions, rope_cos_sin
 
 # Module-name suffix -> number of fused parts along the output dim (column) ; row-parallel modules.
@@ -271,7 +272,7 @@ class ParallelDiTBlock(nn.Module):
 
 class ParallelVideoDiT(nn.Module):
     """``forward(x, t, cond) -> v``: x (B, C, T, H, W) whole clips on every rank; v (B, C, T/cp, H, W), this
-    CP rank's frames (``local_frames(T)``), or all frames inside ``full_output()`` (sampling, evaluation).
+    CP rank's frames (``local_frames(T)``).
 
     Holds the single-device model's embedding / final modules and parallel blocks under the same names.
     """
@@ -281,7 +282,6 @@ class ParallelVideoDiT(nn.Module):
         self.config = model.config
         self.spec = spec
         self.activation_checkpointing = activation_checkpointing
-        self.gather_output = False
         self.patch_embed = model.patch_embed
         self.time_embed = model.time_embed
         self.adaLN = model.adaLN
@@ -305,18 +305,6 @@ class ParallelVideoDiT(nn.Module):
         per = patches // self.spec.cp * pt
         rank = group_rank(self.spec.cp_group)
         return slice(rank * per, (rank + 1) * per)
-
-    def full_output(self):
-        """Context manager: forward returns all frames (all-gathered over CP) instead of the local ones."""
-        model = self
-
-        class _Full:
-            def __enter__(self):
-                self.prev, model.gather_output = model.gather_output, True
-
-            def __exit__(self, *exc):
-                model.gather_output = self.prev
-        return _Full()
 
     # ----- forward --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -361,8 +349,6 @@ class ParallelVideoDiT(nn.Module):
             h = gather_from_group(h, 0, spec.tp_group)
         out = self.final(h.transpose(0, 1), temb)
         v = unpatchify(out, grid, cfg.patch_size, cfg.resolved_out_channels).to(x.dtype)
-        if self.gather_output and spec.cp > 1:
-            v = gather_from_group(v, 2, spec.cp_group)
         return v
 
 

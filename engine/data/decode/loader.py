@@ -4,10 +4,11 @@
 (``vidpo.data.decode.base`` has the sampling formula). ``backend`` is one of ``BACKENDS``; ``auto`` picks,
 per clip codec, the first backend of ``auto_order(device)`` that is installed and decodes that codec:
 
-* with a CUDA device and DALI: ``dali`` (NVDEC) for everything it decodes;
-* on CPU: the order measured by ``benchmarks/bench_decode.py`` (results in
-  ``benchmarks/results/decode.csv``): PyAV is fastest for these codecs at every size we measured; DALI's CPU operator
-  and torchcodec follow.
+* with a CUDA device and DALI: ``dali`` (NVDEC) for everything it decodes, frames staying on the GPU;
+* on CPU: PyAV, then torchcodec, then DALI's CPU operator. ``benchmarks/bench_decode.py``
+  (``benchmarks/results/decode.csv``) measures PyAV at or above torchcodec on most rows and 2-6x DALI's CPU
+  operator at GOP >= 16; PyAV is also the only one that sees the frames FFmpeg had to conceal
+  (``frame.is_corrupt``), so a damaged clip does not become a plausible wrong tensor.
 
 Workers are threads: PyAV, torchcodec and DALI release the GIL while decoding, and a thread pool keeps the
 output order deterministic without pickling frames between processes. DALI batches on its own (one
@@ -36,8 +37,8 @@ log = logging.getLogger("vidpo")
 
 BACKENDS = ("auto", "dali", "dali_cpu", "torchcodec", "pyav")
 ON_ERROR = ("skip", "raise")
-AUTO_ORDER_GPU = ("dali", "torchcodec", "pyav")
-AUTO_ORDER_CPU = ("pyav", "dali_cpu", "torchcodec")
+AUTO_ORDER_GPU = ("dali", "pyav", "torchcodec")
+AUTO_ORDER_CPU = ("pyav", "torchcodec", "dali_cpu")
 
 
 def backend_available(name: str) -> bool:

@@ -38,8 +38,9 @@ class PyAVDecoder(VideoDecoder):
     codecs = None
 
     def __init__(self, device="cpu", threads: int = 0):
-        """``threads``: FFmpeg decoding threads per clip (0: FFmpeg's choice; 1 when parallel workers
-        already keep the cores busy, which also keeps every codec message on the capturing thread)."""
+        """``threads``: 0 lets FFmpeg slice-thread each clip; 1 decodes on the calling thread only (when
+        parallel workers already keep the cores busy; it also keeps every codec message on the capturing
+        thread)."""
         super().__init__("cpu")
         import av
         import av.logging
@@ -67,9 +68,14 @@ class PyAVDecoder(VideoDecoder):
                     if not container.streams.video:
                         raise VideoDecodeError(p, "unreadable", "no video stream")
                     stream = container.streams.video[0]
-                    if self.threads:
-                        stream.codec_context.thread_count = self.threads
-                    stream.thread_type = "AUTO"
+                    # Never frame threading: with FFmpeg logging on (needed for the capture), a frame thread
+                    # that logs while the container closes early deadlocks on the GIL. Slice threads finish
+                    # inside each decode call.
+                    if self.threads == 1:
+                        stream.codec_context.thread_count = 1
+                        stream.thread_type = "NONE"
+                    else:
+                        stream.thread_type = "SLICE"
                     numbering = self._seek(container, stream, wanted[0])
                     # One converter per clip: a frame's own to_ndarray() builds a new swscale context each
                     # time, which costs 5x the decoding itself on small frames.
@@ -90,10 +96,11 @@ class PyAVDecoder(VideoDecoder):
                 kind = "unreadable" if decoded == 0 and not got else "corrupt"
                 raise VideoDecodeError(p, kind, f"FFmpeg: {_first_line(exc)}") from None
         errors = [msg.strip() for level, _, msg in logs if level is not None and level <= av.logging.ERROR]
-        if errors:
-            raise VideoDecodeError(p, "corrupt", f"FFmpeg reported: {errors[0]}")
+        detail = f"FFmpeg reported: {errors[0]}" if errors else ""
         if decoded < plan.decode_until or any(i not in got for i in wanted):
-            raise missing_frames_error(p, plan, decoded)
+            raise missing_frames_error(p, plan, decoded, detail)
+        if errors:
+            raise VideoDecodeError(p, "corrupt", detail)
         return torch.from_numpy(np.stack([got[i] for i in plan.indices]))
 
     def _seek(self, container, stream, first: int):

@@ -1,0 +1,741 @@
+"""``vidpo iterate``: rounds of iterative preference optimisation with a critic (IPO), refining the critic
+between rounds (Dual-IPO).
+
+Before round 1: ``iterate.seed_pairs`` pairs sampled from the initial policy are labelled by the oracle
+(the stand-in for the paper's human labels) and critic 0 is trained on them. No oracle label is used for
+training after that. Round r = 1..R, starting from policy r-1 (round 0 = ``train.init_from``):
+
+1. generate ``generate.num_pairs`` pairs with policy r-1 (``round_r/pairs``) and ``iterate.eval_pairs``
+   fresh pairs (``round_r/pairs_eval``) that the oracle labels *only to measure the critic*;
+2. Dual-IPO (``iterate.refine``, r >= 2): the critic of round r-1 pseudo-labels round r's pairs with K
+   stochastic passes and a majority vote; pseudo-labels whose PCE under policy r-1 exceeds 0.5 are kept,
+   and critic r is retrained from scratch on the seed labels + the kept pseudo-labels, weighted by their
+   PCE (``vidpo.dual_ipo``). The critic's accuracy on ``pairs_eval`` is measured before and after;
+3. label the pairs with critic r: pairwise for flow_dpo / dense_dpo (``label.labeler=critic``), pointwise
+   for kto (desirable / undesirable by ``critic.desirable`` / ``critic.undesirable``; each desirable video
+   is paired with an undesirable one of the same prompt, ``round_r/pairs_kto``);
+4. train policy r from policy r-1 with the recipe's objective and the real-video flow-matching regularizer
+   (``pref.sft_weight``); the reference is policy r-1 (``iterate.reference=previous``) or the initial
+   policy (``base``);
+5. evaluate policy r with the oracle on the fixed evaluation seeds (mean, 95% CI, paired deltas against
+   the initial policy and the previous round).
+
+Each stage writes its results atomically and is skipped when they exist; a round is finished when
+``round_r/round.json`` exists. A killed run restarted with the same command resumes at the unfinished
+stage of the unfinished round (pairs shards, labels, critics and training checkpoints are kept).
+
+``DIR/summary.json``::
+
+    {"rounds": [{"round": r, "oracle": {"mean", "ci95": [lo, hi]}, "critic_accuracy": .., "pseudo_labels_kept": ..,
+                 "critic_accuracy_before_refine": .., "delta_vs_base": {..}, ...}, ...],
+     "base": {"oracle": {"mean", "ci95"}}, ...}
+
+``vidpo iterate A.yaml B.yaml --seeds 0 1 2 --out DIR`` runs every recipe and seed into
+``DIR/<recipe>/seed<k>`` and writes the comparison (per round: mean over seeds with a 95% CI over seeds)
+to ``DIR/summary.json`` and ``DIR/report.html``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from vidpo import atomic
+from vidpo import checkpoint as ckpt
+from vidpo.config import RunConfig
+from vidpo.critic import (PreferenceData, critic_accuracy, load_preference_data, pointwise_labels, score_videos,
+                          train_critic)
+from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, ShardReader, read_manifest, shard_name, write_manifest
+from vidpo.dual_ipo import load_pseudo_labels, pseudo_label_pairs
+from vidpo.evaluate import EvalResult, evaluate_model, mean_ci, paired_delta
+from vidpo.models.critic import load_critic, save_critic
+from vidpo.recipe import ConfigError, resolve_path, to_yaml
+from vidpo.seeding import derive_seed
+
+log = logging.getLogger("vidpo")
+
+PREFERENCE_OBJECTIVES = ("flow_dpo", "dense_dpo", "kto")
+
+
+@dataclass
+class _Run:
+    cfg: RunConfig
+    out: Path
+    world: object
+    segment_ids: torch.Tensor
+    device: torch.device
+    oracle: object
+    base_path: Path
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.segment_ids.max()) + 1
+
+
+# ----- small stages ---------------------------------------------------------------------------------------
+def _stage_cfg(cfg: RunConfig, *, stream: Sequence[object], **sections) -> RunConfig:
+    """A copy of ``cfg`` whose generation streams are those of ``stream`` (and with ``section.field`` edits)."""
+    out = copy.deepcopy(cfg)
+    out.seed = derive_seed(cfg.seed, "iterate", *stream) % (2 ** 31)
+    for dotted, value in sections.items():
+        section, name = dotted.split("__")
+        setattr(getattr(out, section), name, value)
+    return out
+
+
+def _generate(run: _Run, pairs_dir: Path, policy, n: int, *, stream: Sequence[object]) -> None:
+    from vidpo.pipeline import generate_pairs
+
+    if (pairs_dir / PAIRS_FILE).exists() and (pairs_dir / "generate.json").exists():
+        return
+    cfg = _stage_cfg(run.cfg, stream=stream, generate__num_pairs=n)
+    generate_pairs(cfg, pairs_dir, split="train", policy=policy)
+
+
+def _oracle_label(run: _Run, pairs_dir: Path, *, granularity: str, tie_margin: float) -> None:
+    from vidpo.pipeline import label_pairs
+
+    if (pairs_dir / MANIFEST_FILE).exists():
+        return
+    cfg = copy.deepcopy(run.cfg)
+    cfg.label.labeler, cfg.label.granularity, cfg.label.tie_margin = "oracle", granularity, tie_margin
+    label_pairs(cfg, pairs_dir)
+
+
+def _load_policy(run: _Run, path: Path) -> torch.nn.Module:
+    from vidpo.modeling import build_policy
+
+    model = build_policy(run.cfg, run.world, run.device)
+    ckpt.load_weights(model, path)
+    return model.eval().requires_grad_(False)
+
+
+def _velocity(model):
+    dtype = next(model.parameters()).dtype
+
+    def v(x, t, c):
+        return model(x.to(dtype), t.to(dtype), c).float()
+    return v
+
+
+def _policy_path(run: _Run, r: int) -> Path:
+    """Weights of policy r (0: the initial policy)."""
+    return run.base_path if r == 0 else ckpt.find_weights(run.out / f"round_{r}" / "train")
+
+
+def _reference_path(run: _Run, r: int) -> Path:
+    """Weights of the reference of round r (trains policy r from policy r-1)."""
+    return run.base_path if run.cfg.iterate.reference == "base" else _policy_path(run, r - 1)
+
+
+@contextlib.contextmanager
+def _reference_weights(path: Path, init_path: Path):
+    """Make ``vidpo.pipeline.train_preference`` use the weights at ``path`` as its frozen reference.
+
+    ``train_preference`` freezes a copy of the policy it starts from; a fixed base reference for a round that
+    starts from a later policy needs the reference's weights from elsewhere. This wraps ``make_reference``
+    from outside for the duration of one call (the pipeline has no reference-path option yet)."""
+    if path.resolve() == init_path.resolve():
+        yield
+        return
+    import vidpo.pipeline as pipeline
+
+    original = pipeline.make_reference
+
+    def make_reference(cfg, model):
+        if pipeline.reference_mode(cfg) != "frozen_copy":
+            raise ConfigError("iterate.reference=base needs a frozen reference copy (no LoRA)")
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        ckpt.load_weights(frozen, path)
+
+        def reference(x, t, c):
+            with torch.no_grad():
+                return frozen(x, t, c)
+        return reference, "frozen_copy(base)"
+
+    pipeline.make_reference = make_reference
+    try:
+        yield
+    finally:
+        pipeline.make_reference = original
+
+
+def _oracle_video_labels(run: _Run, data: PreferenceData) -> torch.Tensor:
+    """The oracle's whole-video verdicts (N,) of in-memory pairs (for measurements only, never for training)."""
+    with torch.no_grad():
+        d = (run.oracle.score(data.first, data.cond_ids).total.double()
+             - run.oracle.score(data.second, data.cond_ids).total.double())
+    return torch.sign(d).long()
+
+
+def _agreement(labels: torch.Tensor, truth: torch.Tensor) -> Optional[float]:
+    keep = (labels != 0) & (truth != 0)
+    return float((labels[keep] == truth[keep]).double().mean()) if bool(keep.any()) else None
+
+
+def _load_eval(path: Path) -> EvalResult:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    comps = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("component/")}
+    return EvalResult(total=t["total"], components=comps, samples=torch.zeros(0), cond_ids=t["cond_ids"])
+
+
+def _save_eval(result: EvalResult, path: Path) -> None:
+    tensors = {"total": result.total, "cond_ids": result.cond_ids}
+    tensors.update({f"component/{k}": v for k, v in result.components.items()})
+    atomic.save_safetensors(tensors, path)
+
+
+# ----- critics ----------------------------------------------------------------------------------------------
+def _critic(run: _Run, directory: Path, data_fn, *, stream: Sequence[object]):
+    """The critic saved in ``directory``, or one trained on ``data_fn()`` and saved there."""
+    path = directory / "critic.safetensors"
+    if path.exists():
+        return load_critic(path, run.device)
+    t = time.time()
+    critic, info = train_critic(run.cfg, data_fn(), run.world, run.segment_ids, stream=stream, device=run.device,
+                                metrics_path=directory / "metrics.jsonl")
+    atomic.write_json(directory / "critic.json", info)
+    save_critic(critic, path)   # last: its presence means the critic is complete
+    run.timings[f"{directory.name}_s"] = round(time.time() - t, 1)
+    return critic
+
+
+def _seed_data(run: _Run) -> PreferenceData:
+    return load_preference_data(run.out / "seed" / "pairs", run.num_segments)
+
+
+def _refinement_data(run: _Run, r: int) -> PreferenceData:
+    """Seed labels (weight 1) + kept pseudo-labels (weight = PCE) of round r (and earlier rounds)."""
+    parts = [_seed_data(run)]
+    first = 2 if run.cfg.iterate.accumulate_pseudo else r
+    for k in range(first, r + 1):
+        pseudo = load_pseudo_labels(run.out / f"round_{k}" / "pairs", run.num_segments)
+        if pseudo is not None:
+            parts.append(pseudo)
+    return PreferenceData.concat(parts)
+
+
+# ----- KTO: pointwise labels -> desirable / undesirable pairs ------------------------------------------------
+def build_kto_pairs(run: _Run, critic, src: Path, dst: Path) -> dict:
+    """Score every video of ``src`` with the critic, label it desirable / undesirable (``critic.pointwise``),
+    and write ``dst``: pairs (desirable first, undesirable second, label +1) of videos of the same prompt.
+
+    Within a prompt, every labelled video is used: the shorter list is cycled to the length of the longer.
+    A prompt with no desirable or no undesirable video contributes nothing (the KTO objective reads each
+    record as one desirable and one undesirable video of one condition)."""
+    if (dst / MANIFEST_FILE).exists():
+        return json.loads((dst / "label.json").read_text())
+    records, _ = read_manifest(src / PAIRS_FILE, need_labels=False, on_error="skip")
+    reader = ShardReader(src)
+    videos = torch.cat([torch.stack([reader.get(r, "first") for r in records]),
+                        torch.stack([reader.get(r, "second") for r in records])]).float()
+    cond = torch.tensor([r.cond_ids for r in records] * 2, dtype=torch.long)
+    c = run.cfg.critic
+    scores = score_videos(critic, videos, cond, run.world, run.segment_ids, batch_size=c.batch_size_eval).video
+    labels = pointwise_labels(scores, c.pointwise, c.desirable, c.undesirable)
+    index = run.world.condition_index(cond)
+    first, second, conds = [], [], []
+    for ci in index.unique().tolist():
+        good = torch.nonzero((index == ci) & (labels > 0)).flatten().tolist()
+        bad = torch.nonzero((index == ci) & (labels < 0)).flatten().tolist()
+        for j in range(max(len(good), len(bad)) if good and bad else 0):
+            first.append(good[j % len(good)])
+            second.append(bad[j % len(bad)])
+            conds.append(cond[good[0]].tolist())
+    if not first:
+        raise ConfigError(f"KTO round: no prompt of {src} has both a desirable and an undesirable video; "
+                          "widen critic.desirable / critic.undesirable")
+    shard_size = run.cfg.generate.shard_size
+    out_records = []
+    world_captions = run.world.captions(torch.tensor(conds))
+    for k in range(0, len(first), shard_size):
+        rows = range(k, min(len(first), k + shard_size))
+        name = shard_name(k // shard_size)
+        atomic.save_safetensors({"first": videos[[first[i] for i in rows]], "second": videos[[second[i] for i in rows]],
+                                 "cond_ids": torch.tensor([conds[i] for i in rows])}, dst / name,
+                                metadata={"mode": "kto", "split": "train"})
+        for row, i in enumerate(rows):
+            out_records.append(PairRecord(pair_id=f"kto-{i:06d}", shard=name, row=row, cond_ids=conds[i],
+                                          caption=world_captions[i], mode="kto", labels=[1] * run.num_segments,
+                                          video_label=1, label_source="critic-pointwise"))
+    stats = {"videos": int(labels.numel()), "desirable": int((labels > 0).sum()),
+             "undesirable": int((labels < 0).sum()), "pairs": len(out_records), "pointwise": c.pointwise,
+             "thresholds": [c.undesirable, c.desirable]}
+    atomic.write_json(dst / "label.json", stats)
+    write_manifest(dst / MANIFEST_FILE, out_records)
+    return stats
+
+
+# ----- one round --------------------------------------------------------------------------------------------
+def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult, prev_eval: EvalResult) -> tuple[dict, object, EvalResult]:
+    """Round r (module doc); returns (its summary row, the critic that labelled it, its evaluation)."""
+    from vidpo.pipeline import label_pairs, train_preference
+
+    cfg, it = run.cfg, run.cfg.iterate
+    rd = run.out / f"round_{r}"
+    t_round = time.time()
+    times = {}
+    policy_prev = _load_policy(run, _policy_path(run, r - 1))
+
+    t = time.time()
+    _generate(run, rd / "pairs", policy_prev, cfg.generate.num_pairs, stream=("round", r, "train"))
+    _generate(run, rd / "pairs_eval", policy_prev, it.eval_pairs, stream=("round", r, "eval"))
+    _oracle_label(run, rd / "pairs_eval", granularity="video", tie_margin=0.0)
+    times["generate_s"] = round(time.time() - t, 1)
+    eval_pairs = load_preference_data(rd / "pairs_eval", run.num_segments)
+
+    row: dict = {"round": r}
+    before = critic_accuracy(critic_prev, eval_pairs, run.world, run.segment_ids)
+    critic = critic_prev
+    refined = it.refine and r >= 2
+    if refined:
+        t = time.time()
+        if not (rd / "critic" / "critic.safetensors").exists():
+            reference = _load_policy(run, _reference_path(run, r - 1))
+            stats = pseudo_label_pairs(rd / "pairs", critic_prev, _velocity(policy_prev), _velocity(reference), cfg,
+                                       run.world, run.segment_ids, stream=("pseudo", r), device=run.device)
+            atomic.write_json(rd / "pseudo.json", stats)
+        stats = json.loads((rd / "pseudo.json").read_text())
+        critic = _critic(run, rd / "critic", lambda: _refinement_data(run, r), stream=("critic",))
+        stats.update(_pseudo_label_quality(run, rd / "pairs"))
+        times["refine_s"] = round(time.time() - t, 1)
+        after = critic_accuracy(critic, eval_pairs, run.world, run.segment_ids)
+        row.update({"critic_accuracy": after["accuracy"], "critic_accuracy_before_refine": before["accuracy"],
+                    "critic_accuracy_gain": _brief(mean_ci(after["correct"] - before["correct"])),
+                    "pseudo_labels_kept": stats["kept"], "pseudo": stats})
+    else:
+        row.update({"critic_accuracy": before["accuracy"], "critic_accuracy_before_refine": None,
+                    "pseudo_labels_kept": 0})
+    row["critic_eval_pairs"] = before["n"]
+
+    t = time.time()
+    critic_dir = (rd / "critic") if refined else _critic_dir_of(run, r - 1)
+    if cfg.train.objective == "kto":
+        train_dir = rd / "pairs_kto"
+        row["labels"] = build_kto_pairs(run, critic, rd / "pairs", train_dir)
+    else:
+        train_dir = rd / "pairs"
+        if not (train_dir / MANIFEST_FILE).exists():
+            lcfg = copy.deepcopy(cfg)
+            lcfg.label.labeler, lcfg.critic.checkpoint = "critic", str(critic_dir)
+            label_pairs(lcfg, train_dir)
+        stats = json.loads((train_dir / "label.json").read_text())
+        stats.pop("problems", None)
+        labelled = load_preference_data(train_dir, run.num_segments)
+        stats["oracle_agreement"] = _agreement(labelled.video_labels, _oracle_video_labels(run, labelled))
+        row["labels"] = stats
+    times["label_s"] = round(time.time() - t, 1)
+
+    t = time.time()
+    tcfg = copy.deepcopy(cfg)
+    init = _policy_path(run, r - 1)
+    tcfg.train.init_from, tcfg.pref.pairs = str(init), str(train_dir.resolve())
+    with _reference_weights(_reference_path(run, r), init):
+        trained = train_preference(tcfg, rd / "train", resume=True)
+    times["train_s"] = round(time.time() - t, 1)
+    row["train"] = {k: v for k, v in trained["result"].items() if k not in ("last", "eval")}
+    row["train"]["last"] = {k: v for k, v in trained["result"].get("last", {}).items() if isinstance(v, (int, float))}
+
+    t = time.time()
+    model = trained["model"].eval()
+    result = evaluate_model(model, cfg, run.world, run.oracle)
+    _save_eval(result, rd / "eval.safetensors")
+    from vidpo.jobs import save_samples
+
+    save_samples(result, run.world, run.out / "samples", f"round_{r}", cfg.eval.grid_conditions)
+    times["eval_s"] = round(time.time() - t, 1)
+    summary = result.summary()
+    vs_base, vs_prev = paired_delta(result, base_eval), paired_delta(result, prev_eval)
+    row.update({"oracle": _brief(summary["oracle"]), "delta_vs_base": _brief(vs_base["oracle"]),
+                "delta_vs_previous": _brief(vs_prev["oracle"]), "win_rate_vs_base": round(vs_base["win_rate"], 4),
+                "components": {k.split("/", 1)[1]: round(v["mean"], 4) for k, v in summary.items() if "/" in k},
+                "refined": refined})
+    row["timings"] = dict(times, total_s=round(time.time() - t_round, 1))
+    atomic.write_json(rd / "round.json", row)   # last: the round is done
+    log.info("round %d: oracle %.4f [%.4f, %.4f], vs base %+.4f [%+.4f, %+.4f], critic accuracy %.3f%s",
+             r, row["oracle"]["mean"], *row["oracle"]["ci95"], row["delta_vs_base"]["mean"],
+             *row["delta_vs_base"]["ci95"], row["critic_accuracy"] or float("nan"),
+             f" (before refinement {row['critic_accuracy_before_refine']:.3f}, {row['pseudo_labels_kept']} "
+             f"pseudo-labels kept)" if refined else "")
+    return row, critic, result
+
+
+def _critic_dir_of(run: _Run, r: int) -> Path:
+    """Directory of the critic that labelled round r (critic 0 for r = 0)."""
+    for k in range(r, 1, -1):
+        if (run.out / f"round_{k}" / "critic" / "critic.safetensors").exists():
+            return run.out / f"round_{k}" / "critic"
+    return run.out / "critic_0"
+
+
+def _pseudo_label_quality(run: _Run, pairs_dir: Path) -> dict:
+    """Oracle agreement of the kept and of the dropped pseudo-labels (a measurement; not used for training)."""
+    from vidpo.dual_ipo import PSEUDO_FILE
+
+    records, _ = read_manifest(pairs_dir / PSEUDO_FILE, need_labels=True, on_error="skip")
+    data = load_preference_data(pairs_dir, run.num_segments, records=records)
+    truth = _oracle_video_labels(run, data)
+    kept = torch.tensor([bool(r.extra.get("kept")) for r in records])
+    votes = data.video_labels
+    return {"oracle_agreement_kept": _agreement(votes[kept], truth[kept]),
+            "oracle_agreement_dropped": _agreement(votes[~kept], truth[~kept]),
+            "oracle_agreement_all_votes": _agreement(votes, truth)}
+
+
+def _brief(stats: dict) -> dict:
+    return {"mean": round(stats["mean"], 6), "ci95": [round(v, 6) for v in stats["ci95"]]}
+
+
+# ----- reusing work of another run -------------------------------------------------------------------------
+# Keys that do not change what is shared: the seed labels, critic 0, the initial policy's evaluation and the
+# pairs that round 1 generates (all made from the initial policy before any labelling or training).
+_ROUND_KEYS = ("train.*", "pref.*", "lora", "lora.*", "parallel.*", "cluster.*", "label.labeler", "label.human_file",
+               "label.vlm", "label.vlm.*", "label.on_error", "critic.checkpoint", "critic.tie_margin",
+               "critic.granularity", "critic.pointwise", "critic.desirable", "critic.undesirable", "iterate.rounds",
+               "iterate.reference", "iterate.refine", "iterate.votes", "iterate.vote_*", "iterate.pce_*",
+               "iterate.accumulate_pseudo")
+# Keys that act from round 2 on only: a run differing in nothing else has the same round 1.
+_LATER_ROUND_KEYS = ("iterate.rounds", "iterate.reference", "iterate.refine", "iterate.votes", "iterate.vote_*",
+                     "iterate.pce_*", "iterate.accumulate_pseudo")
+_SHARED_INPUTS = ("seed", "critic_0", "base_eval.safetensors", "samples/base.gif", "samples/base.png",
+                  "round_1/pairs/shards", "round_1/pairs/pairs.jsonl", "round_1/pairs/generate.json", "round_1/pairs_eval")
+
+
+def _flat(cfg: RunConfig) -> dict:
+    from vidpo.recipe import to_dict
+
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            out[prefix.rstrip(".")] = None if not node else "<section>"
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix.rstrip(".")] = node
+    walk(to_dict(cfg), "")
+    return out
+
+
+def _differing_keys(a: RunConfig, b: RunConfig) -> list[str]:
+    fa, fb = _flat(a), _flat(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k)
+
+
+def reuse_run(cfg: RunConfig, out: Path, source: str | Path) -> list[str]:
+    """Hard-link into ``out`` what run ``source`` already computed and this run would compute identically:
+    the seed labels, critic 0, the initial policy's evaluation and round 1's generated pairs when the configs
+    differ only in how rounds label and train (``_ROUND_KEYS``), and all of round 1 when they differ only in
+    keys that act from round 2 on (``_LATER_ROUND_KEYS``). Files are written atomically (renamed over), so a
+    link is never modified in place. Returns what was linked; raises ConfigError when nothing can be shared."""
+    from vidpo.recipe import load_config
+
+    source = Path(source)
+    if not (source / "config.yaml").exists():
+        raise ConfigError(f"--reuse {source}: no config.yaml there (not a `vidpo iterate` run directory)")
+    other = load_config(source / "config.yaml")
+    differing = _differing_keys(cfg, other)
+    blocking = [k for k in differing if not any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS)]
+    if blocking or cfg.train.init_from != other.train.init_from:
+        raise ConfigError(f"--reuse {source}: the runs differ in {(blocking or ['train.init_from'])[:5]}, which "
+                          "change the seed labels, critic 0 or round 1's pairs; nothing can be shared")
+    whole_round = all(any(fnmatch.fnmatch(k, p) for p in _LATER_ROUND_KEYS) for k in differing) \
+        and (source / "round_1" / "round.json").exists()
+    items = list(_SHARED_INPUTS) + (["round_1", "samples/round_1.gif", "samples/round_1.png"] if whole_round else [])
+    linked = []
+    for item in items:
+        src = source / item
+        if not src.exists():
+            continue
+        files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file() and atomic.TMP_MARK not in p.name]
+        for f in files:
+            dst = out / f.relative_to(source)
+            if dst.exists():
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, dst)
+            except OSError:   # another file system: copy
+                shutil.copy2(f, dst)
+        linked.append(item)
+    log.info("reused from %s: %s", source, ", ".join(linked))
+    return linked
+
+
+# ----- the whole run ----------------------------------------------------------------------------------------
+def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] = None) -> dict:
+    """R rounds of IPO / Dual-IPO into ``out_dir`` (resumable; module doc); returns the summary."""
+    from vidpo.jobs import save_samples, setup_logging
+    from vidpo.modeling import build_world, pick_device, set_threads
+    from vidpo.data.oracle import ShapesOracle
+    from vidpo.pipeline import run_segment_ids
+
+    cfg = copy.deepcopy(cfg)
+    if cfg.train.objective not in PREFERENCE_OBJECTIVES:
+        raise ConfigError(f"vidpo iterate: train.objective must be one of {list(PREFERENCE_OBJECTIVES)}, "
+                          f"got '{cfg.train.objective}'")
+    if cfg.lora is not None:
+        raise ConfigError("vidpo iterate trains the full policy each round (round r starts from round r-1's "
+                          "weights); remove the lora section")
+    if cfg.iterate.rounds < 1 or cfg.iterate.seed_pairs < 2 or cfg.iterate.eval_pairs < 2:
+        raise ConfigError("vidpo iterate: need iterate.rounds >= 1, iterate.seed_pairs >= 2, iterate.eval_pairs >= 2")
+    if not cfg.train.init_from:
+        raise ConfigError("train.init_from must name the initial policy (e.g. recipes/shapes/base)")
+    out = Path(out_dir)
+    setup_logging(out)
+    set_threads(cfg)
+    saved = out / "config.yaml"
+    if saved.exists() and saved.read_text() != to_yaml(cfg):
+        raise ConfigError(f"{out} holds a run of a different config ({saved}); use a new --out, or the same "
+                          "recipe and --set overrides to resume")
+    atomic.write_text(saved, to_yaml(cfg))
+    if reuse is not None:
+        reuse_run(cfg, out, reuse)
+    world = build_world(cfg)
+    run = _Run(cfg=cfg, out=out, world=world, segment_ids=run_segment_ids(cfg), device=pick_device(),
+               oracle=ShapesOracle(world), base_path=ckpt.find_weights(resolve_path(cfg.train.init_from)))
+    t0 = time.time()
+
+    base = _load_policy(run, run.base_path)
+    t = time.time()
+    _generate(run, out / "seed" / "pairs", base, cfg.iterate.seed_pairs, stream=("seed",))
+    _oracle_label(run, out / "seed" / "pairs", granularity=cfg.iterate.seed_granularity,
+                  tie_margin=cfg.iterate.seed_tie_margin)
+    run.timings["seed_labels_s"] = round(time.time() - t, 1)
+    critic = _critic(run, out / "critic_0", lambda: _seed_data(run), stream=("critic",))
+
+    if (out / "base_eval.safetensors").exists():
+        base_eval = _load_eval(out / "base_eval.safetensors")
+    else:
+        base_eval = evaluate_model(base, cfg, world, run.oracle)
+        save_samples(base_eval, world, out / "samples", "base", cfg.eval.grid_conditions)
+        _save_eval(base_eval, out / "base_eval.safetensors")
+    del base
+
+    rows, prev_eval = [], base_eval
+    for r in range(1, cfg.iterate.rounds + 1):
+        done = out / f"round_{r}" / "round.json"
+        if done.exists():
+            rows.append(json.loads(done.read_text()))
+            prev_eval = _load_eval(out / f"round_{r}" / "eval.safetensors")
+            critic = load_critic(_critic_dir_of(run, r), run.device)
+            log.info("round %d: done before, read back", r)
+            continue
+        row, critic, prev_eval = run_round(run, r, critic, base_eval, prev_eval)
+        rows.append(row)
+    seed_info = json.loads((out / "critic_0" / "critic.json").read_text())
+    summary = {
+        "rounds": rows,
+        "base": {"oracle": _brief(base_eval.summary()["oracle"]),
+                 "components": {k.split("/", 1)[1]: round(v["mean"], 4) for k, v in base_eval.summary().items()
+                                if "/" in k}},
+        "objective": cfg.train.objective, "reference": cfg.iterate.reference, "refine": cfg.iterate.refine,
+        "seed": cfg.seed, "seed_labels": {"pairs": seed_info["pairs"], "critic_0": seed_info},
+        "timings": dict(run.timings, total_s=round(time.time() - t0, 1)),
+    }
+    atomic.write_json(out / "summary.json", summary)
+    write_iterate_report(out, summary)
+    return summary
+
+
+# ----- report -----------------------------------------------------------------------------------------------
+def _round_metrics(summary: dict) -> list[dict]:
+    """metrics.jsonl rows (phase 'eval', step = round; round 0 = the initial policy) for the generic report."""
+    base = summary["base"]["oracle"]
+    rows = [{"step": 0, "phase": "eval", "oracle/total": base["mean"], "oracle/total_ci_lo": base["ci95"][0],
+             "oracle/total_ci_hi": base["ci95"][1]}]
+    for row in summary["rounds"]:
+        o = row["oracle"]
+        entry = {"step": row["round"], "phase": "eval", "oracle/total": o["mean"], "oracle/total_ci_lo": o["ci95"][0],
+                 "oracle/total_ci_hi": o["ci95"][1], "pseudo_labels_kept": row["pseudo_labels_kept"]}
+        entry.update({f"oracle/{k}": v for k, v in row.get("components", {}).items()})
+        for key in ("critic_accuracy", "critic_accuracy_before_refine"):
+            if row.get(key) is not None:
+                entry[key] = row[key]
+        rows.append(entry)
+    return rows
+
+
+def plot_rounds(series: dict[str, list[dict]], path: Path, base: Optional[dict] = None) -> Path:
+    """Three panels across rounds: oracle score with 95% CI, critic accuracy (before / after refinement),
+    pseudo-labels kept. ``series`` maps a label to its round rows (each with 'round', 'oracle' {mean, ci95},
+    'critic_accuracy', optional 'critic_accuracy_before_refine', 'pseudo_labels_kept')."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.8))
+    FigureCanvasAgg(fig)
+    ax_o, ax_c, ax_p = fig.subplots(1, 3)
+    for k, (name, rows) in enumerate(series.items()):
+        colour = f"C{k}"
+        rounds = [0] + [r["round"] for r in rows] if base else [r["round"] for r in rows]
+        means = ([base["mean"]] if base else []) + [r["oracle"]["mean"] for r in rows]
+        lo = ([base["ci95"][0]] if base else []) + [r["oracle"]["ci95"][0] for r in rows]
+        hi = ([base["ci95"][1]] if base else []) + [r["oracle"]["ci95"][1] for r in rows]
+        ax_o.plot(rounds, means, "o-", color=colour, label=name)
+        ax_o.fill_between(rounds, lo, hi, color=colour, alpha=0.15)
+        rr = [r["round"] for r in rows]
+        ax_c.plot(rr, [r.get("critic_accuracy") for r in rows], "o-", color=colour, label=f"{name}: labelling critic")
+        before = [(r["round"], r["critic_accuracy_before_refine"]) for r in rows
+                  if r.get("critic_accuracy_before_refine") is not None]
+        if before:
+            ax_c.plot(*zip(*before), "x--", color=colour, label=f"{name}: before refinement")
+        ax_p.bar([x + 0.8 * (k - (len(series) - 1) / 2) / max(len(series), 1) for x in rr],
+                 [r.get("pseudo_labels_kept") or 0 for r in rows], width=0.8 / max(len(series), 1), color=colour,
+                 label=name)
+    ax_o.set(title="oracle score of the policy (95% CI)", xlabel="round (0 = initial policy)")
+    ax_c.set(title="critic accuracy vs oracle (fresh pairs)", xlabel="round")
+    ax_p.set(title="pseudo-labels kept (PCE > threshold)", xlabel="round")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_o, ax_c, ax_p):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    tmp.replace(path)
+    return path
+
+
+def write_iterate_report(out: Path, summary: dict, series: Optional[dict] = None, base: Optional[dict] = None) -> Path:
+    """metrics.jsonl rows per round, the rounds figure, then ``vidpo.report.write_report`` and a section with
+    the figure at the top of report.html."""
+    from vidpo.report import write_report
+
+    if series is None:
+        atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in _round_metrics(summary)))
+        series, base = {summary.get("objective", "policy"): summary["rounds"]}, summary["base"]["oracle"]
+    figure = plot_rounds(series, out / "report" / "ipo_rounds.png", base)
+    page = write_report(out)
+    html = page.read_text()
+    section = ('<h2>Rounds</h2><figure class="plot"><img src="report/ipo_rounds.png" alt="rounds">'
+               '<figcaption>oracle score, critic accuracy and pseudo-labels kept per round</figcaption></figure>')
+    marker = "<h2>Summary</h2>"
+    html = html.replace(marker, section + marker, 1) if marker in html else html.replace("</body>", section + "</body>")
+    atomic.write_text(page, html)
+    return figure
+
+
+# ----- several recipes x seeds -----------------------------------------------------------------------------
+def compare_iterations(recipes: Sequence[str], seeds: Sequence[int], out_dir: str | Path, overrides=()) -> dict:
+    """Run every recipe for every seed into ``out/<recipe>/seed<k>`` and aggregate per round over seeds."""
+    from vidpo.recipe import load_config
+
+    out = Path(out_dir)
+    methods: dict[str, list[dict]] = {}
+    first = Path(recipes[0]).stem
+    for seed in seeds:
+        for recipe in recipes:
+            name = Path(recipe).stem
+            cfg = load_config(recipe, list(overrides) + [f"seed={seed}"])
+            run_dir = out / name / f"seed{seed}"
+            # Later recipes share what is identical by construction with the first one's run of this seed.
+            source = out / first / f"seed{seed}" if name != first else None
+            try:
+                reuse = source if source is not None and _can_reuse(cfg, source) else None
+                methods.setdefault(name, []).append(iterate(cfg, run_dir, reuse=reuse))
+            finally:
+                _close_run_log(run_dir)
+    table = {name: _aggregate(runs) for name, runs in methods.items()}
+    summary = {"seeds": list(seeds), "methods": table}
+    atomic.write_json(out / "summary.json", summary)
+    rows = []
+    for k, (name, agg) in enumerate(table.items()):
+        for row in agg["rounds"]:
+            rows.append({"step": row["round"], "phase": name, "oracle/total": row["oracle"]["mean"],
+                         "critic_accuracy": row["critic_accuracy"] or float("nan")})
+    atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    base = next(iter(table.values()))["base"]["oracle"]
+    write_iterate_report(out, summary, {n: a["rounds"] for n, a in table.items()}, base)
+    return summary
+
+
+def _can_reuse(cfg: RunConfig, source: Path) -> bool:
+    from vidpo.recipe import load_config
+
+    try:
+        other = load_config(source / "config.yaml")
+        return cfg.train.init_from == other.train.init_from and all(
+            any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS) for k in _differing_keys(cfg, other))
+    except (ConfigError, OSError):
+        return False
+
+
+def _close_run_log(run_dir: Path) -> None:
+    """Detach the run's vidpo.log handler (``setup_logging`` adds one per run directory), so the next run of
+    a comparison does not write into this run's log."""
+    root = logging.getLogger("vidpo")
+    path = os.path.abspath(run_dir / "vidpo.log")   # what logging.FileHandler keeps as baseFilename
+    for handler in [h for h in root.handlers if getattr(h, "baseFilename", None) == path]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    """Per round: mean over seeds with a 95% Student-t CI over seeds, of the oracle score, the gain over the
+    initial policy, the critic accuracy (before / after refinement) and the pseudo-labels kept."""
+    def over_seeds(values):
+        values = [v for v in values if v is not None]
+        return _brief(mean_ci(torch.tensor(values, dtype=torch.float64))) if values else None
+
+    rounds = []
+    for i in range(len(runs[0]["rounds"])):
+        rows = [run["rounds"][i] for run in runs]
+        acc = over_seeds([r.get("critic_accuracy") for r in rows])
+        before = over_seeds([r.get("critic_accuracy_before_refine") for r in rows])
+        rounds.append({"round": rows[0]["round"], "oracle": over_seeds([r["oracle"]["mean"] for r in rows]),
+                       "delta_vs_base": over_seeds([r["delta_vs_base"]["mean"] for r in rows]),
+                       "critic_accuracy": acc["mean"] if acc else None, "critic_accuracy_ci95": acc["ci95"] if acc else None,
+                       "critic_accuracy_before_refine": before["mean"] if before else None,
+                       "pseudo_labels_kept": sum(r["pseudo_labels_kept"] for r in rows) / len(rows),
+                       "per_seed_oracle": [r["oracle"]["mean"] for r in rows],
+                       "per_seed_delta_ci95": [r["delta_vs_base"]["ci95"] for r in rows]})
+    base = over_seeds([run["base"]["oracle"]["mean"] for run in runs])
+    return {"rounds": rounds, "base": {"oracle": base},
+            "minutes_per_run": round(sum(run["timings"]["total_s"] for run in runs) / len(runs) / 60, 1)}
+
+
+# ----- CLI --------------------------------------------------------------------------------------------------
+def cmd_iterate(args) -> int:
+    from vidpo.recipe import load_config
+
+    if len(args.recipes) == 1 and not args.seeds:
+        summary = iterate(load_config(args.recipes[0], args.overrides), args.out, reuse=args.reuse)
+        brief = {"base": summary["base"]["oracle"],
+                 "rounds": [{k: row[k] for k in ("round", "oracle", "delta_vs_base", "critic_accuracy",
+                                                 "critic_accuracy_before_refine", "pseudo_labels_kept")}
+                            for row in summary["rounds"]], "timings": summary["timings"]}
+    else:
+        brief = compare_iterations(args.recipes, args.seeds or [0], args.out, args.overrides)
+    print(json.dumps(brief, indent=2))
+    return 0
+
+
+def add_iterate_verb(sub, add_set) -> None:
+    p = sub.add_parser("iterate", help="rounds of IPO: generate -> critic labels -> train -> eval (+ Dual-IPO)",
+                       description="R rounds of iterative preference optimisation with a critic into --out "
+                                   "(resumable: rerun the same command after a kill). With several recipes or "
+                                   "--seeds, each run goes to OUT/<recipe>/seed<k> and OUT holds the comparison.")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", nargs="+", type=int, help="run each recipe with these seeds")
+    p.add_argument("--reuse", metavar="RUN_DIR", help="link the seed labels, critic 0, base evaluation and round-1 "
+                   "pairs (all of round 1 when only round>=2 settings differ) from another run of the same seed")
+    add_set(p)
+    p.set_defaults(func=cmd_iterate)

@@ -1,0 +1,194 @@
+"""``vidpo launch RECIPE``: start a recipe's distributed training from its ``parallel`` and ``cluster`` sections.
+
+    vidpo launch recipes/cluster/wan1.3b_densedpo_128gpu.yaml --out runs/wan --dry-run   # print, start nothing
+    vidpo launch RECIPE --out runs/x                                                     # submit / start it
+
+``cluster.launcher``:
+  torchrun  one node: ``torchrun --standalone --nproc-per-node G -m vidpo train ...``, run here; several
+            nodes: a shell script (``recipes/launch/torchrun.sh.tmpl``) with a c10d rendezvous on
+            ``cluster.rdzv_endpoint``, to start on every node
+  slurm     an sbatch script (``recipes/launch/slurm.sbatch.tmpl``): one srun task per node runs torchrun
+            with the rendezvous on the allocation's first node; written to ``OUT/launch.sbatch`` and submitted
+
+The layout is checked before anything starts (world = nodes * gpus_per_node divisible by tp * cp, heads by
+tp * cp, latent frames by cp, the global batch by the data-parallel size, tensor parallel inside a node),
+so a typo costs a second, not a queue wait. Recipe overrides (``--set``) are forwarded to every rank.
+Templates use ``{{ name }}`` placeholders; a placeholder that renders empty on a line of its own drops
+the line.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from vidpo.config import RunConfig
+from vidpo.recipe import REPO_ROOT, ConfigError
+
+TEMPLATE_DIR = REPO_ROOT / "recipes" / "launch"
+TEMPLATES = {"slurm": "slurm.sbatch.tmpl", "torchrun": "torchrun.sh.tmpl"}
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+@dataclass
+class LaunchPlan:
+    """What ``vidpo launch`` would start: the torchrun argv (one node's view), and the script around it."""
+
+    launcher: str
+    world: int
+    nodes: int
+    gpus_per_node: int
+    layout: object
+    torchrun: list[str]
+    script: str
+    script_path: Path
+
+    def describe(self) -> str:
+        lay = self.layout
+        return (f"dp {lay.dp} (shard {lay.dp_shard} x replicate {lay.dp_replicate}) x cp {lay.cp} x tp {lay.tp}"
+                f"{' + sp' if lay.sp else ''}")
+
+
+def render(template: str, values: dict, *, source: str = "template") -> str:
+    """Fill ``{{ name }}`` placeholders; a line whose only content was placeholders that rendered empty is
+    dropped. An unknown placeholder is an error naming it."""
+    out = []
+    for line in template.splitlines():
+        names = _PLACEHOLDER.findall(line)
+        for name in names:
+            if name not in values:
+                raise KeyError(f"{source}: unknown placeholder '{{{{ {name} }}}}'")
+        rendered = _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), line)
+        if names and not rendered.strip() and not _PLACEHOLDER.sub("", line).strip():
+            continue
+        out.append(rendered)
+    return "\n".join(out) + "\n"
+
+
+def _check(cfg: RunConfig, world: int):
+    from vidpo.distributed import DistributedSetupError, resolve_layout
+    from vidpo.scale import model_config
+
+    dcfg = model_config(cfg)
+    try:
+        layout = resolve_layout(world, cfg.parallel, num_heads=dcfg.num_heads,
+                                frames=cfg.world.frames // dcfg.patch_size[0])
+    except DistributedSetupError as exc:
+        raise ConfigError(f"parallel: {exc}") from None
+    if layout.tp > cfg.cluster.gpus_per_node:
+        raise ConfigError(f"parallel.tp={layout.tp} spans nodes (cluster.gpus_per_node={cfg.cluster.gpus_per_node}): "
+                          "keep tensor parallel inside a node's NVLink domain")
+    if cfg.train.batch_size % layout.dp:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel size "
+                          f"{layout.dp} (world {world} / (tp {layout.tp} * cp {layout.cp}))")
+    if cfg.train.objective == "sft":
+        raise ConfigError("train.objective=sft runs in one process; distributed training covers flow_dpo, "
+                          "dense_dpo and kto")
+    return layout
+
+
+def build_launch(cfg: RunConfig, recipe: str, overrides: Sequence[str] = (), *, out: str,
+                 launcher: str | None = None) -> LaunchPlan:
+    """The launch of ``recipe`` (already loaded as ``cfg``, with ``overrides``) into run directory ``out``."""
+    cl = cfg.cluster
+    launcher = launcher or cl.launcher
+    if launcher not in TEMPLATES:
+        raise ConfigError(f"cluster.launcher={launcher!r} is not one of {sorted(TEMPLATES)}")
+    if cl.nodes < 1 or cl.gpus_per_node < 1:
+        raise ConfigError(f"cluster.nodes={cl.nodes} and cluster.gpus_per_node={cl.gpus_per_node} must be >= 1")
+    world = cl.nodes * cl.gpus_per_node
+    layout = _check(cfg, world)
+    verb_args = ["train", recipe, "--out", out] + [a for o in overrides for a in ("--set", o)]
+    if launcher == "slurm" or cl.nodes > 1:
+        endpoint = "$MASTER_ADDR:$MASTER_PORT" if launcher == "slurm" else (cl.rdzv_endpoint or "")
+        if not endpoint:
+            raise ConfigError(f"cluster.nodes={cl.nodes} with launcher torchrun needs cluster.rdzv_endpoint "
+                              "(host:port of node 0), or cluster.launcher=slurm")
+        rdzv = ["--nnodes", str(cl.nodes), "--nproc-per-node", str(cl.gpus_per_node), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", endpoint, "--rdzv-id", "$SLURM_JOB_ID" if launcher == "slurm" else "vidpo"]
+    else:
+        rdzv = ["--standalone", "--nproc-per-node", str(cl.gpus_per_node)]
+    torchrun = ["torchrun", *rdzv, "-m", "vidpo", *verb_args]
+
+    env = list(cl.env)
+    if layout.tp > 1 and not any(e.startswith("CUDA_DEVICE_MAX_CONNECTIONS=") for e in env):
+        # megatron-core's TP layers rely on it to issue their async collectives before the overlapping GEMMs.
+        env.append("CUDA_DEVICE_MAX_CONNECTIONS=1")
+    for item in env:
+        if "=" not in item:
+            raise ConfigError(f"cluster.env entry {item!r} is not KEY=VALUE")
+    exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in (e.split("=", 1) for e in env))
+    job_name = cl.job_name or Path(recipe).stem
+    script_path = Path(out) / ("launch.sbatch" if launcher == "slurm" else "launch.sh")
+    common = {"recipe": recipe, "nodes": cl.nodes, "gpus_per_node": cl.gpus_per_node, "world": world,
+              "out": shlex.quote(out), "setup": "\n".join(cl.setup), "exports": exports,
+              "script_path": script_path, "master_port": cl.master_port}
+    plan = LaunchPlan(launcher=launcher, world=world, nodes=cl.nodes, gpus_per_node=cl.gpus_per_node,
+                      layout=layout, torchrun=torchrun, script="", script_path=script_path)
+    common["layout"] = plan.describe()
+    template = (TEMPLATE_DIR / TEMPLATES[launcher]).read_text()
+    if launcher == "slurm":
+        extra = [f"#SBATCH --{key}={value}" for key, value in
+                 (("partition", cl.partition), ("account", cl.account), ("qos", cl.qos)) if value]
+        srun = []
+        if cl.container_image:
+            srun.append(f"--container-image={shlex.quote(cl.container_image)}")
+            if cl.container_mounts:
+                srun.append(f"--container-mounts={shlex.quote(','.join(cl.container_mounts))}")
+        values = dict(common, job_name=job_name, cpus_per_task=cl.cpus_per_gpu * cl.gpus_per_node,
+                      time_limit=cl.time_limit, sbatch_extra="\n".join(extra),
+                      srun_args="".join(a + " " for a in srun), verb_args=shlex.join(verb_args))
+    else:
+        how = ("Run it on this node." if cl.nodes == 1 else
+               f"Run it on each of the {cl.nodes} nodes; they meet at {cl.rdzv_endpoint}.")
+        command = " ".join(a if a.startswith("$") else shlex.quote(a) for a in torchrun)
+        values = dict(common, how_to_run=how, command=command)
+    plan.script = render(template, values, source=TEMPLATES[launcher])
+    return plan
+
+
+def cmd_launch(args) -> int:
+    from vidpo import atomic
+    from vidpo.recipe import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    if args.nodes:
+        cfg.cluster.nodes = args.nodes
+    if args.gpus_per_node:
+        cfg.cluster.gpus_per_node = args.gpus_per_node
+    out = args.out or str(Path("runs") / Path(args.recipe).stem)
+    plan = build_launch(cfg, args.recipe, args.overrides, out=out, launcher=args.launcher)
+    if args.dry_run:
+        print(plan.script, end="")
+        return 0
+    if plan.launcher == "torchrun" and plan.nodes == 1:
+        if shutil.which("torchrun") is None:
+            raise ConfigError("torchrun is not on PATH (it comes with torch)")
+        return subprocess.call(plan.torchrun)
+    atomic.write_text(plan.script_path, plan.script)
+    if plan.launcher == "slurm":
+        if shutil.which("sbatch") is None:
+            raise ConfigError(f"sbatch is not on PATH: the script is in {plan.script_path}; submit it from a "
+                              "SLURM login node")
+        return subprocess.call(["sbatch", str(plan.script_path)])
+    print(f"wrote {plan.script_path}: run it on each of the {plan.nodes} nodes")
+    return 0
+
+
+def add_launch_verb(sub, add_set) -> None:
+    p = sub.add_parser("launch", help="start a recipe's distributed training (torchrun or a SLURM sbatch script)",
+                       description="Build the torchrun command / sbatch script from the recipe's parallel and "
+                                   "cluster sections; --dry-run prints it.")
+    p.add_argument("recipe")
+    p.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    p.add_argument("--launcher", choices=sorted(TEMPLATES), help="override cluster.launcher")
+    p.add_argument("--nodes", type=int, help="override cluster.nodes")
+    p.add_argument("--gpus-per-node", type=int, help="override cluster.gpus_per_node")
+    p.add_argument("--dry-run", action="store_true", help="print the command / script, start nothing")
+    add_set(p)
+    p.set_defaults(func=cmd_launch)
+

@@ -1,0 +1,258 @@
+"""Consistency distillation (vidpo.objectives.distill, vidpo.preprocess, vidpo.rewards, vidpo.distill_eval):
+the CD target and loss and the teacher's guided solver step against direct float64 computations, the
+student sampler, the reward mixture and its routing, resumable preprocessing, and a training process that
+holds no teacher (measured in a fresh process)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import MICRO
+from vidpo import atomic
+from vidpo.data.oracle import ShapesOracle
+from vidpo.models import flow
+from vidpo.models import motion_guidance as mg
+from vidpo.modeling import build_policy, build_world
+from vidpo.objectives import distill as cd
+from vidpo.preprocess import (DistillData, draw_rows, preprocess_job, shard_path, teacher_grid, teacher_step)
+from vidpo.recipe import ConfigError, load_config
+from vidpo.rewards import REWARDS, RewardMixture, RewardTerm, build_reward_mixture
+
+REPO = Path(__file__).resolve().parent.parent
+DISTILL = ["distill.grid_steps=8", "distill.skip=2", "distill.shard_size=8", "distill.batch_size=8",
+           "distill.student_steps=[1,2]", "distill.teacher_steps=[4]", "distill.eval_steps=2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads wait on each other (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomized(model, seed=0, std=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return model
+
+
+def micro_setup(extra=()):
+    cfg = load_config(None, MICRO + DISTILL + list(extra))
+    world = build_world(cfg)
+    return cfg, world
+
+
+# ----- CD target and loss ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("distance", ["huber", "l2"])
+def test_cd_loss_matches_float64_reference_and_stops_the_target_gradient(distance):
+    cfg, world = micro_setup(["model.attention=math"])
+    model = randomized(build_policy(cfg, world).double())
+    g = torch.Generator().manual_seed(1)
+    x_t = torch.randn(3, 3, 4, 8, 8, generator=g, dtype=torch.float64)
+    x_prev = torch.randn(3, 3, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.25, 0.5, 1.0], dtype=torch.float64)
+    t_prev = torch.tensor([0.0, 0.25, 0.75], dtype=torch.float64)
+    cond = torch.tensor([[1, 5, 7], [2, 6, 8], [4, 5, 10]])
+
+    loss, prediction, target = cd.cd_loss(model, x_t, t, x_prev, t_prev, cond, distance=distance, huber_c=0.01)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    # Direct float64: f(x, t) = x - t v; the target row with t_prev = 0 is x_prev itself.
+    direct_pred = x_t - t.view(-1, 1, 1, 1, 1) * model(x_t, t, cond)
+    with torch.no_grad():
+        direct_target = x_prev - t_prev.view(-1, 1, 1, 1, 1) * model(x_prev, t_prev, cond)
+    assert torch.equal(direct_target[0], x_prev[0])
+    diff = direct_pred - direct_target
+    direct = (torch.sqrt(diff ** 2 + 0.01 ** 2) - 0.01).mean() if distance == "huber" else (diff ** 2).mean()
+    torch.testing.assert_close(target, direct_target, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(prediction, direct_pred, atol=1e-12, rtol=1e-12)
+    assert loss.item() == pytest.approx(direct.item(), rel=1e-12)
+    assert not target.requires_grad
+    direct.backward()
+    for got, want in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    # Without the stop-gradient the gradient differs: the test would notice a target that kept its graph.
+    model.zero_grad()
+    live_target = x_prev - t_prev.view(-1, 1, 1, 1, 1) * model(x_prev, t_prev, cond)
+    cd.cd_distance(direct_pred.detach() * 0 + model(x_t, t, cond).mul(-t.view(-1, 1, 1, 1, 1)).add(x_t),
+                   live_target, distance, 0.01).backward()
+    assert any(not torch.allclose(a, p.grad) for a, p in zip(grads, model.parameters()))
+
+
+def test_teacher_solver_step_matches_direct_float64_computation():
+    cfg, world = micro_setup(["model.attention=math", "distill.motion_scale=0.8", "distill.motion_fraction=0.6",
+                              "distill.curated_fraction=0.5", "distill.cfg_scale=2.0", "distill.motion_block=1"])
+    teacher = randomized(build_policy(cfg, world).double()).eval()
+    grid = teacher_grid(cfg).double()
+    rows = draw_rows(cfg, world, 0, grid)
+    rows["x0"], rows["noise"] = rows["x0"].double(), rows["noise"].double()
+    out = teacher_step(cfg, teacher, world, rows, grid, "cpu")
+
+    tokens = world.tokens(rows["cond_ids"])
+    null = torch.zeros_like(tokens)
+    expected_motion = (rows["source"] == 0) & (rows["t"] > 1 - 0.6)
+    assert torch.equal(out["motion"].bool(), expected_motion)
+    assert 0 < int(expected_motion.sum()) < rows["t"].numel()            # both kinds of row are exercised
+    x_t = (1 - rows["t"].view(-1, 1, 1, 1, 1)) * rows["x0"] + rows["t"].view(-1, 1, 1, 1, 1) * rows["noise"]
+    with torch.no_grad():
+        v_cond, v_null = teacher(x_t, rows["t"], tokens), teacher(x_t, rows["t"], null)
+    v = v_null + 2.0 * (v_cond - v_null)
+    for r in expected_motion.nonzero().flatten().tolist():
+        # Reference: the clip itself, inverted up the grid to t_n by explicit Euler steps.
+        x_ref = rows["x0"][r:r + 1]
+        for i in range(int(rows["n"][r])):
+            with torch.no_grad():
+                x_ref = x_ref + (grid[i + 1] - grid[i]) * teacher(x_ref, grid[i].view(1), tokens[r:r + 1])
+        a_ref = mg.reference_attention(teacher, x_ref, rows["t"][r:r + 1], tokens[r:r + 1], 1)
+        grad, _ = mg.motion_guidance_gradient(teacher, x_t[r:r + 1], rows["t"][r:r + 1], tokens[r:r + 1], a_ref, 1)
+        v[r] = v[r] + 0.8 * grad[0]
+    x_prev = x_t + (rows["t_prev"] - rows["t"]).view(-1, 1, 1, 1, 1) * v
+    torch.testing.assert_close(out["x_t"], x_t.float(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out["x_prev"], x_prev.float(), atol=1e-6, rtol=1e-6)
+    assert bool(out["energy"][expected_motion].isfinite().all()) and bool(out["energy"][~expected_motion].isnan().all())
+    assert torch.equal(rows["n"] % 2, torch.zeros_like(rows["n"])) and int(rows["n"].min()) >= 2
+
+
+# ----- the student's sampler --------------------------------------------------------------------------------
+def test_student_times_and_sampler():
+    grid = flow.time_grid(8, 1.0).flip(0)
+    torch.testing.assert_close(cd.student_times(1, grid, 2), torch.tensor([1.0]))
+    torch.testing.assert_close(cd.student_times(4, grid, 2), torch.tensor([1.0, 0.75, 0.5, 0.25]))
+    with pytest.raises(ValueError, match="student steps"):
+        cd.student_times(5, grid, 2)
+    cfg, world = micro_setup()
+    model = randomized(build_policy(cfg, world)).eval()
+    cond = world.tokens(world.condition(torch.tensor([0, 5, 9])))
+    noise = torch.randn(3, 3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    times = cd.student_times(4, grid, 2)
+    # Re-noising with the implied noise is Euler with the same steps (the identity in the module doc).
+    predicted = cd.consistency_sample(model, noise, cond, times, renoise="predicted")
+    euler = flow.euler_sample(model, noise, cond, steps=4)
+    torch.testing.assert_close(predicted, euler, atol=1e-5, rtol=1e-5)
+    # Fresh noise depends on (seed, sample index, step) only: a row is the same alone or in a batch.
+    both = cd.consistency_sample(model, noise, cond, times, seed=3, indices=[10, 11, 12])
+    alone = cd.consistency_sample(model, noise[1:2], cond[1:2], times, seed=3, indices=[11])
+    torch.testing.assert_close(both[1:2], alone, atol=2e-5, rtol=1e-5)   # fp32 batch-size rounding only
+    one = cd.consistency_sample(model, noise, cond, times[:1], seed=3, indices=[10, 11, 12])
+    with torch.no_grad():
+        torch.testing.assert_close(one, noise - model(noise, torch.ones(3), cond), atol=1e-6, rtol=1e-6)
+
+
+# ----- rewards --------------------------------------------------------------------------------------------
+def test_reward_mixture_formula_gradient_and_ranking():
+    cfg, world = micro_setup()
+    oracle = ShapesOracle(world)
+    cond_ids = world.condition(torch.tensor([0, 7, 13, 21]))
+    clips = world.render(cond_ids, torch.Generator().manual_seed(4)).clips
+    image, video = REWARDS["shapes_appearance"](oracle), REWARDS["shapes_motion"](oracle)
+    mixture = RewardMixture([RewardTerm(image, 0.7), RewardTerm(video, 0.4)], image_frames=2)
+    frames = mixture.draw_frames(4, world.frames, torch.Generator().manual_seed(5))
+    assert frames.shape == (4, 2) and all(len(set(r)) == 2 for r in frames.tolist())
+    x = (0.9 * clips).requires_grad_(True)
+    total, parts = mixture(x, cond_ids, frames)
+    direct_image = torch.stack([torch.stack([image(x[b:b + 1, :, f], cond_ids[b:b + 1])[0] for f in frames[b]]).mean()
+                                for b in range(4)])
+    score = oracle.score(x, cond_ids)
+    direct_video = 0.5 * (score.components["motion"] + score.components["consistency"])
+    torch.testing.assert_close(parts["shapes_appearance"], direct_image, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(parts["shapes_motion"], direct_video, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(total, 0.7 * direct_image + 0.4 * direct_video, atol=1e-6, rtol=1e-6)
+    total.sum().backward()
+    assert x.grad.isfinite().all() and x.grad.abs().sum() > 0
+    # The right caption scores higher than a wrong colour.
+    wrong = cond_ids.clone()
+    wrong[:, 0] = (wrong[:, 0] + 1) % len(world.colours)
+    assert bool((image(clips[:, :, 0], cond_ids) > image(clips[:, :, 0], wrong) + 0.3).all())
+    with pytest.raises(ValueError, match="video-text reward"):
+        build_reward_mixture(load_config(None, ["reward.image={shapes_motion: 1.0}"]).reward, oracle)
+
+
+# ----- preprocessing, routing, training without a teacher, evaluation --------------------------------------
+@pytest.fixture(scope="module")
+def distill_run(tmp_path_factory):
+    """A micro teacher, its preprocessed data (12 rows, 2 of 3 shards then resumed) and a 2-step student."""
+    root = tmp_path_factory.mktemp("distill")
+    cfg, world = micro_setup()
+    teacher = randomized(build_policy(cfg, world), std=0.1)
+    atomic.save_safetensors(teacher.state_dict(), root / "teacher" / "model.safetensors")
+    over = MICRO + DISTILL + [f"distill.teacher={root / 'teacher'}", "distill.num_rows=20", "distill.motion_scale=1.0",
+                              "distill.motion_fraction=0.7"]
+    first = preprocess_job(load_config(None, over), root / "data", progress=False)
+    return root, over, first
+
+
+def test_preprocessing_is_resumable_and_refuses_other_settings(distill_run):
+    root, over, first = distill_run
+    assert first["computed"] == 3 and first["skipped"] == 0 and first["motion_rows"] > 0
+    before = load_file(str(shard_path(root / "data", 1)))
+    shard_path(root / "data", 1).unlink()                     # an interrupted run: shard 1 never finished
+    (root / "data" / "shards" / "shard_00002.safetensors.tmp-999").write_bytes(b"half")
+    again = preprocess_job(load_config(None, over), root / "data", progress=False)
+    assert again["computed"] == 1 and again["skipped"] == 2
+    after = load_file(str(shard_path(root / "data", 1)))      # the same data as the uninterrupted run
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], rtol=0, atol=0, equal_nan=True) for k in before)
+    assert not list((root / "data" / "shards").glob("*.tmp-*"))
+    with pytest.raises(ConfigError, match="skip: 2 -> 4"):
+        preprocess_job(load_config(None, over + ["distill.skip=4"]), root / "data", progress=False)
+    data = DistillData(root / "data")
+    assert len(data) == 20 and set(data.tensors) == set(DistillData.TRAIN_KEYS)
+
+
+def test_reward_rows_follow_the_routed_subset(distill_run):
+    root, over, _ = distill_run
+    cfg = load_config(None, over + [f"distill.data={root / 'data'}", "reward.subset=web", "reward.max_rows=2",
+                                    "reward.image={shapes_appearance: 1.0}", "train.batch_size=8"])
+    world = build_world(cfg)
+    data = DistillData(root / "data")
+    mixture = build_reward_mixture(cfg.reward, ShapesOracle(world))
+    objective = cd.ConsistencyDistillObjective(cfg, world, data, torch.device("cpu"), rewards=mixture)
+    saw_web = False
+    for step in range(4):
+        batch = objective.micro_batch(step, 0)
+        rows = batch["reward_rows"]
+        assert bool((batch["source"][rows] == 1).all()) and int(rows.sum()) <= 2
+        saw_web |= bool(rows.any())
+        model = build_policy(cfg, world)
+        loss, metrics = objective.loss(model, batch)
+        assert loss.isfinite() and ("reward" in metrics) == bool(rows.any())
+    assert saw_web
+
+
+def test_training_process_holds_no_teacher_and_eval_table(distill_run, tmp_path):
+    root, over, _ = distill_run
+    args = [a for o in over + [f"distill.data={root / 'data'}", "train.objective=consistency_distill",
+                               "train.max_steps=2", "reward.video={shapes_oracle: 1.0}", "reward.subset=all",
+                               "train.num_threads=1"]
+            for a in ("--set", o)]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "vidpo", "train", str(REPO / "recipes/shapes/pretrain.yaml"),
+                           "--out", str(tmp_path / "student"), *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "student" / "summary.json").read_text())
+    residency = summary["residency"]
+    assert residency["measured"] and residency["dit_models"] == {"VideoDiT": 1}
+    assert residency["parameter_bytes"] == residency["student_parameter_bytes"]   # the student, nothing more
+    assert summary["rewards"] == ["shapes_oracle"]
+
+    from vidpo.distill_eval import distill_eval_job
+
+    cfg = load_config(None, over)
+    out = distill_eval_job(cfg, tmp_path / "eval", {"cd": str(tmp_path / "student")}, num=4)
+    table = json.loads((tmp_path / "eval" / "distill_eval.json").read_text())
+    assert [(r["model"], r["steps"], r["nfe_per_clip"]) for r in table["rows"]] == \
+        [("teacher", 4, 8), ("cd", 1, 1), ("cd", 2, 2)]
+    assert table["rows"][0]["delta_vs_ref"]["mean"] == 0 and len(out["rows"]) == 3
+    assert "| cd | 2 | 2 |" in (tmp_path / "eval" / "distill_eval.md").read_text()

@@ -1,0 +1,195 @@
+"""Dual-IPO (votes, implicit rewards, PCE in float64) and `vidpo iterate` on the micro world: rounds, summary,
+report, KTO rounds, the fixed-base reference, resuming after a kill, and bad configs."""
+import json
+
+import pytest
+import torch
+
+from vidpo import atomic
+from vidpo.dual_ipo import implicit_rewards, mode_vote, preference_certainty
+from vidpo.iterate import iterate
+from vidpo.modeling import build_policy, build_world
+from vidpo.recipe import ConfigError, load_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two intra-op threads on two busy cores make these tiny models ~50x slower (OpenMP oversubscription).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_mode_vote_majority_and_contested():
+    votes = torch.tensor([[1, -1, 0, 1, 1],
+                          [1, -1, 0, -1, 0],
+                          [1, 1, 0, 0, -1]])          # (K=3, B=5)
+    label, share = mode_vote(votes)
+    assert label.tolist() == [1, -1, 0, 0, 0]          # pairs 3 and 4: every label once -> no majority
+    torch.testing.assert_close(share, torch.tensor([1.0, 2 / 3, 1.0, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_preference_certainty_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    r1, r2 = torch.randn(9, generator=g, dtype=torch.float64), torch.randn(9, generator=g, dtype=torch.float64)
+    y = torch.tensor([1, -1, 1, 0, -1, 1, 1, -1, 1])
+    pce, q, tau = preference_certainty(r1, r2, y)
+    rewards = torch.cat([r1, r2])
+    assert q == pytest.approx(float(rewards.mean())) and tau == pytest.approx(float(rewards.std(unbiased=False)))
+    for i in range(9):
+        if y[i] == 0:
+            assert pce[i] == 0
+            continue
+        rw, rl = (r1[i], r2[i]) if y[i] > 0 else (r2[i], r1[i])
+        expected = 0.5 * (1 / (1 + torch.exp(-(rw - q) / tau)) + 1 / (1 + torch.exp(-(q - rl) / tau)))
+        torch.testing.assert_close(pce[i], expected)
+        assert bool(pce[i] > 0.5) == bool(rw > rl)       # the keep rule = the policy agrees with the vote
+    # Scale-free with tau = std: multiplying every reward (i.e. beta) by 7 changes nothing.
+    torch.testing.assert_close(preference_certainty(7 * r1, 7 * r2, y)[0], pce)
+    fixed = preference_certainty(r1, r2, y, temperature=0.5)
+    assert fixed[2] == 0.5
+
+
+def test_implicit_rewards_formula_and_batching(micro_overrides):
+    cfg = load_config(None, micro_overrides)
+    world = build_world(cfg)
+    policy = build_policy(cfg, world)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    policy.eval()
+    reference = build_policy(cfg, world).eval()           # untrained: outputs exactly 0
+    g = torch.Generator().manual_seed(1)
+    first, second = torch.rand(5, 3, 4, 8, 8, generator=g) * 2 - 1, torch.rand(5, 3, 4, 8, 8, generator=g) * 2 - 1
+    tokens = world.tokens(world.condition(torch.arange(5)))
+    kw = dict(beta=100.0, seed=3, draws=2, t_min=0.3, t_max=1.0)
+    a1, a2 = implicit_rewards(policy, reference, first, second, tokens, batch_size=2, **kw)
+    b1, b2 = implicit_rewards(policy, reference, first, second, tokens, batch_size=5, **kw)
+    torch.testing.assert_close(a1, b1, rtol=1e-5, atol=1e-5)    # float32 sums in another order
+    torch.testing.assert_close(a2, b2, rtol=1e-5, atol=1e-5)
+    # Against the formula in float64 for pair 3, with the documented streams (seed, "pce", m, i).
+    from vidpo.models import flow
+    from vidpo.seeding import generator
+
+    total = 0.0
+    for m in range(2):
+        gm = generator(3, "pce", m, 3)
+        t = flow.sample_timesteps(1, gm, t_min=0.3, t_max=1.0)
+        eps = torch.randn(first.shape[1:], generator=gm)[None]
+        x_t = flow.interpolate(second[3:4], eps, t)
+        u = (eps - second[3:4]).double()
+        with torch.no_grad():
+            err_theta = (policy(x_t, t, tokens[3:4]).double() - u).pow(2).mean()
+        err_ref = u.pow(2).mean()
+        total += -100.0 * (err_theta - err_ref) / 2
+    torch.testing.assert_close(a2[3], total, rtol=1e-5, atol=1e-6)
+    same, _ = implicit_rewards(reference, reference, first, second, tokens, **kw)
+    assert torch.equal(same, torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.fixture
+def base_ckpt(tmp_path, micro_overrides):
+    cfg = load_config(None, micro_overrides)
+    model = build_policy(cfg, build_world(cfg))
+    with torch.no_grad():   # an untrained DiT outputs exactly 0: perturb it so pairs differ
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    path = tmp_path / "base.safetensors"
+    atomic.save_safetensors(model.state_dict(), path)
+    return path
+
+
+def ipo_cfg(micro_overrides, base, *extra):
+    return load_config(None, micro_overrides + [
+        f"train.init_from={base}", "train.objective=flow_dpo", "train.max_steps=2", "train.warmup_steps=0",
+        "train.ckpt_every=1", "flow.t_min=0.3", "pref.sft_weight=0.5", "iterate.rounds=2", "iterate.seed_pairs=8",
+        "iterate.eval_pairs=6", "iterate.votes=3", "iterate.pce_timesteps=1", "critic.width=16", "critic.num_heads=2",
+        "critic.depth=1", "critic.steps=4", "critic.batch_size=4", "eval.num_samples=6", *extra])
+
+
+def test_iterate_rounds_summary_report_and_resume_after_kill(tmp_path, micro_overrides, base_ckpt, monkeypatch):
+    cfg = ipo_cfg(micro_overrides, base_ckpt)
+    out = tmp_path / "run"
+    import vidpo.pipeline as pipeline
+
+    real_train = pipeline.train_preference
+    calls = []
+
+    def killed_in_round_2(tcfg, run_dir, **kw):
+        calls.append(run_dir)
+        if "round_2" in str(run_dir):
+            raise KeyboardInterrupt   # the kill arrives in round 2's training
+        return real_train(tcfg, run_dir, **kw)
+
+    monkeypatch.setattr(pipeline, "train_preference", killed_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        iterate(cfg, out)
+    assert (out / "round_1" / "round.json").exists() and not (out / "round_2" / "round.json").exists()
+    kept = {p: p.stat().st_mtime_ns for p in [out / "round_1" / "round.json", out / "critic_0" / "critic.safetensors",
+                                              out / "round_2" / "critic" / "critic.safetensors"]
+            + sorted((out / "round_2" / "pairs" / "shards").iterdir())}
+    monkeypatch.setattr(pipeline, "train_preference", real_train)
+    summary = iterate(cfg, out)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "resuming redid finished work"
+
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    for row in summary["rounds"]:
+        assert set(row) >= {"round", "oracle", "critic_accuracy", "pseudo_labels_kept"}
+        lo, hi = row["oracle"]["ci95"]
+        assert lo <= row["oracle"]["mean"] <= hi
+    r1, r2 = summary["rounds"]
+    assert r1["refined"] is False and r1["pseudo_labels_kept"] == 0
+    assert r2["refined"] and r2["critic_accuracy_before_refine"] is not None
+    assert 0 <= r2["pseudo_labels_kept"] <= 8 and r2["pseudo"]["pairs"] == 8
+    assert "mean" in summary["base"]["oracle"] and summary["seed_labels"]["pairs"] == 8
+    # Every pseudo-label's PCE and kept flag obey the threshold; the training labels came from the critic.
+    lines = [json.loads(x) for x in (out / "round_2" / "pairs" / "pseudo.jsonl").read_text().splitlines()]
+    assert all(x["kept"] == (x["pce"] > 0.5 and x["video_label"] != 0) for x in lines)
+    manifest = [json.loads(x) for x in (out / "round_2" / "pairs" / "manifest.jsonl").read_text().splitlines()]
+    assert {m["label_source"] for m in manifest} == {"critic"}
+    seed = [json.loads(x) for x in (out / "seed" / "pairs" / "manifest.jsonl").read_text().splitlines()]
+    assert {m["label_source"] for m in seed} == {"oracle"}
+    html = (out / "report.html").read_text()
+    assert "<h2>Rounds</h2>" in html and (out / "report" / "ipo_rounds.png").exists()
+    # The ablation without refinement shares round 1 (identical by construction) and redoes round 2 only.
+    norefine = ipo_cfg(micro_overrides, base_ckpt, "iterate.refine=false")
+    ablation = iterate(norefine, tmp_path / "norefine", reuse=out)
+    assert ablation["rounds"][0] == summary["rounds"][0] and not ablation["rounds"][1]["refined"]
+    assert (tmp_path / "norefine" / "round_1" / "round.json").samefile(out / "round_1" / "round.json")
+    with pytest.raises(ConfigError, match="nothing can be shared"):
+        iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.refine=false", "seed=5"), tmp_path / "x", reuse=out)
+    # Another config in the same directory is refused rather than mixed in.
+    with pytest.raises(ConfigError, match="different config"):
+        iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.votes=5"), out)
+
+
+def test_kto_rounds_with_fixed_base_reference(tmp_path, micro_overrides, base_ckpt):
+    over = ["train.objective=kto", "iterate.reference=base", "iterate.refine=false", "generate.num_pairs=16",
+            "critic.desirable=0.6", "critic.undesirable=0.4"]
+    cfg = ipo_cfg(micro_overrides, base_ckpt, *over)
+    summary = iterate(cfg, tmp_path / "kto")
+    r1, r2 = summary["rounds"]
+    assert summary["objective"] == "kto" and not r2["refined"] and r2["pseudo_labels_kept"] == 0
+    labels = r1["labels"]
+    assert labels["desirable"] >= 1 and labels["undesirable"] >= 1 and labels["pairs"] >= 1
+    assert r2["train"]["reference"] == "frozen_copy(base)" and r1["train"]["reference"] == "frozen_copy"
+    # Each KTO record pairs a desirable (first) with an undesirable (second) video of one prompt.
+    from vidpo.critic import load_preference_data, score_videos
+    from vidpo.models.critic import load_critic
+    from vidpo.pipeline import run_segment_ids
+
+    world, seg = build_world(cfg), run_segment_ids(cfg)
+    data = load_preference_data(tmp_path / "kto" / "round_1" / "pairs_kto", 2)
+    critic = load_critic(tmp_path / "kto" / "critic_0")
+    a = score_videos(critic, data.first, data.cond_ids, world, seg).video
+    b = score_videos(critic, data.second, data.cond_ids, world, seg).video
+    assert (a > b).all() and (data.video_labels == 1).all()
+
+
+def test_iterate_rejects_configs_it_cannot_run(tmp_path, micro_overrides, base_ckpt):
+    with pytest.raises(ConfigError, match="train.objective"):
+        iterate(ipo_cfg(micro_overrides, base_ckpt, "train.objective=sft"), tmp_path / "a")
+    with pytest.raises(ConfigError, match="lora"):
+        iterate(ipo_cfg(micro_overrides, base_ckpt, "lora.rank=2"), tmp_path / "b")
