@@ -29,7 +29,6 @@ voting passes their distinct views of a pair (``Symmetries``).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -39,7 +38,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from vidpo.config import RunConfig
 from vidpo.labeling.base import LabelingError, LabelResult, Labeler, PairBatch, register_labeler
@@ -438,6 +436,60 @@ class CriticLabeler(Labeler):
         if self.granularity == "video":
             return out.video[:, None].expand(-1, out.segments.shape[1]).contiguous()
         return out.segments
+
+
+# ----- KTO: pointwise labels -> desirable / undesirable pairs -------------------------------------------
+def build_kto_pairs(critic: VideoCritic, src: Path, dst: Path, cfg: RunConfig, world, segment_ids: torch.Tensor) -> dict:
+    """Score every video of ``src`` with the critic, label it desirable / undesirable (``critic.pointwise``),
+    and write ``dst``: pairs (desirable first, undesirable second, label +1) of videos of the same prompt.
+
+    Within a prompt, every labelled video is used: the shorter list is cycled to the length of the longer.
+    A prompt with no desirable or no undesirable video contributes nothing (the KTO objective reads each
+    record as one desirable and one undesirable video of one condition)."""
+    from vidpo import atomic
+    from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, ShardReader, read_manifest, shard_name, write_manifest
+
+    if (dst / MANIFEST_FILE).exists():
+        return json.loads((dst / "label.json").read_text())
+    records, _ = read_manifest(src / PAIRS_FILE, need_labels=False, on_error="skip")
+    reader = ShardReader(src)
+    videos = torch.cat([torch.stack([reader.get(r, "first") for r in records]),
+                        torch.stack([reader.get(r, "second") for r in records])]).float()
+    cond = torch.tensor([r.cond_ids for r in records] * 2, dtype=torch.long)
+    c = cfg.critic
+    scores = score_videos(critic, videos, cond, world, segment_ids, batch_size=c.batch_size_eval).video
+    labels = pointwise_labels(scores, c.pointwise, c.desirable, c.undesirable)
+    index = world.condition_index(cond)
+    first, second, conds = [], [], []
+    for ci in index.unique().tolist():
+        good = torch.nonzero((index == ci) & (labels > 0)).flatten().tolist()
+        bad = torch.nonzero((index == ci) & (labels < 0)).flatten().tolist()
+        for j in range(max(len(good), len(bad)) if good and bad else 0):
+            first.append(good[j % len(good)])
+            second.append(bad[j % len(bad)])
+            conds.append(cond[good[0]].tolist())
+    if not first:
+        raise LabelingError(f"KTO round: no prompt of {src} has both a desirable and an undesirable video; "
+                          "widen critic.desirable / critic.undesirable")
+    shard_size, segments = cfg.generate.shard_size, int(segment_ids.max()) + 1
+    out_records = []
+    world_captions = world.captions(torch.tensor(conds))
+    for k in range(0, len(first), shard_size):
+        rows = range(k, min(len(first), k + shard_size))
+        name = shard_name(k // shard_size)
+        atomic.save_safetensors({"first": videos[[first[i] for i in rows]], "second": videos[[second[i] for i in rows]],
+                                 "cond_ids": torch.tensor([conds[i] for i in rows])}, dst / name,
+                                metadata={"mode": "kto", "split": "train"})
+        for row, i in enumerate(rows):
+            out_records.append(PairRecord(pair_id=f"kto-{i:06d}", shard=name, row=row, cond_ids=conds[i],
+                                          caption=world_captions[i], mode="kto", labels=[1] * segments,
+                                          video_label=1, label_source="critic-pointwise"))
+    stats = {"videos": int(labels.numel()), "desirable": int((labels > 0).sum()),
+             "undesirable": int((labels < 0).sum()), "pairs": len(out_records), "pointwise": c.pointwise,
+             "thresholds": [c.undesirable, c.desirable]}
+    atomic.write_json(dst / "label.json", stats)
+    write_manifest(dst / MANIFEST_FILE, out_records)
+    return stats
 
 
 # ----- CLI: vidpo critic train | eval ---------------------------------------------------------------------

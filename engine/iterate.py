@@ -53,9 +53,8 @@ import torch
 from vidpo import atomic
 from vidpo import checkpoint as ckpt
 from vidpo.config import RunConfig
-from vidpo.critic import (PreferenceData, critic_accuracy, load_preference_data, pointwise_labels, score_videos,
-                          train_critic)
-from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, ShardReader, read_manifest, shard_name, write_manifest
+from vidpo.critic import PreferenceData, build_kto_pairs, critic_accuracy, load_preference_data, train_critic
+from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, read_manifest
 from vidpo.dual_ipo import load_pseudo_labels, pseudo_label_pairs
 from vidpo.evaluate import EvalResult, evaluate_model, mean_ci, paired_delta
 from vidpo.models.critic import load_critic, save_critic
@@ -228,57 +227,6 @@ def _refinement_data(run: _Run, r: int) -> PreferenceData:
     return PreferenceData.concat(parts)
 
 
-# ----- KTO: pointwise labels -> desirable / undesirable pairs ------------------------------------------------
-def build_kto_pairs(run: _Run, critic, src: Path, dst: Path) -> dict:
-    """Score every video of ``src`` with the critic, label it desirable / undesirable (``critic.pointwise``),
-    and write ``dst``: pairs (desirable first, undesirable second, label +1) of videos of the same prompt.
-
-    Within a prompt, every labelled video is used: the shorter list is cycled to the length of the longer.
-    A prompt with no desirable or no undesirable video contributes nothing (the KTO objective reads each
-    record as one desirable and one undesirable video of one condition)."""
-    if (dst / MANIFEST_FILE).exists():
-        return json.loads((dst / "label.json").read_text())
-    records, _ = read_manifest(src / PAIRS_FILE, need_labels=False, on_error="skip")
-    reader = ShardReader(src)
-    videos = torch.cat([torch.stack([reader.get(r, "first") for r in records]),
-                        torch.stack([reader.get(r, "second") for r in records])]).float()
-    cond = torch.tensor([r.cond_ids for r in records] * 2, dtype=torch.long)
-    c = run.cfg.critic
-    scores = score_videos(critic, videos, cond, run.world, run.segment_ids, batch_size=c.batch_size_eval).video
-    labels = pointwise_labels(scores, c.pointwise, c.desirable, c.undesirable)
-    index = run.world.condition_index(cond)
-    first, second, conds = [], [], []
-    for ci in index.unique().tolist():
-        good = torch.nonzero((index == ci) & (labels > 0)).flatten().tolist()
-        bad = torch.nonzero((index == ci) & (labels < 0)).flatten().tolist()
-        for j in range(max(len(good), len(bad)) if good and bad else 0):
-            first.append(good[j % len(good)])
-            second.append(bad[j % len(bad)])
-            conds.append(cond[good[0]].tolist())
-    if not first:
-        raise ConfigError(f"KTO round: no prompt of {src} has both a desirable and an undesirable video; "
-                          "widen critic.desirable / critic.undesirable")
-    shard_size = run.cfg.generate.shard_size
-    out_records = []
-    world_captions = run.world.captions(torch.tensor(conds))
-    for k in range(0, len(first), shard_size):
-        rows = range(k, min(len(first), k + shard_size))
-        name = shard_name(k // shard_size)
-        atomic.save_safetensors({"first": videos[[first[i] for i in rows]], "second": videos[[second[i] for i in rows]],
-                                 "cond_ids": torch.tensor([conds[i] for i in rows])}, dst / name,
-                                metadata={"mode": "kto", "split": "train"})
-        for row, i in enumerate(rows):
-            out_records.append(PairRecord(pair_id=f"kto-{i:06d}", shard=name, row=row, cond_ids=conds[i],
-                                          caption=world_captions[i], mode="kto", labels=[1] * run.num_segments,
-                                          video_label=1, label_source="critic-pointwise"))
-    stats = {"videos": int(labels.numel()), "desirable": int((labels > 0).sum()),
-             "undesirable": int((labels < 0).sum()), "pairs": len(out_records), "pointwise": c.pointwise,
-             "thresholds": [c.undesirable, c.desirable]}
-    atomic.write_json(dst / "label.json", stats)
-    write_manifest(dst / MANIFEST_FILE, out_records)
-    return stats
-
-
 # ----- one round --------------------------------------------------------------------------------------------
 def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult, prev_eval: EvalResult) -> tuple[dict, object, EvalResult]:
     """Round r (module doc); returns (its summary row, the critic that labelled it, its evaluation)."""
@@ -325,7 +273,7 @@ def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult, prev_eval: 
     critic_dir = (rd / "critic") if refined else _critic_dir_of(run, r - 1)
     if cfg.train.objective == "kto":
         train_dir = rd / "pairs_kto"
-        row["labels"] = build_kto_pairs(run, critic, rd / "pairs", train_dir)
+        row["labels"] = build_kto_pairs(critic, rd / "pairs", train_dir, cfg, run.world, run.segment_ids)
     else:
         train_dir = rd / "pairs"
         if not (train_dir / MANIFEST_FILE).exists():

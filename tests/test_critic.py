@@ -8,7 +8,7 @@ import torch
 
 from vidpo import atomic
 from vidpo.cli import main as cli_main
-from vidpo.critic import (CriticLabeler, PreferenceData, Symmetries, bt_ties_log_probs, bt_ties_nll, build_critic,
+from vidpo.critic import (CriticLabeler, Symmetries, bt_ties_log_probs, bt_ties_nll, build_critic,
                           cond_ids_from_captions, critic_accuracy, critic_loss, labels_from_differences,
                           load_preference_data, pointwise_labels, score_videos, train_critic)
 from vidpo.data.oracle import ShapesOracle

@@ -1,0 +1,148 @@
+"""The engine's model interface for diffusers video transformers (Wan 2.1, CogVideoX), and what they share.
+
+Every policy the engine trains is called as ``model(x, t, cond)``:
+  * ``x``    (B, C, T, H, W) latent (or, for tiny test models, pixel) video, channels first;
+  * ``t``    (B,) float in [0, 1], the ENGINE's time: 0 = data, 1 = pure noise;
+  * ``cond`` (B, L, D) float text embeddings (umT5 / T5 4096-d for the real models), or (B, L) long token
+             ids that the adapter's ``TextConditioner`` maps to fixed embeddings (the shapes world's
+             condition tokens, id 0 = null);
+and returns the model's prediction in x's layout. A diffusers adapter adds the hooks through which the
+objectives and the samplers stay parameterization-agnostic (the toy DiT has none of them, and the engine
+then uses rectified flow, ``vidpo.models.flow``):
+
+  ``interpolate(x0, noise, t)``           the forward process x_t;
+  ``training_target(x0, noise, t)``       what ``forward`` regresses on (velocity eps - x0 for flow matching,
+                                          v = alpha_t eps - sigma_t x0 for v-prediction DDPM);
+  ``sample_timesteps(n, generator, flow)`` the model's own training-time distribution, in engine time;
+  ``null_condition(cond)``                the classifier-free-guidance null (all-zero embeddings / id 0);
+  ``sample(cond, shape, seed, indices, ...)`` text-to-video sampling with the model's own diffusers
+                                          scheduler and CFG;
+  ``export_lora(path)``                   adapters in diffusers' format (``pipe.load_lora_weights(path)``).
+
+A model directory is a diffusers pipeline-style folder: ``transformer/`` (``config.json`` +
+``diffusion_pytorch_model.safetensors``) and, optionally, ``text_conditioner.safetensors``; or a bare
+transformer folder. Nothing is downloaded: every loader takes a local path.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+CONDITIONER_FILE = "text_conditioner.safetensors"
+ADAPTER_KINDS = ("wan", "cogvideox")
+# Attention projections of both diffusers transformers (self- and cross-attention), their LoRA targets.
+ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class TextConditioner(nn.Module):
+    """Fixed "prompt embeddings" for token-id conditions: ``(B, L) long -> (B, L, D)``, row 0 = zeros (null).
+
+    Stands in for the text encoder where the conditions are a small closed vocabulary (the shapes world):
+    it is a frozen buffer, saved with the model directory, so a model and its conditions travel together.
+    """
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        if table.dim() != 2:
+            raise ValueError(f"TextConditioner table must be (vocab, dim), got {tuple(table.shape)}")
+        table = table.clone()
+        table[0] = 0.0
+        self.register_buffer("table", table)
+
+    @classmethod
+    def random(cls, vocab_size: int, dim: int, seed: int = 0) -> "TextConditioner":
+        g = torch.Generator().manual_seed(seed)
+        return cls(torch.randn(vocab_size, dim, generator=g))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table[tokens]
+
+    def save(self, directory: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"table": self.table.detach().cpu().contiguous()}, str(Path(directory) / CONDITIONER_FILE))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Optional["TextConditioner"]:
+        path = Path(directory) / CONDITIONER_FILE
+        if not path.exists():
+            return None
+        from safetensors.torch import load_file
+
+        return cls(load_file(str(path))["table"])
+
+
+def transformer_dir(path: str | os.PathLike) -> Path:
+    """The diffusers transformer folder of a model directory (``<path>/transformer`` or ``<path>``)."""
+    p = Path(path)
+    for candidate in (p / "transformer", p):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise FileNotFoundError(f"no diffusers transformer at '{path}': expected config.json in it or in "
+                            f"its 'transformer/' subfolder")
+
+
+class DiffusersVideoAdapter(nn.Module):
+    """Shared part of the adapters: condition encoding, null condition, save / load, LoRA export."""
+
+    transformer_class = None  # set by subclasses (a diffusers ModelMixin)
+
+    def __init__(self, transformer: nn.Module, conditioner: Optional[TextConditioner] = None):
+        super().__init__()
+        self.transformer = transformer
+        self.conditioner = conditioner
+
+    # ----- conditions -------------------------------------------------------------------------------
+    def encode_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) embeddings in the transformer's dtype; token ids go through the TextConditioner."""
+        if not cond.is_floating_point():
+            if self.conditioner is None:
+                raise TypeError("this model has no TextConditioner: pass text embeddings (B, L, D), not token ids")
+            cond = self.conditioner(cond)
+        if cond.dim() != 3:
+            raise ValueError(f"expected text embeddings (B, L, D), got shape {tuple(cond.shape)}")
+        return cond.to(self.dtype)
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """All-zero embeddings (or id-0 tokens, which the conditioner maps to zeros) shaped like ``cond``."""
+        return torch.zeros_like(cond)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    # ----- files ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "DiffusersVideoAdapter":
+        transformer = cls.transformer_class.from_pretrained(str(transformer_dir(path)), local_files_only=True)
+        return cls(transformer, TextConditioner.load(path), **kwargs)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        self.transformer.save_pretrained(str(path / "transformer"))
+        if self.conditioner is not None:
+            self.conditioner.save(path)
+
+    def export_lora(self, path: str | os.PathLike) -> str:
+        """The transformer's adapters as ``transformer.<module>.lora_{A,B}.weight`` + diffusers metadata,
+        the file ``WanPipeline.load_lora_weights`` / ``CogVideoXPipeline.load_lora_weights`` reads."""
+        from vidpo.models.lora import save_lora
+
+        return save_lora(self.transformer, os.fspath(path), prefix_style="diffusers")
+
+
+def load_adapter(kind: str, path: str | os.PathLike) -> DiffusersVideoAdapter:
+    """The adapter of ``kind`` ('wan' | 'cogvideox') over the model directory ``path``."""
+    if kind == "wan":
+        from vidpo.models.wan import WanAdapter
+
+        return WanAdapter.from_pretrained(path)
+    if kind == "cogvideox":
+        from vidpo.models.cogvideox import CogVideoXAdapter
+
+        return CogVideoXAdapter.from_pretrained(path)
+    raise ValueError(f"unknown model kind '{kind}'; expected one of {ADAPTER_KINDS}")

@@ -1,0 +1,4 @@
+"""CogVideoX through diffusers: ``CogVideoXAdapter`` (v-prediction DDPM; see ``vidpo.models.adapters``)."""
+from vidpo.models.cogvideox.model import COGVIDEOX_SCHEDULER, CogVideoXAdapter, make_scheduler, tiny_cogvideox_transformer
+
+__all__ = ["COGVIDEOX_SCHEDULER", "CogVideoXAdapter", "make_scheduler", "tiny_cogvideox_transformer"]
