@@ -42,6 +42,16 @@ class ModelConfig:
     dtype: str = choice("float32", ("float32", "bfloat16"))
     """Parameter dtype. Training on GPU keeps fp32 master weights and uses bf16 autocast instead."""
 
+    # Issue 8: real diffusers models behind the same interface (vidpo.models.adapters).
+    kind: str = choice("dit", ("dit", "wan", "cogvideox"))
+    """'dit': the vidpo video DiT built from the preset; 'wan' / 'cogvideox': a diffusers
+    WanTransformer3DModel / CogVideoXTransformer3DModel loaded from ``model.path`` (the preset fields
+    are then unused)."""
+
+    path: Optional[str] = None
+    """Local model directory for kind 'wan' / 'cogvideox': ``transformer/`` (diffusers format) and,
+    optionally, ``text_conditioner.safetensors``. Nothing is downloaded."""
+
 
 @dataclass
 class WorldConfig:

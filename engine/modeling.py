@@ -58,8 +58,18 @@ def dit_config_for(cfg: RunConfig, world):
 
 
 def build_policy(cfg: RunConfig, world, device: torch.device | str = "cpu"):
-    """The video DiT of the recipe, initialised from the ``(seed, "init")`` stream."""
+    """The video DiT of the recipe, initialised from the ``(seed, "init")`` stream, or (``model.kind`` wan /
+    cogvideox) the diffusers transformer of ``model.path`` behind its engine adapter."""
     from vidpo.models.dit import build_dit
+
+    if cfg.model.kind != "dit":  # issue 8: weights come from the model directory, not from the init stream
+        from vidpo.models.adapters import load_adapter
+        from vidpo.recipe import ConfigError, resolve_path
+
+        if not cfg.model.path:
+            raise ConfigError(f"model.kind is '{cfg.model.kind}' but 'model.path' (the local model directory) is not set")
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        return load_adapter(cfg.model.kind, resolve_path(cfg.model.path)).to(device=device, dtype=dtype)
 
     dcfg = dit_config_for(cfg, world)
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []

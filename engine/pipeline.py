@@ -52,6 +52,8 @@ def _require_init(cfg: RunConfig) -> Path:
 
 def load_initial_policy(cfg: RunConfig, world, device) -> torch.nn.Module:
     model = build_policy(cfg, world, device)
+    if cfg.model.kind != "dit" and not cfg.train.init_from:
+        return model  # issue 8: a diffusers model directory (model.path) already holds the weights
     ckpt.load_weights(model, _require_init(cfg))
     return model
 
@@ -94,11 +96,19 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
             null = model.null_condition(tokens)
             common = dict(null_cond=null, cfg_scale=gen.cfg_scale, steps=gen.steps, seed=cfg.seed)
             tensors = {"cond_ids": cond_ids}
-            if gen.mode == "vanilla":
+            if gen.mode == "vanilla" and hasattr(model, "sample"):
+                # Issue 8: a diffusers adapter samples with its own scheduler (flow-match Euler / CogVideoX DDIM).
+                for key, stream in (("first", f"{split}-pair-a"), ("second", f"{split}-pair-b")):
+                    tensors[key] = model.sample(tokens, shape, indices=idx, stream=stream,
+                                                **common).float().clamp(-1, 1).cpu()
+            elif gen.mode == "vanilla":
                 for key, stream in (("first", f"{split}-pair-a"), ("second", f"{split}-pair-b")):
                     tensors[key] = flow.sample(velocity, (len(idx),) + shape, tokens, indices=idx, stream=stream,
                                                device=device, **common).float().clamp(-1, 1).cpu()
             else:
+                if getattr(model, "parameterization", "flow") != "flow":
+                    raise ConfigError(f"generate.mode=structural (SDEdit) needs a flow model; this policy is "
+                                      f"{model.parameterization}: use generate.mode=vanilla")
                 gt = world.render(cond_ids, generator(cfg.seed, "gen-gt", split, k), corrupt=False).clips.to(device)
                 tensors["gt"] = gt.cpu()
                 tensors["eta"] = etas
@@ -338,7 +348,10 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
         model, reference, ref_mode, lora_state = prepare_parallel_policy(cfg, world, parallel)
     log.info("train[%s]: %d pairs (%d skipped), reference=%s, loss backend=%s", cfg.train.objective, len(records),
              len(problems), ref_mode, cfg.pref.loss_backend)
-    objective = PreferenceObjective(cfg, world, device, records, reader, seg, reference, parallel=parallel)
+    # Issue 8: a diffusers adapter brings its own forward process / target / timesteps (None: rectified flow).
+    process = model if getattr(model, "training_target", None) is not None else None
+    objective = PreferenceObjective(cfg, world, device, records, reader, seg, reference, parallel=parallel,
+                                    process=process)
     oracle = ShapesOracle(world)
 
     def evaluate(m, step):
@@ -356,7 +369,10 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
     if cfg.lora is not None and parallel is None:
         from vidpo.models.lora import save_lora
 
-        save_lora(model, str(run_dir / "lora.safetensors"))
+        if hasattr(model, "export_lora"):  # issue 8: diffusers' format, loadable by pipe.load_lora_weights
+            model.export_lora(run_dir / "lora.safetensors")
+        else:
+            save_lora(model, str(run_dir / "lora.safetensors"))
     elif cfg.lora is not None and parallel.is_main:
         latest = ckpt.latest_checkpoint(run_dir)
         atomic.write_bytes(run_dir / "lora.safetensors", (latest / "lora.safetensors").read_bytes())

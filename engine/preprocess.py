@@ -19,7 +19,7 @@ inversion of ``x0`` up to ``t_n`` through the same grid.
 Layout of the output directory::
 
     meta.json                  settings that determine the shards' content (a rerun with other settings
-                               is refused) plus num_rows
+                               is refused), their digest (each shard carries it) and num_rows
     shards/shard_00000.safetensors   x0, x_t, x_prev (S, 3, T, H, W) float32; t, t_prev, energy (S,) float32;
                                n, source (S,) int64; motion (S,) uint8; cond_ids (S, 3) int64
     index.json                 per-shard row counts and guidance statistics (rewritten at the end)
@@ -98,17 +98,38 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_meta(out_dir: Path, settings: dict, num_rows: int) -> None:
-    """Refuse to mix shards made with other settings; record the settings (and num_rows) otherwise."""
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting that differs. Inside a config section only keys both sides have
+    are compared: a field added to the config later (at its default) does not invalidate existing data."""
+    out = []
+    for key in new:
+        if isinstance(new[key], dict) and isinstance(old.get(key), dict):
+            out += _differences(old[key], {k: v for k, v in new[key].items() if k in old[key]}, f"{prefix}{key}.")
+        elif old.get(key) != new[key]:
+            out.append(f"{prefix}{key}: {old.get(key)!r} -> {new[key]!r}")
+    return out
+
+
+def _settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_meta(out_dir: Path, settings: dict, num_rows: int) -> str:
+    """Refuse to mix shards made with other settings; record them (and num_rows). Returns the digest the
+    directory's shards are tagged with: the recorded one when the settings are compatible."""
     path = out_dir / META_FILE
     if path.exists():
-        old = json.loads(path.read_text())
-        changed = [k for k in settings if old.get("settings", {}).get(k) != settings[k]]
+        recorded = json.loads(path.read_text())
+        changed = _differences(recorded.get("settings", {}), settings)
         if changed:
-            detail = ", ".join(f"{k}: {old.get('settings', {}).get(k)!r} -> {settings[k]!r}" for k in changed)
-            raise ConfigError(f"{path}: the shards there were made with other settings ({detail}); "
+            raise ConfigError(f"{path}: the shards there were made with other settings ({', '.join(changed)}); "
                               "use another --out or delete that directory")
-    atomic.write_json(path, {"settings": settings, "num_rows": num_rows})
+        settings = recorded["settings"]
+        digest = recorded.get("digest") or _settings_digest(settings)
+    else:
+        digest = _settings_digest(settings)
+    atomic.write_json(path, {"settings": settings, "digest": digest, "num_rows": num_rows})
+    return digest
 
 
 def shard_path(out_dir: Path, index: int) -> Path:
@@ -232,10 +253,8 @@ def preprocess_job(cfg: RunConfig, out_dir: str | Path, *, progress: Optional[bo
     world = build_world(cfg)
     grid = teacher_grid(cfg)
     teacher, weights_path = load_teacher(cfg, world, device)
-    settings = content_settings(cfg, _file_digest(weights_path))
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_meta(out_dir, settings, d.num_rows)
+    digest = _check_meta(out_dir, content_settings(cfg, _file_digest(weights_path)), d.num_rows)
     atomic.clean_leftovers(out_dir / SHARD_DIR)
     num_shards = math.ceil(d.num_rows / d.shard_size)
     computed, skipped, shard_stats = 0, 0, []

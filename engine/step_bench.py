@@ -447,7 +447,8 @@ def measure_peak_memory(step: Callable[[], torch.Tensor], device: torch.device) 
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def matmul_rate_tflops(device: torch.device, size: int, dtype: torch.dtype, repeats: int = 10) -> Tuple[float, float, float]:
+def matmul_rate_tflops(device: torch.device, size: int, dtype: torch.dtype,
+                       repeats: int = 10) -> Tuple[float, float, float]:
     """Measured dense matmul rate (TFLOP/s; median, 20th, 80th percentile) of (size x size) @ (size x size)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)

@@ -204,6 +204,11 @@ def test_preprocessing_is_resumable_and_refuses_other_settings(distill_run):
     assert before.keys() == after.keys()
     assert all(torch.allclose(before[k], after[k], rtol=0, atol=0, equal_nan=True) for k in before)
     assert not list((root / "data" / "shards").glob("*.tmp-*"))
+    # A config field added after the data were made (absent from meta.json) does not invalidate them.
+    meta = json.loads((root / "data" / "meta.json").read_text())
+    del meta["settings"]["world"]["static"]
+    (root / "data" / "meta.json").write_text(json.dumps(meta))
+    assert preprocess_job(load_config(None, over), root / "data", progress=False)["skipped"] == 3
     with pytest.raises(ConfigError, match="skip: 2 -> 4"):
         preprocess_job(load_config(None, over + ["distill.skip=4"]), root / "data", progress=False)
     data = DistillData(root / "data")

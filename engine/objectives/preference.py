@@ -43,8 +43,12 @@ ReferenceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 class PreferenceObjective:
     def __init__(self, cfg: RunConfig, world, device: torch.device, records: list[PairRecord],
-                 reader: ShardReader, segment_ids: torch.Tensor, reference: ReferenceFn, *, parallel=None):
+                 reader: ShardReader, segment_ids: torch.Tensor, reference: ReferenceFn, *, parallel=None,
+                 process=None):
         self.cfg = cfg
+        # Issue 8: the model adapter's diffusion process (interpolate / training_target / sample_timesteps),
+        # e.g. CogVideoX's v-prediction DDPM; None keeps the rectified flow (and the fused x0/noise kernel path).
+        self.process = process
         self.parallel = parallel
         self.name = cfg.train.objective
         if self.name not in ("flow_dpo", "dense_dpo", "kto"):
@@ -89,8 +93,11 @@ class PreferenceObjective:
             labels = torch.tensor([[_video_label(r)] for r in recs], dtype=torch.long)
         g = generator(cfg.seed, "pref-noise", step, micro)
         b = len(all_recs)
-        t = flow.sample_timesteps(b, g, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,
-                                  t_min=cfg.flow.t_min, t_max=cfg.flow.t_max)
+        if self.process is not None:
+            t = self.process.sample_timesteps(b, g, cfg.flow)
+        else:
+            t = flow.sample_timesteps(b, g, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,
+                                      t_min=cfg.flow.t_min, t_max=cfg.flow.t_max)
         noise = torch.randn((b,) + tuple(first.shape[1:]), generator=g)
         batch = {"first": first, "second": second, "tokens": self.world.tokens(cond_ids), "labels": labels,
                  "t": t[rows], "noise": noise[rows]}
@@ -99,8 +106,11 @@ class PreferenceObjective:
             all_cond = torch.tensor([r.cond_ids for r in all_recs], dtype=torch.long)
             real = self.world.render(all_cond, gs, corrupt=False).clips
             batch["real"] = real[rows]
-            batch["real_t"] = flow.sample_timesteps(b, gs, logit_mean=cfg.flow.logit_mean,
-                                                    logit_std=cfg.flow.logit_std)[rows]
+            if self.process is not None:
+                batch["real_t"] = self.process.sample_timesteps(b, gs, None)[rows]
+            else:
+                batch["real_t"] = flow.sample_timesteps(b, gs, logit_mean=cfg.flow.logit_mean,
+                                                        logit_std=cfg.flow.logit_std)[rows]
             batch["real_noise"] = torch.randn(real.shape, generator=gs)[rows]
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -110,22 +120,28 @@ class PreferenceObjective:
         x0 = torch.cat([batch["first"], batch["second"]])
         t2 = torch.cat([batch["t"], batch["t"]])
         tokens2 = torch.cat([batch["tokens"], batch["tokens"]])
-        x_t = flow.interpolate(x0, torch.cat([batch["noise"], batch["noise"]]), t2)
+        noise2 = torch.cat([batch["noise"], batch["noise"]])
+        x_t = (_FLOW if self.process is None else self.process).interpolate(x0, noise2, t2)
         v_theta = model(x_t, t2, tokens2)
         with torch.no_grad():
             v_ref = self.reference(x_t, t2, tokens2)
         # Context parallel: both models returned this rank's latent frames; the targets follow.
         frames, group = self._local_frames(model, x0.shape[2])
+        target = None
+        if self.process is not None:  # the adapter's own target; otherwise the kernel forms eps - x0 itself
+            target = self.process.training_target(x0, noise2, t2)[:, :, frames].to(v_theta.dtype)
         x0, noise = x0[:, :, frames], batch["noise"][:, :, frames]
+        if target is not None:
+            x0 = noise = None
         dtype = v_theta.dtype
         metrics: dict[str, float] = {}
         weights: dict[str, float] = {}      # data-parallel weight of each metric (its local count)
         if self.name == "kto":
             desirable = torch.cat([batch["labels"][:, 0] > 0, batch["labels"][:, 0] < 0])
             dp_group = self.parallel.dp_group if self._dp > 1 else None
-            out = kernels.kto_loss(v_theta, v_ref.to(dtype), None, desirable, cfg.pref.beta,
+            out = kernels.kto_loss(v_theta, v_ref.to(dtype), target, desirable, cfg.pref.beta,
                                    lambda_d=cfg.pref.kto_lambda_desirable, lambda_u=cfg.pref.kto_lambda_undesirable,
-                                   backend=cfg.pref.loss_backend, x0=x0.to(dtype), noise=noise.to(dtype),
+                                   backend=cfg.pref.loss_backend, x0=_cast(x0, dtype), noise=_cast(noise, dtype),
                                    group=group, dp_group=dp_group)
             loss = out.loss
             metrics["kto_loss"] = out.loss.item()
@@ -138,9 +154,9 @@ class PreferenceObjective:
             share = 1.0 / self._dp      # every rank holds the same number of videos
         else:
             full_ids = self.segment_ids if self.name == "dense_dpo" else torch.zeros_like(self.segment_ids)
-            out = kernels.dense_dpo_loss(v_theta, v_ref.to(dtype), None, batch["labels"], full_ids[frames],
-                                         cfg.pref.beta, backend=cfg.pref.loss_backend, x0=x0.to(dtype),
-                                         noise=noise.to(dtype), group=group)
+            out = kernels.dense_dpo_loss(v_theta, v_ref.to(dtype), target, batch["labels"], full_ids[frames],
+                                         cfg.pref.beta, backend=cfg.pref.loss_backend, x0=_cast(x0, dtype),
+                                         noise=_cast(noise, dtype), group=group)
             loss = out.loss
             nontie = batch["labels"] != 0
             metrics["dpo_loss"] = out.loss.item()
@@ -191,16 +207,18 @@ class PreferenceObjective:
         parts = []
         src = self.cfg.pref.sft_source
         if src in ("real", "both"):
-            x_t = flow.interpolate(batch["real"], batch["real_noise"], batch["real_t"])
+            process = _FLOW if self.process is None else self.process
+            x_t = process.interpolate(batch["real"], batch["real_noise"], batch["real_t"])
             v = model(x_t, batch["real_t"], batch["tokens"])
-            target = (batch["real_noise"] - batch["real"])[:, :, frames]
+            target = process.training_target(batch["real"], batch["real_noise"], batch["real_t"])[:, :, frames]
             parts.append(kernels.flow_matching_loss(v.float(), target.float(), group=group))
         if src in ("winners", "both"):
             win_first = (batch["labels"].sum(1) >= 0)[:, None, None, None, None]
             winners = torch.where(win_first, batch["first"], batch["second"])
-            x_t = flow.interpolate(winners, batch["noise"], batch["t"])
+            process = _FLOW if self.process is None else self.process
+            x_t = process.interpolate(winners, batch["noise"], batch["t"])
             v = model(x_t, batch["t"], batch["tokens"])
-            target = (batch["noise"] - winners)[:, :, frames]
+            target = process.training_target(winners, batch["noise"], batch["t"])[:, :, frames]
             parts.append(kernels.flow_matching_loss(v.float(), target.float(), group=group))
         return sum(parts) / len(parts)
 
@@ -212,6 +230,32 @@ class PreferenceObjective:
         if n is not None and n != len(self.records):
             log.warning("resuming with %d usable pairs where the checkpoint had %d: the pair order differs "
                         "from the uninterrupted run", len(self.records), n)
+
+
+class _RectifiedFlow:
+    """The toy DiT's process (DESIGN.md section 1), in the interface of the model adapters' hooks."""
+
+    @staticmethod
+    def interpolate(x0, noise, t):
+        return flow.interpolate(x0, noise, t)
+
+    @staticmethod
+    def training_target(x0, noise, t):
+        return flow.velocity_target(x0, noise)
+
+
+_FLOW = _RectifiedFlow()
+
+
+class _TimeRange:
+    """The flow-config fields an adapter's ``sample_timesteps`` reads (standard logit-normal in a range)."""
+
+    def __init__(self, t_min: float, t_max: float):
+        self.logit_mean, self.logit_std, self.t_min, self.t_max = 0.0, 1.0, t_min, t_max
+
+
+def _cast(x: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    return None if x is None else x.to(dtype)
 
 
 def _video_label(rec: PairRecord) -> int:
@@ -229,6 +273,8 @@ def implicit_accuracy(model, reference: ReferenceFn, world, records: list[PairRe
     (seed-derived) timesteps and noise. On the toy world this tracks fitting of the labels, not quality."""
     if not records:
         return None
+    # Issue 8: a diffusers adapter's own process (timesteps, forward process, target); None: rectified flow.
+    process = model if getattr(model, "training_target", None) is not None else None
     correct = total = 0.0
     seg = segment_ids.to(device) if dense else torch.zeros_like(segment_ids).to(device)
     for start in range(0, len(records), batch_size):
@@ -239,13 +285,19 @@ def implicit_accuracy(model, reference: ReferenceFn, world, records: list[PairRe
                               device=device)
         tokens = world.tokens(torch.tensor([r.cond_ids for r in recs], dtype=torch.long)).to(device)
         g = generator(seed, "implicit-acc", start)
-        t = flow.sample_timesteps(len(recs), g, t_min=t_min, t_max=t_max).to(device)
+        if process is not None:
+            t = process.sample_timesteps(len(recs), g, _TimeRange(t_min, t_max)).to(device)
+        else:
+            t = flow.sample_timesteps(len(recs), g, t_min=t_min, t_max=t_max).to(device)
         noise = torch.randn(first.shape, generator=g).to(device)
         x0 = torch.cat([first, second])
         t2, tok2 = torch.cat([t, t]), torch.cat([tokens, tokens])
-        x_t = flow.interpolate(x0, torch.cat([noise, noise]), t2)
-        out = kernels.dense_dpo_loss(model(x_t, t2, tok2).float(), reference(x_t, t2, tok2).float(), None, labels,
-                                     seg, beta, backend=backend, x0=x0, noise=noise)
+        noise2 = torch.cat([noise, noise])
+        x_t = (_FLOW if process is None else process).interpolate(x0, noise2, t2)
+        target = None if process is None else process.training_target(x0, noise2, t2).float()
+        out = kernels.dense_dpo_loss(model(x_t, t2, tok2).float(), reference(x_t, t2, tok2).float(), target, labels,
+                                     seg, beta, backend=backend, x0=None if process else x0,
+                                     noise=None if process else noise)
         n = int(out.n_nontie)
         correct += float(out.accuracy) * n
         total += n

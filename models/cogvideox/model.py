@@ -45,6 +45,8 @@ def make_scheduler(**overrides):
 class CogVideoXAdapter(DiffusersVideoAdapter):
     """``forward(x (B, C, T, H, W), t (B,) in [0, 1], cond) -> v-prediction (B, C, T, H, W)``."""
 
+    parameterization = "v_prediction"
+
     def __init__(self, transformer, conditioner: Optional[TextConditioner] = None, *, scheduler=None):
         super().__init__(transformer, conditioner)
         self.scheduler = scheduler if scheduler is not None else make_scheduler()

@@ -31,6 +31,8 @@ def _wan_class():
 class WanAdapter(DiffusersVideoAdapter):
     """``forward(x (B, C, T, H, W), t (B,) in [0, 1], cond) -> velocity (B, C_out, T, H, W)``."""
 
+    parameterization = "flow"
+
     def __init__(self, transformer, conditioner: Optional[TextConditioner] = None, *, sample_shift: float = 1.0):
         super().__init__(transformer, conditioner)
         self.sample_shift = float(sample_shift)

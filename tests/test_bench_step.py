@@ -1,0 +1,100 @@
+"""The DPO step benchmark: FLOP count against FlopCounterMode, lever parsing, and one CPU run's CSV rows.
+
+Structure only: timings are never asserted (they are measurements, and this machine is shared).
+"""
+import csv
+import dataclasses
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vidpo.models.dit import dit_config
+from vidpo.step_bench import (DPOStep, Levers, StepShape, input_gradient_flops_skipped, lever_unavailable,
+                              parse_levers, plain_levers, step_flops)
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_step  # noqa: E402
+
+CPU = torch.device("cpu")
+SMALL_TEXT = dict(cond_vocab_size=0, cond_dim=24, in_channels=5, patch_size=(2, 2, 2), width=48, depth=2,
+                  num_heads=4, ffn_dim=72)
+
+
+@pytest.mark.parametrize("overrides", [dict(width=64, depth=2, num_heads=4), SMALL_TEXT], ids=["tokens", "text"])
+def test_step_flops_equal_direct_count_of_plain_step(overrides):
+    """FlopCounterMode over one whole plain step (math attention, so every matmul is visible) counts
+    exactly the analytic model FLOPs minus the input-gradient matmuls autograd skips."""
+    cfg = dit_config("tiny", **overrides)
+    shape = StepShape(pairs=1, frames=4, height=8, width=12, cond_len=3, segments=2)
+    step = DPOStep(cfg, shape, dataclasses.replace(plain_levers(CPU), attention="math"), CPU)
+    with FlopCounterMode(display=False) as counter:
+        step.run()
+    direct = counter.get_total_flops()
+    assert direct == step_flops(step.config, shape) - input_gradient_flops_skipped(step.config, shape)
+    forward = cfg.flops_per_forward(2, 4, 8, 12, 3)
+    assert step_flops(cfg, shape) == 4 * forward
+    assert 0 < input_gradient_flops_skipped(cfg, shape) < 0.1 * direct
+
+
+def test_parse_levers_and_unavailable_reasons():
+    levers = parse_levers("compile,ac=full,attention=math,fused_loss,-compile")
+    assert levers == Levers(ac="full", attention="math", fused_loss=True)
+    assert levers.label() == "ac=full,attention=math,fused_loss"
+    with pytest.raises(ValueError, match="unknown lever 'compil'"):
+        parse_levers("compil")
+    with pytest.raises(ValueError, match="ac="):
+        parse_levers("ac=some")
+    assert "CUDA" in lever_unavailable(Levers(cuda_graph=True), CPU)
+    assert "fp8" in lever_unavailable(Levers(fp8=True), CPU)
+    assert lever_unavailable(Levers(attention="cudnn"), CPU).startswith("attention=cudnn")
+    assert lever_unavailable(plain_levers(CPU), CPU) is None
+
+
+def test_plain_and_fused_steps_agree_on_the_loss():
+    """Same weights and batch: the eager-torch loss and the fused-kernel loss of the first step agree,
+    and the optimizer moves the policy but never the reference copy."""
+    cfg = dit_config("tiny", width=64, depth=2, num_heads=4)
+    shape = StepShape(pairs=2, frames=4, height=8, width=8, cond_len=2, segments=2)
+    plain = DPOStep(cfg, shape, plain_levers(CPU), CPU, beta=5e4, lr=1e-2)
+    fused = DPOStep(cfg, shape, Levers(fused_loss=True, ref_no_grad=True, ac="selective"), CPU, beta=5e4, lr=1e-2)
+    before = [p.detach().clone() for p in plain.reference.parameters()]
+    first = [float(plain.run()), float(fused.run())]
+    assert first[0] == pytest.approx(first[1], rel=1e-5)
+    second = [float(plain.run()), float(fused.run())]
+    assert second[0] != first[0]                         # the policy moved away from the reference
+    assert second[0] == pytest.approx(second[1], rel=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(before, plain.reference.parameters()))
+
+
+def test_cpu_run_writes_rows_and_mfu_is_flops_over_time_over_peak(tmp_path):
+    out, report = tmp_path / "step.csv", tmp_path / "report.md"
+    bench_step.main(["--device", "cpu", "--preset", "tiny", "--pairs", "1", "--frames", "2", "--height", "8",
+                     "--width", "8", "--flips", "cuda_graph", "--repeats", "1", "--warmup", "0",
+                     "--matmul-size", "128", "--out", str(out), "--report", str(report)])
+    rows = list(csv.DictReader(open(out)))
+    assert set(rows[0]) == set(bench_step.common.CSV_COLUMNS)
+    by = {(r["provider"], r["mode"], r["metric"]): r for r in rows}
+    peak = float(by[("torch", "fp32", "rate")]["y50"])
+    cfg = dit_config("tiny")
+    flops = step_flops(cfg, StepShape(1, 2, 8, 8, 4))
+    tokens = 2 * cfg.num_tokens(2, 8, 8)
+    for name in ("plain", "optimized"):
+        ms = float(by[(name, "step", "time")]["y50"])
+        tflops = flops / (ms * 1e-3) / 1e12
+        close = dict(rel=1e-3, abs=2e-6)      # the CSV keeps 6 decimals
+        assert float(by[(name, "step", "model_tflops")]["y50"]) == pytest.approx(tflops, **close)
+        mfu = float(by[(name, "step", "mfu")]["y50"])
+        # peak (TFLOP/s) is stored with 6 decimals too, which is coarse for a loaded CPU's rate
+        assert abs(mfu / 100 * peak - tflops) <= 1e-3 * tflops + mfu / 100 * 1e-6 + 2e-6
+        assert float(by[(name, "step", "tokens_per_s")]["y50"]) == pytest.approx(tokens / (ms * 1e-3), **close)
+        phases = [float(by[(name, p, "time")]["y50"]) for p in DPOStep.PHASES]
+        assert all(p > 0 for p in phases)
+    assert float(by[("plain", "step", "speedup_vs_plain")]["y50"]) == pytest.approx(1.0)
+    skipped = by[("+cuda_graph", "step", "skipped")]
+    assert "CUDA" in skipped["unit"] and math.isnan(float(skipped["y50"]))
+    text = report.read_text()
+    assert "| plain |" in text and "skipped: cuda_graph" in text and "fp32 matmul rate" in text
