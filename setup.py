@@ -103,11 +103,14 @@ setup(
         # megatron-core 0.16.1: the last release for Python 3.11 (0.17 needs 3.12); the distributed tests use it.
         # Data path (issue 7): DALI's CPU video operator, tiny diffusers/transformers encoders and Parquet
         # manifests are tested on CPU, so CI installs them (none of them depends on torch).
-        "test": ["pytest>=8", "pytest-xdist", "av", "megatron-core==0.16.1", "nvidia-dali-cuda130>=2.0",
-                 "diffusers", "transformers", "pyarrow"],
+        # Pinned to the versions the suite was run with; peft + accelerate let diffusers' load_lora_weights
+        # read the exported adapters in the Wan / CogVideoX tests.
+        "test": ["pytest>=8", "pytest-xdist", "av", "megatron-core==0.16.1", "nvidia-dali-cuda130==2.4.0",
+                 "diffusers==0.42.1", "transformers==5.23.0", "peft==0.21.2", "accelerate==1.15.0",
+                 "sentencepiece", "pyarrow"],
         "video": ["av", "pyarrow"],
         "dali": ["nvidia-dali-cuda130>=2.0"],  # CUDA 12 drivers: install nvidia-dali-cuda120 instead
-        "hf": ["diffusers", "transformers", "peft", "sentencepiece"],
+        "hf": ["diffusers>=0.35", "transformers", "peft", "accelerate", "sentencepiece"],
         "dist": ["megatron-core==0.16.1"],
         "flash": ["flash-attn"],
         "te": ["transformer-engine[pytorch]"],
