@@ -7,6 +7,7 @@ in ``vidpo.pipeline`` and reuses these.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -36,7 +37,7 @@ def setup_logging(out_dir: Optional[Path] = None, verbose: bool = False) -> None
         root.addHandler(handler)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        path = str(Path(out_dir) / "vidpo.log")
+        path = os.path.abspath(Path(out_dir) / "vidpo.log")  # FileHandler stores absolute paths
         if not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
             fh = logging.FileHandler(path)
             fh.setFormatter(fmt)
