@@ -69,7 +69,12 @@ def test_pair_batch_segment_geometry():
     assert batch.segment_seconds(2) == (1.0, 1.5)
 
 
-def test_registry_builds_kinds_and_the_critic_hook_registers_later():
+def test_registry_builds_kinds_and_the_critic_hook_registers_later(monkeypatch):
+    import vidpo.labeling.base as base
+
+    # The real critic (vidpo.critic) registers itself on import; another test in this process may have
+    # imported it. Start from a registry without it, restored after the test.
+    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items() if k != "critic"})
     assert {"oracle", "human", "vlm"} <= set(registered_kinds())
     with pytest.raises(LabelingError, match=r"'critic' is not registered yet.*@register_labeler\('critic'\)"):
         build_labeler("critic")
