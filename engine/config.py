@@ -476,6 +476,11 @@ class CriticConfig:
     """Labelling: a score difference |d| <= tie_margin is a tie. None: the Davidson rule, tie where the tie
     is the most likely outcome, |d| < 2 max(log nu, 0)."""
 
+    min_confidence: float = 0.0
+    """Labelling: a pair (or segment) is a tie unless the critic's Davidson probability of its winner is at
+    least this (0: no such rule). It trades labels for accuracy: on the shapes base, 0.85 ties ~40% of the
+    pairs and lifts the agreement with the oracle of the rest from ~0.78 to ~0.88."""
+
     granularity: str = choice("video", ("segment", "video"))
     """Pairwise labels: 'segment' labels each segment from its own scores (whole-video label = their
     majority), 'video' gives one verdict from the whole-video scores copied to every segment."""

@@ -13,7 +13,8 @@ i.e. a softmax over the logits ``(-d/2, log nu, d/2)`` for the labels ``(-1, 0, 
 Bradley-Terry ``P(a better) = sigmoid(d)``. The loss of a pair with weight ``w`` (1 for a real label, the
 PCE for a Dual-IPO pseudo-label) is ``w * [nll(d_video, y_video) + segment_weight * mean_s nll(d_s, y_s)]``,
 and a batch's loss is ``sum_i w_i l_i / sum_i w_i``. Labelling calls a tie where it is the most likely
-outcome, ``|d| < 2 max(log nu, 0)``, unless ``critic.tie_margin`` says otherwise.
+outcome, ``|d| < 2 max(log nu, 0)``, unless ``critic.tie_margin`` says otherwise; ``critic.min_confidence``
+p also ties every pair whose winner's probability is below p (fewer labels, more of them right).
 
 **Accuracy** against reference labels (the oracle's, or held-out human labels): over pairs whose reference
 label is not a tie, the fraction where ``sign(d_video)`` agrees (a critic tie ``d = 0`` counts one half).
@@ -78,9 +79,18 @@ def critic_loss(first: CriticScores, second: CriticScores, labels: torch.Tensor,
     return loss, metrics
 
 
-def tie_margin_of(critic: VideoCritic, margin: Optional[float]) -> float:
-    """The labelling tie margin: ``margin`` if given, else the Davidson rule ``2 max(log nu, 0)``."""
-    return float(margin) if margin is not None else 2.0 * max(float(critic.log_tie.detach()), 0.0)
+def tie_margin_of(critic: VideoCritic, margin: Optional[float], min_confidence: float = 0.0) -> float:
+    """The labelling tie margin on |d|: ``margin`` if given, else the Davidson rule ``2 max(log nu, 0)``;
+    raised, with ``min_confidence`` p > 0, to the d* where the winner's probability reaches p:
+    ``1/p - 1 = e^{-d*} + nu e^{-d*/2}``, i.e. ``d* = -2 ln u`` with ``u = (sqrt(nu^2 + 4 (1/p - 1)) - nu) / 2``."""
+    if not 0.0 <= min_confidence < 1.0:
+        raise ValueError(f"critic.min_confidence must be in [0, 1), got {min_confidence}")
+    nu = critic.tie_parameter
+    out = float(margin) if margin is not None else 2.0 * max(math.log(nu), 0.0)
+    if min_confidence > 0:
+        u = (math.sqrt(nu * nu + 4.0 * (1.0 / min_confidence - 1.0)) - nu) / 2.0
+        out = max(out, -2.0 * math.log(u))
+    return out
 
 
 def labels_from_differences(d: torch.Tensor, margin: float) -> torch.Tensor:
@@ -324,7 +334,8 @@ def train_critic(cfg: RunConfig, data: PreferenceData, world, segment_ids: torch
     for step in range(c.steps):
         g = generator(cfg.seed, *stream, "batch", step)
         idx = torch.randint(len(data), (min(c.batch_size, len(data)),), generator=g)
-        views = torch.randint(len(symmetries), (len(idx),), generator=g) if c.augment else torch.zeros(len(idx), dtype=torch.long)
+        views = (torch.randint(len(symmetries), (len(idx),), generator=g) if c.augment
+                 else torch.zeros(len(idx), dtype=torch.long))
         first, second, cond = data.first[idx], data.second[idx], data.cond_ids[idx]
         labels = data.labels[idx].clone()
         for k in views.unique().tolist():
@@ -386,8 +397,10 @@ class CriticLabeler(Labeler):
 
     def __init__(self, cfg: Optional[RunConfig] = None, world=None, *, critic: Optional[VideoCritic] = None,
                  checkpoint: Optional[str] = None, tie_margin: Optional[float] = None,
-                 granularity: Optional[str] = None, batch_size: Optional[int] = None) -> None:
-        """From a run config (``critic.checkpoint``, ``critic.tie_margin``, ``critic.granularity``), or from a
+                 min_confidence: Optional[float] = None, granularity: Optional[str] = None,
+                 batch_size: Optional[int] = None) -> None:
+        """From a run config (``critic.checkpoint``, ``critic.tie_margin``, ``critic.min_confidence``,
+        ``critic.granularity``), or from a
         ready ``critic`` / ``checkpoint``; explicit keywords win over the config. ``world`` maps conditions to
         the critic's tokens."""
         from vidpo.modeling import build_world, pick_device
@@ -407,7 +420,8 @@ class CriticLabeler(Labeler):
             critic = load_critic(resolve_path(checkpoint), pick_device())
         self.critic = critic.eval()
         margin = tie_margin if tie_margin is not None else (c.tie_margin if c is not None else None)
-        self.tie_margin = tie_margin_of(self.critic, margin)
+        confidence = min_confidence if min_confidence is not None else (c.min_confidence if c is not None else 0.0)
+        self.tie_margin = tie_margin_of(self.critic, margin, confidence)
         self.granularity = granularity or (c.granularity if c is not None else "video")
         if self.granularity not in ("segment", "video"):
             raise ValueError(f"critic granularity must be 'segment' or 'video', got {self.granularity!r}")
@@ -439,7 +453,8 @@ class CriticLabeler(Labeler):
 
 
 # ----- KTO: pointwise labels -> desirable / undesirable pairs -------------------------------------------
-def build_kto_pairs(critic: VideoCritic, src: Path, dst: Path, cfg: RunConfig, world, segment_ids: torch.Tensor) -> dict:
+def build_kto_pairs(critic: VideoCritic, src: Path, dst: Path, cfg: RunConfig, world,
+                    segment_ids: torch.Tensor) -> dict:
     """Score every video of ``src`` with the critic, label it desirable / undesirable (``critic.pointwise``),
     and write ``dst``: pairs (desirable first, undesirable second, label +1) of videos of the same prompt.
 
@@ -447,7 +462,8 @@ def build_kto_pairs(critic: VideoCritic, src: Path, dst: Path, cfg: RunConfig, w
     A prompt with no desirable or no undesirable video contributes nothing (the KTO objective reads each
     record as one desirable and one undesirable video of one condition)."""
     from vidpo import atomic
-    from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, ShardReader, read_manifest, shard_name, write_manifest
+    from vidpo.data.pairs import (MANIFEST_FILE, PAIRS_FILE, PairRecord, ShardReader, read_manifest, shard_name,
+                                  write_manifest)
 
     if (dst / MANIFEST_FILE).exists():
         return json.loads((dst / "label.json").read_text())

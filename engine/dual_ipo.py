@@ -61,7 +61,8 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class VoteResult:
     """Majority vote of K critic passes over B pairs with S segments."""
 
-    labels: torch.Tensor        # (B, S) int64 mode of the passes' segment labels
+    labels: torch.Tensor        # (B, S) int64: mode of the passes' segment labels ('segment' granularity),
+                                # else the whole-video vote copied to every segment
     video_labels: torch.Tensor  # (B,) int64 mode of the passes' whole-video labels
     agreement: torch.Tensor     # (B,) float: share of the passes that gave the video label
     passes: torch.Tensor        # (K, B) int64 each pass' whole-video label
@@ -81,13 +82,13 @@ def mode_vote(votes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def critic_votes(critic, first: torch.Tensor, second: torch.Tensor, cond_ids: torch.Tensor, world,
                  segment_ids: torch.Tensor, *, passes: int, seed: int, dropout: bool = True, augment: bool = True,
-                 tie_margin: Optional[float] = None, granularity: str = "video",
+                 tie_margin: Optional[float] = None, min_confidence: float = 0.0, granularity: str = "video",
                  batch_size: int = 128) -> VoteResult:
     """K stochastic critic passes over the pairs (first[i], second[i]) and their majority vote (module doc)."""
     if passes < 1:
         raise ValueError(f"iterate.votes must be >= 1, got {passes}")
     symmetries = Symmetries(world, segment_ids)
-    margin = tie_margin_of(critic, tie_margin)
+    margin = tie_margin_of(critic, tie_margin, min_confidence)
     seg_votes, video_votes = [], []
     for k in range(passes):
         view = k % len(symmetries) if augment else 0
@@ -170,7 +171,8 @@ def pseudo_label_pairs(pairs_dir: str | Path, critic, policy: VelocityFn, refere
     seed = derive_seed(cfg.seed, *stream)
     votes = critic_votes(critic, first, second, cond_ids, world, segment_ids, passes=it.votes, seed=seed,
                          dropout=it.vote_dropout, augment=it.vote_augment, tie_margin=cfg.critic.tie_margin,
-                         granularity=cfg.critic.granularity, batch_size=cfg.critic.batch_size_eval)
+                         min_confidence=cfg.critic.min_confidence, granularity=cfg.critic.granularity,
+                         batch_size=cfg.critic.batch_size_eval)
     r_first, r_second = implicit_rewards(policy, reference, first, second, world.tokens(cond_ids),
                                          beta=cfg.pref.beta, seed=seed, draws=it.pce_timesteps,
                                          t_min=cfg.flow.t_min, t_max=cfg.flow.t_max, device=device)

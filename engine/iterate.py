@@ -228,7 +228,8 @@ def _refinement_data(run: _Run, r: int) -> PreferenceData:
 
 
 # ----- one round --------------------------------------------------------------------------------------------
-def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult, prev_eval: EvalResult) -> tuple[dict, object, EvalResult]:
+def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult,
+              prev_eval: EvalResult) -> tuple[dict, object, EvalResult]:
     """Round r (module doc); returns (its summary row, the critic that labelled it, its evaluation)."""
     from vidpo.pipeline import label_pairs, train_preference
 
@@ -352,6 +353,7 @@ def _brief(stats: dict) -> dict:
 # pairs that round 1 generates (all made from the initial policy before any labelling or training).
 _ROUND_KEYS = ("train.*", "pref.*", "lora", "lora.*", "parallel.*", "cluster.*", "label.labeler", "label.human_file",
                "label.vlm", "label.vlm.*", "label.on_error", "critic.checkpoint", "critic.tie_margin",
+               "critic.min_confidence",
                "critic.granularity", "critic.pointwise", "critic.desirable", "critic.undesirable", "iterate.rounds",
                "iterate.reference", "iterate.refine", "iterate.votes", "iterate.vote_*", "iterate.pce_*",
                "iterate.accumulate_pseudo")
@@ -359,7 +361,8 @@ _ROUND_KEYS = ("train.*", "pref.*", "lora", "lora.*", "parallel.*", "cluster.*",
 _LATER_ROUND_KEYS = ("iterate.rounds", "iterate.reference", "iterate.refine", "iterate.votes", "iterate.vote_*",
                      "iterate.pce_*", "iterate.accumulate_pseudo")
 _SHARED_INPUTS = ("seed", "critic_0", "base_eval.safetensors", "samples/base.gif", "samples/base.png",
-                  "round_1/pairs/shards", "round_1/pairs/pairs.jsonl", "round_1/pairs/generate.json", "round_1/pairs_eval")
+                  "round_1/pairs/shards", "round_1/pairs/pairs.jsonl", "round_1/pairs/generate.json",
+                  "round_1/pairs_eval")
 
 
 def _flat(cfg: RunConfig) -> dict:
@@ -383,6 +386,17 @@ def _differing_keys(a: RunConfig, b: RunConfig) -> list[str]:
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k)
 
 
+def _same_weights(a: Optional[str], b: Optional[str]) -> bool:
+    """Whether two ``train.init_from`` values name the same weights (the same path, or equal file contents)."""
+    if a == b:
+        return True
+    try:
+        fa, fb = ckpt.find_weights(resolve_path(a)), ckpt.find_weights(resolve_path(b))
+    except (FileNotFoundError, TypeError):
+        return False
+    return fa.stat().st_size == fb.stat().st_size and fa.read_bytes() == fb.read_bytes()
+
+
 def reuse_run(cfg: RunConfig, out: Path, source: str | Path) -> list[str]:
     """Hard-link into ``out`` what run ``source`` already computed and this run would compute identically:
     the seed labels, critic 0, the initial policy's evaluation and round 1's generated pairs when the configs
@@ -397,9 +411,11 @@ def reuse_run(cfg: RunConfig, out: Path, source: str | Path) -> list[str]:
     other = load_config(source / "config.yaml")
     differing = _differing_keys(cfg, other)
     blocking = [k for k in differing if not any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS)]
-    if blocking or cfg.train.init_from != other.train.init_from:
+    same_init = _same_weights(cfg.train.init_from, other.train.init_from)
+    if blocking or not same_init:
         raise ConfigError(f"--reuse {source}: the runs differ in {(blocking or ['train.init_from'])[:5]}, which "
                           "change the seed labels, critic 0 or round 1's pairs; nothing can be shared")
+    differing = [k for k in differing if k != "train.init_from"]
     whole_round = all(any(fnmatch.fnmatch(k, p) for p in _LATER_ROUND_KEYS) for k in differing) \
         and (source / "round_1" / "round.json").exists()
     items = list(_SHARED_INPUTS) + (["round_1", "samples/round_1.gif", "samples/round_1.png"] if whole_round else [])
@@ -619,7 +635,7 @@ def _can_reuse(cfg: RunConfig, source: Path) -> bool:
 
     try:
         other = load_config(source / "config.yaml")
-        return cfg.train.init_from == other.train.init_from and all(
+        return _same_weights(cfg.train.init_from, other.train.init_from) and all(
             any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS) for k in _differing_keys(cfg, other))
     except (ConfigError, OSError):
         return False
@@ -649,7 +665,8 @@ def _aggregate(runs: list[dict]) -> dict:
         before = over_seeds([r.get("critic_accuracy_before_refine") for r in rows])
         rounds.append({"round": rows[0]["round"], "oracle": over_seeds([r["oracle"]["mean"] for r in rows]),
                        "delta_vs_base": over_seeds([r["delta_vs_base"]["mean"] for r in rows]),
-                       "critic_accuracy": acc["mean"] if acc else None, "critic_accuracy_ci95": acc["ci95"] if acc else None,
+                       "critic_accuracy": acc["mean"] if acc else None,
+                       "critic_accuracy_ci95": acc["ci95"] if acc else None,
                        "critic_accuracy_before_refine": before["mean"] if before else None,
                        "pseudo_labels_kept": sum(r["pseudo_labels_kept"] for r in rows) / len(rows),
                        "per_seed_oracle": [r["oracle"]["mean"] for r in rows],

@@ -9,7 +9,7 @@ import torch
 from vidpo import atomic
 from vidpo.cli import main as cli_main
 from vidpo.critic import (CriticLabeler, Symmetries, bt_ties_log_probs, bt_ties_nll, build_critic,
-                          cond_ids_from_captions, critic_accuracy, critic_loss, labels_from_differences,
+                          cond_ids_from_captions, critic_accuracy, critic_loss, labels_from_differences, tie_margin_of,
                           load_preference_data, pointwise_labels, score_videos, train_critic)
 from vidpo.data.oracle import ShapesOracle
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, shard_name, write_manifest
@@ -58,7 +58,8 @@ def test_bt_ties_matches_davidson_float64(shape):
 
 def test_critic_loss_weights_ties_and_segments():
     g = torch.Generator().manual_seed(1)
-    frames_a, frames_b = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    frames_a = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    frames_b = torch.randn(5, 4, generator=g, dtype=torch.float64)
     seg = torch.tensor([0, 0, 1, 1])
     a = CriticScores(frames_a, segment_means(frames_a, seg), frames_a.mean(1))
     b = CriticScores(frames_b, segment_means(frames_b, seg), frames_b.mean(1))
@@ -78,6 +79,23 @@ def test_critic_loss_weights_ties_and_segments():
     critic_loss(a, b, labels, video, log_nu, weights, segment_weight=0.5)[0].backward()
     assert fa.grad[3].abs().max() == 0 and fa.grad[0].abs().max() > 0
     assert labels_from_differences(torch.tensor([0.3, -0.3, 0.1, -2.0]), 0.2).tolist() == [1, -1, 0, -1]
+
+
+def test_confidence_margin_is_where_the_winner_probability_reaches_it(micro_overrides):
+    cfg = load_config(None, micro_overrides + ["critic.width=16", "critic.num_heads=2", "critic.depth=1"])
+    critic = build_critic(cfg, build_world(cfg))
+    for log_nu in (-2.0, 0.4):
+        with torch.no_grad():
+            critic.log_tie.fill_(log_nu)
+        assert tie_margin_of(critic, None) == pytest.approx(2 * max(log_nu, 0.0))
+        for p in (0.6, 0.85, 0.97):
+            d = tie_margin_of(critic, None, p)
+            stored = critic.log_tie.detach().double()     # the float32 parameter, exactly
+            win = bt_ties_log_probs(torch.tensor(d, dtype=torch.float64), stored)[2]
+            assert float(win.exp()) == pytest.approx(p, abs=1e-9)
+        assert tie_margin_of(critic, 9.0, 0.6) == 9.0          # an explicit larger margin wins
+    with pytest.raises(ValueError, match="min_confidence"):
+        tie_margin_of(critic, None, 1.0)
 
 
 def test_critic_network_shapes_segments_and_file_roundtrip(tmp_path, micro_overrides):
