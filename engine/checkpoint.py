@@ -1,7 +1,9 @@
 """Checkpoints: ``RUN_DIR/checkpoints/step_NNNNNNN/`` written atomically, with everything exact resume needs.
 
 A checkpoint directory holds
-  ``model.safetensors``   the policy's weights (what ``vidpo sample/eval --ckpt`` and ``train.init_from`` read)
+  ``model.safetensors``   the policy's weights (what ``vidpo sample/eval --ckpt`` and ``train.init_from`` read);
+                          with ``train.ema_decay`` these are the EMA weights (vidpo.ema)
+  ``online.safetensors``  only with ``train.ema_decay``: the optimizer's own weights, which resume reads
   ``lora.safetensors``    LoRA adapters on their own, when the policy has them (peft/diffusers key names)
   ``trainer_state.pt``    optimizer + LR schedule + global RNG states + step + loop state (data position,
                           bad-step counter, ...)
@@ -29,6 +31,7 @@ from safetensors.torch import load_file
 from vidpo import atomic
 
 STEP_PREFIX = "step_"
+ONLINE_WEIGHTS = "online.safetensors"
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -47,12 +50,15 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict[str, torch.Tensor],
                     trainer_state: dict[str, Any], config_yaml: str, lora_state: Optional[dict] = None,
-                    lora_metadata: Optional[dict] = None, keep: int = 2) -> Path:
+                    lora_metadata: Optional[dict] = None, keep: int = 2,
+                    online_state: Optional[dict[str, torch.Tensor]] = None) -> Path:
     root = checkpoint_root(run_dir)
     atomic.clean_leftovers(root)
     final = root / f"{STEP_PREFIX}{step:07d}"
     with atomic.atomic_dir(final) as tmp:
         atomic.save_safetensors({k: v.detach().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+        if online_state is not None:
+            atomic.save_safetensors({k: v.detach().cpu() for k, v in online_state.items()}, tmp / ONLINE_WEIGHTS)
         if lora_state:
             atomic.save_safetensors({k: v.detach().cpu() for k, v in lora_state.items()}, tmp / "lora.safetensors",
                                     metadata={k: str(v) for k, v in (lora_metadata or {}).items()})

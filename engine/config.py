@@ -180,7 +180,7 @@ class TrainConfig:
     """Write a metrics.jsonl / TensorBoard row every this many steps."""
 
     ckpt_every: int = 200
-    """Write a checkpoint every this many steps (and always at the end)."""
+    """Write a checkpoint every this many steps (and always at the end; 0: only at the end)."""
 
     keep_checkpoints: int = 2
     """How many step checkpoints to keep (older ones are deleted after a newer one is complete)."""
@@ -197,6 +197,11 @@ class TrainConfig:
 
     max_bad_steps: int = 5
     """Stop after this many consecutive non-finite losses (each one skips its step and is logged)."""
+
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the trained weights with this decay (0: off; pretraining
+    uses e.g. 0.99). Evaluation, samples and the checkpoints' ``model.safetensors`` then carry the EMA
+    weights, ``online.safetensors`` the optimizer's own (vidpo.ema). Single-process runs only."""
 
     num_threads: int = 0
     """torch intra-op threads on CPU (0: leave torch's default)."""
@@ -542,6 +547,10 @@ class IterateConfig:
 
     vote_augment: bool = True
     """Each voting pass sees a different label-preserving symmetry of the pair (flips, time reversal)."""
+
+    vote_min_confidence: float = 0.0
+    """A voting pass calls a tie unless its Davidson probability of the winner reaches this (see
+    critic.min_confidence), so the majority vote keeps only pairs the critic is consistently sure of."""
 
     pce_threshold: float = 0.5
     """Pseudo-labels are kept when PCE > this."""

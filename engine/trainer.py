@@ -10,6 +10,8 @@ What it guarantees:
 * **Bad steps do not poison the model.** A non-finite loss or gradient norm skips the optimizer step, is
   logged (``skipped=1``) and counted; ``train.max_bad_steps`` consecutive ones stop the run with a clear
   error after writing a checkpoint of the last good state.
+* **EMA** (``train.ema_decay > 0``, vidpo.ema): evaluation runs on the averaged weights, checkpoints
+  write them as ``model.safetensors`` and the optimizer's own as ``online.safetensors``; resume restores both.
 * **Distributed runs** (``parallel``: a ``vidpo.distributed.ParallelContext``): the objective's loss is
   already the global loss on every rank; the loop sums unsharded gradients over data/context-parallel
   ranks, clips by the norm of the whole model, writes DCP checkpoints (``vidpo.dist_checkpoint``) and
@@ -25,11 +27,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from vidpo import checkpoint as ckpt
 from vidpo import dist_checkpoint
 from vidpo.config import RunConfig
+from vidpo.ema import WeightEma
 from vidpo.metrics import MetricsLogger
 from vidpo.modeling import autocast_context
 from vidpo.recipe import ConfigError, to_yaml
@@ -78,6 +82,7 @@ class Trainer:
     """Runs ``objective`` on ``model`` for ``cfg.train.max_steps`` optimizer steps into ``run_dir``.
 
     ``evaluate(model, step) -> dict`` (optional) is called every ``train.eval_every`` steps and at the end;
+    with ``train.ema_decay`` it sees the EMA weights, and ``fit`` leaves them in ``model`` when it returns;
     its numeric results are logged with phase "eval". ``extra_state()`` / ``lora_state()`` hooks let the
     caller put more into checkpoints (e.g. LoRA adapters on their own).
     """
@@ -106,6 +111,12 @@ class Trainer:
         self.step = 0
         self.bad_in_row = 0
         self.skipped_total = 0
+        self.ema: Optional[WeightEma] = None
+        if cfg.train.ema_decay > 0:
+            if parallel is not None:
+                raise ConfigError("train.ema_decay runs in single-process training only; set train.ema_decay=0 "
+                                  "for distributed runs")
+            self.ema = WeightEma(model, cfg.train.ema_decay)
         resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
         if resume_from is not None:
             self._restore(resume_from)
@@ -121,8 +132,19 @@ class Trainer:
             state = dist_checkpoint.load_single_process_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                                                    ctx=self.parallel)
         else:
-            ckpt.load_weights(self.model, path)
             state = ckpt.load_trainer_state(path)
+            online = path / ckpt.ONLINE_WEIGHTS
+            if self.ema is not None:
+                if not online.exists():
+                    raise ConfigError(f"{path} was written without train.ema_decay (no {ckpt.ONLINE_WEIGHTS}); "
+                                      "resume it with the same train.ema_decay it was started with")
+                self.ema.load_model_state(load_file(str(path / "model.safetensors")), state["ema_updates"])
+                ckpt.load_weights(self.model, online)
+            else:
+                if online.exists():
+                    raise ConfigError(f"{path} was written with train.ema_decay > 0; resume it with the same "
+                                      "train.ema_decay it was started with")
+                ckpt.load_weights(self.model, path)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state.get("objective", {}))
@@ -145,9 +167,14 @@ class Trainer:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "objective": self.objective.state_dict(), "bad_in_row": self.bad_in_row,
                  "skipped_total": self.skipped_total}
-        return ckpt.save_checkpoint(self.run_dir, self.step, model_state=self.model.state_dict(),
+        model_state, online_state = self.model.state_dict(), None
+        if self.ema is not None:
+            model_state, online_state = self.ema.model_state(self.model), model_state
+            state["ema_updates"] = self.ema.updates
+        return ckpt.save_checkpoint(self.run_dir, self.step, model_state=model_state,
                                     trainer_state=state, config_yaml=to_yaml(self.cfg), lora_state=lora,
-                                    lora_metadata=lora_meta, keep=self.cfg.train.keep_checkpoints)
+                                    lora_metadata=lora_meta, keep=self.cfg.train.keep_checkpoints,
+                                    online_state=online_state)
 
     # ----- one optimizer step ---------------------------------------------------------------------------
     def _train_step(self) -> dict:
@@ -184,6 +211,8 @@ class Trainer:
                "lr": self.scheduler.get_last_lr()[0], **sums}
         if finite:
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
             self.bad_in_row = 0
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -196,6 +225,12 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return row
+
+    def _evaluate(self) -> dict:
+        if self.ema is None:
+            return self.evaluate(self.model, self.step)
+        with self.ema.applied(self.model):
+            return self.evaluate(self.model, self.step)
 
     # ----- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -222,13 +257,15 @@ class Trainer:
                         f"{ckpt.checkpoint_root(self.run_dir)}. Lower train.lr or check the data.")
                 if self.evaluate is not None and cfg.train.eval_every > 0 and self.step % cfg.train.eval_every == 0 \
                         and not done:
-                    self.metrics.log(self.step, "eval", **self.evaluate(self.model, self.step))
-                if self.step % cfg.train.ckpt_every == 0 or done:
+                    self.metrics.log(self.step, "eval", **self._evaluate())
+                if done or (cfg.train.ckpt_every > 0 and self.step % cfg.train.ckpt_every == 0):
                     self.save()
         finally:
             bar.close()
         result = {"steps": self.step, "seconds": time.time() - t0, "skipped_steps": self.skipped_total,
                   "last": last}
+        if self.ema is not None:
+            self.ema.copy_to(self.model)  # the run's result is the averaged policy
         if self.evaluate is not None:
             final_eval = self.evaluate(self.model, self.step)
             self.metrics.log(self.step, "eval", **final_eval)

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from vidpo import checkpoint as ckpt
+from vidpo.ema import WeightEma, warmed_up_decay
 from vidpo.metrics import read_metrics
 from vidpo.modeling import build_policy, build_world
 from vidpo.objectives import ShapesSFTObjective
-from vidpo.recipe import load_config
+from vidpo.recipe import ConfigError, load_config
 from vidpo.trainer import Trainer, TrainingStopped
 
 
@@ -29,7 +30,9 @@ def losses(run_dir):
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl", "train")]
 
 
-def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, micro_overrides):
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, micro_overrides, ema):
+    micro_overrides = micro_overrides + [f"train.ema_decay={ema}"]
     cfg, model, objective, ref_dir = make(tmp_path, micro_overrides, name="ref")
     Trainer(cfg, ref_dir, model, objective, device=torch.device("cpu")).fit()
     reference = losses(ref_dir)
@@ -110,3 +113,53 @@ def test_metrics_rows_and_tensorboard(tmp_path, micro_overrides):
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert all({"step", "loss", "phase"} <= set(r) for r in rows if r["phase"] == "train")
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_ema_matches_float64_recursion_and_is_what_checkpoints_export(tmp_path, micro_overrides):
+    cfg, model, objective, run_dir = make(tmp_path, micro_overrides, extra=["train.ema_decay=0.8",
+                                                                            "train.eval_every=3"])
+    history = [{k: p.detach().double().clone() for k, p in model.named_parameters()}]
+    seen_at_eval = []
+    trainer = Trainer(cfg, run_dir, model, objective, device=torch.device("cpu"),
+                      evaluate=lambda m, step: seen_at_eval.append(
+                          {k: p.detach().clone() for k, p in m.named_parameters()}) or {"x": 0.0})
+    original = trainer.optimizer.step
+
+    def record(*args, **kwargs):
+        out = original(*args, **kwargs)
+        history.append({k: p.detach().double().clone() for k, p in model.named_parameters()})
+        return out
+    trainer.optimizer.step = record
+    trainer.fit()
+    expected = {k: v.clone() for k, v in history[0].items()}
+    for n, weights in enumerate(history[1:]):
+        d = warmed_up_decay(0.8, n)
+        expected = {k: d * expected[k] + (1 - d) * weights[k] for k in expected}
+    for k, p in model.named_parameters():  # fit() leaves the averaged weights in the model
+        torch.testing.assert_close(p.double(), expected[k], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p.double(), history[-1][k]) or history[-1][k].abs().max() == 0
+    latest = ckpt.latest_checkpoint(run_dir)
+    from safetensors.torch import load_file
+    exported, online = load_file(str(latest / "model.safetensors")), load_file(str(latest / ckpt.ONLINE_WEIGHTS))
+    for k, p in model.named_parameters():
+        assert torch.equal(exported[k], p.detach())
+        assert torch.equal(online[k], history[-1][k].float())
+    # In-training evaluation at step 3 saw the average of steps 1..3, and training went on from the raw weights.
+    assert len(seen_at_eval) == 2
+    at_3 = {k: v.clone() for k, v in history[0].items()}
+    for n, weights in enumerate(history[1:4]):
+        d = warmed_up_decay(0.8, n)
+        at_3 = {k: d * at_3[k] + (1 - d) * weights[k] for k in at_3}
+    for k, v in seen_at_eval[0].items():
+        torch.testing.assert_close(v.double(), at_3[k], rtol=1e-5, atol=1e-6)
+
+
+def test_ema_resume_needs_the_same_setting(tmp_path, micro_overrides):
+    cfg, model, objective, run_dir = make(tmp_path, micro_overrides, extra=["train.max_steps=2"])
+    Trainer(cfg, run_dir, model, objective, device=torch.device("cpu")).fit()
+    cfg, model, objective, _ = make(tmp_path, micro_overrides, extra=["train.max_steps=4", "train.ema_decay=0.9"])
+    with pytest.raises(ConfigError, match="without train.ema_decay"):
+        Trainer(cfg, run_dir, model, objective, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="decay"):
+        WeightEma(model, 1.0)
