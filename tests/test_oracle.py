@@ -290,3 +290,25 @@ def test_cuda_scores_match_cpu(clean):
     assert rendered.clips.is_cuda and float(oracle.score(rendered.clips, cond).total.min()) >= 0.9
     labels = oracle.prefer(batch.clips.cuda(), -torch.ones_like(batch.clips).cuda(), cond, SEGMENTS_OF_2)
     assert bool((labels == 1).all())
+
+
+@pytest.mark.parametrize("corruption", ["none", "wrong_colour", "reversed_direction", "static"])
+def test_failure_modes_flag_exactly_the_corruption_rendered(corruption):
+    world, oracle = world_and_oracle(**({} if corruption == "none" else {corruption: 1.0}))
+    batch, cond = world.sample_batch(256, gen(8), corrupt=corruption != "none")
+    modes = oracle.failure_modes(batch.clips, cond)
+    assert set(modes) == {"missing", "wrong_colour", "reversed_direction", "static"}
+    for name, flags in modes.items():
+        assert flags.shape == (256,) and flags.dtype == torch.bool
+        assert flags.all() if name == corruption else not flags.any(), (name, flags.float().mean())
+
+
+def test_failure_mode_rates_track_a_mixture_and_noise_is_missing():
+    world, oracle = world_and_oracle(wrong_colour=0.3, reversed_direction=0.3)
+    batch, cond = world.sample_batch(512, gen(9), corrupt=True)
+    modes = oracle.failure_modes(batch.clips, cond)
+    shown = {name: torch.tensor([c == name for c in batch.corruption]) for name in ("wrong_colour", "reversed_direction")}
+    for name, truth in shown.items():
+        assert torch.equal(modes[name], truth), name
+    noise = torch.rand(16, 3, 8, 16, 16, generator=gen(10)) * 2 - 1
+    assert oracle.failure_modes(noise, cond[:16])["missing"].all()

@@ -206,20 +206,8 @@ class ShapesOracle:
         """Per-frame terms ``(n, T)``: presence and the four components (module doc)."""
         cfg, device, n = self.config, clips.device, clips.shape[0]
         eps = 1e-6
-        # float64 in, float64 out (for reference tests); anything else is scored in float32.
-        dtype = torch.float64 if clips.dtype == torch.float64 else torch.float32
-        x = ((clips.to(dtype) + 1.0) * 0.5).clamp(0, 1)  # (n, 3, T, H, W)
-        brightness = x.amax(1)  # (n, T, H, W)
-        f = self.foreground(brightness)
-        mass, centroid, spread = self._moments(f, brightness)  # (n, T), (n, T, 2), (n, T)
-        chroma = (f[:, None] * x).sum((-1, -2)) / ((f * brightness).sum((-1, -2)) + eps)[:, None]
-        chroma = chroma.permute(0, 2, 1)  # (n, T, 3)
-
-        ref_mass = self._reference_mass.to(device, dtype)
-        ref_spread = self._reference_spread.to(device, dtype)
-        mass_fit = _gauss(torch.log((mass[..., None] + eps) / ref_mass), cfg.mass_log_sigma)
-        spread_fit = _gauss(0.5 * torch.log((spread[..., None] + eps) / ref_spread), cfg.spread_log_sigma)
-        presence = (mass_fit * spread_fit).amax(-1)  # (n, T)
+        x, f, mass, centroid, chroma, presence = self._observe(clips)
+        dtype = x.dtype
 
         target_rgb = self._colour_rgb.to(device, dtype)[cond_ids[:, 0]]  # (n, 3)
         colour = presence * _gauss((chroma - target_rgb[:, None, :]).norm(dim=-1), cfg.colour_sigma)
@@ -243,6 +231,59 @@ class ShapesOracle:
         consistency = presence * self._consistency(mass, chroma, centroid, presence)
         return {"presence": presence, "colour": colour, "shape": shape, "motion": motion,
                 "consistency": consistency}
+
+    def _observe(self, clips: torch.Tensor):
+        """What every term reads: ``x (n, 3, T, H, W)``, foreground ``f (n, T, H, W)``, mass ``(n, T)``,
+        centre ``(n, T, 2)``, chromaticity ``(n, T, 3)`` and presence ``(n, T)`` (module doc)."""
+        cfg, eps = self.config, 1e-6
+        # float64 in, float64 out (for reference tests); anything else is scored in float32.
+        dtype = torch.float64 if clips.dtype == torch.float64 else torch.float32
+        x = ((clips.to(dtype) + 1.0) * 0.5).clamp(0, 1)
+        brightness = x.amax(1)
+        f = self.foreground(brightness)
+        mass, centroid, spread = self._moments(f, brightness)
+        chroma = (f[:, None] * x).sum((-1, -2)) / ((f * brightness).sum((-1, -2)) + eps)[:, None]
+        chroma = chroma.permute(0, 2, 1)
+        ref_mass = self._reference_mass.to(clips.device, dtype)
+        ref_spread = self._reference_spread.to(clips.device, dtype)
+        mass_fit = _gauss(torch.log((mass[..., None] + eps) / ref_mass), cfg.mass_log_sigma)
+        spread_fit = _gauss(0.5 * torch.log((spread[..., None] + eps) / ref_spread), cfg.spread_log_sigma)
+        presence = (mass_fit * spread_fit).amax(-1)
+        return x, f, mass, centroid, chroma, presence
+
+    @torch.no_grad()
+    def failure_modes(self, clips: torch.Tensor, cond_ids: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Which bad mode each clip shows: ``name -> (n,)`` bool, for the rates an evaluation reports.
+
+        Hard calls on whole clips, so the "bad mode" of a base model (and its removal by preference
+        training) reads as a rate rather than hiding inside graded component scores:
+
+        * ``missing``: no object -- presence below 0.5 on average over the frames;
+        * ``wrong_colour``: an object whose presence-weighted mean chromaticity is nearer another vocabulary
+          colour than the caption's;
+        * ``reversed_direction``: an object whose velocity (presence-weighted least-squares slope of its
+          centre over time) points backwards, ``v . d < -0.5 speed`` for the caption's unit direction ``d``;
+        * ``static``: an object moving at under a quarter of the captioned speed.
+        """
+        cond_ids = self.world._check_cond(cond_ids).to(clips.device)
+        _, _, _, centroid, chroma, presence = self._observe(clips.float())
+        weight = presence / (presence.sum(-1, keepdim=True) + 1e-6)  # (n, T)
+        present = presence.mean(-1) >= 0.5
+        mean_chroma = (weight[..., None] * chroma).sum(1)  # (n, 3)
+        palette = self._colour_rgb.to(clips.device)
+        nearest = torch.cdist(mean_chroma, palette).argmin(-1)
+        t = torch.arange(clips.shape[2], device=clips.device, dtype=centroid.dtype)
+        t_mean = (weight * t).sum(-1, keepdim=True)
+        dt = t - t_mean  # (n, T)
+        c_mean = (weight[..., None] * centroid).sum(1, keepdim=True)
+        velocity = (weight[..., None] * dt[..., None] * (centroid - c_mean)).sum(1) / \
+            ((weight * dt * dt).sum(-1, keepdim=True) + 1e-6)  # (n, 2) px / frame
+        expected = self._velocity.to(clips.device, velocity.dtype)[cond_ids[:, 2]]
+        speed = self.world.speed
+        along = (velocity * expected).sum(-1) / speed  # signed speed along the captioned direction
+        return {"missing": ~present, "wrong_colour": present & (nearest != cond_ids[:, 0]),
+                "reversed_direction": present & (along < -0.5 * speed),
+                "static": present & (velocity.norm(dim=-1) < 0.25 * speed)}
 
     def _centroid(self, brightness: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor,
                   safe_mass: torch.Tensor) -> torch.Tensor:
