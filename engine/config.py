@@ -52,6 +52,17 @@ class ModelConfig:
     """Local model directory for kind 'wan' / 'cogvideox': ``transformer/`` (diffusers format) and,
     optionally, ``text_conditioner.safetensors``. Nothing is downloaded."""
 
+    sampler: str = choice("auto", ("auto", "euler", "flow_euler", "unipc", "ddim", "dpm"))
+    """How pairs (generate) and evaluation samples are drawn. 'auto': the model's default, i.e. the engine's
+    Euler rectified-flow sampler for the DiT, 'flow_euler' for Wan, 'ddim' for CogVideoX. 'euler': the
+    engine's sampler (DiT only). Wan: 'flow_euler' (FlowMatchEulerDiscreteScheduler) or 'unipc'
+    (UniPCMultistepScheduler with flow sigmas, the Wan 2.1 releases' scheduler). CogVideoX: 'ddim'
+    (CogVideoXDDIMScheduler, CogVideoX-2B's) or 'dpm' (CogVideoXDPMScheduler, CogVideoX-5B's)."""
+
+    sample_shift: Optional[float] = None
+    """Time shift of a flow-matching model's sampling schedule (kind 'wan': 3.0 for 480p, 5.0 for 720p in
+    the Wan 2.1 releases); unset: 1.0 (no shift). Not used by CogVideoX (a DDPM)."""
+
 
 @dataclass
 class WorldConfig:
@@ -126,7 +137,7 @@ class SampleConfig:
     """Sampling with the Euler ODE solver and classifier-free guidance."""
 
     steps: int = 20
-    """Euler steps from t=1 to t=0."""
+    """Sampling steps from t=1 to t=0 (Euler for the DiT; the scheduler's steps for model.kind wan / cogvideox)."""
 
     cfg_scale: float = 3.0
     """Classifier-free guidance scale (1.0 disables guidance)."""
@@ -218,7 +229,7 @@ class EvalConfig:
     """Samples scored; conditions cycle over the whole condition set."""
 
     steps: int = 20
-    """Euler steps for evaluation samples."""
+    """Sampling steps for evaluation samples (Euler for the DiT; the model's scheduler for wan / cogvideox)."""
 
     cfg_scale: float = 3.0
     """Guidance scale for evaluation samples."""
@@ -249,7 +260,8 @@ class GenerateConfig:
     """Upper end of the SDEdit level range."""
 
     steps: int = 20
-    """Euler steps from t=1 (or eta) to 0."""
+    """Sampling steps from t=1 (or eta) to 0: Euler steps for the DiT; for wan / cogvideox the size of the
+    scheduler's grid, of which SDEdit runs the steps at or below eta."""
 
     cfg_scale: float = 3.0
     """Classifier-free guidance scale while sampling pairs."""

@@ -5,6 +5,10 @@ conditions cycle over the world's whole condition set, so two models evaluated w
 the same noise and conditions: their per-sample scores are *paired*, and the delta's confidence interval
 is the paired one (much tighter than the difference of two independent intervals).
 
+Sampling: a policy with a sampler hook (a diffusers adapter: Wan, CogVideoX) samples with its own scheduler
+and CFG (``vidpo.models.sampling``); the toy DiT with the engine's Euler rectified-flow sampler. Either way the
+noise of sample ``i`` depends only on ``(seed, stream, i)``.
+
 Intervals: mean +- t_{0.975, n-1} * sd / sqrt(n) (Student t; normal for n > 120).
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from vidpo.config import RunConfig
 from vidpo.models import flow
+from vidpo.models.sampling import has_sampler_hook
 
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
          10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
@@ -87,9 +92,14 @@ def sample_model(model, world, cond_ids: torch.Tensor, *, seed: int, indices: Se
         idx = list(indices[start:start + batch_size])
         tokens = world.tokens(cond_ids[start:start + len(idx)]).to(device)
         null = model.null_condition(tokens)
-        x = flow.sample(lambda x, t, c: model(x.to(dtype), t.to(dtype), c).float(), (len(idx),) + shape, tokens,
-                        seed=seed, indices=idx, null_cond=null, cfg_scale=cfg_scale, steps=steps,
-                        stream=stream, device=device)
+        if has_sampler_hook(model):
+            # Issue 8: the model's own scheduler (a v-prediction DDPM must not be integrated as a velocity).
+            x = model.sample(tokens, shape, seed=seed, indices=idx, steps=steps, cfg_scale=cfg_scale, stream=stream,
+                             null_cond=null)
+        else:
+            x = flow.sample(lambda x, t, c: model(x.to(dtype), t.to(dtype), c).float(), (len(idx),) + shape, tokens,
+                            seed=seed, indices=idx, null_cond=null, cfg_scale=cfg_scale, steps=steps,
+                            stream=stream, device=device)
         out.append(x.float().cpu())
     model.train(was_training)
     return torch.cat(out).clamp(-1, 1)

@@ -57,11 +57,32 @@ def dit_config_for(cfg: RunConfig, world):
     )
 
 
+def adapter_sampling_kwargs(cfg: RunConfig) -> dict:
+    """``model.sampler`` / ``model.sample_shift`` as adapter arguments, checked against ``model.kind``."""
+    from vidpo.recipe import ConfigError
+
+    m = cfg.model
+    valid = {"dit": ("auto", "euler"), "wan": ("auto", "flow_euler", "unipc"), "cogvideox": ("auto", "ddim", "dpm")}
+    if m.sampler not in valid[m.kind]:
+        raise ConfigError(f"model.sampler '{m.sampler}' does not apply to model.kind '{m.kind}'; "
+                          f"use one of {valid[m.kind]}")
+    if m.sample_shift is not None and m.kind != "wan":
+        raise ConfigError(f"model.sample_shift is the time shift of a flow-matching diffusers model (kind 'wan'); "
+                          f"model.kind '{m.kind}' does not use it: remove it")
+    if m.kind == "dit":
+        return {}
+    kwargs = {"sampler": None if m.sampler == "auto" else m.sampler}
+    if m.sample_shift is not None:
+        kwargs["sample_shift"] = float(m.sample_shift)
+    return kwargs
+
+
 def build_policy(cfg: RunConfig, world, device: torch.device | str = "cpu"):
     """The video DiT of the recipe, initialised from the ``(seed, "init")`` stream, or (``model.kind`` wan /
     cogvideox) the diffusers transformer of ``model.path`` behind its engine adapter."""
     from vidpo.models.dit import build_dit
 
+    sampling = adapter_sampling_kwargs(cfg)   # validated for every kind (a DiT recipe naming 'ddim' is an error)
     if cfg.model.kind != "dit":  # issue 8: weights come from the model directory, not from the init stream
         from vidpo.models.adapters import load_adapter
         from vidpo.recipe import ConfigError, resolve_path
@@ -69,7 +90,7 @@ def build_policy(cfg: RunConfig, world, device: torch.device | str = "cpu"):
         if not cfg.model.path:
             raise ConfigError(f"model.kind is '{cfg.model.kind}' but 'model.path' (the local model directory) is not set")
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-        return load_adapter(cfg.model.kind, resolve_path(cfg.model.path)).to(device=device, dtype=dtype)
+        return load_adapter(cfg.model.kind, resolve_path(cfg.model.path), **sampling).to(device=device, dtype=dtype)
 
     dcfg = dit_config_for(cfg, world)
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []

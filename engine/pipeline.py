@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,7 @@ from vidpo.data.pairs import (MANIFEST_FILE, PAIRS_FILE, PairDataError, PairReco
                               shard_name, validate_records, write_manifest)
 from vidpo.evaluate import evaluate_model, paired_delta
 from vidpo.models import flow
+from vidpo.models.sampling import has_sampler_hook
 from vidpo.modeling import build_policy, build_world, pick_device, set_threads
 from vidpo.recipe import ConfigError, resolve_path, to_yaml
 from vidpo.seeding import generator, seed_everything
@@ -96,25 +98,25 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
             null = model.null_condition(tokens)
             common = dict(null_cond=null, cfg_scale=gen.cfg_scale, steps=gen.steps, seed=cfg.seed)
             tensors = {"cond_ids": cond_ids}
-            if gen.mode == "vanilla" and hasattr(model, "sample"):
-                # Issue 8: a diffusers adapter samples with its own scheduler (flow-match Euler / CogVideoX DDIM).
+            # Issue 8: a policy with a sampler hook (diffusers adapter) samples and SDEdits with its own
+            # scheduler (flow-match Euler / UniPC for Wan, DDIM / DPM for CogVideoX); the toy DiT with Euler.
+            hook = has_sampler_hook(model)
+            if gen.mode == "vanilla":
                 for key, stream in (("first", f"{split}-pair-a"), ("second", f"{split}-pair-b")):
-                    tensors[key] = model.sample(tokens, shape, indices=idx, stream=stream,
-                                                **common).float().clamp(-1, 1).cpu()
-            elif gen.mode == "vanilla":
-                for key, stream in (("first", f"{split}-pair-a"), ("second", f"{split}-pair-b")):
-                    tensors[key] = flow.sample(velocity, (len(idx),) + shape, tokens, indices=idx, stream=stream,
-                                               device=device, **common).float().clamp(-1, 1).cpu()
+                    if hook:
+                        x = model.sample(tokens, shape, indices=idx, stream=stream, **common)
+                    else:
+                        x = flow.sample(velocity, (len(idx),) + shape, tokens, indices=idx, stream=stream,
+                                        device=device, **common)
+                    tensors[key] = x.float().clamp(-1, 1).cpu()
             else:
-                if getattr(model, "parameterization", "flow") != "flow":
-                    raise ConfigError(f"generate.mode=structural (SDEdit) needs a flow model; this policy is "
-                                      f"{model.parameterization}: use generate.mode=vanilla")
                 gt = world.render(cond_ids, generator(cfg.seed, "gen-gt", split, k), corrupt=False).clips.to(device)
                 tensors["gt"] = gt.cpu()
                 tensors["eta"] = etas
                 for key, stream in (("first", f"{split}-sdedit-a"), ("second", f"{split}-sdedit-b")):
-                    tensors[key] = flow.sdedit(velocity, gt, tokens, etas.to(device), indices=idx, stream=stream,
-                                               **common).float().clamp(-1, 1).cpu()
+                    sdedit = model.sdedit if hook else partial(flow.sdedit, velocity)
+                    tensors[key] = sdedit(gt, tokens, etas.to(device), indices=idx, stream=stream,
+                                          **common).float().clamp(-1, 1).cpu()
             atomic.save_safetensors(tensors, path, metadata={"mode": gen.mode, "split": split})
             written += 1
         captions = world.captions(cond_ids)
@@ -266,8 +268,15 @@ def prepare_policy(cfg: RunConfig, world, device):
 
 def prepare_parallel_policy(cfg: RunConfig, world, parallel):
     """``prepare_policy`` for a multi-process run: the policy (and a frozen reference copy, when that is the
-    reference) parallelized over ``parallel`` (TP/SP -> CP -> checkpointing -> compile -> FSDP)."""
-    from vidpo.models.dit.parallelize import parallelize_dit
+    reference) parallelized over ``parallel`` (TP/SP -> CP -> checkpointing -> compile -> FSDP) by the model's
+    own parallelize function (``models/<name>/parallelize.py``)."""
+    if cfg.model.kind == "dit":
+        from vidpo.models.dit.parallelize import parallelize_dit as parallelize
+    elif cfg.model.kind == "wan":
+        from vidpo.models.wan.parallelize import parallelize_wan as parallelize
+    else:
+        raise ConfigError(f"parallel layouts (torchrun with more than one process) are implemented for model.kind "
+                          f"'dit' and 'wan'; '{cfg.model.kind}' trains in one process: start it without torchrun")
 
     full = load_initial_policy(cfg, world, parallel.device)
     mode = reference_mode(cfg)
@@ -287,10 +296,10 @@ def prepare_parallel_policy(cfg: RunConfig, world, parallel):
     if mode == "lora_disabled" and cfg.lora is None:
         raise ConfigError("pref.reference=lora_disabled needs LoRA (set a lora section, e.g. --set lora.rank=8)")
     frozen = copy.deepcopy(full).eval().requires_grad_(False) if mode == "frozen_copy" else None
-    model = parallelize_dit(full, parallel, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                            compile=cfg.parallel.compile)
+    model = parallelize(full, parallel, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                        compile=cfg.parallel.compile)
     if frozen is not None:
-        frozen_parallel = parallelize_dit(frozen, parallel, compile=cfg.parallel.compile).eval()
+        frozen_parallel = parallelize(frozen, parallel, compile=cfg.parallel.compile).eval()
 
         def reference(x, t, c):
             with torch.no_grad():
@@ -304,15 +313,31 @@ def prepare_parallel_policy(cfg: RunConfig, world, parallel):
     return model, reference, mode, lora_state
 
 
+def _heads_and_temporal_patch(cfg: RunConfig, world) -> tuple[int, int]:
+    """Attention heads and temporal patch size of the run's model (what a parallel layout must divide)."""
+    if cfg.model.kind == "dit":
+        from vidpo.modeling import dit_config_for
+
+        dcfg = dit_config_for(cfg, world)
+        return dcfg.num_heads, dcfg.patch_size[0]
+    from vidpo.models.adapters import transformer_dir
+
+    if not cfg.model.path:
+        raise ConfigError(f"model.kind is '{cfg.model.kind}' but 'model.path' (the local model directory) is not set")
+    info = json.loads((transformer_dir(resolve_path(cfg.model.path)) / "config.json").read_text())
+    patch = info.get("patch_size")
+    temporal = patch[0] if isinstance(patch, (list, tuple)) else (info.get("patch_size_t") or 1)
+    return int(info["num_attention_heads"]), int(temporal)
+
+
 def start_distributed(cfg: RunConfig, world):
     """The run's ParallelContext under torchrun (None for one process), checked against the model."""
     from vidpo.distributed import DistributedSetupError, init_distributed
-    from vidpo.modeling import dit_config_for
 
-    dcfg = dit_config_for(cfg, world)
+    heads, temporal_patch = _heads_and_temporal_patch(cfg, world)
     try:
-        return init_distributed(cfg.parallel, num_heads=dcfg.num_heads, seed=cfg.seed,
-                                frames=cfg.world.frames // dcfg.patch_size[0])
+        return init_distributed(cfg.parallel, num_heads=heads, seed=cfg.seed,
+                                frames=cfg.world.frames // temporal_patch)
     except DistributedSetupError as exc:
         raise ConfigError(f"parallel: {exc}") from None
 

@@ -16,7 +16,8 @@ then uses rectified flow, ``vidpo.models.flow``):
   ``sample_timesteps(n, generator, flow)`` the model's own training-time distribution, in engine time;
   ``null_condition(cond)``                the classifier-free-guidance null (all-zero embeddings / id 0);
   ``sample(cond, shape, seed, indices, ...)`` text-to-video sampling with the model's own diffusers
-                                          scheduler and CFG;
+                                          scheduler and CFG (the sampler hook, ``vidpo.models.sampling``);
+  ``sdedit(x0, cond, eta, seed, indices, ...)`` SDEdit / StructuralDPO re-generation on the same scheduler;
   ``export_lora(path)``                   adapters in diffusers' format (``pipe.load_lora_weights(path)``).
 
 A model directory is a diffusers pipeline-style folder: ``transformer/`` (``config.json`` +
@@ -26,8 +27,9 @@ transformer folder. Nothing is downloaded: every loader takes a local path.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -76,6 +78,17 @@ class TextConditioner(nn.Module):
         return cls(load_file(str(path))["table"])
 
 
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Sampling runs the network in eval mode (no dropout) and restores the training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def transformer_dir(path: str | os.PathLike) -> Path:
     """The diffusers transformer folder of a model directory (``<path>/transformer`` or ``<path>``)."""
     p = Path(path)
@@ -87,14 +100,24 @@ def transformer_dir(path: str | os.PathLike) -> Path:
 
 
 class DiffusersVideoAdapter(nn.Module):
-    """Shared part of the adapters: condition encoding, null condition, save / load, LoRA export."""
+    """Shared part of the adapters: condition encoding, null condition, save / load, LoRA export, and the
+    sampler hook (``sample`` / ``sdedit`` through ``vidpo.models.sampling.SchedulerSampler``).
+
+    A subclass names its schedulers in ``SAMPLERS`` (the first is the default) and says how its scheduler's
+    timesteps map to engine time: ``make_sampling_scheduler(name, **overrides)``, ``scheduler_model_time``,
+    ``scheduler_level`` (see ``vidpo.models.sampling.SamplerSpec``)."""
 
     transformer_class = None  # set by subclasses (a diffusers ModelMixin)
+    SAMPLERS: tuple[str, ...] = ()
 
-    def __init__(self, transformer: nn.Module, conditioner: Optional[TextConditioner] = None):
+    def __init__(self, transformer: nn.Module, conditioner: Optional[TextConditioner] = None, *,
+                 sampler: Optional[str] = None):
         super().__init__()
         self.transformer = transformer
         self.conditioner = conditioner
+        if sampler is not None and sampler not in self.SAMPLERS:
+            raise ValueError(f"{type(self).__name__} samples with one of {self.SAMPLERS}, not '{sampler}'")
+        self.sampler_name = sampler or self.SAMPLERS[0]
 
     # ----- conditions -------------------------------------------------------------------------------
     def encode_condition(self, cond: torch.Tensor) -> torch.Tensor:
@@ -114,6 +137,51 @@ class DiffusersVideoAdapter(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
+
+    # ----- sampling: the model's own scheduler ---------------------------------------------------------
+    def make_sampling_scheduler(self, name: Optional[str] = None, **overrides):
+        raise NotImplementedError
+
+    def scheduler_model_time(self, scheduler, timestep: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scheduler_level(self, scheduler, index: int) -> float:
+        raise NotImplementedError
+
+    def sampler(self, name: Optional[str] = None, **overrides):
+        """A ``SchedulerSampler`` over this model with scheduler ``name`` (default: ``self.sampler_name``)."""
+        from vidpo.models.sampling import SamplerSpec, SchedulerSampler
+
+        spec = SamplerSpec(make_scheduler=lambda: self.make_sampling_scheduler(name, **overrides),
+                           model_time=self.scheduler_model_time, level=self.scheduler_level,
+                           interpolate=self.interpolate)
+        return SchedulerSampler(lambda x, t, c: self(x, t, c).float(), spec)
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, shape: Sequence[int], *, seed: int, indices: Sequence[int],
+               steps: int = 50, cfg_scale: float = 5.0, stream: str = "sample",
+               null_cond: Optional[torch.Tensor] = None, sampler: Optional[str] = None, **overrides) -> torch.Tensor:
+        """Text-to-video ``(len(indices), *shape)`` fp32 with the model's scheduler and CFG
+        ``pred = pred_null + w (pred_cond - pred_null)``; row k starts from the noise of sample ``indices[k]``."""
+        null = self.null_condition(cond) if null_cond is None else null_cond
+        with _eval_mode(self):
+            return self.sampler(sampler, **overrides).sample(cond, shape, seed=seed, indices=indices, steps=steps,
+                                                             cfg_scale=cfg_scale, stream=stream, null_cond=null,
+                                                             device=self._device())
+
+    @torch.no_grad()
+    def sdedit(self, x0: torch.Tensor, cond: torch.Tensor, eta, *, seed: int, indices: Sequence[int],
+               steps: int = 50, cfg_scale: float = 5.0, stream: str = "sample",
+               null_cond: Optional[torch.Tensor] = None, sampler: Optional[str] = None, **overrides) -> torch.Tensor:
+        """SDEdit of ``x0`` from level ``eta`` (float or (B,)) on the scheduler's grid; fp32."""
+        null = self.null_condition(cond) if null_cond is None else null_cond
+        with _eval_mode(self):
+            return self.sampler(sampler, **overrides).sdedit(x0.to(self._device()), cond, eta, seed=seed,
+                                                             indices=indices, steps=steps, cfg_scale=cfg_scale,
+                                                             stream=stream, null_cond=null)
+
+    def _device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
 
     # ----- files ------------------------------------------------------------------------------------
     @classmethod
@@ -135,14 +203,15 @@ class DiffusersVideoAdapter(nn.Module):
         return save_lora(self.transformer, os.fspath(path), prefix_style="diffusers")
 
 
-def load_adapter(kind: str, path: str | os.PathLike) -> DiffusersVideoAdapter:
-    """The adapter of ``kind`` ('wan' | 'cogvideox') over the model directory ``path``."""
+def load_adapter(kind: str, path: str | os.PathLike, **kwargs) -> DiffusersVideoAdapter:
+    """The adapter of ``kind`` ('wan' | 'cogvideox') over the model directory ``path``; ``kwargs`` go to the
+    adapter (``sampler``; Wan also ``sample_shift``)."""
     if kind == "wan":
         from vidpo.models.wan import WanAdapter
 
-        return WanAdapter.from_pretrained(path)
+        return WanAdapter.from_pretrained(path, **kwargs)
     if kind == "cogvideox":
         from vidpo.models.cogvideox import CogVideoXAdapter
 
-        return CogVideoXAdapter.from_pretrained(path)
+        return CogVideoXAdapter.from_pretrained(path, **kwargs)
     raise ValueError(f"unknown model kind '{kind}'; expected one of {ADAPTER_KINDS}")

@@ -20,9 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from vidpo.models import flow
 from vidpo.models.adapters import DiffusersVideoAdapter, TextConditioner
-from vidpo.seeding import randn_per_sample
 
 # CogVideoX-2B's scheduler (its scheduler/scheduler_config.json), built here so no hub file is needed.
 COGVIDEOX_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -46,9 +44,13 @@ class CogVideoXAdapter(DiffusersVideoAdapter):
     """``forward(x (B, C, T, H, W), t (B,) in [0, 1], cond) -> v-prediction (B, C, T, H, W)``."""
 
     parameterization = "v_prediction"
+    # 'ddim': CogVideoXDDIMScheduler (deterministic, eta = 0; CogVideoX-2B's default); 'dpm':
+    # CogVideoXDPMScheduler (DPM-Solver++ 2M SDE, CogVideoX-5B's default; fresh noise at every step).
+    SAMPLERS = ("ddim", "dpm")
 
-    def __init__(self, transformer, conditioner: Optional[TextConditioner] = None, *, scheduler=None):
-        super().__init__(transformer, conditioner)
+    def __init__(self, transformer, conditioner: Optional[TextConditioner] = None, *, scheduler=None,
+                 sampler: Optional[str] = None):
+        super().__init__(transformer, conditioner, sampler=sampler)
         self.scheduler = scheduler if scheduler is not None else make_scheduler()
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
 
@@ -91,25 +93,41 @@ class CogVideoXAdapter(DiffusersVideoAdapter):
         k = torch.randint(lo, hi + 1, (n,), generator=generator)
         return k.double().div(top).float()
 
-    # ----- sampling -----------------------------------------------------------------------------------
-    @torch.no_grad()
+    # ----- sampling (the sampler hook: vidpo.models.sampling over these schedulers) ---------------------------
+    def make_sampling_scheduler(self, name: Optional[str] = None):
+        """A fresh 'ddim' or 'dpm' scheduler (default ``self.sampler_name``) with this model's scheduler
+        config (betas, zero-terminal-SNR rescaling, SNR shift, trailing spacing, v-prediction)."""
+        from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+        name = name or self.sampler_name
+        classes = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
+        if name not in classes:
+            raise ValueError(f"CogVideoXAdapter samples with one of {self.SAMPLERS}, not '{name}'")
+        return classes[name].from_config(self.scheduler.config)
+
+    def scheduler_model_time(self, scheduler, timestep: torch.Tensor) -> torch.Tensor:
+        """Integer timestep k -> engine time k / (N - 1), which ``forward`` maps back to k exactly."""
+        return torch.as_tensor(timestep).double().div(self.num_train_timesteps - 1).float()
+
+    def scheduler_level(self, scheduler, index: int) -> float:
+        """The state before step i is x_k at k = timesteps[i] (``add_noise`` at k = ``interpolate`` at k/(N-1))."""
+        return float(scheduler.timesteps[index]) / (self.num_train_timesteps - 1)
+
     def sample(self, cond: torch.Tensor, shape: Sequence[int], *, seed: int, indices: Sequence[int],
                steps: int = 50, cfg_scale: float = 6.0, stream: str = "sample",
-               null_cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Text-to-video with ``CogVideoXDDIMScheduler`` (deterministic DDIM, eta = 0) and CFG
-        ``v = v_null + w (v_cond - v_null)``, CogVideoXPipeline's loop. Returns (B, *shape) fp32."""
-        device = next(self.parameters()).device
-        x = randn_per_sample((len(indices),) + tuple(shape), seed, indices, stream, device=device)
-        scheduler = make_scheduler(**dict(self.scheduler.config))
-        scheduler.set_timesteps(steps, device=device)
-        x = x * scheduler.init_noise_sigma
-        null = self.null_condition(cond) if null_cond is None else null_cond
-        top = self.num_train_timesteps - 1
-        for timestep in scheduler.timesteps:
-            t = (timestep.double() / top).float().expand(x.shape[0]).to(device)
-            v = flow.guided_velocity(lambda a, b, c: self(a, b, c).float(), x, t, cond, null, cfg_scale)
-            x = scheduler.step(v, timestep, x, return_dict=False)[0]
-        return x.float()
+               null_cond: Optional[torch.Tensor] = None, sampler: Optional[str] = None) -> torch.Tensor:
+        """Text-to-video with ``CogVideoXDDIMScheduler`` (deterministic DDIM, eta = 0) or ``CogVideoXDPMScheduler``
+        and CFG ``v = v_null + w (v_cond - v_null)``: CogVideoXPipeline's loop. Returns (B, *shape) fp32."""
+        return super().sample(cond, shape, seed=seed, indices=indices, steps=steps, cfg_scale=cfg_scale,
+                              stream=stream, null_cond=null_cond, sampler=sampler)
+
+    def sdedit(self, x0: torch.Tensor, cond: torch.Tensor, eta, *, seed: int, indices: Sequence[int],
+               steps: int = 50, cfg_scale: float = 6.0, stream: str = "sample",
+               null_cond: Optional[torch.Tensor] = None, sampler: Optional[str] = None) -> torch.Tensor:
+        """SDEdit: ``x_k = alpha_k x0 + sigma_k eps`` at the first grid timestep k with k / 999 <= eta, then the
+        scheduler's remaining steps (CogVideoXVideoToVideoPipeline's strength, on the engine's eta)."""
+        return super().sdedit(x0, cond, eta, seed=seed, indices=indices, steps=steps, cfg_scale=cfg_scale,
+                              stream=stream, null_cond=null_cond, sampler=sampler)
 
 
 def tiny_cogvideox_transformer(*, in_channels: int = 4, text_dim: int = 16, text_len: int = 3, frames: int = 4,

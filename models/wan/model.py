@@ -7,7 +7,9 @@ adapter's only conversions are ``timestep = 1000 t`` and conditions -> (B, L, te
 already (B, C, T, H, W).
 
 Training-time timesteps: the engine's logit-normal in ``[flow.t_min, flow.t_max]`` (SD3 / Wan fine-tuning
-practice); sampling: diffusers' ``FlowMatchEulerDiscreteScheduler`` with Wan's time shift and CFG.
+practice); sampling (the sampler hook, ``vidpo.models.sampling``): diffusers' ``FlowMatchEulerDiscreteScheduler``
+('flow_euler') or ``UniPCMultistepScheduler`` over flow sigmas ('unipc', the Wan 2.1 releases' scheduler) with
+Wan's time shift and CFG. Multi-process layouts: ``vidpo.models.wan.parallelize``.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import torch
 
 from vidpo.models import flow
 from vidpo.models.adapters import DiffusersVideoAdapter, TextConditioner
-from vidpo.seeding import randn_per_sample
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -32,9 +33,13 @@ class WanAdapter(DiffusersVideoAdapter):
     """``forward(x (B, C, T, H, W), t (B,) in [0, 1], cond) -> velocity (B, C_out, T, H, W)``."""
 
     parameterization = "flow"
+    # 'flow_euler': FlowMatchEulerDiscreteScheduler (Euler over the shifted sigmas); 'unipc':
+    # UniPCMultistepScheduler with flow sigmas, the scheduler of the Wan 2.1 diffusers releases.
+    SAMPLERS = ("flow_euler", "unipc")
 
-    def __init__(self, transformer, conditioner: Optional[TextConditioner] = None, *, sample_shift: float = 1.0):
-        super().__init__(transformer, conditioner)
+    def __init__(self, transformer, conditioner: Optional[TextConditioner] = None, *, sample_shift: float = 1.0,
+                 sampler: Optional[str] = None):
+        super().__init__(transformer, conditioner, sampler=sampler)
         self.sample_shift = float(sample_shift)
 
     @classmethod
@@ -63,30 +68,51 @@ class WanAdapter(DiffusersVideoAdapter):
                                                t_min=flow_cfg.t_min, t_max=flow_cfg.t_max)
         return flow.sample_timesteps(n, generator, **kw)
 
-    # ----- sampling -----------------------------------------------------------------------------------
+    # ----- sampling (the sampler hook: vidpo.models.sampling over these schedulers) ---------------------------
     def make_scheduler(self, shift: Optional[float] = None):
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        """The flow-match Euler scheduler (WanPipeline's loop with ``FlowMatchEulerDiscreteScheduler``)."""
+        return self.make_sampling_scheduler("flow_euler", shift=shift)
 
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-                                               shift=self.sample_shift if shift is None else shift)
+    def make_sampling_scheduler(self, name: Optional[str] = None, *, shift: Optional[float] = None):
+        """A fresh scheduler ``name`` ('flow_euler' | 'unipc'; default ``self.sampler_name``) with time shift
+        ``shift`` (default ``self.sample_shift``; Wan 2.1 uses 3.0 at 480p, 5.0 at 720p)."""
+        name = name or self.sampler_name
+        shift = self.sample_shift if shift is None else float(shift)
+        if name == "flow_euler":
+            from diffusers import FlowMatchEulerDiscreteScheduler
 
-    @torch.no_grad()
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+        if name == "unipc":
+            from diffusers import UniPCMultistepScheduler
+
+            return UniPCMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction",
+                                           use_flow_sigmas=True, flow_shift=shift, solver_order=2)
+        raise ValueError(f"WanAdapter samples with one of {self.SAMPLERS}, not '{name}'")
+
+    def scheduler_model_time(self, scheduler, timestep: torch.Tensor) -> torch.Tensor:
+        """WanPipeline feeds the transformer the scheduler's timestep itself; forward multiplies t by 1000."""
+        return torch.as_tensor(timestep).double().div(NUM_TRAIN_TIMESTEPS).float()
+
+    def scheduler_level(self, scheduler, index: int) -> float:
+        """Flow schedulers integrate over ``sigmas``: the state before step i is x_{sigma_i} (engine t = sigma)."""
+        return float(scheduler.sigmas[index])
+
     def sample(self, cond: torch.Tensor, shape: Sequence[int], *, seed: int, indices: Sequence[int],
                steps: int = 30, cfg_scale: float = 5.0, shift: Optional[float] = None, stream: str = "sample",
-               null_cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Text-to-video with ``FlowMatchEulerDiscreteScheduler`` (WanPipeline's loop): CFG
-        ``v = v_null + w (v_cond - v_null)`` then ``x <- x + (sigma_next - sigma) v``. Row k starts from the
-        noise of sample ``indices[k]`` (``vidpo.seeding.randn_per_sample``). Returns (B, *shape) fp32."""
-        device = next(self.parameters()).device
-        x = randn_per_sample((len(indices),) + tuple(shape), seed, indices, stream, device=device)
-        scheduler = self.make_scheduler(shift)
-        scheduler.set_timesteps(steps, device=device)
-        null = self.null_condition(cond) if null_cond is None else null_cond
-        for timestep in scheduler.timesteps:
-            t = (timestep / NUM_TRAIN_TIMESTEPS).expand(x.shape[0])
-            v = flow.guided_velocity(lambda a, b, c: self(a, b, c).float(), x, t, cond, null, cfg_scale)
-            x = scheduler.step(v, timestep, x, return_dict=False)[0]
-        return x.float()
+               null_cond: Optional[torch.Tensor] = None, sampler: Optional[str] = None) -> torch.Tensor:
+        """Text-to-video with the flow scheduler (WanPipeline's loop): CFG ``v = v_null + w (v_cond - v_null)``
+        then ``scheduler.step`` (Euler: ``x <- x + (sigma_next - sigma) v``). Row k starts from the noise of
+        sample ``indices[k]`` (``vidpo.seeding.randn_per_sample``). Returns (B, *shape) fp32."""
+        return super().sample(cond, shape, seed=seed, indices=indices, steps=steps, cfg_scale=cfg_scale,
+                              stream=stream, null_cond=null_cond, sampler=sampler, shift=shift)
+
+    def sdedit(self, x0: torch.Tensor, cond: torch.Tensor, eta, *, seed: int, indices: Sequence[int],
+               steps: int = 30, cfg_scale: float = 5.0, shift: Optional[float] = None, stream: str = "sample",
+               null_cond: Optional[torch.Tensor] = None, sampler: Optional[str] = None) -> torch.Tensor:
+        """StructuralDPO's SDEdit: ``x = (1 - sigma_s) x0 + sigma_s eps`` at the first grid sigma <= eta, then
+        the scheduler's remaining steps (``vidpo.models.sampling``)."""
+        return super().sdedit(x0, cond, eta, seed=seed, indices=indices, steps=steps, cfg_scale=cfg_scale,
+                              stream=stream, null_cond=null_cond, sampler=sampler, shift=shift)
 
 
 def tiny_wan_transformer(*, in_channels: int = 3, text_dim: int = 16, num_layers: int = 1, seed: int = 0):
