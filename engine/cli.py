@@ -63,7 +63,8 @@ def cmd_eval(args) -> int:
         brief["base"] = out["base"]["oracle"]
         brief["delta"] = out["delta"]["oracle"]
         brief["win_rate"] = out["delta"]["win_rate"]
-    brief["per_component"] = {k: round(v["mean"], 4) for k, v in out["model"].items() if k != "oracle"}
+    brief["per_component"] = {k: round(v["mean"], 4) for k, v in out["model"].items() if k.startswith("oracle/")}
+    brief["mode_rates"] = {k[5:]: round(v["mean"], 4) for k, v in out["model"].items() if k.startswith("mode/")}
     _print(brief)
     return 0
 

@@ -50,7 +50,8 @@ def evaluate_row(name: str, kind: str, steps: int, sample: Callable[[list], torc
     clips, per_clip = timed_sampling(sample, indices, repeats=repeats)
     with torch.no_grad():
         score = oracle.score(clips, cond_ids)
-    result = EvalResult(total=score.total, components=dict(score.components), samples=clips, cond_ids=cond_ids)
+    result = EvalResult(total=score.total, components=dict(score.components), samples=clips, cond_ids=cond_ids,
+                        modes=oracle.failure_modes(clips, cond_ids))
     summary = result.summary()
     row = {"model": name, "kind": kind, "steps": steps, "nfe_per_clip": steps * (2 if kind == "teacher" else 1),
            "oracle": summary["oracle"], "motion": summary["oracle/motion"],

@@ -7,8 +7,9 @@ without new human labels:
    Monte-Carlo dropout with its own seed and, with ``iterate.vote_augment``, a different label-preserving
    view of the pair (``vidpo.critic.Symmetries``: flips and time reversal with the caption mapped). The
    order of a pair needs no swapping: the critic scores each video on its own, so ``d(a, b) = -d(b, a)``
-   holds exactly. The pseudo-label is the **mode** of the K labels in {-1, 0, +1} (a tie between the
-   counts of two labels gives 0); ``agreement`` = its count / K. A pair whose vote is a tie is not kept.
+   holds exactly. A pass calls a tie when the critic's probability of the winner is below
+   ``iterate.vote_min_confidence``. The pseudo-label is the **mode** of the K labels in {-1, 0, +1} (a tie
+   between the counts of two labels gives 0); ``agreement`` = its count / K. A tie vote is not kept.
 
 2. **Preference Certainty Estimate.** The paper defines the PCE from DPO's implicit reward
    ``R(y|x) = log pi_theta(y|x) / pi_ref(y|x)`` and the dataset-average reward ``Q`` but its equation did
@@ -171,7 +172,7 @@ def pseudo_label_pairs(pairs_dir: str | Path, critic, policy: VelocityFn, refere
     seed = derive_seed(cfg.seed, *stream)
     votes = critic_votes(critic, first, second, cond_ids, world, segment_ids, passes=it.votes, seed=seed,
                          dropout=it.vote_dropout, augment=it.vote_augment, tie_margin=cfg.critic.tie_margin,
-                         min_confidence=cfg.critic.min_confidence, granularity=cfg.critic.granularity,
+                         min_confidence=it.vote_min_confidence, granularity=cfg.critic.granularity,
                          batch_size=cfg.critic.batch_size_eval)
     r_first, r_second = implicit_rewards(policy, reference, first, second, world.tokens(cond_ids),
                                          beta=cfg.pref.beta, seed=seed, draws=it.pce_timesteps,

@@ -14,7 +14,7 @@ Intervals: mean +- t_{0.975, n-1} * sd / sqrt(n) (Student t; normal for n > 120)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -55,11 +55,14 @@ class EvalResult:
     components: dict[str, torch.Tensor]   # name -> (n,)
     samples: torch.Tensor                 # (n, 3, T, H, W) in [-1, 1]
     cond_ids: torch.Tensor                # (n, 3)
+    modes: dict[str, torch.Tensor] = field(default_factory=dict)  # bad mode -> (n,) bool (ShapesOracle.failure_modes)
 
     def summary(self) -> dict:
         out = {"oracle": mean_ci(self.total)}
         for name, values in self.components.items():
             out[f"oracle/{name}"] = mean_ci(values)
+        for name, flags in self.modes.items():  # rates: the share of samples that show each bad mode
+            out[f"mode/{name}"] = mean_ci(flags.double())
         return out
 
     def flat(self) -> dict:
@@ -68,7 +71,8 @@ class EvalResult:
         for key, stats in self.summary().items():
             name = "oracle/total" if key == "oracle" else key
             row[name] = stats["mean"]
-            row[name + "_ci_lo"], row[name + "_ci_hi"] = stats["ci95"]
+            if not key.startswith("mode/"):  # rates are plotted plain; their CIs stay in summary.json
+                row[name + "_ci_lo"], row[name + "_ci_hi"] = stats["ci95"]
         return row
 
 
@@ -115,7 +119,7 @@ def evaluate_model(model, cfg: RunConfig, world, oracle, *, num_samples: Optiona
                          cfg_scale=cfg.eval.cfg_scale, batch_size=cfg.sample.batch_size)
     score = oracle.score(clips, cond_ids, segment_ids)
     return EvalResult(total=score.total.detach(), components={k: v.detach() for k, v in score.components.items()},
-                      samples=clips, cond_ids=cond_ids)
+                      samples=clips, cond_ids=cond_ids, modes=oracle.failure_modes(clips, cond_ids))
 
 
 def paired_delta(final: EvalResult, base: EvalResult) -> dict:
@@ -124,6 +128,8 @@ def paired_delta(final: EvalResult, base: EvalResult) -> dict:
     out = {"oracle": mean_ci(delta)}
     for name in final.components:
         out[f"oracle/{name}"] = mean_ci(final.components[name] - base.components[name])
+    for name in final.modes.keys() & base.modes.keys():
+        out[f"mode/{name}"] = mean_ci(final.modes[name].double() - base.modes[name].double())
     wins = (delta > 0).double().mean().item()
     ties = (delta == 0).double().mean().item()
     out["win_rate"] = wins + 0.5 * ties

@@ -446,6 +446,7 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
     from vidpo.modeling import build_world, pick_device, set_threads
     from vidpo.data.oracle import ShapesOracle
     from vidpo.pipeline import run_segment_ids
+    from vidpo.recipe import load_config
 
     cfg = copy.deepcopy(cfg)
     if cfg.train.objective not in PREFERENCE_OBJECTIVES:
@@ -462,7 +463,8 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
     setup_logging(out)
     set_threads(cfg)
     saved = out / "config.yaml"
-    if saved.exists() and saved.read_text() != to_yaml(cfg):
+    # Compare after loading, so fields added to the config since the run started read as their defaults.
+    if saved.exists() and to_yaml(load_config(saved)) != to_yaml(cfg):
         raise ConfigError(f"{out} holds a run of a different config ({saved}); use a new --out, or the same "
                           "recipe and --set overrides to resume")
     atomic.write_text(saved, to_yaml(cfg))

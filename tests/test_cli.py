@@ -63,7 +63,10 @@ def test_train_sample_eval_chain(tmp_path):
     brief = json.loads(vidpo("eval", "--ckpt", run, "--base", run, "--out", ev, "--num", 8).stdout)
     assert brief["delta"]["mean"] == 0.0  # same weights, same seeds: the paired delta is exactly zero
     full = json.loads((ev / "eval.json").read_text())
-    assert set(full["model"]) >= {"oracle", "oracle/colour", "oracle/motion"}
+    assert set(full["model"]) >= {"oracle", "oracle/colour", "oracle/motion", "mode/wrong_colour",
+                                  "mode/reversed_direction", "mode/static", "mode/missing"}
+    assert set(brief["mode_rates"]) == {"wrong_colour", "reversed_direction", "static", "missing"}
+    assert full["delta"]["mode/static"]["mean"] == 0.0 and 0 <= brief["mode_rates"]["missing"] <= 1
     lo, hi = full["model"]["oracle"]["ci95"]
     assert lo <= full["model"]["oracle"]["mean"] <= hi
 

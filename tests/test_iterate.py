@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vidpo import atomic
-from vidpo.dual_ipo import implicit_rewards, mode_vote, preference_certainty
+from vidpo.critic import build_critic, score_videos
+from vidpo.dual_ipo import critic_votes, implicit_rewards, mode_vote, preference_certainty
 from vidpo.iterate import iterate
 from vidpo.modeling import build_policy, build_world
 from vidpo.recipe import ConfigError, load_config
@@ -28,6 +29,28 @@ def test_mode_vote_majority_and_contested():
     label, share = mode_vote(votes)
     assert label.tolist() == [1, -1, 0, 0, 0]          # pairs 3 and 4: every label once -> no majority
     torch.testing.assert_close(share, torch.tensor([1.0, 2 / 3, 1.0, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_critic_votes_deterministic_views_and_confidence(micro_overrides):
+    cfg = load_config(None, micro_overrides + ["critic.width=16", "critic.num_heads=2", "critic.depth=1"])
+    world = build_world(cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        critic = build_critic(cfg, world).eval()
+    g = torch.Generator().manual_seed(2)
+    first, second = torch.rand(6, 3, 4, 8, 8, generator=g) * 2 - 1, torch.rand(6, 3, 4, 8, 8, generator=g) * 2 - 1
+    cond, seg = world.condition(torch.arange(6) * 5), torch.tensor([0, 0, 1, 1])
+    kw = dict(passes=4, seed=7)
+    a = critic_votes(critic, first, second, cond, world, seg, **kw)
+    b = critic_votes(critic, first, second, cond, world, seg, **kw)
+    assert torch.equal(a.passes, b.passes) and a.labels.shape == (6, 2)
+    assert torch.equal(a.labels, a.video_labels[:, None].expand(-1, 2))          # 'video' granularity
+    plain = critic_votes(critic, first, second, cond, world, seg, passes=3, seed=7, dropout=False, augment=False)
+    assert (plain.passes == plain.passes[0]).all() and (plain.agreement[plain.video_labels != 0] == 1).all()
+    d = score_videos(critic, first, cond, world, seg).video - score_videos(critic, second, cond, world, seg).video
+    assert torch.equal(plain.video_labels, torch.sign(d).long())
+    sure = critic_votes(critic, first, second, cond, world, seg, passes=3, seed=7, min_confidence=0.999999)
+    assert (sure.video_labels == 0).all()                                          # nobody is that sure: ties
 
 
 def test_preference_certainty_float64_reference():
@@ -105,7 +128,8 @@ def ipo_cfg(micro_overrides, base, *extra):
         f"train.init_from={base}", "train.objective=flow_dpo", "train.max_steps=2", "train.warmup_steps=0",
         "train.ckpt_every=1", "flow.t_min=0.3", "pref.sft_weight=0.5", "iterate.rounds=2", "iterate.seed_pairs=8",
         "iterate.eval_pairs=6", "iterate.votes=3", "iterate.pce_timesteps=1", "critic.width=16", "critic.num_heads=2",
-        "critic.depth=1", "critic.steps=4", "critic.batch_size=4", "eval.num_samples=6", *extra])
+        "critic.depth=1", "critic.steps=4", "critic.batch_size=4", "eval.num_samples=6",
+        "iterate.vote_min_confidence=0.55", *extra])
 
 
 def test_iterate_rounds_summary_report_and_resume_after_kill(tmp_path, micro_overrides, base_ckpt, monkeypatch):

@@ -271,7 +271,7 @@ def train_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -
                                skip=d.skip, renoise=d.sampler_noise, batch_size=cfg.sample.batch_size)
         score = oracle.score(clips, cond_ids)
         return EvalResult(total=score.total.detach(), components={k: v.detach() for k, v in score.components.items()},
-                          samples=clips, cond_ids=cond_ids)
+                          samples=clips, cond_ids=cond_ids, modes=oracle.failure_modes(clips, cond_ids))
 
     trainer = Trainer(cfg, out_dir, model, objective, device=device, resume=resume)
     if cfg.train.eval_every > 0:
