@@ -239,7 +239,8 @@ def test_training_process_holds_no_teacher_and_eval_table(distill_run, tmp_path)
     root, over, _ = distill_run
     args = [a for o in over + [f"distill.data={root / 'data'}", "train.objective=consistency_distill",
                                "train.max_steps=2", "reward.video={shapes_oracle: 1.0}", "reward.subset=all",
-                               "train.num_threads=1"]
+                               "train.num_threads=1",
+                               "model.patch_size=[1,4,4]"]  # the fixture's teacher: the preset's patches, not the recipe's
             for a in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "vidpo", "train", str(REPO / "recipes/shapes/pretrain.yaml"),
