@@ -459,6 +459,10 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) ->
         "components": {name.split("/", 1)[1]: {"base": base_s[name]["mean"], "final": final_s[name]["mean"],
                                                "delta": delta[name]["mean"], "delta_ci95": delta[name]["ci95"]}
                        for name in base_s if name.startswith("oracle/")},
+        # Bad-mode rates (ShapesOracle.failure_modes): did the run remove backwards / static / wrong-colour clips?
+        "modes": {name.split("/", 1)[1]: {"base": base_s[name]["mean"], "final": final_s[name]["mean"],
+                                          "delta": delta[name]["mean"], "delta_ci95": delta[name]["ci95"]}
+                  for name in base_s if name.startswith("mode/") and name in delta},
         "win_rate": delta["win_rate"],
         "implicit_accuracy": {"train": acc_train, "heldout": acc_heldout},
         "labels": json.loads((pairs_dir / "label.json").read_text()) if (pairs_dir / "label.json").exists() else None,

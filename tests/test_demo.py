@@ -28,3 +28,4 @@ def test_reduced_demo_improves_oracle_with_ci_above_zero(tmp_path):
     on_disk = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(on_disk["oracle"]) >= {"base", "final", "delta"} and "ci95" in on_disk["oracle"]["delta"]
     assert (tmp_path / "demo" / "report.html").exists()
+    assert set(on_disk["modes"]) == {"missing", "wrong_colour", "reversed_direction", "static"}
