@@ -7,12 +7,12 @@ here; the parallel layout is TP=2 + sequence parallel (the most communication-he
 also reshards tensor-parallel shards back into single-device weights.
 """
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from dist_utils import free_port
 
 from vidpo import atomic
 from vidpo import checkpoint as ckpt
@@ -25,12 +25,6 @@ from vidpo.recipe import REPO_ROOT, load_config
 pytest.importorskip("megatron.core")
 
 RECIPE = str(REPO_ROOT / "recipes" / "shapes" / "dpo_demo.yaml")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

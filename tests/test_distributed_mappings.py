@@ -6,26 +6,13 @@ seed and takes its part). The two processes are spawned once; one pytest test pe
 ranks passed. (The megatron-core CPU shim is checked in test_distributed_training.py, whose workers start
 megatron-core anyway.)
 """
-import datetime
-import json
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_utils import (WORLD, assert_all_ranks_ok, destroy_gloo, init_gloo, record, set_torchrun_env,
+                        spawn_workers, worker_results)
 
 from vidpo import mappings
-
-WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tensors(*shapes, seed=0):
@@ -124,41 +111,23 @@ CHECKS["uneven_split_error"] = check_uneven_split_error
 
 
 def worker(rank, port, result_dir):
-    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    results = {}
-    try:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    set_torchrun_env(rank, port)
+    with worker_results(rank, result_dir, teardown=destroy_gloo) as results:
+        init_gloo(rank, port)
         group = dist.new_group(list(range(WORLD)))
         for name, fn in CHECKS.items():
-            try:
-                fn(rank, group)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
+            record(results, name, fn, rank, group)
             dist.barrier()
-    finally:
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    result_dir = str(tmp_path_factory.mktemp("mappings"))
-    mp.spawn(worker, args=(free_port(), result_dir), nprocs=WORLD, join=True)
-    per_rank = []
-    for rank in range(WORLD):
-        with open(os.path.join(result_dir, f"rank{rank}.json")) as f:
-            per_rank.append(json.load(f))
-    return per_rank
+    return spawn_workers(worker, str(tmp_path_factory.mktemp("mappings")))
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_two_process_gloo(results, name):
-    for rank, per_rank in enumerate(results):
-        assert per_rank.get(name) == "ok", f"rank {rank}, {name}:\n{per_rank.get(name)}"
+    assert_all_ranks_ok(results, name)
 
 
 def test_single_rank_is_identity():

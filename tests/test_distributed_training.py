@@ -11,15 +11,13 @@ checkpoints in one process to check that DCP checkpoints load at another world s
 then check the megatron-core CPU shim (RNG tracker, sequence-parallel linear layer).
 """
 import json
-import os
-import socket
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_utils import (WORLD, assert_all_ranks_ok, record, set_torchrun_env, spawn_workers, vidpo_shutdown,
+                        worker_results)
 from safetensors.torch import load_file
 
 from vidpo import atomic
@@ -31,7 +29,6 @@ from vidpo.recipe import load_config
 
 pytest.importorskip("megatron.core")
 
-WORLD = 2
 # name -> (objective overrides, parallel overrides)
 LAYOUTS = {
     "tp2": ("dense", ["parallel.tp=2"]),
@@ -51,12 +48,6 @@ OBJECTIVES = {
     "lora": ["train.objective=dense_dpo", "lora.rank=2"],
     "dense_accum": ["train.objective=dense_dpo", "train.grad_accum=2"],
 }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def config(micro, base, pairs, objective, *extra):
@@ -155,43 +146,26 @@ SHIM_CHECKS = {"shim_rng_tracker": check_shim_rng_tracker,
 RESUMED_AT_2 = {"tp2_sp_from_single": ["parallel.tp=2", "parallel.sp=true", "train.max_steps=2"]}
 
 
-def worker(rank, port, prepared, result_dir):
-    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    results = {}
-    try:
+def train_layout(prepared, name, objective, *parallel):
+    """One of the worker's training runs: the ``objective`` with ``parallel`` overrides, into ``<root>/<name>``."""
+    cfg = config(prepared["micro"], prepared["base"], prepared["pairs"], objective, *parallel)
+    train_preference(cfg, prepared["root"] / name)
+
+
+def worker(rank, port, result_dir, prepared):
+    set_torchrun_env(rank, port, OMP_NUM_THREADS="1")
+    with worker_results(rank, result_dir, teardown=vidpo_shutdown) as results:
         for name, (objective, parallel) in LAYOUTS.items():
-            try:
-                cfg = config(prepared["micro"], prepared["base"], prepared["pairs"], objective, *parallel)
-                train_preference(cfg, prepared["root"] / name)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
+            record(results, name, train_layout, prepared, name, objective, *parallel)
         for name, parallel in RESUMED_AT_2.items():
-            try:
-                cfg = config(prepared["micro"], prepared["base"], prepared["pairs"], "dense", *parallel)
-                train_preference(cfg, prepared["root"] / name)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
+            record(results, name, train_layout, prepared, name, "dense", *parallel)
         from vidpo import distributed
         from vidpo.config import ParallelConfig
 
         distributed.init_distributed(ParallelConfig(tp=2))
         group = distributed._import_megatron().get_tensor_model_parallel_group()
         for name, fn in SHIM_CHECKS.items():
-            try:
-                fn(rank, group)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-    finally:
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        from vidpo.distributed import shutdown
-
-        shutdown()
+            record(results, name, fn, rank, group)
 
 
 @pytest.fixture(scope="module")
@@ -200,19 +174,12 @@ def runs(prepared, tmp_path_factory):
 
     for name in RESUMED_AT_2:
         shutil.copytree(prepared["references"]["dense"], prepared["root"] / name)
-    result_dir = str(tmp_path_factory.mktemp("results"))
-    mp.spawn(worker, args=(free_port(), prepared, result_dir), nprocs=WORLD, join=True)
-    per_rank = []
-    for rank in range(WORLD):
-        with open(os.path.join(result_dir, f"rank{rank}.json")) as f:
-            per_rank.append(json.load(f))
-    return per_rank
+    return spawn_workers(worker, str(tmp_path_factory.mktemp("results")), prepared)
 
 
 @pytest.mark.parametrize("name", list(SHIM_CHECKS))
 def test_megatron_cpu_shim(runs, name):
-    for rank, results in enumerate(runs):
-        assert results.get(name) == "ok", f"rank {rank}, {name}:\n{results.get(name)}"
+    assert_all_ranks_ok(runs, name)
 
 
 def train_rows(run_dir):
@@ -221,8 +188,7 @@ def train_rows(run_dir):
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_one_step_matches_single_process(prepared, runs, name):
-    for rank, results in enumerate(runs):
-        assert results[name] == "ok", f"rank {rank}, layout {name}:\n{results[name]}"
+    assert_all_ranks_ok(runs, name)
     objective = LAYOUTS[name][0]
     reference_dir, run_dir = prepared["references"][objective], prepared["root"] / name
     (expected,), (actual,) = train_rows(reference_dir), train_rows(run_dir)
@@ -288,6 +254,5 @@ def test_dcp_checkpoint_resumes_in_one_process(prepared, runs, tmp_path):
 
 @pytest.mark.parametrize("name", list(RESUMED_AT_2))
 def test_single_process_checkpoint_resumes_at_world_size_2(prepared, runs, name):
-    for rank, results in enumerate(runs):
-        assert results[name] == "ok", f"rank {rank}, {name}:\n{results[name]}"
+    assert_all_ranks_ok(runs, name)
     assert_continues(prepared["root"] / name, prepared["two_steps"], name)

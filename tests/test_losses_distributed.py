@@ -13,28 +13,17 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited by the spawned workers
 
-import datetime  # noqa: E402
-import json  # noqa: E402
-import socket  # noqa: E402
-import traceback  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+from dist_utils import (assert_all_ranks_ok, destroy_gloo, init_gloo, record, spawn_workers,  # noqa: E402
+                        worker_results)
 
 from vidpo.kernels import comm, dense_dpo_loss, dispatch, flow_matching_loss, kto_loss, reference  # noqa: E402
 
-WORLD = 2
 SEGMENT_IDS = [0, 0, 1, 1, 1, 2, 2]
 SPLITS = {"inside_segment": 3, "segment_boundary": 2}  # rank 0 holds frames [0, split)
 CPU_BACKENDS = ("torch", "triton", "cpp")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def assert_close(actual, expected, what, scale=1.0):
@@ -153,45 +142,24 @@ def checks():
 
 def worker(rank, port, result_dir):
     os.environ.setdefault("VIDPO_POISON_OUTPUTS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    results = {}
-    try:
+    with worker_results(rank, result_dir, teardown=destroy_gloo) as results:
+        init_gloo(rank, port)
         group = dist.group.WORLD
         for name, (fn, args) in checks().items():
             backend = args[0] if args else "torch"
             ok, reason = dispatch.backend_status(backend, "cpu")
-            if not ok:
+            if not ok:   # the same on both ranks, so neither waits at the barrier below
                 results[name] = "skip: " + reason
                 continue
-            try:
-                fn(rank, group, *args)
-                results[name] = "ok"
-            except Exception:  # reported per check by the pytest side
-                results[name] = traceback.format_exc()
+            record(results, name, fn, rank, group, *args)
             dist.barrier()
-    finally:
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    result_dir = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(worker, args=(free_port(), result_dir), nprocs=WORLD, join=True)
-    per_rank = []
-    for rank in range(WORLD):
-        with open(os.path.join(result_dir, f"rank{rank}.json")) as f:
-            per_rank.append(json.load(f))
-    return per_rank
+    return spawn_workers(worker, str(tmp_path_factory.mktemp("dist")))
 
 
 @pytest.mark.parametrize("name", list(checks()))
 def test_two_process_gloo(results, name):
-    for rank, per_rank in enumerate(results):
-        outcome = per_rank[name]
-        if outcome.startswith("skip: "):
-            pytest.skip(outcome[len("skip: "):])
-        assert outcome == "ok", f"rank {rank}, {name}:\n{outcome}"
+    assert_all_ranks_ok(results, name, allow_skip=True)

@@ -13,20 +13,14 @@ random ``w``. What each rank's gradient must equal follows from the layout (``vi
   CP        each rank's loss covers its own frames: the gradients summed over the CP ranks are the full ones;
   DP FSDP   rank r takes batch row r; FSDP sums the gradients (divide factor 1) into this rank's shard.
 """
-import json
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_utils import assert_all_ranks_ok, record, set_torchrun_env, spawn_workers, vidpo_shutdown, worker_results
 
 pytest.importorskip("diffusers")
 pytest.importorskip("megatron.core")
 
-WORLD = 2
 TEXT_DIM = 16
 # name -> (ParallelConfig fields, parallelize_wan keyword arguments)
 LAYOUTS = {
@@ -35,12 +29,6 @@ LAYOUTS = {
     "cp2": (dict(cp=2), {}),
     "dp2_fsdp": (dict(dp_shard=-1), {}),
 }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_model():
@@ -182,54 +170,32 @@ def prepared(tmp_path_factory):
     return prepared
 
 
+def train_layout(prepared, name):
+    """One of the worker's training runs (TRAIN_LAYOUTS[name]), into ``<root>/<name>``."""
+    from vidpo.pipeline import train_preference
+
+    variant, parallel = TRAIN_LAYOUTS[name]
+    train_preference(train_config(prepared, variant, *parallel), prepared["root"] / name)
+
+
 def worker(rank, port, result_dir, prepared=None):
-    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", VIDPO_DEVICE="cpu")
-    torch.set_num_threads(1)
-    results = {}
-    try:
+    set_torchrun_env(rank, port, OMP_NUM_THREADS="1", VIDPO_DEVICE="cpu")
+    with worker_results(rank, result_dir, teardown=vidpo_shutdown) as results:
         for name in LAYOUTS:
-            try:
-                check_layout(name, rank)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-        try:
-            check_unsupported(rank)
-            results["unsupported"] = "ok"
-        except Exception:
-            results["unsupported"] = traceback.format_exc()
-        from vidpo.pipeline import train_preference
-
-        for name, (variant, parallel) in TRAIN_LAYOUTS.items():
-            try:
-                train_preference(train_config(prepared, variant, *parallel), prepared["root"] / name)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-    finally:
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        from vidpo.distributed import shutdown
-
-        shutdown()
+            record(results, name, check_layout, name, rank)
+        record(results, "unsupported", check_unsupported, rank)
+        for name in TRAIN_LAYOUTS:
+            record(results, name, train_layout, prepared, name)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, prepared):
-    result_dir = str(tmp_path_factory.mktemp("wan_parallel"))
-    mp.spawn(worker, args=(free_port(), result_dir, prepared), nprocs=WORLD, join=True)
-    out = []
-    for rank in range(WORLD):
-        with open(os.path.join(result_dir, f"rank{rank}.json")) as f:
-            out.append(json.load(f))
-    return out
+    return spawn_workers(worker, str(tmp_path_factory.mktemp("wan_parallel")), prepared)
 
 
 @pytest.mark.parametrize("name", [*LAYOUTS, "unsupported"])
 def test_parallel_wan_matches_single_process(runs, name):
-    for rank, results in enumerate(runs):
-        assert results.get(name) == "ok", f"rank {rank}, {name}:\n{results.get(name)}"
+    assert_all_ranks_ok(runs, name)
 
 
 @pytest.mark.parametrize("name", list(TRAIN_LAYOUTS))
@@ -239,8 +205,7 @@ def test_parallel_wan_training_step_matches_one_process(runs, prepared, name):
     from vidpo import checkpoint as ckpt
     from vidpo.metrics import read_metrics
 
-    for rank, results in enumerate(runs):
-        assert results.get(name) == "ok", f"rank {rank}, {name}:\n{results.get(name)}"
+    assert_all_ranks_ok(runs, name)
     variant = TRAIN_LAYOUTS[name][0]
     reference_dir, run_dir = prepared["root"] / f"single_{variant}", prepared["root"] / name
     (expected,), (actual,) = read_metrics(reference_dir / "metrics.jsonl", "train"), \
