@@ -146,6 +146,17 @@ def _megatron_linear(linear: nn.Linear, kind: str, parts: int, spec: ShardSpec, 
     return layer
 
 
+def cp_local_frames(frames: int, patch_t: int, spec: ShardSpec) -> slice:
+    """The latent frames a context-parallel rank holds: whole temporal patches, the same count per rank."""
+    patches = frames // patch_t
+    if frames % patch_t or patches % spec.cp:
+        raise ValueError(f"{frames} latent frames ({patches} temporal patches of {patch_t}) cannot be split over "
+                         f"{spec.cp} context-parallel ranks")
+    per = patches // spec.cp * patch_t
+    rank = group_rank(spec.cp_group)
+    return slice(rank * per, (rank + 1) * per)
+
+
 def _is_megatron(layer: nn.Module) -> bool:
     return hasattr(layer, "tp_group") and type(layer).__module__.startswith("megatron.")
 
@@ -297,14 +308,7 @@ class ParallelVideoDiT(nn.Module):
 
     def local_frames(self, frames: int) -> slice:
         """This CP rank's latent frames of a clip of ``frames`` frames."""
-        pt = self.config.patch_size[0]
-        patches = frames // pt
-        if frames % pt or patches % self.spec.cp:
-            raise ValueError(f"{frames} latent frames ({patches} temporal patches of {pt}) cannot be split over "
-                             f"{self.spec.cp} context-parallel ranks")
-        per = patches // self.spec.cp * pt
-        rank = group_rank(self.spec.cp_group)
-        return slice(rank * per, (rank + 1) * per)
+        return cp_local_frames(frames, self.config.patch_size[0], self.spec)
 
     # ----- forward --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

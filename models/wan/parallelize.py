@@ -45,7 +45,8 @@ from torch.utils.checkpoint import checkpoint
 from vidpo.mappings import (copy_to_group, gather_from_group, group_rank, heads_to_sequence, reduce_from_group,
                             scatter_to_group, sequence_to_heads)
 from vidpo.models.dit.attention import attention
-from vidpo.models.dit.parallelize import ShardSpec, TPShard, _column, _megatron_linear, _row, apply_fsdp
+from vidpo.models.dit.parallelize import (ShardSpec, TPShard, _column, _megatron_linear, _row, apply_fsdp,
+                                         cp_local_frames)
 from vidpo.models.wan.model import WanAdapter
 
 # Module-name suffixes (inside a block) of the split layers; the QK norms are split with the heads.
@@ -239,14 +240,7 @@ class ParallelWanTransformer(nn.Module):
 
     def local_frames(self, frames: int) -> slice:
         """This CP rank's latent frames of a clip of ``frames`` frames (whole temporal patches)."""
-        pt = self.config.patch_size[0]
-        patches = frames // pt
-        if frames % pt or patches % self.spec.cp:
-            raise ValueError(f"{frames} latent frames ({patches} temporal patches of {pt}) cannot be split over "
-                             f"{self.spec.cp} context-parallel ranks")
-        per = patches // self.spec.cp * pt
-        rank = group_rank(self.spec.cp_group)
-        return slice(rank * per, (rank + 1) * per)
+        return cp_local_frames(frames, self.config.patch_size[0], self.spec)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_image: Optional[torch.Tensor] = None, return_dict: bool = True,
