@@ -73,12 +73,8 @@ class WeightEma:
     @contextmanager
     def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """Within the block ``model`` carries the EMA weights; its own weights come back afterwards."""
-        saved = {}
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in self.shadow:
-                    saved[name] = p.detach().clone()
-                    p.copy_(self.shadow[name].to(p.dtype))
+        saved = {name: p.detach().clone() for name, p in model.named_parameters() if name in self.shadow}
+        self.copy_to(model)
         try:
             yield model
         finally:
