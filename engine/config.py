@@ -548,6 +548,19 @@ class IterateConfig:
     """Fresh pairs per round from the current policy, labelled by the oracle with no tie margin, to measure
     the critic's accuracy only (never trained on)."""
 
+    pairing: str = choice("given", ("given", "ranked"))
+    """How a DPO round (flow_dpo / dense_dpo) gets its pairs from the critic: 'given' labels each generated
+    pair as it is; 'ranked' scores all the round's videos and pairs each prompt's best-scored with its
+    worst-scored (``rank_fraction``; ``vidpo.critic.ranked_pairs``). KTO rounds always use pointwise labels."""
+
+    round_labeler: str = choice("critic", ("critic", "oracle"))
+    """Who labels the rounds' pairs: 'critic' (IPO) or 'oracle' -- the ceiling a perfect critic would reach,
+    an ablation for the report only (it trains on oracle labels, which the IPO recipe must not)."""
+
+    rank_fraction: float = 0.25
+    """'ranked' pairing: each prompt's top and bottom fractions of its videos by critic score are paired
+    (every top video with every bottom one)."""
+
     refine: bool = True
     """Dual-IPO: refine the critic between rounds (pseudo-labels, majority vote, PCE filter, weighted loss)."""
 

@@ -11,9 +11,11 @@ training after that. Round r = 1..R, starting from policy r-1 (round 0 = ``train
    stochastic passes and a majority vote; pseudo-labels whose PCE under policy r-1 exceeds 0.5 are kept,
    and critic r is retrained from scratch on the seed labels + the kept pseudo-labels, weighted by their
    PCE (``vidpo.dual_ipo``). The critic's accuracy on ``pairs_eval`` is measured before and after;
-3. label the pairs with critic r: pairwise for flow_dpo / dense_dpo (``label.labeler=critic``), pointwise
-   for kto (desirable / undesirable by ``critic.desirable`` / ``critic.undesirable``; each desirable video
-   is paired with an undesirable one of the same prompt, ``round_r/pairs_kto``);
+3. label the pairs with critic r: pairwise for flow_dpo / dense_dpo (``label.labeler=critic``; or, with
+   ``iterate.pairing=ranked``, each prompt's best-scored videos paired with its worst-scored,
+   ``round_r/pairs_ranked``), pointwise for kto (desirable / undesirable by ``critic.desirable`` /
+   ``critic.undesirable``; each desirable video is paired with an undesirable one of the same prompt,
+   ``round_r/pairs_kto``);
 4. train policy r from policy r-1 with the recipe's objective and the real-video flow-matching regularizer
    (``pref.sft_weight``); the reference is policy r-1 (``iterate.reference=previous``) or the initial
    policy (``base``);
@@ -53,7 +55,8 @@ import torch
 from vidpo import atomic
 from vidpo import checkpoint as ckpt
 from vidpo.config import RunConfig
-from vidpo.critic import PreferenceData, build_kto_pairs, critic_accuracy, load_preference_data, train_critic
+from vidpo.critic import (PreferenceData, build_kto_pairs, build_ranked_pairs, critic_accuracy, critic_scorer,
+                          load_preference_data, train_critic)
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, read_manifest
 from vidpo.dual_ipo import load_pseudo_labels, pseudo_label_pairs
 from vidpo.evaluate import EvalResult, evaluate_model, mean_ci, paired_delta
@@ -178,6 +181,25 @@ def _oracle_video_labels(run: _Run, data: PreferenceData) -> torch.Tensor:
     return torch.sign(d).long()
 
 
+def _oracle_scorer(run: _Run):
+    """The oracle as a ``vidpo.critic.PoolScorer`` (the ceiling ablation, ``iterate.round_labeler=oracle``)."""
+    from vidpo.data.oracle import COMPONENTS
+    from vidpo.models.critic import CriticScores
+
+    def score(videos: torch.Tensor, cond: torch.Tensor) -> CriticScores:
+        with torch.no_grad():
+            out = run.oracle.score(videos, cond, run.segment_ids)
+        frames = torch.stack([out.frame_components[k] for k in COMPONENTS]).mean(0)
+        return CriticScores(frames=frames, segments=out.segments, video=out.total)
+    return score
+
+
+def _pool_pairs_agreement(run: _Run, pairs_dir: Path) -> float:
+    """How often the oracle prefers the preferred video of critic-built pairs (KTO / ranked; a measurement)."""
+    data = load_preference_data(pairs_dir, run.num_segments)
+    return _agreement(data.video_labels, _oracle_video_labels(run, data))
+
+
 def _agreement(labels: torch.Tensor, truth: torch.Tensor) -> Optional[float]:
     keep = (labels != 0) & (truth != 0)
     return float((labels[keep] == truth[keep]).double().mean()) if bool(keep.any()) else None
@@ -249,7 +271,7 @@ def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult,
     row: dict = {"round": r}
     before = critic_accuracy(critic_prev, eval_pairs, run.world, run.segment_ids)
     critic = critic_prev
-    refined = it.refine and r >= 2
+    refined = it.refine and r >= 2 and it.round_labeler == "critic"
     if refined:
         t = time.time()
         if not (rd / "critic" / "critic.safetensors").exists():
@@ -272,14 +294,23 @@ def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult,
 
     t = time.time()
     critic_dir = (rd / "critic") if refined else _critic_dir_of(run, r - 1)
+    by_oracle = it.round_labeler == "oracle"
+    scorer = _oracle_scorer(run) if by_oracle else critic_scorer(critic, cfg, run.world, run.segment_ids)
     if cfg.train.objective == "kto":
         train_dir = rd / "pairs_kto"
-        row["labels"] = build_kto_pairs(critic, rd / "pairs", train_dir, cfg, run.world, run.segment_ids)
+        row["labels"] = dict(build_kto_pairs(scorer, rd / "pairs", train_dir, cfg, run.world, run.segment_ids,
+                                             source="oracle-pointwise" if by_oracle else "critic-pointwise"))
+        row["labels"]["oracle_agreement"] = _pool_pairs_agreement(run, train_dir)
+    elif it.pairing == "ranked":
+        train_dir = rd / "pairs_ranked"
+        row["labels"] = dict(build_ranked_pairs(scorer, rd / "pairs", train_dir, cfg, run.world, run.segment_ids,
+                                                it.rank_fraction, source="oracle-ranked" if by_oracle else "critic-ranked"))
+        row["labels"]["oracle_agreement"] = _pool_pairs_agreement(run, train_dir)
     else:
         train_dir = rd / "pairs"
         if not (train_dir / MANIFEST_FILE).exists():
             lcfg = copy.deepcopy(cfg)
-            lcfg.label.labeler, lcfg.critic.checkpoint = "critic", str(critic_dir)
+            lcfg.label.labeler, lcfg.critic.checkpoint = ("oracle" if by_oracle else "critic"), str(critic_dir)
             label_pairs(lcfg, train_dir)
         stats = json.loads((train_dir / "label.json").read_text())
         stats.pop("problems", None)
@@ -356,7 +387,8 @@ _ROUND_KEYS = ("train.*", "pref.*", "lora", "lora.*", "parallel.*", "cluster.*",
                "critic.min_confidence",
                "critic.granularity", "critic.pointwise", "critic.desirable", "critic.undesirable", "iterate.rounds",
                "iterate.reference", "iterate.refine", "iterate.votes", "iterate.vote_*", "iterate.pce_*",
-               "iterate.accumulate_pseudo")
+               "iterate.accumulate_pseudo", "iterate.pairing", "iterate.rank_fraction",
+               "iterate.round_labeler")
 # Keys that act from round 2 on only: a run differing in nothing else has the same round 1.
 _LATER_ROUND_KEYS = ("iterate.rounds", "iterate.reference", "iterate.refine", "iterate.votes", "iterate.vote_*",
                      "iterate.pce_*", "iterate.accumulate_pseudo")

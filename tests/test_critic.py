@@ -10,7 +10,7 @@ from vidpo import atomic
 from vidpo.cli import main as cli_main
 from vidpo.critic import (CriticLabeler, Symmetries, bt_ties_log_probs, bt_ties_nll, build_critic,
                           cond_ids_from_captions, critic_accuracy, critic_loss, labels_from_differences, tie_margin_of,
-                          load_preference_data, pointwise_labels, score_videos, train_critic)
+                          load_preference_data, pointwise_labels, ranked_pairs, score_videos, train_critic)
 from vidpo.data.oracle import ShapesOracle
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, shard_name, write_manifest
 from vidpo.labeling import PairBatch, build_labeler
@@ -146,6 +146,22 @@ def test_pointwise_labels_quantiles_and_thresholds():
     assert t.tolist() == [-1, -1, 0, 0, 0, 0, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="undesirable < desirable"):
         pointwise_labels(scores, "quantile", 0.3, 0.7)
+
+
+def test_ranked_pairs_pair_each_prompts_best_with_its_worst():
+    #                       prompt 0 (5 videos)        prompt 1 (2)  prompt 2 (1)
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 2.0, -1.0, 5.0])
+    prompts = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2])
+    first, second = ranked_pairs(scores, prompts, 0.4)
+    # prompt 0: k = round(0.4 * 5) = 2 -> top {1, 4} x bottom {3, 0}; prompt 1: k = 1; prompt 2 has no pair.
+    assert list(zip(first, second)) == [(1, 3), (1, 0), (4, 3), (4, 0), (5, 6)]
+    assert all(prompts[i] == prompts[j] and scores[i] > scores[j] for i, j in zip(first, second))
+    # k never exceeds half a prompt's videos, so no video is on both sides; k >= 1 for any fraction.
+    first, second = ranked_pairs(scores, prompts, 0.5)
+    assert not set(first) & set(second) and len(first) == 2 * 2 + 1
+    assert len(ranked_pairs(scores, prompts, 0.01)[0]) == 2
+    with pytest.raises(ValueError, match="rank_fraction"):
+        ranked_pairs(scores, prompts, 0.6)
 
 
 def _colour_pairs(world, n, seed):
