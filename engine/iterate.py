@@ -392,9 +392,11 @@ _ROUND_KEYS = ("train.*", "pref.*", "lora", "lora.*", "parallel.*", "cluster.*",
 # Keys that act from round 2 on only: a run differing in nothing else has the same round 1.
 _LATER_ROUND_KEYS = ("iterate.rounds", "iterate.reference", "iterate.refine", "iterate.votes", "iterate.vote_*",
                      "iterate.pce_*", "iterate.accumulate_pseudo")
-_SHARED_INPUTS = ("seed", "critic_0", "base_eval.safetensors", "samples/base.gif", "samples/base.png",
-                  "round_1/pairs/shards", "round_1/pairs/pairs.jsonl", "round_1/pairs/generate.json",
-                  "round_1/pairs_eval")
+# Keys that change round 1's generated pairs but not the seed labels, critic 0 or the initial evaluation.
+_ROUND_PAIR_KEYS = ("generate.num_pairs",)
+_SEED_INPUTS = ("seed", "critic_0", "base_eval.safetensors", "samples/base.gif", "samples/base.png")
+_ROUND1_PAIRS = ("round_1/pairs/shards", "round_1/pairs/pairs.jsonl", "round_1/pairs/generate.json",
+                 "round_1/pairs_eval")
 
 
 def _flat(cfg: RunConfig) -> dict:
@@ -432,8 +434,9 @@ def _same_weights(a: Optional[str], b: Optional[str]) -> bool:
 def reuse_run(cfg: RunConfig, out: Path, source: str | Path) -> list[str]:
     """Hard-link into ``out`` what run ``source`` already computed and this run would compute identically:
     the seed labels, critic 0, the initial policy's evaluation and round 1's generated pairs when the configs
-    differ only in how rounds label and train (``_ROUND_KEYS``), and all of round 1 when they differ only in
-    keys that act from round 2 on (``_LATER_ROUND_KEYS``). Files are written atomically (renamed over), so a
+    differ only in how rounds label and train (``_ROUND_KEYS``; without round 1's pairs when the number of
+    pairs per round differs too), and all of round 1 when they differ only in keys that act from round 2 on
+    (``_LATER_ROUND_KEYS``). Files are written atomically (renamed over), so a
     link is never modified in place. Returns what was linked; raises ConfigError when nothing can be shared."""
     from vidpo.recipe import load_config
 
@@ -442,15 +445,17 @@ def reuse_run(cfg: RunConfig, out: Path, source: str | Path) -> list[str]:
         raise ConfigError(f"--reuse {source}: no config.yaml there (not a `vidpo iterate` run directory)")
     other = load_config(source / "config.yaml")
     differing = _differing_keys(cfg, other)
-    blocking = [k for k in differing if not any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS)]
+    blocking = [k for k in differing if not any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS + _ROUND_PAIR_KEYS)]
     same_init = _same_weights(cfg.train.init_from, other.train.init_from)
     if blocking or not same_init:
         raise ConfigError(f"--reuse {source}: the runs differ in {(blocking or ['train.init_from'])[:5]}, which "
                           "change the seed labels, critic 0 or round 1's pairs; nothing can be shared")
     differing = [k for k in differing if k != "train.init_from"]
-    whole_round = all(any(fnmatch.fnmatch(k, p) for p in _LATER_ROUND_KEYS) for k in differing) \
+    same_pairs = not any(k in _ROUND_PAIR_KEYS for k in differing)
+    whole_round = same_pairs and all(any(fnmatch.fnmatch(k, p) for p in _LATER_ROUND_KEYS) for k in differing) \
         and (source / "round_1" / "round.json").exists()
-    items = list(_SHARED_INPUTS) + (["round_1", "samples/round_1.gif", "samples/round_1.png"] if whole_round else [])
+    items = list(_SEED_INPUTS) + (list(_ROUND1_PAIRS) if same_pairs else []) \
+        + (["round_1", "samples/round_1.gif", "samples/round_1.png"] if whole_round else [])
     linked = []
     for item in items:
         src = source / item
@@ -670,7 +675,7 @@ def _can_reuse(cfg: RunConfig, source: Path) -> bool:
     try:
         other = load_config(source / "config.yaml")
         return _same_weights(cfg.train.init_from, other.train.init_from) and all(
-            any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS) for k in _differing_keys(cfg, other))
+            any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS + _ROUND_PAIR_KEYS) for k in _differing_keys(cfg, other))
     except (ConfigError, OSError):
         return False
 

@@ -241,11 +241,16 @@ def test_ranked_pairing_round_pairs_each_prompts_best_and_worst(tmp_path, micro_
     pool = torch.cat([gen.first, gen.second]).flatten(1)
     for video in torch.cat([data.first, data.second]).flatten(1):
         assert (pool == video).all(1).any()
-    # The ceiling ablation ranks the same pool by the oracle: every pair then agrees with the oracle.
+    # The ceiling ablation ranks a pool by the oracle: every pair then agrees with the oracle. With another
+    # number of pairs per round it shares the seed labels and critic 0 of the run above, not round 1's pairs.
     ceiling = iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.pairing=ranked", "iterate.rank_fraction=0.5",
-                              "iterate.rounds=1", "generate.num_pairs=12", "iterate.round_labeler=oracle"),
+                              "iterate.rounds=1", "generate.num_pairs=10", "iterate.round_labeler=oracle"),
                       tmp_path / "oracle", reuse=tmp_path / "ranked")
-    assert ceiling["rounds"][0]["labels"]["oracle_agreement"] == 1.0
+    assert ceiling["rounds"][0]["labels"]["oracle_agreement"] == 1.0 and ceiling["rounds"][0]["labels"]["videos"] == 20
+    assert (tmp_path / "oracle" / "critic_0" / "critic.safetensors").samefile(
+        tmp_path / "ranked" / "critic_0" / "critic.safetensors")
+    assert not (tmp_path / "oracle" / "round_1" / "pairs" / "pairs.jsonl").samefile(
+        tmp_path / "ranked" / "round_1" / "pairs" / "pairs.jsonl")
     manifest = [json.loads(x) for x in (tmp_path / "oracle" / "round_1" / "pairs_ranked" / "manifest.jsonl")
                 .read_text().splitlines()]
     assert {m["label_source"] for m in manifest} == {"oracle-ranked"}
