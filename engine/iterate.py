@@ -616,6 +616,40 @@ def plot_rounds(series: dict[str, list[dict]], path: Path, base: Optional[dict] 
     return path
 
 
+def rounds_table(series: dict[str, list[dict]], base: Optional[dict]) -> str:
+    """HTML table, one row per method and round: oracle score and gain over the initial policy (95% CIs),
+    the critic's accuracy on fresh pairs before -> after refinement, the pseudo-labels kept, and how often
+    the oracle agrees with the labels the policy trained on."""
+    import html
+
+    def ci(stats, sign="+"):
+        if not stats:
+            return "—"
+        lo, hi = stats.get("ci95") or (None, None)
+        f = f"{{:{sign}.4f}}"
+        return f"{f.format(stats['mean'])} [{f.format(lo)}, {f.format(hi)}]" if lo is not None else f.format(stats["mean"])
+
+    def num(v, fmt="{:.3f}"):
+        return "—" if v is None else fmt.format(v)
+
+    head = ("<tr><th>method</th><th>round</th><th>oracle</th><th>vs initial policy</th><th>critic accuracy "
+            "(before &rarr; after refinement)</th><th>pseudo-labels kept</th><th>training labels agree with "
+            "oracle</th></tr>")
+    rows = []
+    if base:
+        rows.append(f"<tr><th>initial policy</th><td>0</td><td>{ci(base, '')}</td><td></td><td></td><td></td>"
+                    "<td></td></tr>")
+    for name, rounds in series.items():
+        for r in rounds:
+            before, after = r.get("critic_accuracy_before_refine"), r.get("critic_accuracy")
+            acc = f"{num(before)} &rarr; {num(after)}" if before is not None else num(after)
+            agree = r.get("label_agreement", (r.get("labels") or {}).get("oracle_agreement"))
+            rows.append(f"<tr><th>{html.escape(name)}</th><td>{r['round']}</td><td>{ci(r['oracle'], '')}</td>"
+                        f"<td>{ci(r.get('delta_vs_base'))}</td><td>{acc}</td>"
+                        f"<td>{num(r.get('pseudo_labels_kept'), '{:.0f}')}</td><td>{num(agree)}</td></tr>")
+    return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
+
+
 def write_iterate_report(out: Path, summary: dict, series: Optional[dict] = None, base: Optional[dict] = None) -> Path:
     """metrics.jsonl rows per round, the rounds figure, then ``vidpo.report.write_report`` and a section with
     the figure at the top of report.html."""
@@ -628,7 +662,8 @@ def write_iterate_report(out: Path, summary: dict, series: Optional[dict] = None
     page = write_report(out)
     html = page.read_text()
     section = ('<h2>Rounds</h2><figure class="plot"><img src="report/ipo_rounds.png" alt="rounds">'
-               '<figcaption>oracle score, critic accuracy and pseudo-labels kept per round</figcaption></figure>')
+               '<figcaption>oracle score, critic accuracy and pseudo-labels kept per round</figcaption></figure>'
+               + rounds_table(series, base))
     marker = "<h2>Summary</h2>"
     html = html.replace(marker, section + marker, 1) if marker in html else html.replace("</body>", section + "</body>")
     atomic.write_text(page, html)
@@ -690,6 +725,11 @@ def _close_run_log(run_dir: Path) -> None:
         handler.close()
 
 
+def _mean_or_none(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 4) if values else None
+
+
 def _aggregate(runs: list[dict]) -> dict:
     """Per round: mean over seeds with a 95% Student-t CI over seeds, of the oracle score, the gain over the
     initial policy, the critic accuracy (before / after refinement) and the pseudo-labels kept."""
@@ -708,6 +748,7 @@ def _aggregate(runs: list[dict]) -> dict:
                        "critic_accuracy_ci95": acc["ci95"] if acc else None,
                        "critic_accuracy_before_refine": before["mean"] if before else None,
                        "pseudo_labels_kept": sum(r["pseudo_labels_kept"] for r in rows) / len(rows),
+                       "label_agreement": _mean_or_none([(r.get("labels") or {}).get("oracle_agreement") for r in rows]),
                        "per_seed_oracle": [r["oracle"]["mean"] for r in rows],
                        "per_seed_delta_ci95": [r["delta_vs_base"]["ci95"] for r in rows]})
     base = over_seeds([run["base"]["oracle"]["mean"] for run in runs])

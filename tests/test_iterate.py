@@ -177,6 +177,8 @@ def test_iterate_rounds_summary_report_and_resume_after_kill(tmp_path, micro_ove
     assert {m["label_source"] for m in seed} == {"oracle"}
     html = (out / "report.html").read_text()
     assert "<h2>Rounds</h2>" in html and (out / "report" / "ipo_rounds.png").exists()
+    r2_acc = f"{r2['critic_accuracy_before_refine']:.3f} &rarr; {r2['critic_accuracy']:.3f}"
+    assert "vs initial policy" in html and r2_acc in html   # the per-round table
     # The ablation without refinement shares round 1 (identical by construction) and redoes round 2 only.
     norefine = ipo_cfg(micro_overrides, base_ckpt, "iterate.refine=false")
     ablation = iterate(norefine, tmp_path / "norefine", reuse=out)
