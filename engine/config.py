@@ -314,6 +314,11 @@ class PreferenceConfig:
     """DPO / KTO inverse temperature. The flow-matching errors are per-element means (~1e-3 differences),
     so useful betas are large (DESIGN.md, Diffusion-DPO uses 2500-5000)."""
 
+    label_smoothing: float = 0.0
+    """Flow-DPO / DenseDPO: the probability eps in [0, 0.5) with which each label is taken to be wrong
+    (conservative DPO): a pair's loss is (1 - eps) softplus(-m) + eps softplus(m), minimal at a bounded
+    margin, so labels from a critic that is right ~85% of the time cannot push margins without end."""
+
     sft_weight: float = 0.0
     """Weight of the flow-matching regularizer (IPO's real-video regularization) added to the loss."""
 

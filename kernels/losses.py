@@ -10,12 +10,15 @@ Formulas (DESIGN.md section 1; ``vidpo.kernels.reference`` repeats them in eager
     u = target, or noise[n % noise.shape[0]] - x0[n]          (rectified-flow velocity target)
     err[n, s] = sum_{c, t in s, h, w} (v - u)^2 / (C * tokens_s),   tokens_s = frames_in_s * H * W
     d = err_theta - err_ref,   margin[b, s] = -beta/2 * y[b, s] * (d[b, s] - d[B + b, s])
-    DenseDPO = sum_{y != 0} tokens_s softplus(-margin) / sum_{y != 0} tokens_s   (0 if no non-tie)
+    DenseDPO = sum_{y != 0} tokens_s l(margin) / sum_{y != 0} tokens_s   (0 if no non-tie)
+    l(m) = (1 - eps) softplus(-m) + eps softplus(m)   (eps = label_smoothing; 0: plain DPO, softplus(-m))
     KTO: g = -d (S = 1), z = max(0, mean over the dp_group's batch of g) detached,
          loss = mean_n lambda_D (1 - sigmoid(beta (g - z))) | lambda_U (1 - sigmoid(beta (z - g)))
     flow matching = mean (v - u)^2, or sum_n w_n mse_n / sum_n w_n with row weights
 
-Papers: DenseDPO arXiv:2506.03517, Flow-DPO arXiv:2501.13918, Diffusion-KTO arXiv:2404.04465.
+Papers: DenseDPO arXiv:2506.03517, Flow-DPO arXiv:2501.13918, Diffusion-KTO arXiv:2404.04465; the
+label smoothing is conservative DPO (cDPO, Mitchell 2023): each label is read as flipped with probability
+eps, so a pair's loss is minimal at sigmoid(margin) = 1 - eps instead of growing margins without bound.
 With ``group`` (sequence/context parallel: each rank holds some latent frames of every video) the
 (K, N, S) sums and the token counts are all-reduced before the epilogue; the gradient each rank gets
 for its frames equals the single-process gradient of those frames.
@@ -123,7 +126,15 @@ def _token_counts(fn, segment_ids, num_segments, height, width, group, device):
 # ----------------------------------------------------------------------------------------- epilogues
 
 
-def dpo_epilogue(sums: torch.Tensor, tokens: torch.Tensor, channels: int, labels: torch.Tensor, beta: float):
+def smoothed_dpo_terms(margin: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Per-(pair, segment) DPO loss ``(1 - eps) softplus(-margin) + eps softplus(margin)`` (module doc)."""
+    if label_smoothing == 0.0:
+        return F.softplus(-margin)
+    return (1.0 - label_smoothing) * F.softplus(-margin) + label_smoothing * F.softplus(margin)
+
+
+def dpo_epilogue(sums: torch.Tensor, tokens: torch.Tensor, channels: int, labels: torch.Tensor, beta: float,
+                 label_smoothing: float = 0.0):
     """DenseDPO from the (2, 2B, S) fp32 sums and the (S,) global token counts -> DPOLossOutput."""
     num_pairs = labels.shape[0]
     err = sums / (tokens * channels)  # (2, 2B, S)
@@ -135,7 +146,7 @@ def dpo_epilogue(sums: torch.Tensor, tokens: torch.Tensor, channels: int, labels
     non_tie = y != 0
     weight = tokens.expand_as(margin) * non_tie
     # max(total weight, 1): an all-tie batch gives exactly 0 and all-zero gradients, never 0/0.
-    loss = (weight * F.softplus(-margin)).sum() / weight.sum().clamp_min(1.0)
+    loss = (weight * smoothed_dpo_terms(margin, label_smoothing)).sum() / weight.sum().clamp_min(1.0)
     n_nontie = non_tie.sum()
     accuracy = (non_tie & (margin > 0)).sum().float() / n_nontie.clamp_min(1).float()
     return DPOLossOutput(
@@ -165,6 +176,7 @@ def dense_dpo_loss(
     backend: str = "auto",
     x0: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
 ) -> DPOLossOutput:
     """DenseDPO loss (segment-level Flow-DPO; formula in the module docstring).
 
@@ -172,9 +184,12 @@ def dense_dpo_loss(
     the second ones. target: same shape, or None with x0 (2B, ...) and noise (B or 2B, ...).
     labels: (B, S) int in {+1: first better, -1: second better, 0: tie}. segment_ids: (T,) int,
     non-decreasing runs 0..S-1. group: sequence-parallel process group over which frames are split.
+    label_smoothing: eps in [0, 0.5), the probability each label is taken to be flipped (cDPO).
     Returns DPOLossOutput; the gradient reaches v_theta only, in v_theta's dtype.
     """
     fn = "dense_dpo_loss"
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"{fn}: label_smoothing must be in [0, 0.5), got {label_smoothing}")
     name = dispatch.resolve_backend(backend, v_theta.device)
     v_theta, v_ref, target, x0, noise = _check_tensors(fn, v_theta, v_ref, target, x0, noise, name)
     if v_ref is None:
@@ -188,11 +203,12 @@ def dense_dpo_loss(
     segment_ids = _check_segment_ids(fn, segment_ids, frames, num_segments, group, v_theta.device)
     if name == "torch":
         return reference.dense_dpo_loss_reference(
-            v_theta, v_ref, target, labels, segment_ids, beta, group=group, x0=x0, noise=noise
+            v_theta, v_ref, target, labels, segment_ids, beta, group=group, x0=x0, noise=noise,
+            label_smoothing=label_smoothing,
         )
     sums = _segment_sums(name, v_theta, v_ref, target, x0, noise, segment_ids, num_segments, group)
     tokens = _token_counts(fn, segment_ids, num_segments, height, width, group, v_theta.device)
-    return dpo_epilogue(sums, tokens, channels, labels, beta)
+    return dpo_epilogue(sums, tokens, channels, labels, beta, label_smoothing)
 
 
 def flow_dpo_loss(

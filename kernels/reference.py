@@ -108,12 +108,12 @@ def segment_token_counts(segment_ids, num_segments: int, height: int, width: int
 
 
 def dense_dpo_loss_reference(
-    v_theta, v_ref, target, labels, segment_ids, beta, *, group=None, x0=None, noise=None
+    v_theta, v_ref, target, labels, segment_ids, beta, *, group=None, x0=None, noise=None, label_smoothing=0.0
 ) -> DPOLossOutput:
     """DenseDPO (segment-level Flow-DPO), arXiv:2506.03517, eq. in the module docstring.
 
     v_theta, v_ref: (2B, C, T, H, W); target: same or None with x0 (2B, ...) and noise (B or 2B, ...);
-    labels: (B, S) in {+1, -1, 0}; segment_ids: (T,). Returns DPOLossOutput.
+    labels: (B, S) in {+1, -1, 0}; segment_ids: (T,); label_smoothing: cDPO's eps. Returns DPOLossOutput.
     """
     num_pairs, num_segments = labels.shape
     _, channels, _, height, width = v_theta.shape
@@ -139,7 +139,11 @@ def dense_dpo_loss_reference(
     non_tie = labels.to(v_theta.device) != 0
     weight = torch.where(non_tie, tokens.expand(num_pairs, num_segments), torch.zeros_like(margin))
     # Dividing by max(total weight, 1) gives exactly 0 (and zero gradients) for an all-tie batch.
-    loss = (weight * F.softplus(-margin)).sum() / weight.sum().clamp_min(1.0)
+    # label smoothing (cDPO): each label counts as flipped with probability eps
+    terms = F.softplus(-margin)
+    if label_smoothing:
+        terms = (1.0 - label_smoothing) * terms + label_smoothing * F.softplus(margin)
+    loss = (weight * terms).sum() / weight.sum().clamp_min(1.0)
     n_nontie = non_tie.sum()
     correct = (non_tie & (margin > 0)).sum()
     accuracy = correct.to(dtype) / n_nontie.clamp_min(1).to(dtype)

@@ -96,7 +96,7 @@ def make_dpo_inputs(case, dtype, device, seed, noise_form=None):
     return inputs
 
 
-def oracle_dpo(inputs, beta):
+def oracle_dpo(inputs, beta, label_smoothing=0.0):
     """float64 reference loss and v_theta gradient."""
     def f64(t):
         return None if t is None else t.detach().cpu().double()
@@ -104,17 +104,17 @@ def oracle_dpo(inputs, beta):
     v_theta = f64(inputs["v_theta"]).requires_grad_(True)
     out = reference.dense_dpo_loss_reference(
         v_theta, f64(inputs["v_ref"]), f64(inputs["target"]), inputs["labels"], inputs["segment_ids"], beta,
-        x0=f64(inputs.get("x0")), noise=f64(inputs.get("noise")),
+        x0=f64(inputs.get("x0")), noise=f64(inputs.get("noise")), label_smoothing=label_smoothing,
     )
     out.loss.backward()
     return out, v_theta.grad
 
 
-def run_dpo(inputs, beta, backend):
+def run_dpo(inputs, beta, backend, label_smoothing=0.0):
     v_theta = inputs["v_theta"].clone().requires_grad_(True)
     out = dense_dpo_loss(
         v_theta, inputs["v_ref"], inputs["target"], inputs["labels"], inputs["segment_ids"], beta,
-        backend=backend, x0=inputs.get("x0"), noise=inputs.get("noise"),
+        backend=backend, x0=inputs.get("x0"), noise=inputs.get("noise"), label_smoothing=label_smoothing,
     )
     out.loss.backward()
     return out, v_theta.grad
@@ -168,6 +168,29 @@ def test_x0_noise_target_equals_materialised_target(backend, dtype, noise_form):
     if dtype == torch.float32:  # bf16 rounds the materialised target once more
         close(out.loss, out_materialised.loss, dtype, what="loss x0/noise vs target")
         close(grad, grad_materialised, dtype, float(grad.abs().max()), what="grad x0/noise vs target")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_smoothing_is_conservative_dpo(backend):
+    device = require(backend)
+    inputs = make_dpo_inputs("odd_unequal_segments", torch.float32, device, seed=23)
+    beta, eps = 40.0, 0.2
+    expected, expected_grad = oracle_dpo(inputs, beta, eps)
+    out, grad = run_dpo(inputs, beta, backend, eps)
+    check_dpo(out, grad, expected, expected_grad, torch.float32, inputs["v_theta"], beta)
+    # cDPO: each label is flipped with probability eps, i.e. the mixture of the losses of y and -y ...
+    plain, plain_grad = oracle_dpo(inputs, beta)
+    flipped, flipped_grad = oracle_dpo(dict(inputs, labels=-inputs["labels"]), beta)
+    torch.testing.assert_close(expected.loss, (1 - eps) * plain.loss + eps * flipped.loss)
+    torch.testing.assert_close(expected_grad, (1 - eps) * plain_grad + eps * flipped_grad)
+    # ... whose per-label optimum is sigmoid(margin) = 1 - eps (a bounded margin), not margin -> infinity.
+    from vidpo.kernels.losses import smoothed_dpo_terms
+
+    m = torch.logit(torch.tensor(1 - eps, dtype=torch.float64)).requires_grad_(True)
+    smoothed_dpo_terms(m, eps).backward()
+    assert abs(float(m.grad)) < 1e-12
+    with pytest.raises(ValueError, match="label_smoothing"):
+        run_dpo(inputs, beta, backend, 0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,7 +5,8 @@ For a micro-batch of B pairs (first, second) with per-segment labels y (B, S):
   * the policy runs ONCE on the concatenated batch [first; second] (2B rows), the reference without
     gradient on the same inputs (the policy with LoRA disabled, or a frozen copy);
   * the loss is ``vidpo.kernels.dense_dpo_loss`` with the x0/noise variant (the fused kernel forms the
-    velocity target eps - x0 itself), or ``kto_loss`` for KTO;
+    velocity target eps - x0 itself; ``pref.label_smoothing`` makes it conservative DPO), or ``kto_loss``
+    for KTO;
   * optionally + ``pref.sft_weight`` * flow-matching loss on real clips of the same conditions (IPO's
     real-video regularization) and/or on the preferred videos.
 
@@ -53,6 +54,10 @@ class PreferenceObjective:
         self.name = cfg.train.objective
         if self.name not in ("flow_dpo", "dense_dpo", "kto"):
             raise ValueError(f"PreferenceObjective does not handle objective '{self.name}'")
+        if not 0.0 <= cfg.pref.label_smoothing < 0.5:
+            from vidpo.recipe import ConfigError
+
+            raise ConfigError(f"pref.label_smoothing must be in [0, 0.5), got {cfg.pref.label_smoothing}")
         self.world = world
         self.device = device
         self.reader = reader
@@ -156,7 +161,8 @@ class PreferenceObjective:
             full_ids = self.segment_ids if self.name == "dense_dpo" else torch.zeros_like(self.segment_ids)
             out = kernels.dense_dpo_loss(v_theta, v_ref.to(dtype), target, batch["labels"], full_ids[frames],
                                          cfg.pref.beta, backend=cfg.pref.loss_backend, x0=_cast(x0, dtype),
-                                         noise=_cast(noise, dtype), group=group)
+                                         noise=_cast(noise, dtype), group=group,
+                                         label_smoothing=cfg.pref.label_smoothing)
             loss = out.loss
             nontie = batch["labels"] != 0
             metrics["dpo_loss"] = out.loss.item()
