@@ -339,6 +339,8 @@ def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult,
     times["eval_s"] = round(time.time() - t, 1)
     summary = result.summary()
     vs_base, vs_prev = paired_delta(result, base_eval), paired_delta(result, prev_eval)
+    if r >= 2:   # paired over the evaluation seeds: does iterating add to what round 1 reached?
+        row["delta_vs_round_1"] = _brief(paired_delta(result, _load_eval(run.out / "round_1" / "eval.safetensors"))["oracle"])
     row.update({"oracle": _brief(summary["oracle"]), "delta_vs_base": _brief(vs_base["oracle"]),
                 "delta_vs_previous": _brief(vs_prev["oracle"]), "win_rate_vs_base": round(vs_base["win_rate"], 4),
                 "components": {k.split("/", 1)[1]: round(v["mean"], 4) for k, v in summary.items() if "/" in k},
@@ -617,7 +619,8 @@ def plot_rounds(series: dict[str, list[dict]], path: Path, base: Optional[dict] 
 
 
 def rounds_table(series: dict[str, list[dict]], base: Optional[dict]) -> str:
-    """HTML table, one row per method and round: oracle score and gain over the initial policy (95% CIs),
+    """HTML table, one row per method and round: oracle score and gain over the initial policy and over
+    round 1 (95% CIs),
     the critic's accuracy on fresh pairs before -> after refinement, the pseudo-labels kept, and how often
     the oracle agrees with the labels the policy trained on."""
     import html
@@ -632,20 +635,20 @@ def rounds_table(series: dict[str, list[dict]], base: Optional[dict]) -> str:
     def num(v, fmt="{:.3f}"):
         return "—" if v is None else fmt.format(v)
 
-    head = ("<tr><th>method</th><th>round</th><th>oracle</th><th>vs initial policy</th><th>critic accuracy "
+    head = ("<tr><th>method</th><th>round</th><th>oracle</th><th>vs initial policy</th><th>vs round 1</th>"
+            "<th>critic accuracy "
             "(before &rarr; after refinement)</th><th>pseudo-labels kept</th><th>training labels agree with "
             "oracle</th></tr>")
     rows = []
     if base:
-        rows.append(f"<tr><th>initial policy</th><td>0</td><td>{ci(base, '')}</td><td></td><td></td><td></td>"
-                    "<td></td></tr>")
+        rows.append(f"<tr><th>initial policy</th><td>0</td><td>{ci(base, '')}</td>" + "<td></td>" * 5 + "</tr>")
     for name, rounds in series.items():
         for r in rounds:
             before, after = r.get("critic_accuracy_before_refine"), r.get("critic_accuracy")
             acc = f"{num(before)} &rarr; {num(after)}" if before is not None else num(after)
             agree = r.get("label_agreement", (r.get("labels") or {}).get("oracle_agreement"))
             rows.append(f"<tr><th>{html.escape(name)}</th><td>{r['round']}</td><td>{ci(r['oracle'], '')}</td>"
-                        f"<td>{ci(r.get('delta_vs_base'))}</td><td>{acc}</td>"
+                        f"<td>{ci(r.get('delta_vs_base'))}</td><td>{ci(r.get('delta_vs_round_1'))}</td><td>{acc}</td>"
                         f"<td>{num(r.get('pseudo_labels_kept'), '{:.0f}')}</td><td>{num(agree)}</td></tr>")
     return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
@@ -732,7 +735,8 @@ def _mean_or_none(values: list) -> Optional[float]:
 
 def _aggregate(runs: list[dict]) -> dict:
     """Per round: mean over seeds with a 95% Student-t CI over seeds, of the oracle score, the gain over the
-    initial policy, the critic accuracy (before / after refinement) and the pseudo-labels kept."""
+    initial policy and over round 1, the critic accuracy (before / after refinement) and the pseudo-labels
+    kept."""
     def over_seeds(values):
         values = [v for v in values if v is not None]
         return _brief(mean_ci(torch.tensor(values, dtype=torch.float64))) if values else None
@@ -742,8 +746,12 @@ def _aggregate(runs: list[dict]) -> dict:
         rows = [run["rounds"][i] for run in runs]
         acc = over_seeds([r.get("critic_accuracy") for r in rows])
         before = over_seeds([r.get("critic_accuracy_before_refine") for r in rows])
+        firsts = [run["rounds"][0] for run in runs]
         rounds.append({"round": rows[0]["round"], "oracle": over_seeds([r["oracle"]["mean"] for r in rows]),
                        "delta_vs_base": over_seeds([r["delta_vs_base"]["mean"] for r in rows]),
+                       # round r against round 1 of the same seed (does iterating add to the first round?)
+                       "delta_vs_round_1": over_seeds([r["oracle"]["mean"] - f["oracle"]["mean"]
+                                                       for r, f in zip(rows, firsts)]) if i else None,
                        "critic_accuracy": acc["mean"] if acc else None,
                        "critic_accuracy_ci95": acc["ci95"] if acc else None,
                        "critic_accuracy_before_refine": before["mean"] if before else None,

@@ -272,3 +272,30 @@ def test_iterate_rejects_configs_it_cannot_run(tmp_path, micro_overrides, base_c
         iterate(ipo_cfg(micro_overrides, base_ckpt, "train.objective=sft"), tmp_path / "a")
     with pytest.raises(ConfigError, match="lora"):
         iterate(ipo_cfg(micro_overrides, base_ckpt, "lora.rank=2"), tmp_path / "b")
+
+
+def _fake_run(seed_offset, r1, r2, base=0.30):
+    def row(k, mean, acc_before=None):
+        return {"round": k, "oracle": {"mean": mean, "ci95": [mean - 0.01, mean + 0.01]},
+                "delta_vs_base": {"mean": mean - base, "ci95": [mean - base - 0.01, mean - base + 0.01]},
+                "critic_accuracy": 0.8, "critic_accuracy_before_refine": acc_before, "pseudo_labels_kept": 10 * k,
+                "labels": {"oracle_agreement": 0.9 + seed_offset}}
+    return {"rounds": [row(1, r1), row(2, r2, 0.7)], "base": {"oracle": {"mean": base, "ci95": [base, base]}},
+            "timings": {"total_s": 120.0}}
+
+
+def test_seed_aggregation_and_rounds_table():
+    from vidpo.iterate import _aggregate, rounds_table
+
+    runs = [_fake_run(0.00, 0.31, 0.33), _fake_run(0.02, 0.32, 0.35), _fake_run(0.04, 0.30, 0.34)]
+    agg = _aggregate(runs)
+    r1, r2 = agg["rounds"]
+    assert r1["oracle"]["mean"] == pytest.approx(0.31) and r1["delta_vs_round_1"] is None
+    # round 2 - round 1 per seed: 0.02, 0.03, 0.04 -> mean 0.03, Student-t CI with 2 degrees of freedom
+    half = 4.302652729911275 * 0.01 / 3 ** 0.5
+    assert r2["delta_vs_round_1"]["mean"] == pytest.approx(0.03)
+    assert r2["delta_vs_round_1"]["ci95"] == pytest.approx([0.03 - half, 0.03 + half], abs=1e-5)   # 6 decimals
+    assert r2["label_agreement"] == pytest.approx(0.92) and r2["critic_accuracy_before_refine"] == pytest.approx(0.7)
+    assert r2["pseudo_labels_kept"] == 20 and agg["minutes_per_run"] == 2.0
+    html = rounds_table({"dpo": agg["rounds"]}, agg["base"]["oracle"])
+    assert "vs round 1" in html and "+0.0300 [" in html and "0.700 &rarr; 0.800" in html
