@@ -230,8 +230,30 @@ def _critic(run: _Run, directory: Path, data_fn, *, stream: Sequence[object]):
                                 metrics_path=directory / "metrics.jsonl")
     atomic.write_json(directory / "critic.json", info)
     save_critic(critic, path)   # last: its presence means the critic is complete
-    run.timings[f"{directory.name}_s"] = round(time.time() - t, 1)
     return critic
+
+
+TIMINGS_FILE = "timings.json"
+
+
+def _store_timing(run: _Run, key: str, seconds: float) -> None:
+    """Record how long a stage before the rounds took, in ``DIR/timings.json`` (a resumed or reusing run then
+    still knows what its seed labels, critic 0 and base evaluation cost)."""
+    path = run.out / TIMINGS_FILE
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored[key] = round(seconds, 1)
+    atomic.write_json(path, stored)
+
+
+def _run_timings(run: _Run, rows: list[dict], this_call_s: float) -> dict:
+    """Stage times (seed labels, critic 0, base evaluation) + each round's, and ``total_s``: their sum, i.e.
+    the compute of the whole run however many calls (resumes, reused stages) it took; ``this_call_s``: the
+    wall time of this call alone."""
+    path = run.out / TIMINGS_FILE
+    stages = json.loads(path.read_text()) if path.exists() else {}
+    rounds = {f"round_{row['round']}_s": row.get("timings", {}).get("total_s", 0.0) for row in rows}
+    return dict(stages, **rounds, total_s=round(sum(stages.values()) + sum(rounds.values()), 1),
+                this_call_s=round(this_call_s, 1))
 
 
 def _seed_data(run: _Run) -> PreferenceData:
@@ -396,7 +418,7 @@ _LATER_ROUND_KEYS = ("iterate.rounds", "iterate.reference", "iterate.refine", "i
                      "iterate.pce_*", "iterate.accumulate_pseudo")
 # Keys that change round 1's generated pairs but not the seed labels, critic 0 or the initial evaluation.
 _ROUND_PAIR_KEYS = ("generate.num_pairs",)
-_SEED_INPUTS = ("seed", "critic_0", "base_eval.safetensors", "samples/base.gif", "samples/base.png")
+_SEED_INPUTS = ("seed", "critic_0", "base_eval.safetensors", "samples/base.gif", "samples/base.png", TIMINGS_FILE)
 _ROUND1_PAIRS = ("round_1/pairs/shards", "round_1/pairs/pairs.jsonl", "round_1/pairs/generate.json",
                  "round_1/pairs_eval")
 
@@ -516,18 +538,25 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
 
     base = _load_policy(run, run.base_path)
     t = time.time()
+    fresh = not (out / "seed" / "pairs" / MANIFEST_FILE).exists()
     _generate(run, out / "seed" / "pairs", base, cfg.iterate.seed_pairs, stream=("seed",))
     _oracle_label(run, out / "seed" / "pairs", granularity=cfg.iterate.seed_granularity,
                   tie_margin=cfg.iterate.seed_tie_margin)
-    run.timings["seed_labels_s"] = round(time.time() - t, 1)
+    if fresh:
+        _store_timing(run, "seed_labels_s", time.time() - t)
+    fresh, t = not (out / "critic_0" / "critic.safetensors").exists(), time.time()
     critic = _critic(run, out / "critic_0", lambda: _seed_data(run), stream=("critic",))
+    if fresh:
+        _store_timing(run, "critic_0_s", time.time() - t)
 
     if (out / "base_eval.safetensors").exists():
         base_eval = _load_eval(out / "base_eval.safetensors")
     else:
+        t = time.time()
         base_eval = evaluate_model(base, cfg, world, run.oracle)
         save_samples(base_eval, world, out / "samples", "base", cfg.eval.grid_conditions)
         _save_eval(base_eval, out / "base_eval.safetensors")
+        _store_timing(run, "base_eval_s", time.time() - t)
     del base
 
     rows, prev_eval = [], base_eval
@@ -549,7 +578,7 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
                                 if "/" in k}},
         "objective": cfg.train.objective, "reference": cfg.iterate.reference, "refine": cfg.iterate.refine,
         "seed": cfg.seed, "seed_labels": {"pairs": seed_info["pairs"], "critic_0": seed_info},
-        "timings": dict(run.timings, total_s=round(time.time() - t0, 1)),
+        "timings": _run_timings(run, rows, time.time() - t0),
     }
     atomic.write_json(out / "summary.json", summary)
     write_iterate_report(out, summary)

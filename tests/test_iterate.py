@@ -159,6 +159,11 @@ def test_iterate_rounds_summary_report_and_resume_after_kill(tmp_path, micro_ove
 
     assert json.loads((out / "summary.json").read_text()) == summary
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    # The stages computed before the kill still count in the run's total compute.
+    timings = summary["timings"]
+    assert {"seed_labels_s", "critic_0_s", "base_eval_s", "round_1_s", "round_2_s"} <= set(timings)
+    parts = [v for k, v in timings.items() if k not in ("total_s", "this_call_s")]
+    assert timings["total_s"] == pytest.approx(sum(parts), abs=0.2) and timings["total_s"] > timings["round_2_s"]
     for row in summary["rounds"]:
         assert set(row) >= {"round", "oracle", "critic_accuracy", "pseudo_labels_kept"}
         lo, hi = row["oracle"]["ci95"]
