@@ -290,7 +290,7 @@ def _fake_run(seed_offset, r1, r2, base=0.30):
 
 
 def test_seed_aggregation_and_rounds_table():
-    from vidpo.iterate import _aggregate, rounds_table
+    from vidpo.iterate_report import _aggregate, rounds_table
 
     runs = [_fake_run(0.00, 0.31, 0.33), _fake_run(0.02, 0.32, 0.35), _fake_run(0.04, 0.30, 0.34)]
     agg = _aggregate(runs)

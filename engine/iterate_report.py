@@ -1,0 +1,231 @@
+"""Reports of ``vidpo iterate`` runs and the comparison of several recipes x seeds.
+
+``write_iterate_report`` turns a run's (or a comparison's) per-round rows into ``metrics.jsonl`` rows, the
+rounds figure (oracle score with its CI, critic accuracy before / after refinement, pseudo-labels kept), a
+per-round table, and the generic run report (``vidpo.report``). ``compare_iterations`` runs every recipe for
+every seed (``vidpo.iterate.iterate``; later recipes reuse what is identical by construction with the first
+one's run of the same seed) and aggregates each round over seeds with a Student-t CI.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from vidpo import atomic
+from vidpo.config import RunConfig
+from vidpo.evaluate import mean_ci
+from vidpo.iterate import (_ROUND_KEYS, _ROUND_PAIR_KEYS, _brief, _differing_keys, _same_weights, iterate)
+from vidpo.recipe import ConfigError
+
+
+# ----- report -----------------------------------------------------------------------------------------------
+def _round_metrics(summary: dict) -> list[dict]:
+    """metrics.jsonl rows (phase 'eval', step = round; round 0 = the initial policy) for the generic report."""
+    base = summary["base"]["oracle"]
+    rows = [{"step": 0, "phase": "eval", "oracle/total": base["mean"], "oracle/total_ci_lo": base["ci95"][0],
+             "oracle/total_ci_hi": base["ci95"][1]}]
+    for row in summary["rounds"]:
+        o = row["oracle"]
+        entry = {"step": row["round"], "phase": "eval", "oracle/total": o["mean"], "oracle/total_ci_lo": o["ci95"][0],
+                 "oracle/total_ci_hi": o["ci95"][1], "pseudo_labels_kept": row["pseudo_labels_kept"]}
+        entry.update({f"oracle/{k}": v for k, v in row.get("components", {}).items()})
+        for key in ("critic_accuracy", "critic_accuracy_before_refine"):
+            if row.get(key) is not None:
+                entry[key] = row[key]
+        rows.append(entry)
+    return rows
+
+
+def plot_rounds(series: dict[str, list[dict]], path: Path, base: Optional[dict] = None) -> Path:
+    """Three panels across rounds: oracle score with 95% CI, critic accuracy (before / after refinement),
+    pseudo-labels kept. ``series`` maps a label to its round rows (each with 'round', 'oracle' {mean, ci95},
+    'critic_accuracy', optional 'critic_accuracy_before_refine', 'pseudo_labels_kept')."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.8))
+    FigureCanvasAgg(fig)
+    ax_o, ax_c, ax_p = fig.subplots(1, 3)
+    for k, (name, rows) in enumerate(series.items()):
+        colour = f"C{k}"
+        rounds = [0] + [r["round"] for r in rows] if base else [r["round"] for r in rows]
+        means = ([base["mean"]] if base else []) + [r["oracle"]["mean"] for r in rows]
+        lo = ([base["ci95"][0]] if base else []) + [r["oracle"]["ci95"][0] for r in rows]
+        hi = ([base["ci95"][1]] if base else []) + [r["oracle"]["ci95"][1] for r in rows]
+        ax_o.plot(rounds, means, "o-", color=colour, label=name)
+        ax_o.fill_between(rounds, lo, hi, color=colour, alpha=0.15)
+        rr = [r["round"] for r in rows]
+        ax_c.plot(rr, [r.get("critic_accuracy") for r in rows], "o-", color=colour, label=f"{name}: labelling critic")
+        before = [(r["round"], r["critic_accuracy_before_refine"]) for r in rows
+                  if r.get("critic_accuracy_before_refine") is not None]
+        if before:
+            ax_c.plot(*zip(*before), "x--", color=colour, label=f"{name}: before refinement")
+        ax_p.bar([x + 0.8 * (k - (len(series) - 1) / 2) / max(len(series), 1) for x in rr],
+                 [r.get("pseudo_labels_kept") or 0 for r in rows], width=0.8 / max(len(series), 1), color=colour,
+                 label=name)
+    ax_o.set(title="oracle score of the policy (95% CI)", xlabel="round (0 = initial policy)")
+    ax_c.set(title="critic accuracy vs oracle (fresh pairs)", xlabel="round")
+    ax_p.set(title="pseudo-labels kept (PCE > threshold)", xlabel="round")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_o, ax_c, ax_p):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    tmp.replace(path)
+    return path
+
+
+def rounds_table(series: dict[str, list[dict]], base: Optional[dict]) -> str:
+    """HTML table, one row per method and round: oracle score and gain over the initial policy and over
+    round 1 (95% CIs), the critic's accuracy on fresh pairs before -> after refinement, the pseudo-labels
+    kept, and how often the oracle agrees with the labels the policy trained on."""
+    import html
+
+    def ci(stats, sign="+"):
+        if not stats:
+            return "—"
+        lo, hi = stats.get("ci95") or (None, None)
+        f = f"{{:{sign}.4f}}"
+        return f"{f.format(stats['mean'])} [{f.format(lo)}, {f.format(hi)}]" if lo is not None else f.format(stats["mean"])
+
+    def num(v, fmt="{:.3f}"):
+        return "—" if v is None else fmt.format(v)
+
+    head = ("<tr><th>method</th><th>round</th><th>oracle</th><th>vs initial policy</th><th>vs round 1</th>"
+            "<th>critic accuracy "
+            "(before &rarr; after refinement)</th><th>pseudo-labels kept</th><th>training labels agree with "
+            "oracle</th></tr>")
+    rows = []
+    if base:
+        rows.append(f"<tr><th>initial policy</th><td>0</td><td>{ci(base, '')}</td>" + "<td></td>" * 5 + "</tr>")
+    for name, rounds in series.items():
+        for r in rounds:
+            before, after = r.get("critic_accuracy_before_refine"), r.get("critic_accuracy")
+            acc = f"{num(before)} &rarr; {num(after)}" if before is not None else num(after)
+            agree = r.get("label_agreement", (r.get("labels") or {}).get("oracle_agreement"))
+            rows.append(f"<tr><th>{html.escape(name)}</th><td>{r['round']}</td><td>{ci(r['oracle'], '')}</td>"
+                        f"<td>{ci(r.get('delta_vs_base'))}</td><td>{ci(r.get('delta_vs_round_1'))}</td><td>{acc}</td>"
+                        f"<td>{num(r.get('pseudo_labels_kept'), '{:.0f}')}</td><td>{num(agree)}</td></tr>")
+    return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def write_iterate_report(out: Path, summary: dict, series: Optional[dict] = None, base: Optional[dict] = None) -> Path:
+    """metrics.jsonl rows per round, the rounds figure, then ``vidpo.report.write_report`` and a section with
+    the figure at the top of report.html."""
+    from vidpo.report import write_report
+
+    if series is None:
+        atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in _round_metrics(summary)))
+        series, base = {summary.get("objective", "policy"): summary["rounds"]}, summary["base"]["oracle"]
+    figure = plot_rounds(series, out / "report" / "ipo_rounds.png", base)
+    page = write_report(out)
+    html = page.read_text()
+    section = ('<h2>Rounds</h2><figure class="plot"><img src="report/ipo_rounds.png" alt="rounds">'
+               '<figcaption>oracle score, critic accuracy and pseudo-labels kept per round</figcaption></figure>'
+               + rounds_table(series, base))
+    marker = "<h2>Summary</h2>"
+    html = html.replace(marker, section + marker, 1) if marker in html else html.replace("</body>", section + "</body>")
+    atomic.write_text(page, html)
+    return figure
+
+
+# ----- several recipes x seeds -----------------------------------------------------------------------------
+def compare_iterations(recipes: Sequence[str], seeds: Sequence[int], out_dir: str | Path, overrides=()) -> dict:
+    """Run every recipe for every seed into ``out/<recipe>/seed<k>`` and aggregate per round over seeds."""
+    from vidpo.recipe import load_config
+
+    out = Path(out_dir)
+    methods: dict[str, list[dict]] = {}
+    first = Path(recipes[0]).stem
+    for seed in seeds:
+        for recipe in recipes:
+            name = Path(recipe).stem
+            cfg = load_config(recipe, list(overrides) + [f"seed={seed}"])
+            run_dir = out / name / f"seed{seed}"
+            # Later recipes share what is identical by construction with the first one's run of this seed.
+            source = out / first / f"seed{seed}" if name != first else None
+            try:
+                reuse = source if source is not None and _can_reuse(cfg, source) else None
+                methods.setdefault(name, []).append(iterate(cfg, run_dir, reuse=reuse))
+            finally:
+                _close_run_log(run_dir)
+    table = {name: _aggregate(runs) for name, runs in methods.items()}
+    summary = {"seeds": list(seeds), "methods": table}
+    atomic.write_json(out / "summary.json", summary)
+    rows = []
+    for k, (name, agg) in enumerate(table.items()):
+        for row in agg["rounds"]:
+            rows.append({"step": row["round"], "phase": name, "oracle/total": row["oracle"]["mean"],
+                         "critic_accuracy": row["critic_accuracy"] or float("nan")})
+    atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    base = next(iter(table.values()))["base"]["oracle"]
+    write_iterate_report(out, summary, {n: a["rounds"] for n, a in table.items()}, base)
+    return summary
+
+
+def _can_reuse(cfg: RunConfig, source: Path) -> bool:
+    from vidpo.recipe import load_config
+
+    try:
+        other = load_config(source / "config.yaml")
+        return _same_weights(cfg.train.init_from, other.train.init_from) and all(
+            any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS + _ROUND_PAIR_KEYS) for k in _differing_keys(cfg, other))
+    except (ConfigError, OSError):
+        return False
+
+
+def _close_run_log(run_dir: Path) -> None:
+    """Detach the run's vidpo.log handler (``setup_logging`` adds one per run directory), so the next run of
+    a comparison does not write into this run's log."""
+    root = logging.getLogger("vidpo")
+    path = os.path.abspath(run_dir / "vidpo.log")   # what logging.FileHandler keeps as baseFilename
+    for handler in [h for h in root.handlers if getattr(h, "baseFilename", None) == path]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _mean_or_none(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    """Per round: mean over seeds with a 95% Student-t CI over seeds, of the oracle score, the gain over the
+    initial policy and over round 1, the critic accuracy (before / after refinement) and the pseudo-labels
+    kept."""
+    def over_seeds(values):
+        values = [v for v in values if v is not None]
+        return _brief(mean_ci(torch.tensor(values, dtype=torch.float64))) if values else None
+
+    rounds = []
+    for i in range(len(runs[0]["rounds"])):
+        rows = [run["rounds"][i] for run in runs]
+        acc = over_seeds([r.get("critic_accuracy") for r in rows])
+        before = over_seeds([r.get("critic_accuracy_before_refine") for r in rows])
+        firsts = [run["rounds"][0] for run in runs]
+        rounds.append({"round": rows[0]["round"], "oracle": over_seeds([r["oracle"]["mean"] for r in rows]),
+                       "delta_vs_base": over_seeds([r["delta_vs_base"]["mean"] for r in rows]),
+                       # round r against round 1 of the same seed (does iterating add to the first round?)
+                       "delta_vs_round_1": over_seeds([r["oracle"]["mean"] - f["oracle"]["mean"]
+                                                       for r, f in zip(rows, firsts)]) if i else None,
+                       "critic_accuracy": acc["mean"] if acc else None,
+                       "critic_accuracy_ci95": acc["ci95"] if acc else None,
+                       "critic_accuracy_before_refine": before["mean"] if before else None,
+                       "pseudo_labels_kept": sum(r["pseudo_labels_kept"] for r in rows) / len(rows),
+                       "label_agreement": _mean_or_none([(r.get("labels") or {}).get("oracle_agreement") for r in rows]),
+                       "per_seed_oracle": [r["oracle"]["mean"] for r in rows],
+                       "per_seed_delta_ci95": [r["delta_vs_base"]["ci95"] for r in rows]})
+    base = over_seeds([run["base"]["oracle"]["mean"] for run in runs])
+    return {"rounds": rounds, "base": {"oracle": base},
+            "minutes_per_run": round(sum(run["timings"]["total_s"] for run in runs) / len(runs) / 60, 1)}
