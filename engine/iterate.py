@@ -46,7 +46,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -78,7 +78,6 @@ class _Run:
     device: torch.device
     oracle: object
     base_path: Path
-    timings: dict = field(default_factory=dict)
 
     @property
     def num_segments(self) -> int:
