@@ -22,11 +22,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 WORLD = 2
 # gloo's default collective timeout is 30 minutes: a rank that failed before a collective would leave the
 # other one waiting that long. Two minutes is far above any collective in these tests.
 GLOO_TIMEOUT_S = 120
+# Starts of a multi-process test that died before any rank wrote a result (see spawn_workers).
+RENDEZVOUS_ATTEMPTS = 3
 
 
 def free_port() -> int:
@@ -113,14 +116,41 @@ def read_results(result_dir: str, world: int = WORLD) -> list:
     return per_rank
 
 
+def _any_verdict(result_dir: str, world: int) -> bool:
+    """Whether some rank recorded at least one check (a start that died in its rendezvous records none)."""
+    for rank in range(world):
+        path = os.path.join(result_dir, f"rank{rank}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                if json.load(f):
+                    return True
+    return False
+
+
 def spawn_workers(worker, result_dir: str, *args, world: int = WORLD) -> list:
     """Run ``worker(rank, port, result_dir, *args)`` in ``world`` fresh processes on a free port, wait for all
     of them, and return their result dicts (``read_results``).
 
     ``mp.spawn`` (start method ``spawn``) rather than fork: the children start clean, without the parent's
     torch threads or any process-group state. ``join=True`` re-raises in the parent if a worker died.
+
+    ``free_port`` has a race: between its check and the workers' bind, another process (under pytest-xdist,
+    often another test's gloo connections) may take the port, and the rendezvous then dies. Once in a
+    clean-clone CI run a worker aborted before any check ("terminate called without an active exception"),
+    most likely this. A start that died before any rank recorded
+    a check is therefore retried on a new port, up to ``RENDEZVOUS_ATTEMPTS`` times; a worker that died
+    after recording checks is a real failure and is re-raised at once.
     """
-    mp.spawn(worker, args=(free_port(), result_dir, *args), nprocs=world, join=True)
+    for attempt in range(1, RENDEZVOUS_ATTEMPTS + 1):
+        try:
+            mp.spawn(worker, args=(free_port(), result_dir, *args), nprocs=world, join=True)
+            break
+        except ProcessException:
+            if _any_verdict(result_dir, world) or attempt == RENDEZVOUS_ATTEMPTS:
+                raise
+            for rank in range(world):   # empty verdict files of the failed start
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(result_dir, f"rank{rank}.json"))
     return read_results(result_dir, world)
 
 
