@@ -325,7 +325,8 @@ def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult,
     elif it.pairing == "ranked":
         train_dir = rd / "pairs_ranked"
         row["labels"] = dict(build_ranked_pairs(scorer, rd / "pairs", train_dir, cfg, run.world, run.segment_ids,
-                                                it.rank_fraction, source="oracle-ranked" if by_oracle else "critic-ranked"))
+                                                it.rank_fraction, margin_fraction=it.margin_fraction,
+                                                source="oracle-ranked" if by_oracle else "critic-ranked"))
         row["labels"]["oracle_agreement"] = _pool_pairs_agreement(run, train_dir)
     else:
         train_dir = rd / "pairs"
@@ -411,7 +412,7 @@ _ROUND_KEYS = ("train.*", "pref.*", "lora", "lora.*", "parallel.*", "cluster.*",
                "critic.granularity", "critic.pointwise", "critic.desirable", "critic.undesirable", "iterate.rounds",
                "iterate.reference", "iterate.refine", "iterate.votes", "iterate.vote_*", "iterate.pce_*",
                "iterate.accumulate_pseudo", "iterate.pairing", "iterate.rank_fraction",
-               "iterate.round_labeler")
+               "iterate.margin_fraction", "iterate.round_labeler")
 # Keys that act from round 2 on only: a run differing in nothing else has the same round 1.
 _LATER_ROUND_KEYS = ("iterate.rounds", "iterate.reference", "iterate.refine", "iterate.votes", "iterate.vote_*",
                      "iterate.pce_*", "iterate.accumulate_pseudo")

@@ -10,7 +10,8 @@ from vidpo import atomic
 from vidpo.cli import main as cli_main
 from vidpo.critic import (CriticLabeler, Symmetries, bt_ties_log_probs, bt_ties_nll, build_critic,
                           cond_ids_from_captions, critic_accuracy, critic_loss, labels_from_differences, tie_margin_of,
-                          load_preference_data, pointwise_labels, ranked_pairs, score_videos, train_critic)
+                          load_preference_data, pointwise_labels, ranked_pairs, score_videos, train_critic,
+                          widest_pairs)
 from vidpo.data.oracle import ShapesOracle
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, shard_name, write_manifest
 from vidpo.labeling import PairBatch, build_labeler
@@ -98,9 +99,11 @@ def test_confidence_margin_is_where_the_winner_probability_reaches_it(micro_over
         tie_margin_of(critic, None, 1.0)
 
 
-def test_critic_network_shapes_segments_and_file_roundtrip(tmp_path, micro_overrides):
+@pytest.mark.parametrize("frame_differences", [False, True])
+def test_critic_network_shapes_segments_and_file_roundtrip(tmp_path, micro_overrides, frame_differences):
     cfg = load_config(None, micro_overrides + ["critic.width=16", "critic.num_heads=2", "critic.depth=1",
-                                               "critic.patch_size=[2,4,4]"])
+                                               "critic.patch_size=[2,4,4]",
+                                               f"critic.frame_differences={frame_differences}"])
     world = build_world(cfg)
     critic = build_critic(cfg, world).eval()
     x = torch.rand(3, 3, 4, 8, 8) * 2 - 1
@@ -113,7 +116,19 @@ def test_critic_network_shapes_segments_and_file_roundtrip(tmp_path, micro_overr
     torch.testing.assert_close(out.video, out.frames.mean(1))
     save_critic(critic, tmp_path / "c" / "critic.safetensors")
     again = load_critic(tmp_path / "c")
+    assert again.frame_differences == frame_differences
     torch.testing.assert_close(again(x, tokens, seg).video, out.video)
+    if frame_differences:
+        # The patch vector is (2C, pt, ph, pw): the clip's C channels, then its C difference channels. Cutting
+        # the second half of the embedding changes nothing for a static clip (its differences are zero) and
+        # changes the scores of a moving one.
+        assert critic.patch_embed.weight.shape[1] == 2 * 3 * 2 * 4 * 4
+        blind = load_critic(tmp_path / "c")
+        with torch.no_grad():
+            blind.patch_embed.weight[:, 3 * 2 * 4 * 4:] = 0
+        static = x[:, :, :1].expand_as(x).contiguous()
+        torch.testing.assert_close(blind(static, tokens, seg).video, critic(static, tokens, seg).video)
+        assert not torch.allclose(blind(x, tokens, seg).video, out.video)
     with pytest.raises(FileNotFoundError, match="vidpo critic train"):
         load_critic(tmp_path / "missing")
 
@@ -162,6 +177,22 @@ def test_ranked_pairs_pair_each_prompts_best_with_its_worst():
     assert len(ranked_pairs(scores, prompts, 0.01)[0]) == 2
     with pytest.raises(ValueError, match="rank_fraction"):
         ranked_pairs(scores, prompts, 0.6)
+
+
+def test_widest_pairs_keep_the_largest_score_gaps_across_prompts():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 2.0, -1.0, 5.0])
+    first, second = [1, 1, 4, 4, 5], [3, 0, 3, 0, 6]          # gaps 0.6, 0.8, 0.4, 0.6, 3.0
+    assert widest_pairs(scores, first, second, 1.0) == (first, second)
+    # ceil(0.4 * 5) = 2 widest, in their original order: (1, 0) gap 0.8 and (5, 6) gap 3.0.
+    assert widest_pairs(scores, first, second, 0.4) == ([1, 5], [0, 6])
+    # Equal gaps (0.6 of pairs 0 and 3) keep the earlier pair; at least one pair always survives.
+    assert widest_pairs(scores, first, second, 0.6) == ([1, 1, 5], [3, 0, 6])
+    assert widest_pairs(scores, first, second, 0.01) == ([5], [6])
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="margin_fraction"):
+            widest_pairs(scores, first, second, bad)
+    with pytest.raises(ValueError, match="2 preferred and 1 rejected"):
+        widest_pairs(scores, [1, 2], [3], 0.5)
 
 
 def _colour_pairs(world, n, seed):

@@ -1,6 +1,7 @@
 """Dual-IPO (votes, implicit rewards, PCE in float64) and `vidpo iterate` on the micro world: rounds, summary,
 report, KTO rounds, the fixed-base reference, resuming after a kill, and bad configs."""
 import json
+import math
 
 import pytest
 import torch
@@ -250,10 +251,14 @@ def test_ranked_pairing_round_pairs_each_prompts_best_and_worst(tmp_path, micro_
         assert (pool == video).all(1).any()
     # The ceiling ablation ranks a pool by the oracle: every pair then agrees with the oracle. With another
     # number of pairs per round it shares the seed labels and critic 0 of the run above, not round 1's pairs.
+    # margin_fraction keeps the widest half of the ranked pairs.
     ceiling = iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.pairing=ranked", "iterate.rank_fraction=0.5",
-                              "iterate.rounds=1", "generate.num_pairs=10", "iterate.round_labeler=oracle"),
+                              "iterate.rounds=1", "generate.num_pairs=10", "iterate.round_labeler=oracle",
+                              "iterate.margin_fraction=0.5"),
                       tmp_path / "oracle", reuse=tmp_path / "ranked")
-    assert ceiling["rounds"][0]["labels"]["oracle_agreement"] == 1.0 and ceiling["rounds"][0]["labels"]["videos"] == 20
+    ceiling_labels = ceiling["rounds"][0]["labels"]
+    assert ceiling_labels["oracle_agreement"] == 1.0 and ceiling_labels["videos"] == 20
+    assert ceiling_labels["pairs"] == math.ceil(0.5 * ceiling_labels["ranked_pairs"]) >= 1
     assert (tmp_path / "oracle" / "critic_0" / "critic.safetensors").samefile(
         tmp_path / "ranked" / "critic_0" / "critic.safetensors")
     assert not (tmp_path / "oracle" / "round_1" / "pairs" / "pairs.jsonl").samefile(

@@ -13,7 +13,9 @@ Scores are logits of a Bradley-Terry model with ties (``vidpo.critic``): for two
 ``nu = exp(log_tie)`` is the Davidson tie parameter this module learns alongside the scores.
 
 Layout (the blocks are the policy's ``DiTBlock`` with one learned, time-free modulation instead of adaLN):
-  patch_embed   patchify (B, C, T, H, W) -> (B, n, C*pt*ph*pw) -> Linear -> (B, n, D)
+  inputs        the clip, and with ``frame_differences`` also its temporal difference
+                ``x[:, :, t] - x[:, :, t-1]`` (zero at t = 0) as C more channels -> (B, C', T, H, W)
+  patch_embed   patchify (B, C', T, H, W) -> (B, n, C'*pt*ph*pw) -> Linear -> (B, n, D)
   cond_embed    Embedding(V, D) or the text MLP, exactly as the policy's
   blocks x depth  self-attention (3-D RoPE) over all video tokens, cross-attention to the condition, MLP;
                 the shared modulation table (6, D) starts with gates 1, shifts/scales 0 (a plain pre-LN
@@ -21,6 +23,12 @@ Layout (the blocks are the policy's ``DiTBlock`` with one learned, time-free mod
   pool          per latent frame: attention pooling over its (H/ph)(W/pw) tokens,
                 ``a = softmax_hw(w . LN(h))``, ``f = sum_hw a * LN(h)``  -> (B, T/pt, D)
   head          Linear -> GELU -> Dropout -> Linear(D, 1)               -> (B, T/pt) frame scores
+
+Why frame differences: motion (does the object move as captioned, steadily?) is half of what separates good
+samples once colours and shapes are right, and a patch token of one frame cannot see it; attention across
+frames can, but learning it from a few hundred labels is slow. The difference channels put the displacement
+into every token: on the shapes world they lift the accuracy of a critic trained on 384 seed labels on the
+later rounds' fresh pairs by ~0.03-0.05 (README, IPO).
 
 Why attention pooling: in a 16 x 16 clip the object covers 1-4 of 16 patches; a plain mean over the
 frame would drown what the critic must judge (its colour, shape and displacement) in background.
@@ -69,14 +77,16 @@ def segment_means(frame_scores: torch.Tensor, segment_ids: torch.Tensor) -> torc
 class VideoCritic(nn.Module):
     """Segment-level video critic; see the module docstring for the layout and the score semantics."""
 
-    def __init__(self, cfg: DiTConfig, dropout: float = 0.1, tie_init: float = 0.0):
+    def __init__(self, cfg: DiTConfig, dropout: float = 0.1, tie_init: float = 0.0, frame_differences: bool = False):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"critic dropout must be in [0, 1), got {dropout}")
         self.config = cfg
         self.dropout_p = float(dropout)
+        self.frame_differences = bool(frame_differences)
         d, (pt, ph, pw) = cfg.width, cfg.patch_size
-        self.patch_embed = nn.Linear(cfg.in_channels * pt * ph * pw, d)
+        streams = 2 if self.frame_differences else 1
+        self.patch_embed = nn.Linear(streams * cfg.in_channels * pt * ph * pw, d)
         self.cond_embed = (ClassTokenEmbedding(cfg.cond_vocab_size, d) if cfg.uses_class_tokens
                            else TextEmbedding(cfg.cond_dim, d))
         self.modulation = nn.Parameter(torch.zeros(6, d))
@@ -124,7 +134,11 @@ class VideoCritic(nn.Module):
         b, _, frames, height, width = x.shape
         grid = cfg.patch_grid(frames, height, width)
         dtype = self.patch_embed.weight.dtype
-        h = self.patch_embed(patchify(x.to(dtype), cfg.patch_size))                       # (B, n, D)
+        x = x.to(dtype)
+        if self.frame_differences:
+            step = x[:, :, 1:] - x[:, :, :-1]
+            x = torch.cat([x, torch.cat([torch.zeros_like(x[:, :, :1]), step], dim=2)], dim=1)   # (B, 2C, T, H, W)
+        h = self.patch_embed(patchify(x, cfg.patch_size))                                 # (B, n, D)
         context = self.cond_embed(cond if cfg.uses_class_tokens else cond.to(dtype))        # (B, L, D)
         cos, sin = rope_cos_sin(grid_positions(grid, device=x.device), cfg.head_dim, cfg.rope_theta)
         modulation = self.modulation.unsqueeze(0).expand(b, -1, -1)
@@ -151,7 +165,8 @@ def critic_metadata(model: VideoCritic) -> dict:
     """What rebuilds ``model``: its DiT config and dropout, as JSON strings (safetensors metadata)."""
     cfg = dataclasses.asdict(model.config)
     cfg["patch_size"] = list(cfg["patch_size"])
-    return {"format": "vidpo-critic-1", "dit_config": json.dumps(cfg), "dropout": str(model.dropout_p)}
+    return {"format": "vidpo-critic-1", "dit_config": json.dumps(cfg), "dropout": str(model.dropout_p),
+            "frame_differences": str(int(model.frame_differences))}
 
 
 def save_critic(model: VideoCritic, path, extra: Optional[dict] = None) -> None:
@@ -188,6 +203,7 @@ def load_critic(path, device: torch.device | str = "cpu") -> VideoCritic:
         raise ValueError(f"{path}: not a vidpo critic file (metadata format {meta.get('format')!r})")
     fields = json.loads(meta["dit_config"])
     fields["patch_size"] = tuple(fields["patch_size"])
-    model = VideoCritic(DiTConfig(**fields), dropout=float(meta["dropout"]))
+    model = VideoCritic(DiTConfig(**fields), dropout=float(meta["dropout"]),
+                        frame_differences=meta.get("frame_differences", "0") == "1")
     model.load_state_dict(load_file(str(path)))
     return model.to(device).eval()
