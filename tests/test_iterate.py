@@ -222,7 +222,7 @@ def test_kto_rounds_with_fixed_base_reference(tmp_path, micro_overrides, base_ck
 
 def test_ranked_pairing_round_pairs_each_prompts_best_and_worst(tmp_path, micro_overrides, base_ckpt):
     cfg = ipo_cfg(micro_overrides, base_ckpt, "iterate.pairing=ranked", "iterate.rank_fraction=0.5",
-                  "iterate.rounds=1", "generate.num_pairs=12")
+                  "iterate.rounds=1", "generate.num_pairs=12", "critic.frame_differences=true")
     summary = iterate(cfg, tmp_path / "ranked")
     labels = summary["rounds"][0]["labels"]
     assert labels["videos"] == 24 and labels["pairs"] >= 1 and labels["rank_fraction"] == 0.5
@@ -236,6 +236,7 @@ def test_ranked_pairing_round_pairs_each_prompts_best_and_worst(tmp_path, micro_
     data = load_preference_data(pairs_dir, 2)
     assert len(data) == labels["pairs"] == summary["rounds"][0]["train"]["pairs"]
     critic = load_critic(tmp_path / "ranked" / "critic_0")
+    assert critic.frame_differences     # the recipe's critic, rebuilt from its file
     a = score_videos(critic, data.first, data.cond_ids, world, seg)
     b = score_videos(critic, data.second, data.cond_ids, world, seg)
     assert (a.video > b.video).all() and (data.video_labels == 1).all()
@@ -254,7 +255,7 @@ def test_ranked_pairing_round_pairs_each_prompts_best_and_worst(tmp_path, micro_
     # margin_fraction keeps the widest half of the ranked pairs.
     ceiling = iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.pairing=ranked", "iterate.rank_fraction=0.5",
                               "iterate.rounds=1", "generate.num_pairs=10", "iterate.round_labeler=oracle",
-                              "iterate.margin_fraction=0.5"),
+                              "iterate.margin_fraction=0.5", "critic.frame_differences=true"),
                       tmp_path / "oracle", reuse=tmp_path / "ranked")
     ceiling_labels = ceiling["rounds"][0]["labels"]
     assert ceiling_labels["oracle_agreement"] == 1.0 and ceiling_labels["videos"] == 20

@@ -27,8 +27,8 @@ Layout (the blocks are the policy's ``DiTBlock`` with one learned, time-free mod
 Why frame differences: motion (does the object move as captioned, steadily?) is half of what separates good
 samples once colours and shapes are right, and a patch token of one frame cannot see it; attention across
 frames can, but learning it from a few hundred labels is slow. The difference channels put the displacement
-into every token: on the shapes world they lift the accuracy of a critic trained on 384 seed labels on the
-later rounds' fresh pairs by ~0.03-0.05 (README, IPO).
+into every token: on the shapes world, a critic trained on the same 384 seed labels is ~0.02-0.03 more accurate
+on the fresh pairs of later rounds (mean over 3 seeds; README, IPO).
 
 Why attention pooling: in a 16 x 16 clip the object covers 1-4 of 16 patches; a plain mean over the
 frame would drown what the critic must judge (its colour, shape and displacement) in background.
