@@ -24,8 +24,8 @@ Layout (the blocks are the policy's ``DiTBlock`` with one learned, time-free mod
                 ``a = softmax_hw(w . LN(h))``, ``f = sum_hw a * LN(h)``  -> (B, T/pt, D)
   head          Linear -> GELU -> Dropout -> Linear(D, 1)               -> (B, T/pt) frame scores
 
-Why frame differences: motion (does the object move as captioned, steadily?) is half of what separates good
-samples once colours and shapes are right, and a patch token of one frame cannot see it; attention across
+Why frame differences: motion and temporal consistency (does the object move as captioned, steadily?) are two
+of the shapes oracle's four components, and a patch token of one frame cannot see either; attention across
 frames can, but learning it from a few hundred labels is slow. The difference channels put the displacement
 into every token: on the shapes world, a critic trained on the same 384 seed labels is ~0.02-0.03 more accurate
 on the fresh pairs of later rounds (mean over 3 seeds; README, IPO).
