@@ -79,7 +79,6 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="vidpo iterate run directories (each holds config.yaml)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = []
     for run in args.runs:
         if not (run / "config.yaml").exists():
