@@ -600,7 +600,7 @@ def cmd_iterate(args) -> int:
     else:
         from vidpo.iterate_report import compare_iterations
 
-        brief = compare_iterations(args.recipes, args.seeds or [0], args.out, args.overrides)
+        brief = compare_iterations(args.recipes, args.seeds or [0], args.out, args.overrides, jobs=args.jobs)
     print(json.dumps(brief, indent=2))
     return 0
 
@@ -613,6 +613,9 @@ def add_iterate_verb(sub, add_set) -> None:
     p.add_argument("recipes", nargs="+", metavar="RECIPE")
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", nargs="+", type=int, help="run each recipe with these seeds")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="with several recipes or --seeds: run up to N runs at once, one process each at "
+                        "train.num_threads (e.g. 2 runs at 1 thread on a 2-core CPU)")
     p.add_argument("--reuse", metavar="RUN_DIR", help="link the seed labels, critic 0, base evaluation and round-1 "
                    "pairs (all of round 1 when only round>=2 settings differ) from another run of the same seed")
     add_set(p)

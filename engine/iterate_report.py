@@ -141,13 +141,19 @@ def write_iterate_report(out: Path, summary: dict, series: Optional[dict] = None
 
 
 # ----- several recipes x seeds -----------------------------------------------------------------------------
-def compare_iterations(recipes: Sequence[str], seeds: Sequence[int], out_dir: str | Path, overrides=()) -> dict:
-    """Run every recipe for every seed into ``out/<recipe>/seed<k>`` and aggregate per round over seeds."""
+def compare_iterations(recipes: Sequence[str], seeds: Sequence[int], out_dir: str | Path, overrides=(),
+                       jobs: int = 1) -> dict:
+    """Run every recipe for every seed into ``out/<recipe>/seed<k>`` and aggregate per round over seeds.
+
+    ``jobs`` > 1 runs up to that many runs at once, each in its own process (``_run_in_processes``); the
+    aggregation then reads the finished runs back."""
     from vidpo.recipe import load_config
 
     out = Path(out_dir)
     methods: dict[str, list[dict]] = {}
     first = Path(recipes[0]).stem
+    if jobs > 1:
+        _run_in_processes(recipes, seeds, out, list(overrides), jobs)
     for seed in seeds:
         for recipe in recipes:
             name = Path(recipe).stem
@@ -172,6 +178,63 @@ def compare_iterations(recipes: Sequence[str], seeds: Sequence[int], out_dir: st
     base = next(iter(table.values()))["base"]["oracle"]
     write_iterate_report(out, summary, {n: a["rounds"] for n, a in table.items()}, base)
     return summary
+
+
+def _run_in_processes(recipes: Sequence[str], seeds: Sequence[int], out: Path, overrides: list, jobs: int) -> None:
+    """Every (recipe, seed) run as its own ``vidpo iterate`` process, at most ``jobs`` at a time.
+
+    Why processes: a run is one long chain of small CPU ops, so on a few cores several runs side by side (each
+    at ``train.num_threads``) use the machine far better than one run with more threads. A later recipe's run of
+    a seed starts only once the first recipe's run of that seed has finished, so it can reuse its stages as
+    the serial comparison does. Each process writes its output to ``out/<recipe>/seed<k>.log``. A failed run
+    stops new starts; the running ones finish (every run is resumable) and the error names the failed runs' logs."""
+    import subprocess
+    import sys
+    import time
+
+    from vidpo.recipe import load_config
+
+    first = Path(recipes[0]).stem
+    pending = [(r, s) for r in recipes[:1] for s in seeds] + [(r, s) for r in recipes[1:] for s in seeds]
+    done: set = set()
+    running: dict = {}
+    failed: list[str] = []
+    while pending or running:
+        for key, (proc, log_path, handle) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            handle.close()
+            del running[key]
+            if proc.returncode == 0:
+                done.add(key)
+            else:
+                failed.append(f"{Path(key[0]).stem} seed {key[1]} (exit {proc.returncode}, {log_path})")
+        if failed:
+            pending = []
+        for recipe, seed in list(pending):
+            if len(running) >= jobs:
+                break
+            name = Path(recipe).stem
+            if name != first and (recipes[0], seed) not in done:
+                continue   # waits for the first recipe's run of this seed (the stages it may share)
+            pending.remove((recipe, seed))
+            run_dir = out / name / f"seed{seed}"
+            command = [sys.executable, "-m", "vidpo", "iterate", str(recipe), "--out", str(run_dir)]
+            for item in overrides + [f"seed={seed}"]:
+                command += ["--set", item]
+            source = out / first / f"seed{seed}"
+            if name != first and _can_reuse(load_config(recipe, overrides + [f"seed={seed}"]), source):
+                command += ["--reuse", str(source)]
+            log_path = out / name / f"seed{seed}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(log_path, "ab")
+            running[(recipe, seed)] = (subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT), log_path,
+                                       handle)
+        if running:
+            time.sleep(0.5)
+    if failed:
+        raise RuntimeError("vidpo iterate --jobs: run(s) failed: " + "; ".join(failed)
+                           + ". Fix the cause and rerun the same command: finished rounds are kept.")
 
 
 def _can_reuse(cfg: RunConfig, source: Path) -> bool:

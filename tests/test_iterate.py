@@ -310,3 +310,36 @@ def test_seed_aggregation_and_rounds_table():
     assert r2["pseudo_labels_kept"] == 20 and agg["minutes_per_run"] == 2.0
     html = rounds_table({"dpo": agg["rounds"]}, agg["base"]["oracle"])
     assert "vs round 1" in html and "+0.0300 [" in html and "0.700 &rarr; 0.800" in html
+
+
+def test_comparison_runs_in_processes_and_reports_a_failed_run(tmp_path, micro_overrides, base_ckpt):
+    """`vidpo iterate A B --seeds 0 1 --jobs 2`: every run is its own process, B's runs start after A's run of the
+    same seed and reuse its round 1, and the aggregate reads the finished runs back. A run that fails names
+    its log."""
+    from vidpo.iterate_report import compare_iterations
+
+    (tmp_path / "a.yaml").write_text("seed: 0\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\niterate:\n  refine: false\n")
+    over = micro_overrides + [
+        f"train.init_from={base_ckpt}", "train.objective=flow_dpo", "train.max_steps=2", "train.warmup_steps=0",
+        "train.num_threads=1", "flow.t_min=0.3", "pref.sft_weight=0.5", "iterate.rounds=2", "iterate.seed_pairs=8",
+        "iterate.eval_pairs=6", "iterate.votes=3", "iterate.pce_timesteps=1", "critic.width=16",
+        "critic.num_heads=2", "critic.depth=1", "critic.steps=4", "critic.batch_size=4", "eval.num_samples=6"]
+    out = tmp_path / "cmp"
+    recipes = [str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")]
+    summary = compare_iterations(recipes, [0, 1], out, over, jobs=2)
+    assert summary["seeds"] == [0, 1] and set(summary["methods"]) == {"a", "b"}
+    for name in ("a", "b"):
+        for seed in (0, 1):
+            assert (out / name / f"seed{seed}.log").exists()
+            assert load_config(out / name / f"seed{seed}" / "config.yaml").seed == seed
+            assert (out / name / f"seed{seed}" / "round_2" / "round.json").exists()
+        # B differs from A only from round 2 on: its round 1 is A's, linked (the process honoured the reuse).
+        assert (out / "b" / "seed1" / "round_1" / "round.json").samefile(out / "a" / "seed1" / "round_1" / "round.json")
+    rounds = summary["methods"]["a"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and len(rounds[0]["per_seed_oracle"]) == 2
+    assert (out / "summary.json").exists() and (out / "report.html").exists()
+
+    broken = [o for o in over if not o.startswith("train.init_from=")] + [f"train.init_from={tmp_path / 'missing'}"]
+    with pytest.raises(RuntimeError, match=r"a seed 0 \(exit [12], .*seed0\.log\)"):
+        compare_iterations([recipes[0]], [0], tmp_path / "broken", broken, jobs=2)
