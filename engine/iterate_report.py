@@ -188,6 +188,28 @@ def _run_in_processes(recipes: Sequence[str], seeds: Sequence[int], out: Path, o
     a seed starts only once the first recipe's run of that seed has finished, so it can reuse its stages as
     the serial comparison does. Each process writes its output to ``out/<recipe>/seed<k>.log``. A failed run
     stops new starts; the running ones finish (every run is resumable) and the error names the failed runs' logs."""
+    if jobs < 1:
+        raise ConfigError(f"vidpo iterate --jobs must be >= 1, got {jobs}")
+    pending = [(r, s) for r in recipes[:1] for s in seeds] + [(r, s) for r in recipes[1:] for s in seeds]
+    running: dict = {}
+    failed: list[str] = []
+    try:
+        _schedule(recipes, out, overrides, jobs, pending, running, failed)
+    finally:   # an interrupted comparison stops its runs too (each resumes where it stopped)
+        for proc, _, handle in running.values():
+            proc.terminate()
+            proc.wait()
+            handle.close()
+    if failed:
+        raise RuntimeError("vidpo iterate --jobs: run(s) failed: " + "; ".join(failed)
+                           + ". Fix the cause and rerun the same command: finished rounds are kept.")
+
+
+def _schedule(recipes, out: Path, overrides: list, jobs: int, pending: list, running: dict, failed: list) -> None:
+    """The loop of ``_run_in_processes``: start what may start, collect what finished, until nothing is left.
+
+    ``running`` ((recipe, seed) -> (process, log path, log file)) and ``failed`` are the caller's, so that it can
+    stop what is still running if this is interrupted."""
     import subprocess
     import sys
     import time
@@ -195,10 +217,7 @@ def _run_in_processes(recipes: Sequence[str], seeds: Sequence[int], out: Path, o
     from vidpo.recipe import load_config
 
     first = Path(recipes[0]).stem
-    pending = [(r, s) for r in recipes[:1] for s in seeds] + [(r, s) for r in recipes[1:] for s in seeds]
     done: set = set()
-    running: dict = {}
-    failed: list[str] = []
     while pending or running:
         for key, (proc, log_path, handle) in list(running.items()):
             if proc.poll() is None:
@@ -232,9 +251,6 @@ def _run_in_processes(recipes: Sequence[str], seeds: Sequence[int], out: Path, o
                                        handle)
         if running:
             time.sleep(0.5)
-    if failed:
-        raise RuntimeError("vidpo iterate --jobs: run(s) failed: " + "; ".join(failed)
-                           + ". Fix the cause and rerun the same command: finished rounds are kept.")
 
 
 def _can_reuse(cfg: RunConfig, source: Path) -> bool:
