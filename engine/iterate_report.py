@@ -246,9 +246,13 @@ def _schedule(recipes, out: Path, overrides: list, jobs: int, pending: list, run
                 command += ["--reuse", str(source)]
             log_path = out / name / f"seed{seed}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ)
+            threads = load_config(recipe, overrides + [f"seed={seed}"]).train.num_threads
+            if threads > 0:   # OpenMP's own pool too, not only torch's intra-op threads: N runs share the cores
+                env["OMP_NUM_THREADS"] = str(threads)
             handle = open(log_path, "ab")
-            running[(recipe, seed)] = (subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT), log_path,
-                                       handle)
+            running[(recipe, seed)] = (subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env),
+                                       log_path, handle)
         if running:
             time.sleep(0.5)
 
