@@ -241,13 +241,14 @@ def _schedule(recipes, out: Path, overrides: list, jobs: int, pending: list, run
             command = [sys.executable, "-m", "vidpo", "iterate", str(recipe), "--out", str(run_dir)]
             for item in overrides + [f"seed={seed}"]:
                 command += ["--set", item]
+            cfg = load_config(recipe, overrides + [f"seed={seed}"])
             source = out / first / f"seed{seed}"
-            if name != first and _can_reuse(load_config(recipe, overrides + [f"seed={seed}"]), source):
+            if name != first and _can_reuse(cfg, source):
                 command += ["--reuse", str(source)]
             log_path = out / name / f"seed{seed}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             env = dict(os.environ)
-            threads = load_config(recipe, overrides + [f"seed={seed}"]).train.num_threads
+            threads = cfg.train.num_threads
             if threads > 0:   # OpenMP's own pool too, not only torch's intra-op threads: N runs share the cores
                 env["OMP_NUM_THREADS"] = str(threads)
             handle = open(log_path, "ab")
