@@ -43,15 +43,18 @@ def _round_metrics(summary: dict) -> list[dict]:
 
 
 def plot_rounds(series: dict[str, list[dict]], path: Path, base: Optional[dict] = None) -> Path:
-    """Three panels across rounds: oracle score with 95% CI, critic accuracy (before / after refinement),
-    pseudo-labels kept. ``series`` maps a label to its round rows (each with 'round', 'oracle' {mean, ci95},
-    'critic_accuracy', optional 'critic_accuracy_before_refine', 'pseudo_labels_kept')."""
+    """Panels across rounds: oracle score with 95% CI, critic accuracy (before / after refinement), and
+    pseudo-labels kept (only when some round kept any: without refinement that panel would be empty).
+    ``series`` maps a label to its round rows (each with 'round', 'oracle' {mean, ci95}, 'critic_accuracy',
+    optional 'critic_accuracy_before_refine', 'pseudo_labels_kept')."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 3.8))
+    refined = any(r.get("pseudo_labels_kept") for rows in series.values() for r in rows)
+    fig = Figure(figsize=(13 if refined else 9, 3.8))
     FigureCanvasAgg(fig)
-    ax_o, ax_c, ax_p = fig.subplots(1, 3)
+    ax_o, ax_c, *rest = fig.subplots(1, 3 if refined else 2)
+    ax_p = rest[0] if rest else None
     for k, (name, rows) in enumerate(series.items()):
         colour = f"C{k}"
         rounds = [0] + [r["round"] for r in rows] if base else [r["round"] for r in rows]
@@ -66,15 +69,19 @@ def plot_rounds(series: dict[str, list[dict]], path: Path, base: Optional[dict] 
                   if r.get("critic_accuracy_before_refine") is not None]
         if before:
             ax_c.plot(*zip(*before), "x--", color=colour, label=f"{name}: before refinement")
-        ax_p.bar([x + 0.8 * (k - (len(series) - 1) / 2) / max(len(series), 1) for x in rr],
-                 [r.get("pseudo_labels_kept") or 0 for r in rows], width=0.8 / max(len(series), 1), color=colour,
-                 label=name)
+        if ax_p is not None:
+            ax_p.bar([x + 0.8 * (k - (len(series) - 1) / 2) / max(len(series), 1) for x in rr],
+                     [r.get("pseudo_labels_kept") or 0 for r in rows], width=0.8 / max(len(series), 1),
+                     color=colour, label=name)
     ax_o.set(title="oracle score of the policy (95% CI)", xlabel="round (0 = initial policy)")
     ax_c.set(title="critic accuracy vs oracle (fresh pairs)", xlabel="round")
-    ax_p.set(title="pseudo-labels kept (PCE > threshold)", xlabel="round")
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (ax_o, ax_c, ax_p):
+    axes = [ax_o, ax_c]
+    if ax_p is not None:
+        ax_p.set(title="pseudo-labels kept (PCE > threshold)", xlabel="round")
+        axes.append(ax_p)
+    for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

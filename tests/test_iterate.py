@@ -343,3 +343,15 @@ def test_comparison_runs_in_processes_and_reports_a_failed_run(tmp_path, micro_o
     broken = [o for o in over if not o.startswith("train.init_from=")] + [f"train.init_from={tmp_path / 'missing'}"]
     with pytest.raises(RuntimeError, match=r"a seed 0 \(exit [12], .*seed0\.log\)"):
         compare_iterations([recipes[0]], [0], tmp_path / "broken", broken, jobs=2)
+
+
+def test_rounds_figure_drops_the_pseudo_label_panel_without_refinement(tmp_path):
+    from PIL import Image
+
+    from vidpo.iterate_report import plot_rounds
+
+    rows = [{"round": r, "oracle": {"mean": 0.3 + 0.01 * r, "ci95": [0.29, 0.33]}, "critic_accuracy": 0.8,
+             "pseudo_labels_kept": 0} for r in (1, 2)]
+    plain = plot_rounds({"ipo": rows}, tmp_path / "plain.png")
+    refined = plot_rounds({"ipo": rows, "dual": [dict(r, pseudo_labels_kept=50) for r in rows]}, tmp_path / "dual.png")
+    assert Image.open(plain).size[0] == 9 * 110 and Image.open(refined).size[0] == 13 * 110   # 2 vs 3 panels
