@@ -125,18 +125,12 @@ class Ceiling:
     def train(self, extra: PreferenceData | None, stream=("critic",), *, warm: bool = False, steps: int = 0):
         """A critic trained on the seed labels (+ ``extra``): from scratch, or (``warm``) critic 0 trained on
         for ``steps`` more steps at a tenth of the learning rate."""
-        import vidpo.critic as critic_mod
-
         data = self.seed if extra is None else PreferenceData.concat([self.seed, extra])
         cfg = copy.deepcopy(self.cfg)
-        build = critic_mod.build_critic
         if warm:
             cfg.critic.steps, cfg.critic.lr, cfg.critic.warmup_steps = steps, cfg.critic.lr / 10, 0
-            critic_mod.build_critic = lambda *_: copy.deepcopy(self.critic0)
-        try:
-            critic, _ = train_critic(cfg, data, self.world, self.seg, stream=stream)
-        finally:
-            critic_mod.build_critic = build
+        critic, _ = train_critic(cfg, data, self.world, self.seg, stream=stream,
+                                 init=self.critic0 if warm else None)
         return critic
 
     def generated_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ voting passes their distinct views of a pair (``Symmetries``).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -304,9 +305,10 @@ def pointwise_labels(scores: torch.Tensor, mode: str, desirable: float, undesira
 
 # ----- training -------------------------------------------------------------------------------------------
 def train_critic(cfg: RunConfig, data: PreferenceData, world, segment_ids: torch.Tensor, *,
-                 stream: Sequence[object] = ("critic",), device=None, metrics_path: Optional[Path] = None
-                 ) -> tuple[VideoCritic, dict]:
-    """Train a fresh critic on ``data`` for ``critic.steps`` AdamW steps; returns (critic, info).
+                 stream: Sequence[object] = ("critic",), device=None, metrics_path: Optional[Path] = None,
+                 init: Optional[VideoCritic] = None) -> tuple[VideoCritic, dict]:
+    """Train a fresh critic (or a copy of ``init``: a warm start) on ``data`` for ``critic.steps`` AdamW steps;
+    returns (critic, info).
 
     Every draw (init, batches, symmetries, dropout) comes from streams named ``(seed, *stream, ...)``, so a
     rerun reproduces the same critic. ``metrics_path`` receives one JSON row per 10 steps.
@@ -317,9 +319,12 @@ def train_critic(cfg: RunConfig, data: PreferenceData, world, segment_ids: torch
     device = device or pick_device()
     if len(data) == 0:
         raise ValueError("critic training needs at least one labelled pair")
-    with torch.random.fork_rng():
-        torch.manual_seed(derive_seed(cfg.seed, *stream, "init"))
-        critic = build_critic(cfg, world).to(device)
+    if init is not None:
+        critic = copy.deepcopy(init).to(device)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(derive_seed(cfg.seed, *stream, "init"))
+            critic = build_critic(cfg, world).to(device)
     critic.log_tie.requires_grad_(c.learn_ties)
     params = [p for p in critic.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)

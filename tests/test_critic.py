@@ -238,6 +238,14 @@ def test_critic_learns_a_real_preference_and_labels_with_it(tmp_path, micro_over
     again, _ = train_critic(cfg, train, world, seg, device=torch.device("cpu"))
     torch.testing.assert_close(score_videos(again, test.first, test.cond_ids, world, seg).video,
                                score_videos(critic, test.first, test.cond_ids, world, seg).video)
+    # A warm start trains a copy of the given critic: at a zero learning rate it scores exactly as that critic,
+    # and the critic it started from is left untouched.
+    before = {k: v.clone() for k, v in critic.state_dict().items()}
+    frozen = load_config(None, over + ["critic.lr=0", "critic.steps=3"])
+    warm, _ = train_critic(frozen, train, world, seg, device=torch.device("cpu"), init=critic)
+    assert warm is not critic and all(torch.equal(before[k], v) for k, v in critic.state_dict().items())
+    torch.testing.assert_close(score_videos(warm, test.first, test.cond_ids, world, seg).video,
+                               score_videos(critic, test.first, test.cond_ids, world, seg).video)
 
     labeler = build_labeler("critic", critic=critic, world=world, tie_margin=0.0)
     assert isinstance(labeler, CriticLabeler)
