@@ -212,7 +212,8 @@ class TrainConfig:
     ema_decay: float = 0.0
     """Keep an exponential moving average of the trained weights with this decay (0: off; pretraining
     uses e.g. 0.99). Evaluation, samples and the checkpoints' ``model.safetensors`` then carry the EMA
-    weights, ``online.safetensors`` the optimizer's own (vidpo.ema). Single-process runs only."""
+    weights, ``online.safetensors`` the optimizer's own (vidpo.ema). Under a parallel layout each rank
+    averages its own shard and DCP checkpoints keep the average next to the weights."""
 
     num_threads: int = 0
     """torch intra-op threads on CPU (0: leave torch's default)."""

@@ -4,6 +4,8 @@ A run with more than one rank writes ``RUN_DIR/checkpoints/step_NNNNNNN/`` with
   ``dcp/``               model weights and AdamW state, one file per rank + ``.metadata`` (DCP)
   ``model.safetensors``  the consolidated single-device weights (what ``sample``/``eval``/``init_from`` read)
   ``lora.safetensors``   adapters, when the policy has LoRA
+  with ``train.ema_decay``, ``dcp/`` also holds the EMA shadow (``ema/<name>``) and ``model.safetensors`` and
+  ``lora.safetensors`` the consolidated EMA weights (as single-process checkpoints, ``vidpo.ema``)
   ``trainer_state.pt``   LR schedule, optimizer hyper-parameters, step, loop state, RNG (rank 0)
   ``config.yaml``, ``meta.json``
 filled under a temporary name by all ranks and renamed by rank 0 when every rank is done, exactly like
@@ -38,6 +40,7 @@ import torch.distributed as dist
 
 from vidpo import atomic
 from vidpo import checkpoint as ckpt
+from vidpo.recipe import ConfigError
 
 log = logging.getLogger("vidpo")
 
@@ -123,12 +126,16 @@ def _state_for(optimizer, param) -> dict:
 
 
 # ----- consolidated weights -------------------------------------------------------------------------------
-def consolidated_state(model, ctx) -> dict[str, torch.Tensor]:
-    """The single-device state dict (CPU) on rank 0, {} elsewhere. Collective: every rank must call it."""
+def consolidated_state(model, ctx, replace: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """The single-device state dict (CPU) on rank 0, {} elsewhere. Collective: every rank must call it.
+
+    ``replace`` maps parameter names to tensors laid out like those parameters (e.g. the EMA's shadow) that
+    are consolidated in their place, cast to the parameter's dtype."""
     plan = _plan(model)
     out = {}
     for name, p in model.named_parameters():
-        tp_local = _tp_local(p.detach())
+        value = p.detach() if replace is None or name not in replace else replace[name].to(p.dtype)
+        tp_local = _tp_local(value)
         spec = plan.get(name)
         if spec is not None and ctx.tp > 1:
             shards = [torch.empty_like(tp_local) for _ in range(ctx.tp)]
@@ -143,8 +150,13 @@ def consolidated_state(model, ctx) -> dict[str, torch.Tensor]:
 
 # ----- save ----------------------------------------------------------------------------------------------
 def save_distributed_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, trainer_state: dict,
-                                config_yaml: str, ctx, keep: int = 2, lora_metadata: Optional[dict] = None) -> Path:
-    """Write a step checkpoint from every rank (collective); returns its final path on every rank."""
+                                config_yaml: str, ctx, keep: int = 2, lora_metadata: Optional[dict] = None,
+                                ema=None) -> Path:
+    """Write a step checkpoint from every rank (collective); returns its final path on every rank.
+
+    With ``ema`` (a ``vidpo.ema.WeightEma`` over ``model``) its shadow goes into DCP under ``ema/<name>``
+    (same layout as the weights) and ``model.safetensors`` holds the consolidated **EMA** weights, as in a
+    single-process checkpoint; the optimizer's own weights stay in ``dcp/`` (``model/<name>``)."""
     import torch.distributed.checkpoint as dcp
 
     root = ckpt.checkpoint_root(run_dir)
@@ -159,6 +171,9 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, *, model, optimi
     tmp = Path(ctx.broadcast_object(tmp))
     try:
         state = {"model": {}, "optim": {}}
+        if ema is not None:
+            state["ema"] = {name: _saved_value(name, _tp_local(shadow), plan, ctx)
+                            for name, shadow in ema.shadow.items()}
         for name, p in model.named_parameters():
             state["model"][name] = _saved_value(name, _tp_local(p.detach()), plan, ctx)
             if p in optimizer.state and optimizer.state[p]:
@@ -167,7 +182,7 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, *, model, optimi
                 entry["step"] = st["step"].detach().to("cpu").reshape(())
                 state["optim"][name] = entry
         dcp.save(state, checkpoint_id=tmp / DCP_DIR)
-        weights = consolidated_state(model, ctx)
+        weights = consolidated_state(model, ctx, replace=ema.shadow if ema is not None else None)
         if ctx.is_main:
             atomic.save_safetensors(weights, tmp / "model.safetensors")
             lora = {f"base_model.model.{k}": v for k, v in weights.items() if ".lora_" in k}
@@ -175,8 +190,10 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, *, model, optimi
                 atomic.save_safetensors(lora, tmp / "lora.safetensors",
                                         metadata={k: str(v) for k, v in (lora_metadata or {}).items()})
             groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            extra = {"ema_updates": ema.updates} if ema is not None else {}
             atomic.torch_save(dict(trainer_state, step=step, rng=ckpt.rng_state(), optimizer_param_groups=groups,
-                                   world_size=ctx.world_size, layout=vars(ctx.layout)), tmp / "trainer_state.pt")
+                                   world_size=ctx.world_size, layout=vars(ctx.layout), **extra),
+                              tmp / "trainer_state.pt")
             atomic.write_text(tmp / "config.yaml", config_yaml)
             atomic.write_json(tmp / "meta.json", {"step": step, "time": time.time(), "torch": torch.__version__,
                                                   "python": platform.python_version(), "world_size": ctx.world_size,
@@ -195,10 +212,21 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, *, model, optimi
 
 
 # ----- load ----------------------------------------------------------------------------------------------
-def load_distributed_checkpoint(path: str | Path, *, model, optimizer=None, ctx=None) -> dict:
+def check_ema_match(path: Path, has_ema: bool, wants_ema: bool) -> None:
+    """A run resumes with the ``train.ema_decay`` it was started with (on or off), whatever its format."""
+    if wants_ema and not has_ema:
+        raise ConfigError(f"{path} was written without train.ema_decay (it holds no EMA weights); resume it "
+                          "with the same train.ema_decay it was started with")
+    if has_ema and not wants_ema:
+        raise ConfigError(f"{path} was written with train.ema_decay > 0; resume it with the same train.ema_decay "
+                          "it was started with")
+
+
+def load_distributed_checkpoint(path: str | Path, *, model, optimizer=None, ctx=None, ema=None) -> dict:
     """Load a DCP checkpoint into ``model`` (a VideoDiT, or a ParallelVideoDiT under ``ctx``) and the
     AdamW state of ``optimizer``; returns rank 0's ``trainer_state.pt`` (also restoring the optimizer's
-    hyper-parameters from it). Works without a process group (``ctx=None``, one process)."""
+    hyper-parameters from it). Works without a process group (``ctx=None``, one process). ``ema`` (a
+    ``WeightEma`` over ``model``) receives the checkpoint's EMA shadow, which must then be there."""
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
@@ -207,6 +235,14 @@ def load_distributed_checkpoint(path: str | Path, *, model, optimizer=None, ctx=
     plan = _plan(model)
     params = dict(model.named_parameters())
     state: dict = {"model": {}, "optim": {}}
+    check_ema_match(path, any(k.startswith("ema.") for k in saved_keys), ema is not None)
+    if ema is not None:
+        state["ema"] = {}
+        for name, shadow in ema.shadow.items():
+            if f"ema.{name}" not in saved_keys:
+                raise RuntimeError(f"{path}: checkpoint has no EMA weights for '{name}'")
+            device = shadow.device_mesh.device_type if hasattr(shadow, "device_mesh") else shadow.device
+            state["ema"][name] = _template(name, params[name].shape, plan, ctx, device)
     for name, p in params.items():
         key = f"model.{name}"
         if key not in saved_keys:
@@ -227,6 +263,10 @@ def load_distributed_checkpoint(path: str | Path, *, model, optimizer=None, ctx=
     for name, value in state["model"].items():
         _assign(params[name], _from_saved(name, value, plan))
     trainer_state = ckpt.load_trainer_state(path)
+    if ema is not None:
+        for name, value in state["ema"].items():
+            _assign(ema.shadow[name], _from_saved(name, value, plan))
+        ema.updates = int(trainer_state["ema_updates"])
     if optimizer is not None:
         for name, entry in state["optim"].items():
             p = params[name]
@@ -239,13 +279,16 @@ def load_distributed_checkpoint(path: str | Path, *, model, optimizer=None, ctx=
     return trainer_state
 
 
-def load_single_process_checkpoint(path: str | Path, *, model, optimizer=None, ctx=None) -> dict:
+def load_single_process_checkpoint(path: str | Path, *, model, optimizer=None, ctx=None, ema=None) -> dict:
     """Load a single-process checkpoint (model.safetensors + index-keyed AdamW state in trainer_state.pt)
-    into a parallel model: each rank takes its TP shard and FSDP chunk. Returns the trainer state."""
+    into a parallel model: each rank takes its TP shard and FSDP chunk. Returns the trainer state. With
+    ``ema``, ``online.safetensors`` holds the weights and ``model.safetensors`` the EMA (vidpo.ema)."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    full = load_file(str(ckpt.find_weights(path)))
+    online = path / ckpt.ONLINE_WEIGHTS
+    check_ema_match(path, online.exists(), ema is not None)
+    full = load_file(str(online if ema is not None else ckpt.find_weights(path)))
     plan = _plan(model)
     params = dict(model.named_parameters())
     missing = [n for n in params if n not in full and ".lora_" not in n]
@@ -261,6 +304,11 @@ def load_single_process_checkpoint(path: str | Path, *, model, optimizer=None, c
         if name in full:
             _assign(p, tp_local(name, full[name]))
     trainer_state = ckpt.load_trainer_state(path)
+    if ema is not None:
+        averaged = load_file(str(path / "model.safetensors"))
+        for name, shadow in ema.shadow.items():
+            _assign(shadow, tp_local(name, averaged[name]))
+        ema.updates = int(trainer_state["ema_updates"])
     if optimizer is not None and "optimizer" in trainer_state:
         saved = trainer_state["optimizer"]
         # torch's optimizer state is keyed by position in the trainable-parameter list, whose order is the

@@ -13,6 +13,11 @@ average forgets the random initialisation quickly.
 Checkpoints (``vidpo.checkpoint``): with EMA on, ``model.safetensors`` holds the **EMA** weights -- the
 policy every reader (``vidpo sample/eval --ckpt``, ``train.init_from``) should use -- and
 ``online.safetensors`` the optimizer's own weights, which only resume reads.
+
+Distributed runs: the shadow of a parameter has that parameter's layout (an FSDP2 DTensor chunk, a TP slice),
+so the update is elementwise on each rank with no communication. DCP checkpoints (``vidpo.dist_checkpoint``)
+store it under ``ema/<name>`` in the single-device layout and consolidate it into ``model.safetensors``, so
+an EMA run resumes at any world size, like any other.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ What it guarantees:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -113,9 +114,8 @@ class Trainer:
         self.skipped_total = 0
         self.ema: Optional[WeightEma] = None
         if cfg.train.ema_decay > 0:
-            if parallel is not None:
-                raise ConfigError("train.ema_decay runs in single-process training only; set train.ema_decay=0 "
-                                  "for distributed runs")
+            # Under a parallel layout each rank averages its own shard (FSDP DTensor chunk / TP slice): the
+            # update is elementwise, so no communication; checkpoints consolidate it (vidpo.dist_checkpoint).
             self.ema = WeightEma(model, cfg.train.ema_decay)
         resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
         if resume_from is not None:
@@ -127,23 +127,18 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         if dist_checkpoint.is_distributed_checkpoint(path):
             state = dist_checkpoint.load_distributed_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                                                ctx=self.parallel)
+                                                                ctx=self.parallel, ema=self.ema)
         elif self.parallel is not None:
             state = dist_checkpoint.load_single_process_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                                                   ctx=self.parallel)
+                                                                   ctx=self.parallel, ema=self.ema)
         else:
             state = ckpt.load_trainer_state(path)
             online = path / ckpt.ONLINE_WEIGHTS
+            dist_checkpoint.check_ema_match(path, online.exists(), self.ema is not None)
             if self.ema is not None:
-                if not online.exists():
-                    raise ConfigError(f"{path} was written without train.ema_decay (no {ckpt.ONLINE_WEIGHTS}); "
-                                      "resume it with the same train.ema_decay it was started with")
                 self.ema.load_model_state(load_file(str(path / "model.safetensors")), state["ema_updates"])
                 ckpt.load_weights(self.model, online)
             else:
-                if online.exists():
-                    raise ConfigError(f"{path} was written with train.ema_decay > 0; resume it with the same "
-                                      "train.ema_decay it was started with")
                 ckpt.load_weights(self.model, path)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -162,8 +157,12 @@ class Trainer:
             return dist_checkpoint.save_distributed_checkpoint(
                 self.run_dir, self.step, model=self.model, optimizer=self.optimizer, trainer_state=state,
                 config_yaml=to_yaml(self.cfg), ctx=self.parallel, keep=self.cfg.train.keep_checkpoints,
-                lora_metadata=lora_meta)
-        lora, lora_meta = self.lora_state() if self.lora_state else (None, None)
+                lora_metadata=lora_meta, ema=self.ema)
+        lora, lora_meta = None, None
+        if self.lora_state is not None:   # the adapters of model.safetensors: the EMA's when it is on
+            with (self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()):
+                lora, lora_meta = self.lora_state()
+                lora = {k: v.clone() for k, v in lora.items()}   # they alias the parameters (online again below)
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "objective": self.objective.state_dict(), "bad_in_row": self.bad_in_row,
                  "skipped_total": self.skipped_total}

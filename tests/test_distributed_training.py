@@ -4,8 +4,8 @@ updated parameters (fp32 tolerance), with 2 real gloo processes on CPU.
 The parent makes a micro base policy and labelled pairs, then trains one step in this process per
 objective (the references). Two workers (``torch.multiprocessing``, with the torchrun environment
 variables set, so ``vidpo.distributed.init_distributed`` starts them as torchrun would) train the same
-step under each layout: TP=2, TP=2 + SP, CP=2 (Ulysses), DP=2 sharded (FSDP2), DP=2 replicated, and
-KTO / the SFT regularizer under DP and CP. Each run writes metrics.jsonl and a DCP checkpoint with
+step under each layout: TP=2, TP=2 + SP, CP=2 (Ulysses), DP=2 sharded (FSDP2), DP=2 replicated,
+KTO / the SFT regularizer under DP and CP, and EMA under FSDP and TP + SP. Each run writes metrics.jsonl and a DCP checkpoint with
 consolidated weights; the parent compares them with the references, then resumes the DP=2 and TP=2
 checkpoints in one process to check that DCP checkpoints load at another world size. The same workers
 then check the megatron-core CPU shim (RNG tracker, sequence-parallel linear layer).
@@ -40,6 +40,8 @@ LAYOUTS = {
     "sft_cp2_checkpointed": ("dense_sft", ["parallel.cp=2", "parallel.activation_checkpointing=full"]),
     "lora_dp2_fsdp": ("lora", ["parallel.dp_shard=2"]),
     "accum2_dp2_fsdp": ("dense_accum", ["parallel.dp_shard=2"]),
+    "ema_dp2_fsdp": ("dense_ema", ["parallel.dp_shard=2"]),
+    "ema_tp2_sp": ("dense_ema", ["parallel.tp=2", "parallel.sp=true"]),
 }
 OBJECTIVES = {
     "dense": ["train.objective=dense_dpo"],
@@ -47,6 +49,8 @@ OBJECTIVES = {
     "dense_sft": ["train.objective=dense_dpo", "pref.sft_weight=0.5", "pref.sft_source=both"],
     "lora": ["train.objective=dense_dpo", "lora.rank=2"],
     "dense_accum": ["train.objective=dense_dpo", "train.grad_accum=2"],
+    # decay 0.5 warms up to 0.1 at the first update: model.safetensors = 0.1 base + 0.9 updated weights
+    "dense_ema": ["train.objective=dense_dpo", "train.ema_decay=0.5"],
 }
 
 
@@ -83,8 +87,9 @@ def prepared(tmp_path_factory):
         references[objective] = run
     # Two steps in one go: what a resumed run (at any world size) must reproduce.
     train_preference(config(MICRO, base, pairs, "dense", "train.max_steps=2"), root / "single_two_steps")
+    train_preference(config(MICRO, base, pairs, "dense_ema", "train.max_steps=2"), root / "single_two_steps_ema")
     return {"root": root, "base": base, "pairs": pairs, "micro": list(MICRO), "references": references,
-            "two_steps": root / "single_two_steps"}
+            "two_steps": {"dense": root / "single_two_steps", "dense_ema": root / "single_two_steps_ema"}}
 
 
 # ----- the megatron-core CPU shim (checked in the same workers: they start megatron-core anyway) --------
@@ -143,7 +148,9 @@ SHIM_CHECKS = {"shim_rng_tracker": check_shim_rng_tracker,
 
 # A single-process checkpoint of step 1 continued at world size 2 (TP=2 + SP): the other direction of
 # resharding (full weights and index-keyed AdamW state -> TP shards).
-RESUMED_AT_2 = {"tp2_sp_from_single": ["parallel.tp=2", "parallel.sp=true", "train.max_steps=2"]}
+# name -> (objective, parallel overrides)
+RESUMED_AT_2 = {"tp2_sp_from_single": ("dense", ["parallel.tp=2", "parallel.sp=true", "train.max_steps=2"]),
+                "ema_dp2_fsdp_from_single": ("dense_ema", ["parallel.dp_shard=2", "train.max_steps=2"])}
 
 
 def train_layout(prepared, name, objective, *parallel):
@@ -157,8 +164,8 @@ def worker(rank, port, result_dir, prepared):
     with worker_results(rank, result_dir, teardown=vidpo_shutdown) as results:
         for name, (objective, parallel) in LAYOUTS.items():
             record(results, name, train_layout, prepared, name, objective, *parallel)
-        for name, parallel in RESUMED_AT_2.items():
-            record(results, name, train_layout, prepared, name, "dense", *parallel)
+        for name, (objective, parallel) in RESUMED_AT_2.items():
+            record(results, name, train_layout, prepared, name, objective, *parallel)
         from vidpo import distributed
         from vidpo.config import ParallelConfig
 
@@ -172,8 +179,8 @@ def worker(rank, port, result_dir, prepared):
 def runs(prepared, tmp_path_factory):
     import shutil
 
-    for name in RESUMED_AT_2:
-        shutil.copytree(prepared["references"]["dense"], prepared["root"] / name)
+    for name, (objective, _) in RESUMED_AT_2.items():
+        shutil.copytree(prepared["references"][objective], prepared["root"] / name)
     return spawn_workers(worker, str(tmp_path_factory.mktemp("results")), prepared)
 
 
@@ -228,6 +235,8 @@ def test_distributed_checkpoint_layout(prepared, runs):
 
 
 def assert_continues(run_dir, reference_dir, what):
+    """Steps 1-2 of ``run_dir`` (resumed after step 1) match the uninterrupted ``reference_dir``: losses, the
+    weights of model.safetensors and, with EMA, the online weights (which resume had to restore too)."""
     rows, want_rows = train_rows(run_dir), train_rows(reference_dir)
     assert [r["step"] for r in rows] == [r["step"] for r in want_rows] == [1, 2]
     for got, want in zip(rows, want_rows):
@@ -237,6 +246,7 @@ def assert_continues(run_dir, reference_dir, what):
     for key in want_weights:
         torch.testing.assert_close(got_weights[key], want_weights[key], rtol=1e-4, atol=5e-5,
                                    msg=lambda m: f"{what} {key}: {m}")
+    return got_weights
 
 
 def test_dcp_checkpoint_resumes_in_one_process(prepared, runs, tmp_path):
@@ -244,15 +254,39 @@ def test_dcp_checkpoint_resumes_in_one_process(prepared, runs, tmp_path):
     uninterrupted single-process run's loss and weights."""
     import shutil
 
-    for layout in ("dp2_fsdp", "tp2"):
+    for layout in ("dp2_fsdp", "tp2", "ema_dp2_fsdp", "ema_tp2_sp"):
+        objective = LAYOUTS[layout][0]
         resumed = tmp_path / layout
         shutil.copytree(prepared["root"] / layout, resumed)
-        train_preference(config(prepared["micro"], prepared["base"], prepared["pairs"], "dense",
+        train_preference(config(prepared["micro"], prepared["base"], prepared["pairs"], objective,
                                 "train.max_steps=2"), resumed)
-        assert_continues(resumed, prepared["two_steps"], layout)
+        assert_continues(resumed, prepared["two_steps"][objective], layout)
+
+
+def test_ema_checkpoints_keep_the_average(prepared, runs, tmp_path):
+    """With EMA, a DCP checkpoint's model.safetensors is the consolidated average (not the online weights,
+    which stay in dcp/), and a run that changes train.ema_decay on resume is refused, naming the checkpoint."""
+    from vidpo.recipe import ConfigError
+
+    latest = ckpt.latest_checkpoint(prepared["root"] / "ema_tp2_sp")
+    averaged = load_file(str(latest / "model.safetensors"))
+    plain = load_file(str(ckpt.find_weights(prepared["root"] / "tp2_sp")))   # the same step without EMA
+    start = load_file(str(prepared["base"]))
+    for key in start:   # first update: decay min(0.5, 1/10) -> 0.1 * start + 0.9 * updated
+        torch.testing.assert_close(averaged[key], 0.1 * start[key] + 0.9 * plain[key], rtol=1e-5, atol=3e-5,
+                                   msg=lambda m: f"{key}: {m}")
+    import shutil
+
+    for layout, flip in (("ema_dp2_fsdp", "train.ema_decay=0"), ("dp2_fsdp", "train.ema_decay=0.5")):
+        run = tmp_path / layout
+        shutil.copytree(prepared["root"] / layout, run)
+        with pytest.raises(ConfigError, match="ema_decay") as err:
+            train_preference(config(prepared["micro"], prepared["base"], prepared["pairs"], LAYOUTS[layout][0],
+                                    "train.max_steps=2", flip), run)
+        assert "step_0000001" in str(err.value)
 
 
 @pytest.mark.parametrize("name", list(RESUMED_AT_2))
 def test_single_process_checkpoint_resumes_at_world_size_2(prepared, runs, name):
     assert_all_ranks_ok(runs, name)
-    assert_continues(prepared["root"] / name, prepared["two_steps"], name)
+    assert_continues(prepared["root"] / name, prepared["two_steps"][RESUMED_AT_2[name][0]], name)

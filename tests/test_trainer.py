@@ -163,3 +163,34 @@ def test_ema_resume_needs_the_same_setting(tmp_path, micro_overrides):
         Trainer(cfg, run_dir, model, objective, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="decay"):
         WeightEma(model, 1.0)
+
+
+def test_ema_lora_checkpoint_exports_the_averaged_adapters(tmp_path, micro_overrides):
+    """With LoRA and EMA, lora.safetensors carries the adapters of model.safetensors (the average), while the
+    model keeps training from its own adapters."""
+    from safetensors.torch import load_file
+
+    from vidpo.models.lora import apply_lora, lora_state_dict, mark_only_lora_trainable
+
+    cfg, model, objective, run_dir = make(tmp_path, micro_overrides, extra=["train.ema_decay=0.8", "lora.rank=2",
+                                                                            "train.max_steps=3"])
+    with torch.no_grad():   # the untrained DiT's zero-initialised output layer would give the adapters no gradient
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    apply_lora(model, cfg.lora)
+    mark_only_lora_trainable(model)
+    trainer = Trainer(cfg, run_dir, model, objective, device=torch.device("cpu"),
+                      lora_state=lambda: (lora_state_dict(model), {"rank": 2}))
+    for _ in range(3):
+        trainer._train_step()
+    online = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    trainer.save()
+    latest = ckpt.latest_checkpoint(run_dir)
+    adapters, averaged = load_file(str(latest / "lora.safetensors")), load_file(str(latest / "model.safetensors"))
+    assert adapters
+    for key, value in adapters.items():
+        assert torch.equal(value, averaged[key.removeprefix("base_model.model.")]), key
+    # not vacuous: adapters that trained (lora_B starts at 0) have an average that lags their online value
+    assert any(not torch.equal(adapters[k], online[k]) for k in adapters if ".lora_B." in k)
+    for key, value in lora_state_dict(model).items():
+        assert torch.equal(value, online[key]), "saving must not leave the EMA in the model"
