@@ -13,7 +13,11 @@ those same videos, then measures each critic against the oracle on the round's f
 * ``oracle_pool``   seed labels + the oracle's labels of every within-prompt pair of the round's videos;
 * ``pseudo_pool_<p>[_soft][_d<K>]``  seed labels + the view-ensemble's (and K MC-dropout draws') labels of every
                     within-prompt pair, kept where its probability of the winner is >= p (weight 1, or 2p - 1);
-* ``warm_<N>_<seed|votes|oracle>``  critic 0 trained on for N more steps at a tenth of its learning rate, on
+* ``distill_<N>_<D>[_d<K>][_w<W>]``  critic 0 trained on for N more steps at 1/D of its learning rate, on the
+                    seed labels + soft labels of every within-prompt pair from its own view ensemble (and K
+                    MC-dropout draws per view): a win with weight W p and a loss with weight W (1 - p)
+                    (self-distillation / consistency training, no oracle label);
+* ``warm_<N>_<seed|votes|oracle>[_<D>]``  critic 0 trained on for N more steps at 1/D (10) of its learning rate, on
                     the seed labels alone / + the view-ensemble's confident labels of the generated pairs / + the
                     oracle's labels of those pairs (warm start: no retraining lottery);
 * ``real_pairs[_w<W>]``  seed labels + (clean render of the prompt, generated video) pairs, the clean
@@ -21,7 +25,8 @@ those same videos, then measures each critic against the oracle on the round's f
 
 Accuracy is reported twice: on the round's ``pairs_eval`` (the run's own fresh pairs, the number ``vidpo
 iterate`` reports) and on every within-prompt pair of those eval videos ("pool", ~900 pairs, less noisy).
-The oracle scores here are measurements; ``oracle_*`` rows are ceilings, not a method.
+The oracle scores here are measurements; ``oracle_*`` rows are ceilings, not a method. Every variant also reports
+``pool_gain``: its pool accuracy minus critic 0's, paired over the pool's pairs, with a 95% normal interval.
 
     python benchmarks/ipo_refine_ceiling.py runs/final2_ipo5/ipo/seed3 3 retrain_seed oracle_256 real_pairs \
         --json benchmarks/results/ipo_refine_ceiling.jsonl
@@ -93,14 +98,25 @@ class Ceiling:
         with torch.no_grad():
             return self.oracle.score(videos, cond).total.double()
 
-    def pool_accuracy(self, scores: torch.Tensor) -> float:
+    def pool_correct(self, scores: torch.Tensor) -> torch.Tensor:
         d, keep = scores[self.ef] - scores[self.es], self.ey != 0
-        return round(float((torch.sign(d[keep]) == self.ey[keep]).double().mean()), 4)
+        return (torch.sign(d[keep]) == self.ey[keep]).double()
+
+    def pool_accuracy(self, scores: torch.Tensor) -> float:
+        return round(float(self.pool_correct(scores).mean()), 4)
 
     def measure(self, critic) -> dict:
         acc = critic_accuracy(critic, self.eval_pairs, self.world, self.seg)["accuracy"]
-        pool = self.pool_accuracy(score_videos(critic, self.ev_videos, self.ev_cond, self.world, self.seg).video.double())
-        return {"eval_pairs": round(acc, 4), "pool": pool}
+        correct = self.pool_correct(score_videos(critic, self.ev_videos, self.ev_cond, self.world, self.seg).video.double())
+        out = {"eval_pairs": round(acc, 4), "pool": round(float(correct.mean()), 4)}
+        if getattr(self, "before_correct", None) is not None:   # paired over the pool's pairs
+            diff = correct - self.before_correct
+            half = 1.96 * float(diff.std()) / len(diff) ** 0.5
+            out["pool_gain"] = [round(float(diff.mean()), 4), round(float(diff.mean()) - half, 4),
+                                round(float(diff.mean()) + half, 4)]
+        else:
+            self.before_correct = correct
+        return out
 
     def view_scores(self, critic, videos, cond, dropout_draws: int = 0) -> torch.Tensor:
         """(V, n): the critic's scores over every symmetry view (and MC-dropout draws of each)."""
@@ -122,13 +138,14 @@ class Ceiling:
                               labels=labels[:, None].expand(n, self.S).clone().long(), video_labels=labels.long(),
                               weights=weights.float(), pair_ids=[f"p{i}" for i in range(n)])
 
-    def train(self, extra: PreferenceData | None, stream=("critic",), *, warm: bool = False, steps: int = 0):
+    def train(self, extra: PreferenceData | None, stream=("critic",), *, warm: bool = False, steps: int = 0,
+              lr_div: float = 10.0):
         """A critic trained on the seed labels (+ ``extra``): from scratch, or (``warm``) critic 0 trained on
         for ``steps`` more steps at a tenth of the learning rate."""
         data = self.seed if extra is None else PreferenceData.concat([self.seed, extra])
         cfg = copy.deepcopy(self.cfg)
         if warm:
-            cfg.critic.steps, cfg.critic.lr, cfg.critic.warmup_steps = steps, cfg.critic.lr / 10, 0
+            cfg.critic.steps, cfg.critic.lr, cfg.critic.warmup_steps = steps, cfg.critic.lr / lr_div, 0
         critic, _ = train_critic(cfg, data, self.world, self.seg, stream=stream,
                                  init=self.critic0 if warm else None)
         return critic
@@ -147,7 +164,7 @@ class Ceiling:
             critic = self.train(self.pairs(first, second, torch.sign(self.truth[first] - self.truth[second]),
                                            torch.ones(len(first))))
         elif name.startswith("warm_"):   # warm_<steps>_<seed|votes|oracle>: critic 0 trained on
-            _, steps, source = name.split("_")
+            _, steps, source, *rest = name.split("_")   # optional 4th part: the learning-rate divisor (10)
             first, second = self.generated_pairs()
             extra = None
             if source == "oracle":
@@ -162,7 +179,19 @@ class Ceiling:
                 row["labels"] = {"kept": int(kept.sum()),
                                  "oracle_agreement": round(float((labels[kept] == truth[kept]).double().mean()), 4)}
                 extra = self.pairs(first, second, labels, torch.ones(len(first)))
-            critic = self.train(extra, warm=True, steps=int(steps))
+            critic = self.train(extra, warm=True, steps=int(steps), lr_div=float(rest[0]) if rest else 10.0)
+        elif name.startswith("distill_"):   # distill_<steps>_<lr divisor>[_d<K>][_w<W>]: critic 0 trained on
+            parts = name.split("_")[1:]      # toward its own view-ensemble's soft verdicts on every pair
+            steps, lr_div = int(parts[0]), float(parts[1])
+            draws = next((int(p[1:]) for p in parts if p.startswith("d") and p[1:].isdigit()), 0)
+            scale = next((float(p[1:]) for p in parts if p.startswith("w")), 1.0)
+            mean = self.view_scores(self.critic0, self.videos, self.cond, draws).mean(0)
+            prob = torch.sigmoid(mean[self.pf] - mean[self.ps]).double()
+            n = len(self.pf)
+            soft = PreferenceData.concat([
+                self.pairs(self.pf, self.ps, torch.ones(n), scale * prob),
+                self.pairs(self.pf, self.ps, -torch.ones(n), scale * (1 - prob))])
+            critic = self.train(soft, warm=True, steps=steps, lr_div=lr_div)
         elif name == "oracle_pool":
             critic = self.train(self.pairs(self.pf, self.ps, torch.sign(self.truth[self.pf] - self.truth[self.ps]),
                                            torch.ones(len(self.pf))))
