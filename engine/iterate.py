@@ -532,7 +532,10 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
     if reuse is not None:
         reuse_run(cfg, out, reuse)
     world = build_world(cfg)
-    run = _Run(cfg=cfg, out=out, world=world, segment_ids=run_segment_ids(cfg), device=pick_device(),
+    device = pick_device()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    log.info("iterate: seed %d on %s%s", cfg.seed, device, f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
+    run = _Run(cfg=cfg, out=out, world=world, segment_ids=run_segment_ids(cfg), device=device,
                oracle=ShapesOracle(world), base_path=ckpt.find_weights(resolve_path(cfg.train.init_from)))
     t0 = time.time()
 
@@ -600,7 +603,8 @@ def cmd_iterate(args) -> int:
     else:
         from vidpo.iterate_report import compare_iterations
 
-        brief = compare_iterations(args.recipes, args.seeds or [0], args.out, args.overrides, jobs=args.jobs)
+        brief = compare_iterations(args.recipes, args.seeds or [0], args.out, args.overrides, jobs=args.jobs,
+                                   gpus=args.gpus)
     print(json.dumps(brief, indent=2))
     return 0
 
@@ -616,6 +620,9 @@ def add_iterate_verb(sub, add_set) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="with several recipes or --seeds: run up to N runs at once, one process each at "
                         "train.num_threads (e.g. 2 runs at 1 thread on a 2-core CPU)")
+    p.add_argument("--gpus", metavar="IDS", default=None,
+                   help="with --jobs: comma-separated CUDA devices to spread the runs over, each run on the least "
+                        "busy one (default: the visible devices, if any; 'none': leave CUDA_VISIBLE_DEVICES as it is)")
     p.add_argument("--reuse", metavar="RUN_DIR", help="link the seed labels, critic 0, base evaluation and round-1 "
                    "pairs (all of round 1 when only round>=2 settings differ) from another run of the same seed")
     add_set(p)

@@ -149,18 +149,18 @@ def write_iterate_report(out: Path, summary: dict, series: Optional[dict] = None
 
 # ----- several recipes x seeds -----------------------------------------------------------------------------
 def compare_iterations(recipes: Sequence[str], seeds: Sequence[int], out_dir: str | Path, overrides=(),
-                       jobs: int = 1) -> dict:
+                       jobs: int = 1, gpus: Optional[str] = None) -> dict:
     """Run every recipe for every seed into ``out/<recipe>/seed<k>`` and aggregate per round over seeds.
 
-    ``jobs`` > 1 runs up to that many runs at once, each in its own process (``_run_in_processes``); the
-    aggregation then reads the finished runs back."""
+    ``jobs`` > 1 runs up to that many runs at once, each in its own process (``_run_in_processes``), spread
+    over the CUDA devices ``gpus`` (``gpu_list``); the aggregation then reads the finished runs back."""
     from vidpo.recipe import load_config
 
     out = Path(out_dir)
     methods: dict[str, list[dict]] = {}
     first = Path(recipes[0]).stem
     if jobs > 1:
-        _run_in_processes(recipes, seeds, out, list(overrides), jobs)
+        _run_in_processes(recipes, seeds, out, list(overrides), jobs, gpu_list(gpus))
     for seed in seeds:
         for recipe in recipes:
             name = Path(recipe).stem
@@ -187,13 +187,39 @@ def compare_iterations(recipes: Sequence[str], seeds: Sequence[int], out_dir: st
     return summary
 
 
-def _run_in_processes(recipes: Sequence[str], seeds: Sequence[int], out: Path, overrides: list, jobs: int) -> None:
+def gpu_list(spec: Optional[str]) -> list[str]:
+    """The CUDA devices ``--jobs`` spreads its runs over: ``spec`` as a comma-separated list, ``'none'`` for none,
+    or (None) the visible ones: ``CUDA_VISIBLE_DEVICES`` when set, else every device torch counts."""
+    if spec is not None:
+        if spec.strip().lower() == "none":
+            return []
+        devices = [d.strip() for d in spec.split(",") if d.strip()]
+        if not devices:
+            raise ConfigError(f"vidpo iterate --gpus: expected device ids like 0,1 or 'none', got {spec!r}")
+        return devices
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def least_busy(devices: list[str], in_use: list[str]) -> Optional[str]:
+    """The device of ``devices`` that the fewest running runs (``in_use``: one entry per run) hold; the first on
+    a tie; None without devices. With more runs than devices, runs share devices evenly."""
+    if not devices:
+        return None
+    return min(devices, key=lambda d: (in_use.count(d), devices.index(d)))
+
+
+def _run_in_processes(recipes: Sequence[str], seeds: Sequence[int], out: Path, overrides: list, jobs: int,
+                      gpus: Sequence[str] = ()) -> None:
     """Every (recipe, seed) run as its own ``vidpo iterate`` process, at most ``jobs`` at a time.
 
     Why processes: a run is one long chain of small CPU ops, so on a few cores several runs side by side (each
     at ``train.num_threads``) use the machine far better than one run with more threads. A later recipe's run of
     a seed starts only once the first recipe's run of that seed has finished, so it can reuse its stages as
-    the serial comparison does. Each process writes its output to ``out/<recipe>/seed<k>.log``. A failed run
+    the serial comparison does. With ``gpus``, each process sees one of them (``CUDA_VISIBLE_DEVICES``), the one
+    the fewest running runs hold. Each process writes its output to ``out/<recipe>/seed<k>.log``. A failed run
     stops new starts; the running ones finish (every run is resumable) and the error names the failed runs' logs."""
     if jobs < 1:
         raise ConfigError(f"vidpo iterate --jobs must be >= 1, got {jobs}")
@@ -201,9 +227,9 @@ def _run_in_processes(recipes: Sequence[str], seeds: Sequence[int], out: Path, o
     running: dict = {}
     failed: list[str] = []
     try:
-        _schedule(recipes, out, overrides, jobs, pending, running, failed)
+        _schedule(recipes, out, overrides, jobs, pending, running, failed, list(gpus))
     finally:   # an interrupted comparison stops its runs too (each resumes where it stopped)
-        for proc, _, handle in running.values():
+        for proc, _, handle, _ in running.values():
             proc.terminate()
             proc.wait()
             handle.close()
@@ -212,11 +238,12 @@ def _run_in_processes(recipes: Sequence[str], seeds: Sequence[int], out: Path, o
                            + ". Fix the cause and rerun the same command: finished rounds are kept.")
 
 
-def _schedule(recipes, out: Path, overrides: list, jobs: int, pending: list, running: dict, failed: list) -> None:
+def _schedule(recipes, out: Path, overrides: list, jobs: int, pending: list, running: dict, failed: list,
+              gpus: list[str]) -> None:
     """The loop of ``_run_in_processes``: start what may start, collect what finished, until nothing is left.
 
-    ``running`` ((recipe, seed) -> (process, log path, log file)) and ``failed`` are the caller's, so that it can
-    stop what is still running if this is interrupted."""
+    ``running`` ((recipe, seed) -> (process, log path, log file, device or None)) and ``failed`` are the
+    caller's, so that it can stop what is still running if this is interrupted."""
     import subprocess
     import sys
     import time
@@ -226,7 +253,7 @@ def _schedule(recipes, out: Path, overrides: list, jobs: int, pending: list, run
     first = Path(recipes[0]).stem
     done: set = set()
     while pending or running:
-        for key, (proc, log_path, handle) in list(running.items()):
+        for key, (proc, log_path, handle, _) in list(running.items()):
             if proc.poll() is None:
                 continue
             handle.close()
@@ -258,9 +285,12 @@ def _schedule(recipes, out: Path, overrides: list, jobs: int, pending: list, run
             threads = cfg.train.num_threads
             if threads > 0:   # OpenMP's own pool too, not only torch's intra-op threads: N runs share the cores
                 env["OMP_NUM_THREADS"] = str(threads)
+            device = least_busy(gpus, [entry[3] for entry in running.values()])
+            if device is not None:
+                env["CUDA_VISIBLE_DEVICES"] = device
             handle = open(log_path, "ab")
             running[(recipe, seed)] = (subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env),
-                                       log_path, handle)
+                                       log_path, handle, device)
         if running:
             time.sleep(0.5)
 

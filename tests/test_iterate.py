@@ -327,8 +327,12 @@ def test_comparison_runs_in_processes_and_reports_a_failed_run(tmp_path, micro_o
         "critic.num_heads=2", "critic.depth=1", "critic.steps=4", "critic.batch_size=4", "eval.num_samples=6"]
     out = tmp_path / "cmp"
     recipes = [str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")]
-    summary = compare_iterations(recipes, [0, 1], out, over, jobs=2)
+    summary = compare_iterations(recipes, [0, 1], out, over, jobs=2, gpus="7,9")
     assert summary["seeds"] == [0, 1] and set(summary["methods"]) == {"a", "b"}
+    # --gpus: the two runs that start together get one device each (on CPU the id only reaches the log)
+    first_runs = {(out / "a" / f"seed{k}" / "vidpo.log").read_text().split("CUDA_VISIBLE_DEVICES=")[1][0]
+                  for k in (0, 1)}
+    assert first_runs == {"7", "9"}
     for name in ("a", "b"):
         for seed in (0, 1):
             assert (out / name / f"seed{seed}.log").exists()
@@ -343,6 +347,19 @@ def test_comparison_runs_in_processes_and_reports_a_failed_run(tmp_path, micro_o
     broken = [o for o in over if not o.startswith("train.init_from=")] + [f"train.init_from={tmp_path / 'missing'}"]
     with pytest.raises(RuntimeError, match=r"a seed 0 \(exit [12], .*seed0\.log\)"):
         compare_iterations([recipes[0]], [0], tmp_path / "broken", broken, jobs=2)
+
+
+def test_jobs_spread_runs_over_the_least_busy_gpu(monkeypatch):
+    from vidpo.iterate_report import gpu_list, least_busy
+
+    assert least_busy([], ["0"]) is None
+    assert least_busy(["0", "1"], []) == "0" and least_busy(["0", "1"], ["0"]) == "1"
+    assert least_busy(["0", "1"], ["0", "1", "1"]) == "0"          # more runs than devices: shared evenly
+    assert gpu_list("2, 3") == ["2", "3"] and gpu_list("none") == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert gpu_list(None) == ["4", "5"]
+    with pytest.raises(ConfigError, match="--gpus"):
+        gpu_list(",")
 
 
 def test_rounds_figure_drops_the_pseudo_label_panel_without_refinement(tmp_path):
