@@ -155,3 +155,44 @@ def test_exported_lora_loads_into_diffusers_and_matches_merged_model(tmp_path):
                              timestep=torch.tensor([500]), return_dict=False)[0].permute(0, 2, 1, 3, 4)
     assert (merged_out - base_out).abs().max() > 1e-3
     torch.testing.assert_close(loaded, merged_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout, shapes", [("5b", [(4, 8, 8), (4, 8, 12), (2, 12, 8)]), ("1.5", [(4, 8, 8), (2, 6, 8)])])
+def test_rope_layouts_match_the_pipelines_rotary_embedding(layout, shapes):
+    """CogVideoX-5B / 1.5 take their 3-D RoPE from the pipeline, not from the transformer: the adapter computes it
+    as ``CogVideoXPipeline._prepare_rotary_positional_embeddings`` does (called here as the reference, with the
+    latent grid of a VAE of spatial factor 8), for square and non-square clips; without it the output differs."""
+    import types
+
+    from diffusers import CogVideoXPipeline
+
+    transformer = tiny_cogvideox_transformer(text_dim=TEXT_DIM, text_len=TEXT_LEN, frames=T, size=S, layout=layout)
+    model = CogVideoXAdapter(transformer)
+    pipeline = types.SimpleNamespace(vae_scale_factor_spatial=8, transformer=transformer)
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([0.3, 0.8])
+    cond = torch.randn(2, TEXT_LEN, TEXT_DIM, generator=g)
+    for frames, height, width in shapes:
+        x = torch.randn(2, C, frames, height, width, generator=g)
+        rope = CogVideoXPipeline._prepare_rotary_positional_embeddings(pipeline, height * 8, width * 8, frames, "cpu")
+        call = dict(hidden_states=x.permute(0, 2, 1, 3, 4), encoder_hidden_states=cond,
+                    timestep=model.discrete_timesteps(t), return_dict=False)
+        with torch.no_grad():
+            got = model(x, t, cond)
+            want = transformer(**call, image_rotary_emb=rope)[0].permute(0, 2, 1, 3, 4)
+            without = transformer(**call)[0].permute(0, 2, 1, 3, 4)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert (got - without).abs().max() > 1e-3, "the RoPE made no difference: the check would be vacuous"
+    assert CogVideoXAdapter(tiny_cogvideox_transformer()).rotary_embedding(T, S, S, "cpu") is None   # 2B: sincos
+
+
+def test_rope_crop_region_matches_diffusers():
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    from vidpo.models.cogvideox.model import _centre_crop_region
+
+    for rows in range(1, 12):
+        for cols in range(1, 12):
+            for base in ((30, 45), (8, 8), (5, 9)):
+                assert _centre_crop_region((rows, cols), base) == \
+                    get_resize_crop_region_for_grid((rows, cols), base[1], base[0]), (rows, cols, base)

@@ -34,6 +34,18 @@ def _cogvideox_class():
     return CogVideoXTransformer3DModel
 
 
+def _centre_crop_region(grid: tuple[int, int], base: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """CogVideoX 1.0's RoPE crop: the clip's (rows, cols) patch grid resized to fit the training grid ``base``
+    (rows, cols) at its own aspect ratio and centred in it; returns ((top, left), (bottom, right))."""
+    (rows, cols), (base_rows, base_cols) = grid, base
+    if rows / cols > base_rows / base_cols:      # taller than the training grid: full height
+        height, width = base_rows, int(round(base_rows / rows * cols))
+    else:
+        height, width = int(round(base_cols / cols * rows)), base_cols
+    top, left = int(round((base_rows - height) / 2.0)), int(round((base_cols - width) / 2.0))
+    return (top, left), (top + height, left + width)
+
+
 def make_scheduler(**overrides):
     from diffusers import CogVideoXDDIMScheduler
 
@@ -63,13 +75,44 @@ class CogVideoXAdapter(DiffusersVideoAdapter):
         """Engine time (B,) in [0, 1] -> integer DDPM timesteps ``round(t (N - 1))`` (B,) long."""
         return torch.round(t.double() * (self.num_train_timesteps - 1)).long().clamp(0, self.num_train_timesteps - 1)
 
+    def rotary_embedding(self, frames: int, height: int, width: int, device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The 3-D RoPE (cos, sin) of a latent clip of ``frames x height x width`` for CogVideoX-5B / 1.5
+        (``use_rotary_positional_embeddings``), None for 2B's sincos position embeddings.
+
+        Why here: diffusers' transformer does not compute its RoPE, the pipeline does
+        (``CogVideoXPipeline._prepare_rotary_positional_embeddings``) and passes it in; without it a 5B model
+        runs with no position information at all. Same grid as the pipeline: 1.0 models crop the grid of
+        ``sample_height x sample_width`` (in patches) to the clip's aspect ratio; 1.5 models (temporal patches,
+        ``patch_size_t``) use a 'slice' grid of that maximum size. Cached per clip shape and device."""
+        config = self.transformer.config
+        if not getattr(config, "use_rotary_positional_embeddings", False):
+            return None
+        key = (frames, height, width, str(device))
+        cache = self.__dict__.setdefault("_rope_cache", {})
+        if key not in cache:
+            from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+            p, p_t = config.patch_size, config.patch_size_t
+            grid = (height // p, width // p)
+            base = (config.sample_height // p, config.sample_width // p)
+            if p_t is None:
+                cache[key] = get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim,
+                                                     crops_coords=_centre_crop_region(grid, base), grid_size=grid,
+                                                     temporal_size=frames, device=device)
+            else:
+                cache[key] = get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=None,
+                                                     grid_size=grid, temporal_size=(frames + p_t - 1) // p_t,
+                                                     grid_type="slice", max_size=base, device=device)
+        return cache[key]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5:
             raise ValueError(f"expected x of shape (B, C, T, H, W), got {tuple(x.shape)}")
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         hidden = x.to(self.dtype).permute(0, 2, 1, 3, 4)           # diffusers' (B, T, C, H, W)
         out = self.transformer(hidden_states=hidden, encoder_hidden_states=self.encode_condition(cond),
-                               timestep=self.discrete_timesteps(t), return_dict=False)[0]
+                               timestep=self.discrete_timesteps(t),
+                               image_rotary_emb=self.rotary_embedding(*x.shape[2:], x.device), return_dict=False)[0]
         return out.permute(0, 2, 1, 3, 4)
 
     # ----- diffusion process hooks (DDPM, v-prediction) --------------------------------------------------
@@ -131,13 +174,20 @@ class CogVideoXAdapter(DiffusersVideoAdapter):
 
 
 def tiny_cogvideox_transformer(*, in_channels: int = 4, text_dim: int = 16, text_len: int = 3, frames: int = 4,
-                               size: int = 8, num_layers: int = 1, seed: int = 0):
-    """A randomly initialised tiny ``CogVideoXTransformer3DModel`` (CogVideoX-2B's layout: sincos position
-    embeddings, no temporal patching) for CPU tests; ``frames`` latent frames, ``text_len`` text tokens."""
+                               size: int = 8, num_layers: int = 1, seed: int = 0, layout: str = "2b"):
+    """A randomly initialised tiny ``CogVideoXTransformer3DModel`` for CPU tests; ``frames`` latent frames,
+    ``text_len`` text tokens. ``layout``: '2b' (sincos position embeddings, no temporal patching), '5b' (3-D
+    RoPE instead) or '1.5' (RoPE and 2-frame temporal patches)."""
+    if layout not in ("2b", "5b", "1.5"):
+        raise ValueError(f"layout must be '2b', '5b' or '1.5', got {layout!r}")
+    rope = layout != "2b"
+    extra = dict(use_rotary_positional_embeddings=rope, patch_size_t=2 if layout == "1.5" else None)
+    # RoPE splits a head's features 1/4 time, 3/8 height, 3/8 width, each of even size: 16 is the least head size
+    head_dim = 16 if rope else 8
     cls = _cogvideox_class()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls(num_attention_heads=2, attention_head_dim=8, in_channels=in_channels, out_channels=in_channels,
+        return cls(num_attention_heads=2, attention_head_dim=head_dim, in_channels=in_channels, out_channels=in_channels,
                    time_embed_dim=16, text_embed_dim=text_dim, num_layers=num_layers, sample_width=size,
                    sample_height=size, sample_frames=frames, temporal_compression_ratio=1, patch_size=2,
-                   max_text_seq_length=text_len)
+                   max_text_seq_length=text_len, **extra)
