@@ -274,9 +274,12 @@ def prepare_parallel_policy(cfg: RunConfig, world, parallel):
         from vidpo.models.dit.parallelize import parallelize_dit as parallelize
     elif cfg.model.kind == "wan":
         from vidpo.models.wan.parallelize import parallelize_wan as parallelize
+    elif cfg.model.kind == "cogvideox":
+        from vidpo.models.cogvideox.parallelize import parallelize_cogvideox as parallelize
     else:
         raise ConfigError(f"parallel layouts (torchrun with more than one process) are implemented for model.kind "
-                          f"'dit' and 'wan'; '{cfg.model.kind}' trains in one process: start it without torchrun")
+                          f"'dit', 'wan' and 'cogvideox'; '{cfg.model.kind}' trains in one process: start it "
+                          "without torchrun")
 
     full = load_initial_policy(cfg, world, parallel.device)
     mode = reference_mode(cfg)
