@@ -11,7 +11,8 @@ What it guarantees:
   logged (``skipped=1``) and counted; ``train.max_bad_steps`` consecutive ones stop the run with a clear
   error after writing a checkpoint of the last good state.
 * **EMA** (``train.ema_decay > 0``, vidpo.ema): evaluation runs on the averaged weights, checkpoints
-  write them as ``model.safetensors`` and the optimizer's own as ``online.safetensors``; resume restores both.
+  write them as ``model.safetensors`` and the optimizer's own as ``online.safetensors`` (multi-process runs:
+  both in ``dcp/``, the average also consolidated into ``model.safetensors``); resume restores both.
 * **Distributed runs** (``parallel``: a ``vidpo.distributed.ParallelContext``): the objective's loss is
   already the global loss on every rank; the loop sums unsharded gradients over data/context-parallel
   ranks, clips by the norm of the whole model, writes DCP checkpoints (``vidpo.dist_checkpoint``) and
