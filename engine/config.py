@@ -197,7 +197,9 @@ class TrainConfig:
     """How many step checkpoints to keep (older ones are deleted after a newer one is complete)."""
 
     eval_every: int = 0
-    """Oracle-evaluate the policy every this many steps during training (0: only at the end)."""
+    """Oracle-evaluate the policy every this many steps during training and at its end (0: no in-training
+    evaluation). Multi-process runs evaluate under TP / DP layouts (every rank samples, rank 0 logs), not
+    under context parallel."""
 
     autocast: str = choice("auto", ("auto", "off", "bf16"))
     """Mixed precision: 'auto' = bf16 autocast on GPU, off on CPU."""

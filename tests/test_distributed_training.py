@@ -5,7 +5,8 @@ The parent makes a micro base policy and labelled pairs, then trains one step in
 objective (the references). Two workers (``torch.multiprocessing``, with the torchrun environment
 variables set, so ``vidpo.distributed.init_distributed`` starts them as torchrun would) train the same
 step under each layout: TP=2, TP=2 + SP, CP=2 (Ulysses), DP=2 sharded (FSDP2), DP=2 replicated,
-KTO / the SFT regularizer under DP and CP, and EMA under FSDP and TP + SP. Each run writes metrics.jsonl and a DCP checkpoint with
+KTO / the SFT regularizer under DP and CP, EMA under FSDP and TP + SP, and in-training evaluation under
+both. Each run writes metrics.jsonl and a DCP checkpoint with
 consolidated weights; the parent compares them with the references, then resumes the DP=2 and TP=2
 checkpoints in one process to check that DCP checkpoints load at another world size. The same workers
 then check the megatron-core CPU shim (RNG tracker, sequence-parallel linear layer).
@@ -42,6 +43,8 @@ LAYOUTS = {
     "accum2_dp2_fsdp": ("dense_accum", ["parallel.dp_shard=2"]),
     "ema_dp2_fsdp": ("dense_ema", ["parallel.dp_shard=2"]),
     "ema_tp2_sp": ("dense_ema", ["parallel.tp=2", "parallel.sp=true"]),
+    "eval_dp2_fsdp": ("dense_eval", ["parallel.dp_shard=2"]),
+    "eval_tp2_sp": ("dense_eval", ["parallel.tp=2", "parallel.sp=true"]),
 }
 OBJECTIVES = {
     "dense": ["train.objective=dense_dpo"],
@@ -51,6 +54,8 @@ OBJECTIVES = {
     "dense_accum": ["train.objective=dense_dpo", "train.grad_accum=2"],
     # decay 0.5 warms up to 0.1 at the first update: model.safetensors = 0.1 base + 0.9 updated weights
     "dense_ema": ["train.objective=dense_dpo", "train.ema_decay=0.5"],
+    # in-training evaluation (here the end-of-run one): every rank samples, rank 0 logs
+    "dense_eval": ["train.objective=dense_dpo", "train.eval_every=1"],
 }
 
 
@@ -223,6 +228,20 @@ def test_one_step_matches_single_process(prepared, runs, name):
         # differences into update differences of a small fraction of lr (1e-2): 3e-5 is 0.3 % of one step.
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=3e-5,
                                    msg=lambda m: f"{key}: {m}")
+
+
+def test_in_training_evaluation_under_tp_and_fsdp(prepared, runs):
+    """TP + SP and FSDP runs evaluate the trained policy like one process does: the same samples, so the same
+    oracle scores (the eval row of metrics.jsonl, logged once, by rank 0)."""
+    (want,) = read_metrics(prepared["references"]["dense_eval"] / "metrics.jsonl", "eval")
+    assert want["oracle/total"] > 0
+    for layout in ("eval_dp2_fsdp", "eval_tp2_sp"):
+        assert_all_ranks_ok(runs, layout)
+        (got,) = read_metrics(prepared["root"] / layout / "metrics.jsonl", "eval")
+        assert got["step"] == want["step"] == 1
+        for key, value in want.items():
+            if key.startswith(("oracle/", "mode/")):
+                assert got[key] == pytest.approx(value, abs=1e-4), f"{layout} {key}"
 
 
 def test_distributed_checkpoint_layout(prepared, runs):
