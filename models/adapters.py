@@ -203,6 +203,44 @@ class DiffusersVideoAdapter(nn.Module):
         return save_lora(self.transformer, os.fspath(path), prefix_style="diffusers")
 
 
+class ParallelAdapterMixin:
+    """What a parallelized diffusers adapter adds to its single-device class (listed first among its bases):
+    ``local_frames`` (what the objectives ask a context-parallel model), refusal to sample or SDEdit under
+    context parallel (the model returns 1/cp of the frames), and refusal to ``save_pretrained`` shards. Its
+    ``transformer`` has ``spec`` (a ``ShardSpec``) and ``local_frames``."""
+
+    def local_frames(self, frames: int) -> slice:
+        return self.transformer.local_frames(frames)
+
+    def _require_whole_frames(self, what: str) -> None:
+        if self.transformer.spec.cp > 1:
+            raise NotImplementedError(f"{what} under context parallel: the model returns 1/cp of the frames; "
+                                      "sample with parallel.cp=1 (TP / DP layouts sample whole clips)")
+
+    def sample(self, *args, **kwargs):
+        self._require_whole_frames("sampling")
+        return super().sample(*args, **kwargs)
+
+    def sdedit(self, *args, **kwargs):
+        self._require_whole_frames("SDEdit")
+        return super().sdedit(*args, **kwargs)
+
+    def save_pretrained(self, path) -> None:
+        single = next(c.__name__ for c in type(self).__mro__
+                      if issubclass(c, DiffusersVideoAdapter) and not issubclass(c, ParallelAdapterMixin))
+        raise NotImplementedError(f"a parallelized model holds shards: save the consolidated weights (the run's "
+                                  f"model.safetensors) and load them into a {single}")
+
+
+class FeedForwardProjection(nn.Module):
+    """Holds a feed-forward's first projection under the name diffusers' GELU module gives it (``net.0.proj``),
+    so a parallel feed-forward keeps diffusers' parameter names."""
+
+    def __init__(self, proj: nn.Module):
+        super().__init__()
+        self.proj = proj
+
+
 def load_adapter(kind: str, path: str | os.PathLike, **kwargs) -> DiffusersVideoAdapter:
     """The adapter of ``kind`` ('wan' | 'cogvideox') over the model directory ``path``; ``kwargs`` go to the
     adapter (``sampler``; Wan also ``sample_shift``)."""

@@ -14,7 +14,8 @@ row each and FSDP sums the gradients into this rank's shard.
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import assert_all_ranks_ok, record, set_torchrun_env, spawn_workers, vidpo_shutdown, worker_results
+from dist_utils import (assert_all_ranks_ok, assert_step_matches_one_process, record, set_torchrun_env, spawn_workers,
+                        vidpo_shutdown, worker_results)
 
 pytest.importorskip("diffusers")
 pytest.importorskip("megatron.core")
@@ -192,36 +193,13 @@ def test_parallel_cogvideox_matches_single_process(runs, name):
 
 @pytest.mark.parametrize("name", list(TRAIN_LAYOUTS))
 def test_parallel_cogvideox_training_step_matches_one_process(runs, prepared, name):
-    from safetensors.torch import load_file
-
-    from vidpo import checkpoint as ckpt
-    from vidpo.metrics import read_metrics
-
     assert_all_ranks_ok(runs, name)
     variant = TRAIN_LAYOUTS[name][0]
-    reference_dir, run_dir = prepared["root"] / f"single_{variant}", prepared["root"] / name
-    (expected,), (actual,) = read_metrics(reference_dir / "metrics.jsonl", "train"), \
-        read_metrics(run_dir / "metrics.jsonl", "train")
-    for key in ("loss", "grad_norm", "dpo_loss"):
-        if key in expected:
-            assert actual[key] == pytest.approx(expected[key], rel=2e-5, abs=1e-6), key
-    assert expected["grad_norm"] > 1e-3
-    want = load_file(str(ckpt.find_weights(reference_dir)))
-    got = load_file(str(ckpt.find_weights(run_dir)))
-    params = [k for k in want if k.startswith("transformer.")]
-    assert params and set(params) <= set(got)
-    start = make_model(channels=3).state_dict()
-    for key in params:
-        if key.endswith("attn1.norm_k.bias"):
-            # Adding one vector to every key shifts each query's logits by a constant, which softmax ignores: this
-            # gradient is 0 up to rounding, and AdamW's first step lr * g / (|g| + eps) turns rounding into updates.
-            continue
-        if variant == "lora" and ".lora_" not in key:
-            assert torch.equal(got[key], start[key]), f"{key} is frozen under LoRA"
-            continue
-        if key in start and start[key].is_floating_point() and "pos_embedding" not in key:
-            assert not torch.equal(want[key], start[key]), f"{key} did not move: the comparison would be vacuous"
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=3e-5, msg=lambda m: f"{name} {key}: {m}")
+    # Adding one vector to every key shifts each query's logits by a constant, which softmax ignores: the key
+    # norm's bias has a gradient of 0 up to rounding, which AdamW's first step (lr g / (|g| + eps)) amplifies.
+    assert_step_matches_one_process(prepared["root"] / f"single_{variant}", prepared["root"] / name,
+                                    make_model(channels=3).state_dict(), lora=variant == "lora", what=name,
+                                    ignore=lambda key: key.endswith("attn1.norm_k.bias"))
 
 
 @pytest.mark.parametrize("layout", ["2b", "5b", "1.5"])
@@ -237,3 +215,5 @@ def test_single_process_parallel_form_is_the_diffusers_model(layout):
     x, t, cond, _ = make_inputs()
     torch.testing.assert_close(model(x, t, cond), reference(x, t, cond), rtol=0, atol=0)
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    with pytest.raises(NotImplementedError, match="into a CogVideoXAdapter"):
+        model.save_pretrained("unused")

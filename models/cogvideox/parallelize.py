@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vidpo.mappings import all_gather_to_group, copy_to_group, group_rank, heads_to_sequence, sequence_to_heads
+from vidpo.models.adapters import FeedForwardProjection, ParallelAdapterMixin
 from vidpo.models.dit.attention import attention
 from vidpo.models.dit.parallelize import (ShardSpec, TPShard, _column, _megatron_linear, _row, apply_fsdp,
                                          cp_local_frames)
@@ -134,14 +135,6 @@ class ParallelCogVideoXAttention(nn.Module):
         return out[:length], out[length:]
 
 
-class _Projection(nn.Module):
-    """Holds ``proj`` under the name diffusers' GELU module gives it (``ff.net.0.proj``)."""
-
-    def __init__(self, proj: nn.Module):
-        super().__init__()
-        self.proj = proj
-
-
 class ParallelCogVideoXFeedForward(nn.Module):
     """diffusers' FeedForward (GELU-tanh, dropouts): column ``net.0.proj`` -> GELU -> dropout -> row ``net.2``
     (-> final dropout)."""
@@ -155,7 +148,7 @@ class ParallelCogVideoXFeedForward(nn.Module):
         tp = spec.tp > 1
         fc1 = _megatron_linear(act.proj, "column", 1, spec, False) if tp else act.proj
         fc2 = _megatron_linear(ff.net[2], "row", 1, spec, False) if tp else ff.net[2]
-        self.net = nn.ModuleList([_Projection(fc1), ff.net[1], fc2, *ff.net[3:]])
+        self.net = nn.ModuleList([FeedForwardProjection(fc1), ff.net[1], fc2, *ff.net[3:]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.net[1](F.gelu(_column(self.net[0].proj, x), approximate="tanh"))
@@ -274,37 +267,13 @@ class ParallelCogVideoXTransformer(nn.Module):
         return (out,) if not return_dict else {"sample": out}
 
 
-class ParallelCogVideoXAdapter(CogVideoXAdapter):
+class ParallelCogVideoXAdapter(ParallelAdapterMixin, CogVideoXAdapter):
     """A ``CogVideoXAdapter`` over a ``ParallelCogVideoXTransformer``: the engine interface, plus ``local_frames``
     (what the objectives ask a context-parallel model) and ``tp_plan`` (what clipping and DCP checkpoints ask)."""
 
     def __init__(self, adapter: CogVideoXAdapter, transformer: ParallelCogVideoXTransformer):
         super().__init__(transformer, adapter.conditioner, scheduler=adapter.scheduler, sampler=adapter.sampler_name)
         self.tp_plan = cogvideox_tp_plan(self) if transformer.spec.tp > 1 else {}
-
-    def local_frames(self, frames: int) -> slice:
-        return self.transformer.local_frames(frames)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """As ``CogVideoXAdapter.forward``; under CP the output holds this rank's frames (``local_frames``)."""
-        return super().forward(x, t, cond)
-
-    def _require_whole_frames(self, what: str) -> None:
-        if self.transformer.spec.cp > 1:
-            raise NotImplementedError(f"{what} under context parallel: the model returns 1/cp of the frames; "
-                                      "sample with parallel.cp=1 (TP / DP layouts sample whole clips)")
-
-    def sample(self, *args, **kwargs):
-        self._require_whole_frames("sampling")
-        return super().sample(*args, **kwargs)
-
-    def sdedit(self, *args, **kwargs):
-        self._require_whole_frames("SDEdit")
-        return super().sdedit(*args, **kwargs)
-
-    def save_pretrained(self, path) -> None:
-        raise NotImplementedError("a parallelized CogVideoX holds shards: save the consolidated weights (the run's "
-                                  "model.safetensors) and load them into a CogVideoXAdapter")
 
 
 # ----- the parallelize function ---------------------------------------------------------------------------

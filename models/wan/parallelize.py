@@ -44,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vidpo.mappings import (copy_to_group, gather_from_group, group_rank, heads_to_sequence, reduce_from_group,
                             scatter_to_group, sequence_to_heads)
+from vidpo.models.adapters import FeedForwardProjection, ParallelAdapterMixin
 from vidpo.models.dit.attention import attention
 from vidpo.models.dit.parallelize import (ShardSpec, TPShard, _column, _megatron_linear, _row, apply_fsdp,
                                          cp_local_frames)
@@ -145,14 +146,6 @@ class ParallelWanAttention(nn.Module):
         return self.to_out[1](_row(self.to_out[0], out, self.spec))
 
 
-class _Projection(nn.Module):
-    """Holds ``proj`` under the name diffusers' GELU module gives it (``ffn.net.0.proj``)."""
-
-    def __init__(self, proj: nn.Module):
-        super().__init__()
-        self.proj = proj
-
-
 class ParallelWanFeedForward(nn.Module):
     """diffusers' FeedForward (GELU-tanh): column ``net.0.proj`` -> GELU -> row ``net.2``."""
 
@@ -165,7 +158,7 @@ class ParallelWanFeedForward(nn.Module):
         tp = spec.tp > 1
         fc1 = _megatron_linear(act.proj, "column", 1, spec, spec.sp) if tp else act.proj
         fc2 = _megatron_linear(ffn.net[2], "row", 1, spec, spec.sp) if tp else ffn.net[2]
-        self.net = nn.ModuleList([_Projection(fc1), ffn.net[1], fc2])
+        self.net = nn.ModuleList([FeedForwardProjection(fc1), ffn.net[1], fc2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(_column(self.net[0].proj, x), approximate="tanh")
@@ -290,7 +283,7 @@ class ParallelWanTransformer(nn.Module):
         return (out,) if not return_dict else {"sample": out}
 
 
-class ParallelWanAdapter(WanAdapter):
+class ParallelWanAdapter(ParallelAdapterMixin, WanAdapter):
     """A ``WanAdapter`` over a ``ParallelWanTransformer``: the engine interface, plus ``local_frames`` (what the
     objectives ask a context-parallel model) and ``tp_plan`` (what gradient clipping and DCP checkpoints ask)."""
 
@@ -298,26 +291,6 @@ class ParallelWanAdapter(WanAdapter):
         super().__init__(transformer, adapter.conditioner, sample_shift=adapter.sample_shift,
                          sampler=adapter.sampler_name)
         self.tp_plan = wan_tp_plan(self) if transformer.spec.tp > 1 else {}
-
-    def local_frames(self, frames: int) -> slice:
-        return self.transformer.local_frames(frames)
-
-    def _require_whole_frames(self, what: str) -> None:
-        if self.transformer.spec.cp > 1:
-            raise NotImplementedError(f"{what} under context parallel: the model returns 1/cp of the frames; "
-                                      "sample with parallel.cp=1 (TP / DP layouts sample whole clips)")
-
-    def sample(self, *args, **kwargs):
-        self._require_whole_frames("sampling")
-        return super().sample(*args, **kwargs)
-
-    def sdedit(self, *args, **kwargs):
-        self._require_whole_frames("SDEdit")
-        return super().sdedit(*args, **kwargs)
-
-    def save_pretrained(self, path) -> None:
-        raise NotImplementedError("a parallelized Wan holds shards: save the consolidated weights (the run's "
-                                  "model.safetensors) and load them into a WanAdapter")
 
 
 # ----- the parallelize function ---------------------------------------------------------------------------
