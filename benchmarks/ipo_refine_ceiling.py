@@ -44,26 +44,13 @@ from pathlib import Path
 import torch
 
 from vidpo.critic import (PreferenceData, Symmetries, _read_pool, critic_accuracy, load_preference_data,
-                          score_videos, train_critic)
+                          score_videos, train_critic, within_prompt_pairs)
 from vidpo.data.oracle import ShapesOracle
 from vidpo.modeling import build_world, set_threads
 from vidpo.models.critic import load_critic
 from vidpo.pipeline import run_segment_ids
 from vidpo.recipe import load_config
 from vidpo.seeding import generator
-
-
-def within_prompt_pairs(world, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every unordered pair (i, j), i < j, of videos with the same prompt."""
-    index = world.condition_index(cond)
-    first, second = [], []
-    for p in index.unique().tolist():
-        members = torch.nonzero(index == p).flatten().tolist()
-        for a in range(len(members)):
-            for b in range(a + 1, len(members)):
-                first.append(members[a])
-                second.append(members[b])
-    return torch.tensor(first), torch.tensor(second)
 
 
 class Ceiling:

@@ -10,7 +10,8 @@ training after that. Round r = 1..R, starting from policy r-1 (round 0 = ``train
 2. Dual-IPO (``iterate.refine``, r >= 2): the critic of round r-1 pseudo-labels round r's pairs with K
    stochastic passes and a majority vote; pseudo-labels whose PCE under policy r-1 exceeds 0.5 are kept,
    and critic r is retrained from scratch on the seed labels + the kept pseudo-labels, weighted by their
-   PCE (``vidpo.dual_ipo``). The critic's accuracy on ``pairs_eval`` is measured before and after;
+   PCE (``vidpo.dual_ipo``). The critic's accuracy on ``pairs_eval`` is measured before and after (on its
+   pairs, and on every within-prompt pair of its videos: ``critic_accuracy_pool``);
 3. label the pairs with critic r: pairwise for flow_dpo / dense_dpo (``label.labeler=critic``; or, with
    ``iterate.pairing=ranked``, each prompt's best-scored videos paired with its worst-scored,
    ``round_r/pairs_ranked``), pointwise for kto (desirable / undesirable by ``critic.desirable`` /
@@ -29,7 +30,8 @@ stage of the unfinished round (pairs shards, labels, critics and training checkp
 ``DIR/summary.json``::
 
     {"rounds": [{"round": r, "oracle": {"mean", "ci95": [lo, hi]}, "critic_accuracy": .., "pseudo_labels_kept": ..,
-                 "critic_accuracy_before_refine": .., "delta_vs_base": {..}, ...}, ...],
+                 "critic_accuracy_before_refine": .., "delta_vs_base": {..},
+                 "critic_accuracy_pool": .., "critic_accuracy_pool_before_refine": .., ...}, ...],
      "base": {"oracle": {"mean", "ci95"}}, ...}
 
 ``vidpo iterate A.yaml B.yaml --seeds 0 1 2 --out DIR`` runs every recipe and seed into
@@ -56,7 +58,7 @@ from vidpo import atomic
 from vidpo import checkpoint as ckpt
 from vidpo.config import RunConfig
 from vidpo.critic import (PreferenceData, build_kto_pairs, build_ranked_pairs, critic_accuracy, critic_scorer,
-                          load_preference_data, train_critic)
+                          load_preference_data, pool_accuracy, train_critic)
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, read_manifest
 from vidpo.dual_ipo import load_pseudo_labels, pseudo_label_pairs
 from vidpo.evaluate import EvalResult, evaluate_model, mean_ci, paired_delta
@@ -291,6 +293,15 @@ def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult,
 
     row: dict = {"round": r}
     before = critic_accuracy(critic_prev, eval_pairs, run.world, run.segment_ids)
+    # The same measurement over every within-prompt pair of the fresh videos (~7x the pairs; vidpo.critic.pool_accuracy)
+    pool_videos = torch.cat([eval_pairs.first, eval_pairs.second])
+    pool_cond = torch.cat([eval_pairs.cond_ids, eval_pairs.cond_ids])
+    with torch.no_grad():
+        pool_truth = run.oracle.score(pool_videos, pool_cond).total
+
+    def pool(c):
+        return pool_accuracy(c, pool_videos, pool_cond, pool_truth, run.world, run.segment_ids)
+    pool_before = pool(critic_prev)
     critic = critic_prev
     refined = it.refine and r >= 2 and it.round_labeler == "critic"
     if refined:
@@ -305,13 +316,18 @@ def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult,
         stats.update(_pseudo_label_quality(run, rd / "pairs"))
         times["refine_s"] = round(time.time() - t, 1)
         after = critic_accuracy(critic, eval_pairs, run.world, run.segment_ids)
+        pool_after = pool(critic)
         row.update({"critic_accuracy": after["accuracy"], "critic_accuracy_before_refine": before["accuracy"],
                     "critic_accuracy_gain": _brief(mean_ci(after["correct"] - before["correct"])),
+                    "critic_accuracy_pool": pool_after["accuracy"],
+                    "critic_accuracy_pool_before_refine": pool_before["accuracy"],
+                    "critic_accuracy_pool_gain": _brief(mean_ci(pool_after["correct"] - pool_before["correct"])),
                     "pseudo_labels_kept": stats["kept"], "pseudo": stats})
     else:
         row.update({"critic_accuracy": before["accuracy"], "critic_accuracy_before_refine": None,
+                    "critic_accuracy_pool": pool_before["accuracy"], "critic_accuracy_pool_before_refine": None,
                     "pseudo_labels_kept": 0})
-    row["critic_eval_pairs"] = before["n"]
+    row["critic_eval_pairs"], row["critic_pool_pairs"] = before["n"], pool_before["n"]
 
     t = time.time()
     critic_dir = (rd / "critic") if refined else _critic_dir_of(run, r - 1)
@@ -369,11 +385,13 @@ def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult,
                 "refined": refined})
     row["timings"] = dict(times, total_s=round(time.time() - t_round, 1))
     atomic.write_json(rd / "round.json", row)   # last: the round is done
-    log.info("round %d: oracle %.4f [%.4f, %.4f], vs base %+.4f [%+.4f, %+.4f], critic accuracy %.3f%s",
-             r, row["oracle"]["mean"], *row["oracle"]["ci95"], row["delta_vs_base"]["mean"],
-             *row["delta_vs_base"]["ci95"], row["critic_accuracy"] or float("nan"),
-             f" (before refinement {row['critic_accuracy_before_refine']:.3f}, {row['pseudo_labels_kept']} "
-             f"pseudo-labels kept)" if refined else "")
+    log.info("round %d: oracle %.4f [%.4f, %.4f], vs base %+.4f [%+.4f, %+.4f], critic accuracy %.3f (%d pairs), "
+             "%.3f over %d pool pairs%s", r, row["oracle"]["mean"], *row["oracle"]["ci95"], row["delta_vs_base"]["mean"],
+             *row["delta_vs_base"]["ci95"], row["critic_accuracy"] or float("nan"), row["critic_eval_pairs"],
+             row["critic_accuracy_pool"] or float("nan"), row["critic_pool_pairs"],
+             f" (before refinement {row['critic_accuracy_before_refine']:.3f} / pool "
+             f"{row['critic_accuracy_pool_before_refine']:.3f}, {row['pseudo_labels_kept']} pseudo-labels kept)"
+             if refined else "")
     return row, critic, result
 
 

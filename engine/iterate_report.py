@@ -95,8 +95,9 @@ def plot_rounds(series: dict[str, list[dict]], path: Path, base: Optional[dict] 
 
 def rounds_table(series: dict[str, list[dict]], base: Optional[dict]) -> str:
     """HTML table, one row per method and round: oracle score and gain over the initial policy and over
-    round 1 (95% CIs), the critic's accuracy on fresh pairs before -> after refinement, the pseudo-labels
-    kept, and how often the oracle agrees with the labels the policy trained on."""
+    round 1 (95% CIs), the critic's accuracy on fresh pairs and on every within-prompt pair of their videos
+    before -> after refinement, the pseudo-labels kept, and how often the oracle agrees with the labels the
+    policy trained on."""
     import html
 
     def ci(stats, sign="+"):
@@ -110,20 +111,25 @@ def rounds_table(series: dict[str, list[dict]], base: Optional[dict]) -> str:
         return "—" if v is None else fmt.format(v)
 
     head = ("<tr><th>method</th><th>round</th><th>oracle</th><th>vs initial policy</th><th>vs round 1</th>"
-            "<th>critic accuracy "
-            "(before &rarr; after refinement)</th><th>pseudo-labels kept</th><th>training labels agree with "
-            "oracle</th></tr>")
+            "<th>critic accuracy on fresh pairs (before &rarr; after refinement)</th><th>the same over all "
+            "within-prompt pairs of those videos (refinement's gain)</th><th>pseudo-labels kept</th>"
+            "<th>training labels agree with oracle</th></tr>")
     rows = []
     if base:
-        rows.append(f"<tr><th>initial policy</th><td>0</td><td>{ci(base, '')}</td>" + "<td></td>" * 5 + "</tr>")
+        rows.append(f"<tr><th>initial policy</th><td>0</td><td>{ci(base, '')}</td>" + "<td></td>" * 6 + "</tr>")
     for name, rounds in series.items():
         for r in rounds:
             before, after = r.get("critic_accuracy_before_refine"), r.get("critic_accuracy")
             acc = f"{num(before)} &rarr; {num(after)}" if before is not None else num(after)
+            pool_before, pool = r.get("critic_accuracy_pool_before_refine"), r.get("critic_accuracy_pool")
+            pool_acc = f"{num(pool_before)} &rarr; {num(pool)}" if pool_before is not None else num(pool)
+            if r.get("critic_accuracy_pool_gain"):
+                pool_acc += f" ({ci(r['critic_accuracy_pool_gain'])})"
             agree = r.get("label_agreement", (r.get("labels") or {}).get("oracle_agreement"))
             rows.append(f"<tr><th>{html.escape(name)}</th><td>{r['round']}</td><td>{ci(r['oracle'], '')}</td>"
                         f"<td>{ci(r.get('delta_vs_base'))}</td><td>{ci(r.get('delta_vs_round_1'))}</td><td>{acc}</td>"
-                        f"<td>{num(r.get('pseudo_labels_kept'), '{:.0f}')}</td><td>{num(agree)}</td></tr>")
+                        f"<td>{pool_acc}</td><td>{num(r.get('pseudo_labels_kept'), '{:.0f}')}</td>"
+                        f"<td>{num(agree)}</td></tr>")
     return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
@@ -334,6 +340,9 @@ def _aggregate(runs: list[dict]) -> dict:
         rows = [run["rounds"][i] for run in runs]
         acc = over_seeds([r.get("critic_accuracy") for r in rows])
         before = over_seeds([r.get("critic_accuracy_before_refine") for r in rows])
+        pool = over_seeds([r.get("critic_accuracy_pool") for r in rows])   # None for runs made before it existed
+        pool_before = over_seeds([r.get("critic_accuracy_pool_before_refine") for r in rows])
+        pool_gain = over_seeds([(r.get("critic_accuracy_pool_gain") or {}).get("mean") for r in rows])
         firsts = [run["rounds"][0] for run in runs]
         rounds.append({"round": rows[0]["round"], "oracle": over_seeds([r["oracle"]["mean"] for r in rows]),
                        "delta_vs_base": over_seeds([r["delta_vs_base"]["mean"] for r in rows]),
@@ -343,6 +352,10 @@ def _aggregate(runs: list[dict]) -> dict:
                        "critic_accuracy": acc["mean"] if acc else None,
                        "critic_accuracy_ci95": acc["ci95"] if acc else None,
                        "critic_accuracy_before_refine": before["mean"] if before else None,
+                       "critic_accuracy_pool": pool["mean"] if pool else None,
+                       "critic_accuracy_pool_before_refine": pool_before["mean"] if pool_before else None,
+                       # refinement's gain in pool accuracy, mean over seeds with a t-CI over seeds
+                       "critic_accuracy_pool_gain": pool_gain,
                        "pseudo_labels_kept": sum(r["pseudo_labels_kept"] for r in rows) / len(rows),
                        "label_agreement": _mean_or_none([(r.get("labels") or {}).get("oracle_agreement") for r in rows]),
                        "per_seed_oracle": [r["oracle"]["mean"] for r in rows],

@@ -10,8 +10,8 @@ from vidpo import atomic
 from vidpo.cli import main as cli_main
 from vidpo.critic import (CriticLabeler, Symmetries, bt_ties_log_probs, bt_ties_nll, build_critic,
                           cond_ids_from_captions, critic_accuracy, critic_loss, labels_from_differences, tie_margin_of,
-                          load_preference_data, pointwise_labels, ranked_pairs, score_videos, train_critic,
-                          widest_pairs)
+                          load_preference_data, pointwise_labels, pool_accuracy, ranked_pairs, score_videos,
+                          train_critic, widest_pairs, within_prompt_pairs)
 from vidpo.data.oracle import ShapesOracle
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, shard_name, write_manifest
 from vidpo.labeling import PairBatch, build_labeler
@@ -151,6 +151,27 @@ def test_symmetries_preserve_the_oracle_judgement():
     small = build_world(load_config(None, ["world.directions=[right,up,down]"]))
     names = [s.name for s in Symmetries(small, torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])).items]
     assert names == ["identity", "vflip"]
+
+
+def test_pool_accuracy_counts_every_within_prompt_pair(micro_overrides):
+    """pool_accuracy against a direct loop over all pairs of videos with the same prompt (truth ties skipped)."""
+    cfg = load_config(None, micro_overrides + ["critic.width=16", "critic.num_heads=2", "critic.depth=1"])
+    world = build_world(cfg)
+    critic = build_critic(cfg, world).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.tensor([0, 5, 0, 5, 0, 9, 5])   # 3 + 3 + 0 within-prompt pairs (prompt 9 is alone)
+    cond = world.condition(prompts)
+    videos = torch.rand(len(prompts), 3, 4, 8, 8, generator=g) * 2 - 1
+    truth = torch.tensor([0.1, 0.4, 0.3, 0.2, 0.1, 0.9, 0.7])   # videos 0 and 4 tie
+    seg = torch.tensor([0, 0, 1, 1])
+    first, second = within_prompt_pairs(world, cond)
+    assert sorted(zip(first.tolist(), second.tolist())) == [(0, 2), (0, 4), (1, 3), (1, 6), (2, 4), (3, 6)]
+    scores = score_videos(critic, videos, cond, world, seg).video
+    want = [float(torch.sign(scores[i] - scores[j]) == torch.sign(truth[i] - truth[j]))
+            for i, j in zip(first.tolist(), second.tolist()) if truth[i] != truth[j]]
+    got = pool_accuracy(critic, videos, cond, truth, world, seg)
+    assert got["n"] == 5 and got["correct"].tolist() == want
+    assert got["accuracy"] == pytest.approx(sum(want) / 5)
 
 
 def test_pointwise_labels_quantiles_and_thresholds():

@@ -172,6 +172,11 @@ def test_iterate_rounds_summary_report_and_resume_after_kill(tmp_path, micro_ove
     r1, r2 = summary["rounds"]
     assert r1["refined"] is False and r1["pseudo_labels_kept"] == 0
     assert r2["refined"] and r2["critic_accuracy_before_refine"] is not None
+    # accuracy over every within-prompt pair of the fresh videos too, before and after, with the paired gain
+    assert r1["critic_accuracy_pool"] is not None and r1["critic_accuracy_pool_before_refine"] is None
+    assert r2["critic_accuracy_pool_before_refine"] is not None and r2["critic_accuracy_pool"] is not None
+    # (each fresh pair is one of the pool's; here its 6 prompts are distinct, so the pool adds no other pair)
+    assert r2["critic_pool_pairs"] >= r2["critic_eval_pairs"] and "ci95" in r2["critic_accuracy_pool_gain"]
     assert 0 <= r2["pseudo_labels_kept"] <= 8 and r2["pseudo"]["pairs"] == 8
     assert "mean" in summary["base"]["oracle"] and summary["seed_labels"]["pairs"] == 8
     # Every pseudo-label's PCE and kept flag obey the threshold; the training labels came from the critic.
