@@ -198,8 +198,8 @@ class TrainConfig:
 
     eval_every: int = 0
     """Oracle-evaluate the policy every this many steps during training and at its end (0: no in-training
-    evaluation). Multi-process runs evaluate under TP / DP layouts (every rank samples, rank 0 logs), not
-    under context parallel."""
+    evaluation). Multi-process runs evaluate under every layout (every rank samples the same seeds, rank 0
+    logs)."""
 
     autocast: str = choice("auto", ("auto", "off", "bf16"))
     """Mixed precision: 'auto' = bf16 autocast on GPU, off on CPU."""

@@ -101,7 +101,10 @@ def sample_model(model, world, cond_ids: torch.Tensor, *, seed: int, indices: Se
             x = model.sample(tokens, shape, seed=seed, indices=idx, steps=steps, cfg_scale=cfg_scale, stream=stream,
                              null_cond=null)
         else:
-            x = flow.sample(lambda x, t, c: model(x.to(dtype), t.to(dtype), c).float(), (len(idx),) + shape, tokens,
+            # a context-parallel model's forward returns its own frames: integrate the gathered whole clip
+            forward = getattr(model, "whole_clip_forward", model)
+            x = flow.sample(lambda x, t, c: forward(x.to(dtype), t.to(dtype), c).float(), (len(idx),) + shape,
+                            tokens,
                             seed=seed, indices=idx, null_cond=null, cfg_scale=cfg_scale, steps=steps,
                             stream=stream, device=device)
         out.append(x.float().cpu())

@@ -385,18 +385,12 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
     def evaluate(m, step):
         return evaluate_model(m, cfg, world, oracle, num_samples=max(16, cfg.eval.num_samples // 2)).flat()
 
-    # Under TP / DP every rank runs the evaluation on the same seeds (the model's FSDP / TP collectives need
-    # every rank in each forward) and rank 0 logs it. Under CP the model returns 1/cp of the frames, which the
-    # samplers do not take.
-    can_evaluate = parallel is None or parallel.cp == 1
-    if cfg.train.eval_every > 0 and not can_evaluate:
-        log.info("train: in-training evaluation samples whole clips, which context parallel (cp > 1) does not "
-                 "give; evaluate the checkpoints with `vidpo eval --ckpt`")
+    # Multi-process runs: every rank runs the evaluation on the same seeds (the model's FSDP / TP / CP
+    # collectives need every rank in each forward; CP samplers gather the frames) and rank 0 logs it.
     if parallel is None or parallel.is_main:
         atomic.write_text(run_dir / "config.yaml", to_yaml(cfg))
     trainer = Trainer(cfg, run_dir, model, objective, device=device, resume=resume, lora_state=lora_state,
-                      evaluate=evaluate if cfg.train.eval_every > 0 and can_evaluate else None,
-                      parallel=parallel)
+                      evaluate=evaluate if cfg.train.eval_every > 0 else None, parallel=parallel)
     result = trainer.fit()
     if cfg.lora is not None and parallel is None:
         from vidpo.models.lora import save_lora

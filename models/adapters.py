@@ -205,25 +205,23 @@ class DiffusersVideoAdapter(nn.Module):
 
 class ParallelAdapterMixin:
     """What a parallelized diffusers adapter adds to its single-device class (listed first among its bases):
-    ``local_frames`` (what the objectives ask a context-parallel model), refusal to sample or SDEdit under
-    context parallel (the model returns 1/cp of the frames), and refusal to ``save_pretrained`` shards. Its
-    ``transformer`` has ``spec`` (a ``ShardSpec``) and ``local_frames``."""
+    ``local_frames`` (what the objectives ask a context-parallel model), samplers over whole clips under
+    context parallel (``forward`` returns this rank's frames; sampling gathers them at every step, so every CP
+    rank must sample the same inputs together), and refusal to ``save_pretrained`` shards. Its ``transformer``
+    has ``spec`` (a ``ShardSpec``) and ``local_frames``."""
 
     def local_frames(self, frames: int) -> slice:
         return self.transformer.local_frames(frames)
 
-    def _require_whole_frames(self, what: str) -> None:
-        if self.transformer.spec.cp > 1:
-            raise NotImplementedError(f"{what} under context parallel: the model returns 1/cp of the frames; "
-                                      "sample with parallel.cp=1 (TP / DP layouts sample whole clips)")
+    def whole_clip_forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        from vidpo.models.dit.parallelize import whole_clip
 
-    def sample(self, *args, **kwargs):
-        self._require_whole_frames("sampling")
-        return super().sample(*args, **kwargs)
+        return whole_clip(self(x, t, cond), self.transformer.spec)
 
-    def sdedit(self, *args, **kwargs):
-        self._require_whole_frames("SDEdit")
-        return super().sdedit(*args, **kwargs)
+    def sampler(self, name: Optional[str] = None, **overrides):
+        sampler = super().sampler(name, **overrides)
+        sampler.model_fn = lambda x, t, c: self.whole_clip_forward(x, t, c).float()
+        return sampler
 
     def save_pretrained(self, path) -> None:
         single = next(c.__name__ for c in type(self).__mro__

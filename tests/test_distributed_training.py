@@ -6,7 +6,7 @@ objective (the references). Two workers (``torch.multiprocessing``, with the tor
 variables set, so ``vidpo.distributed.init_distributed`` starts them as torchrun would) train the same
 step under each layout: TP=2, TP=2 + SP, CP=2 (Ulysses), DP=2 sharded (FSDP2), DP=2 replicated,
 KTO / the SFT regularizer under DP and CP, EMA under FSDP and TP + SP, and in-training evaluation under
-both. Each run writes metrics.jsonl and a DCP checkpoint with
+FSDP, TP + SP and CP. Each run writes metrics.jsonl and a DCP checkpoint with
 consolidated weights; the parent compares them with the references, then resumes the DP=2 and TP=2
 checkpoints in one process to check that DCP checkpoints load at another world size. The same workers
 then check the megatron-core CPU shim (RNG tracker, sequence-parallel linear layer).
@@ -45,6 +45,7 @@ LAYOUTS = {
     "ema_tp2_sp": ("dense_ema", ["parallel.tp=2", "parallel.sp=true"]),
     "eval_dp2_fsdp": ("dense_eval", ["parallel.dp_shard=2"]),
     "eval_tp2_sp": ("dense_eval", ["parallel.tp=2", "parallel.sp=true"]),
+    "eval_cp2": ("dense_eval", ["parallel.cp=2"]),
 }
 OBJECTIVES = {
     "dense": ["train.objective=dense_dpo"],
@@ -230,12 +231,12 @@ def test_one_step_matches_single_process(prepared, runs, name):
                                    msg=lambda m: f"{key}: {m}")
 
 
-def test_in_training_evaluation_under_tp_and_fsdp(prepared, runs):
-    """TP + SP and FSDP runs evaluate the trained policy like one process does: the same samples, so the same
-    oracle scores (the eval row of metrics.jsonl, logged once, by rank 0)."""
+def test_in_training_evaluation_under_every_layout(prepared, runs):
+    """FSDP, TP + SP and CP runs evaluate the trained policy like one process does: the same samples (CP gathers
+    the frames at every sampling step), so the same oracle scores (the eval row, logged once, by rank 0)."""
     (want,) = read_metrics(prepared["references"]["dense_eval"] / "metrics.jsonl", "eval")
     assert want["oracle/total"] > 0
-    for layout in ("eval_dp2_fsdp", "eval_tp2_sp"):
+    for layout in ("eval_dp2_fsdp", "eval_tp2_sp", "eval_cp2"):
         assert_all_ranks_ok(runs, layout)
         (got,) = read_metrics(prepared["root"] / layout / "metrics.jsonl", "eval")
         assert got["step"] == want["step"] == 1

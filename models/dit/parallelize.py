@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vidpo.mappings import (copy_to_group, gather_from_group, group_rank, group_size, heads_to_sequence,
-                            scatter_to_group, sequence_to_heads)
+from vidpo.mappings import (all_gather_to_group, copy_to_group, gather_from_group, group_rank, group_size,
+                            heads_to_sequence, scatter_to_group, sequence_to_heads)
 
 from .attention import attention
 from .model import (CrossAttention, DiTBlock, MLP, RMSNorm, SelfAttention, VideoDiT, patchify, timestep_features,
@@ -155,6 +155,16 @@ def cp_local_frames(frames: int, patch_t: int, spec: ShardSpec) -> slice:
     per = patches // spec.cp * patch_t
     rank = group_rank(spec.cp_group)
     return slice(rank * per, (rank + 1) * per)
+
+
+@torch.no_grad()
+def whole_clip(local: torch.Tensor, spec: ShardSpec, frame_dim: int = 2) -> torch.Tensor:
+    """The whole clip from every CP rank's frames of it (all-gather along ``frame_dim``; the identity without
+    CP). For sampling and evaluation, which integrate the whole clip: no gradient flows through it, and every
+    CP rank must call it with the same inputs (it is a collective)."""
+    if spec.cp == 1:
+        return local
+    return all_gather_to_group(local.contiguous(), frame_dim, spec.cp_group)
 
 
 def _is_megatron(layer: nn.Module) -> bool:
@@ -309,6 +319,11 @@ class ParallelVideoDiT(nn.Module):
     def local_frames(self, frames: int) -> slice:
         """This CP rank's latent frames of a clip of ``frames`` frames."""
         return cp_local_frames(frames, self.config.patch_size[0], self.spec)
+
+    def whole_clip_forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``forward`` with every CP rank's frames gathered: the velocity of the whole clip (what samplers
+        integrate; no gradient). A collective: every rank of the CP group calls it with the same inputs."""
+        return whole_clip(self(x, t, cond), self.spec)
 
     # ----- forward --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
