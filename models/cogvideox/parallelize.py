@@ -27,7 +27,8 @@ Context parallel (Ulysses, arXiv:2309.14509): rank c holds latent frames [c T/cp
   each rank's loss covers its own frames, so the gradients arriving at the replicated text stream are partial
   and must be summed, not copied. Position information (2B's sincos table, 5B / 1.5's RoPE) is computed for the
   whole clip and cut to this rank's tokens. The model returns this rank's frames; the objectives reduce their
-  per-segment sums over the CP group (``local_frames``). Heads must divide by tp * cp.
+  per-segment sums over the CP group (``local_frames``); samplers gather the whole clip at every step
+  (``whole_clip_forward``). Heads must divide by tp * cp.
 
 Not supported, with a clear error: sequence parallel, CogVideoX 1.5's image-to-video ``ofs`` embedding, fused
 projections, LoRA under tensor parallel (LoRA works with CP / DP / FSDP at tp = 1, as for the other models).

@@ -25,7 +25,8 @@ Sequence parallel (arXiv:2205.05198): between the linear layers the residual str
 Context parallel (Ulysses, arXiv:2309.14509): rank c holds latent frames [c T/cp, (c+1) T/cp) with the RoPE
   frequencies of those frames; self-attention swaps tokens for heads with an all-to-all around the kernel;
   cross-attention needs nothing (every rank has the whole text). The model returns this rank's frames; the
-  objectives reduce per-segment sums over the CP group (``local_frames``). Heads must divide by tp * cp.
+  objectives reduce per-segment sums over the CP group (``local_frames``); samplers gather the whole clip at
+  every step (``whole_clip_forward``). Heads must divide by tp * cp.
 
 Not supported, with a clear error: image-to-video variants (``added_kv_proj_dim`` / image embeddings), Wan
 2.2's per-token timesteps (a 2-D ``timestep``), fused projections (call ``unfuse_projections`` first), and
