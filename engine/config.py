@@ -197,9 +197,9 @@ class TrainConfig:
     """How many step checkpoints to keep (older ones are deleted after a newer one is complete)."""
 
     eval_every: int = 0
-    """Oracle-evaluate the policy every this many steps during training and at its end (0: no in-training
-    evaluation). Multi-process runs evaluate under every layout (every rank samples the same seeds, rank 0
-    logs)."""
+    """Oracle-evaluate the policy at the start of a fresh run (step 0), every this many steps and at the end
+    (0: no in-training evaluation). Multi-process runs evaluate under every layout (every rank samples the
+    same seeds, rank 0 logs)."""
 
     autocast: str = choice("auto", ("auto", "off", "bf16"))
     """Mixed precision: 'auto' = bf16 autocast on GPU, off on CPU."""

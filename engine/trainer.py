@@ -239,6 +239,9 @@ class Trainer:
         bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"train[{self.objective.name}]",
                    disable=not cfg.train.progress or not self.is_main, dynamic_ncols=True, leave=False)
         last: dict = {}
+        if self.evaluate is not None and cfg.train.eval_every > 0 and start == 0 and cfg.train.max_steps > 0:
+            # The start of the in-training curves: the initial policy (with EMA on, the average equals it here).
+            self.metrics.log(0, "eval", **self._evaluate())
         t0 = time.time()
         try:
             while self.step < cfg.train.max_steps:

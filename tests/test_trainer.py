@@ -145,8 +145,12 @@ def test_ema_matches_float64_recursion_and_is_what_checkpoints_export(tmp_path, 
     for k, p in model.named_parameters():
         assert torch.equal(exported[k], p.detach())
         assert torch.equal(online[k], history[-1][k].float())
-    # In-training evaluation at step 3 saw the average of steps 1..3, and training went on from the raw weights.
-    assert len(seen_at_eval) == 2
+    # Evaluation at step 0 saw the initial weights; at step 3 the average of steps 1..3, and training went on
+    # from the raw weights; the last one is the final (averaged) policy.
+    assert len(seen_at_eval) == 3
+    for k, v in seen_at_eval[0].items():
+        torch.testing.assert_close(v.double(), history[0][k])
+    seen_at_eval = seen_at_eval[1:]
     at_3 = {k: v.clone() for k, v in history[0].items()}
     for n, weights in enumerate(history[1:4]):
         d = warmed_up_decay(0.8, n)
