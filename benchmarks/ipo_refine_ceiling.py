@@ -94,7 +94,8 @@ class Ceiling:
 
     def measure(self, critic) -> dict:
         acc = critic_accuracy(critic, self.eval_pairs, self.world, self.seg)["accuracy"]
-        correct = self.pool_correct(score_videos(critic, self.ev_videos, self.ev_cond, self.world, self.seg).video.double())
+        scores = score_videos(critic, self.ev_videos, self.ev_cond, self.world, self.seg).video.double()
+        correct = self.pool_correct(scores)
         out = {"eval_pairs": round(acc, 4), "pool": round(float(correct.mean()), 4)}
         if getattr(self, "before_correct", None) is not None:   # paired over the pool's pairs
             diff = correct - self.before_correct

@@ -386,8 +386,8 @@ def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult,
     row["timings"] = dict(times, total_s=round(time.time() - t_round, 1))
     atomic.write_json(rd / "round.json", row)   # last: the round is done
     log.info("round %d: oracle %.4f [%.4f, %.4f], vs base %+.4f [%+.4f, %+.4f], critic accuracy %.3f (%d pairs), "
-             "%.3f over %d pool pairs%s", r, row["oracle"]["mean"], *row["oracle"]["ci95"], row["delta_vs_base"]["mean"],
-             *row["delta_vs_base"]["ci95"], row["critic_accuracy"] or float("nan"), row["critic_eval_pairs"],
+             "%.3f over %d pool pairs%s", r, row["oracle"]["mean"], *row["oracle"]["ci95"],
+             row["delta_vs_base"]["mean"], *row["delta_vs_base"]["ci95"], row["critic_accuracy"] or float("nan"), row["critic_eval_pairs"],
              row["critic_accuracy_pool"] or float("nan"), row["critic_pool_pairs"],
              f" (before refinement {row['critic_accuracy_before_refine']:.3f} / pool "
              f"{row['critic_accuracy_pool_before_refine']:.3f}, {row['pseudo_labels_kept']} pseudo-labels kept)"

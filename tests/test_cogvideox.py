@@ -157,7 +157,8 @@ def test_exported_lora_loads_into_diffusers_and_matches_merged_model(tmp_path):
     torch.testing.assert_close(loaded, merged_out, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout, shapes", [("5b", [(4, 8, 8), (4, 8, 12), (2, 12, 8)]), ("1.5", [(4, 8, 8), (2, 6, 8)])])
+@pytest.mark.parametrize("layout, shapes", [("5b", [(4, 8, 8), (4, 8, 12), (2, 12, 8)]),
+                                            ("1.5", [(4, 8, 8), (2, 6, 8)])])
 def test_rope_layouts_match_the_pipelines_rotary_embedding(layout, shapes):
     """CogVideoX-5B / 1.5 take their 3-D RoPE from the pipeline, not from the transformer: the adapter computes it
     as ``CogVideoXPipeline._prepare_rotary_positional_embeddings`` does (called here as the reference, with the

@@ -75,7 +75,8 @@ class CogVideoXAdapter(DiffusersVideoAdapter):
         """Engine time (B,) in [0, 1] -> integer DDPM timesteps ``round(t (N - 1))`` (B,) long."""
         return torch.round(t.double() * (self.num_train_timesteps - 1)).long().clamp(0, self.num_train_timesteps - 1)
 
-    def rotary_embedding(self, frames: int, height: int, width: int, device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def rotary_embedding(self, frames: int, height: int, width: int,
+                         device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """The 3-D RoPE (cos, sin) of a latent clip of ``frames x height x width`` for CogVideoX-5B / 1.5
         (``use_rotary_positional_embeddings``), None for 2B's sincos position embeddings.
 
@@ -187,7 +188,7 @@ def tiny_cogvideox_transformer(*, in_channels: int = 4, text_dim: int = 16, text
     cls = _cogvideox_class()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls(num_attention_heads=2, attention_head_dim=head_dim, in_channels=in_channels, out_channels=in_channels,
-                   time_embed_dim=16, text_embed_dim=text_dim, num_layers=num_layers, sample_width=size,
+        return cls(num_attention_heads=2, attention_head_dim=head_dim, in_channels=in_channels,
+                   out_channels=in_channels, time_embed_dim=16, text_embed_dim=text_dim, num_layers=num_layers, sample_width=size,
                    sample_height=size, sample_frames=frames, temporal_compression_ratio=1, patch_size=2,
                    max_text_seq_length=text_len, **extra)
