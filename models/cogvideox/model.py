@@ -189,6 +189,6 @@ def tiny_cogvideox_transformer(*, in_channels: int = 4, text_dim: int = 16, text
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return cls(num_attention_heads=2, attention_head_dim=head_dim, in_channels=in_channels,
-                   out_channels=in_channels, time_embed_dim=16, text_embed_dim=text_dim, num_layers=num_layers, sample_width=size,
-                   sample_height=size, sample_frames=frames, temporal_compression_ratio=1, patch_size=2,
-                   max_text_seq_length=text_len, **extra)
+                   out_channels=in_channels, time_embed_dim=16, text_embed_dim=text_dim, num_layers=num_layers,
+                   sample_width=size, sample_height=size, sample_frames=frames, temporal_compression_ratio=1,
+                   patch_size=2, max_text_seq_length=text_len, **extra)
