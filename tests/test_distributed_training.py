@@ -55,7 +55,7 @@ OBJECTIVES = {
     "dense_accum": ["train.objective=dense_dpo", "train.grad_accum=2"],
     # decay 0.5 warms up to 0.1 at the first update: model.safetensors = 0.1 base + 0.9 updated weights
     "dense_ema": ["train.objective=dense_dpo", "train.ema_decay=0.5"],
-    # in-training evaluation (here the end-of-run one): every rank samples, rank 0 logs
+    # in-training evaluation (here at step 0 and at the end): every rank samples, rank 0 logs
     "dense_eval": ["train.objective=dense_dpo", "train.eval_every=1"],
 }
 
@@ -257,8 +257,9 @@ def test_distributed_checkpoint_layout(prepared, runs):
 
 
 def assert_continues(run_dir, reference_dir, what):
-    """Steps 1-2 of ``run_dir`` (resumed after step 1) match the uninterrupted ``reference_dir``: losses, the
-    weights of model.safetensors and, with EMA, the online weights (which resume had to restore too)."""
+    """Steps 1-2 of ``run_dir`` (resumed after step 1) match the uninterrupted ``reference_dir``: the losses (step
+    2's needs the restored online weights) and the weights of model.safetensors (with EMA, the restored and
+    updated average)."""
     rows, want_rows = train_rows(run_dir), train_rows(reference_dir)
     assert [r["step"] for r in rows] == [r["step"] for r in want_rows] == [1, 2]
     for got, want in zip(rows, want_rows):
@@ -268,7 +269,6 @@ def assert_continues(run_dir, reference_dir, what):
     for key in want_weights:
         torch.testing.assert_close(got_weights[key], want_weights[key], rtol=1e-4, atol=5e-5,
                                    msg=lambda m: f"{what} {key}: {m}")
-    return got_weights
 
 
 def test_dcp_checkpoint_resumes_in_one_process(prepared, runs, tmp_path):
