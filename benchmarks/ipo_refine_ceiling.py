@@ -97,6 +97,7 @@ class Ceiling:
         scores = score_videos(critic, self.ev_videos, self.ev_cond, self.world, self.seg).video.double()
         correct = self.pool_correct(scores)
         out = {"eval_pairs": round(acc, 4), "pool": round(float(correct.mean()), 4)}
+        # The first critic measured (critic 0, in main) is the reference of every later pool_gain.
         if getattr(self, "before_correct", None) is not None:   # paired over the pool's pairs
             diff = correct - self.before_correct
             half = 1.96 * float(diff.std()) / len(diff) ** 0.5
@@ -129,7 +130,7 @@ class Ceiling:
     def train(self, extra: PreferenceData | None, stream=("critic",), *, warm: bool = False, steps: int = 0,
               lr_div: float = 10.0):
         """A critic trained on the seed labels (+ ``extra``): from scratch, or (``warm``) critic 0 trained on
-        for ``steps`` more steps at a tenth of the learning rate."""
+        for ``steps`` more steps at 1/``lr_div`` of the learning rate."""
         data = self.seed if extra is None else PreferenceData.concat([self.seed, extra])
         cfg = copy.deepcopy(self.cfg)
         if warm:
