@@ -436,6 +436,9 @@ _LATER_ROUND_KEYS = ("iterate.rounds", "iterate.reference", "iterate.refine", "i
                      "iterate.pce_*", "iterate.accumulate_pseudo")
 # Keys that change round 1's generated pairs but not the seed labels, critic 0 or the initial evaluation.
 _ROUND_PAIR_KEYS = ("generate.num_pairs",)
+# Keys that change how critic 0 is built and trained (the other critic.* keys act at labelling time, _ROUND_KEYS)
+# but not the seed labels, the initial evaluation or round 1's generated pairs (the initial policy makes them).
+_CRITIC_KEYS = ("critic.*",)
 _SEED_INPUTS = ("seed", "critic_0", "base_eval.safetensors", "samples/base.gif", "samples/base.png", TIMINGS_FILE)
 _ROUND1_PAIRS = ("round_1/pairs/shards", "round_1/pairs/pairs.jsonl", "round_1/pairs/generate.json",
                  "round_1/pairs_eval")
@@ -477,8 +480,9 @@ def reuse_run(cfg: RunConfig, out: Path, source: str | Path) -> list[str]:
     """Hard-link into ``out`` what run ``source`` already computed and this run would compute identically:
     the seed labels, critic 0, the initial policy's evaluation and round 1's generated pairs when the configs
     differ only in how rounds label and train (``_ROUND_KEYS``; without round 1's pairs when the number of
-    pairs per round differs too), and all of round 1 when they differ only in keys that act from round 2 on
-    (``_LATER_ROUND_KEYS``). Files are written atomically (renamed over), so a
+    pairs per round differs too; without critic 0 when how it is trained differs, ``_CRITIC_KEYS``), and all
+    of round 1 when they differ only in keys that act from round 2 on (``_LATER_ROUND_KEYS``). Files are
+    written atomically (renamed over), so a
     link is never modified in place. Returns what was linked; raises ConfigError when nothing can be shared."""
     from vidpo.recipe import load_config
 
@@ -487,7 +491,10 @@ def reuse_run(cfg: RunConfig, out: Path, source: str | Path) -> list[str]:
         raise ConfigError(f"--reuse {source}: no config.yaml there (not a `vidpo iterate` run directory)")
     other = load_config(source / "config.yaml")
     differing = _differing_keys(cfg, other)
-    blocking = [k for k in differing if not any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS + _ROUND_PAIR_KEYS)]
+    blocking = [k for k in differing
+                if not any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS + _ROUND_PAIR_KEYS + _CRITIC_KEYS)]
+    new_critic = any(not any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS) for k in differing
+                     if any(fnmatch.fnmatch(k, p) for p in _CRITIC_KEYS))
     same_init = _same_weights(cfg.train.init_from, other.train.init_from)
     if blocking or not same_init:
         raise ConfigError(f"--reuse {source}: the runs differ in {(blocking or ['train.init_from'])[:5]}, which "
@@ -496,7 +503,8 @@ def reuse_run(cfg: RunConfig, out: Path, source: str | Path) -> list[str]:
     same_pairs = not any(k in _ROUND_PAIR_KEYS for k in differing)
     whole_round = same_pairs and all(any(fnmatch.fnmatch(k, p) for p in _LATER_ROUND_KEYS) for k in differing) \
         and (source / "round_1" / "round.json").exists()
-    items = list(_SEED_INPUTS) + (list(_ROUND1_PAIRS) if same_pairs else []) \
+    seed_inputs = [item for item in _SEED_INPUTS if not (new_critic and item == "critic_0")]
+    items = seed_inputs + (list(_ROUND1_PAIRS) if same_pairs else []) \
         + (["round_1", "samples/round_1.gif", "samples/round_1.png"] if whole_round else [])
     linked = []
     for item in items:
@@ -641,7 +649,8 @@ def add_iterate_verb(sub, add_set) -> None:
     p.add_argument("--gpus", metavar="IDS", default=None,
                    help="with --jobs: comma-separated CUDA devices to spread the runs over, each run on the least "
                         "busy one (default: the visible devices, if any; 'none': leave CUDA_VISIBLE_DEVICES as it is)")
-    p.add_argument("--reuse", metavar="RUN_DIR", help="link the seed labels, critic 0, base evaluation and round-1 "
-                   "pairs (all of round 1 when only round>=2 settings differ) from another run of the same seed")
+    p.add_argument("--reuse", metavar="RUN_DIR", help="link the seed labels, critic 0 (unless critic.* training "
+                   "settings differ), base evaluation and round-1 pairs (all of round 1 when only round>=2 settings "
+                   "differ) from another run of the same seed")
     add_set(p)
     p.set_defaults(func=cmd_iterate)

@@ -195,6 +195,13 @@ def test_iterate_rounds_summary_report_and_resume_after_kill(tmp_path, micro_ove
     ablation = iterate(norefine, tmp_path / "norefine", reuse=out)
     assert ablation["rounds"][0] == summary["rounds"][0] and not ablation["rounds"][1]["refined"]
     assert (tmp_path / "norefine" / "round_1" / "round.json").samefile(out / "round_1" / "round.json")
+    # A critic trained otherwise shares the seed labels, the initial evaluation and round 1's pairs, not critic 0.
+    iterate(ipo_cfg(micro_overrides, base_ckpt, "critic.steps=6"), tmp_path / "critic6", reuse=out)
+    other = tmp_path / "critic6"
+    for item in ("seed/pairs/manifest.jsonl", "base_eval.safetensors", "round_1/pairs/pairs.jsonl"):
+        assert (other / item).samefile(out / item), item
+    assert not (other / "critic_0" / "critic.json").samefile(out / "critic_0" / "critic.json")
+    assert json.loads((other / "critic_0" / "critic.json").read_text())["steps"] == 6
     with pytest.raises(ConfigError, match="nothing can be shared"):
         iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.refine=false", "seed=5"), tmp_path / "x", reuse=out)
     # Another config in the same directory is refused rather than mixed in.
