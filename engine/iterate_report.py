@@ -20,7 +20,8 @@ import torch
 from vidpo import atomic
 from vidpo.config import RunConfig
 from vidpo.evaluate import mean_ci
-from vidpo.iterate import (_ROUND_KEYS, _ROUND_PAIR_KEYS, _brief, _differing_keys, _same_weights, iterate)
+from vidpo.iterate import (_CRITIC_KEYS, _ROUND_KEYS, _ROUND_PAIR_KEYS, _brief, _differing_keys, _same_weights,
+                           iterate)
 from vidpo.recipe import ConfigError
 
 
@@ -307,7 +308,8 @@ def _can_reuse(cfg: RunConfig, source: Path) -> bool:
     try:
         other = load_config(source / "config.yaml")
         return _same_weights(cfg.train.init_from, other.train.init_from) and all(
-            any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS + _ROUND_PAIR_KEYS) for k in _differing_keys(cfg, other))
+            any(fnmatch.fnmatch(k, p) for p in _ROUND_KEYS + _ROUND_PAIR_KEYS + _CRITIC_KEYS)
+            for k in _differing_keys(cfg, other))
     except (ConfigError, OSError):
         return False
 
