@@ -36,7 +36,8 @@ def _round_metrics(summary: dict) -> list[dict]:
         entry = {"step": row["round"], "phase": "eval", "oracle/total": o["mean"], "oracle/total_ci_lo": o["ci95"][0],
                  "oracle/total_ci_hi": o["ci95"][1], "pseudo_labels_kept": row["pseudo_labels_kept"]}
         entry.update({f"oracle/{k}": v for k, v in row.get("components", {}).items()})
-        for key in ("critic_accuracy", "critic_accuracy_before_refine"):
+        for key in ("critic_accuracy", "critic_accuracy_before_refine", "critic_accuracy_pool",
+                    "critic_accuracy_pool_before_refine"):
             if row.get(key) is not None:
                 entry[key] = row[key]
         rows.append(entry)
@@ -44,7 +45,8 @@ def _round_metrics(summary: dict) -> list[dict]:
 
 
 def plot_rounds(series: dict[str, list[dict]], path: Path, base: Optional[dict] = None) -> Path:
-    """Panels across rounds: oracle score with 95% CI, critic accuracy (before / after refinement), and
+    """Panels across rounds: oracle score with 95% CI, critic accuracy (before / after refinement; on the fresh
+    pairs and, where measured, over all within-prompt pairs of their videos), and
     pseudo-labels kept (only when some round kept any: without refinement that panel would be empty).
     ``series`` maps a label to its round rows (each with 'round', 'oracle' {mean, ci95}, 'critic_accuracy',
     optional 'critic_accuracy_before_refine', 'pseudo_labels_kept')."""
@@ -70,6 +72,13 @@ def plot_rounds(series: dict[str, list[dict]], path: Path, base: Optional[dict] 
                   if r.get("critic_accuracy_before_refine") is not None]
         if before:
             ax_c.plot(*zip(*before), "x--", color=colour, label=f"{name}: before refinement")
+        pool = [(r["round"], r["critic_accuracy_pool"]) for r in rows if r.get("critic_accuracy_pool") is not None]
+        if pool:   # the same critics over every within-prompt pair of the fresh videos (runs since 2026-11-22)
+            ax_c.plot(*zip(*pool), "s:", color=colour, alpha=0.7, label=f"{name}: all pairs of those videos")
+        pool_before = [(r["round"], r["critic_accuracy_pool_before_refine"]) for r in rows
+                       if r.get("critic_accuracy_pool_before_refine") is not None]
+        if pool_before:
+            ax_c.plot(*zip(*pool_before), "+:", color=colour, alpha=0.7, label=f"{name}: all pairs, before refinement")
         if ax_p is not None:
             ax_p.bar([x + 0.8 * (k - (len(series) - 1) / 2) / max(len(series), 1) for x in rr],
                      [r.get("pseudo_labels_kept") or 0 for r in rows], width=0.8 / max(len(series), 1),

@@ -299,15 +299,18 @@ def test_iterate_rejects_configs_it_cannot_run(tmp_path, micro_overrides, base_c
 
 def _fake_run(seed_offset, r1, r2, base=0.30):
     def row(k, mean, acc_before=None):
+        refined = acc_before is not None
         return {"round": k, "oracle": {"mean": mean, "ci95": [mean - 0.01, mean + 0.01]},
                 "delta_vs_base": {"mean": mean - base, "ci95": [mean - base - 0.01, mean - base + 0.01]},
                 "critic_accuracy": 0.8, "critic_accuracy_before_refine": acc_before, "pseudo_labels_kept": 10 * k,
+                "critic_accuracy_pool": 0.75, "critic_accuracy_pool_before_refine": 0.76 if refined else None,
+                "critic_accuracy_pool_gain": {"mean": -0.01 + seed_offset, "ci95": [-0.03, 0.01]} if refined else None,
                 "labels": {"oracle_agreement": 0.9 + seed_offset}}
     return {"rounds": [row(1, r1), row(2, r2, 0.7)], "base": {"oracle": {"mean": base, "ci95": [base, base]}},
             "timings": {"total_s": 120.0}}
 
 
-def test_seed_aggregation_and_rounds_table():
+def test_seed_aggregation_and_rounds_table(tmp_path):
     from vidpo.iterate_report import _aggregate, rounds_table
 
     runs = [_fake_run(0.00, 0.31, 0.33), _fake_run(0.02, 0.32, 0.35), _fake_run(0.04, 0.30, 0.34)]
@@ -320,8 +323,14 @@ def test_seed_aggregation_and_rounds_table():
     assert r2["delta_vs_round_1"]["ci95"] == pytest.approx([0.03 - half, 0.03 + half], abs=1e-5)   # 6 decimals
     assert r2["label_agreement"] == pytest.approx(0.92) and r2["critic_accuracy_before_refine"] == pytest.approx(0.7)
     assert r2["pseudo_labels_kept"] == 20 and agg["minutes_per_run"] == 2.0
+    # refinement's pool gain: per seed -0.01, +0.01, +0.03 -> mean +0.01 with a t-CI over the 3 seeds
+    assert r1["critic_accuracy_pool_gain"] is None and r2["critic_accuracy_pool_gain"]["mean"] == pytest.approx(0.01)
     html = rounds_table({"dpo": agg["rounds"]}, agg["base"]["oracle"])
     assert "vs round 1" in html and "+0.0300 [" in html and "0.700 &rarr; 0.800" in html
+    assert "0.760 &rarr; 0.750 (+0.0100 [" in html   # the pool column, with the gain over seeds
+    from vidpo.iterate_report import plot_rounds
+
+    assert plot_rounds({"dpo": agg["rounds"]}, tmp_path / "rounds.png", agg["base"]["oracle"]).stat().st_size > 0
 
 
 def test_comparison_runs_in_processes_and_reports_a_failed_run(tmp_path, micro_overrides, base_ckpt):
