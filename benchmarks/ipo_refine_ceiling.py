@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from vidpo.critic import (PreferenceData, Symmetries, _read_pool, critic_accuracy, load_preference_data,
+from vidpo.critic import (PreferenceData, Symmetries, read_pool, critic_accuracy, load_preference_data,
                           score_videos, train_critic, within_prompt_pairs)
 from vidpo.data.oracle import ShapesOracle
 from vidpo.modeling import build_world, set_threads
@@ -77,7 +77,7 @@ class Ceiling:
         ev_oracle = self.oracle_total(self.ev_videos, self.ev_cond)
         self.ef, self.es = within_prompt_pairs(self.world, self.ev_cond)
         self.ey = torch.sign(ev_oracle[self.ef] - ev_oracle[self.es])
-        self.videos, self.cond = _read_pool(rd / "pairs")
+        self.videos, self.cond = read_pool(rd / "pairs")
         self.truth = self.oracle_total(self.videos, self.cond)
         self.pf, self.ps = within_prompt_pairs(self.world, self.cond)
 

@@ -583,6 +583,16 @@ class IterateConfig:
     refine: bool = True
     """Dual-IPO: refine the critic between rounds (pseudo-labels, majority vote, PCE filter, weighted loss)."""
 
+    refine_pairs: str = choice("generated", ("generated", "within_prompt"))
+    """Which pairs of the round's videos the critic pseudo-labels: 'generated', the round's N generated pairs
+    (as Dual-IPO does), or 'within_prompt', every pair of two videos of one prompt (~N^2 / prompts pairs of the
+    same 2N videos: each video is scored once per vote, so the votes cost the same; vidpo.dual_ipo). On the
+    shapes world a few hundred pseudo-labels change nothing the critic's retraining noise does not (README, IPO)."""
+
+    refine_steps: int = 0
+    """AdamW steps of the refined critic's training; 0: critic.steps. Thousands of pseudo-labels need more
+    steps than the seed labels alone, on which long training overfits."""
+
     votes: int = 5
     """Critic passes K per pseudo-label."""
 

@@ -504,7 +504,7 @@ def critic_scorer(critic: VideoCritic, cfg: RunConfig, world, segment_ids: torch
     return score
 
 
-def _read_pool(src: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def read_pool(src: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Every video of the generated pairs in ``src`` as one pool: (videos (2N, C, T, H, W), cond_ids (2N, K))."""
     from vidpo.data.pairs import PAIRS_FILE, ShardReader, read_manifest
 
@@ -556,7 +556,7 @@ def build_kto_pairs(scorer: PoolScorer, src: Path, dst: Path, cfg: RunConfig, wo
     if (dst / MANIFEST_FILE).exists():
         return json.loads((dst / "label.json").read_text())
     c = cfg.critic
-    videos, cond = _read_pool(src)
+    videos, cond = read_pool(src)
     labels = pointwise_labels(scorer(videos, cond).video, c.pointwise, c.desirable, c.undesirable)
     index = world.condition_index(cond)
     first, second = [], []
@@ -634,7 +634,7 @@ def build_ranked_pairs(scorer: PoolScorer, src: Path, dst: Path, cfg: RunConfig,
 
     if (dst / MANIFEST_FILE).exists():
         return json.loads((dst / "label.json").read_text())
-    videos, cond = _read_pool(src)
+    videos, cond = read_pool(src)
     scores = scorer(videos, cond)
     first, second = ranked_pairs(scores.video, world.condition_index(cond), fraction)
     if not first:

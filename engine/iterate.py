@@ -58,8 +58,8 @@ from vidpo import atomic
 from vidpo import checkpoint as ckpt
 from vidpo.config import RunConfig
 from vidpo.critic import (PreferenceData, build_kto_pairs, build_ranked_pairs, critic_accuracy, critic_scorer,
-                          load_preference_data, pool_accuracy, train_critic)
-from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, read_manifest
+                          load_preference_data, pool_accuracy, read_pool, train_critic)
+from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE
 from vidpo.dual_ipo import load_pseudo_labels, pseudo_label_pairs
 from vidpo.evaluate import EvalResult, evaluate_model, mean_ci, paired_delta
 from vidpo.models.critic import load_critic, save_critic
@@ -221,13 +221,18 @@ def _save_eval(result: EvalResult, path: Path) -> None:
 
 
 # ----- critics ----------------------------------------------------------------------------------------------
-def _critic(run: _Run, directory: Path, data_fn, *, stream: Sequence[object]):
-    """The critic saved in ``directory``, or one trained on ``data_fn()`` and saved there."""
+def _critic(run: _Run, directory: Path, data_fn, *, stream: Sequence[object], steps: int = 0):
+    """The critic saved in ``directory``, or one trained on ``data_fn()`` (for ``steps``, 0: critic.steps) and
+    saved there."""
     path = directory / "critic.safetensors"
     if path.exists():
         return load_critic(path, run.device)
     t = time.time()
-    critic, info = train_critic(run.cfg, data_fn(), run.world, run.segment_ids, stream=stream, device=run.device,
+    cfg = run.cfg
+    if steps:
+        cfg = copy.deepcopy(cfg)
+        cfg.critic.steps = steps
+    critic, info = train_critic(cfg, data_fn(), run.world, run.segment_ids, stream=stream, device=run.device,
                                 metrics_path=directory / "metrics.jsonl")
     atomic.write_json(directory / "critic.json", info)
     save_critic(critic, path)   # last: its presence means the critic is complete
@@ -312,7 +317,8 @@ def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult,
                                        run.world, run.segment_ids, stream=("pseudo", r), device=run.device)
             atomic.write_json(rd / "pseudo.json", stats)
         stats = json.loads((rd / "pseudo.json").read_text())
-        critic = _critic(run, rd / "critic", lambda: _refinement_data(run, r), stream=("critic",))
+        critic = _critic(run, rd / "critic", lambda: _refinement_data(run, r), stream=("critic",),
+                         steps=it.refine_steps)
         stats.update(_pseudo_label_quality(run, rd / "pairs"))
         times["refine_s"] = round(time.time() - t, 1)
         after = critic_accuracy(critic, eval_pairs, run.world, run.segment_ids)
@@ -405,13 +411,17 @@ def _critic_dir_of(run: _Run, r: int) -> Path:
 
 def _pseudo_label_quality(run: _Run, pairs_dir: Path) -> dict:
     """Oracle agreement of the kept and of the dropped pseudo-labels (a measurement; not used for training)."""
-    from vidpo.dual_ipo import PSEUDO_FILE
+    from vidpo.dual_ipo import read_pseudo_rows
 
-    records, _ = read_manifest(pairs_dir / PSEUDO_FILE, need_labels=True, on_error="skip")
-    data = load_preference_data(pairs_dir, run.num_segments, records=records)
-    truth = _oracle_video_labels(run, data)
-    kept = torch.tensor([bool(r.extra.get("kept")) for r in records])
-    votes = data.video_labels
+    rows = read_pseudo_rows(pairs_dir)
+    videos, cond = read_pool(pairs_dir)   # each pair is two indices into the round's videos: score each once
+    with torch.no_grad():
+        truth_scores = run.oracle.score(videos, cond).total.double()
+    first = torch.tensor([r["first_video"] for r in rows], dtype=torch.long)
+    second = torch.tensor([r["second_video"] for r in rows], dtype=torch.long)
+    truth = torch.sign(truth_scores[first] - truth_scores[second]).long()
+    votes = torch.tensor([r["video_label"] for r in rows], dtype=torch.long)
+    kept = torch.tensor([bool(r["kept"]) for r in rows], dtype=torch.bool)
     return {"oracle_agreement_kept": _agreement(votes[kept], truth[kept]),
             "oracle_agreement_dropped": _agreement(votes[~kept], truth[~kept]),
             "oracle_agreement_all_votes": _agreement(votes, truth)}
@@ -428,12 +438,12 @@ _ROUND_KEYS = ("train.*", "pref.*", "lora", "lora.*", "parallel.*", "cluster.*",
                "label.vlm", "label.vlm.*", "label.on_error", "critic.checkpoint", "critic.tie_margin",
                "critic.min_confidence",
                "critic.granularity", "critic.pointwise", "critic.desirable", "critic.undesirable", "iterate.rounds",
-               "iterate.reference", "iterate.refine", "iterate.votes", "iterate.vote_*", "iterate.pce_*",
-               "iterate.accumulate_pseudo", "iterate.pairing", "iterate.rank_fraction",
+               "iterate.reference", "iterate.refine", "iterate.refine_*", "iterate.votes", "iterate.vote_*",
+               "iterate.pce_*", "iterate.accumulate_pseudo", "iterate.pairing", "iterate.rank_fraction",
                "iterate.margin_fraction", "iterate.round_labeler")
 # Keys that act from round 2 on only: a run differing in nothing else has the same round 1.
-_LATER_ROUND_KEYS = ("iterate.rounds", "iterate.reference", "iterate.refine", "iterate.votes", "iterate.vote_*",
-                     "iterate.pce_*", "iterate.accumulate_pseudo")
+_LATER_ROUND_KEYS = ("iterate.rounds", "iterate.reference", "iterate.refine", "iterate.refine_*", "iterate.votes",
+                     "iterate.vote_*", "iterate.pce_*", "iterate.accumulate_pseudo")
 # Keys that change round 1's generated pairs but not the seed labels, critic 0 or the initial evaluation.
 _ROUND_PAIR_KEYS = ("generate.num_pairs",)
 # Keys that change how critic 0 is built and trained (the other critic.* keys act at labelling time, _ROUND_KEYS)
@@ -544,6 +554,8 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
                           "weights); remove the lora section")
     if cfg.iterate.rounds < 1 or cfg.iterate.seed_pairs < 2 or cfg.iterate.eval_pairs < 2:
         raise ConfigError("vidpo iterate: need iterate.rounds >= 1, iterate.seed_pairs >= 2, iterate.eval_pairs >= 2")
+    if cfg.iterate.refine_steps < 0:
+        raise ConfigError(f"iterate.refine_steps must be >= 0 (0: critic.steps), got {cfg.iterate.refine_steps}")
     if not cfg.train.init_from:
         raise ConfigError("train.init_from must name the initial policy (e.g. recipes/shapes/base)")
     out = Path(out_dir)

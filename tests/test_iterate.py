@@ -8,7 +8,9 @@ import torch
 
 from vidpo import atomic
 from vidpo.critic import build_critic, score_videos
-from vidpo.dual_ipo import critic_votes, implicit_rewards, mode_vote, preference_certainty
+from vidpo.critic import read_pool, within_prompt_pairs
+from vidpo.dual_ipo import (critic_votes, implicit_rewards, indexed_votes, load_pseudo_labels, mode_vote,
+                           preference_certainty, read_pseudo_rows, video_implicit_rewards)
 from vidpo.iterate import iterate
 from vidpo.modeling import build_policy, build_world
 from vidpo.recipe import ConfigError, load_config
@@ -52,6 +54,24 @@ def test_critic_votes_deterministic_views_and_confidence(micro_overrides):
     assert torch.equal(plain.video_labels, torch.sign(d).long())
     sure = critic_votes(critic, first, second, cond, world, seg, passes=3, seed=7, min_confidence=0.999999)
     assert (sure.video_labels == 0).all()                                          # nobody is that sure: ties
+
+
+def test_indexed_votes_equal_votes_on_the_materialised_pairs(micro_overrides):
+    """Votes over index pairs of one video set (each video scored once per pass) = votes over the pairs copied out."""
+    cfg = load_config(None, micro_overrides + ["critic.width=16", "critic.num_heads=2", "critic.depth=1"])
+    world = build_world(cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        critic = build_critic(cfg, world).eval()
+    videos = torch.rand(9, 3, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    cond, seg = world.condition(torch.tensor([0, 5, 0, 5, 0, 9, 5, 9, 0])), torch.tensor([0, 0, 1, 1])
+    first, second = within_prompt_pairs(world, cond)
+    assert len(first) == 6 + 3 + 1    # prompts with 4, 3 and 2 videos
+    kw = dict(passes=3, seed=7, dropout=False, granularity="segment")
+    indexed = indexed_votes(critic, videos, cond, first, second, world, seg, **kw)
+    copied = critic_votes(critic, videos[first], videos[second], cond[first], world, seg, **kw)
+    for field in ("labels", "video_labels", "agreement", "passes"):
+        assert torch.equal(getattr(indexed, field), getattr(copied, field)), field
 
 
 def test_preference_certainty_float64_reference():
@@ -112,16 +132,40 @@ def test_implicit_rewards_formula_and_batching(micro_overrides):
     assert torch.equal(same, torch.zeros(5, dtype=torch.float64))
 
 
-@pytest.fixture
-def base_ckpt(tmp_path, micro_overrides):
+def test_video_implicit_rewards_share_draws_by_key(micro_overrides):
     cfg = load_config(None, micro_overrides)
+    world = build_world(cfg)
+    policy = build_policy(cfg, world)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    policy.eval()
+    reference = build_policy(cfg, world).eval()
+    clip = torch.rand(1, 3, 4, 8, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    videos, tokens = clip.expand(4, -1, -1, -1, -1), world.tokens(world.condition(torch.zeros(4, dtype=torch.long)))
+    kw = dict(beta=100.0, seed=3, draws=2, t_min=0.3, t_max=1.0)
+    r = video_implicit_rewards(policy, reference, videos, tokens, torch.tensor([0, 0, 1, 1]), batch_size=3, **kw)
+    assert r[0] == r[1] and r[2] == r[3] and r[0] != r[2]     # one video: equal under one key's draws only
+    # The pair form is the keyed form with key = pair index for both videos.
+    a, b = implicit_rewards(policy, reference, videos[:2], videos[2:], tokens[:2], **kw)
+    keyed = video_implicit_rewards(policy, reference, videos, tokens, torch.tensor([0, 1, 0, 1]), **kw)
+    torch.testing.assert_close(torch.cat([a, b]), keyed)
+
+
+def perturbed_base(path, overrides):
+    """A micro DiT whose weights are perturbed (an untrained DiT outputs exactly 0, so its pairs would not differ)."""
+    cfg = load_config(None, overrides)
     model = build_policy(cfg, build_world(cfg))
-    with torch.no_grad():   # an untrained DiT outputs exactly 0: perturb it so pairs differ
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    path = tmp_path / "base.safetensors"
     atomic.save_safetensors(model.state_dict(), path)
     return path
+
+
+@pytest.fixture
+def base_ckpt(tmp_path, micro_overrides):
+    return perturbed_base(tmp_path / "base.safetensors", micro_overrides)
 
 
 def ipo_cfg(micro_overrides, base, *extra):
@@ -207,6 +251,42 @@ def test_iterate_rounds_summary_report_and_resume_after_kill(tmp_path, micro_ove
     # Another config in the same directory is refused rather than mixed in.
     with pytest.raises(ConfigError, match="different config"):
         iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.votes=5"), out)
+
+
+def test_refinement_over_every_within_prompt_pair(tmp_path, micro_overrides, base_ckpt):
+    """iterate.refine_pairs=within_prompt: the critic votes on every pair of two round videos of one prompt, the
+    PCE reads one reward per video, and the refined critic trains refine_steps on the seed + kept labels."""
+    one_object = micro_overrides + ["world.colours=[red]", "world.shapes=[square]"]   # 4 prompts: the directions
+    base = perturbed_base(tmp_path / "base_4prompts.safetensors", one_object)
+    cfg = ipo_cfg(one_object, base, "iterate.refine_pairs=within_prompt", "iterate.refine_steps=6",
+                  "iterate.vote_min_confidence=0.0")
+    summary = iterate(cfg, tmp_path / "pool")
+    r2, pairs_dir = summary["rounds"][1], tmp_path / "pool" / "round_2" / "pairs"
+    videos, cond = read_pool(pairs_dir)
+    first, second = within_prompt_pairs(build_world(cfg), cond)
+    assert len(first) == 4 * 6        # 8 pairs over the world's 4 prompts: 4 videos, 6 pairs per prompt
+    assert r2["pseudo"]["pairs"] == 24 and r2["pseudo"]["pairing"] == "within_prompt"
+    rows = read_pseudo_rows(pairs_dir)
+    assert [(x["first_video"], x["second_video"]) for x in rows] == list(zip(first.tolist(), second.tolist()))
+    assert all(x["cond_ids"] == cond[x["first_video"]].tolist() == cond[x["second_video"]].tolist() for x in rows)
+    assert all(x["kept"] == (x["pce"] > 0.5 and x["video_label"] != 0) for x in rows)
+    reward_of = {}
+    for x in rows:                     # one implicit reward per video, whichever pairs it is in
+        reward_of.setdefault(x["first_video"], set()).add(x["reward_first"])
+        reward_of.setdefault(x["second_video"], set()).add(x["reward_second"])
+    assert len(reward_of) == 16 and all(len(v) == 1 for v in reward_of.values())
+    kept = [x for x in rows if x["kept"]]
+    assert 0 < len(kept) == r2["pseudo_labels_kept"]
+    quality = r2["pseudo"]["oracle_agreement_all_votes"]
+    assert quality is None or 0.0 <= quality <= 1.0
+    data = load_pseudo_labels(pairs_dir, 2)
+    assert torch.equal(data.first, videos[[x["first_video"] for x in kept]])
+    assert torch.equal(data.second, videos[[x["second_video"] for x in kept]])
+    torch.testing.assert_close(data.weights, torch.tensor([x["pce"] for x in kept]))
+    info = json.loads((pairs_dir.parent / "critic" / "critic.json").read_text())
+    assert info["steps"] == 6 and info["pairs"] == summary["seed_labels"]["pairs"] + len(kept)
+    with pytest.raises(ConfigError, match="refine_steps"):
+        iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.refine_steps=-1"), tmp_path / "bad")
 
 
 def test_kto_rounds_with_fixed_base_reference(tmp_path, micro_overrides, base_ckpt):
