@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
+from vidpo.critic import read_pool
 from vidpo.data.oracle import ShapesOracle
-from vidpo.data.pairs import PAIRS_FILE, ShardReader, read_manifest
-from vidpo.dual_ipo import PSEUDO_FILE
+from vidpo.dual_ipo import PSEUDO_FILE, read_pseudo_rows
 from vidpo.modeling import build_world, set_threads
 from vidpo.recipe import load_config
 
@@ -47,16 +47,16 @@ def _agreement(predicted: torch.Tensor, truth: torch.Tensor, where: torch.Tensor
 def round_measure(round_dir: Path, oracle: ShapesOracle) -> dict:
     """The agreements of one refined round (module doc)."""
     pairs_dir = round_dir / "pairs"
-    rows = [json.loads(line) for line in (pairs_dir / PSEUDO_FILE).read_text().splitlines() if line.strip()]
-    records, _ = read_manifest(pairs_dir / PAIRS_FILE, need_labels=False, on_error="skip")
-    by_id = {r["pair_id"]: r for r in rows}
-    rows = [by_id[rec.pair_id] for rec in records]
-    reader = ShardReader(pairs_dir)
-    first = torch.stack([reader.get(r, "first") for r in records]).float()
-    second = torch.stack([reader.get(r, "second") for r in records]).float()
-    cond = torch.tensor([r.cond_ids for r in records], dtype=torch.long)
+    rows = read_pseudo_rows(pairs_dir)
+    videos, cond = read_pool(pairs_dir)
+    if "first_video" in rows[0]:
+        first = torch.tensor([r["first_video"] for r in rows])
+        second = torch.tensor([r["second_video"] for r in rows])
+    else:   # runs before iterate.refine_pairs: one line per generated pair, in the order of the pool's halves
+        first, second = torch.arange(len(rows)), torch.arange(len(rows), 2 * len(rows))
     with torch.no_grad():
-        truth = torch.sign(oracle.score(first, cond).total.double() - oracle.score(second, cond).total.double())
+        scores = oracle.score(videos, cond).total.double()
+    truth = torch.sign(scores[first] - scores[second])
     margin = torch.tensor([r["reward_first"] - r["reward_second"] for r in rows], dtype=torch.float64)
     implicit = torch.sign(margin).long()
     vote = torch.tensor([r["video_label"] for r in rows], dtype=torch.long)
