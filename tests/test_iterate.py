@@ -34,12 +34,17 @@ def test_mode_vote_majority_and_contested():
     torch.testing.assert_close(share, torch.tensor([1.0, 2 / 3, 1.0, 0.0, 0.0], dtype=torch.float64))
 
 
-def test_critic_votes_deterministic_views_and_confidence(micro_overrides):
+def tiny_critic(micro_overrides):
+    """The micro world and an untrained one-block critic (seeded)."""
     cfg = load_config(None, micro_overrides + ["critic.width=16", "critic.num_heads=2", "critic.depth=1"])
     world = build_world(cfg)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        critic = build_critic(cfg, world).eval()
+        return world, build_critic(cfg, world).eval()
+
+
+def test_critic_votes_deterministic_views_and_confidence(micro_overrides):
+    world, critic = tiny_critic(micro_overrides)
     g = torch.Generator().manual_seed(2)
     first, second = torch.rand(6, 3, 4, 8, 8, generator=g) * 2 - 1, torch.rand(6, 3, 4, 8, 8, generator=g) * 2 - 1
     cond, seg = world.condition(torch.arange(6) * 5), torch.tensor([0, 0, 1, 1])
@@ -58,11 +63,7 @@ def test_critic_votes_deterministic_views_and_confidence(micro_overrides):
 
 def test_indexed_votes_equal_votes_on_the_materialised_pairs(micro_overrides):
     """Votes over index pairs of one video set (each video scored once per pass) = votes over the pairs copied out."""
-    cfg = load_config(None, micro_overrides + ["critic.width=16", "critic.num_heads=2", "critic.depth=1"])
-    world = build_world(cfg)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        critic = build_critic(cfg, world).eval()
+    world, critic = tiny_critic(micro_overrides)
     videos = torch.rand(9, 3, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
     cond, seg = world.condition(torch.tensor([0, 5, 0, 5, 0, 9, 5, 9, 0])), torch.tensor([0, 0, 1, 1])
     first, second = within_prompt_pairs(world, cond)
@@ -95,15 +96,23 @@ def test_preference_certainty_float64_reference():
     assert fixed[2] == 0.5
 
 
-def test_implicit_rewards_formula_and_batching(micro_overrides):
+def perturb_(model):
+    """Perturb a micro DiT's weights in place: an untrained DiT outputs exactly 0 (its pairs would not differ)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model
+
+
+def policy_and_reference(micro_overrides):
+    """The micro world, a perturbed policy and an untrained reference (whose velocity is exactly 0)."""
     cfg = load_config(None, micro_overrides)
     world = build_world(cfg)
-    policy = build_policy(cfg, world)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    policy.eval()
-    reference = build_policy(cfg, world).eval()           # untrained: outputs exactly 0
+    return world, perturb_(build_policy(cfg, world)).eval(), build_policy(cfg, world).eval()
+
+
+def test_implicit_rewards_formula_and_batching(micro_overrides):
+    world, policy, reference = policy_and_reference(micro_overrides)
     g = torch.Generator().manual_seed(1)
     first, second = torch.rand(5, 3, 4, 8, 8, generator=g) * 2 - 1, torch.rand(5, 3, 4, 8, 8, generator=g) * 2 - 1
     tokens = world.tokens(world.condition(torch.arange(5)))
@@ -133,14 +142,7 @@ def test_implicit_rewards_formula_and_batching(micro_overrides):
 
 
 def test_video_implicit_rewards_share_draws_by_key(micro_overrides):
-    cfg = load_config(None, micro_overrides)
-    world = build_world(cfg)
-    policy = build_policy(cfg, world)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    policy.eval()
-    reference = build_policy(cfg, world).eval()
+    world, policy, reference = policy_and_reference(micro_overrides)
     clip = torch.rand(1, 3, 4, 8, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
     videos, tokens = clip.expand(4, -1, -1, -1, -1), world.tokens(world.condition(torch.zeros(4, dtype=torch.long)))
     kw = dict(beta=100.0, seed=3, draws=2, t_min=0.3, t_max=1.0)
@@ -153,13 +155,9 @@ def test_video_implicit_rewards_share_draws_by_key(micro_overrides):
 
 
 def perturbed_base(path, overrides):
-    """A micro DiT whose weights are perturbed (an untrained DiT outputs exactly 0, so its pairs would not differ)."""
+    """A perturbed micro DiT saved as an initial policy."""
     cfg = load_config(None, overrides)
-    model = build_policy(cfg, build_world(cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    atomic.save_safetensors(model.state_dict(), path)
+    atomic.save_safetensors(perturb_(build_policy(cfg, build_world(cfg))).state_dict(), path)
     return path
 
 
