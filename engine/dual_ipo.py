@@ -25,8 +25,9 @@ without new human labels:
        PCE      = 1/2 * [ sigmoid((R(y_w|x) - Q) / tau) + sigmoid((Q - R(y_l|x)) / tau) ]
 
    ``(t_m, eps_m)``, m = 1..M (``iterate.pce_timesteps``), are drawn once per pair and shared by its two
-   videos (within-prompt pairs: once per prompt, shared by all its videos), ``t`` in ``[flow.t_min, flow.t_max]`` as in training; theta is the policy that generated the
-   pairs and ref its reference in the round that trained it. The two terms are KTO-style values of the
+   videos (within-prompt pairs: once per prompt, shared by all its videos), ``t`` in ``[flow.t_min,
+   flow.t_max]`` as in training; theta is the policy that generated the pairs and ref its reference in the
+   round that trained it. The two terms are KTO-style values of the
    winner above the population's reference point and of the loser below it, so PCE is in (0, 1), equals
    1/2 when the policy is indifferent, and **PCE > 1/2 exactly when R(y_w|x) > R(y_l|x)**: the policy's
    implicit reward agrees with the critic's vote (Q shifts both terms equally and cancels from that
