@@ -607,6 +607,11 @@ class IterateConfig:
     """A voting pass calls a tie unless its Davidson probability of the winner reaches this (see
     critic.min_confidence), so the majority vote keeps only pairs the critic is consistently sure of."""
 
+    vote_keep_fraction: float = 0.0
+    """With f > 0, each voting pass votes only on its fraction f of the pairs with the largest critic score gap
+    (the rest are its ties), on top of vote_min_confidence: a critic trained longer is sharper, and a fixed
+    confidence would let more of its votes through (README, IPO). 0: off."""
+
     pce_threshold: float = 0.5
     """Pseudo-labels are kept when PCE > this."""
 

@@ -8,7 +8,8 @@ without new human labels:
    view of the pair (``vidpo.critic.Symmetries``: flips and time reversal with the caption mapped). The
    order of a pair needs no swapping: the critic scores each video on its own, so ``d(a, b) = -d(b, a)``
    holds exactly. A pass calls a tie when the critic's probability of the winner is below
-   ``iterate.vote_min_confidence``. The pseudo-label is the **mode** of the K labels in {-1, 0, +1} (a tie
+   ``iterate.vote_min_confidence`` (and, with ``iterate.vote_keep_fraction`` f > 0, outside the pass' fraction f
+   of the pairs with the largest score gap). The pseudo-label is the **mode** of the K labels in {-1, 0, +1} (a tie
    between the counts of two labels gives 0); ``agreement`` = its count / K. A tie vote is not kept. The
    "new pairs" are the round's generated pairs, or (``iterate.refine_pairs: within_prompt``) every pair of
    two of the round's videos with one prompt: ~2N^2 / prompts pairs instead of N for the same scoring cost,
@@ -101,14 +102,20 @@ def critic_votes(critic, first: torch.Tensor, second: torch.Tensor, cond_ids: to
 def indexed_votes(critic, videos: torch.Tensor, cond_ids: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
                   world, segment_ids: torch.Tensor, *, passes: int, seed: int, dropout: bool = True,
                   augment: bool = True, tie_margin: Optional[float] = None, min_confidence: float = 0.0,
-                  granularity: str = "video", batch_size: int = 128) -> VoteResult:
+                  keep_fraction: float = 0.0, granularity: str = "video", batch_size: int = 128) -> VoteResult:
     """The votes of ``critic_votes`` over pairs given as indices into one set of videos (N, C, T, H, W): pair i
     is ``(videos[first[i]], videos[second[i]])``, both of one prompt.
+
+    ``keep_fraction`` f > 0 replaces the fixed margin with one per pass: each pass votes only on its fraction f
+    of the pairs with the largest |score difference| (and calls the rest ties), so a sharper critic does not let
+    more votes through than a blunter one (``iterate.vote_keep_fraction``).
 
     The critic scores each video on its own, so one pass scores each of the N videos once, in that pass' view
     and dropout draw, whatever the number of pairs (the within-prompt pairs of N videos are ~N^2 / 2 / prompts)."""
     if passes < 1:
         raise ValueError(f"iterate.votes must be >= 1, got {passes}")
+    if not 0.0 <= keep_fraction <= 1.0:
+        raise ValueError(f"iterate.vote_keep_fraction must be in [0, 1], got {keep_fraction}")
     symmetries = Symmetries(world, segment_ids)
     margin = tie_margin_of(critic, tie_margin, min_confidence)
     seg_votes, video_votes = [], []
@@ -116,8 +123,13 @@ def indexed_votes(critic, videos: torch.Tensor, cond_ids: torch.Tensor, first: t
         view = k % len(symmetries) if augment else 0
         s = score_videos(critic, videos, cond_ids, world, segment_ids, batch_size=batch_size, symmetries=symmetries,
                          view=view, dropout_seed=derive_seed(seed, "vote", k) if dropout else None)
-        seg_votes.append(labels_from_differences(s.segments[first] - s.segments[second], margin))
-        video_votes.append(labels_from_differences(s.video[first] - s.video[second], margin))
+        d_seg, d_video = s.segments[first] - s.segments[second], s.video[first] - s.video[second]
+        seg_margin = video_margin = margin
+        if keep_fraction > 0:   # the (1 - f) quantile of this pass' |d|: only larger differences vote
+            video_margin = max(margin, float(torch.quantile(d_video.abs().double(), 1.0 - keep_fraction)))
+            seg_margin = max(margin, float(torch.quantile(d_seg.abs().double().flatten(), 1.0 - keep_fraction)))
+        seg_votes.append(labels_from_differences(d_seg, seg_margin))
+        video_votes.append(labels_from_differences(d_video, video_margin))
     video_stack = torch.stack(video_votes)
     video, agreement = mode_vote(video_stack)
     if granularity == "segment":
@@ -217,8 +229,8 @@ def pseudo_label_pairs(pairs_dir: str | Path, critic, policy: VelocityFn, refere
     seed = derive_seed(cfg.seed, *stream)
     votes = indexed_votes(critic, videos, cond_ids, first, second, world, segment_ids, passes=it.votes, seed=seed,
                           dropout=it.vote_dropout, augment=it.vote_augment, tie_margin=cfg.critic.tie_margin,
-                          min_confidence=it.vote_min_confidence, granularity=cfg.critic.granularity,
-                          batch_size=cfg.critic.batch_size_eval)
+                          min_confidence=it.vote_min_confidence, keep_fraction=it.vote_keep_fraction,
+                          granularity=cfg.critic.granularity, batch_size=cfg.critic.batch_size_eval)
     rewards = video_implicit_rewards(policy, reference, videos, world.tokens(cond_ids), keys, beta=cfg.pref.beta,
                                      seed=seed, draws=it.pce_timesteps, t_min=cfg.flow.t_min, t_max=cfg.flow.t_max,
                                      device=device)

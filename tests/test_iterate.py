@@ -73,6 +73,14 @@ def test_indexed_votes_equal_votes_on_the_materialised_pairs(micro_overrides):
     copied = critic_votes(critic, videos[first], videos[second], cond[first], world, seg, **kw)
     for field in ("labels", "video_labels", "agreement", "passes"):
         assert torch.equal(getattr(indexed, field), getattr(copied, field)), field
+    # keep_fraction: each pass votes on its half of the pairs with the largest |score difference| only.
+    half = indexed_votes(critic, videos, cond, first, second, world, seg, passes=1, seed=7, dropout=False,
+                         augment=False, keep_fraction=0.5)
+    scores = score_videos(critic, videos, cond, world, seg).video
+    gap = (scores[first] - scores[second]).abs()
+    assert torch.equal(half.video_labels != 0, gap > gap.median()) and int((half.video_labels != 0).sum()) == 5
+    with pytest.raises(ValueError, match="vote_keep_fraction"):
+        indexed_votes(critic, videos, cond, first, second, world, seg, passes=1, seed=7, keep_fraction=1.5)
 
 
 def test_preference_certainty_float64_reference():
