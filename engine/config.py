@@ -610,7 +610,8 @@ class IterateConfig:
     vote_keep_fraction: float = 0.0
     """With f > 0, each voting pass votes only on its fraction f of the pairs with the largest critic score gap
     (the rest are its ties), on top of vote_min_confidence: a critic trained longer is sharper, and a fixed
-    confidence would let more of its votes through (README, IPO). 0: off."""
+    confidence would let more of its votes through (benchmarks/ipo_cpu_202611.md, 0c: at 0.5 it restores the
+    precision of round 3's pseudo-labels, not the critic's accuracy). 0: off."""
 
     pce_threshold: float = 0.5
     """Pseudo-labels are kept when PCE > this."""
