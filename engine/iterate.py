@@ -556,6 +556,8 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
         raise ConfigError("vidpo iterate: need iterate.rounds >= 1, iterate.seed_pairs >= 2, iterate.eval_pairs >= 2")
     if cfg.iterate.refine_steps < 0:
         raise ConfigError(f"iterate.refine_steps must be >= 0 (0: critic.steps), got {cfg.iterate.refine_steps}")
+    if not 0.0 <= cfg.iterate.vote_keep_fraction <= 1.0:   # checked before round 1, not at round 2's votes
+        raise ConfigError(f"iterate.vote_keep_fraction must be in [0, 1] (0: off), got {cfg.iterate.vote_keep_fraction}")
     if not cfg.train.init_from:
         raise ConfigError("train.init_from must name the initial policy (e.g. recipes/shapes/base)")
     out = Path(out_dir)

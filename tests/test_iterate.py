@@ -293,6 +293,8 @@ def test_refinement_over_every_within_prompt_pair(tmp_path, micro_overrides, bas
     assert info["steps"] == 6 and info["pairs"] == summary["seed_labels"]["pairs"] + len(kept)
     with pytest.raises(ConfigError, match="refine_steps"):
         iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.refine_steps=-1"), tmp_path / "bad")
+    with pytest.raises(ConfigError, match="vote_keep_fraction"):
+        iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.vote_keep_fraction=1.5"), tmp_path / "bad2")
 
 
 def test_kto_rounds_with_fixed_base_reference(tmp_path, micro_overrides, base_ckpt):
