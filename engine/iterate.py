@@ -537,12 +537,25 @@ def reuse_run(cfg: RunConfig, out: Path, source: str | Path) -> list[str]:
 
 
 # ----- the whole run ----------------------------------------------------------------------------------------
+def open_run(out_dir: str | Path, cfg: Optional[RunConfig] = None) -> _Run:
+    """The world, oracle, device and paths of the run in ``out_dir`` (its saved ``config.yaml`` unless ``cfg``
+    is given): what ``iterate`` works in, and what measurements of a finished run (benchmarks/) read it with."""
+    from vidpo.data.oracle import ShapesOracle
+    from vidpo.modeling import build_world, pick_device
+    from vidpo.pipeline import run_segment_ids
+    from vidpo.recipe import load_config
+
+    out = Path(out_dir)
+    cfg = load_config(out / "config.yaml") if cfg is None else cfg
+    world = build_world(cfg)
+    return _Run(cfg=cfg, out=out, world=world, segment_ids=run_segment_ids(cfg), device=pick_device(),
+                oracle=ShapesOracle(world), base_path=ckpt.find_weights(resolve_path(cfg.train.init_from)))
+
+
 def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] = None) -> dict:
     """R rounds of IPO / Dual-IPO into ``out_dir`` (resumable; module doc); returns the summary."""
     from vidpo.jobs import save_samples, setup_logging
-    from vidpo.modeling import build_world, pick_device, set_threads
-    from vidpo.data.oracle import ShapesOracle
-    from vidpo.pipeline import run_segment_ids
+    from vidpo.modeling import set_threads
     from vidpo.recipe import load_config
 
     cfg = copy.deepcopy(cfg)
@@ -571,12 +584,10 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
     atomic.write_text(saved, to_yaml(cfg))
     if reuse is not None:
         reuse_run(cfg, out, reuse)
-    world = build_world(cfg)
-    device = pick_device()
+    run = open_run(out, cfg)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    log.info("iterate: seed %d on %s%s", cfg.seed, device, f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
-    run = _Run(cfg=cfg, out=out, world=world, segment_ids=run_segment_ids(cfg), device=device,
-               oracle=ShapesOracle(world), base_path=ckpt.find_weights(resolve_path(cfg.train.init_from)))
+    log.info("iterate: seed %d on %s%s", cfg.seed, run.device, f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
+    cfg, world = run.cfg, run.world
     t0 = time.time()
 
     base = _load_policy(run, run.base_path)

@@ -1,0 +1,140 @@
+"""Dual-IPO refinement, re-measured: the critic before and after each refinement on a large fresh pool.
+
+``vidpo iterate`` measures the critic on its round's 128 fresh pairs and on every within-prompt pair of those
+256 videos (896 pairs). At that size one round's paired before/after difference has a 95% interval of about
++-0.017, wider than the effect a refinement can have on the shapes world (its ceiling with oracle labels of every
+pool pair is +0.02-0.03, benchmarks/ipo_cpu_202611.md section 0c). Across 7 seeds the rounds' differences then
+scatter with a standard deviation of ~0.010, most of it this measurement noise.
+
+This script measures the same thing on more of the same distribution: for each refined round r of a finished
+run it samples ``--pairs`` new pairs (default 1024: 2048 videos, 64 per prompt) from the policy that generated
+round r (policy r-1), on a generation stream of their own (``("round", r, "fresh")``, disjoint from the round's
+training and evaluation streams), and scores every within-prompt pair of them (64 512 pairs at the default) with
+
+* ``before``    the critic that labelled round r-1 (the one the refinement starts from; critic 0 for r = 2),
+* ``after``     the refined critic of round r,
+* ``critic_0``  the seed-label critic (what labels every round when refinement is off).
+
+No oracle label trains anything here: the oracle only measures. The pairs share videos, so the per-pair normal
+interval would be too narrow; a round's interval is a t-interval over its prompts (the mean paired difference of
+each prompt's pairs: 32 independent clusters). The aggregate is a t-interval over the rounds' differences (seeds
+independent). Fresh pairs are written under ``round_r/pairs_fresh_<pairs>`` of the run and reused on a second call.
+
+    python benchmarks/ipo_critic_fresh_pool.py runs/pool60/ipo/seed{0,1,2,3,4,5,6} \
+        --json benchmarks/results/ipo_critic_fresh_pool_20261122.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vidpo.critic import read_pool, score_videos, within_prompt_pairs
+from vidpo.evaluate import mean_ci
+from vidpo.iterate import _critic_dir_of, _generate, _load_policy, _policy_path, open_run
+from vidpo.modeling import set_threads
+from vidpo.models.critic import load_critic
+
+CRITICS = ("before", "after", "critic_0")
+
+
+def _brief(stats: dict) -> list[float]:
+    return [round(stats["mean"], 4), round(stats["ci95"][0], 4), round(stats["ci95"][1], 4)]
+
+
+def round_measure(run, r: int, pairs: int) -> dict:
+    """One refined round's critics on ``pairs`` fresh pairs of policy r-1 (module doc)."""
+    rd = run.out / f"round_{r}"
+    fresh_dir = rd / f"pairs_fresh_{pairs}"
+    t = time.time()
+    _generate(run, fresh_dir, _load_policy(run, _policy_path(run, r - 1)), pairs, stream=("round", r, "fresh"))
+    generate_s = time.time() - t
+    videos, cond = read_pool(fresh_dir)
+    with torch.no_grad():
+        truth = run.oracle.score(videos, cond).total.double()
+    first, second = within_prompt_pairs(run.world, cond)
+    y = torch.sign(truth[first] - truth[second])
+    keep = y != 0
+    prompt = run.world.condition_index(cond)[first][keep]
+    critics = {"before": _critic_dir_of(run, r - 1), "after": rd / "critic", "critic_0": run.out / "critic_0"}
+    hits = {}
+    for name, directory in critics.items():
+        critic = load_critic(directory / "critic.safetensors")
+        scores = score_videos(critic, videos, cond, run.world, run.segment_ids).video.double()
+        d = scores[first] - scores[second]
+        hits[name] = ((torch.sign(d) == y).double() + 0.5 * (d == 0).double())[keep]
+
+    def per_prompt(values: torch.Tensor) -> torch.Tensor:
+        return torch.stack([values[prompt == p].mean() for p in prompt.unique()])
+
+    row = {"run": str(run.out), "seed": run.cfg.seed, "round": r, "fresh_pairs": pairs, "videos": len(videos),
+           "pool_pairs": int(keep.sum()), "prompts": int(prompt.unique().numel()),
+           "critics": {k: str(v) for k, v in critics.items()}, "generate_s": round(generate_s, 1)}
+    for name in CRITICS:
+        row[name] = round(float(hits[name].mean()), 4)
+    row["gain"] = _brief(mean_ci(per_prompt(hits["after"] - hits["before"])))
+    row["gain_vs_critic_0"] = _brief(mean_ci(per_prompt(hits["after"] - hits["critic_0"])))
+    return row
+
+
+def refined_rounds(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.parent.name.split("_")[1]) for p in run_dir.glob("round_*/critic/critic.safetensors"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="finished refined vidpo iterate runs (one seed's directory each)")
+    p.add_argument("--pairs", type=int, default=1024, help="fresh pairs per round (2x as many videos)")
+    p.add_argument("--json", type=Path, help="append one JSON line per round and one for the aggregate")
+    args = p.parse_args(argv)
+    command = " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    meta = {"command": command, "torch": torch.__version__, "python": platform.python_version(),
+            "device": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+    rows = []
+    for run_dir in args.runs:
+        run = open_run(run_dir)
+        run.cfg.train.num_threads = 1
+        run.cfg.train.progress = False
+        set_threads(run.cfg)
+        for r in refined_rounds(run_dir):
+            row = round_measure(run, r, args.pairs)
+            rows.append(row)
+            print(f"{run_dir} round {r}: before {row['before']:.4f} after {row['after']:.4f} "
+                  f"(gain {row['gain'][0]:+.4f} [{row['gain'][1]:+.4f}, {row['gain'][2]:+.4f}]), critic 0 "
+                  f"{row['critic_0']:.4f}, {row['pool_pairs']} pairs of {row['videos']} videos", flush=True)
+            if args.json:
+                with args.json.open("a") as f:
+                    f.write(json.dumps({**row, **meta}) + "\n")
+    if not rows:
+        print("no refined round found (round_r/critic/critic.safetensors)", file=sys.stderr)
+        return 1
+    aggregate = {"aggregate": True, "rounds": len(rows), **meta}
+    for key in ("before", "after", "critic_0"):
+        aggregate[key] = round(float(torch.tensor([row[key] for row in rows]).mean()), 4)
+    for r in sorted({row["round"] for row in rows}) + [None]:
+        chosen = [row for row in rows if r is None or row["round"] == r]
+        name = "all" if r is None else f"round_{r}"
+        aggregate[name] = {
+            "n": len(chosen),
+            "before": round(sum(row["before"] for row in chosen) / len(chosen), 4),
+            "after": round(sum(row["after"] for row in chosen) / len(chosen), 4),
+            "gain": _brief(mean_ci(torch.tensor([row["after"] - row["before"] for row in chosen]))),
+            "gain_vs_critic_0": _brief(mean_ci(torch.tensor([row["after"] - row["critic_0"] for row in chosen]))),
+            "higher": sum(row["after"] > row["before"] for row in chosen)}
+        print(f"{name}: before {aggregate[name]['before']:.4f} -> after {aggregate[name]['after']:.4f}, gain "
+              f"{aggregate[name]['gain']} over {len(chosen)} rounds ({aggregate[name]['higher']} higher); vs critic "
+              f"0 {aggregate[name]['gain_vs_critic_0']}")
+    if args.json:
+        with args.json.open("a") as f:
+            f.write(json.dumps(aggregate) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
