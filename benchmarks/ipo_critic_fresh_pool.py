@@ -16,8 +16,8 @@ training and evaluation streams), and scores every within-prompt pair of them (6
 * ``critic_0``  the seed-label critic (what labels every round when refinement is off).
 
 No oracle label trains anything here: the oracle only measures. The pairs share videos, so the per-pair normal
-interval would be too narrow; a round's interval is a t-interval over its prompts (the mean paired difference of
-each prompt's pairs: 32 independent clusters). The aggregate is a t-interval over the rounds' differences (seeds
+interval would be too narrow; a round's interval is a t-interval over its prompts (``vidpo.critic.pool_gain``: the
+mean paired difference of each prompt's pairs, 32 independent clusters). The aggregate is a t-interval over the rounds' differences (seeds
 independent). Fresh pairs are written under ``round_r/pairs_fresh_<pairs>`` of the run and reused on a second call.
 
     python benchmarks/ipo_critic_fresh_pool.py runs/pool60/ipo/seed{0,1,2,3,4,5,6} \
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from vidpo.critic import read_pool, score_videos, within_prompt_pairs
+from vidpo.critic import pool_accuracy, pool_gain, read_pool
 from vidpo.evaluate import mean_ci
 from vidpo.iterate import _critic_dir_of, _generate, _load_policy, _policy_path, open_run
 from vidpo.modeling import set_threads
@@ -58,28 +58,17 @@ def round_measure(run, r: int, pairs: int) -> dict:
     videos, cond = read_pool(fresh_dir)
     with torch.no_grad():
         truth = run.oracle.score(videos, cond).total.double()
-    first, second = within_prompt_pairs(run.world, cond)
-    y = torch.sign(truth[first] - truth[second])
-    keep = y != 0
-    prompt = run.world.condition_index(cond)[first][keep]
     critics = {"before": _critic_dir_of(run, r - 1), "after": rd / "critic", "critic_0": run.out / "critic_0"}
-    hits = {}
-    for name, directory in critics.items():
-        critic = load_critic(directory / "critic.safetensors")
-        scores = score_videos(critic, videos, cond, run.world, run.segment_ids).video.double()
-        d = scores[first] - scores[second]
-        hits[name] = ((torch.sign(d) == y).double() + 0.5 * (d == 0).double())[keep]
-
-    def per_prompt(values: torch.Tensor) -> torch.Tensor:
-        return torch.stack([values[prompt == p].mean() for p in prompt.unique()])
-
+    pools = {name: pool_accuracy(load_critic(directory / "critic.safetensors"), videos, cond, truth, run.world,
+                                 run.segment_ids) for name, directory in critics.items()}
+    prompts = pools["before"]["prompt"]
     row = {"run": str(run.out), "seed": run.cfg.seed, "round": r, "fresh_pairs": pairs, "videos": len(videos),
-           "pool_pairs": int(keep.sum()), "prompts": int(prompt.unique().numel()),
+           "pool_pairs": pools["before"]["n"], "prompts": int(prompts.unique().numel()),
            "critics": {k: str(v) for k, v in critics.items()}, "generate_s": round(generate_s, 1)}
     for name in CRITICS:
-        row[name] = round(float(hits[name].mean()), 4)
-    row["gain"] = _brief(mean_ci(per_prompt(hits["after"] - hits["before"])))
-    row["gain_vs_critic_0"] = _brief(mean_ci(per_prompt(hits["after"] - hits["critic_0"])))
+        row[name] = round(pools[name]["accuracy"], 4)
+    row["gain"] = _brief(pool_gain(pools["after"], pools["before"]))
+    row["gain_vs_critic_0"] = _brief(pool_gain(pools["after"], pools["critic_0"]))
     return row
 
 

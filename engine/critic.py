@@ -302,7 +302,8 @@ def within_prompt_pairs(world, cond_ids: torch.Tensor) -> tuple[torch.Tensor, to
 def pool_accuracy(critic: VideoCritic, videos: torch.Tensor, cond_ids: torch.Tensor, truth: torch.Tensor, world,
                   segment_ids: torch.Tensor, *, batch_size: int = 128) -> dict:
     """Agreement with ``truth`` (N,) reference scores (the oracle's) over every within-prompt pair of ``videos``
-    (N, C, T, H, W): ``accuracy``, ``n`` and ``correct`` (n,) per pair (for paired comparisons).
+    (N, C, T, H, W): ``accuracy``, ``n``, ``correct`` (n,) per pair (for paired comparisons, ``pool_gain``) and
+    ``prompt`` (n,), each pair's prompt index.
 
     Why: a run's fresh pairs are a few hundred at most, and accuracy over 128 pairs moves by +-0.04 between
     critics that are equally good; the same videos hold ~7x as many within-prompt pairs, for the cost of one
@@ -313,7 +314,22 @@ def pool_accuracy(critic: VideoCritic, videos: torch.Tensor, cond_ids: torch.Ten
     d, keep = scores[first] - scores[second], y != 0
     hit = (torch.sign(d) == y).double() + 0.5 * (d == 0).double()
     return {"accuracy": float(hit[keep].mean()) if bool(keep.any()) else None, "n": int(keep.sum()),
-            "correct": hit[keep]}
+            "correct": hit[keep], "prompt": world.condition_index(cond_ids)[first][keep]}
+
+
+def pool_gain(after: dict, before: dict) -> dict:
+    """Paired accuracy difference of two ``pool_accuracy`` results on the same videos: ``vidpo.evaluate.mean_ci``
+    over the prompts of each prompt's mean difference.
+
+    Why over prompts: the pool's pairs share videos (each video is in 15-63 of them), so a normal interval over
+    the pairs treats correlated pairs as independent and is too narrow; the prompts' videos are independent
+    draws, so each prompt is one independent cluster."""
+    from vidpo.evaluate import mean_ci
+
+    diff, prompt = after["correct"] - before["correct"], before["prompt"]
+    if not torch.equal(prompt, after["prompt"]):
+        raise ValueError("pool_gain needs two pool_accuracy results over the same videos")
+    return mean_ci(torch.stack([diff[prompt == p].mean() for p in prompt.unique()]))
 
 
 def pointwise_labels(scores: torch.Tensor, mode: str, desirable: float, undesirable: float) -> torch.Tensor:

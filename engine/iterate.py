@@ -58,7 +58,7 @@ from vidpo import atomic
 from vidpo import checkpoint as ckpt
 from vidpo.config import RunConfig
 from vidpo.critic import (PreferenceData, build_kto_pairs, build_ranked_pairs, critic_accuracy, critic_scorer,
-                          load_preference_data, pool_accuracy, read_pool, train_critic)
+                          load_preference_data, pool_accuracy, pool_gain, read_pool, train_critic)
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE
 from vidpo.dual_ipo import load_pseudo_labels, pseudo_label_pairs
 from vidpo.evaluate import EvalResult, evaluate_model, mean_ci, paired_delta
@@ -327,7 +327,7 @@ def run_round(run: _Run, r: int, critic_prev, base_eval: EvalResult,
                     "critic_accuracy_gain": _brief(mean_ci(after["correct"] - before["correct"])),
                     "critic_accuracy_pool": pool_after["accuracy"],
                     "critic_accuracy_pool_before_refine": pool_before["accuracy"],
-                    "critic_accuracy_pool_gain": _brief(mean_ci(pool_after["correct"] - pool_before["correct"])),
+                    "critic_accuracy_pool_gain": _brief(pool_gain(pool_after, pool_before)),
                     "pseudo_labels_kept": stats["kept"], "pseudo": stats})
     else:
         row.update({"critic_accuracy": before["accuracy"], "critic_accuracy_before_refine": None,
@@ -586,7 +586,8 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
         reuse_run(cfg, out, reuse)
     run = open_run(out, cfg)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    log.info("iterate: seed %d on %s%s", cfg.seed, run.device, f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
+    log.info("iterate: seed %d on %s%s", cfg.seed, run.device,
+             f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
     cfg, world = run.cfg, run.world
     t0 = time.time()
 

@@ -10,7 +10,7 @@ from vidpo import atomic
 from vidpo.cli import main as cli_main
 from vidpo.critic import (CriticLabeler, Symmetries, bt_ties_log_probs, bt_ties_nll, build_critic,
                           cond_ids_from_captions, critic_accuracy, critic_loss, labels_from_differences, tie_margin_of,
-                          load_preference_data, pointwise_labels, pool_accuracy, ranked_pairs, score_videos,
+                          load_preference_data, pointwise_labels, pool_accuracy, pool_gain, ranked_pairs, score_videos,
                           train_critic, widest_pairs, within_prompt_pairs)
 from vidpo.data.oracle import ShapesOracle
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, shard_name, write_manifest
@@ -172,6 +172,21 @@ def test_pool_accuracy_counts_every_within_prompt_pair(micro_overrides):
     got = pool_accuracy(critic, videos, cond, truth, world, seg)
     assert got["n"] == 5 and got["correct"].tolist() == want
     assert got["accuracy"] == pytest.approx(sum(want) / 5)
+    index = world.condition_index(cond)
+    assert got["prompt"].tolist() == [int(index[i]) for i, j in zip(first.tolist(), second.tolist())
+                                      if truth[i] != truth[j]]
+
+    # pool_gain: a t-interval over the prompts' mean paired differences (pairs sharing videos are one cluster)
+    other = build_critic(cfg, world).eval()
+    got_other = pool_accuracy(other, videos, cond, truth, world, seg)
+    diff = got_other["correct"] - got["correct"]
+    per_prompt = torch.stack([diff[got["prompt"] == p].mean() for p in got["prompt"].unique()]).double()
+    gain = pool_gain(got_other, got)
+    assert gain["n"] == 2 and gain["mean"] == pytest.approx(float(per_prompt.mean()))
+    half = 12.706 * float(per_prompt.std()) / 2 ** 0.5   # t(0.975, 1 degree of freedom)
+    assert gain["ci95"] == pytest.approx([gain["mean"] - half, gain["mean"] + half], abs=1e-3)
+    with pytest.raises(ValueError, match="same videos"):
+        pool_gain(got_other, {**got, "prompt": got["prompt"].flip(0)})
 
 
 def test_pointwise_labels_quantiles_and_thresholds():
