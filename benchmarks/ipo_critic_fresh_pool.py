@@ -76,16 +76,38 @@ def refined_rounds(run_dir: Path) -> list[int]:
     return sorted(int(p.parent.parent.name.split("_")[1]) for p in run_dir.glob("round_*/critic/critic.safetensors"))
 
 
+def summarize(rows: list[dict]) -> dict:
+    """Per round and over all rounds: mean accuracies, the mean gain with a t-interval over the rows (one row per
+    seed and round: independent runs), and how many rows went up."""
+    aggregate = {"aggregate": True, "rounds": len(rows), "runs": sorted({row["run"] for row in rows})}
+    for r in sorted({row["round"] for row in rows}) + [None]:
+        chosen = [row for row in rows if r is None or row["round"] == r]
+        name = "all" if r is None else f"round_{r}"
+        aggregate[name] = {
+            "n": len(chosen),
+            **{key: round(sum(row[key] for row in chosen) / len(chosen), 4) for key in CRITICS},
+            "gain": _brief(mean_ci(torch.tensor([row["after"] - row["before"] for row in chosen]))),
+            "gain_vs_critic_0": _brief(mean_ci(torch.tensor([row["after"] - row["critic_0"] for row in chosen]))),
+            "higher": sum(row["after"] > row["before"] for row in chosen)}
+        a = aggregate[name]
+        print(f"{name}: before {a['before']:.4f} -> after {a['after']:.4f}, gain {a['gain']} over {len(chosen)} "
+              f"rounds ({a['higher']} higher); after vs critic 0 {a['gain_vs_critic_0']}")
+    return aggregate
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="finished refined vidpo iterate runs (one seed's directory each)")
+    p.add_argument("runs", nargs="*", type=Path, help="finished refined vidpo iterate runs (one seed's directory each)")
     p.add_argument("--pairs", type=int, default=1024, help="fresh pairs per round (2x as many videos)")
     p.add_argument("--json", type=Path, help="append one JSON line per round and one for the aggregate")
+    p.add_argument("--rows", type=Path, nargs="+", default=[],
+                   help="JSONL files of earlier calls: their round rows (not aggregates) join the aggregate")
     args = p.parse_args(argv)
     command = " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     meta = {"command": command, "torch": torch.__version__, "python": platform.python_version(),
             "device": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
-    rows = []
+    rows = [row for path in args.rows for row in map(json.loads, path.read_text().splitlines())
+            if not row.get("aggregate")]
     for run_dir in args.runs:
         run = open_run(run_dir)
         run.cfg.train.num_threads = 1
@@ -101,24 +123,9 @@ def main(argv=None) -> int:
                 with args.json.open("a") as f:
                     f.write(json.dumps({**row, **meta}) + "\n")
     if not rows:
-        print("no refined round found (round_r/critic/critic.safetensors)", file=sys.stderr)
+        print("no refined round found (round_r/critic/critic.safetensors) and no --rows", file=sys.stderr)
         return 1
-    aggregate = {"aggregate": True, "rounds": len(rows), **meta}
-    for key in ("before", "after", "critic_0"):
-        aggregate[key] = round(float(torch.tensor([row[key] for row in rows]).mean()), 4)
-    for r in sorted({row["round"] for row in rows}) + [None]:
-        chosen = [row for row in rows if r is None or row["round"] == r]
-        name = "all" if r is None else f"round_{r}"
-        aggregate[name] = {
-            "n": len(chosen),
-            "before": round(sum(row["before"] for row in chosen) / len(chosen), 4),
-            "after": round(sum(row["after"] for row in chosen) / len(chosen), 4),
-            "gain": _brief(mean_ci(torch.tensor([row["after"] - row["before"] for row in chosen]))),
-            "gain_vs_critic_0": _brief(mean_ci(torch.tensor([row["after"] - row["critic_0"] for row in chosen]))),
-            "higher": sum(row["after"] > row["before"] for row in chosen)}
-        print(f"{name}: before {aggregate[name]['before']:.4f} -> after {aggregate[name]['after']:.4f}, gain "
-              f"{aggregate[name]['gain']} over {len(chosen)} rounds ({aggregate[name]['higher']} higher); vs critic "
-              f"0 {aggregate[name]['gain_vs_critic_0']}")
+    aggregate = {**summarize(rows), **meta}
     if args.json:
         with args.json.open("a") as f:
             f.write(json.dumps(aggregate) + "\n")
