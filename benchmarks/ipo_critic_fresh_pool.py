@@ -95,11 +95,40 @@ def summarize(rows: list[dict]) -> dict:
     return aggregate
 
 
+def plot(rows: list[dict], path: Path, *, title: str) -> None:
+    """One panel per round: each seed's accuracy of critic 0, before and after the round's refinement."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = sorted({row["round"] for row in rows})
+    fig, axes = plt.subplots(1, len(rounds), figsize=(3.4 * len(rounds), 3.4), sharey=True, squeeze=False)
+    for ax, r in zip(axes[0], rounds):
+        chosen = [row for row in rows if row["round"] == r]
+        for row in chosen:
+            ax.plot([0, 1, 2], [row[k] for k in ("critic_0", "before", "after")], marker="o", lw=1, alpha=0.6,
+                    color="tab:green" if row["after"] > row["before"] else "tab:red")
+        ax.plot([0, 1, 2], [sum(row[k] for row in chosen) / len(chosen) for k in ("critic_0", "before", "after")],
+                marker="s", lw=2.5, color="black", label="mean")
+        ax.set_xticks([0, 1, 2], ["critic 0", "before", "after"])
+        ax.set_title(f"round {r} ({len(chosen)} seeds)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy on fresh within-prompt pairs")
+    axes[0][0].legend(loc="lower left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="*", type=Path, help="finished refined vidpo iterate runs (one seed's directory each)")
     p.add_argument("--pairs", type=int, default=1024, help="fresh pairs per round (2x as many videos)")
     p.add_argument("--json", type=Path, help="append one JSON line per round and one for the aggregate")
+    p.add_argument("--plot", type=Path, help="PNG: per round, each seed's critic 0 / before / after accuracy")
     p.add_argument("--rows", type=Path, nargs="+", default=[],
                    help="JSONL files of earlier calls: their round rows (not aggregates) join the aggregate")
     args = p.parse_args(argv)
@@ -126,6 +155,9 @@ def main(argv=None) -> int:
         print("no refined round found (round_r/critic/critic.safetensors) and no --rows", file=sys.stderr)
         return 1
     aggregate = {**summarize(rows), **meta}
+    if args.plot:
+        plot(rows, args.plot, title=f"Dual-IPO refinement, critic accuracy on {rows[0]['videos']} fresh videos "
+                                    "per round (green: after > before)")
     if args.json:
         with args.json.open("a") as f:
             f.write(json.dumps(aggregate) + "\n")
