@@ -2,17 +2,20 @@
 report, KTO rounds, the fixed-base reference, resuming after a kill, and bad configs."""
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from vidpo import atomic
 from vidpo.critic import build_critic, score_videos
-from vidpo.critic import read_pool, within_prompt_pairs
+from vidpo.critic import pool_accuracy, read_pool, within_prompt_pairs
 from vidpo.dual_ipo import (critic_votes, implicit_rewards, indexed_votes, load_pseudo_labels, mode_vote,
                            preference_certainty, read_pseudo_rows, video_implicit_rewards)
-from vidpo.iterate import iterate
+from vidpo.iterate import iterate, open_run
 from vidpo.modeling import build_policy, build_world
+from vidpo.models.critic import load_critic
 from vidpo.recipe import ConfigError, load_config
 
 
@@ -291,6 +294,34 @@ def test_refinement_over_every_within_prompt_pair(tmp_path, micro_overrides, bas
     torch.testing.assert_close(data.weights, torch.tensor([x["pce"] for x in kept]))
     info = json.loads((pairs_dir.parent / "critic" / "critic.json").read_text())
     assert info["steps"] == 6 and info["pairs"] == summary["seed_labels"]["pairs"] + len(kept)
+
+    # benchmarks/ipo_critic_fresh_pool.py: the critics before / after round 2's refinement on fresh videos of
+    # policy 1 (a stream of their own), against a direct pool_accuracy of each critic
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from ipo_critic_fresh_pool import refined_rounds, round_measure, summarize
+
+    run = open_run(tmp_path / "pool")
+    assert refined_rounds(run.out) == [2]
+    row = round_measure(run, 2, 8)
+    fresh, fresh_cond = read_pool(run.out / "round_2" / "pairs_fresh_8")
+    assert row["videos"] == 16 and fresh.shape == videos.shape and not torch.equal(fresh, videos)
+    with torch.no_grad():
+        truth = run.oracle.score(fresh, fresh_cond).total
+    for name, directory in (("before", "critic_0"), ("after", "round_2/critic"), ("critic_0", "critic_0")):
+        want = pool_accuracy(load_critic(run.out / directory / "critic.safetensors"), fresh, fresh_cond, truth,
+                             run.world, run.segment_ids)
+        assert row[name] == pytest.approx(want["accuracy"], abs=1e-4) and row["pool_pairs"] == want["n"]
+    assert row["gain"][0] == pytest.approx(row["after"] - row["before"], abs=2e-4)
+    def stamps():
+        return {f: f.stat().st_mtime_ns for f in (run.out / "round_2" / "pairs_fresh_8").rglob("*") if f.is_file()}
+    before_second_call = stamps()
+    assert round_measure(run, 2, 8)["after"] == row["after"]   # a second call reuses the fresh pairs as they are
+    assert stamps() == before_second_call
+    total = summarize([{**row, "before": 0.70, "after": 0.72, "critic_0": 0.70},
+                       {**row, "seed": 1, "before": 0.70, "after": 0.69, "critic_0": 0.69}])
+    assert total["round_2"]["n"] == 2 and total["round_2"]["higher"] == 1
+    assert total["round_2"]["gain"][0] == pytest.approx(0.005) and total["round_2"]["after"] == pytest.approx(0.705)
+    assert total["round_2"]["gain_vs_critic_0"][0] == pytest.approx(0.01) and total["all"]["n"] == 2
     with pytest.raises(ConfigError, match="refine_steps"):
         iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.refine_steps=-1"), tmp_path / "bad")
     with pytest.raises(ConfigError, match="vote_keep_fraction"):
