@@ -16,12 +16,18 @@ training and evaluation streams), and scores every within-prompt pair of them (6
 * ``critic_0``  the seed-label critic (what labels every round when refinement is off).
 
 No oracle label trains anything here: the oracle only measures. The pairs share videos, so the per-pair normal
-interval would be too narrow; a round's interval is a t-interval over its prompts (``vidpo.critic.pool_gain``: the
-mean paired difference of each prompt's pairs, 32 independent clusters). The aggregate is a t-interval over the rounds' differences (seeds
-independent). Fresh pairs are written under ``round_r/pairs_fresh_<pairs>`` of the run and reused on a second call.
+interval would be too narrow; a round's interval is a t-interval over its prompts (``vidpo.critic.pool_gain``:
+the mean paired difference of each prompt's pairs, 32 independent clusters). The aggregate is a t-interval over
+the rounds' differences (seeds independent). Fresh pairs are written under ``round_r/pairs_fresh_<pairs>`` of
+the run and reused on a second call; ``--rows`` re-aggregates the rows of earlier calls.
+
+Measured on ``recipes/shapes/ipo_dual_pool.yaml`` (runs/pool60, seeds 0-6; benchmarks/ipo_cpu_202611.md, 0d):
+the first refinement (round 2) +0.0065 [+0.0019, +0.0110], higher on all 7 seeds, where the runs' own 896 pairs
+gave +0.006 [-0.004, +0.016]; the second (round 3) -0.0009 [-0.0041, +0.0024].
 
     python benchmarks/ipo_critic_fresh_pool.py runs/pool60/ipo/seed{0,1,2,3,4,5,6} \
-        --json benchmarks/results/ipo_critic_fresh_pool_20261122.jsonl
+        --json benchmarks/results/ipo_critic_fresh_pool_20261122.jsonl \
+        --plot benchmarks/results/ipo_critic_fresh_pool_20261122.png
 """
 from __future__ import annotations
 
