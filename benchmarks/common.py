@@ -1,4 +1,5 @@
-"""Shared helpers of the kernel benchmarks: timing, bandwidth, peak memory, the results CSV.
+"""Shared helpers of the benchmarks: timing, bandwidth, peak memory, the results CSV (kernels); versions and
+rounded CIs (all).
 
 Timing: on a GPU ``triton.testing.do_bench`` (median and 20/80 quantiles, L2 flushed between runs);
 on CPU a timeit-style loop (warm-up, then one timing per call until the time budget is spent). Every
@@ -114,6 +115,11 @@ def versions() -> str:
     if torch.version.cuda:
         parts.append(f"cuda {torch.version.cuda}")
     return "; ".join(parts)
+
+
+def rounded_ci(stats: dict, digits: int = 4) -> list[float]:
+    """``[mean, lo, hi]`` of a ``vidpo.evaluate.mean_ci`` result, rounded: how the IPO measurements store CIs."""
+    return [round(stats["mean"], digits), round(stats["ci95"][0], digits), round(stats["ci95"][1], digits)]
 
 
 def command_line() -> str:

@@ -42,16 +42,13 @@ from pathlib import Path
 import torch
 
 from vidpo.critic import pool_accuracy, pool_gain, read_pool
+from common import rounded_ci
 from vidpo.evaluate import mean_ci
 from vidpo.iterate import _critic_dir_of, _generate, _load_policy, _policy_path, open_run
 from vidpo.modeling import set_threads
 from vidpo.models.critic import load_critic
 
 CRITICS = ("before", "after", "critic_0")
-
-
-def _brief(stats: dict) -> list[float]:
-    return [round(stats["mean"], 4), round(stats["ci95"][0], 4), round(stats["ci95"][1], 4)]
 
 
 def round_measure(run, r: int, pairs: int) -> dict:
@@ -73,8 +70,8 @@ def round_measure(run, r: int, pairs: int) -> dict:
            "critics": {k: str(v) for k, v in critics.items()}, "generate_s": round(generate_s, 1)}
     for name in CRITICS:
         row[name] = round(pools[name]["accuracy"], 4)
-    row["gain"] = _brief(pool_gain(pools["after"], pools["before"]))
-    row["gain_vs_critic_0"] = _brief(pool_gain(pools["after"], pools["critic_0"]))
+    row["gain"] = rounded_ci(pool_gain(pools["after"], pools["before"]))
+    row["gain_vs_critic_0"] = rounded_ci(pool_gain(pools["after"], pools["critic_0"]))
     return row
 
 
@@ -92,8 +89,8 @@ def summarize(rows: list[dict]) -> dict:
         aggregate[name] = {
             "n": len(chosen),
             **{key: round(sum(row[key] for row in chosen) / len(chosen), 4) for key in CRITICS},
-            "gain": _brief(mean_ci(torch.tensor([row["after"] - row["before"] for row in chosen]))),
-            "gain_vs_critic_0": _brief(mean_ci(torch.tensor([row["after"] - row["critic_0"] for row in chosen]))),
+            "gain": rounded_ci(mean_ci(torch.tensor([row["after"] - row["before"] for row in chosen]))),
+            "gain_vs_critic_0": rounded_ci(mean_ci(torch.tensor([row["after"] - row["critic_0"] for row in chosen]))),
             "higher": sum(row["after"] > row["before"] for row in chosen)}
         a = aggregate[name]
         print(f"{name}: before {a['before']:.4f} -> after {a['after']:.4f}, gain {a['gain']} over {len(chosen)} "

@@ -23,12 +23,9 @@ from pathlib import Path
 
 import torch
 
+from common import rounded_ci
 from vidpo.evaluate import mean_ci, paired_delta
 from vidpo.iterate import _load_eval
-
-
-def _brief(stats: dict) -> list[float]:
-    return [round(stats["mean"], 4), round(stats["ci95"][0], 4), round(stats["ci95"][1], 4)]
 
 
 def compare(a: Path, b: Path, seeds: list[int]) -> dict:
@@ -42,14 +39,14 @@ def compare(a: Path, b: Path, seeds: list[int]) -> dict:
                                  _load_eval(b / f"seed{s}" / f"round_{r}" / "eval.safetensors"))["oracle"]["mean"]
                     for s in seeds]
         out["rounds"][str(r)] = {"per_seed": [round(v, 4) for v in per_seed],
-                                 "mean": _brief(mean_ci(torch.tensor(per_seed))),
+                                 "mean": rounded_ci(mean_ci(torch.tensor(per_seed))),
                                  "higher": sum(v > 0 for v in per_seed)}
     last = rounds[-1]
     over_first = [paired_delta(_load_eval(a / f"seed{s}" / f"round_{last}" / "eval.safetensors"),
                                _load_eval(a / f"seed{s}" / "round_1" / "eval.safetensors"))["oracle"]["mean"]
                   for s in seeds]
     out[f"a_round_{last}_over_round_1"] = {"per_seed": [round(v, 4) for v in over_first],
-                                           "mean": _brief(mean_ci(torch.tensor(over_first)))}
+                                           "mean": rounded_ci(mean_ci(torch.tensor(over_first)))}
     return out
 
 
