@@ -1,6 +1,6 @@
 """Benchmark of one DPO training step of the video DiT: plain implementation vs the optimized levers.
 
-Configurations measured in one run (all on the same model shape and static batch; ``vidpo.step_bench``):
+Configurations measured in one run (all on the same model shape and static batch; ``step_bench``):
     plain          the public Flow-DPO code's way: eager, separate frozen reference, torch-op loss, AdamW
     optimized      --levers (default: every lever available on the device, see default_levers)
     optimized±X    the optimized set with one lever flipped (boolean levers) or set to each other value
@@ -36,9 +36,8 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 from vidpo.models.dit import dit_config  # noqa: E402
-from vidpo.step_bench import (AC_MODES, ATTENTION_CHOICES, BOOL_LEVERS, DPOStep, Levers, StepShape,  # noqa: E402
-                              lever_unavailable, matmul_rate_tflops, measure_peak_memory, parse_levers,
-                              plain_levers, step_flops, time_steps)
+from step_bench import (AC_MODES, ATTENTION_CHOICES, BOOL_LEVERS, DPOStep, Levers, StepShape, lever_unavailable,
+                        matmul_rate_tflops, measure_peak_memory, parse_levers, plain_levers, step_flops, time_steps)
 
 KERNEL = "dpo_step"
 DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "step.csv")

@@ -118,7 +118,7 @@ def versions() -> str:
 
 
 def rounded_ci(stats: dict, digits: int = 4) -> list[float]:
-    """``[mean, lo, hi]`` of a ``vidpo.evaluate.mean_ci`` result, rounded: how the IPO measurements store CIs."""
+    """``[mean, lo, hi]`` of a ``vidpo.evaluation.evaluate.mean_ci`` result, rounded: how the IPO measurements store CIs."""
     return [round(stats["mean"], digits), round(stats["ci95"][0], digits), round(stats["ci95"][1], digits)]
 
 

@@ -16,7 +16,7 @@ training and evaluation streams), and scores every within-prompt pair of them (6
 * ``critic_0``  the seed-label critic (what labels every round when refinement is off).
 
 No oracle label trains anything here: the oracle only measures. The pairs share videos, so the per-pair normal
-interval would be too narrow; a round's interval is a t-interval over its prompts (``vidpo.critic.pool_gain``:
+interval would be too narrow; a round's interval is a t-interval over its prompts (``vidpo.ipo.critic.pool_gain``:
 the mean paired difference of each prompt's pairs, 32 independent clusters). The aggregate is a t-interval over
 the rounds' differences (seeds independent). Fresh pairs are written under ``round_r/pairs_fresh_<pairs>`` of
 the run and reused on a second call; ``--rows`` re-aggregates the rows of earlier calls.
@@ -41,11 +41,13 @@ from pathlib import Path
 
 import torch
 
-from vidpo.critic import pool_accuracy, pool_gain, read_pool
+from vidpo.ipo.critic import pool_accuracy, pool_gain
+from vidpo.ipo.pairing import read_pool
 from common import rounded_ci
-from vidpo.evaluate import mean_ci
-from vidpo.iterate import _critic_dir_of, _generate, _load_policy, _policy_path, open_run
-from vidpo.modeling import set_threads
+from vidpo.evaluation.evaluate import mean_ci
+from vidpo.ipo.layout import open_run
+from vidpo.ipo.rounds import generate_round_pairs, load_frozen_policy
+from vidpo.training.modeling import set_threads
 from vidpo.models.critic import load_critic
 
 CRITICS = ("before", "after", "critic_0")
@@ -56,12 +58,12 @@ def round_measure(run, r: int, pairs: int) -> dict:
     rd = run.out / f"round_{r}"
     fresh_dir = rd / f"pairs_fresh_{pairs}"
     t = time.time()
-    _generate(run, fresh_dir, _load_policy(run, _policy_path(run, r - 1)), pairs, stream=("round", r, "fresh"))
+    generate_round_pairs(run, fresh_dir, load_frozen_policy(run, run.policy_path(r - 1)), pairs, stream=("round", r, "fresh"))
     generate_s = time.time() - t
     videos, cond = read_pool(fresh_dir)
     with torch.no_grad():
         truth = run.oracle.score(videos, cond).total.double()
-    critics = {"before": _critic_dir_of(run, r - 1), "after": rd / "critic", "critic_0": run.out / "critic_0"}
+    critics = {"before": run.critic_dir(r - 1), "after": rd / "critic", "critic_0": run.out / "critic_0"}
     pools = {name: pool_accuracy(load_critic(directory / "critic.safetensors"), videos, cond, truth, run.world,
                                  run.segment_ids) for name, directory in critics.items()}
     prompts = pools["before"]["prompt"]

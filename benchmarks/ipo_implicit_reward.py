@@ -1,7 +1,7 @@
 """Does the policy know something the critic does not? The implicit reward of Dual-IPO's pseudo-labelled pairs.
 
 Dual-IPO's premise is that the generator and the reward model improve each other: the policy's DPO implicit
-reward ``R(y|x)`` (``vidpo.dual_ipo``, the PCE's input) could carry information the critic lacks, e.g. from the
+reward ``R(y|x)`` (``vidpo.ipo.dual``, the PCE's input) could carry information the critic lacks, e.g. from the
 flow-matching regulariser on real clips. This script reads a finished refined run (``iterate.refine: true``),
 whose ``round_r/pairs/pseudo.jsonl`` holds every voted pair with both videos' implicit rewards, scores the pairs
 with the oracle (a measurement) and reports, per round, how often the oracle agrees with
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from vidpo.critic import read_pool
+from vidpo.ipo.pairing import read_pool
 from vidpo.data.oracle import ShapesOracle
-from vidpo.dual_ipo import PSEUDO_FILE, read_pseudo_rows
-from vidpo.modeling import build_world, set_threads
-from vidpo.recipe import load_config
+from vidpo.ipo.dual import PSEUDO_FILE, read_pseudo_rows
+from vidpo.training.modeling import build_world, set_threads
+from vidpo.config import load_config
 
 
 def _agreement(predicted: torch.Tensor, truth: torch.Tensor, where: torch.Tensor) -> dict:

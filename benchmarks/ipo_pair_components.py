@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from vidpo.critic import load_preference_data, score_videos
+from vidpo.ipo.critic import load_preference_data
+from vidpo.labeling.critic import score_videos
 from vidpo.data.oracle import COMPONENTS, ShapesOracle
 from vidpo.data.pairs import MANIFEST_FILE
-from vidpo.modeling import build_world
+from vidpo.training.modeling import build_world
 from vidpo.models.critic import load_critic
-from vidpo.recipe import load_config
+from vidpo.config import load_config
 
 
 def _critic_of_round(run: Path, r: int):

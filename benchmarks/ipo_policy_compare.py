@@ -1,7 +1,7 @@
 """Two sets of ``vidpo iterate`` runs, round by round: is one recipe's policy better than the other's?
 
 For each round r and each seed, the oracle scores of the two runs' round-r policies on the same 256 evaluation
-seeds (``round_r/eval.safetensors``) are compared pairwise (``vidpo.evaluate.paired_delta``); the mean of those
+seeds (``round_r/eval.safetensors``) are compared pairwise (``vidpo.evaluation.evaluate.paired_delta``); the mean of those
 per-seed differences gets a t-interval over the seeds (the seeds are the independent units). Also each run's
 round R over round 1. Runs sharing round 1 (``--reuse``) differ from round 2 on only.
 
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from common import rounded_ci
-from vidpo.evaluate import mean_ci, paired_delta
-from vidpo.iterate import _load_eval
+from vidpo.evaluation.evaluate import mean_ci, paired_delta
+from vidpo.evaluation.evaluate import load_eval_result
 
 
 def compare(a: Path, b: Path, seeds: list[int]) -> dict:
@@ -35,15 +35,15 @@ def compare(a: Path, b: Path, seeds: list[int]) -> dict:
                     if (p / "eval.safetensors").exists())
     out: dict = {"a": str(a), "b": str(b), "seeds": seeds, "rounds": {}}
     for r in rounds:
-        per_seed = [paired_delta(_load_eval(a / f"seed{s}" / f"round_{r}" / "eval.safetensors"),
-                                 _load_eval(b / f"seed{s}" / f"round_{r}" / "eval.safetensors"))["oracle"]["mean"]
+        per_seed = [paired_delta(load_eval_result(a / f"seed{s}" / f"round_{r}" / "eval.safetensors"),
+                                 load_eval_result(b / f"seed{s}" / f"round_{r}" / "eval.safetensors"))["oracle"]["mean"]
                     for s in seeds]
         out["rounds"][str(r)] = {"per_seed": [round(v, 4) for v in per_seed],
                                  "mean": rounded_ci(mean_ci(torch.tensor(per_seed))),
                                  "higher": sum(v > 0 for v in per_seed)}
     last = rounds[-1]
-    over_first = [paired_delta(_load_eval(a / f"seed{s}" / f"round_{last}" / "eval.safetensors"),
-                               _load_eval(a / f"seed{s}" / "round_1" / "eval.safetensors"))["oracle"]["mean"]
+    over_first = [paired_delta(load_eval_result(a / f"seed{s}" / f"round_{last}" / "eval.safetensors"),
+                               load_eval_result(a / f"seed{s}" / "round_1" / "eval.safetensors"))["oracle"]["mean"]
                   for s in seeds]
     out[f"a_round_{last}_over_round_1"] = {"per_seed": [round(v, 4) for v in over_first],
                                            "mean": rounded_ci(mean_ci(torch.tensor(over_first)))}

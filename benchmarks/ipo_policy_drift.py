@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from vidpo import checkpoint as ckpt
-from vidpo.critic import score_videos
+from vidpo.training import checkpoint as ckpt
+from vidpo.labeling.critic import score_videos
 from vidpo.data.oracle import ShapesOracle
-from vidpo.evaluate import evaluate_model, mean_ci
-from vidpo.modeling import build_policy, build_world, set_threads
+from vidpo.evaluation.evaluate import evaluate_model, mean_ci
+from vidpo.training.modeling import build_policy, build_world, set_threads
 from vidpo.models.critic import load_critic
-from vidpo.pipeline import run_segment_ids
-from vidpo.recipe import load_config, resolve_path
+from vidpo.training.modeling import run_segment_ids
+from vidpo.config import load_config, resolve_path
 
 
 def policies(run: Path, init_from: str) -> list[tuple[str, Path]]:

@@ -43,14 +43,15 @@ from pathlib import Path
 
 import torch
 
-from vidpo.critic import (PreferenceData, Symmetries, read_pool, critic_accuracy, load_preference_data,
-                          score_videos, train_critic, within_prompt_pairs)
+from vidpo.ipo.critic import PreferenceData, critic_accuracy, load_preference_data, train_critic, within_prompt_pairs
+from vidpo.labeling.critic import Symmetries, score_videos
+from vidpo.ipo.pairing import read_pool
 from vidpo.data.oracle import ShapesOracle
-from vidpo.modeling import build_world, set_threads
+from vidpo.training.modeling import build_world, set_threads
 from vidpo.models.critic import load_critic
-from vidpo.pipeline import run_segment_ids
-from vidpo.recipe import load_config
-from vidpo.seeding import generator
+from vidpo.training.modeling import run_segment_ids
+from vidpo.config import load_config
+from vidpo.utils.seeding import generator
 
 
 class Ceiling:

@@ -17,7 +17,7 @@ FLIPS="${FLIPS:-all}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 name="$(python -c 'import torch; n=torch.cuda.get_device_name(0).lower(); print("h200" if "h200" in n else "h100" if "h100" in n else n.split()[-1].replace("-", ""))')"
 report="benchmarks/step_${name}_$(date -u +%Y%m).md"
-python -c 'import vidpo.step_bench as s, torch; print("torch", torch.__version__, "cuda", torch.version.cuda)
+python -c 'import step_bench as s, torch; print("torch", torch.__version__, "cuda", torch.version.cuda)
 for m in ("flash_attn", "transformer_engine.pytorch"): print(m, s._importable(m) or "importable")'
 python benchmarks/bench_step.py --device cuda --preset 1.3b --pairs "$PAIRS" --frames 21 --height 60 --width 104 \
     --cond-len 512 --ac "$AC" --flips "$FLIPS" --warmup 3 --repeats 10 --report "$report" ${EXTRA:-}

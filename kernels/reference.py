@@ -28,6 +28,7 @@ sums and token counts are all-reduced (sum) before the epilogue, which is then r
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 

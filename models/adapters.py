@@ -32,10 +32,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vidpo.models.dit.parallelize import whole_clip
+from vidpo.models.lora import save_lora
+from vidpo.models.sampling import SamplerSpec, SchedulerSampler
+
 CONDITIONER_FILE = "text_conditioner.safetensors"
-ADAPTER_KINDS = ("wan", "cogvideox")
 # Attention projections of both diffusers transformers (self- and cross-attention), their LoRA targets.
 ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -64,8 +68,6 @@ class TextConditioner(nn.Module):
         return self.table[tokens]
 
     def save(self, directory: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         save_file({"table": self.table.detach().cpu().contiguous()}, str(Path(directory) / CONDITIONER_FILE))
 
     @classmethod
@@ -73,7 +75,6 @@ class TextConditioner(nn.Module):
         path = Path(directory) / CONDITIONER_FILE
         if not path.exists():
             return None
-        from safetensors.torch import load_file
 
         return cls(load_file(str(path))["table"])
 
@@ -150,8 +151,6 @@ class DiffusersVideoAdapter(nn.Module):
 
     def sampler(self, name: Optional[str] = None, **overrides):
         """A ``SchedulerSampler`` over this model with scheduler ``name`` (default: ``self.sampler_name``)."""
-        from vidpo.models.sampling import SamplerSpec, SchedulerSampler
-
         spec = SamplerSpec(make_scheduler=lambda: self.make_sampling_scheduler(name, **overrides),
                            model_time=self.scheduler_model_time, level=self.scheduler_level,
                            interpolate=self.interpolate)
@@ -198,8 +197,6 @@ class DiffusersVideoAdapter(nn.Module):
     def export_lora(self, path: str | os.PathLike) -> str:
         """The transformer's adapters as ``transformer.<module>.lora_{A,B}.weight`` + diffusers metadata,
         the file ``WanPipeline.load_lora_weights`` / ``CogVideoXPipeline.load_lora_weights`` reads."""
-        from vidpo.models.lora import save_lora
-
         return save_lora(self.transformer, os.fspath(path), prefix_style="diffusers")
 
 
@@ -214,8 +211,6 @@ class ParallelAdapterMixin:
         return self.transformer.local_frames(frames)
 
     def whole_clip_forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        from vidpo.models.dit.parallelize import whole_clip
-
         return whole_clip(self(x, t, cond), self.transformer.spec)
 
     def sampler(self, name: Optional[str] = None, **overrides):
@@ -239,15 +234,3 @@ class FeedForwardProjection(nn.Module):
         self.proj = proj
 
 
-def load_adapter(kind: str, path: str | os.PathLike, **kwargs) -> DiffusersVideoAdapter:
-    """The adapter of ``kind`` ('wan' | 'cogvideox') over the model directory ``path``; ``kwargs`` go to the
-    adapter (``sampler``; Wan also ``sample_shift``)."""
-    if kind == "wan":
-        from vidpo.models.wan import WanAdapter
-
-        return WanAdapter.from_pretrained(path, **kwargs)
-    if kind == "cogvideox":
-        from vidpo.models.cogvideox import CogVideoXAdapter
-
-        return CogVideoXAdapter.from_pretrained(path, **kwargs)
-    raise ValueError(f"unknown model kind '{kind}'; expected one of {ADAPTER_KINDS}")

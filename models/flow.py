@@ -5,7 +5,7 @@ Convention (DESIGN.md section 1): time ``t`` in [0, 1], ``t = 0`` is data and ``
 ``dx/dt = v`` from ``t = 1`` down to ``t = 0`` with Euler steps ``x <- x + (t_next - t) * v``.
 
 Determinism: every function that draws noise takes the run seed and the *sample indices*; noise for sample
-``i`` depends only on ``(seed, stream, i)`` (``vidpo.seeding.randn_per_sample``), so sample ``i`` of a run is
+``i`` depends only on ``(seed, stream, i)`` (``vidpo.utils.seeding.randn_per_sample``), so sample ``i`` of a run is
 reproducible on its own, whatever batch it falls into.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from vidpo.seeding import randn_per_sample
+from vidpo.utils.seeding import randn_per_sample
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

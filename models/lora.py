@@ -22,10 +22,12 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 DEFAULT_TARGET_MODULES = ("attn.qkv", "attn.proj", "cross.q", "cross.kv", "cross.proj", "mlp.fc1", "mlp.fc2")
@@ -33,45 +35,6 @@ INIT_CHOICES = ("zero_b", "gaussian")
 PREFIX_STYLES = {"peft": "base_model.model.", "diffusers": "transformer.", "none": ""}
 # diffusers' own name for the JSON blob of LoraConfig kwargs it stores in the safetensors metadata.
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 8
-    """Rank r of the update B @ A (A: (r, in_features), B: (out_features, r))."""
-
-    alpha: float = 16.0
-    """Scale numerator: the update is multiplied by alpha / rank (peft's ``lora_alpha``)."""
-
-    dropout: float = 0.0
-    """Dropout probability on the adapter's input (training mode only; the base path never sees it)."""
-
-    target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    """Name patterns of the nn.Linear modules to adapt. A pattern matches the END of a dotted module name
-    on a dot boundary: 'attn.qkv' matches 'blocks.3.attn.qkv', 'kv' matches 'blocks.3.cross.kv' but not
-    'blocks.3.attn.qkv'. The defaults are the vidpo DiT's attention and MLP projections; for diffusers
-    transformers use e.g. ['to_q', 'to_k', 'to_v', 'to_out.0']."""
-
-    init_lora_weights: str = field(default="zero_b", metadata={"choices": INIT_CHOICES})
-    """'zero_b': A kaiming-uniform, B zeros, so the adapted model starts exactly at the base model.
-    'gaussian': A ~ N(0, 1/r), B zeros (peft's 'gaussian'); also starts at the base model."""
-
-    def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoRAConfig.rank must be a positive integer, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoRAConfig.alpha must be positive, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init_lora_weights not in INIT_CHOICES:
-            raise ValueError(f"LoRAConfig.init_lora_weights must be one of {INIT_CHOICES}, "
-                             f"got {self.init_lora_weights!r}")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        self.target_modules = list(self.target_modules)
-        if not self.target_modules or not all(isinstance(p, str) and p for p in self.target_modules):
-            raise ValueError(f"LoRAConfig.target_modules must be a non-empty list of non-empty names, "
-                             f"got {self.target_modules!r}")
 
 
 class LoRALinear(nn.Module):
@@ -165,15 +128,23 @@ def lora_modules(model: nn.Module) -> Iterator[tuple]:
             yield name, module
 
 
-def apply_lora(model: nn.Module, cfg: Optional[LoRAConfig] = None) -> List[str]:
-    """Replace every nn.Linear whose name matches ``cfg.target_modules`` by a LoRALinear, in place.
+def apply_lora(model: nn.Module, *, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, init_lora_weights: str = "zero_b") -> List[str]:
+    """Replace every nn.Linear whose name matches a pattern of ``target_modules`` by a LoRALinear, in place.
+
+    The settings are those of a recipe's ``lora`` section (``vidpo.config.LoRAConfig``: pass
+    ``**dataclasses.asdict(cfg.lora)``); a pattern matches the end of a dotted module name on a dot boundary.
 
     Returns the replaced module names. A layer reachable under two names (shared module) gets one
     adapter shared by both. Raises ValueError naming the patterns when nothing matched, or when a
     matched layer already carries an adapter; TypeError when a pattern matches a module that is not an
     nn.Linear (e.g. a tensor-parallel layer: apply LoRA before parallelizing).
     """
-    cfg = cfg or LoRAConfig()
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    target_modules = list(target_modules)
+    if not target_modules or not all(isinstance(p, str) and p for p in target_modules):
+        raise ValueError(f"apply_lora: target_modules must be a non-empty list of non-empty names, got {target_modules!r}")
     targets = []
     inside_lora = []
     for name, module in model.named_modules(remove_duplicate=False):
@@ -181,7 +152,7 @@ def apply_lora(model: nn.Module, cfg: Optional[LoRAConfig] = None) -> List[str]:
             continue
         if isinstance(module, LoRALinear):
             inside_lora.append(name)
-        pattern = _matching_pattern(name, cfg.target_modules)
+        pattern = _matching_pattern(name, target_modules)
         if pattern is None:
             continue
         if isinstance(module, LoRALinear):
@@ -194,14 +165,14 @@ def apply_lora(model: nn.Module, cfg: Optional[LoRAConfig] = None) -> List[str]:
     if not targets:
         linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         shown = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
-        raise ValueError(f"apply_lora: no nn.Linear module matched target_modules {cfg.target_modules}; "
+        raise ValueError(f"apply_lora: no nn.Linear module matched target_modules {target_modules}; "
                          f"the model's linear layers are: {shown or '(none)'}")
     wrapped: Dict[int, LoRALinear] = {}
     replaced = []
     for name, module, pattern in targets:
         if id(module) not in wrapped:
-            wrapped[id(module)] = LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout,
-                                             cfg.init_lora_weights, target_pattern=pattern)
+            wrapped[id(module)] = LoRALinear(module, rank, alpha, dropout, init_lora_weights,
+                                             target_pattern=pattern)
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, wrapped[id(module)])
@@ -352,8 +323,6 @@ def save_lora(model: nn.Module, path: str, prefix_style: str = "peft",
     diffusers' 'lora_adapter_metadata' (JSON of peft LoraConfig kwargs, keys prefixed 'transformer.' in
     the diffusers style). Returns the path.
     """
-    from safetensors.torch import save_file
-
     if not any(True for _ in lora_modules(model)):
         raise ValueError("save_lora: the model has no LoRA adapters")
     config = _config_metadata(model)
@@ -387,8 +356,6 @@ def save_lora(model: nn.Module, path: str, prefix_style: str = "peft",
 def read_lora_file(path: str):
     """``(tensors keyed '<module>.lora_A.weight', metadata dict)`` with any peft/diffusers prefix and
     peft's adapter-name infix ('lora_A.default.weight') removed."""
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_lora: no such LoRA file: {path}")
@@ -412,17 +379,18 @@ def _normalize_key(key: str) -> str:
     return key
 
 
-def config_from_metadata(metadata: Dict[str, str], path: str = "<metadata>") -> LoRAConfig:
-    """The LoRAConfig recorded by save_lora (or by diffusers' 'lora_adapter_metadata')."""
+def settings_from_metadata(metadata: Dict[str, str], path: str = "<metadata>") -> dict:
+    """The ``apply_lora`` settings recorded by save_lora (or by diffusers' 'lora_adapter_metadata'):
+    ``{"rank", "alpha", "dropout", "target_modules"}``."""
     try:
         if "rank" in metadata:
-            return LoRAConfig(rank=int(metadata["rank"]), alpha=float(metadata["alpha"]),
+            return dict(rank=int(metadata["rank"]), alpha=float(metadata["alpha"]),
                               dropout=float(metadata.get("dropout", 0.0)),
                               target_modules=json.loads(metadata["target_modules"]))
         if DIFFUSERS_METADATA_KEY in metadata:
             blob = {k.rpartition("transformer.")[2]: v
                     for k, v in json.loads(metadata[DIFFUSERS_METADATA_KEY]).items()}
-            return LoRAConfig(rank=int(blob["r"]), alpha=float(blob["lora_alpha"]),
+            return dict(rank=int(blob["r"]), alpha=float(blob["lora_alpha"]),
                               dropout=float(blob.get("lora_dropout", 0.0)),
                               target_modules=list(blob["target_modules"]))
     except (KeyError, ValueError, TypeError) as err:
@@ -440,7 +408,7 @@ def load_lora(model: nn.Module, path: str, strict: bool = True) -> List[str]:
     """
     tensors, metadata = read_lora_file(path)
     if not any(True for _ in lora_modules(model)):
-        apply_lora(model, config_from_metadata(metadata, os.fspath(path)))
+        apply_lora(model, **settings_from_metadata(metadata, os.fspath(path)))
     modules = dict(lora_modules(model))
     expected = {f"{name}.{factor}.weight" for name in modules for factor in ("lora_A", "lora_B")}
     missing = sorted(expected - tensors.keys())

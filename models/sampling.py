@@ -35,8 +35,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from vidpo.models.flow import guided_velocity
-from vidpo.seeding import generator as stream_generator
-from vidpo.seeding import randn_per_sample
+from vidpo.utils.seeding import generator as stream_generator
+from vidpo.utils.seeding import randn_per_sample
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

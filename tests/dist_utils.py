@@ -47,7 +47,7 @@ def set_torchrun_env(rank: int, port: int, world: int = WORLD, **extra: str) -> 
     """Set the environment variables torchrun would set for ``rank`` (plus ``extra``, e.g. OMP_NUM_THREADS).
 
     Used by workers whose code under test starts the process group itself from the environment
-    (``vidpo.distributed.init_distributed``), so it runs exactly as under torchrun.
+    (``vidpo.training.distributed.init_distributed``), so it runs exactly as under torchrun.
     """
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), **extra)
@@ -68,9 +68,9 @@ def destroy_gloo() -> None:
 
 
 def vidpo_shutdown() -> None:
-    """Teardown for workers whose process groups ``vidpo.distributed`` started (it also owns megatron-core's
+    """Teardown for workers whose process groups ``vidpo.training.distributed`` started (it also owns megatron-core's
     parallel state). Imported here, inside the worker, like the rest of vidpo's distributed code."""
-    from vidpo.distributed import shutdown
+    from vidpo.training.distributed import shutdown
 
     shutdown()
 
@@ -178,8 +178,8 @@ def assert_step_matches_one_process(reference_dir, run_dir, start: dict, *, lora
     ``ignore(key)`` names weights whose update is rounding noise (a gradient that is 0 analytically)."""
     from safetensors.torch import load_file
 
-    from vidpo import checkpoint as ckpt
-    from vidpo.metrics import read_metrics
+    from vidpo.training import checkpoint as ckpt
+    from vidpo.training.metrics import read_metrics
 
     (expected,), (actual,) = read_metrics(reference_dir / "metrics.jsonl", "train"), \
         read_metrics(run_dir / "metrics.jsonl", "train")

@@ -12,7 +12,7 @@ from vidpo.models.adapters import TextConditioner  # noqa: E402
 from vidpo.models.cogvideox import CogVideoXAdapter, tiny_cogvideox_transformer  # noqa: E402
 from vidpo.models.sampling import has_sampler_hook  # noqa: E402
 from vidpo.models.wan import WanAdapter, tiny_wan_transformer  # noqa: E402
-from vidpo.seeding import generator, randn_per_sample  # noqa: E402
+from vidpo.utils.seeding import generator, randn_per_sample  # noqa: E402
 
 TEXT_DIM, TEXT_LEN, C, T, S = 16, 3, 3, 4, 8
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -141,8 +141,8 @@ def test_hook_detection():
 # ----- generation and evaluation go through the hook -----------------------------------------------------
 @pytest.fixture
 def cogvideox_run(tmp_path, micro_overrides):
-    from vidpo.modeling import build_world
-    from vidpo.recipe import load_config
+    from vidpo.training.modeling import build_world
+    from vidpo.config import load_config
 
     world = build_world(load_config(None, micro_overrides))
     model_dir = tmp_path / "cogvideox"
@@ -161,10 +161,10 @@ def test_generation_and_evaluation_use_the_models_scheduler(cogvideox_run, tmp_p
     from safetensors.torch import load_file
 
     from vidpo.data.oracle import ShapesOracle
-    from vidpo.evaluate import eval_conditions, evaluate_model
-    from vidpo.modeling import build_policy
+    from vidpo.evaluation.evaluate import eval_conditions, evaluate_model
+    from vidpo.training.modeling import build_policy
     from vidpo.data.pairs import shard_name
-    from vidpo.pipeline import generate_pairs
+    from vidpo.stages.generate import generate_pairs
 
     config, world = cogvideox_run
     cfg = config()
@@ -195,8 +195,8 @@ def test_generation_and_evaluation_use_the_models_scheduler(cogvideox_run, tmp_p
 
 
 def test_sampler_config_is_checked_against_the_model_kind(cogvideox_run, micro_overrides):
-    from vidpo.modeling import build_policy
-    from vidpo.recipe import ConfigError, load_config
+    from vidpo.training.modeling import build_policy
+    from vidpo.config import ConfigError, load_config
 
     config, world = cogvideox_run
     with pytest.raises(ConfigError, match="model.sampler 'unipc'"):

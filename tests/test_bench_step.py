@@ -13,11 +13,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vidpo.models.dit import dit_config
-from vidpo.step_bench import (DPOStep, Levers, StepShape, input_gradient_flops_skipped, lever_unavailable,
-                              parse_levers, plain_levers, step_flops)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import bench_step  # noqa: E402
+from step_bench import (DPOStep, Levers, StepShape, input_gradient_flops_skipped,  # noqa: E402
+                        lever_unavailable, parse_levers, plain_levers, step_flops)
 
 CPU = torch.device("cpu")
 SMALL_TEXT = dict(cond_vocab_size=0, cond_dim=24, in_channels=5, patch_size=(2, 2, 2), width=48, depth=2,

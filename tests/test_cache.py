@@ -15,10 +15,11 @@ from video_utils import encode_clip, make_frames
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from vidpo.data.cache import TextEncoder, VAEEncoder, run_cache  # noqa: E402
+from vidpo.data.encoders import TextEncoder, VAEEncoder  # noqa: E402
+from vidpo.stages.cache import run_cache
 from vidpo.data.decode import SamplingSpec, VideoDecodeError, decode_clip  # noqa: E402
 from vidpo.data.latents import LatentShardDataset, read_index  # noqa: E402
-from vidpo.recipe import ConfigError, load_config  # noqa: E402
+from vidpo.config import ConfigError, load_config  # noqa: E402
 
 CAPTIONS = ["a red square moving left", "a blue circle moving up", "a green square moving right",
             "the red circle moving down"]
@@ -104,7 +105,7 @@ def test_cache_writes_what_the_encoders_compute_and_trains(workspace, tmp_path):
     assert torch.all(data["text_emb"][0, 6:] == 0) and torch.equal(data["text_mask"][0], mask[0])
 
     # The trainer consumes the cache: a DiT sized by the index (4 latent channels, 16-wide text).
-    from vidpo.jobs import train_job
+    from vidpo.stages.jobs import train_job
 
     summary = train_job(load_config(None, [
         "data.source=latents", f"data.shards={out}", "model.width=32", "model.depth=1", "model.num_heads=2",

@@ -10,7 +10,7 @@ from vidpo.config import RunConfig  # noqa: E402
 from vidpo.data.pairs import PairRecord  # noqa: E402
 from vidpo.models.adapters import ATTENTION_LORA_TARGETS  # noqa: E402
 from vidpo.models.cogvideox import CogVideoXAdapter, make_scheduler, tiny_cogvideox_transformer  # noqa: E402
-from vidpo.models.lora import (LoRAConfig, apply_lora, lora_disabled, lora_modules,  # noqa: E402
+from vidpo.models.lora import (apply_lora, lora_disabled, lora_modules,  # noqa: E402
                                mark_only_lora_trainable, merge_lora)
 from vidpo.objectives.preference import PreferenceObjective  # noqa: E402
 
@@ -20,7 +20,7 @@ TEXT_DIM, TEXT_LEN, C, T, S = 16, 3, 4, 4, 8
 def lora_cogvideox(seed=0, num_layers=1):
     model = CogVideoXAdapter(tiny_cogvideox_transformer(text_dim=TEXT_DIM, text_len=TEXT_LEN, frames=T, size=S,
                                                         num_layers=num_layers, seed=seed))
-    apply_lora(model, LoRAConfig(rank=2, alpha=4.0, target_modules=list(ATTENTION_LORA_TARGETS)))
+    apply_lora(model, rank=2, alpha=4.0, target_modules=list(ATTENTION_LORA_TARGETS))
     mark_only_lora_trainable(model)
     g = torch.Generator().manual_seed(seed + 11)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_ddim_sampler_with_cfg_matches_the_ddim_update():
     model = CogVideoXAdapter(tiny_cogvideox_transformer(text_dim=TEXT_DIM, text_len=TEXT_LEN, frames=T, size=S))
     cond = torch.randn(2, TEXT_LEN, TEXT_DIM)
     out = model.sample(cond, (C, T, S, S), seed=2, indices=[0, 5], steps=3, cfg_scale=6.0)
-    from vidpo.seeding import randn_per_sample
+    from vidpo.utils.seeding import randn_per_sample
 
     scheduler = make_scheduler()
     scheduler.set_timesteps(3)

@@ -54,7 +54,7 @@ def make_inputs():
 
 
 def check_layout(name, rank):
-    from vidpo import distributed
+    from vidpo.training import distributed
     from vidpo.config import ParallelConfig
     from vidpo.models.cogvideox.parallelize import parallelize_cogvideox
 
@@ -99,14 +99,14 @@ def check_layout(name, rank):
 
 
 def check_unsupported(rank):
-    from vidpo import distributed
+    from vidpo.training import distributed
     from vidpo.config import ParallelConfig
     from vidpo.models.cogvideox.parallelize import parallelize_cogvideox
-    from vidpo.models.lora import LoRAConfig, apply_lora
+    from vidpo.models.lora import apply_lora
 
     ctx = distributed.init_distributed(ParallelConfig(tp=2))
     lora = make_model()
-    apply_lora(lora, LoRAConfig(rank=2, target_modules=["to_q"]))
+    apply_lora(lora, rank=2, target_modules=["to_q"])
     with pytest.raises(NotImplementedError, match="LoRA"):
         parallelize_cogvideox(lora, ctx)
     ctx = distributed.init_distributed(ParallelConfig(tp=2, sp=True))
@@ -125,7 +125,7 @@ TRAIN_LAYOUTS = {"train_tp2": ("full", ["parallel.tp=2"]),
 
 
 def train_config(prepared, variant, *extra):
-    from vidpo.recipe import load_config
+    from vidpo.config import load_config
 
     # As tests/test_wan_parallel.py: an lr that moves every weight, constant, no clipping.
     return load_config(None, prepared["micro"] + [
@@ -139,11 +139,13 @@ def train_config(prepared, variant, *extra):
 def prepared(tmp_path_factory):
     from conftest import MICRO
 
-    from vidpo.modeling import build_world
+    from vidpo.training.modeling import build_world
     from vidpo.models.adapters import TextConditioner
     from vidpo.models.cogvideox import CogVideoXAdapter
-    from vidpo.pipeline import generate_pairs, label_pairs, train_preference
-    from vidpo.recipe import load_config
+    from vidpo.stages.generate import generate_pairs
+    from vidpo.stages.label import label_pairs
+    from vidpo.stages.pipeline import train_preference
+    from vidpo.config import load_config
 
     root = tmp_path_factory.mktemp("cogvideox_train")
     world = build_world(load_config(None, list(MICRO)))
@@ -162,7 +164,7 @@ def prepared(tmp_path_factory):
 
 def train_layout(prepared, name):
     """One of the worker's training runs (TRAIN_LAYOUTS[name]), into ``<root>/<name>``."""
-    from vidpo.pipeline import train_preference
+    from vidpo.stages.pipeline import train_preference
 
     variant, parallel = TRAIN_LAYOUTS[name]
     train_preference(train_config(prepared, variant, *parallel), prepared["root"] / name)

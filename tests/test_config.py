@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from vidpo.config import RunConfig
-from vidpo.recipe import ConfigError, explain, field_docs, load_config, to_yaml
+from vidpo.config import ConfigError, explain, field_docs, load_config, to_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,19 +6,20 @@ import math
 import pytest
 import torch
 
-from vidpo import atomic
+from vidpo.utils import atomic
 from vidpo.cli import main as cli_main
-from vidpo.critic import (CriticLabeler, Symmetries, bt_ties_log_probs, bt_ties_nll, build_critic,
-                          cond_ids_from_captions, critic_accuracy, critic_loss, labels_from_differences, tie_margin_of,
-                          load_preference_data, pointwise_labels, pool_accuracy, pool_gain, ranked_pairs, score_videos,
-                          train_critic, widest_pairs, within_prompt_pairs)
+from vidpo.labeling.critic import (CriticLabeler, Symmetries, build_critic, cond_ids_from_captions,
+                                   labels_from_differences, tie_margin_of, score_videos)
+from vidpo.ipo.critic import (bt_ties_log_probs, bt_ties_nll, critic_accuracy, critic_loss, load_preference_data,
+                              pointwise_labels, pool_accuracy, pool_gain, train_critic, within_prompt_pairs)
+from vidpo.ipo.pairing import ranked_pairs, widest_pairs
 from vidpo.data.oracle import ShapesOracle
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, shard_name, write_manifest
 from vidpo.labeling import PairBatch, build_labeler
 from vidpo.models.critic import CriticScores, load_critic, save_critic, segment_means
-from vidpo.modeling import build_world
-from vidpo.recipe import load_config
-from vidpo.segments import segment_ids
+from vidpo.training.modeling import build_world
+from vidpo.config import load_config
+from vidpo.data.segments import segment_ids
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from vidpo.pipeline import run_pipeline
-from vidpo.recipe import load_config
+from vidpo.stages.pipeline import run_pipeline
+from vidpo.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "recipes" / "shapes" / "base" / "model.safetensors"

@@ -1,4 +1,4 @@
-"""Consistency distillation (vidpo.objectives.distill, vidpo.preprocess, vidpo.rewards, vidpo.distill_eval):
+"""Consistency distillation (vidpo.objectives.distill, vidpo.stages.preprocess, vidpo.objectives.rewards, vidpo.stages.distill_eval):
 the CD target and loss and the teacher's guided solver step against direct float64 computations, the
 student sampler, the reward mixture and its routing, resumable preprocessing, and a training process that
 holds no teacher (measured in a fresh process)."""
@@ -13,15 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import MICRO
-from vidpo import atomic
+from vidpo.utils import atomic
 from vidpo.data.oracle import ShapesOracle
 from vidpo.models import flow
 from vidpo.models import motion_guidance as mg
-from vidpo.modeling import build_policy, build_world
+from vidpo.training.modeling import build_policy, build_world
 from vidpo.objectives import distill as cd
-from vidpo.preprocess import (DistillData, draw_rows, preprocess_job, shard_path, teacher_grid, teacher_step)
-from vidpo.recipe import ConfigError, load_config
-from vidpo.rewards import REWARDS, RewardMixture, RewardTerm, build_reward_mixture
+from vidpo.stages.preprocess import DistillData, draw_rows, preprocess_job, shard_path, teacher_grid, teacher_step
+from vidpo.config import ConfigError, load_config
+from vidpo.objectives.rewards import REWARDS, RewardMixture, RewardTerm, build_reward_mixture
 
 REPO = Path(__file__).resolve().parent.parent
 DISTILL = ["distill.grid_steps=8", "distill.skip=2", "distill.shard_size=8", "distill.batch_size=8",
@@ -253,7 +253,7 @@ def test_training_process_holds_no_teacher_and_eval_table(distill_run, tmp_path)
     assert residency["parameter_bytes"] == residency["student_parameter_bytes"]   # the student, nothing more
     assert summary["rewards"] == ["shapes_oracle"]
 
-    from vidpo.distill_eval import distill_eval_job
+    from vidpo.stages.distill_eval import distill_eval_job
 
     cfg = load_config(None, over)
     out = distill_eval_job(cfg, tmp_path / "eval", {"cd": str(tmp_path / "student")}, num=4)

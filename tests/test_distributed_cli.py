@@ -14,13 +14,14 @@ import pytest
 import torch
 from dist_utils import free_port
 
-from vidpo import atomic
-from vidpo import checkpoint as ckpt
+from vidpo.utils import atomic
+from vidpo.training import checkpoint as ckpt
 from vidpo.cli import main as cli
-from vidpo.metrics import read_metrics
-from vidpo.modeling import build_policy, build_world
-from vidpo.pipeline import generate_pairs, label_pairs
-from vidpo.recipe import REPO_ROOT, load_config
+from vidpo.training.metrics import read_metrics
+from vidpo.training.modeling import build_policy, build_world
+from vidpo.stages.generate import generate_pairs
+from vidpo.stages.label import label_pairs
+from vidpo.config import REPO_ROOT, load_config
 
 pytest.importorskip("megatron.core")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vidpo.config import ParallelConfig
-from vidpo.distributed import DistributedSetupError, init_distributed, resolve_layout, weighted_means
+from vidpo.training.distributed import DistributedSetupError, init_distributed, resolve_layout, weighted_means
 from vidpo.models.dit import build_dit, dit_config
 from vidpo.models.dit.parallelize import ParallelVideoDiT, ShardSpec, TPShard, tp_plan
 

@@ -1,4 +1,4 @@
-"""Communication primitives (vidpo.mappings) with 2 real gloo processes.
+"""Communication primitives (vidpo.parallel.mappings) with 2 real gloo processes.
 
 One check per autograd Function: its forward against the collective computed from the global tensor, and
 its backward against the dual collective, in float64 (each rank builds the global tensors from a shared
@@ -12,7 +12,7 @@ import torch.distributed as dist
 from dist_utils import (WORLD, assert_all_ranks_ok, destroy_gloo, init_gloo, record, set_torchrun_env,
                         spawn_workers, worker_results)
 
-from vidpo import mappings
+from vidpo.parallel import mappings
 
 
 def tensors(*shapes, seed=0):

@@ -11,8 +11,8 @@ import torch
 from vidpo.cli import main as cli
 from vidpo.models.dit import build_dit, dit_config
 from vidpo.models.dit.parallelize import tp_plan
-from vidpo.recipe import REPO_ROOT, load_config
-from vidpo.scale import GIB, OUTSIDE_BLOCKS, activation_elements_per_token_block, estimate, tp_split_params
+from vidpo.config import REPO_ROOT, load_config
+from vidpo.cluster.scale import GIB, OUTSIDE_BLOCKS, activation_elements_per_token_block, estimate, tp_split_params
 
 WAN = str(REPO_ROOT / "recipes" / "cluster" / "wan1.3b_densedpo_128gpu.yaml")
 IPO = str(REPO_ROOT / "recipes" / "cluster" / "5b_ipo_round.yaml")

@@ -3,7 +3,7 @@ updated parameters (fp32 tolerance), with 2 real gloo processes on CPU.
 
 The parent makes a micro base policy and labelled pairs, then trains one step in this process per
 objective (the references). Two workers (``torch.multiprocessing``, with the torchrun environment
-variables set, so ``vidpo.distributed.init_distributed`` starts them as torchrun would) train the same
+variables set, so ``vidpo.training.distributed.init_distributed`` starts them as torchrun would) train the same
 step under each layout: TP=2, TP=2 + SP, CP=2 (Ulysses), DP=2 sharded (FSDP2), DP=2 replicated,
 KTO / the SFT regularizer under DP and CP, EMA under FSDP and TP + SP, and in-training evaluation under
 FSDP, TP + SP and CP. Each run writes metrics.jsonl and a DCP checkpoint with
@@ -21,12 +21,14 @@ from dist_utils import (WORLD, assert_all_ranks_ok, record, set_torchrun_env, sp
                         worker_results)
 from safetensors.torch import load_file
 
-from vidpo import atomic
-from vidpo import checkpoint as ckpt
-from vidpo.metrics import read_metrics
-from vidpo.modeling import build_policy, build_world
-from vidpo.pipeline import generate_pairs, label_pairs, train_preference
-from vidpo.recipe import load_config
+from vidpo.utils import atomic
+from vidpo.training import checkpoint as ckpt
+from vidpo.training.metrics import read_metrics
+from vidpo.training.modeling import build_policy, build_world
+from vidpo.stages.generate import generate_pairs
+from vidpo.stages.label import label_pairs
+from vidpo.stages.pipeline import train_preference
+from vidpo.config import load_config
 
 pytest.importorskip("megatron.core")
 
@@ -105,7 +107,7 @@ def check_shim_rng_tracker(rank, group):
     and neither touches torch's global CPU generator."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from vidpo import distributed
+    from vidpo.training import distributed
 
     generator = distributed.cpu_shim_generator()
     assert generator is not None, "the CPU shim is not installed"
@@ -172,7 +174,7 @@ def worker(rank, port, result_dir, prepared):
             record(results, name, train_layout, prepared, name, objective, *parallel)
         for name, (objective, parallel) in RESUMED_AT_2.items():
             record(results, name, train_layout, prepared, name, objective, *parallel)
-        from vidpo import distributed
+        from vidpo.training import distributed
         from vidpo.config import ParallelConfig
 
         distributed.init_distributed(ParallelConfig(tp=2))
@@ -288,7 +290,7 @@ def test_dcp_checkpoint_resumes_in_one_process(prepared, runs, tmp_path):
 def test_ema_checkpoints_keep_the_average(prepared, runs, tmp_path):
     """With EMA, a DCP checkpoint's model.safetensors is the consolidated average (not the online weights,
     which stay in dcp/), and a run that changes train.ema_decay on resume is refused, naming the checkpoint."""
-    from vidpo.recipe import ConfigError
+    from vidpo.config import ConfigError
 
     latest = ckpt.latest_checkpoint(prepared["root"] / "ema_tp2_sp")
     averaged = load_file(str(latest / "model.safetensors"))

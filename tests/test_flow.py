@@ -2,7 +2,7 @@
 import torch
 
 from vidpo.models import flow
-from vidpo.seeding import derive_seed, generator, randn_per_sample
+from vidpo.utils.seeding import derive_seed, generator, randn_per_sample
 
 
 def linear_field(target):

@@ -8,15 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidpo import atomic
-from vidpo.critic import build_critic, score_videos
-from vidpo.critic import pool_accuracy, read_pool, within_prompt_pairs
-from vidpo.dual_ipo import (critic_votes, implicit_rewards, indexed_votes, load_pseudo_labels, mode_vote,
-                           preference_certainty, read_pseudo_rows, video_implicit_rewards)
-from vidpo.iterate import iterate, open_run
-from vidpo.modeling import build_policy, build_world
+from vidpo.utils import atomic
+from vidpo.labeling.critic import build_critic, score_videos
+from vidpo.ipo.critic import pool_accuracy, within_prompt_pairs
+from vidpo.ipo.pairing import read_pool
+from vidpo.ipo.dual import (critic_votes, implicit_rewards, indexed_votes, load_pseudo_labels, mode_vote,
+                            preference_certainty, read_pseudo_rows, video_implicit_rewards)
+from vidpo.ipo.rounds import iterate
+from vidpo.ipo.layout import open_run
+from vidpo.training.modeling import build_policy, build_world
 from vidpo.models.critic import load_critic
-from vidpo.recipe import ConfigError, load_config
+from vidpo.config import ConfigError, load_config
 
 
 @pytest.fixture(autouse=True)
@@ -134,7 +136,7 @@ def test_implicit_rewards_formula_and_batching(micro_overrides):
     torch.testing.assert_close(a2, b2, rtol=1e-5, atol=1e-5)
     # Against the formula in float64 for pair 3, with the documented streams (seed, "pce", m, i).
     from vidpo.models import flow
-    from vidpo.seeding import generator
+    from vidpo.utils.seeding import generator
 
     total = 0.0
     for m in range(2):
@@ -189,9 +191,9 @@ def ipo_cfg(micro_overrides, base, *extra):
 def test_iterate_rounds_summary_report_and_resume_after_kill(tmp_path, micro_overrides, base_ckpt, monkeypatch):
     cfg = ipo_cfg(micro_overrides, base_ckpt)
     out = tmp_path / "run"
-    import vidpo.pipeline as pipeline
+    import vidpo.ipo.rounds as rounds
 
-    real_train = pipeline.train_preference
+    real_train = rounds.train_preference
     calls = []
 
     def killed_in_round_2(tcfg, run_dir, **kw):
@@ -200,14 +202,14 @@ def test_iterate_rounds_summary_report_and_resume_after_kill(tmp_path, micro_ove
             raise KeyboardInterrupt   # the kill arrives in round 2's training
         return real_train(tcfg, run_dir, **kw)
 
-    monkeypatch.setattr(pipeline, "train_preference", killed_in_round_2)
+    monkeypatch.setattr(rounds, "train_preference", killed_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         iterate(cfg, out)
     assert (out / "round_1" / "round.json").exists() and not (out / "round_2" / "round.json").exists()
     kept = {p: p.stat().st_mtime_ns for p in [out / "round_1" / "round.json", out / "critic_0" / "critic.safetensors",
                                               out / "round_2" / "critic" / "critic.safetensors"]
             + sorted((out / "round_2" / "pairs" / "shards").iterdir())}
-    monkeypatch.setattr(pipeline, "train_preference", real_train)
+    monkeypatch.setattr(rounds, "train_preference", real_train)
     summary = iterate(cfg, out)
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "resuming redid finished work"
 
@@ -339,9 +341,10 @@ def test_kto_rounds_with_fixed_base_reference(tmp_path, micro_overrides, base_ck
     assert labels["desirable"] >= 1 and labels["undesirable"] >= 1 and labels["pairs"] >= 1
     assert r2["train"]["reference"] == "frozen_copy(base)" and r1["train"]["reference"] == "frozen_copy"
     # Each KTO record pairs a desirable (first) with an undesirable (second) video of one prompt.
-    from vidpo.critic import load_preference_data, score_videos
+    from vidpo.ipo.critic import load_preference_data
+    from vidpo.labeling.critic import score_videos
     from vidpo.models.critic import load_critic
-    from vidpo.pipeline import run_segment_ids
+    from vidpo.training.modeling import run_segment_ids
 
     world, seg = build_world(cfg), run_segment_ids(cfg)
     data = load_preference_data(tmp_path / "kto" / "round_1" / "pairs_kto", 2)
@@ -358,9 +361,10 @@ def test_ranked_pairing_round_pairs_each_prompts_best_and_worst(tmp_path, micro_
     labels = summary["rounds"][0]["labels"]
     assert labels["videos"] == 24 and labels["pairs"] >= 1 and labels["rank_fraction"] == 0.5
     assert labels["oracle_agreement"] is None or 0.0 <= labels["oracle_agreement"] <= 1.0
-    from vidpo.critic import load_preference_data, score_videos
+    from vidpo.ipo.critic import load_preference_data
+    from vidpo.labeling.critic import score_videos
     from vidpo.models.critic import load_critic
-    from vidpo.pipeline import run_segment_ids
+    from vidpo.training.modeling import run_segment_ids
 
     world, seg = build_world(cfg), run_segment_ids(cfg)
     pairs_dir = tmp_path / "ranked" / "round_1" / "pairs_ranked"
@@ -430,7 +434,8 @@ def _fake_run(seed_offset, r1, r2, base=0.30):
 
 
 def test_seed_aggregation_and_rounds_table(tmp_path):
-    from vidpo.iterate_report import _aggregate, rounds_table
+    from vidpo.ipo.sweep import _aggregate
+    from vidpo.ipo.report import rounds_table
 
     runs = [_fake_run(0.00, 0.31, 0.33), _fake_run(0.02, 0.32, 0.35), _fake_run(0.04, 0.30, 0.34)]
     agg = _aggregate(runs)
@@ -447,7 +452,7 @@ def test_seed_aggregation_and_rounds_table(tmp_path):
     html = rounds_table({"dpo": agg["rounds"]}, agg["base"]["oracle"])
     assert "vs round 1" in html and "+0.0300 [" in html and "0.700 &rarr; 0.800" in html
     assert "0.760 &rarr; 0.750 (+0.0100 [" in html   # the pool column, with the gain over seeds
-    from vidpo.iterate_report import plot_rounds
+    from vidpo.ipo.report import plot_rounds
 
     assert plot_rounds({"dpo": agg["rounds"]}, tmp_path / "rounds.png", agg["base"]["oracle"]).stat().st_size > 0
 
@@ -456,7 +461,7 @@ def test_comparison_runs_in_processes_and_reports_a_failed_run(tmp_path, micro_o
     """`vidpo iterate A B --seeds 0 1 --jobs 2`: every run is its own process, B's runs start after A's run of the
     same seed and reuse its round 1, and the aggregate reads the finished runs back. A run that fails names
     its log."""
-    from vidpo.iterate_report import compare_iterations
+    from vidpo.ipo.sweep import compare_iterations
 
     (tmp_path / "a.yaml").write_text("seed: 0\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\niterate:\n  refine: false\n")
@@ -490,7 +495,7 @@ def test_comparison_runs_in_processes_and_reports_a_failed_run(tmp_path, micro_o
 
 
 def test_jobs_spread_runs_over_the_least_busy_gpu(monkeypatch):
-    from vidpo.iterate_report import gpu_list, least_busy
+    from vidpo.ipo.sweep import gpu_list, least_busy
 
     assert least_busy([], ["0"]) is None
     assert least_busy(["0", "1"], []) == "0" and least_busy(["0", "1"], ["0"]) == "1"
@@ -505,7 +510,7 @@ def test_jobs_spread_runs_over_the_least_busy_gpu(monkeypatch):
 def test_rounds_figure_drops_the_pseudo_label_panel_without_refinement(tmp_path):
     from PIL import Image
 
-    from vidpo.iterate_report import plot_rounds
+    from vidpo.ipo.report import plot_rounds
 
     rows = [{"round": r, "oracle": {"mean": 0.3 + 0.01 * r, "ci95": [0.29, 0.33]}, "critic_accuracy": 0.8,
              "pseudo_labels_kept": 0} for r in (1, 2)]

@@ -72,7 +72,7 @@ def test_pair_batch_segment_geometry():
 def test_registry_builds_kinds_and_the_critic_hook_registers_later(monkeypatch):
     import vidpo.labeling.base as base
 
-    # The real critic (vidpo.critic) registers itself on import; another test in this process may have
+    # The real critic (vidpo.ipo.critic) registers itself on import; another test in this process may have
     # imported it. Start from a registry without it, restored after the test.
     monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items() if k != "critic"})
     assert {"oracle", "human", "vlm"} <= set(registered_kinds())
@@ -233,7 +233,7 @@ def shapes():
     oracle_module = pytest.importorskip("vidpo.data.oracle", reason="vidpo.data.oracle (ShapesOracle) not built yet")
     from vidpo.config import WorldConfig
     from vidpo.data.shapes import ShapesWorld
-    from vidpo.segments import segment_ids
+    from vidpo.data.segments import segment_ids
 
     world = ShapesWorld(WorldConfig(frames=12, fps=8.0))
     rendered, cond_ids = world.sample_batch(4, torch.Generator().manual_seed(3), corrupt=False)

@@ -128,7 +128,7 @@ def test_index_problems_name_the_file(tmp_path):
 
 # ----- training on cached latents ----------------------------------------------------------------------
 def _train_cfg(root, steps, overrides=()):
-    from vidpo.recipe import load_config
+    from vidpo.config import load_config
 
     return load_config(None, [
         "data.source=latents", f"data.shards={root}", "data.workers=1", "data.prefetch=2",
@@ -146,8 +146,8 @@ def test_resumed_training_sees_exactly_the_remaining_samples(tmp_path):
     """Two runs over the same 8 cached samples with batch 3 (so batches straddle epochs): one straight to
     step 4, one stopped at step 2 and resumed. Same losses bit for bit, same final loader position. (A
     constant learning rate, so stopping early with max_steps=2 does not change the schedule.)"""
-    from vidpo import checkpoint as ckpt
-    from vidpo.jobs import train_job
+    from vidpo.training import checkpoint as ckpt
+    from vidpo.stages.jobs import train_job
 
     root = write_cache(tmp_path / "cache")
     straight = train_job(_train_cfg(root, 4), tmp_path / "straight", resume=False)

@@ -7,8 +7,8 @@ import subprocess
 import pytest
 
 from vidpo.cli import main as cli
-from vidpo.launch import build_launch, render
-from vidpo.recipe import REPO_ROOT, load_config
+from vidpo.cluster.launch import build_launch, render
+from vidpo.config import REPO_ROOT, load_config
 
 WAN = "recipes/cluster/wan1.3b_densedpo_128gpu.yaml"
 IPO = "recipes/cluster/5b_ipo_round.yaml"

@@ -9,12 +9,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from vidpo.config import LoRAConfig
 from vidpo.models.lora import (
     DEFAULT_TARGET_MODULES,
-    LoRAConfig,
     LoRALinear,
     apply_lora,
-    config_from_metadata,
+    settings_from_metadata,
     count_extra_parameter_bytes,
     load_lora,
     lora_disabled,
@@ -125,7 +125,7 @@ def test_zero_init_b_gives_base_output_bitwise(dtype):
     model = make_model(dtype)
     x, ctx = make_inputs(dtype)
     base_out = model(x, ctx)
-    names = apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+    names = apply_lora(model, rank=4, alpha=8.0)
     assert sorted(names) == sorted(EXPECTED_NAMES)
     assert all(torch.count_nonzero(m.lora_A.weight) > 0 for m in model.modules() if isinstance(m, LoRALinear))
     assert torch.equal(model(x, ctx), base_out)
@@ -159,7 +159,7 @@ def test_training_step_changes_output_only_through_lora():
     model = make_model()
     x, ctx = make_inputs()
     base_out = model(x, ctx).detach()
-    apply_lora(model, LoRAConfig(rank=2))
+    apply_lora(model, rank=2)
     base_snapshot = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     trainable = mark_only_lora_trainable(model)
     assert trainable == sum(p.numel() for p in lora_parameters(model))
@@ -204,7 +204,7 @@ def test_lora_disabled_is_bitwise_base_and_restores_state_even_on_error():
 def test_merge_equals_unmerged_and_unmerge_restores():
     model = make_model()
     x, ctx = make_inputs()
-    apply_lora(model, LoRAConfig(rank=3, alpha=7.0))
+    apply_lora(model, rank=3, alpha=7.0)
     randomize_lora(model)
     unmerged_out = model(x, ctx)
     weights = {n: (m.weight.clone(), m.weight.data_ptr()) for n, m in model.named_modules()
@@ -241,7 +241,7 @@ def test_reference_costs_zero_extra_parameter_memory():
     model = make_model(torch.float32)
     before_bytes = parameter_storage_bytes(model)
     base_params = {n: (p, p.data_ptr()) for n, p in model.named_parameters()}
-    apply_lora(model, LoRAConfig(rank=4))
+    apply_lora(model, rank=4)
     after = dict(model.named_parameters())
     for name, (param, ptr) in base_params.items():
         assert after[name] is param and after[name].data_ptr() == ptr, name
@@ -256,7 +256,7 @@ def test_reference_costs_zero_extra_parameter_memory():
 def test_shared_linear_gets_one_adapter():
     model = make_model()
     model.blocks[1].mlp.fc2 = model.blocks[0].mlp.fc2
-    names = apply_lora(model, LoRAConfig(target_modules=["mlp.fc2"]))
+    names = apply_lora(model, target_modules=["mlp.fc2"])
     assert names == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
     assert model.blocks[0].mlp.fc2 is model.blocks[1].mlp.fc2
     assert len(lora_parameters(model)) == 2
@@ -265,13 +265,13 @@ def test_shared_linear_gets_one_adapter():
 def test_pattern_matching_and_errors():
     model = make_model()
     # 'kv' ends 'cross.kv' on a dot boundary but not 'attn.qkv'.
-    assert apply_lora(model, LoRAConfig(target_modules=["kv"])) == ["blocks.0.cross.kv", "blocks.1.cross.kv"]
+    assert apply_lora(model, target_modules=["kv"]) == ["blocks.0.cross.kv", "blocks.1.cross.kv"]
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
-        apply_lora(model, LoRAConfig(target_modules=["kv"]))
+        apply_lora(model, target_modules=["kv"])
     with pytest.raises(ValueError, match=r"to_q.*to_out\.0.*blocks\.0\.attn\.qkv"):
-        apply_lora(make_model(), LoRAConfig(target_modules=["to_q", "to_out.0"]))
+        apply_lora(make_model(), target_modules=["to_q", "to_out.0"])
     with pytest.raises(TypeError, match="'attn' matched 'blocks.0.attn', a SelfAttention"):
-        apply_lora(make_model(), LoRAConfig(target_modules=["attn"]))
+        apply_lora(make_model(), target_modules=["attn"])
     with pytest.raises(ValueError, match="no LoRA adapters"):
         mark_only_lora_trainable(make_model())
     for bad in (dict(rank=0), dict(alpha=0.0), dict(dropout=1.0), dict(init_lora_weights="kaiming"),
@@ -285,7 +285,7 @@ def test_pattern_matching_and_errors():
 def test_save_load_round_trip(tmp_path, prefix_style, prefix):
     model = make_model()
     x, ctx = make_inputs()
-    apply_lora(model, LoRAConfig(rank=3, alpha=6.0, target_modules=["attn.qkv", "mlp.fc1", "cross.kv"]))
+    apply_lora(model, rank=3, alpha=6.0, target_modules=["attn.qkv", "mlp.fc1", "cross.kv"])
     randomize_lora(model)
     lora_out = model(x, ctx)
     path = tmp_path / "out" / "adapter.safetensors"
@@ -306,7 +306,7 @@ def test_save_load_round_trip(tmp_path, prefix_style, prefix):
     torch.testing.assert_close(fresh(x, ctx), lora_out, rtol=0, atol=0)
 
     adapted = make_model()
-    apply_lora(adapted, LoRAConfig(rank=3, alpha=6.0, target_modules=["attn.qkv", "mlp.fc1", "cross.kv"]))
+    apply_lora(adapted, rank=3, alpha=6.0, target_modules=["attn.qkv", "mlp.fc1", "cross.kv"])
     merge_lora(adapted)
     load_lora(adapted, path)  # a merged model is re-merged with the loaded factors
     torch.testing.assert_close(adapted(x, ctx), lora_out, rtol=0, atol=1e-12)
@@ -314,18 +314,18 @@ def test_save_load_round_trip(tmp_path, prefix_style, prefix):
 
 def test_load_errors_and_peft_adapter_name_infix(tmp_path):
     model = make_model()
-    apply_lora(model, LoRAConfig(rank=2, target_modules=["mlp.fc1"]))
+    apply_lora(model, rank=2, target_modules=["mlp.fc1"])
     randomize_lora(model)
     path = tmp_path / "a.safetensors"
     save_lora(model, path)
 
     wider = make_model()
-    apply_lora(wider, LoRAConfig(rank=2, target_modules=["mlp.fc1", "mlp.fc2"]))
+    apply_lora(wider, rank=2, target_modules=["mlp.fc1", "mlp.fc2"])
     with pytest.raises(ValueError, match=r"missing \['blocks.0.mlp.fc2.lora_A.weight'"):
         load_lora(wider, path)
     assert len(load_lora(wider, path, strict=False)) == 2 * DEPTH
     wrong_rank = make_model()
-    apply_lora(wrong_rank, LoRAConfig(rank=5, target_modules=["mlp.fc1"]))
+    apply_lora(wrong_rank, rank=5, target_modules=["mlp.fc1"])
     with pytest.raises(ValueError, match="has shape"):
         load_lora(wrong_rank, path)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
@@ -339,7 +339,7 @@ def test_load_errors_and_peft_adapter_name_infix(tmp_path):
     with pytest.raises(ValueError, match="no LoRA metadata"):
         load_lora(make_model(), peft_file)
     target = make_model()
-    apply_lora(target, LoRAConfig(rank=2, target_modules=["mlp.fc1"]))
+    apply_lora(target, rank=2, target_modules=["mlp.fc1"])
     load_lora(target, peft_file)
     for (_, a), (_, b) in zip(sorted(lora_state_dict(target).items()), sorted(lora_state_dict(model).items())):
         assert torch.equal(a, b)
@@ -349,7 +349,7 @@ def test_dropout_only_touches_the_adapter_branch():
     model = make_model()
     x, ctx = make_inputs()
     base_out = model(x, ctx)
-    apply_lora(model, LoRAConfig(dropout=0.5))
+    apply_lora(model, dropout=0.5)
     randomize_lora(model)
     model.train()
     torch.manual_seed(0)
@@ -364,7 +364,7 @@ def test_dropout_only_touches_the_adapter_branch():
 
 def test_config_from_diffusers_only_metadata():
     blob = {"transformer.r": 4, "transformer.lora_alpha": 4, "transformer.target_modules": ["to_q", "to_v"]}
-    cfg = config_from_metadata({"lora_adapter_metadata": json.dumps(blob)})
-    assert (cfg.rank, cfg.alpha, cfg.target_modules) == (4, 4.0, ["to_q", "to_v"])
+    settings = settings_from_metadata({"lora_adapter_metadata": json.dumps(blob)})
+    assert (settings["rank"], settings["alpha"], settings["target_modules"]) == (4, 4.0, ["to_q", "to_v"])
     with pytest.raises(ValueError, match="x.safetensors: unreadable LoRA metadata"):
-        config_from_metadata({"rank": "four", "alpha": "1"}, "x.safetensors")
+        settings_from_metadata({"rank": "four", "alpha": "1"}, "x.safetensors")

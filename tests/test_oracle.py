@@ -7,7 +7,7 @@ import torch
 from vidpo.config import WorldConfig
 from vidpo.data.oracle import COMPONENTS, ShapesOracle, weighted_median
 from vidpo.data.shapes import ShapesWorld
-from vidpo.segments import segment_ids
+from vidpo.data.segments import segment_ids
 
 ALL_SHAPES = ["square", "circle", "diamond"]
 SEGMENTS_OF_2 = segment_ids(8, fps=8, segment_seconds=0.25)  # 4 segments of 2 frames

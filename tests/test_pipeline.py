@@ -6,12 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vidpo import atomic
+from vidpo.utils import atomic
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairDataError, read_manifest
-from vidpo.metrics import read_metrics
-from vidpo.modeling import build_policy, build_world
-from vidpo.pipeline import generate_pairs, label_pairs, run_pipeline, train_preference
-from vidpo.recipe import load_config
+from vidpo.training.metrics import read_metrics
+from vidpo.training.modeling import build_policy, build_world
+from vidpo.stages.generate import generate_pairs
+from vidpo.stages.label import label_pairs
+from vidpo.stages.pipeline import run_pipeline, train_preference
+from vidpo.config import load_config
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""vidpo.report: the HTML run report on a synthetic run directory."""
+"""vidpo.evaluation.report: the HTML run report on a synthetic run directory."""
 import json
 import math
 import subprocess
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vidpo.report import PhaseSeries, ReportWarning, ema, is_noisy, load_metrics, render_json, write_report
+from vidpo.evaluation.report import PhaseSeries, ReportWarning, ema, is_noisy, load_metrics, render_json, write_report
 
 
 class _Collector(HTMLParser):
@@ -206,10 +206,10 @@ def test_render_json_layouts():
 
 
 def test_cli_writes_the_report(run_dir):
-    result = subprocess.run([sys.executable, "-W", "ignore", "-m", "vidpo.report", str(run_dir)],
+    result = subprocess.run([sys.executable, "-W", "ignore", "-m", "vidpo.evaluation.report", str(run_dir)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == run_dir / "report.html"
-    missing = subprocess.run([sys.executable, "-m", "vidpo.report", str(run_dir / "nope")],
+    missing = subprocess.run([sys.executable, "-m", "vidpo.evaluation.report", str(run_dir / "nope")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "run directory not found" in missing.stderr

@@ -1,12 +1,12 @@
-"""Latent-frame -> DenseDPO segment mapping (vidpo.segments)."""
+"""Latent-frame -> DenseDPO segment mapping (vidpo.data.segments)."""
 import itertools
 import math
 
 import pytest
 import torch
 
-from vidpo.segments import (num_segments, segment_frame_counts, segment_ids, segment_mean, segment_one_hot,
-                            validate_segment_ids)
+from vidpo.data.segments import (num_segments, segment_frame_counts, segment_ids, segment_mean, segment_one_hot,
+                                 validate_segment_ids)
 
 
 def majority_reference(num_latent_frames, frames_per_segment, k):

@@ -1,4 +1,4 @@
-"""The shapes world (vidpo.data.shapes) and its pictures (vidpo.visualize)."""
+"""The shapes world (vidpo.data.shapes) and its pictures (vidpo.evaluation.visualize)."""
 import time
 
 import numpy as np
@@ -8,7 +8,7 @@ from PIL import Image
 
 from vidpo.config import WorldConfig
 from vidpo.data.shapes import ARTIFACT_KINDS, DIRECTIONS, PALETTE, RenderedBatch, ShapesWorld, shape_coverage
-from vidpo.visualize import save_gif, save_png_grid
+from vidpo.evaluation.visualize import save_gif, save_png_grid
 
 ALL_SHAPES = ["square", "circle", "diamond"]
 

@@ -1,16 +1,17 @@
 """The training loop: bit-exact resume, the non-finite-loss guard, atomic checkpoints, metrics."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from vidpo import checkpoint as ckpt
-from vidpo.ema import WeightEma, warmed_up_decay
-from vidpo.metrics import read_metrics
-from vidpo.modeling import build_policy, build_world
+from vidpo.training import checkpoint as ckpt
+from vidpo.training.ema import WeightEma, warmed_up_decay
+from vidpo.training.metrics import read_metrics
+from vidpo.training.modeling import build_policy, build_world
 from vidpo.objectives import ShapesSFTObjective
-from vidpo.recipe import ConfigError, load_config
-from vidpo.trainer import Trainer, TrainingStopped
+from vidpo.config import ConfigError, load_config
+from vidpo.training.trainer import Trainer, TrainingStopped
 
 
 class Interrupt(Exception):
@@ -181,7 +182,7 @@ def test_ema_lora_checkpoint_exports_the_averaged_adapters(tmp_path, micro_overr
     with torch.no_grad():   # the untrained DiT's zero-initialised output layer would give the adapters no gradient
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    apply_lora(model, cfg.lora)
+    apply_lora(model, **dataclasses.asdict(cfg.lora))
     mark_only_lora_trainable(model)
     trainer = Trainer(cfg, run_dir, model, objective, device=torch.device("cpu"),
                       lora_state=lambda: (lora_state_dict(model), {"rank": 2}))

@@ -33,7 +33,7 @@ MODULE_BUDGET_S = 10.0
 
 def make_segment_ids(frames: int = FRAMES) -> torch.Tensor:
     try:
-        from vidpo.segments import segment_ids
+        from vidpo.data.segments import segment_ids
     except ImportError:
         return torch.arange(frames) // int(FPS * SEGMENT_SECONDS)
     return segment_ids(frames, FPS, SEGMENT_SECONDS, 1)

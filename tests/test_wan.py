@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 from vidpo.config import RunConfig  # noqa: E402
 from vidpo.data.pairs import PairRecord  # noqa: E402
 from vidpo.models.adapters import ATTENTION_LORA_TARGETS, TextConditioner  # noqa: E402
-from vidpo.models.lora import (LoRAConfig, apply_lora, lora_disabled, lora_modules,  # noqa: E402
+from vidpo.models.lora import (apply_lora, lora_disabled, lora_modules,  # noqa: E402
                                mark_only_lora_trainable, merge_lora)
 from vidpo.models.wan import WanAdapter, make_tiny_wan_dir, tiny_wan_transformer  # noqa: E402
 from vidpo.objectives.preference import PreferenceObjective  # noqa: E402
@@ -22,7 +22,7 @@ TEXT_DIM, TEXT_LEN = 16, 3
 def lora_wan(seed=0, num_layers=1):
     """A tiny Wan adapter with attention + MLP LoRA whose B factors are non-zero (so policy != reference)."""
     model = WanAdapter(tiny_wan_transformer(text_dim=TEXT_DIM, num_layers=num_layers, seed=seed))
-    apply_lora(model, LoRAConfig(rank=2, alpha=3.0, target_modules=[*ATTENTION_LORA_TARGETS, "ffn.net.2"]))
+    apply_lora(model, rank=2, alpha=3.0, target_modules=[*ATTENTION_LORA_TARGETS, "ffn.net.2"])
     mark_only_lora_trainable(model)
     g = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_flow_match_sampler_is_euler_over_the_scheduler_sigmas_with_cfg():
     model = WanAdapter(tiny_wan_transformer(text_dim=TEXT_DIM), sample_shift=3.0)
     cond = torch.randn(2, TEXT_LEN, TEXT_DIM)
     out = model.sample(cond, (3, 4, 8, 8), seed=5, indices=[3, 9], steps=4, cfg_scale=4.0)
-    from vidpo.seeding import randn_per_sample
+    from vidpo.utils.seeding import randn_per_sample
 
     x = randn_per_sample((2, 3, 4, 8, 8), 5, [3, 9], "sample").double()
     scheduler = model.make_scheduler()
@@ -173,9 +173,9 @@ def test_exported_lora_loads_into_diffusers_pipeline_and_matches_merged_model(tm
 def test_vidpo_run_with_a_tiny_wan_directory(tmp_path, micro_overrides):
     from diffusers import WanTransformer3DModel
 
-    from vidpo.modeling import build_world
-    from vidpo.pipeline import run_pipeline
-    from vidpo.recipe import load_config
+    from vidpo.training.modeling import build_world
+    from vidpo.stages.pipeline import run_pipeline
+    from vidpo.config import load_config
 
     cfg0 = load_config(None, micro_overrides)
     model_dir = tmp_path / "wan"

@@ -53,7 +53,7 @@ def make_inputs():
 
 
 def check_layout(name, rank):
-    from vidpo import distributed
+    from vidpo.training import distributed
     from vidpo.config import ParallelConfig
     from vidpo.models.wan.parallelize import parallelize_wan
 
@@ -103,15 +103,15 @@ def check_layout(name, rank):
 
 
 def check_unsupported(rank):
-    from vidpo import distributed
+    from vidpo.training import distributed
     from vidpo.config import ParallelConfig
-    from vidpo.models.lora import LoRAConfig, apply_lora
+    from vidpo.models.lora import apply_lora
     from vidpo.models.wan import WanAdapter, tiny_wan_transformer
     from vidpo.models.wan.parallelize import parallelize_wan
 
     ctx = distributed.init_distributed(ParallelConfig(tp=2))
     lora = make_model()
-    apply_lora(lora, LoRAConfig(rank=2, target_modules=["to_q"]))
+    apply_lora(lora, rank=2, target_modules=["to_q"])
     with pytest.raises(NotImplementedError, match="LoRA"):
         parallelize_wan(lora, ctx)
     i2v = WanAdapter(tiny_wan_transformer(text_dim=TEXT_DIM))
@@ -132,7 +132,7 @@ TRAIN_LAYOUTS = {"train_tp2_sp": ("full", ["parallel.tp=2", "parallel.sp=true"])
 
 
 def train_config(prepared, variant, *extra):
-    from vidpo.recipe import load_config
+    from vidpo.config import load_config
 
     # An lr that moves every weight, constant. No clipping: clipping would scale the smallest gradient elements
     # down to AdamW's eps, where its first step lr * g / (|g| + eps) turns fp32 summation-order differences
@@ -148,11 +148,13 @@ def train_config(prepared, variant, *extra):
 def prepared(tmp_path_factory):
     from conftest import MICRO
 
-    from vidpo.modeling import build_world
+    from vidpo.training.modeling import build_world
     from vidpo.models.adapters import TextConditioner
     from vidpo.models.wan import WanAdapter
-    from vidpo.pipeline import generate_pairs, label_pairs, train_preference
-    from vidpo.recipe import load_config
+    from vidpo.stages.generate import generate_pairs
+    from vidpo.stages.label import label_pairs
+    from vidpo.stages.pipeline import train_preference
+    from vidpo.config import load_config
 
     root = tmp_path_factory.mktemp("wan_train")
     world = build_world(load_config(None, list(MICRO)))
@@ -170,7 +172,7 @@ def prepared(tmp_path_factory):
 
 def train_layout(prepared, name):
     """One of the worker's training runs (TRAIN_LAYOUTS[name]), into ``<root>/<name>``."""
-    from vidpo.pipeline import train_preference
+    from vidpo.stages.pipeline import train_preference
 
     variant, parallel = TRAIN_LAYOUTS[name]
     train_preference(train_config(prepared, variant, *parallel), prepared["root"] / name)

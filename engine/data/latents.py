@@ -1,6 +1,6 @@
 """Training on cached latents: the shard format of ``vidpo cache``, a dataset over it, and a resumable loader.
 
-Layout of a cache directory (written by ``vidpo.data.cache``, read here)::
+Layout of a cache directory (written by ``vidpo.stages.cache``, read here)::
 
     cache.json                     the settings the cache was made with (a rerun must match them)
     index.json                     written once every shard is complete (format below)
@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
-from vidpo.seeding import generator
+from vidpo.utils.seeding import generator
 
 log = logging.getLogger("vidpo")
 
@@ -179,8 +180,6 @@ class LatentShardDataset:
 def default_rank_world() -> tuple[int, int]:
     """(rank, world size) of torch.distributed when initialised, else (0, 1). Runs with tensor or context
     parallelism must pass their *data-parallel* rank and size instead."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

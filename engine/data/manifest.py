@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
-from vidpo import atomic
 from vidpo.data.pairs import PairDataError, PairRecord, parse_line
+from vidpo.utils import atomic
 
 log = logging.getLogger("vidpo")
 

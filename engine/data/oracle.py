@@ -56,8 +56,8 @@ from typing import Dict, Optional
 
 import torch
 
+from vidpo.data.segments import segment_mean, validate_segment_ids
 from vidpo.data.shapes import PALETTE, SHAPES, ShapesWorld, shape_coverage
-from vidpo.segments import segment_mean, validate_segment_ids
 
 COMPONENTS = ("colour", "shape", "motion", "consistency")
 
@@ -179,7 +179,7 @@ class ShapesOracle:
               segment_ids: Optional[torch.Tensor] = None) -> OracleScore:
         """Score ``clips (n, 3, T, H, W)`` in [-1, 1] against ``cond_ids (n, 3)``.
 
-        ``segment_ids`` ``(T,)`` (``vidpo.segments``) splits the frames into S segments; None: S = 1.
+        ``segment_ids`` ``(T,)`` (``vidpo.data.segments``) splits the frames into S segments; None: S = 1.
         """
         if clips.dim() != 5 or clips.shape[1] != 3 or tuple(clips.shape[3:]) != (self.height, self.width):
             raise ValueError(f"clips must have shape (n, 3, T, {self.height}, {self.width}), got {tuple(clips.shape)}")

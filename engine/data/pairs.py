@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from vidpo import atomic
+from vidpo.utils import atomic
 
 log = logging.getLogger("vidpo")
 

@@ -4,8 +4,18 @@
 module has registered itself with ``@register_labeler("critic")``); ``labeler.label(PairBatch)`` returns
 a ``LabelResult`` of labels (B, S) in {+1, -1, 0}, their majority vote (B,), and the failed comparisons.
 """
-from vidpo.labeling.base import (ERROR_POLICIES, KNOWN_KINDS, LabelingError, LabelResult, Labeler, PairBatch,
-                                 build_labeler, majority_vote, register_labeler, registered_kinds)
+from vidpo.labeling.base import (
+                                 ERROR_POLICIES,
+                                 KNOWN_KINDS,
+                                 Labeler,
+                                 LabelingError,
+                                 LabelResult,
+                                 PairBatch,
+                                 build_labeler,
+                                 majority_vote,
+                                 register_labeler,
+                                 registered_kinds,
+)
 from vidpo.labeling.human import HumanLabeler, HumanLabelFile, save_label_file
 from vidpo.labeling.oracle_labeler import OracleLabeler
 from vidpo.labeling.vlm import VLMConfig, VLMLabeler, parse_answer

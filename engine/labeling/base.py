@@ -24,8 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-ERROR_POLICIES = ("tie", "raise")
-"""What a labeller does with a comparison it cannot make: count it as a tie (with a message) or raise."""
+from vidpo.config import ERROR_POLICIES
 
 KNOWN_KINDS = ("oracle", "human", "vlm", "critic")
 """Kinds a recipe may name; a kind is usable once the module defining it has been imported."""
@@ -42,7 +41,7 @@ class PairBatch:
     ``first`` and ``second`` are decoded pixel clips ``(B, 3, T, H, W)`` in ``[-1, 1]``; pair ``b``
     compares ``first[b]`` with ``second[b]``, both generated from ``captions[b]``. ``segment_ids`` maps
     each of the ``T`` pixel frames to its segment ``0..S-1`` (contiguous, non-decreasing), as made by
-    ``vidpo.segments.segment_ids``.
+    ``vidpo.data.segments.segment_ids``.
     """
 
     first: Tensor

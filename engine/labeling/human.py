@@ -24,9 +24,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from vidpo.atomic import write_text
-from vidpo.labeling.base import (LabelingError, LabelResult, Labeler, PairBatch, check_policy,
-                                 register_labeler)
+from vidpo.labeling.base import Labeler, LabelingError, LabelResult, PairBatch, check_policy, register_labeler
+from vidpo.utils.atomic import write_text
 
 VALID_LABELS = (-1, 0, 1)
 

@@ -21,18 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vidpo.labeling.base import LabelingError, LabelResult, Labeler, PairBatch, register_labeler
+from vidpo.data.oracle import ShapesOracle
+from vidpo.labeling.base import Labeler, LabelingError, LabelResult, PairBatch, register_labeler
 
 ORACLE_MODES = ("segment", "video")
-
-
-def _load_shapes_oracle(world):
-    try:
-        from vidpo.data.oracle import ShapesOracle
-    except ImportError as err:
-        raise LabelingError(f"the oracle labeller needs vidpo.data.oracle.ShapesOracle, which cannot be "
-                            f"imported: {err}") from err
-    return ShapesOracle(world)
 
 
 @register_labeler("oracle")
@@ -51,7 +43,7 @@ class OracleLabeler(Labeler):
             raise ValueError(f"oracle labeller mode must be one of {ORACLE_MODES}, got {mode!r}")
         if not tie_margin >= 0:
             raise ValueError(f"oracle labeller tie_margin must be >= 0, got {tie_margin!r}")
-        self.oracle = oracle if oracle is not None else _load_shapes_oracle(world)
+        self.oracle = oracle if oracle is not None else ShapesOracle(world)
         self.tie_margin = float(tie_margin)
         self.mode = mode
 

@@ -29,13 +29,11 @@ import json
 import os
 import re
 import socket
-import string
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -43,23 +41,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from vidpo.fields import choice
-from vidpo.labeling.base import (ERROR_POLICIES, LabelingError, LabelResult, Labeler, PairBatch,
-                                 check_policy, dataclass_from_options, register_labeler)
-
-DEFAULT_PROMPT = (
-    'Two AI-generated videos were made from the same text prompt: "{caption}".\n'
-    "Below are {frames} frames of segment {segment_number} of {num_segments} "
-    "(seconds {start_s:.2f} to {end_s:.2f}) of Video A, then the same moments of Video B. "
-    "Judge which video is better in this segment: visual quality, artifacts (distortion, flicker, "
-    "objects appearing or vanishing), smooth and plausible motion, and agreement with the prompt. "
-    "Say TIE unless one video is clearly better.\n"
-    "Answer with exactly one of: A, B, TIE."
+from vidpo.config import VLMConfig
+from vidpo.labeling.base import (
+    Labeler,
+    LabelingError,
+    LabelResult,
+    PairBatch,
+    dataclass_from_options,
+    register_labeler,
 )
-"""Default question; the placeholders are the ``PROMPT_FIELDS``."""
-
-PROMPT_FIELDS = ("caption", "segment_number", "num_segments", "start_s", "end_s", "frames", "fps")
-"""Placeholders a prompt template may use; ``segment_number`` counts from 1."""
 
 VIDEO_A_MARKER = "Video A:"
 VIDEO_B_MARKER = "Video B:"
@@ -68,81 +58,6 @@ ANSWER_REMINDER = "Answer with exactly one of: A, B, TIE."
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
              "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 _RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
-
-
-@dataclass
-class VLMConfig:
-    """How to reach the VLM and what to ask it."""
-
-    base_url: str = "http://127.0.0.1:8000/v1"
-    """Root of the OpenAI-compatible API; requests go to ``{base_url}/chat/completions``."""
-
-    model: str = ""
-    """Model name the server knows (vLLM: the served model name). Required."""
-
-    api_key_env: Optional[str] = None
-    """Name of the environment variable holding the API key, sent as ``Authorization: Bearer``.
-    The key itself never goes in a recipe. None: no Authorization header (a local server)."""
-
-    timeout_s: float = 60.0
-    """Socket timeout of one request in seconds (connect, and each wait for reply bytes)."""
-
-    max_retries: int = 3
-    """Retries after a timeout, a connection error or an HTTP 408/429/5xx, before the comparison fails."""
-
-    retry_backoff_s: float = 1.0
-    """Sleep before retry k (k = 0, 1, ..) is ``retry_backoff_s * 2**k`` seconds."""
-
-    concurrency: int = 8
-    """(pair, segment) comparisons in flight at once (one thread each; each sends its two orders in turn)."""
-
-    temperature: float = 0.0
-    """Sampling temperature of the VLM (0: greedy, the most repeatable verdicts)."""
-
-    max_tokens: int = 64
-    """Reply length cap; the answer is one word, a little room lets chatty models still answer."""
-
-    frames_per_segment: int = 4
-    """Frames sent per video and segment, evenly spaced over the segment (all frames if it has fewer)."""
-
-    image_size: int = 256
-    """Longer side of each image in pixels after resizing (aspect kept); 0 sends frames as they are."""
-
-    resample: str = choice("auto", ("auto", "nearest", "bilinear", "bicubic", "lanczos"))
-    """Resize filter; 'auto' = nearest when upscaling (keeps small toy frames crisp), bicubic when shrinking."""
-
-    on_error: str = choice("tie", ERROR_POLICIES)
-    """A failed comparison: 'tie' (counted, with a message) or 'raise' (LabelingError)."""
-
-    prompt: str = DEFAULT_PROMPT
-    """Question template; placeholders: {caption} {segment_number} {num_segments} {start_s} {end_s} {frames} {fps}."""
-
-    extra_body: dict = field(default_factory=dict)
-    """Extra fields merged into the request body (server-specific, e.g. {"seed": 0} or {"top_k": 1})."""
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("VLMConfig.model is required: the model name the server serves")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"VLMConfig.base_url must start with http:// or https://, got {self.base_url!r}")
-        for name in ("timeout_s", "concurrency", "frames_per_segment"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"VLMConfig.{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("max_retries", "retry_backoff_s", "image_size", "temperature"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"VLMConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.resample not in ("auto", *_RESAMPLE):
-            raise ValueError(f"VLMConfig.resample must be one of {('auto', *_RESAMPLE)}, got {self.resample!r}")
-        check_policy(self.on_error, "VLMConfig.on_error")
-        for _, name, _, _ in string.Formatter().parse(self.prompt):
-            if name is not None and name.split(".")[0].split("[")[0] not in PROMPT_FIELDS:
-                raise ValueError(f"VLMConfig.prompt uses unknown placeholder {{{name}}}; valid: {PROMPT_FIELDS}")
-        if "messages" in self.extra_body:
-            raise ValueError("VLMConfig.extra_body may not replace 'messages'")
-
-    @property
-    def url(self) -> str:
-        return self.base_url.rstrip("/") + "/chat/completions"
 
 
 # --------------------------------------------------------------------------------------------- replies

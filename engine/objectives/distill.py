@@ -10,7 +10,7 @@ the clean sample the velocity points at; ``f_theta(x, 0, c) = x`` holds exactly 
 with c_skip = 1, c_out = -t). The student starts as a copy of the teacher, so its one-step output is the
 teacher's x0-prediction from the first step.
 
-**CD loss** (eq. 9). A preprocessed row (``vidpo.preprocess``) holds ``x_{t_n}`` on the forward path and
+**CD loss** (eq. 9). A preprocessed row (``vidpo.stages.preprocess``) holds ``x_{t_n}`` on the forward path and
 the teacher's guided solver step ``x^_{t_{n-k}} = x_{t_n} + (t_{n-k} - t_n) v~``. The target is the student
 itself, stop-gradient -- no EMA target network (the paper removes it to afford full fine-tuning)::
 
@@ -20,7 +20,7 @@ itself, stop-gradient -- no EMA target network (the paper removes it to afford f
 **Reward objective** (eq. 10-11) on the student's one-step prediction of the reward rows ``r`` (rows of the
 routed subset, ``reward.subset``; at most ``reward.max_rows`` per micro-batch)::
 
-    L = L_CD - mean_{b in r} R( f_theta(x_{t_n}, t_n, c)_b, c_b )          (vidpo.rewards.RewardMixture)
+    L = L_CD - mean_{b in r} R( f_theta(x_{t_n}, t_n, c)_b, c_b )          (vidpo.objectives.rewards.RewardMixture)
 
 **Multi-step sampling** (consistency models' multistep sampler) at times ``tau_1 = 1 > ... > tau_s``, evenly
 spaced multiples of the skip on the teacher's grid: ``x <- eps``; repeat ``x0^ = f_theta(x, tau_j)`` then
@@ -36,13 +36,12 @@ from __future__ import annotations
 import gc
 import logging
 import warnings
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from vidpo.config import RunConfig
-from vidpo.seeding import generator, randn_per_sample
+from vidpo.utils.seeding import generator, randn_per_sample
 
 log = logging.getLogger("vidpo")
 
@@ -220,98 +219,3 @@ class ConsistencyDistillObjective:
         pass
 
 
-# ----- the job behind `vidpo train` with objective consistency_distill --------------------------------------
-def train_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> dict:
-    """Train the student from ``distill.data`` into ``out_dir``; write checkpoints, metrics, an evaluation of
-    the student at ``distill.eval_steps`` steps, the residency measurement and ``summary.json``."""
-    from vidpo import atomic
-    from vidpo import checkpoint as ckpt
-    from vidpo.evaluate import EvalResult, eval_conditions
-    from vidpo.jobs import build_oracle, save_samples, setup_logging
-    from vidpo.modeling import build_policy, build_world, pick_device, set_threads
-    from vidpo.preprocess import DistillData, teacher_grid
-    from vidpo.recipe import ConfigError, resolve_path, to_yaml
-    from vidpo.rewards import build_reward_mixture
-    from vidpo.seeding import seed_everything
-    from vidpo.trainer import Trainer
-
-    out_dir = Path(out_dir)
-    setup_logging(out_dir)
-    d = cfg.distill
-    if not d.data:
-        raise ConfigError("train.objective=consistency_distill needs distill.data: run `vidpo preprocess RECIPE "
-                          "--out DATA` first and --set distill.data=DATA (or use `vidpo distill`)")
-    set_threads(cfg)
-    seed_everything(cfg.seed)
-    device = pick_device()
-    world = build_world(cfg)
-    oracle = build_oracle(world)
-    data = DistillData(d.data)
-    grid = teacher_grid(cfg)
-    for key in ("grid_steps", "skip", "shift"):
-        if data.settings[key] != getattr(d, key):
-            raise ConfigError(f"distill.{key}={getattr(d, key)!r} but the data in {data.directory} were made with "
-                              f"{data.settings[key]!r}")
-    model = build_policy(cfg, world, device)
-    init = cfg.train.init_from or d.teacher
-    if not init:
-        raise ConfigError("the student needs initial weights: set distill.teacher (or train.init_from)")
-    ckpt.load_weights(model, resolve_path(init))
-    rewards = build_reward_mixture(cfg.reward, oracle)
-    objective = ConsistencyDistillObjective(cfg, world, data, device, rewards=rewards)
-    atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
-    log.info("distill: %d rows, rewards %s on '%s' rows, student init %s, device %s", len(data),
-             rewards.names or "none", cfg.reward.subset, init, device)
-
-    def evaluate(m, step, n=None):
-        n = n or max(16, cfg.eval.num_samples // 4)
-        cond_ids = eval_conditions(world, n)
-        clips = sample_student(m, world, cond_ids, seed=cfg.seed,
-                               indices=[cfg.eval.seed_offset + i for i in range(n)], steps=d.eval_steps, grid=grid,
-                               skip=d.skip, renoise=d.sampler_noise, batch_size=cfg.sample.batch_size)
-        score = oracle.score(clips, cond_ids)
-        return EvalResult(total=score.total.detach(), components={k: v.detach() for k, v in score.components.items()},
-                          samples=clips, cond_ids=cond_ids, modes=oracle.failure_modes(clips, cond_ids))
-
-    trainer = Trainer(cfg, out_dir, model, objective, device=device, resume=resume)
-    if cfg.train.eval_every > 0:
-        trainer.evaluate = lambda m, step: evaluate(m, step).flat()
-    result = trainer.fit()
-    final = evaluate(model, result["steps"], cfg.eval.num_samples)
-    save_samples(final, world, out_dir / "samples", f"student_{d.eval_steps}step", cfg.eval.grid_conditions)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    summary = {"objective": "consistency_distill", "steps": result["steps"], "seconds": round(result["seconds"], 1),
-               "student_steps": d.eval_steps, "final": final.summary(), "skipped_steps": result["skipped_steps"],
-               "rewards": rewards.names, "reward_subset": cfg.reward.subset, "data": str(data.directory),
-               "residency": {**(objective.residency or {}), "student_parameter_bytes": param_bytes,
-                             "measured": objective.residency is not None}}
-    atomic.write_json(out_dir / "summary.json", summary)
-    return summary
-
-
-def distill_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> dict:
-    """``vidpo distill``: preprocess into ``OUT/data`` (or ``distill.data``), train ``OUT/student``, compare the
-    student with its teacher into ``OUT/eval``; each stage resumes."""
-    from vidpo import atomic
-    from vidpo import checkpoint as ckpt
-    from vidpo.distill_eval import compare
-    from vidpo.modeling import build_policy, build_world, pick_device
-    from vidpo.preprocess import load_teacher, preprocess_job
-
-    out_dir = Path(out_dir)
-    cfg.distill.data = cfg.distill.data or str(out_dir / "data")
-    cfg.train.objective = "consistency_distill"
-    prep = preprocess_job(cfg, cfg.distill.data)
-    train = train_distill(cfg, out_dir / "student", resume=resume)
-    device = pick_device()
-    world = build_world(cfg)
-    teacher, _ = load_teacher(cfg, world, device)
-    student = build_policy(cfg, world, device)
-    ckpt.load_weights(student, out_dir / "student")
-    table = compare(cfg, teacher, {"student": student.eval()}, out_dir / "eval", world=world)
-    summary = {"preprocess": prep, "train": {k: train[k] for k in ("steps", "seconds", "rewards", "residency")},
-               "eval": {"table": str(out_dir / "eval" / "distill_eval.md"),
-                        "rows": [{"model": r["model"], "steps": r["steps"], "oracle": round(r["oracle"]["mean"], 4),
-                                  "ms_per_clip": r["ms_per_clip"]} for r in table["rows"]]}}
-    atomic.write_json(out_dir / "summary.json", summary)
-    return summary

@@ -18,11 +18,10 @@ from typing import Optional
 import torch
 
 from vidpo import kernels
-from vidpo.config import RunConfig
+from vidpo.config import ConfigError, RunConfig, resolve_path
 from vidpo.data.latents import LatentLoader, LatentShardDataset
 from vidpo.models import flow
-from vidpo.recipe import ConfigError, resolve_path
-from vidpo.seeding import generator
+from vidpo.utils.seeding import generator
 
 
 def build_latent_loader(cfg: RunConfig, *, rank: Optional[int] = None,
@@ -81,44 +80,3 @@ class LatentSFTObjective:
         self.loader.close()
 
 
-def train_latent_sft(cfg: RunConfig, out_dir, *, resume: bool = True) -> dict:
-    """``vidpo train`` with ``data.source: latents``: the DiT sized by the cache (latent channels, text width)
-    trained with this objective; checkpoints carry the loader position. Returns the run summary."""
-    import logging
-    from pathlib import Path
-
-    from vidpo import atomic
-    from vidpo import checkpoint as ckpt
-    from vidpo.modeling import build_policy, pick_device, set_threads
-    from vidpo.recipe import to_yaml
-    from vidpo.seeding import seed_everything
-    from vidpo.trainer import Trainer
-
-    log = logging.getLogger("vidpo")
-    if cfg.train.objective != "sft":
-        raise ConfigError(f"data.source 'latents' trains train.objective 'sft' only, got '{cfg.train.objective}' "
-                          "(preference objectives read pairs directories: pref.pairs)")
-    out_dir = Path(out_dir)
-    set_threads(cfg)
-    seed_everything(cfg.seed)
-    device = pick_device()
-    objective = LatentSFTObjective(cfg, device)
-    model = build_policy(cfg, None, device)
-    if cfg.train.init_from:
-        ckpt.load_weights(model, resolve_path(cfg.train.init_from))
-    atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
-    loader = objective.loader
-    log.info("train: objective=sft data=latents (%d samples, latent %s, text %s) rank %d/%d params=%.3fM "
-             "device=%s out=%s", len(loader.dataset), loader.dataset.latent_shape, loader.dataset.text_shape,
-             loader.rank, loader.world_size, sum(p.numel() for p in model.parameters()) / 1e6, device, out_dir)
-    try:
-        trainer = Trainer(cfg, out_dir, model, objective, device=device, evaluate=None, resume=resume)
-        result = trainer.fit()
-    finally:
-        objective.close()
-    summary = {"objective": "sft", "data": "latents", "steps": result["steps"],
-               "seconds": round(result["seconds"], 1), "skipped_steps": result["skipped_steps"],
-               "samples_consumed": loader.cursor, "last": result.get("last", {}),
-               "bad_shards": len(loader.dataset.problems)}
-    atomic.write_json(out_dir / "summary.json", summary)
-    return summary

@@ -16,7 +16,7 @@ labels. KTO turns each non-tie pair into one desirable (the winner) and one unde
 Which pairs a micro-batch holds is a pure function of (seed, step, micro): the pair order is a seeded
 permutation per epoch, so a resumed run reads exactly the pairs the uninterrupted run would have.
 
-Distributed (``parallel``, a ``vidpo.distributed.ParallelContext``): every rank draws the same global
+Distributed (``parallel``, a ``vidpo.training.distributed.ParallelContext``): every rank draws the same global
 micro-batch (train.batch_size pairs, the same t and noise as one process) and keeps its data-parallel rows;
 the model returns this rank's context-parallel frames, and the loss reduces its per-segment sums over the
 CP group with the local segment ids. Each DP rank's loss is weighted by its share of the global loss'
@@ -31,11 +31,12 @@ from typing import Callable, Optional
 import torch
 
 from vidpo import kernels
-from vidpo.config import RunConfig
-from vidpo.kernels import comm
+from vidpo.config import ConfigError, RunConfig
 from vidpo.data.pairs import PairRecord, ShardReader
+from vidpo.kernels import comm
 from vidpo.models import flow
-from vidpo.seeding import generator
+from vidpo.training.distributed import all_reduce_sum, weighted_means
+from vidpo.utils.seeding import generator
 
 log = logging.getLogger("vidpo")
 
@@ -55,8 +56,6 @@ class PreferenceObjective:
         if self.name not in ("flow_dpo", "dense_dpo", "kto"):
             raise ValueError(f"PreferenceObjective does not handle objective '{self.name}'")
         if not 0.0 <= cfg.pref.label_smoothing < 0.5:
-            from vidpo.recipe import ConfigError
-
             raise ConfigError(f"pref.label_smoothing must be in [0, 0.5), got {cfg.pref.label_smoothing}")
         self.world = world
         self.device = device
@@ -183,7 +182,6 @@ class PreferenceObjective:
             # Each rank's loss is its share of the global loss: the sum (identity backward) is the global
             # loss on every rank, and the gradients the training loop sums over ranks are the global ones.
             loss = comm.all_reduce_sum(loss, self.parallel.dp_group)
-            from vidpo.distributed import weighted_means
 
             metrics = weighted_means({k: (v, weights[k]) for k, v in metrics.items()}, self.parallel.dp_group,
                                      device=loss.device)
@@ -201,8 +199,6 @@ class PreferenceObjective:
 
     def _dpo_share(self, segment_ids: torch.Tensor, labels: torch.Tensor) -> float:
         """This rank's fraction of the global batch's DenseDPO normaliser sum_{y != 0} tokens_s."""
-        from vidpo.distributed import all_reduce_sum
-
         frames_per_segment = torch.bincount(segment_ids.cpu(), minlength=labels.shape[1]).to(torch.float64)
         local = (frames_per_segment[None, :] * (labels.cpu() != 0)).sum()
         total = float(all_reduce_sum(local.to(labels.device), self.parallel.dp_group))

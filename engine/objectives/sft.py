@@ -13,7 +13,7 @@ import torch
 from vidpo import kernels
 from vidpo.config import RunConfig
 from vidpo.models import flow
-from vidpo.seeding import generator
+from vidpo.utils.seeding import generator
 
 
 class ShapesSFTObjective:

@@ -2,7 +2,7 @@
 
 The mechanism is the video DiT's and Wan's (``vidpo.models.dit.parallelize``, ``vidpo.models.wan.parallelize``):
 megatron-core Column/RowParallelLinear layers holding this rank's shard, the named autograd collectives of
-``vidpo.mappings`` with their backward duals, FSDP2 with summed gradients. What this module adds is the map of
+``vidpo.parallel.mappings`` with their backward duals, FSDP2 with summed gradients. What this module adds is the map of
 ``CogVideoXTransformer3DModel`` onto it. ``parallelize_cogvideox(adapter, ctx)`` returns a
 ``ParallelCogVideoXAdapter`` (the ``CogVideoXAdapter`` interface: engine time, the v-prediction DDPM hooks, the
 pipeline's RoPE) whose ``transformer`` keeps diffusers' parameter names (``transformer.transformer_blocks.3.attn1.
@@ -44,12 +44,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vidpo.mappings import all_gather_to_group, copy_to_group, group_rank, heads_to_sequence, sequence_to_heads
 from vidpo.models.adapters import FeedForwardProjection, ParallelAdapterMixin
-from vidpo.models.dit.attention import attention
-from vidpo.models.dit.parallelize import (ShardSpec, TPShard, _column, _megatron_linear, _row, apply_fsdp,
-                                         cp_local_frames)
 from vidpo.models.cogvideox.model import CogVideoXAdapter
+from vidpo.models.dit.attention import attention
+from vidpo.models.dit.parallelize import (
+    ShardSpec,
+    TPShard,
+    _column,
+    _megatron_linear,
+    _row,
+    apply_fsdp,
+    cp_local_frames,
+)
+from vidpo.parallel.mappings import all_gather_to_group, copy_to_group, group_rank, heads_to_sequence, sequence_to_heads
 
 COGVIDEOX_COLUMN_PARALLEL = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "ff.net.0.proj")
 COGVIDEOX_ROW_PARALLEL = ("attn1.to_out.0", "ff.net.2")
@@ -281,7 +288,7 @@ class ParallelCogVideoXAdapter(ParallelAdapterMixin, CogVideoXAdapter):
 def parallelize_cogvideox(adapter: CogVideoXAdapter, ctx, *, activation_checkpointing: str = "none",
                           compile: bool = False, fsdp: bool = True,
                           attention_backend: str = "sdpa") -> ParallelCogVideoXAdapter:
-    """TP -> CP -> activation checkpointing -> compile -> FSDP over ``ctx`` (a ``vidpo.distributed.ParallelContext``).
+    """TP -> CP -> activation checkpointing -> compile -> FSDP over ``ctx`` (a ``vidpo.training.distributed.ParallelContext``).
     The adapter's weights are the starting point and its modules are reused (non-TP parameters keep their
     storage): do not use ``adapter`` afterwards."""
     if not isinstance(adapter, CogVideoXAdapter):

@@ -1,4 +1,4 @@
-"""The IPO critic: a segment-level video scorer of (clip or latent, condition), trained by ``vidpo.critic``.
+"""The IPO critic: a segment-level video scorer of (clip or latent, condition), trained by ``vidpo.ipo.critic``.
 
     from vidpo.models.critic import VideoCritic, load_critic
     scores = critic(clips, tokens, segment_ids)   # .frames (B, T), .segments (B, S), .video (B,)

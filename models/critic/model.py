@@ -3,12 +3,12 @@
 ``VideoCritic.forward(x, cond, segment_ids) -> CriticScores``:
   x            (B, C, T, H, W)  pixel clip in [-1, 1] (toy world) or a VAE latent
   cond         (B, L) long      class-token ids (``cond_vocab_size > 0``), or (B, L, cond_dim) text features
-  segment_ids  (T,) long        frame -> segment 0..S-1 (``vidpo.segments.segment_ids``); None: one segment
+  segment_ids  (T,) long        frame -> segment 0..S-1 (``vidpo.data.segments.segment_ids``); None: one segment
   -> frames    (B, T)           one score per frame (latent frame of a ``pt``-patch repeated ``pt`` times)
      segments  (B, S)           mean of the frame scores of each segment
      video     (B,)             mean of the frame scores (= the frame-count-weighted mean of ``segments``)
 
-Scores are logits of a Bradley-Terry model with ties (``vidpo.critic``): for two videos of one prompt,
+Scores are logits of a Bradley-Terry model with ties (``vidpo.ipo.critic``): for two videos of one prompt,
 ``d = video_a - video_b`` and ``P(a better) = e^{d/2} / (e^{d/2} + e^{-d/2} + nu)`` where
 ``nu = exp(log_tie)`` is the Davidson tie parameter this module learns alongside the scores.
 
@@ -38,12 +38,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from vidpo.models.dit.config import DiTConfig
 from vidpo.models.dit.model import ClassTokenEmbedding, DiTBlock, TextEmbedding, patchify
@@ -96,7 +100,7 @@ class VideoCritic(nn.Module):
         self.pool_query = nn.Linear(d, 1)
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Dropout(dropout), nn.Linear(d, 1))
         self.log_tie = nn.Parameter(torch.tensor(float(tie_init)))
-        """log nu of the Davidson tie model (``vidpo.critic.bt_ties_log_probs``)."""
+        """log nu of the Davidson tie model (``vidpo.ipo.critic.bt_ties_log_probs``)."""
         self.init_weights()
 
     @torch.no_grad()
@@ -171,10 +175,6 @@ def critic_metadata(model: VideoCritic) -> dict:
 
 def save_critic(model: VideoCritic, path, extra: Optional[dict] = None) -> None:
     """Weights + rebuild metadata, written atomically (to ``path``.tmp-PID, then renamed)."""
-    import os
-    from pathlib import Path
-
-    from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,10 +187,6 @@ def save_critic(model: VideoCritic, path, extra: Optional[dict] = None) -> None:
 
 def load_critic(path, device: torch.device | str = "cpu") -> VideoCritic:
     """Rebuild a critic saved by ``save_critic`` (a .safetensors file or a directory holding critic.safetensors)."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     if path.is_dir():

@@ -9,8 +9,7 @@ rope.py       3-D rotary position embedding (Wan's head-dim split)
 attention.py  attention backends (sdpa, math, flash_attn, te, auto)
 model.py      VideoDiT and its modules (module names listed in its docstring)
 """
-from .attention import (AttentionBackendUnavailable, attention, available_backends, require_backend,
-                        resolve_backend)
+from .attention import AttentionBackendUnavailable, attention, available_backends, require_backend, resolve_backend
 from .config import PRESETS, DiTConfig, dit_config
 from .model import VideoDiT, build_dit, patchify, unpatchify
 

@@ -37,14 +37,32 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from vidpo.mappings import (all_gather_to_group, copy_to_group, gather_from_group, group_rank, group_size,
-                            heads_to_sequence, scatter_to_group, sequence_to_heads)
+from vidpo.parallel.mappings import (
+    all_gather_to_group,
+    copy_to_group,
+    gather_from_group,
+    group_rank,
+    group_size,
+    heads_to_sequence,
+    scatter_to_group,
+    sequence_to_heads,
+)
 
 from .attention import attention
-from .model import (CrossAttention, DiTBlock, MLP, RMSNorm, SelfAttention, VideoDiT, patchify, timestep_features,
-                    unpatchify)
+from .model import (
+    MLP,
+    CrossAttention,
+    DiTBlock,
+    RMSNorm,
+    SelfAttention,
+    VideoDiT,
+    patchify,
+    timestep_features,
+    unpatchify,
+)
 from .rope import apply_rope, grid_positions, rope_cos_sin
 
 # Module-name suffix -> number of fused parts along the output dim (column) ; row-parallel modules.
@@ -376,8 +394,6 @@ def apply_fsdp(model: ParallelVideoDiT, mesh, *, param_dtype: Optional[torch.dty
                reshard_after_forward: bool = True) -> ParallelVideoDiT:
     """FSDP2 ``fully_shard`` per block, then the root (embeddings, final layer). Gradients are SUMMED over
     the mesh (divide factor 1): every rank backpropagates the global loss (module docstring)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mp = MixedPrecisionPolicy(param_dtype=param_dtype if param_dtype not in (None, torch.float32) else None,
                               reduce_dtype=torch.float32)
     for block in model.blocks:
@@ -394,7 +410,7 @@ def apply_fsdp(model: ParallelVideoDiT, mesh, *, param_dtype: Optional[torch.dty
 def parallelize_dit(model: VideoDiT, ctx, *, activation_checkpointing: str = "none", compile: bool = False,
                     fsdp: bool = True) -> ParallelVideoDiT:
     """TP/SP -> CP -> activation checkpointing -> compile -> FSDP over ``ctx`` (a
-    ``vidpo.distributed.ParallelContext``). The input model's weights are the starting point; its modules
+    ``vidpo.training.distributed.ParallelContext``). The input model's weights are the starting point; its modules
     are reused (non-TP parameters keep their storage), so do not use ``model`` afterwards."""
     if not isinstance(model, VideoDiT):
         raise TypeError(f"parallelize_dit takes a VideoDiT, got {type(model).__name__}")

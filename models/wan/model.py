@@ -102,7 +102,7 @@ class WanAdapter(DiffusersVideoAdapter):
                null_cond: Optional[torch.Tensor] = None, sampler: Optional[str] = None) -> torch.Tensor:
         """Text-to-video with the flow scheduler (WanPipeline's loop): CFG ``v = v_null + w (v_cond - v_null)``
         then ``scheduler.step`` (Euler: ``x <- x + (sigma_next - sigma) v``). Row k starts from the noise of
-        sample ``indices[k]`` (``vidpo.seeding.randn_per_sample``). Returns (B, *shape) fp32."""
+        sample ``indices[k]`` (``vidpo.utils.seeding.randn_per_sample``). Returns (B, *shape) fp32."""
         return super().sample(cond, shape, seed=seed, indices=indices, steps=steps, cfg_scale=cfg_scale,
                               stream=stream, null_cond=null_cond, sampler=sampler, shift=shift)
 

@@ -2,7 +2,7 @@
 
 The mechanism is the video DiT's (``vidpo.models.dit.parallelize``), reused rather than repeated: megatron-core
 Column/RowParallelLinear layers holding this rank's shard (``_megatron_linear``, ``TPShard``), the named autograd
-collectives of ``vidpo.mappings`` with their backward duals, and FSDP2 with summed gradients (``apply_fsdp``).
+collectives of ``vidpo.parallel.mappings`` with their backward duals, and FSDP2 with summed gradients (``apply_fsdp``).
 What this module adds is the map of ``WanTransformer3DModel`` onto it. ``parallelize_wan(adapter, ctx)``
 returns a ``ParallelWanAdapter``: the same engine interface as ``WanAdapter`` (engine time, conditions, the
 rectified-flow hooks) whose ``transformer`` is a ``ParallelWanTransformer`` with the diffusers model's
@@ -43,13 +43,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vidpo.mappings import (copy_to_group, gather_from_group, group_rank, heads_to_sequence, reduce_from_group,
-                            scatter_to_group, sequence_to_heads)
 from vidpo.models.adapters import FeedForwardProjection, ParallelAdapterMixin
 from vidpo.models.dit.attention import attention
-from vidpo.models.dit.parallelize import (ShardSpec, TPShard, _column, _megatron_linear, _row, apply_fsdp,
-                                         cp_local_frames)
+from vidpo.models.dit.parallelize import (
+    ShardSpec,
+    TPShard,
+    _column,
+    _megatron_linear,
+    _row,
+    apply_fsdp,
+    cp_local_frames,
+)
 from vidpo.models.wan.model import WanAdapter
+from vidpo.parallel.mappings import (
+    copy_to_group,
+    gather_from_group,
+    group_rank,
+    heads_to_sequence,
+    reduce_from_group,
+    scatter_to_group,
+    sequence_to_heads,
+)
 
 # Module-name suffixes (inside a block) of the split layers; the QK norms are split with the heads.
 WAN_COLUMN_PARALLEL = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v",
@@ -298,7 +312,7 @@ class ParallelWanAdapter(ParallelAdapterMixin, WanAdapter):
 def parallelize_wan(adapter: WanAdapter, ctx, *, activation_checkpointing: str = "none", compile: bool = False,
                     fsdp: bool = True, attention_backend: str = "sdpa") -> ParallelWanAdapter:
     """TP/SP -> CP -> activation checkpointing -> compile -> FSDP over ``ctx`` (a
-    ``vidpo.distributed.ParallelContext``). The adapter's weights are the starting point and its modules are
+    ``vidpo.training.distributed.ParallelContext``). The adapter's weights are the starting point and its modules are
     reused (non-TP parameters keep their storage): do not use ``adapter`` afterwards."""
     if not isinstance(adapter, WanAdapter):
         raise TypeError(f"parallelize_wan takes a WanAdapter, got {type(adapter).__name__}")

@@ -26,8 +26,14 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from vidpo.data.decode.base import (FramePlan, VideoDecodeError, VideoDecoder, _first_line, check_file,
-                                    missing_frames_error)
+from vidpo.data.decode.base import (
+    FramePlan,
+    VideoDecodeError,
+    VideoDecoder,
+    _first_line,
+    check_file,
+    missing_frames_error,
+)
 
 log = logging.getLogger("vidpo")
 

@@ -30,8 +30,15 @@ import torch
 from vidpo.data.decode import dali as dali_backend
 from vidpo.data.decode import pyav as pyav_backend
 from vidpo.data.decode import torchcodec as torchcodec_backend
-from vidpo.data.decode.base import (SamplingSpec, VideoDecodeError, VideoDecoder, VideoInfo, plan_frames,
-                                    prepare_frames, probe)
+from vidpo.data.decode.base import (
+    SamplingSpec,
+    VideoDecodeError,
+    VideoDecoder,
+    VideoInfo,
+    plan_frames,
+    prepare_frames,
+    probe,
+)
 
 log = logging.getLogger("vidpo")
 

@@ -18,8 +18,14 @@ import math
 import numpy as np
 import torch
 
-from vidpo.data.decode.base import (FramePlan, VideoDecodeError, VideoDecoder, _first_line, check_file,
-                                    missing_frames_error)
+from vidpo.data.decode.base import (
+    FramePlan,
+    VideoDecodeError,
+    VideoDecoder,
+    _first_line,
+    check_file,
+    missing_frames_error,
+)
 
 SEEK_MIN_FRAMES = 64
 """Plans starting at or after this native frame seek instead of decoding from the beginning."""
@@ -44,7 +50,6 @@ class PyAVDecoder(VideoDecoder):
         super().__init__("cpu")
         import av
         import av.logging
-
         from av.video.reformatter import VideoReformatter
 
         self._av = av

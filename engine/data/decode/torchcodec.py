@@ -13,8 +13,14 @@ import functools
 
 import torch
 
-from vidpo.data.decode.base import (FramePlan, VideoDecodeError, VideoDecoder, _first_line, check_file,
-                                    missing_frames_error)
+from vidpo.data.decode.base import (
+    FramePlan,
+    VideoDecodeError,
+    VideoDecoder,
+    _first_line,
+    check_file,
+    missing_frames_error,
+)
 
 
 @functools.lru_cache(maxsize=1)

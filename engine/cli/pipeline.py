@@ -1,0 +1,110 @@
+"""TODO docstring"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from vidpo.cli.common import add_overrides
+from vidpo.config import load_config
+from vidpo.stages.cache import run_cache
+from vidpo.stages.common import setup_logging
+from vidpo.stages.compare import compare, markdown_table
+from vidpo.stages.generate import generate_pairs
+from vidpo.stages.label import label_pairs
+from vidpo.stages.pipeline import run_pipeline
+
+log = logging.getLogger("vidpo")
+
+
+# ----- CLI verbs --------------------------------------------------------------------------------------
+def _load(args):
+    return load_config(args.recipe, args.overrides)
+
+
+def cmd_generate(args) -> int:
+    cfg = _load(args)
+    print(json.dumps(generate_pairs(cfg, args.out, split=args.split), indent=2))
+    return 0
+
+
+def cmd_label(args) -> int:
+    cfg = _load(args)
+    stats = label_pairs(cfg, args.pairs)
+    print(json.dumps({k: v for k, v in stats.items() if k != "problems"}, indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    cfg = _load(args)
+    setup_logging(Path(args.out))
+    summary = run_pipeline(cfg, args.out, resume=not args.no_resume)
+    print(json.dumps({"oracle": summary["oracle"], "win_rate": summary["win_rate"],
+                      "timings": summary["timings"]}, indent=2))
+    return 0
+
+
+def add_pipeline_verbs(sub) -> None:
+    p = sub.add_parser("generate", help="sample preference pairs from the policy into shards + pairs.jsonl",
+                       description="Sample pairs (generate.mode vanilla | structural) from train.init_from into --out.")
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True, help="pairs directory")
+    p.add_argument("--split", default="train", choices=["train", "heldout"])
+    add_overrides(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("label", help="label the pairs of a pairs directory per segment (manifest.jsonl)",
+                       description="Label --pairs DIR with label.labeler (oracle | human | vlm | critic).")
+    p.add_argument("recipe")
+    p.add_argument("--pairs", required=True, help="pairs directory written by `vidpo generate`")
+    add_overrides(p)
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("run", help="generate -> label -> train -> eval -> report from one recipe",
+                       description="The main job: one round of preference optimisation into --out (resumable).")
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-resume", action="store_true")
+    add_overrides(p)
+    p.set_defaults(func=cmd_run)
+
+
+# ----- command line ------------------------------------------------------------------------------------
+def cmd_cache(args) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    print(json.dumps(run_cache(cfg, args.out, rank=rank, world_size=world), indent=2, default=str))
+    return 0
+
+
+def add_cache_verb(sub) -> None:
+    p = sub.add_parser("cache", help="encode a clip manifest into VAE-latent + text-embedding shards",
+                       description="Decode the clips of cache.manifest, encode them with cache.vae and their "
+                                   "captions with cache.text_encoder into --out (resumable; under torchrun, or "
+                                   "with --rank/--world-size, each process takes its share of the shards). "
+                                   "Train on the result with --set data.source=latents data.shards=OUT.")
+    p.add_argument("recipe", help="recipe YAML with a cache section")
+    p.add_argument("--out", required=True, help="cache directory (index.json + shards/)")
+    p.add_argument("--rank", type=int, help="this process's rank (default $RANK or 0)")
+    p.add_argument("--world-size", type=int, help="number of processes (default $WORLD_SIZE or 1)")
+    add_overrides(p)
+    p.set_defaults(func=cmd_cache)
+
+
+def cmd_compare(args) -> int:
+    result = compare(args.recipes, args.out, seeds=args.seeds, overrides=args.overrides)
+    print(markdown_table(result["methods"], result["runs"]), end="")
+    return 0
+
+
+def add_compare_verb(sub) -> None:
+    p = sub.add_parser("compare", help="run recipes x seeds through `vidpo run` and tabulate oracle deltas",
+                       description="Method comparison: each recipe is run for each seed (resumable); writes "
+                                   "OUT/summary.json, OUT/comparison.md and OUT/report.html.")
+    p.add_argument("recipes", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    add_overrides(p)
+    p.set_defaults(func=cmd_compare)

@@ -1,0 +1,338 @@
+"""The IPO critic: training with a Bradley-Terry loss that handles ties, accuracy, and labelling with it.
+
+IPO (Yang et al., arXiv:2502.02088) trains a critic on a small human-labelled preference set and lets it
+label the policy's new samples round after round: pairwise for DPO, pointwise (desirable / undesirable)
+for KTO. Here the critic is ``vidpo.models.critic.VideoCritic``; this module trains, measures and uses it.
+
+**Bradley-Terry with ties (Davidson, 1970).** For scores ``s_a, s_b`` of two videos of one prompt (whole
+video or one segment), ``d = s_a - s_b`` and the tie weight ``nu = exp(log_tie) > 0``::
+
+    P(a better) = e^{d/2} / Z,   P(b better) = e^{-d/2} / Z,   P(tie) = nu / Z,   Z = e^{d/2} + e^{-d/2} + nu
+
+i.e. a softmax over the logits ``(-d/2, log nu, d/2)`` for the labels ``(-1, 0, +1)``; ``nu -> 0`` is plain
+Bradley-Terry ``P(a better) = sigmoid(d)``. The loss of a pair with weight ``w`` (1 for a real label, the
+PCE for a Dual-IPO pseudo-label) is ``w * [nll(d_video, y_video) + segment_weight * mean_s nll(d_s, y_s)]``,
+and a batch's loss is ``sum_i w_i l_i / sum_i w_i``. Labelling calls a tie where it is the most likely
+outcome, ``|d| < 2 max(log nu, 0)``, unless ``critic.tie_margin`` says otherwise; ``critic.min_confidence``
+p also ties every pair whose winner's probability is below p (fewer labels, more of them right).
+
+**Accuracy** against reference labels (the oracle's, or held-out human labels): over pairs whose reference
+label is not a tie, the fraction where ``sign(d_video)`` agrees (a critic tie ``d = 0`` counts one half).
+
+**Pointwise labels (KTO)**: a video is desirable when its score is at or above ``critic.desirable`` (a
+quantile of the scored set, or an absolute score), undesirable at or below ``critic.undesirable``, else
+unused.
+
+**Ranked pairs (DPO)**: the critic scores a pool of videos; each prompt's top-scored videos are paired with
+its bottom-scored ones (``ranked_pairs``), instead of labelling the pairs as generated.
+
+**Symmetries.** The shapes world's judgement is unchanged by a horizontal flip (with left <-> right in the
+caption), a vertical flip (up <-> down) and time reversal (every direction reversed; the segments'
+order reverses too). They multiply the small seed set by up to 8 in training and give the Dual-IPO
+voting passes their distinct views of a pair (``Symmetries``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from vidpo.config import RunConfig
+from vidpo.config.loader import to_yaml
+from vidpo.data.pairs import MANIFEST_FILE, ShardReader, read_manifest
+from vidpo.evaluation.evaluate import mean_ci
+from vidpo.labeling.critic import Symmetries, build_critic, score_videos
+from vidpo.models.critic import CriticScores, VideoCritic
+from vidpo.models.critic.model import load_critic, save_critic
+from vidpo.stages.common import setup_logging
+from vidpo.training.modeling import build_world, pick_device, run_segment_ids, set_threads
+from vidpo.utils import atomic
+from vidpo.utils.seeding import derive_seed, generator
+
+log = logging.getLogger("vidpo")
+
+
+# ----- Bradley-Terry with ties ----------------------------------------------------------------------------
+def bt_ties_log_probs(d: torch.Tensor, log_tie: torch.Tensor) -> torch.Tensor:
+    """``(...,)`` score differences -> ``(..., 3)`` log-probabilities of the labels (-1, 0, +1) (module doc)."""
+    half = 0.5 * d
+    logits = torch.stack([-half, log_tie.to(d.dtype).expand_as(d), half], dim=-1)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def bt_ties_nll(d: torch.Tensor, labels: torch.Tensor, log_tie: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood ``(...,)`` of labels in {-1, 0, +1} under the Davidson model."""
+    index = (labels.to(torch.long) + 1).unsqueeze(-1)
+    return -bt_ties_log_probs(d, log_tie).gather(-1, index).squeeze(-1)
+
+
+def critic_loss(first: CriticScores, second: CriticScores, labels: torch.Tensor, video_labels: torch.Tensor,
+                log_tie: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                segment_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Weighted Davidson NLL of B pairs: labels (B, S) and video_labels (B,) in {-1, 0, +1}, weights (B,)."""
+    d_video = first.video - second.video
+    per_pair = bt_ties_nll(d_video, video_labels, log_tie)
+    if segment_weight > 0:
+        per_pair = per_pair + segment_weight * bt_ties_nll(first.segments - second.segments, labels, log_tie).mean(1)
+    w = torch.ones_like(per_pair) if weights is None else weights.to(per_pair)
+    loss = (w * per_pair).sum() / w.sum().clamp_min(1e-12)
+    nontie = video_labels != 0
+    agree = (torch.sign(d_video) == video_labels.to(d_video.dtype)).float()
+    metrics = {"critic_loss": float(loss.detach()), "nu": math.exp(float(log_tie.detach())),
+               "train_accuracy": float(agree[nontie].mean()) if bool(nontie.any()) else float("nan")}
+    return loss, metrics
+
+
+# ----- preference data in memory -------------------------------------------------------------------------
+@dataclass
+class PreferenceData:
+    """N labelled pairs held in memory (the critic's training / evaluation set)."""
+
+    first: torch.Tensor          # (N, C, T, H, W)
+    second: torch.Tensor         # (N, C, T, H, W)
+    cond_ids: torch.Tensor       # (N, K) long
+    labels: torch.Tensor         # (N, S) long in {-1, 0, 1}
+    video_labels: torch.Tensor   # (N,) long
+    weights: torch.Tensor        # (N,) float: 1 for real labels, the PCE for pseudo-labels
+    pair_ids: list
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    def subset(self, index: Sequence[int]) -> "PreferenceData":
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        return PreferenceData(self.first[idx], self.second[idx], self.cond_ids[idx], self.labels[idx],
+                              self.video_labels[idx], self.weights[idx], [self.pair_ids[i] for i in idx.tolist()])
+
+    @staticmethod
+    def concat(parts: Sequence["PreferenceData"]) -> "PreferenceData":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            raise ValueError("no labelled pairs to concatenate")
+        return PreferenceData(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                                ("first", "second", "cond_ids", "labels", "video_labels", "weights")),
+                              pair_ids=[i for p in parts for i in p.pair_ids])
+
+
+def load_preference_data(pairs_dir: str | Path, num_segments: Optional[int] = None, *,
+                         records=None) -> PreferenceData:
+    """The labelled pairs of ``pairs_dir/manifest.jsonl`` (or the given records of that directory)."""
+    pairs_dir = Path(pairs_dir)
+    if records is None:
+        records, problems = read_manifest(pairs_dir / MANIFEST_FILE, need_labels=True, on_error="skip",
+                                          num_segments=num_segments)
+        if problems:
+            log.warning("critic data: %d unusable manifest lines in %s skipped", len(problems), pairs_dir)
+    if not records:
+        raise ValueError(f"{pairs_dir}: no labelled pairs")
+    reader = ShardReader(pairs_dir)
+    # A record without a whole-video label gets the majority vote of its segment labels.
+    video = [r.video_label if r.video_label is not None else (sum(r.labels) > 0) - (sum(r.labels) < 0)
+             for r in records]
+    weights = [float(r.extra.get("weight", 1.0)) for r in records]
+    return PreferenceData(first=torch.stack([reader.get(r, "first") for r in records]).float(),
+                          second=torch.stack([reader.get(r, "second") for r in records]).float(),
+                          cond_ids=torch.tensor([r.cond_ids for r in records], dtype=torch.long),
+                          labels=torch.tensor([r.labels for r in records], dtype=torch.long),
+                          video_labels=torch.tensor(video, dtype=torch.long),
+                          weights=torch.tensor(weights, dtype=torch.float32),
+                          pair_ids=[r.pair_id for r in records])
+
+
+def critic_accuracy(critic: VideoCritic, data: PreferenceData, world, segment_ids: torch.Tensor, *,
+                    batch_size: int = 128) -> dict:
+    """Agreement with ``data``'s labels (module doc): ``accuracy`` over non-tie video labels, its count ``n``,
+    ``segment_accuracy`` over non-tie segment labels, and ``correct`` (n,) per pair (for paired comparisons)."""
+    a = score_videos(critic, data.first, data.cond_ids, world, segment_ids, batch_size=batch_size)
+    b = score_videos(critic, data.second, data.cond_ids, world, segment_ids, batch_size=batch_size)
+    d, y = a.video - b.video, data.video_labels
+    keep = y != 0
+    hit = (torch.sign(d) == y.to(d.dtype)).double() + 0.5 * (d == 0).double()
+    ds, ys = a.segments - b.segments, data.labels
+    seg_keep = ys != 0
+    seg_hit = (torch.sign(ds) == ys.to(ds.dtype)).double() + 0.5 * (ds == 0).double()
+    return {"accuracy": float(hit[keep].mean()) if bool(keep.any()) else None, "n": int(keep.sum()),
+            "segment_accuracy": float(seg_hit[seg_keep].mean()) if bool(seg_keep.any()) else None,
+            "correct": hit[keep], "pair_ids": [p for p, k in zip(data.pair_ids, keep.tolist()) if k]}
+
+
+def within_prompt_pairs(world, cond_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every unordered pair (i, j), i < j, of videos with the same prompt: (first (P,), second (P,)) indices."""
+    index = world.condition_index(cond_ids)
+    first, second = [], []
+    for prompt in index.unique().tolist():
+        members = torch.nonzero(index == prompt).flatten().tolist()
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                first.append(members[a])
+                second.append(members[b])
+    return torch.tensor(first, dtype=torch.long), torch.tensor(second, dtype=torch.long)
+
+
+def pool_accuracy(critic: VideoCritic, videos: torch.Tensor, cond_ids: torch.Tensor, truth: torch.Tensor, world,
+                  segment_ids: torch.Tensor, *, batch_size: int = 128) -> dict:
+    """Agreement with ``truth`` (N,) reference scores (the oracle's) over every within-prompt pair of ``videos``
+    (N, C, T, H, W): ``accuracy``, ``n``, ``correct`` (n,) per pair (for paired comparisons, ``pool_gain``) and
+    ``prompt`` (n,), each pair's prompt index.
+
+    Why: a run's fresh pairs are a few hundred at most, and accuracy over 128 pairs moves by +-0.04 between
+    critics that are equally good; the same videos hold ~7x as many within-prompt pairs, for the cost of one
+    scoring pass."""
+    first, second = within_prompt_pairs(world, cond_ids)
+    y = torch.sign(truth[first].double() - truth[second].double())
+    scores = score_videos(critic, videos, cond_ids, world, segment_ids, batch_size=batch_size).video.double()
+    d, keep = scores[first] - scores[second], y != 0
+    hit = (torch.sign(d) == y).double() + 0.5 * (d == 0).double()
+    return {"accuracy": float(hit[keep].mean()) if bool(keep.any()) else None, "n": int(keep.sum()),
+            "correct": hit[keep], "prompt": world.condition_index(cond_ids)[first][keep]}
+
+
+def pool_gain(after: dict, before: dict) -> dict:
+    """Paired accuracy difference of two ``pool_accuracy`` results on the same videos: ``vidpo.evaluation.evaluate.mean_ci``
+    over the prompts of each prompt's mean difference.
+
+    Why over prompts: the pool's pairs share videos (each video is in 15-63 of them), so a normal interval over
+    the pairs treats correlated pairs as independent and is too narrow; the prompts' videos are independent
+    draws, so each prompt is one independent cluster."""
+    diff, prompt = after["correct"] - before["correct"], before["prompt"]
+    if not torch.equal(prompt, after["prompt"]):
+        raise ValueError("pool_gain needs two pool_accuracy results over the same videos")
+    return mean_ci(torch.stack([diff[prompt == p].mean() for p in prompt.unique()]))
+
+
+def pointwise_labels(scores: torch.Tensor, mode: str, desirable: float, undesirable: float) -> torch.Tensor:
+    """KTO labels (n,) int64 from scores (n,): +1 desirable, -1 undesirable, 0 unused (module doc)."""
+    scores = scores.double().flatten()
+    if mode == "quantile":
+        if not 0.0 <= undesirable < desirable <= 1.0:
+            raise ValueError(f"critic quantiles need 0 <= undesirable < desirable <= 1, got "
+                             f"undesirable={undesirable}, desirable={desirable}")
+        hi, lo = torch.quantile(scores, desirable), torch.quantile(scores, undesirable)
+    elif mode == "threshold":
+        if not undesirable < desirable:
+            raise ValueError(f"critic thresholds need undesirable < desirable, got {undesirable} >= {desirable}")
+        hi, lo = torch.tensor(desirable, dtype=scores.dtype), torch.tensor(undesirable, dtype=scores.dtype)
+    else:
+        raise ValueError(f"critic.pointwise must be 'quantile' or 'threshold', got {mode!r}")
+    return (scores >= hi).long() - ((scores <= lo) & (scores < hi)).long()
+
+
+# ----- training -------------------------------------------------------------------------------------------
+def train_critic(cfg: RunConfig, data: PreferenceData, world, segment_ids: torch.Tensor, *,
+                 stream: Sequence[object] = ("critic",), device=None, metrics_path: Optional[Path] = None,
+                 init: Optional[VideoCritic] = None) -> tuple[VideoCritic, dict]:
+    """Train a fresh critic (or a copy of ``init``: a warm start) on ``data`` for ``critic.steps`` AdamW steps;
+    returns (critic, info).
+
+    Every draw (init, batches, symmetries, dropout) comes from streams named ``(seed, *stream, ...)``, so a
+    rerun reproduces the same critic. ``metrics_path`` receives one JSON row per 10 steps.
+    """
+    c = cfg.critic
+    device = device or pick_device()
+    if len(data) == 0:
+        raise ValueError("critic training needs at least one labelled pair")
+    if init is not None:
+        critic = copy.deepcopy(init).to(device)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(derive_seed(cfg.seed, *stream, "init"))
+            critic = build_critic(cfg, world).to(device)
+    critic.log_tie.requires_grad_(c.learn_ties)
+    params = [p for p in critic.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    def lr_factor(step: int) -> float:
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        progress = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    symmetries = Symmetries(world, segment_ids)
+    seg = segment_ids.to(device)
+    rows, t0 = [], time.time()
+    critic.train()
+    for step in range(c.steps):
+        g = generator(cfg.seed, *stream, "batch", step)
+        idx = torch.randint(len(data), (min(c.batch_size, len(data)),), generator=g)
+        views = (torch.randint(len(symmetries), (len(idx),), generator=g) if c.augment
+                 else torch.zeros(len(idx), dtype=torch.long))
+        first, second, cond = data.first[idx], data.second[idx], data.cond_ids[idx]
+        labels = data.labels[idx].clone()
+        for k in views.unique().tolist():
+            if k == 0:
+                continue
+            rows_k = views == k
+            first[rows_k], second[rows_k] = symmetries.clips(k, first[rows_k]), symmetries.clips(k, second[rows_k])
+            cond[rows_k] = symmetries.cond_ids(k, cond[rows_k])
+            labels[rows_k] = symmetries.segments(k, labels[rows_k])
+        tokens = world.tokens(cond).to(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(derive_seed(cfg.seed, *stream, "dropout", step))
+            out = critic(torch.cat([first, second]).to(device), torch.cat([tokens, tokens]), seg)
+        n = len(idx)
+        a = type(out)(frames=out.frames[:n], segments=out.segments[:n], video=out.video[:n])
+        b = type(out)(frames=out.frames[n:], segments=out.segments[n:], video=out.video[n:])
+        loss, metrics = critic_loss(a, b, labels.to(device), data.video_labels[idx].to(device), critic.log_tie,
+                                    data.weights[idx].to(device), c.segment_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if (step + 1) % 10 == 0 or step + 1 == c.steps:
+            rows.append({"step": step + 1, "phase": "critic", **metrics, "lr": scheduler.get_last_lr()[0]})
+    critic.eval()
+    if metrics_path is not None:
+        atomic.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+    info = {"pairs": len(data), "weighted_pairs": round(float(data.weights.sum()), 2), "steps": c.steps,
+            "nu": critic.tie_parameter, "seconds": round(time.time() - t0, 1),
+            "final_loss": rows[-1]["critic_loss"] if rows else None, "symmetries": [s.name for s in symmetries.items]}
+    log.info("critic: trained on %d pairs (weight %.1f) for %d steps in %.1fs, nu=%.3f", len(data),
+             info["weighted_pairs"], c.steps, info["seconds"], info["nu"])
+    return critic, info
+
+
+# ----- the jobs behind `vidpo critic train | eval` ------------------------------------------------------------
+def critic_train_job(cfg: RunConfig, out_dir: str | Path, pairs: Sequence[str | Path],
+                     heldout: Sequence[str | Path] = ()) -> dict:
+    """Train a critic on the labelled ``pairs`` directories into ``out_dir``; its accuracy on ``heldout`` (default:
+    ``critic.heldout_fraction`` of ``pairs``, held out) goes into ``critic.json``, which is returned."""
+    out = Path(out_dir)
+    setup_logging(out)
+    set_threads(cfg)
+    world, seg = build_world(cfg), run_segment_ids(cfg)
+    data = PreferenceData.concat([load_preference_data(p, int(seg.max()) + 1) for p in pairs])
+    if heldout:
+        heldout = PreferenceData.concat([load_preference_data(p, int(seg.max()) + 1) for p in heldout])
+    else:
+        order = torch.randperm(len(data), generator=generator(cfg.seed, "critic-split")).tolist()
+        cut = int(round(len(data) * cfg.critic.heldout_fraction))
+        heldout = data.subset(order[:cut]) if cut else None
+        data = data.subset(order[cut:])
+    critic, info = train_critic(cfg, data, world, seg, metrics_path=out / "metrics.jsonl")
+    if heldout is not None and len(heldout):
+        acc = critic_accuracy(critic, heldout, world, seg)
+        info["heldout"] = {k: acc[k] for k in ("accuracy", "n", "segment_accuracy")}
+    save_critic(critic, out / "critic.safetensors")
+    atomic.write_text(out / "config.yaml", to_yaml(cfg))
+    atomic.write_json(out / "critic.json", info)
+    return info
+
+
+def critic_eval_job(cfg: RunConfig, critic_path: str | Path, pairs: Sequence[str | Path]) -> dict:
+    """Accuracy of the critic at ``critic_path`` against the labels of each pairs directory."""
+    world, seg = build_world(cfg), run_segment_ids(cfg)
+    critic = load_critic(critic_path, pick_device())
+    result = {}
+    for directory in pairs:
+        acc = critic_accuracy(critic, load_preference_data(directory, int(seg.max()) + 1), world, seg)
+        result[str(directory)] = {k: acc[k] for k in ("accuracy", "n", "segment_accuracy")}
+    return result

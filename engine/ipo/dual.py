@@ -1,0 +1,288 @@
+"""Dual-IPO critic self-refinement: pseudo-labels by majority vote, filtered and weighted by the PCE.
+
+Dual-IPO (arXiv:2502.02088, "Self-Refined Preference Optimization") refines the critic between rounds
+without new human labels:
+
+1. **Votes.** The critic labels each new pair ``K`` times (``iterate.votes``), every pass stochastic:
+   Monte-Carlo dropout with its own seed and, with ``iterate.vote_augment``, a different label-preserving
+   view of the pair (``vidpo.labeling.critic.Symmetries``: flips and time reversal with the caption mapped). The
+   order of a pair needs no swapping: the critic scores each video on its own, so ``d(a, b) = -d(b, a)``
+   holds exactly. A pass calls a tie when the critic's probability of the winner is below
+   ``iterate.vote_min_confidence`` (and, with ``iterate.vote_keep_fraction`` f > 0, outside the pass' fraction f
+   of the pairs with the largest score gap). The pseudo-label is the **mode** of the K labels in {-1, 0, +1} (a tie
+   between the counts of two labels gives 0); ``agreement`` = its count / K. A tie vote is not kept. The
+   "new pairs" are the round's generated pairs, or (``iterate.refine_pairs: within_prompt``) every pair of
+   two of the round's videos with one prompt: ~2N^2 / prompts pairs instead of N for the same scoring cost,
+   since each pass scores each video once.
+
+2. **Preference Certainty Estimate.** The paper defines the PCE from DPO's implicit reward
+   ``R(y|x) = log pi_theta(y|x) / pi_ref(y|x)`` and the dataset-average reward ``Q`` but its equation did
+   not survive; vidpo implements, for a pseudo-label saying ``y_w`` beats ``y_l``::
+
+       R(y|x)   = -beta * mean_m [ err_theta(y; t_m, eps_m) - err_ref(y; t_m, eps_m) ]          (Diffusion-DPO)
+       err(y; t, eps) = mean_{C,T,H,W} (v(x_t, t, x) - (eps - y))^2,   x_t = (1 - t) y + t eps
+       Q        = mean of R over the round's 2N videos (each once, however many pairs it is in)
+       tau      = iterate.pce_temperature, or (when 0) the standard deviation of R over those 2N videos
+       PCE      = 1/2 * [ sigmoid((R(y_w|x) - Q) / tau) + sigmoid((Q - R(y_l|x)) / tau) ]
+
+   ``(t_m, eps_m)``, m = 1..M (``iterate.pce_timesteps``), are drawn once per pair and shared by its two
+   videos (within-prompt pairs: once per prompt, shared by all its videos), ``t`` in ``[flow.t_min,
+   flow.t_max]`` as in training; theta is the policy that generated the pairs and ref its reference in the
+   round that trained it. The two terms are KTO-style values of the
+   winner above the population's reference point and of the loser below it, so PCE is in (0, 1), equals
+   1/2 when the policy is indifferent, and **PCE > 1/2 exactly when R(y_w|x) > R(y_l|x)**: the policy's
+   implicit reward agrees with the critic's vote (Q shifts both terms equally and cancels from that
+   decision). Q and tau matter for the *weight*: a winner well above the average and a loser well below
+   it give PCE near 1, two videos on the same side of Q give PCE near 1/2. Dividing by tau makes the PCE
+   independent of beta's scale.
+
+3. **Filter and weight.** Pseudo-labels with ``PCE > iterate.pce_threshold`` (0.5) are kept; the critic
+   is retrained from scratch (``iterate.refine_steps``) on the seed labels (weight 1) plus the kept
+   pseudo-labels (weight = PCE) with the weighted Bradley-Terry loss of ``vidpo.ipo.critic.critic_loss``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from vidpo.ipo.critic import PreferenceData, within_prompt_pairs
+from vidpo.ipo.pairing import read_pool
+from vidpo.labeling.critic import Symmetries, labels_from_differences, score_videos, tie_margin_of
+from vidpo.models import flow
+from vidpo.utils import atomic
+from vidpo.utils.seeding import derive_seed, generator
+
+log = logging.getLogger("vidpo")
+
+PSEUDO_FILE = "pseudo.jsonl"
+"""Pseudo-labels of a pairs directory (every voted pair, with its PCE and whether it was kept)."""
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class VoteResult:
+    """Majority vote of K critic passes over B pairs with S segments."""
+
+    labels: torch.Tensor        # (B, S) int64: mode of the passes' segment labels ('segment' granularity),
+                                # else the whole-video vote copied to every segment
+    video_labels: torch.Tensor  # (B,) int64 mode of the passes' whole-video labels
+    agreement: torch.Tensor     # (B,) float: share of the passes that gave the video label
+    passes: torch.Tensor        # (K, B) int64 each pass' whole-video label
+
+
+def mode_vote(votes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mode over dim 0 of labels in {-1, 0, +1}: ``(K, ...) -> (label (...), share of K (...))``.
+
+    When the two most frequent labels have equal counts the result is 0 (no majority)."""
+    counts = torch.stack([(votes == v).sum(0) for v in (-1, 0, 1)], dim=-1)    # (..., 3)
+    top, arg = counts.max(-1)
+    contested = (counts == top.unsqueeze(-1)).sum(-1) > 1
+    label = torch.where(contested, torch.zeros_like(arg), arg - 1)
+    share = torch.where(contested, torch.zeros_like(top), top).double() / votes.shape[0]
+    return label.long(), share
+
+
+def critic_votes(critic, first: torch.Tensor, second: torch.Tensor, cond_ids: torch.Tensor, world,
+                 segment_ids: torch.Tensor, *, passes: int, seed: int, dropout: bool = True, augment: bool = True,
+                 tie_margin: Optional[float] = None, min_confidence: float = 0.0, granularity: str = "video",
+                 batch_size: int = 128) -> VoteResult:
+    """K stochastic critic passes over the pairs (first[i], second[i]) and their majority vote (module doc)."""
+    n = first.shape[0]
+    return indexed_votes(critic, torch.cat([first, second]), torch.cat([cond_ids, cond_ids]), torch.arange(n),
+                         torch.arange(n, 2 * n), world, segment_ids, passes=passes, seed=seed, dropout=dropout,
+                         augment=augment, tie_margin=tie_margin, min_confidence=min_confidence,
+                         granularity=granularity, batch_size=batch_size)
+
+
+def indexed_votes(critic, videos: torch.Tensor, cond_ids: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+                  world, segment_ids: torch.Tensor, *, passes: int, seed: int, dropout: bool = True,
+                  augment: bool = True, tie_margin: Optional[float] = None, min_confidence: float = 0.0,
+                  keep_fraction: float = 0.0, granularity: str = "video", batch_size: int = 128) -> VoteResult:
+    """The votes of ``critic_votes`` over pairs given as indices into one set of videos (N, C, T, H, W): pair i
+    is ``(videos[first[i]], videos[second[i]])``, both of one prompt.
+
+    ``keep_fraction`` f > 0 replaces the fixed margin with one per pass: each pass votes only on its fraction f
+    of the pairs with the largest |score difference| (and calls the rest ties), so a sharper critic does not let
+    more votes through than a blunter one (``iterate.vote_keep_fraction``).
+
+    The critic scores each video on its own, so one pass scores each of the N videos once, in that pass' view
+    and dropout draw, whatever the number of pairs (the within-prompt pairs of N videos are ~N^2 / 2 / prompts)."""
+    if passes < 1:
+        raise ValueError(f"iterate.votes must be >= 1, got {passes}")
+    if not 0.0 <= keep_fraction <= 1.0:
+        raise ValueError(f"iterate.vote_keep_fraction must be in [0, 1], got {keep_fraction}")
+    symmetries = Symmetries(world, segment_ids)
+    margin = tie_margin_of(critic, tie_margin, min_confidence)
+    seg_votes, video_votes = [], []
+    for k in range(passes):
+        view = k % len(symmetries) if augment else 0
+        s = score_videos(critic, videos, cond_ids, world, segment_ids, batch_size=batch_size, symmetries=symmetries,
+                         view=view, dropout_seed=derive_seed(seed, "vote", k) if dropout else None)
+        d_seg, d_video = s.segments[first] - s.segments[second], s.video[first] - s.video[second]
+        seg_margin = video_margin = margin
+        if keep_fraction > 0:   # the (1 - f) quantile of this pass' |d|: only larger differences vote
+            video_margin = max(margin, float(torch.quantile(d_video.abs().double(), 1.0 - keep_fraction)))
+            seg_margin = max(margin, float(torch.quantile(d_seg.abs().double().flatten(), 1.0 - keep_fraction)))
+        seg_votes.append(labels_from_differences(d_seg, seg_margin))
+        video_votes.append(labels_from_differences(d_video, video_margin))
+    video_stack = torch.stack(video_votes)
+    video, agreement = mode_vote(video_stack)
+    if granularity == "segment":
+        labels, _ = mode_vote(torch.stack(seg_votes))
+    else:   # one verdict per pair, copied to every segment (as the critic labeller does)
+        labels = video[:, None].expand(-1, seg_votes[0].shape[1]).contiguous()
+    return VoteResult(labels=labels, video_labels=video, agreement=agreement.float(), passes=video_stack)
+
+
+def implicit_rewards(policy: VelocityFn, reference: VelocityFn, first: torch.Tensor, second: torch.Tensor,
+                     tokens: torch.Tensor, *, beta: float, seed: int, draws: int, t_min: float, t_max: float,
+                     batch_size: int = 64, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO implicit rewards R (B,), (B,) of the two videos of each pair (formula in the module doc).
+
+    ``policy`` / ``reference`` map ``(x_t, t, tokens) -> v``. Draw m of pair i uses the stream
+    ``(seed, "pce", m, i)`` for both of its videos, whatever the batching."""
+    n = first.shape[0]
+    keys = torch.cat([torch.arange(n), torch.arange(n)])
+    rewards = video_implicit_rewards(policy, reference, torch.cat([first, second]), torch.cat([tokens, tokens]), keys,
+                                     beta=beta, seed=seed, draws=draws, t_min=t_min, t_max=t_max,
+                                     batch_size=2 * batch_size, device=device)
+    return rewards[:n], rewards[n:]
+
+
+@torch.no_grad()
+def video_implicit_rewards(policy: VelocityFn, reference: VelocityFn, videos: torch.Tensor, tokens: torch.Tensor,
+                           keys: torch.Tensor, *, beta: float, seed: int, draws: int, t_min: float, t_max: float,
+                           batch_size: int = 128, device="cpu") -> torch.Tensor:
+    """Implicit rewards R (N,) of N videos; video i's draw m uses the stream ``(seed, "pce", m, keys[i])``.
+
+    Videos that are compared share a key (the two of a pair, or every video of one prompt), so their rewards see
+    the same (t, noise) draws and the draws' variance cancels from R(y_w) - R(y_l), the PCE's decision."""
+    rewards = torch.zeros(videos.shape[0], dtype=torch.float64)
+    for start in range(0, videos.shape[0], batch_size):
+        rows = range(start, min(videos.shape[0], start + batch_size))
+        x0 = videos[rows.start:rows.stop].float().to(device)
+        tok = tokens[rows.start:rows.stop].to(device)
+        for m in range(draws):
+            gens = [generator(seed, "pce", m, int(keys[i])) for i in rows]
+            t = torch.cat([flow.sample_timesteps(1, g, t_min=t_min, t_max=t_max) for g in gens]).to(device)
+            eps = torch.stack([torch.randn(videos.shape[1:], generator=g) for g in gens]).to(device)
+            x_t = flow.interpolate(x0, eps, t)
+            target = eps - x0
+            err_theta = (policy(x_t, t, tok).float() - target).pow(2).mean((1, 2, 3, 4))
+            err_ref = (reference(x_t, t, tok).float() - target).pow(2).mean((1, 2, 3, 4))
+            rewards[rows.start:rows.stop] += (-beta * (err_theta - err_ref)).double().cpu() / draws
+    return rewards
+
+
+def preference_certainty(r_first: torch.Tensor, r_second: torch.Tensor, video_labels: torch.Tensor, *,
+                         temperature: float = 0.0, population: Optional[torch.Tensor] = None
+                         ) -> tuple[torch.Tensor, float, float]:
+    """PCE (B,) of pseudo-labels ``video_labels`` (B,) given implicit rewards (B,), (B,); returns (pce, Q, tau).
+
+    PCE = 1/2 [sigmoid((R_w - Q) / tau) + sigmoid((Q - R_l) / tau)] (module doc); a tie vote gets PCE 0.
+    Q and tau are the mean and standard deviation of ``population`` (the rewards of every video once), by
+    default of the 2B rewards given (right when each video is in one pair)."""
+    rewards = (torch.cat([r_first, r_second]) if population is None else population).double()
+    q = float(rewards.mean())
+    tau = float(temperature) if temperature > 0 else float(rewards.std(unbiased=False))
+    tau = max(tau, 1e-12)
+    first_wins = video_labels > 0
+    r_w = torch.where(first_wins, r_first.double(), r_second.double())
+    r_l = torch.where(first_wins, r_second.double(), r_first.double())
+    pce = 0.5 * (torch.sigmoid((r_w - q) / tau) + torch.sigmoid((q - r_l) / tau))
+    return torch.where(video_labels != 0, pce, torch.zeros_like(pce)), q, tau
+
+
+# ----- one refinement's pseudo-labels -------------------------------------------------------------------
+def refinement_pairs(world, cond_ids: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which pairs of a round's pool of 2N videos (the generated pairs' first videos, then their second ones)
+    are pseudo-labelled (``iterate.refine_pairs``): ``(first (P,), second (P,), draw keys (2N,))``.
+
+    'generated': the N generated pairs (i, N + i); the implicit-reward draws are shared per pair.
+    'within_prompt': every pair of two videos of one prompt (``vidpo.ipo.critic.within_prompt_pairs``); the draws
+    are shared per prompt, so every compared pair shares them."""
+    n = cond_ids.shape[0] // 2
+    if mode == "generated":
+        return torch.arange(n), torch.arange(n, 2 * n), torch.cat([torch.arange(n), torch.arange(n)])
+    if mode == "within_prompt":
+        first, second = within_prompt_pairs(world, cond_ids)
+        return first, second, world.condition_index(cond_ids).long()
+    raise ValueError(f"iterate.refine_pairs must be 'generated' or 'within_prompt', got {mode!r}")
+
+
+def pseudo_label_pairs(pairs_dir: str | Path, critic, policy: VelocityFn, reference: VelocityFn, cfg, world,
+                       segment_ids: torch.Tensor, *, stream: tuple = ("pseudo",), device="cpu") -> dict:
+    """Vote, compute the PCE and write ``pairs_dir/pseudo.jsonl`` (every voted pair, its vote, PCE, ``kept``).
+
+    Reads the videos of the unlabelled ``pairs.jsonl`` of ``pairs_dir`` and votes on the pairs
+    ``iterate.refine_pairs`` names; each line gives the pair's two videos as indices into that pool
+    (``first_video``, ``second_video``). Returns counts and the reward statistics."""
+    pairs_dir = Path(pairs_dir)
+    videos, cond_ids = read_pool(pairs_dir)
+    it = cfg.iterate
+    first, second, keys = refinement_pairs(world, cond_ids, it.refine_pairs)
+    seed = derive_seed(cfg.seed, *stream)
+    votes = indexed_votes(critic, videos, cond_ids, first, second, world, segment_ids, passes=it.votes, seed=seed,
+                          dropout=it.vote_dropout, augment=it.vote_augment, tie_margin=cfg.critic.tie_margin,
+                          min_confidence=it.vote_min_confidence, keep_fraction=it.vote_keep_fraction,
+                          granularity=cfg.critic.granularity, batch_size=cfg.critic.batch_size_eval)
+    rewards = video_implicit_rewards(policy, reference, videos, world.tokens(cond_ids), keys, beta=cfg.pref.beta,
+                                     seed=seed, draws=it.pce_timesteps, t_min=cfg.flow.t_min, t_max=cfg.flow.t_max,
+                                     device=device)
+    r_first, r_second = rewards[first], rewards[second]
+    pce, q, tau = preference_certainty(r_first, r_second, votes.video_labels, temperature=it.pce_temperature,
+                                       population=rewards)
+    kept = (pce > it.pce_threshold) & (votes.video_labels != 0)
+    captions = world.captions(cond_ids[first])
+    lines = []
+    for i in range(len(first)):
+        a, b = int(first[i]), int(second[i])
+        lines.append(json.dumps({
+            "pair_id": f"{it.refine_pairs}-{a:06d}-{b:06d}", "first_video": a, "second_video": b,
+            "cond_ids": cond_ids[a].tolist(), "caption": captions[i], "labels": votes.labels[i].tolist(),
+            "video_label": int(votes.video_labels[i]), "label_source": "critic-vote",
+            "agreement": round(float(votes.agreement[i]), 4), "reward_first": float(r_first[i]),
+            "reward_second": float(r_second[i]), "pce": round(float(pce[i]), 6), "weight": round(float(pce[i]), 6),
+            "kept": bool(kept[i])}))
+    atomic.write_text(pairs_dir / PSEUDO_FILE, "\n".join(lines) + "\n")
+    stats = {"pairs": len(lines), "pairing": it.refine_pairs, "videos": int(videos.shape[0]),
+             "vote_ties": int((votes.video_labels == 0).sum()), "kept": int(kept.sum()),
+             "kept_fraction": float(kept.double().mean()), "reward_mean_Q": q, "reward_std_tau": tau,
+             "mean_agreement": float(votes.agreement.mean()),
+             "pce_mean_kept": float(pce[kept].mean()) if bool(kept.any()) else None}
+    log.info("dual-ipo: %d %s pairs voted (%d ties), %d pseudo-labels kept with PCE > %.2f (Q=%.4f, tau=%.4f)",
+             stats["pairs"], it.refine_pairs, stats["vote_ties"], stats["kept"], it.pce_threshold, q, tau)
+    return stats
+
+
+def read_pseudo_rows(pairs_dir: str | Path) -> list[dict]:
+    """The lines of ``pairs_dir/pseudo.jsonl`` (one voted pair each)."""
+    path = Path(pairs_dir) / PSEUDO_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_pseudo_labels(pairs_dir: str | Path, num_segments: int) -> Optional[PreferenceData]:
+    """The kept pseudo-labels of ``pairs_dir/pseudo.jsonl`` as weighted preference data (weight = PCE); None when
+    the PCE kept none."""
+    pairs_dir = Path(pairs_dir)
+    rows = [r for r in read_pseudo_rows(pairs_dir) if r["kept"]]
+    if not rows:
+        return None
+    videos, _ = read_pool(pairs_dir)
+    first = torch.tensor([r["first_video"] for r in rows], dtype=torch.long)
+    second = torch.tensor([r["second_video"] for r in rows], dtype=torch.long)
+    labels = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+    if labels.shape[1] != num_segments:
+        raise ValueError(f"{pairs_dir / PSEUDO_FILE}: pseudo-labels have {labels.shape[1]} segments, the run has "
+                         f"{num_segments}")
+    return PreferenceData(first=videos[first], second=videos[second],
+                          cond_ids=torch.tensor([r["cond_ids"] for r in rows], dtype=torch.long), labels=labels,
+                          video_labels=torch.tensor([r["video_label"] for r in rows], dtype=torch.long),
+                          weights=torch.tensor([float(r["weight"]) for r in rows], dtype=torch.float32),
+                          pair_ids=[r["pair_id"] for r in rows])

@@ -1,0 +1,170 @@
+"""The preference pipeline: ``generate -> label -> train -> eval -> report`` (``vidpo run``).
+
+Each stage is a CLI verb and a function, and each is resumable:
+  * generate: shards are written atomically one by one; a rerun skips complete shards;
+  * label:    labelled pairs are appended to ``labels.partial.jsonl`` batch by batch, so a rerun (after a kill,
+              or a VLM server outage) labels only what is left; ``manifest.jsonl`` is written at the end;
+  * train:    checkpoints + exact resume (``vidpo.training.trainer``);
+  * eval/report: recomputed from the saved weights.
+
+``vidpo run RECIPE --out DIR`` puts pairs in ``DIR/pairs`` (and ``DIR/pairs_heldout``), the training run
+(checkpoints, metrics.jsonl) in ``DIR`` itself, and writes ``DIR/summary.json`` and ``DIR/report.html``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from vidpo.config import ConfigError, RunConfig, resolve_path, to_yaml
+from vidpo.data.oracle import ShapesOracle
+from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, ShardReader, read_manifest, validate_records
+from vidpo.evaluation.evaluate import evaluate_model, paired_delta
+from vidpo.models.lora import save_lora
+from vidpo.objectives.preference import PreferenceObjective, implicit_accuracy
+from vidpo.stages.common import save_samples, setup_logging, write_run_report
+from vidpo.stages.generate import generate_pairs
+from vidpo.stages.label import label_pairs
+from vidpo.training import checkpoint as ckpt
+from vidpo.training.modeling import build_world, load_initial_policy, pick_device, run_segment_ids, set_threads
+from vidpo.training.policy import prepare_parallel_policy, prepare_policy, start_distributed
+from vidpo.training.trainer import Trainer
+from vidpo.utils import atomic
+from vidpo.utils.seeding import seed_everything
+
+log = logging.getLogger("vidpo")
+
+
+def load_pairs(cfg: RunConfig, pairs_dir: str | Path, num_segments: int) -> tuple[list[PairRecord], ShardReader, list[str]]:
+    pairs_dir = Path(pairs_dir)
+    records, problems = read_manifest(pairs_dir / MANIFEST_FILE, need_labels=True, on_error=cfg.pref.on_bad_pair,
+                                      num_segments=num_segments)
+    reader = ShardReader(pairs_dir)
+    records, more = validate_records(records, reader, cfg.pref.on_bad_pair)
+    return records, reader, problems + more
+
+
+def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
+                     reference_weights: Optional[Path] = None) -> dict:
+    """Train the policy on the labelled pairs of ``pref.pairs`` into ``run_dir`` (checkpoints, metrics, the LoRA
+    export); ``reference_weights`` gives the frozen reference other weights than the initial policy's."""
+    run_dir = Path(run_dir)
+    if not cfg.pref.pairs:
+        raise ConfigError("pref.pairs must name a labelled pairs directory (manifest.jsonl + shards); "
+                          "`vidpo run` sets it for you")
+    set_threads(cfg)
+    seed_everything(cfg.seed)
+    world = build_world(cfg)
+    parallel = start_distributed(cfg, world)   # None for one process
+    device = parallel.device if parallel is not None else pick_device()
+    seg = run_segment_ids(cfg)
+    records, reader, problems = load_pairs(cfg, resolve_path(cfg.pref.pairs), int(seg.max()) + 1)
+    if parallel is None:
+        model, reference, ref_mode, lora_state = prepare_policy(cfg, world, device, reference_weights)
+    else:
+        if reference_weights is not None:
+            raise ConfigError("a reference with its own weights is supported in one process only")
+        model, reference, ref_mode, lora_state = prepare_parallel_policy(cfg, world, parallel)
+    log.info("train[%s]: %d pairs (%d skipped), reference=%s, loss backend=%s", cfg.train.objective, len(records),
+             len(problems), ref_mode, cfg.pref.loss_backend)
+    # Issue 8: a diffusers adapter brings its own forward process / target / timesteps (None: rectified flow).
+    process = model if getattr(model, "training_target", None) is not None else None
+    objective = PreferenceObjective(cfg, world, device, records, reader, seg, reference, parallel=parallel,
+                                    process=process)
+    oracle = ShapesOracle(world)
+
+    def evaluate(m, step):
+        return evaluate_model(m, cfg, world, oracle, num_samples=max(16, cfg.eval.num_samples // 2)).flat()
+
+    # Multi-process runs: every rank runs the evaluation on the same seeds (the model's FSDP / TP / CP
+    # collectives need every rank in each forward; CP samplers gather the frames) and rank 0 logs it.
+    if parallel is None or parallel.is_main:
+        atomic.write_text(run_dir / "config.yaml", to_yaml(cfg))
+    trainer = Trainer(cfg, run_dir, model, objective, device=device, resume=resume, lora_state=lora_state,
+                      evaluate=evaluate if cfg.train.eval_every > 0 else None, parallel=parallel)
+    result = trainer.fit()
+    if cfg.lora is not None and parallel is None:
+        if hasattr(model, "export_lora"):  # issue 8: diffusers' format, loadable by pipe.load_lora_weights
+            model.export_lora(run_dir / "lora.safetensors")
+        else:
+            save_lora(model, str(run_dir / "lora.safetensors"))
+    elif cfg.lora is not None and parallel.is_main:
+        latest = ckpt.latest_checkpoint(run_dir)
+        atomic.write_bytes(run_dir / "lora.safetensors", (latest / "lora.safetensors").read_bytes())
+    result.update({"pairs": len(records), "skipped_pairs": len(problems), "reference": ref_mode})
+    return {"model": model, "reference": reference, "records": records, "reader": reader, "result": result,
+            "world": world, "segment_ids": seg}
+
+
+# ----- run: the whole chain ----------------------------------------------------------------------------
+def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    setup_logging(out_dir)
+    t0 = time.time()
+    timings = {}
+    pairs_dir, heldout_dir = out_dir / "pairs", out_dir / "pairs_heldout"
+    cfg = copy.deepcopy(cfg)
+    cfg.pref.pairs = str(pairs_dir.resolve())
+    atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
+    for split, d, n in (("train", pairs_dir, cfg.generate.num_pairs), ("heldout", heldout_dir, cfg.generate.heldout_pairs)):
+        if n <= 0:
+            continue
+        t = time.time()
+        if not (d / PAIRS_FILE).exists() or not resume:
+            generate_pairs(cfg, d, split=split)
+        if not (d / MANIFEST_FILE).exists() or not resume:
+            label_pairs(cfg, d)
+        timings[f"pairs_{split}_s"] = round(time.time() - t, 1)
+    t = time.time()
+    trained = train_preference(cfg, out_dir, resume=resume)
+    timings["train_s"] = round(time.time() - t, 1)
+
+    t = time.time()
+    world, model, device = trained["world"], trained["model"], pick_device()
+    oracle = ShapesOracle(world)
+    base = load_initial_policy(cfg, world, device)
+    base_eval = evaluate_model(base, cfg, world, oracle)
+    final_eval = evaluate_model(model, cfg, world, oracle)
+    save_samples(base_eval, world, out_dir / "samples", "base", cfg.eval.grid_conditions)
+    save_samples(final_eval, world, out_dir / "samples", "final", cfg.eval.grid_conditions)
+    delta = paired_delta(final_eval, base_eval)
+    acc_args = dict(beta=cfg.pref.beta, seed=cfg.seed, t_min=cfg.flow.t_min, t_max=cfg.flow.t_max, device=device,
+                    backend=cfg.pref.loss_backend, dense=cfg.train.objective == "dense_dpo")
+    seg = trained["segment_ids"]
+    acc_train = implicit_accuracy(model, trained["reference"], world, trained["records"][:256], trained["reader"],
+                                  seg, **acc_args)
+    acc_heldout = None
+    if cfg.generate.heldout_pairs > 0:
+        held, held_reader, _ = load_pairs(cfg, heldout_dir, int(seg.max()) + 1)
+        acc_heldout = implicit_accuracy(model, trained["reference"], world, held, held_reader, seg, **acc_args)
+    timings["eval_s"] = round(time.time() - t, 1)
+    base_s, final_s = base_eval.summary(), final_eval.summary()
+    summary = {
+        "objective": cfg.train.objective, "generate_mode": cfg.generate.mode, "seed": cfg.seed,
+        "oracle": {"base": base_s["oracle"], "final": final_s["oracle"], "delta": delta["oracle"]},
+        "components": {name.split("/", 1)[1]: {"base": base_s[name]["mean"], "final": final_s[name]["mean"],
+                                               "delta": delta[name]["mean"], "delta_ci95": delta[name]["ci95"]}
+                       for name in base_s if name.startswith("oracle/")},
+        # Bad-mode rates (ShapesOracle.failure_modes): did the run remove backwards / static / wrong-colour clips?
+        "modes": {name.split("/", 1)[1]: {"base": base_s[name]["mean"], "final": final_s[name]["mean"],
+                                          "delta": delta[name]["mean"], "delta_ci95": delta[name]["ci95"]}
+                  for name in base_s if name.startswith("mode/") and name in delta},
+        "win_rate": delta["win_rate"],
+        "implicit_accuracy": {"train": acc_train, "heldout": acc_heldout},
+        "labels": json.loads((pairs_dir / "label.json").read_text()) if (pairs_dir / "label.json").exists() else None,
+        "train": {k: v for k, v in trained["result"].items() if k not in ("last", "eval")},
+        "timings": dict(timings, total_s=round(time.time() - t0, 1)),
+    }
+    if summary["labels"]:
+        summary["labels"].pop("problems", None)
+    atomic.write_json(out_dir / "summary.json", summary)
+
+    write_run_report(out_dir)
+    log.info("oracle: base %.4f -> final %.4f, delta %.4f [%.4f, %.4f]", base_s["oracle"]["mean"],
+             final_s["oracle"]["mean"], delta["oracle"]["mean"], *delta["oracle"]["ci95"])
+    return summary
+
+

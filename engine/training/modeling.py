@@ -1,0 +1,129 @@
+"""Building a run's parts from its config: device, world, policy model, precision.
+
+One place decides how a recipe becomes objects, so ``train``, ``sample``, ``eval``, ``generate`` and the
+pipeline all build the same model the same way (and a checkpoint's ``config.yaml`` rebuilds it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from vidpo.config import ConfigError, RunConfig, resolve_path
+from vidpo.data.latents import latent_info
+from vidpo.data.segments import segment_ids as make_segment_ids
+from vidpo.data.shapes import ShapesWorld
+from vidpo.models.dit import build_dit, dit_config
+from vidpo.models.registry import load_adapter
+from vidpo.training import checkpoint as ckpt
+from vidpo.utils.seeding import derive_seed
+
+log = logging.getLogger("vidpo")
+
+
+def pick_device(requested: Optional[str] = None) -> torch.device:
+    """CUDA when present (unless VIDPO_DEVICE / ``requested`` says otherwise), else CPU."""
+    requested = requested or os.environ.get("VIDPO_DEVICE")
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_world(cfg: RunConfig):
+    return ShapesWorld(cfg.world)
+
+
+def dit_config_for(cfg: RunConfig, world):
+    in_channels, cond_vocab_size, cond_dim = 3, None, 0
+    if cfg.data.source == "latents":  # issue 7: the cache's index sets latent channels and text width
+
+        if not cfg.data.shards:
+            raise ConfigError("data.source is 'latents' but 'data.shards' is not set")
+        info = latent_info(resolve_path(cfg.data.shards))
+        in_channels, cond_vocab_size, cond_dim = info.channels, 0, info.text_dim
+    return dit_config(
+        cfg.model.preset,
+        in_channels=in_channels,
+        cond_vocab_size=world.vocab_size if cond_vocab_size is None else cond_vocab_size,
+        cond_dim=cond_dim,
+        width=cfg.model.width,
+        depth=cfg.model.depth,
+        num_heads=cfg.model.num_heads,
+        patch_size=tuple(cfg.model.patch_size) if cfg.model.patch_size else None,
+        attention=cfg.model.attention,
+    )
+
+
+def adapter_sampling_kwargs(cfg: RunConfig) -> dict:
+    """``model.sampler`` / ``model.sample_shift`` as adapter arguments, checked against ``model.kind``."""
+    m = cfg.model
+    valid = {"dit": ("auto", "euler"), "wan": ("auto", "flow_euler", "unipc"), "cogvideox": ("auto", "ddim", "dpm")}
+    if m.sampler not in valid[m.kind]:
+        raise ConfigError(f"model.sampler '{m.sampler}' does not apply to model.kind '{m.kind}'; "
+                          f"use one of {valid[m.kind]}")
+    if m.sample_shift is not None and m.kind != "wan":
+        raise ConfigError(f"model.sample_shift is the time shift of a flow-matching diffusers model (kind 'wan'); "
+                          f"model.kind '{m.kind}' does not use it: remove it")
+    if m.kind == "dit":
+        return {}
+    kwargs = {"sampler": None if m.sampler == "auto" else m.sampler}
+    if m.sample_shift is not None:
+        kwargs["sample_shift"] = float(m.sample_shift)
+    return kwargs
+
+
+def build_policy(cfg: RunConfig, world, device: torch.device | str = "cpu"):
+    """The video DiT of the recipe, initialised from the ``(seed, "init")`` stream, or (``model.kind`` wan /
+    cogvideox) the diffusers transformer of ``model.path`` behind its engine adapter."""
+    sampling = adapter_sampling_kwargs(cfg)   # validated for every kind (a DiT recipe naming 'ddim' is an error)
+    if cfg.model.kind != "dit":  # issue 8: weights come from the model directory, not from the init stream
+
+        if not cfg.model.path:
+            raise ConfigError(f"model.kind is '{cfg.model.kind}' but 'model.path' (the local model directory) is not set")
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        return load_adapter(cfg.model.kind, resolve_path(cfg.model.path), **sampling).to(device=device, dtype=dtype)
+
+    dcfg = dit_config_for(cfg, world)
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        model = build_dit(dcfg)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    return model.to(device=device, dtype=dtype)
+
+
+def autocast_context(cfg: RunConfig, device: torch.device):
+    """bf16 autocast on GPU when ``train.autocast`` is auto/bf16; nothing on CPU unless asked for."""
+    mode = cfg.train.autocast
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def set_threads(cfg: RunConfig) -> None:
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+
+
+def run_segment_ids(cfg: RunConfig) -> torch.Tensor:
+    """The (T,) segment id of each latent frame for this recipe's world and label settings."""
+    return make_segment_ids(cfg.world.frames, cfg.world.fps, cfg.label.segment_seconds,
+                            cfg.label.temporal_compression)
+
+
+def _require_init(cfg: RunConfig) -> Path:
+    if not cfg.train.init_from:
+        raise ConfigError("train.init_from must name the policy to start from (e.g. recipes/shapes/base)")
+    return resolve_path(cfg.train.init_from)
+
+
+def load_initial_policy(cfg: RunConfig, world, device) -> torch.nn.Module:
+    model = build_policy(cfg, world, device)
+    if cfg.model.kind != "dit" and not cfg.train.init_from:
+        return model  # issue 8: a diffusers model directory (model.path) already holds the weights
+    ckpt.load_weights(model, _require_init(cfg))
+    return model

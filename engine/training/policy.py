@@ -1,0 +1,134 @@
+"""TODO docstring"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from vidpo.config import ConfigError, RunConfig, resolve_path
+from vidpo.models.adapters import transformer_dir
+from vidpo.models.lora import apply_lora, lora_disabled, lora_state_dict, mark_only_lora_trainable
+from vidpo.models.registry import model_spec
+from vidpo.training import checkpoint as ckpt
+from vidpo.training.distributed import DistributedSetupError, init_distributed
+from vidpo.training.modeling import dit_config_for, load_initial_policy
+
+log = logging.getLogger("vidpo")
+
+
+# ----- train ------------------------------------------------------------------------------------------
+def reference_mode(cfg: RunConfig) -> str:
+    """'lora_disabled' or 'frozen_copy' (pref.reference with 'auto' resolved)."""
+    mode = cfg.pref.reference
+    if mode == "auto":
+        mode = "lora_disabled" if cfg.lora is not None else "frozen_copy"
+    return mode
+
+
+def make_reference(cfg: RunConfig, model: torch.nn.Module, weights: Optional[Path] = None):
+    """The reference forward: the policy with LoRA disabled (no weight copy), or a frozen copy of it; with
+    ``weights``, a frozen copy holding those weights instead (IPO's fixed base reference for a round that
+    starts from a later policy)."""
+    mode = reference_mode(cfg)
+    if weights is not None and mode != "frozen_copy":
+        raise ConfigError(f"a reference with its own weights ({weights}) needs pref.reference=frozen_copy "
+                          f"(no LoRA), not {mode}")
+    if mode == "lora_disabled":
+        if cfg.lora is None:
+            raise ConfigError("pref.reference=lora_disabled needs LoRA (set a lora section, e.g. --set lora.rank=8)")
+
+        def reference(x, t, c):
+            with torch.no_grad(), lora_disabled(model):
+                return model(x, t, c)
+        return reference, mode
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    if weights is not None:
+        ckpt.load_weights(frozen, weights)
+        mode = "frozen_copy(base)"
+
+    def reference(x, t, c):
+        with torch.no_grad():
+            return frozen(x, t, c)
+    return reference, mode
+
+
+def prepare_policy(cfg: RunConfig, world, device, reference_weights: Optional[Path] = None):
+    """Initial policy (+ LoRA adapters, trainable) and its reference forward (``make_reference``)."""
+    model = load_initial_policy(cfg, world, device)
+    lora_state = None
+    if cfg.lora is not None:
+        apply_lora(model, **dataclasses.asdict(cfg.lora))
+        mark_only_lora_trainable(model)
+
+        def lora_state():
+            return lora_state_dict(model), {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+                                            "target_modules": json.dumps(cfg.lora.target_modules)}
+    reference, mode = make_reference(cfg, model, reference_weights)
+    return model, reference, mode, lora_state
+
+
+def prepare_parallel_policy(cfg: RunConfig, world, parallel):
+    """``prepare_policy`` for a multi-process run: the policy (and a frozen reference copy, when that is the
+    reference) parallelized over ``parallel`` (TP/SP -> CP -> checkpointing -> compile -> FSDP) by the model's
+    own parallelize function (``models/<name>/parallelize.py``)."""
+    parallelize = model_spec(cfg.model.kind).parallelize
+
+    full = load_initial_policy(cfg, world, parallel.device)
+    mode = reference_mode(cfg)
+    lora_state = None
+    if cfg.lora is not None:
+        if parallel.tp > 1:
+            raise ConfigError("LoRA adapters are not tensor-parallel: use parallel.tp=1 (context / data parallel "
+                              "work with LoRA) or full fine-tuning with pref.reference=frozen_copy")
+
+        apply_lora(full, **dataclasses.asdict(cfg.lora))
+        mark_only_lora_trainable(full)
+        meta = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": json.dumps(cfg.lora.target_modules)}
+
+        def lora_state():
+            return {}, meta  # the distributed checkpoint writes the adapters from the consolidated weights
+    if mode == "lora_disabled" and cfg.lora is None:
+        raise ConfigError("pref.reference=lora_disabled needs LoRA (set a lora section, e.g. --set lora.rank=8)")
+    frozen = copy.deepcopy(full).eval().requires_grad_(False) if mode == "frozen_copy" else None
+    model = parallelize(full, parallel, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                        compile=cfg.parallel.compile)
+    if frozen is not None:
+        frozen_parallel = parallelize(frozen, parallel, compile=cfg.parallel.compile).eval()
+
+        def reference(x, t, c):
+            with torch.no_grad():
+                return frozen_parallel(x, t, c)
+    else:
+        def reference(x, t, c):
+            with torch.no_grad(), lora_disabled(model):
+                return model(x, t, c)
+    return model, reference, mode, lora_state
+
+
+def _heads_and_temporal_patch(cfg: RunConfig, world) -> tuple[int, int]:
+    """Attention heads and temporal patch size of the run's model (what a parallel layout must divide)."""
+    if cfg.model.kind == "dit":
+        dcfg = dit_config_for(cfg, world)
+        return dcfg.num_heads, dcfg.patch_size[0]
+
+    if not cfg.model.path:
+        raise ConfigError(f"model.kind is '{cfg.model.kind}' but 'model.path' (the local model directory) is not set")
+    info = json.loads((transformer_dir(resolve_path(cfg.model.path)) / "config.json").read_text())
+    patch = info.get("patch_size")
+    temporal = patch[0] if isinstance(patch, (list, tuple)) else (info.get("patch_size_t") or 1)
+    return int(info["num_attention_heads"]), int(temporal)
+
+
+def start_distributed(cfg: RunConfig, world):
+    """The run's ParallelContext under torchrun (None for one process), checked against the model."""
+    heads, temporal_patch = _heads_and_temporal_patch(cfg, world)
+    try:
+        return init_distributed(cfg.parallel, num_heads=heads, seed=cfg.seed,
+                                frames=cfg.world.frames // temporal_patch)
+    except DistributedSetupError as exc:
+        raise ConfigError(f"parallel: {exc}") from None

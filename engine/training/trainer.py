@@ -1,0 +1,274 @@
+"""The training loop shared by every objective (SFT, Flow-DPO, DenseDPO, KTO).
+
+What it guarantees:
+* **Exact resume.** Every micro-batch is drawn from streams named by ``(seed, step, micro)``; checkpoints
+  hold weights (fp32 safetensors), optimizer and LR-schedule state and the global RNG state. A run
+  killed and restarted from its last checkpoint reproduces the uninterrupted run's losses bit for bit on
+  CPU (same thread count).
+* **Nothing lost.** Checkpoints are written atomically (``vidpo.training.checkpoint``); metrics rows logged after
+  the resumed checkpoint are dropped and re-logged.
+* **Bad steps do not poison the model.** A non-finite loss or gradient norm skips the optimizer step, is
+  logged (``skipped=1``) and counted; ``train.max_bad_steps`` consecutive ones stop the run with a clear
+  error after writing a checkpoint of the last good state.
+* **EMA** (``train.ema_decay > 0``, vidpo.training.ema): evaluation runs on the averaged weights, checkpoints
+  write them as ``model.safetensors`` and the optimizer's own as ``online.safetensors`` (multi-process runs:
+  both in ``dcp/``, the average also consolidated into ``model.safetensors``); resume restores both.
+* **Distributed runs** (``parallel``: a ``vidpo.training.distributed.ParallelContext``): the objective's loss is
+  already the global loss on every rank; the loop sums unsharded gradients over data/context-parallel
+  ranks, clips by the norm of the whole model, writes DCP checkpoints (``vidpo.training.dist_checkpoint``) and
+  lets rank 0 alone log metrics. A checkpoint of any world size resumes at any other.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from vidpo.config import ConfigError, RunConfig, to_yaml
+from vidpo.training import checkpoint as ckpt
+from vidpo.training import dist_checkpoint, distributed
+from vidpo.training.ema import WeightEma
+from vidpo.training.metrics import MetricsLogger
+from vidpo.training.modeling import autocast_context
+
+log = logging.getLogger("vidpo")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped by policy (too many consecutive non-finite steps)."""
+
+
+def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    warmup, total, floor = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(cfg: RunConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: torch's fused kernel on GPU, apex FusedAdam only when asked for and importable."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    kwargs = dict(lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
+    choice = cfg.train.optimizer
+    if choice == "apex":
+        try:
+            from apex.optimizers import FusedAdam  # NVIDIA apex, not the unrelated PyPI 'apex' package
+        except ImportError:
+            raise ImportError("train.optimizer=apex needs NVIDIA apex (built from github.com/NVIDIA/apex); "
+                              "the PyPI package named 'apex' is unrelated. Use 'fused_adamw' instead.") from None
+        return FusedAdam(params, adam_w_mode=True, **kwargs)
+    fused = choice == "fused_adamw" or (choice == "auto" and device.type == "cuda")
+    if fused and device.type != "cuda":
+        raise ValueError("train.optimizer=fused_adamw needs a CUDA device; use 'adamw' or 'auto' on CPU")
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
+class Trainer:
+    """Runs ``objective`` on ``model`` for ``cfg.train.max_steps`` optimizer steps into ``run_dir``.
+
+    ``evaluate(model, step) -> dict`` (optional) is called every ``train.eval_every`` steps and at the end;
+    with ``train.ema_decay`` it sees the EMA weights, and ``fit`` leaves them in ``model`` when it returns;
+    its numeric results are logged with phase "eval". ``extra_state()`` / ``lora_state()`` hooks let the
+    caller put more into checkpoints (e.g. LoRA adapters on their own).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, model: torch.nn.Module, objective, *,
+                 device: torch.device, evaluate: Optional[Callable] = None, resume: bool = True,
+                 lora_state: Optional[Callable[[], tuple[dict, dict]]] = None, log_every: Optional[int] = None,
+                 parallel=None):
+        self.cfg = cfg
+        self.parallel = parallel
+        self.is_main = parallel is None or parallel.is_main
+        if parallel is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Every rank would train the whole model on the whole batch and write the same files.
+            raise ConfigError(f"this process is one of WORLD_SIZE={os.environ['WORLD_SIZE']} (torchrun) but "
+                              f"train.objective={cfg.train.objective} runs in one process; distributed training "
+                              "covers flow_dpo, dense_dpo and kto")
+        self.run_dir = Path(run_dir)
+        self.model = model
+        self.objective = objective
+        self.device = device
+        self.evaluate = evaluate
+        self.lora_state = lora_state
+        self.log_every = log_every or cfg.train.log_every
+        self.optimizer = build_optimizer(cfg, model.parameters(), device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.step = 0
+        self.bad_in_row = 0
+        self.skipped_total = 0
+        self.ema: Optional[WeightEma] = None
+        if cfg.train.ema_decay > 0:
+            # Under a parallel layout each rank averages its own shard (FSDP DTensor chunk / TP slice): the
+            # update is elementwise, so no communication; checkpoints consolidate it (vidpo.training.dist_checkpoint).
+            self.ema = WeightEma(model, cfg.train.ema_decay)
+        resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None,
+                                     enabled=self.is_main)
+
+    # ----- checkpoints --------------------------------------------------------------------------------
+    def _restore(self, path: Path) -> None:
+        if dist_checkpoint.is_distributed_checkpoint(path):
+            state = dist_checkpoint.load_distributed_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                                                ctx=self.parallel, ema=self.ema)
+        elif self.parallel is not None:
+            state = dist_checkpoint.load_single_process_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                                                   ctx=self.parallel, ema=self.ema)
+        else:
+            state = ckpt.load_trainer_state(path)
+            online = path / ckpt.ONLINE_WEIGHTS
+            dist_checkpoint.check_ema_match(path, online.exists(), self.ema is not None)
+            if self.ema is not None:
+                self.ema.load_model_state(load_file(str(path / "model.safetensors")), state["ema_updates"])
+                ckpt.load_weights(self.model, online)
+            else:
+                ckpt.load_weights(self.model, path)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.objective.load_state_dict(state.get("objective", {}))
+        self.step = int(state["step"])
+        self.bad_in_row = int(state.get("bad_in_row", 0))
+        self.skipped_total = int(state.get("skipped_total", 0))
+        ckpt.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> Path:
+        if self.parallel is not None:
+            lora_meta = self.lora_state()[1] if self.lora_state else None
+            state = {"scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
+                     "bad_in_row": self.bad_in_row, "skipped_total": self.skipped_total}
+            return dist_checkpoint.save_distributed_checkpoint(
+                self.run_dir, self.step, model=self.model, optimizer=self.optimizer, trainer_state=state,
+                config_yaml=to_yaml(self.cfg), ctx=self.parallel, keep=self.cfg.train.keep_checkpoints,
+                lora_metadata=lora_meta, ema=self.ema)
+        lora, lora_meta = None, None
+        if self.lora_state is not None:   # the adapters of model.safetensors: the EMA's when it is on
+            with (self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()):
+                lora, lora_meta = self.lora_state()
+                lora = {k: v.clone() for k, v in lora.items()}   # they alias the parameters (online again below)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "objective": self.objective.state_dict(), "bad_in_row": self.bad_in_row,
+                 "skipped_total": self.skipped_total}
+        model_state, online_state = self.model.state_dict(), None
+        if self.ema is not None:
+            model_state, online_state = self.ema.model_state(self.model), model_state
+            state["ema_updates"] = self.ema.updates
+        return ckpt.save_checkpoint(self.run_dir, self.step, model_state=model_state,
+                                    trainer_state=state, config_yaml=to_yaml(self.cfg), lora_state=lora,
+                                    lora_metadata=lora_meta, keep=self.cfg.train.keep_checkpoints,
+                                    online_state=online_state)
+
+    # ----- one optimizer step ---------------------------------------------------------------------------
+    def _train_step(self) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        sums: dict[str, float] = {}
+        finite = True
+        for micro in range(cfg.train.grad_accum):
+            batch = self.objective.micro_batch(self.step, micro)
+            with autocast_context(cfg, self.device):
+                loss, metrics = self.objective.loss(self.model, batch)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            (loss / cfg.train.grad_accum).backward()
+            total_loss += loss.item() / cfg.train.grad_accum
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value) / cfg.train.grad_accum
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = float("nan")
+        if finite:
+            clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+            if self.parallel is not None:
+                distributed.sync_replicated_grads(params, self.parallel)
+                grad_norm = float(distributed.clip_grad_norm_(self.model, clip, self.parallel))
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            finite = math.isfinite(grad_norm)
+        row = {"loss": total_loss if finite else float("nan"), "grad_norm": grad_norm,
+               "lr": self.scheduler.get_last_lr()[0], **sums}
+        if finite:
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.bad_in_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_in_row += 1
+            self.skipped_total += 1
+            row["skipped"] = 1
+            log.warning("step %d: non-finite loss or gradient, optimizer step skipped (%d in a row)",
+                        self.step, self.bad_in_row)
+        # The schedule advances on skipped steps too, so a step index always means the same learning rate.
+        self.scheduler.step()
+        self.step += 1
+        return row
+
+    def _evaluate(self) -> dict:
+        if self.ema is None:
+            return self.evaluate(self.model, self.step)
+        with self.ema.applied(self.model):
+            return self.evaluate(self.model, self.step)
+
+    # ----- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        start = self.step
+        bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"train[{self.objective.name}]",
+                   disable=not cfg.train.progress or not self.is_main, dynamic_ncols=True, leave=False)
+        last: dict = {}
+        if self.evaluate is not None and cfg.train.eval_every > 0 and start == 0 and cfg.train.max_steps > 0:
+            # The start of the in-training curves: the initial policy (with EMA on, the average equals it here).
+            self.metrics.log(0, "eval", **self._evaluate())
+        t0 = time.time()
+        try:
+            while self.step < cfg.train.max_steps:
+                row = self._train_step()
+                last = row
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                done = self.step >= cfg.train.max_steps
+                if self.step % self.log_every == 0 or done or row.get("skipped"):
+                    self.metrics.log(self.step, "train", **row)
+                if self.bad_in_row >= cfg.train.max_bad_steps:
+                    self.save()
+                    raise TrainingStopped(
+                        f"{self.bad_in_row} consecutive non-finite steps (train.max_bad_steps="
+                        f"{cfg.train.max_bad_steps}) at step {self.step}; last good state saved in "
+                        f"{ckpt.checkpoint_root(self.run_dir)}. Lower train.lr or check the data.")
+                if self.evaluate is not None and cfg.train.eval_every > 0 and self.step % cfg.train.eval_every == 0 \
+                        and not done:
+                    self.metrics.log(self.step, "eval", **self._evaluate())
+                if done or (cfg.train.ckpt_every > 0 and self.step % cfg.train.ckpt_every == 0):
+                    self.save()
+        finally:
+            bar.close()
+        result = {"steps": self.step, "seconds": time.time() - t0, "skipped_steps": self.skipped_total,
+                  "last": last}
+        if self.ema is not None:
+            self.ema.copy_to(self.model)  # the run's result is the averaged policy
+        if self.evaluate is not None:
+            final_eval = self.evaluate(self.model, self.step)
+            self.metrics.log(self.step, "eval", **final_eval)
+            result["eval"] = final_eval
+        self.metrics.close()
+        return result
