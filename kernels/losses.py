@@ -30,7 +30,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import comm, dispatch, reference
+from vidpo.parallel import mappings
+
+from . import dispatch, reference
 from .reference import DPOLossOutput, KTOLossOutput
 from .segment_sums import segment_sq_err_sums_autograd
 
@@ -111,9 +113,9 @@ def _segment_sums(backend, v_theta, v_ref, target, x0, noise, segment_ids, num_s
     sums = segment_sq_err_sums_autograd(
         dispatch.primitives(backend), v_theta, v_ref, target, x0, noise, segment_ids, num_segments
     )
-    if comm.group_size(group) == 1:
+    if mappings.group_size(group) == 1:
         return sums
-    return comm.all_reduce_sum(sums, group)
+    return mappings.reduce_from_group(sums, group)
 
 
 def _token_counts(fn, segment_ids, num_segments, height, width, group, device):
@@ -264,31 +266,13 @@ def kto_loss(
             v_theta, v_ref, target, desirable, beta, lambda_d=lambda_d, lambda_u=lambda_u,
             dp_group=dp_group, group=group, x0=x0, noise=noise,
         )
-    num_videos = v_theta.shape[0]
     one_segment = torch.zeros(v_theta.shape[2], dtype=torch.long, device=v_theta.device)
     sums = _segment_sums(name, v_theta, v_ref, target, x0, noise, one_segment, 1, group)[:, :, 0]  # (2, N)
-    elements = comm.all_reduce_sum_detached(
+    elements = mappings.all_reduce_sum_detached(
         torch.tensor(float(v_theta[0].numel()), dtype=torch.float32, device=v_theta.device), group
     )
-    err_theta, err_ref = sums[0] / elements, sums[1] / elements
-    reward = err_ref - err_theta
-    batch_mean = comm.all_reduce_mean_detached(
-        reward.detach().sum(), torch.tensor(float(num_videos), device=v_theta.device), dp_group
-    )
-    ref_point = batch_mean.clamp_min(0.0)
-    desirable = desirable.to(device=v_theta.device, dtype=torch.bool)
-    per_video = torch.where(
-        desirable,
-        lambda_d * (1.0 - torch.sigmoid(beta * (reward - ref_point))),
-        lambda_u * (1.0 - torch.sigmoid(beta * (ref_point - reward))),
-    )
-    return KTOLossOutput(
-        loss=per_video.mean(),
-        reward=reward.detach(),
-        ref_point=ref_point.detach(),
-        err_theta=err_theta.detach(),
-        err_ref=err_ref.detach(),
-    )
+    return reference.kto_epilogue(sums[0] / elements, sums[1] / elements, desirable, beta, lambda_d=lambda_d,
+                                  lambda_u=lambda_u, dp_group=dp_group)
 
 
 def flow_matching_loss(
@@ -314,7 +298,7 @@ def flow_matching_loss(
         )
     one_segment = torch.zeros(v.shape[2], dtype=torch.long, device=v.device)
     sums = _segment_sums(name, v, None, target, x0, noise, one_segment, 1, group)[0, :, 0]  # (N,)
-    elements = comm.all_reduce_sum_detached(torch.tensor(float(v[0].numel()), device=v.device), group)
+    elements = mappings.all_reduce_sum_detached(torch.tensor(float(v[0].numel()), device=v.device), group)
     mse = sums / elements
     if row_weights is None:
         return mse.mean()

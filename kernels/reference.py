@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import comm
+from vidpo.parallel import mappings
 
 
 @dataclass
@@ -102,7 +102,7 @@ def segment_token_counts(segment_ids, num_segments: int, height: int, width: int
     segments = torch.arange(num_segments, device=device)
     frames = (segment_ids.view(1, -1) == segments.view(-1, 1)).sum(dim=1)
     tokens = (frames * (height * width)).to(dtype)
-    return comm.all_reduce_sum_detached(tokens, group)
+    return mappings.all_reduce_sum_detached(tokens, group)
 
 
 # ----------------------------------------------------------------------------------------- losses
@@ -123,8 +123,8 @@ def dense_dpo_loss_reference(
     sums_theta = per_segment_sums(squared_error(v_theta, target, x0, noise), segment_ids, num_segments)
     with torch.no_grad():  # the reference model never receives a gradient
         sums_ref = per_segment_sums(squared_error(v_ref.detach(), target, x0, noise), segment_ids, num_segments)
-    sums_theta = comm.all_reduce_sum(sums_theta, group)
-    sums_ref = comm.all_reduce_sum_detached(sums_ref, group)
+    sums_theta = mappings.reduce_from_group(sums_theta, group)
+    sums_ref = mappings.all_reduce_sum_detached(sums_ref, group)
     tokens = segment_token_counts(segment_ids, num_segments, height, width, group, v_theta.device, dtype)
     # Without a group the public API has already checked every segment is non-empty.
     if group is not None and bool((tokens == 0).any()):
@@ -180,25 +180,30 @@ def kto_loss_reference(
     v_theta, v_ref: (N, C, T, H, W); desirable: (N,) bool. ``group`` splits frames (sequence parallel),
     ``dp_group`` splits videos (data parallel; only the reference point z is reduced over it).
     """
-    num_videos, channels, _, height, width = v_theta.shape
     dtype = compute_dtype(v_theta.dtype)
     sums_theta = squared_error(v_theta, target, x0, noise).sum(dim=(1, 2, 3, 4))
     with torch.no_grad():
         sums_ref = squared_error(v_ref.detach(), target, x0, noise).sum(dim=(1, 2, 3, 4))
-    sums_theta = comm.all_reduce_sum(sums_theta, group)
-    sums_ref = comm.all_reduce_sum_detached(sums_ref, group)
-    elements = comm.all_reduce_sum_detached(
+    sums_theta = mappings.reduce_from_group(sums_theta, group)
+    sums_ref = mappings.all_reduce_sum_detached(sums_ref, group)
+    elements = mappings.all_reduce_sum_detached(
         torch.tensor(float(v_theta[0].numel()), dtype=dtype, device=v_theta.device), group
     )
-    err_theta = sums_theta / elements
-    err_ref = sums_ref / elements
-    reward = -(err_theta - err_ref)
+    return kto_epilogue(sums_theta / elements, sums_ref / elements, desirable, beta, lambda_d=lambda_d,
+                        lambda_u=lambda_u, dp_group=dp_group)
 
-    batch_mean = comm.all_reduce_mean_detached(
-        reward.detach().sum(), torch.tensor(float(num_videos), dtype=dtype, device=v_theta.device), dp_group
+
+def kto_epilogue(err_theta, err_ref, desirable, beta, *, lambda_d=1.0, lambda_u=1.0, dp_group=None) -> KTOLossOutput:
+    """Diffusion-KTO from per-video errors (N,) of the policy and the reference, shared by every backend:
+    ``g = err_ref - err_theta``, ``z = max(0, mean_dp_group g)`` (detached; the sum and the count are reduced,
+    so z is the global-batch mean), and the per-video sigmoid terms of the module docstring, averaged."""
+    reward = err_ref - err_theta
+    batch_mean = mappings.all_reduce_mean_detached(
+        reward.detach().sum(), torch.tensor(float(reward.shape[0]), dtype=reward.dtype, device=reward.device),
+        dp_group,
     )
     ref_point = batch_mean.clamp_min(0.0)
-    desirable = desirable.to(device=v_theta.device, dtype=torch.bool)
+    desirable = desirable.to(device=reward.device, dtype=torch.bool)
     per_video = torch.where(
         desirable,
         lambda_d * (1.0 - torch.sigmoid(beta * (reward - ref_point))),
@@ -217,8 +222,8 @@ def flow_matching_loss_reference(v, target, *, group=None, row_weights=None, x0=
     """Flow-matching / SFT loss: ``mean (v - u)^2``, or ``sum_n w_n mse_n / sum_n w_n`` with
     ``row_weights`` w (N,) (0 when every weight is 0). Returns a scalar."""
     dtype = compute_dtype(v.dtype)
-    sums = comm.all_reduce_sum(squared_error(v, target, x0, noise).sum(dim=(1, 2, 3, 4)), group)
-    elements = comm.all_reduce_sum_detached(torch.tensor(float(v[0].numel()), dtype=dtype, device=v.device), group)
+    sums = mappings.reduce_from_group(squared_error(v, target, x0, noise).sum(dim=(1, 2, 3, 4)), group)
+    elements = mappings.all_reduce_sum_detached(torch.tensor(float(v[0].numel()), dtype=dtype, device=v.device), group)
     mse = sums / elements  # (N,)
     if row_weights is None:
         return mse.mean()

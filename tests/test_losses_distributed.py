@@ -19,7 +19,8 @@ import torch.distributed as dist  # noqa: E402
 from dist_utils import (assert_all_ranks_ok, destroy_gloo, init_gloo, record, spawn_workers,  # noqa: E402
                         worker_results)
 
-from vidpo.kernels import comm, dense_dpo_loss, dispatch, flow_matching_loss, kto_loss, reference  # noqa: E402
+from vidpo.kernels import dense_dpo_loss, dispatch, flow_matching_loss, kto_loss, reference  # noqa: E402
+from vidpo.parallel import mappings  # noqa: E402
 
 SEGMENT_IDS = [0, 0, 1, 1, 1, 2, 2]
 SPLITS = {"inside_segment": 3, "segment_boundary": 2}  # rank 0 holds frames [0, split)
@@ -45,7 +46,7 @@ def inputs(seed, rows=4, shape=(3, 7, 5, 9)):
 
 def check_all_reduce_sum_forward_sum_backward_identity(rank, group):
     x = torch.tensor([rank + 1.0, 2.0 * rank], requires_grad=True)
-    y = comm.all_reduce_sum(x, group)
+    y = mappings.reduce_from_group(x, group)
     assert torch.equal(y.detach(), torch.tensor([3.0, 2.0])), y
     (y * torch.tensor([5.0, 7.0])).sum().backward()
     # Identity backward: the loss built from y is replicated, so each rank's x gets dL/dy once.

@@ -33,9 +33,9 @@ import torch
 from vidpo import kernels
 from vidpo.config import ConfigError, RunConfig
 from vidpo.data.pairs import PairRecord, ShardReader
-from vidpo.kernels import comm
 from vidpo.models import flow
-from vidpo.training.distributed import all_reduce_sum, weighted_means
+from vidpo.parallel.mappings import all_reduce_sum_detached, reduce_from_group
+from vidpo.training.distributed import weighted_means
 from vidpo.utils.seeding import generator
 
 log = logging.getLogger("vidpo")
@@ -181,8 +181,7 @@ class PreferenceObjective:
         if self._dp > 1:
             # Each rank's loss is its share of the global loss: the sum (identity backward) is the global
             # loss on every rank, and the gradients the training loop sums over ranks are the global ones.
-            loss = comm.all_reduce_sum(loss, self.parallel.dp_group)
-
+            loss = reduce_from_group(loss, self.parallel.dp_group)
             metrics = weighted_means({k: (v, weights[k]) for k, v in metrics.items()}, self.parallel.dp_group,
                                      device=loss.device)
         return loss, metrics
@@ -201,7 +200,7 @@ class PreferenceObjective:
         """This rank's fraction of the global batch's DenseDPO normaliser sum_{y != 0} tokens_s."""
         frames_per_segment = torch.bincount(segment_ids.cpu(), minlength=labels.shape[1]).to(torch.float64)
         local = (frames_per_segment[None, :] * (labels.cpu() != 0)).sum()
-        total = float(all_reduce_sum(local.to(labels.device), self.parallel.dp_group))
+        total = float(all_reduce_sum_detached(local.to(labels.device), self.parallel.dp_group))
         return float(local) / total if total > 0 else 0.0
 
     def _sft_loss(self, model, batch: dict, frames=slice(None), group=None) -> torch.Tensor:

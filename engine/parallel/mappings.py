@@ -15,6 +15,12 @@ for Ulysses) and a tensor dimension; each is the identity when the group has one
   AllToAllGroup            split ``scatter_dim``, concat    the inverse all-to-all
                            ``gather_dim`` (Ulysses)
 
+``reduce_from_group`` is also how a loss split over a sequence / context-parallel group sums its per-rank
+partial sums: the sigmoid epilogue that consumes the sum runs identically on every rank, so the gradient of
+each rank's part is the incoming gradient itself (summing it again would count the replicated loss once per
+rank). Reductions of tensors that carry no gradient (token counts, reference statistics, metrics) use
+``all_reduce_sum_detached`` / ``all_reduce_mean_detached``.
+
 Which one a parameter or activation needs follows from who uses it: a tensor replicated on every rank
 of the group but used by each rank on different data (its own tokens, its own heads) receives a partial
 gradient on each rank, so it enters through ``CopyToGroup`` and the backward sums the partials. A
@@ -237,3 +243,23 @@ def sequence_to_heads(x: torch.Tensor, group, *, head_dim: int = 1, seq_dim: int
 def heads_to_sequence(x: torch.Tensor, group, *, head_dim: int = 1, seq_dim: int = 2) -> torch.Tensor:
     """Ulysses exit: (B, heads / cp, n, d) head-sharded -> (B, heads, n_local, d) sequence-sharded."""
     return all_to_all(x, seq_dim, head_dim, group)
+
+
+# ----- reductions without autograd (token counts, reference statistics, metrics) ------------------------------
+def all_reduce_sum_detached(x: torch.Tensor, group) -> torch.Tensor:
+    """``sum_r x_r`` over ``group`` of a tensor that carries no gradient; a new tensor (``x`` is untouched)."""
+    out = x.detach().clone()
+    if group_size(group) > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def all_reduce_mean_detached(total: torch.Tensor, count: torch.Tensor, group) -> torch.Tensor:
+    """Global mean ``sum_r total_r / sum_r count_r`` over ``group``, detached, in ``total``'s dtype.
+
+    Reducing the sum and the count (rather than averaging per-rank means) keeps the result equal to the
+    global-batch mean when ranks hold different numbers of items; float64 keeps the counts exact.
+    """
+    stacked = torch.stack([total.detach().to(torch.float64), count.detach().to(torch.float64)])
+    stacked = all_reduce_sum_detached(stacked, group)
+    return (stacked[0] / stacked[1].clamp_min(1.0)).to(total.dtype)

@@ -442,10 +442,3 @@ def weighted_means(values: dict[str, tuple[float, float]], group, device=None) -
     row = {n: i for i, n in enumerate(names)}
     return {n: float(packed[row[n], 0] / packed[row[n], 1]) if packed[row[n], 1] != 0 else 0.0 for n in values}
 
-
-def all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
-    """A detached float64 sum over ``group`` (token weights, counts)."""
-    out = value.detach().to(torch.float64).clone()
-    if mappings.group_size(group) > 1:
-        dist.all_reduce(out, group=group)
-    return out
