@@ -101,7 +101,7 @@ setup(
     ],
     extras_require={
         # megatron-core 0.16.1: the last release for Python 3.11 (0.17 needs 3.12); the distributed tests use it.
-        # Data path (issue 7): DALI's CPU video operator, tiny diffusers/transformers encoders and Parquet
+        # Data path: DALI's CPU video operator, tiny diffusers/transformers encoders and Parquet
         # manifests are tested on CPU, so CI installs them (none of them depends on torch).
         # Pinned to the versions the suite was run with; peft + accelerate let diffusers' load_lora_weights
         # read the exported adapters in the Wan / CogVideoX tests.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU step benchmark of issue 10 in one command: the 1.3b preset at 32760 tokens per video
+# The GPU step benchmark in one command: the 1.3b preset at 32760 tokens per video
 # (2 pairs = 4 videos of Wan-1.3B latents 16 x 21 x 60 x 104, patch 1x2x2, 512 text tokens),
 # plain vs optimized vs every lever flipped, written to benchmarks/results/step.csv and the dated report
 # benchmarks/step_<device>_<yyyymm>.md.

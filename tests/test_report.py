@@ -206,10 +206,10 @@ def test_render_json_layouts():
 
 
 def test_cli_writes_the_report(run_dir):
-    result = subprocess.run([sys.executable, "-W", "ignore", "-m", "vidpo.evaluation.report", str(run_dir)],
+    result = subprocess.run([sys.executable, "-W", "ignore", "-m", "vidpo", "report", str(run_dir)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == run_dir / "report.html"
-    missing = subprocess.run([sys.executable, "-m", "vidpo.evaluation.report", str(run_dir / "nope")],
+    missing = subprocess.run([sys.executable, "-m", "vidpo", "report", str(run_dir / "nope")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "run directory not found" in missing.stderr

@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""``vidpo launch`` (start a recipe's distributed training with torchrun or SLURM) and ``vidpo scale``
+(per-GPU memory and communication of a layout, on paper).
+"""
 from __future__ import annotations
 
 import argparse
@@ -76,9 +78,3 @@ def add_scale_verb(sub) -> None:
     add_overrides(p)
     p.set_defaults(func=cmd_scale)
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vidpo.cluster.scale", description=__doc__.split("\n")[0])
-    add_scale_arguments(parser)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    return cmd_scale(parser.parse_args(argv))

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``vidpo preprocess``, ``distill`` and ``distill-eval``: consistency distillation's verbs."""
 from __future__ import annotations
 
 from vidpo.cli.common import add_overrides, config_from_args, print_json

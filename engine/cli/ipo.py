@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``vidpo iterate`` (IPO / Dual-IPO rounds, one run or recipes x seeds) and ``vidpo critic train | eval``."""
 from __future__ import annotations
 
 import json

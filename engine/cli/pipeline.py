@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``vidpo generate``, ``label``, ``run``, ``cache`` and ``compare``: the preference pipeline's verbs."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``vidpo train``, ``sample``, ``eval``, ``config`` and ``report``."""
 from __future__ import annotations
 
 import os

@@ -1,1 +1,3 @@
-"""TODO"""
+"""Cluster scale: launching a recipe with torchrun or SLURM (``launch``) and sizing a layout on paper
+(``scale``).
+"""

@@ -1,7 +1,6 @@
 """Scale on paper: per-GPU memory and communication of one training step, for a recipe and a world size.
 
     vidpo scale RECIPE --world 128 [--set parallel.tp=2 ...] [--json]
-    python -m vidpo.cluster.scale RECIPE --world 128
 
 Everything is arithmetic on the recipe (model preset, clip shape, batch, parallel layout, cluster link
 speeds): nothing is built or allocated, so a 5B layout for 128 GPUs is checked on a laptop. The model is

@@ -1,4 +1,7 @@
-"""TODO docstring"""
+"""The encoders of ``vidpo cache``, loaded from local directories only: a diffusers VAE (clips -> latents,
+the posterior mean, scaled as the model expects) and a transformers text encoder + tokenizer (captions ->
+embeddings and masks). Nothing is downloaded: hub access is switched off before loading.
+"""
 from __future__ import annotations
 
 import hashlib

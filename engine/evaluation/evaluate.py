@@ -100,7 +100,7 @@ def sample_model(model, world, cond_ids: torch.Tensor, *, seed: int, indices: Se
         tokens = world.tokens(cond_ids[start:start + len(idx)]).to(device)
         null = model.null_condition(tokens)
         if has_sampler_hook(model):
-            # Issue 8: the model's own scheduler (a v-prediction DDPM must not be integrated as a velocity).
+            # the model's own scheduler (a v-prediction DDPM must not be integrated as a velocity).
             x = model.sample(tokens, shape, seed=seed, indices=idx, steps=steps, cfg_scale=cfg_scale, stream=stream,
                              null_cond=null)
         else:

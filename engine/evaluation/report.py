@@ -1,7 +1,7 @@
 """The run report: one self-contained HTML page of a run directory, with PNG plots beside it.
 
 ``write_report(run_dir)`` reads what a run left behind and writes ``run_dir/report.html`` plus PNG plots
-under ``run_dir/report/``; ``python -m vidpo.evaluation.report RUN_DIR`` does the same from a shell.
+under ``run_dir/report/``; ``vidpo report RUN_DIR`` does the same from a shell.
 
 Inputs (only ``metrics.jsonl`` is required; a missing file just omits its section):
 
@@ -26,7 +26,6 @@ so a crash never leaves a half-written report.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import html
 import json
@@ -513,19 +512,3 @@ def write_report(run_dir) -> Path:
     _atomic_write_bytes(out, page.encode("utf-8"))
     return out
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vidpo.evaluation.report",
-                                     description="Write RUN_DIR/report.html (plots under RUN_DIR/report/).")
-    parser.add_argument("run_dir", help="a run directory holding metrics.jsonl")
-    args = parser.parse_args(argv)
-    try:
-        path = write_report(args.run_dir)
-    except FileNotFoundError as err:
-        parser.exit(2, f"error: {err}\n")
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,16 @@
-"""TODO docstring"""
+"""Preference pairs built from a critic's scores of a pool of videos.
+
+A round's videos form a pool (``read_pool``: every generated pair contributes its two videos with their
+conditions). Instead of labelling the pairs as generated, the critic scores each video once and:
+
+* KTO (``build_kto_pairs``): videos at or above ``critic.desirable`` are desirable, at or below
+  ``critic.undesirable`` undesirable (``vidpo.ipo.critic.pointwise_labels``); each desirable video is paired
+  with an undesirable one of the same prompt, so the pairs directory carries the pointwise labels;
+* ranked DPO (``build_ranked_pairs``): each prompt's top-scored videos are paired with its bottom-scored ones
+  (``ranked_pairs``), optionally keeping only the widest score gaps (``widest_pairs``).
+
+The result is an ordinary labelled pairs directory (shards + ``manifest.jsonl``) that training reads.
+"""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,10 @@
-"""TODO docstring"""
+"""Reusing the work of another ``vidpo iterate`` run of the same seed.
+
+Runs of a sweep often differ only in how rounds label and train. What the initial policy alone determines
+(the seed labels, critic 0, the initial evaluation, round 1's generated pairs) is then identical by
+construction, and ``reuse_run`` hard-links it instead of recomputing it. The key sets below say which
+config keys leave which part unchanged; ``can_reuse`` tells a sweep whether a run may start from another.
+"""
 from __future__ import annotations
 
 import fnmatch

@@ -1,4 +1,10 @@
-"""TODO docstring"""
+"""Several ``vidpo iterate`` recipes x seeds, and their aggregate per round.
+
+``compare_iterations`` runs every recipe for every seed into ``OUT/<recipe>/seed<k>`` (later recipes reuse
+what is identical by construction with the first one's run of the same seed, ``vidpo.ipo.reuse``), in up to
+``jobs`` processes at once spread over the least busy GPUs, then aggregates each round over seeds with a
+Student-t interval and writes ``OUT/summary.json`` and the report.
+"""
 from __future__ import annotations
 
 import fnmatch

@@ -1,4 +1,11 @@
-"""TODO docstring"""
+"""Labels from the IPO critic: scoring clips with a trained ``VideoCritic`` and the ``critic`` labeller.
+
+The critic scores each (clip, caption) per frame, per segment and per video (``score_videos``); a pair's
+label is the sign of the score difference, a tie within ``tie_margin_of`` the critic's tie parameter (the
+Davidson rule, raised by ``critic.min_confidence``). ``Symmetries`` are the shapes world's label-preserving
+views of a clip (flips and time reversal with the caption mapped), used for training augmentation and for
+Dual-IPO's distinct voting passes. Training the critic is ``vidpo.ipo.critic``.
+"""
 from __future__ import annotations
 
 import logging

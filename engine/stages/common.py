@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""What every job of a run shares: logging to the run directory, sample grids, the config saved beside a
+checkpoint, loading a policy from one, and the run report.
+"""
 from __future__ import annotations
 
 import logging

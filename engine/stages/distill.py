@@ -1,4 +1,9 @@
-"""TODO docstring"""
+"""The consistency-distillation jobs: training the student (``train.objective: consistency_distill``) and
+``vidpo distill`` (preprocess -> train -> teacher-vs-student evaluation, each stage resumable).
+
+The objective itself (loss, boundary conditions, few-step sampling) is ``vidpo.objectives.distill``; the
+teacher's preprocessed ODE steps come from ``vidpo.stages.preprocess``.
+"""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,10 @@
-"""TODO docstring"""
+"""``vidpo generate``: preference pairs sampled from the policy into safetensors shards + ``pairs.jsonl``.
+
+``generate.mode: vanilla`` samples the two videos of a pair from independent noise with classifier-free
+guidance; ``structural`` (StructuralDPO) re-generates both from one ground-truth clip by SDEdit at a shared
+level ``eta``. A policy with a sampler hook (a diffusers adapter) samples with its own scheduler, the DiT with
+the engine's Euler sampler. Shards are written atomically one by one; a rerun skips complete shards.
+"""
 from __future__ import annotations
 
 import logging
@@ -58,7 +64,7 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
             null = model.null_condition(tokens)
             common = dict(null_cond=null, cfg_scale=gen.cfg_scale, steps=gen.steps, seed=cfg.seed)
             tensors = {"cond_ids": cond_ids}
-            # Issue 8: a policy with a sampler hook (diffusers adapter) samples and SDEdits with its own
+            # a policy with a sampler hook (diffusers adapter) samples and SDEdits with its own
             # scheduler (flow-match Euler / UniPC for Wan, DDIM / DPM for CogVideoX); the toy DiT with Euler.
             hook = has_sampler_hook(model)
             if gen.mode == "vanilla":

@@ -33,11 +33,11 @@ def train_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> di
     """Train the policy with ``cfg.train.objective``; write checkpoints, metrics, samples, summary, report."""
     out_dir = Path(out_dir)
     setup_logging(out_dir)
-    if cfg.data.source == "latents":  # issue 7: flow matching on `vidpo cache` shards
+    if cfg.data.source == "latents":  # flow matching on `vidpo cache` shards
         from vidpo.stages.jobs import train_latent_sft
 
         return train_latent_sft(cfg, out_dir, resume=resume)
-    if cfg.train.objective == "consistency_distill":  # issue 9: trains on `vidpo preprocess` shards
+    if cfg.train.objective == "consistency_distill":  # trains on `vidpo preprocess` shards
 
         return train_distill(cfg, out_dir, resume=resume)
     if cfg.train.objective != "sft":

@@ -1,4 +1,10 @@
-"""TODO docstring"""
+"""``vidpo label``: per-segment labels of a pairs directory, resumable batch by batch.
+
+Labelled pairs are appended to ``labels.partial.jsonl`` batch by batch, so a rerun (after a kill, or a VLM
+server outage) labels only what is left; ``manifest.jsonl`` (the pairs with their labels) is written at the
+end and ``label.json`` records the label statistics. The labeller is chosen by ``label.labeler``
+(``vidpo.labeling``: oracle | human | vlm | critic).
+"""
 from __future__ import annotations
 
 import dataclasses

@@ -70,7 +70,7 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
         model, reference, ref_mode, lora_state = prepare_parallel_policy(cfg, world, parallel)
     log.info("train[%s]: %d pairs (%d skipped), reference=%s, loss backend=%s", cfg.train.objective, len(records),
              len(problems), ref_mode, cfg.pref.loss_backend)
-    # Issue 8: a diffusers adapter brings its own forward process / target / timesteps (None: rectified flow).
+    # a diffusers adapter brings its own forward process / target / timesteps (None: rectified flow).
     process = model if getattr(model, "training_target", None) is not None else None
     objective = PreferenceObjective(cfg, world, device, records, reader, seg, reference, parallel=parallel,
                                     process=process)
@@ -87,7 +87,7 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
                       evaluate=evaluate if cfg.train.eval_every > 0 else None, parallel=parallel)
     result = trainer.fit()
     if cfg.lora is not None and parallel is None:
-        if hasattr(model, "export_lora"):  # issue 8: diffusers' format, loadable by pipe.load_lora_weights
+        if hasattr(model, "export_lora"):  # diffusers' format, loadable by pipe.load_lora_weights
             model.export_lora(run_dir / "lora.safetensors")
         else:
             save_lora(model, str(run_dir / "lora.safetensors"))

@@ -39,7 +39,7 @@ def build_world(cfg: RunConfig):
 
 def dit_config_for(cfg: RunConfig, world):
     in_channels, cond_vocab_size, cond_dim = 3, None, 0
-    if cfg.data.source == "latents":  # issue 7: the cache's index sets latent channels and text width
+    if cfg.data.source == "latents":  # the cache's index sets latent channels and text width
 
         if not cfg.data.shards:
             raise ConfigError("data.source is 'latents' but 'data.shards' is not set")
@@ -80,7 +80,7 @@ def build_policy(cfg: RunConfig, world, device: torch.device | str = "cpu"):
     """The video DiT of the recipe, initialised from the ``(seed, "init")`` stream, or (``model.kind`` wan /
     cogvideox) the diffusers transformer of ``model.path`` behind its engine adapter."""
     sampling = adapter_sampling_kwargs(cfg)   # validated for every kind (a DiT recipe naming 'ddim' is an error)
-    if cfg.model.kind != "dit":  # issue 8: weights come from the model directory, not from the init stream
+    if cfg.model.kind != "dit":  # weights come from the model directory, not from the init stream
 
         if not cfg.model.path:
             raise ConfigError(f"model.kind is '{cfg.model.kind}' but 'model.path' (the local model directory) is not set")
@@ -124,6 +124,6 @@ def _require_init(cfg: RunConfig) -> Path:
 def load_initial_policy(cfg: RunConfig, world, device) -> torch.nn.Module:
     model = build_policy(cfg, world, device)
     if cfg.model.kind != "dit" and not cfg.train.init_from:
-        return model  # issue 8: a diffusers model directory (model.path) already holds the weights
+        return model  # a diffusers model directory (model.path) already holds the weights
     ckpt.load_weights(model, _require_init(cfg))
     return model

@@ -1,4 +1,11 @@
-"""TODO docstring"""
+"""The trainable policy and its reference forward, in one process or laid out over many.
+
+Preference objectives compare the policy with a reference model on the same inputs. The reference is either
+the policy with its LoRA adapters disabled (``lora_disabled``: no second copy of the weights) or a frozen
+copy (``frozen_copy``); ``pref.reference: auto`` picks the first when the recipe has a ``lora`` section.
+Multi-process runs lay the policy (and a frozen reference copy) out with the model family's own
+``parallelize`` from the model registry (TP/SP -> CP -> activation checkpointing -> compile -> FSDP).
+"""
 from __future__ import annotations
 
 import copy
