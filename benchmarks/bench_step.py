@@ -17,7 +17,7 @@ dated Markdown report.
 Examples:
     python benchmarks/bench_step.py --preset tiny --flips compile,bf16,ac        # CPU, a few seconds a config
     python benchmarks/bench_step.py --device cuda --preset 1.3b --pairs 2 --frames 21 --height 60 \\
-        --width 104 --cond-len 512 --ac full --report benchmarks/step_h100_202611.md
+        --width 104 --cond-len 512 --ac full --report benchmarks/reports/2026-11-21_step_h100.md
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ Model FLOPs of a step (the MFU numerator; ``DiTConfig.flops_per_forward`` counts
 
 Activation checkpointing makes the hardware redo forwards; MFU still counts model FLOPs only.
 
-``PLAIN`` is the baseline the issue asks for, the way the public Flow-DPO / Diffusion-DPO training code
+``PLAIN`` is the baseline: the way the public Flow-DPO / Diffusion-DPO training code
 does it: eager PyTorch, a separate frozen copy of the policy as the reference (its forward under
 ``torch.no_grad``), the loss in unfused torch ops (``vidpo.kernels.reference``), ``torch.optim.AdamW`` with
 its default implementation, SDPA attention. Mixed precision follows the device: bf16 autocast on GPU

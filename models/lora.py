@@ -21,7 +21,6 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch

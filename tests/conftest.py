@@ -1,6 +1,14 @@
-"""Shared test settings: CPU only, few threads per worker, and a micro-sized world + model for fast
-end-to-end tests (the demo's tiny preset is exercised by the demo test and the recipes)."""
+"""Pytest settings and fixtures only: CPU only, few threads per worker. Code the test modules share (the micro
+config, tolerances, the multi-process harness, tiny models, ...) lives in ``tests/helpers/`` and is imported as
+``helpers.<module>`` (see helpers/__init__.py)."""
 import os
+import sys
+
+# helpers/ is imported as ``helpers``: pytest's default (prepend) import mode puts tests/ on sys.path already; this
+# keeps it there under other import modes too (spawned workers inherit sys.path).
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 # Triton kernels run through the interpreter on CPU; it must be set before any @triton.jit runs.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -8,21 +16,32 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from helpers.micro import MICRO  # noqa: E402
+
 # pytest-xdist runs 2 workers on 2 cores: one intra-op thread each avoids oversubscription.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-# A model/world small enough that a few training steps take well under a second.
-MICRO = [
-    "model.width=32", "model.depth=2", "model.num_heads=2",
-    "world.frames=4", "world.height=8", "world.width=8", "world.object_size=3", "world.fps=4",
-    "train.batch_size=4", "train.log_every=1", "train.progress=false",
-    "eval.num_samples=8", "eval.steps=2", "sample.steps=2", "sample.num_samples=4", "eval.grid_conditions=4",
-    "generate.steps=2", "generate.num_pairs=8", "generate.heldout_pairs=4", "generate.shard_size=4",
-    "label.segment_seconds=0.5",
-]
-
 
 @pytest.fixture
 def micro_overrides():
+    """A fresh copy of ``helpers.micro.MICRO``: a world + model small enough for end-to-end tests."""
     return list(MICRO)
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Kernels fill their outputs with NaN before writing them (VIDPO_POISON_OUTPUTS=1), so an element a kernel
+    forgets to write fails the comparison (``helpers.tolerances.assert_close_to_float64`` rejects non-finite
+    values). Modules opt in with ``pytestmark = pytest.mark.usefixtures("poison_outputs")``."""
+    monkeypatch.setenv("VIDPO_POISON_OUTPUTS", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on a shared 2-core machine two threads wait on each other (10x slower).
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

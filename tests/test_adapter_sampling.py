@@ -1,4 +1,4 @@
-"""The adapters' sampler hook (issue 8): sampling and SDEdit with the model's own diffusers scheduler and CFG.
+"""The adapters' sampler hook: sampling and SDEdit with the model's own diffusers scheduler and CFG.
 
 Each sampler is checked against a loop written here that calls the diffusers scheduler's ``set_timesteps`` /
 ``step`` directly on the same starting noise (the loop of CogVideoXPipeline / WanPipeline), and the engine's
@@ -8,19 +8,18 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from helpers.models import TEXT_DIM, TEXT_LEN, tiny_cogvideox, tiny_wan  # noqa: E402
 from vidpo.models.adapters import TextConditioner  # noqa: E402
-from vidpo.models.cogvideox import CogVideoXAdapter, tiny_cogvideox_transformer  # noqa: E402
+from vidpo.models.cogvideox import CogVideoXAdapter  # noqa: E402
 from vidpo.models.sampling import has_sampler_hook  # noqa: E402
-from vidpo.models.wan import WanAdapter, tiny_wan_transformer  # noqa: E402
 from vidpo.utils.seeding import generator, randn_per_sample  # noqa: E402
 
-TEXT_DIM, TEXT_LEN, C, T, S = 16, 3, 3, 4, 8
+C, T, S = 3, 4, 8
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def cogvideox(sampler=None, seed=0):
-    return CogVideoXAdapter(tiny_cogvideox_transformer(in_channels=C, text_dim=TEXT_DIM, text_len=TEXT_LEN, frames=T,
-                                                       size=S, seed=seed), sampler=sampler)
+    return tiny_cogvideox(in_channels=C, frames=T, size=S, seed=seed, sampler=sampler)
 
 
 def guided(model, x, k_or_t, cond, w):
@@ -112,7 +111,7 @@ def test_cogvideox_sdedit_enters_the_grid_at_eta_with_add_noise():
 def test_wan_unipc_hook_equals_the_scheduler_loop_and_sdedit_from_1_is_sampling():
     from diffusers import UniPCMultistepScheduler
 
-    model = WanAdapter(tiny_wan_transformer(text_dim=TEXT_DIM), sampler="unipc", sample_shift=3.0)
+    model = tiny_wan(sampler="unipc", sample_shift=3.0)
     cond = torch.randn(2, TEXT_LEN, TEXT_DIM)
     out = model.sample(cond, (C, T, S, S), seed=2, indices=[0, 6], steps=5, cfg_scale=5.0, stream="w")
     sched = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
@@ -132,10 +131,10 @@ def test_wan_unipc_hook_equals_the_scheduler_loop_and_sdedit_from_1_is_sampling(
 def test_hook_detection():
     from vidpo.models.dit import build_dit, dit_config
 
-    assert has_sampler_hook(cogvideox()) and has_sampler_hook(WanAdapter(tiny_wan_transformer(text_dim=TEXT_DIM)))
+    assert has_sampler_hook(cogvideox()) and has_sampler_hook(tiny_wan())
     assert not has_sampler_hook(build_dit(dit_config("tiny", in_channels=3, cond_vocab_size=5)))
     with pytest.raises(ValueError, match="ddim"):
-        WanAdapter(tiny_wan_transformer(text_dim=TEXT_DIM), sampler="ddim")
+        tiny_wan(sampler="ddim")
 
 
 # ----- generation and evaluation go through the hook -----------------------------------------------------
@@ -146,9 +145,8 @@ def cogvideox_run(tmp_path, micro_overrides):
 
     world = build_world(load_config(None, micro_overrides))
     model_dir = tmp_path / "cogvideox"
-    CogVideoXAdapter(tiny_cogvideox_transformer(in_channels=C, text_dim=TEXT_DIM, text_len=TEXT_LEN, frames=T, size=S,
-                                                seed=3),
-                     TextConditioner.random(world.vocab_size, TEXT_DIM, seed=4)).save_pretrained(model_dir)
+    tiny_cogvideox(TextConditioner.random(world.vocab_size, TEXT_DIM, seed=4), in_channels=C, frames=T, size=S,
+                   seed=3).save_pretrained(model_dir)
 
     def config(*extra):
         return load_config(None, micro_overrides + ["model.kind=cogvideox", f"model.path={model_dir}",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from video_utils import encode_clip, make_frames
+from helpers.video import encode_clip, make_frames
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MICRO
+from helpers.micro import MICRO
 
 REPO = Path(__file__).resolve().parent.parent
 VERBS = ["train", "sample", "eval", "config", "report", "generate", "label", "run"]

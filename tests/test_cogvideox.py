@@ -1,4 +1,4 @@
-"""CogVideoX through diffusers (issue 8): v-prediction Diffusion-DPO against the diffusers model called
+"""CogVideoX through diffusers: v-prediction Diffusion-DPO against the diffusers model called
 directly, the engine-time <-> DDPM-timestep mapping, DDIM sampling with CFG, and LoRA export."""
 import pytest
 import torch
@@ -6,27 +6,20 @@ from torch.func import functional_call
 
 pytest.importorskip("diffusers")
 
+from helpers.models import TEXT_DIM, TEXT_LEN, add_random_lora, tiny_cogvideox  # noqa: E402
 from vidpo.config import RunConfig  # noqa: E402
 from vidpo.data.pairs import PairRecord  # noqa: E402
 from vidpo.models.adapters import ATTENTION_LORA_TARGETS  # noqa: E402
 from vidpo.models.cogvideox import CogVideoXAdapter, make_scheduler, tiny_cogvideox_transformer  # noqa: E402
-from vidpo.models.lora import (apply_lora, lora_disabled, lora_modules,  # noqa: E402
-                               mark_only_lora_trainable, merge_lora)
+from vidpo.models.lora import lora_disabled, lora_modules, merge_lora  # noqa: E402
 from vidpo.objectives.preference import PreferenceObjective  # noqa: E402
 
-TEXT_DIM, TEXT_LEN, C, T, S = 16, 3, 4, 4, 8
+C, T, S = 4, 4, 8
 
 
 def lora_cogvideox(seed=0, num_layers=1):
-    model = CogVideoXAdapter(tiny_cogvideox_transformer(text_dim=TEXT_DIM, text_len=TEXT_LEN, frames=T, size=S,
-                                                        num_layers=num_layers, seed=seed))
-    apply_lora(model, rank=2, alpha=4.0, target_modules=list(ATTENTION_LORA_TARGETS))
-    mark_only_lora_trainable(model)
-    g = torch.Generator().manual_seed(seed + 11)
-    with torch.no_grad():
-        for _, m in lora_modules(model):
-            m.lora_B.weight.copy_(0.3 * torch.randn(m.lora_B.weight.shape, generator=g))
-    return model
+    return add_random_lora(tiny_cogvideox(in_channels=C, frames=T, size=S, num_layers=num_layers, seed=seed), rank=2,
+                           alpha=4.0, target_modules=ATTENTION_LORA_TARGETS, seed=seed + 11)
 
 
 def alphas(k):
@@ -36,7 +29,7 @@ def alphas(k):
 
 
 def test_time_mapping_and_timestep_sampling():
-    model = CogVideoXAdapter(tiny_cogvideox_transformer(text_dim=TEXT_DIM, text_len=TEXT_LEN, frames=T, size=S))
+    model = tiny_cogvideox(in_channels=C, frames=T, size=S)
     k = torch.arange(1000)
     assert torch.equal(model.discrete_timesteps(k.double().div(999).float()), k)
     draws = model.sample_timesteps(4000, torch.Generator().manual_seed(0))
@@ -108,7 +101,7 @@ def test_dpo_step_matches_diffusers_called_directly():
 
 
 def test_ddim_sampler_with_cfg_matches_the_ddim_update():
-    model = CogVideoXAdapter(tiny_cogvideox_transformer(text_dim=TEXT_DIM, text_len=TEXT_LEN, frames=T, size=S))
+    model = tiny_cogvideox(in_channels=C, frames=T, size=S)
     cond = torch.randn(2, TEXT_LEN, TEXT_DIM)
     out = model.sample(cond, (C, T, S, S), seed=2, indices=[0, 5], steps=3, cfg_scale=6.0)
     from vidpo.utils.seeding import randn_per_sample

@@ -1,10 +1,37 @@
-"""Recipes: typed loading, dotted overrides, and errors that name the key, the file and the closest key."""
+"""Recipes: typed loading, dotted overrides, errors that name the key, the file and the closest key, and
+validation at load (every problem the recipe alone decides, all in one message)."""
+import dataclasses
+import re
+import typing
 from pathlib import Path
+from typing import get_args
 
 import pytest
+import yaml
 
-from vidpo.config import RunConfig
-from vidpo.config import ConfigError, explain, field_docs, load_config, to_yaml
+from vidpo.config import (
+    ATTENTION_BACKENDS,
+    DISTILL_SOURCES,
+    LORA_INITS,
+    MODEL_KINDS,
+    OBJECTIVES,
+    PREFERENCE_OBJECTIVES,
+    PRESET_NAMES,
+    SAMPLERS,
+    SAMPLERS_BY_KIND,
+    ConfigError,
+    LoRAConfig,
+    Objective,
+    RunConfig,
+    TrainConfig,
+    VLMConfig,
+    choice,
+    explain,
+    field_docs,
+    load_config,
+    to_yaml,
+    validate,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,11 +109,206 @@ def test_yaml_round_trip(tmp_path):
 
 
 def test_field_docs_and_explain():
-    from vidpo.config import TrainConfig
-
     docs = field_docs(TrainConfig)
     assert "learning rate" in docs["lr"].lower()
     text = explain("train.max_steps")
     assert text.startswith("train.max_steps = 600") and "Optimizer steps" in text
     with pytest.raises(ConfigError, match="did you mean"):
         explain("trian.lr")
+
+
+# ----- validation at load: every problem of a recipe in one error ------------------------------------------
+def test_a_recipe_with_several_mistakes_fails_at_load_with_all_of_them(tmp_path):
+    path = write(tmp_path, """\
+seed: 0
+train:
+  objective: dense_dpo
+  batch_size: 12          # 16 ranks / tp 2 = 8 data-parallel ranks: 12 pairs do not split evenly
+  lrr: 1.0e-4             # unknown key
+pref:
+  reference: lora_disabled   # no lora section
+  loss_backend: tritn        # not one of the backends
+parallel:
+  tp: 2
+cluster:
+  nodes: 2
+  gpus_per_node: 8
+""")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"4 problems in {path}:")
+    assert len(err.value.problems) == 4 and all(line.startswith(f"{path}: ") for line in err.value.problems)
+    assert "unknown key 'train.lrr' (did you mean 'train.lr'?)" in msg
+    assert "'pref.loss_backend' = 'tritn' is not one of" in msg and "did you mean 'triton'" in msg
+    assert "pref.reference=lora_disabled needs LoRA" in msg
+    assert "train.batch_size=12 is not divisible by the data-parallel size 8" in msg
+    assert "cluster.nodes 2 * cluster.gpus_per_node 8" in msg
+
+
+def test_each_line_names_where_its_key_was_set(tmp_path):
+    write(tmp_path, "seed: 0\niterate:\n  rounds: 0\n", "base.yaml")
+    path = write(tmp_path, "base: base.yaml\ncritic:\n  steps: 0\n  widht: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["pref.label_smoothing=0.5", "train.lr=fast", "train.batch_size=many", "bogus=1"])
+    lines = err.value.problems
+    assert len(lines) == 7, lines
+    expect = {f"{tmp_path / 'base.yaml'}: iterate.rounds must be >= 1, got 0",
+              f"{path}: critic.steps must be >= 1, got 0",
+              "--set pref.label_smoothing: pref.label_smoothing must be in [0, 0.5), got 0.5",
+              "--set bogus: unknown key 'bogus'"}
+    assert expect <= set(lines), lines
+    assert any(line.startswith(f"{path}: unknown key 'critic.widht'") and "did you mean 'critic.width'" in line
+               for line in lines)
+    assert sum(line.startswith(f"--set train.{key}: bad value for 'train.{key}'") for line in lines
+               for key in ("lr", "batch_size")) == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # cross-section rules (were raised where the value was used: after generation and labelling, in a round)
+    (["pref.reference=lora_disabled"], r"pref.reference=lora_disabled needs LoRA \(set a lora section"),
+    (["lora.rank=4", "parallel.tp=2", "train.objective=dense_dpo"], "LoRA adapters are not tensor-parallel"),
+    (["data.source=latents", "data.shards=cache", "train.objective=kto"], "trains train.objective 'sft' only"),
+    (["train.objective=consistency_distill"], "the student needs initial weights: set distill.teacher"),
+    (["world.height=18"], "world.height = 18 is not divisible by the model's patch size 4 along H"),
+    # parallel layout against the recipe's own cluster (nodes * gpus_per_node), as `vidpo launch` checks it
+    (["train.objective=dense_dpo", "parallel.tp=3"],
+     r"world size 8 is not divisible by parallel.tp \* parallel.cp = 3 \(the recipe's world size 8"),
+    (["train.objective=dense_dpo", "cluster.nodes=2", "parallel.dp_shard=3"],
+     "parallel.dp_shard=3 must divide the data-parallel size 16"),
+    (["train.objective=dense_dpo", "cluster.nodes=2", "train.batch_size=24"],
+     "train.batch_size=24 is not divisible by the data-parallel size 16"),
+    (["train.objective=dense_dpo", "parallel.tp=8"], "the model's 4 attention heads are not divisible by parallel.tp"),
+    (["train.objective=dense_dpo", "parallel.cp=2", "world.frames=7"],
+     r"7 latent frames \(after temporal patching\) are not divisible by parallel.cp = 2"),
+    (["train.objective=dense_dpo", "cluster.nodes=2", "cluster.gpus_per_node=2", "parallel.tp=4",
+      "train.batch_size=4"], r"parallel.tp=4 spans nodes \(cluster.gpus_per_node=2\)"),
+    (["cluster.nodes=2"], "train.objective=sft runs in one process"),
+    # within a section
+    (["label.labeler=vlm"], "label.labeler = 'vlm' needs a label.vlm section"),
+    (["label.labeler=human"], "label.labeler = 'human' needs label.human_file"),
+    (["data.source=latents"], "data.shards is required when data.source is 'latents'"),
+    (["model.sampler=ddim"], "model.sampler 'ddim' does not apply to model.kind 'dit'"),
+    (["model.sample_shift=3.0"], "model.sample_shift is the time shift of a flow-matching diffusers model"),
+    (["model.kind=wan"], "model.path is required for model.kind 'wan'"),
+    (["model.num_heads=3"], "model.preset 'tiny' with these overrides is not a valid DiT"),
+    (["distill.grid_steps=30", "distill.skip=4"], "distill.grid_steps must be a positive multiple of distill.skip"),
+    (["distill.motion_sources=[curated,webb]"], r"distill.motion_sources has unknown sources \['webb'\]"),
+    (["distill.num_rows=0"], "distill.num_rows must be >= 1"),
+    (["distill.motion_fraction=0"], r"distill.motion_fraction must be in \(0, 1\]"),
+    (["distill.student_steps=[1,32]"], r"distill.student_steps must be in \[1, .* = 16\], got \[32\]"),
+    (["cache.shard_size=0"], "cache.shard_size must be >= 1"),
+    (["pref.label_smoothing=0.5"], r"pref.label_smoothing must be in \[0, 0.5\)"),
+    (["iterate.rounds=0"], "iterate.rounds must be >= 1"),
+    (["iterate.eval_pairs=1"], "iterate.eval_pairs must be >= 2"),
+    (["iterate.refine_steps=-1"], r"iterate.refine_steps must be >= 0 \(0: critic.steps\)"),
+    (["iterate.vote_keep_fraction=1.5"], r"iterate.vote_keep_fraction must be in \[0, 1\] \(0: off\)"),
+    (["iterate.rank_fraction=0.75"], r"iterate.rank_fraction must be in \(0, 0.5\]"),
+    (["iterate.votes=0"], "iterate.votes must be >= 1"),
+    (["critic.min_confidence=1.0"], r"critic.min_confidence must be in \[0, 1\)"),
+    (["critic.desirable=0.2"], "undesirable < desirable"),
+    (["critic.num_heads=3"], "not a valid critic network"),
+    (["cluster.env=[NOEQUALS]"], "cluster.env entry 'NOEQUALS' is not KEY=VALUE"),
+    (["lora.rank=0"], "lora.rank must be a positive integer"),
+    (["label.vlm.model=m", "label.vlm.prompt=which {video} is better?"], r"unknown placeholder \{video\}"),
+    (["world.wrong_colour=0.6", "world.static=0.6"], "the corruption fractions sum to 1.2 > 1"),
+    (["generate.mode=structural", "generate.eta_min=0.9", "generate.eta_max=0.5"], "0 <= eta_min <= eta_max <= 1"),
+    (["train.ema_decay=1.0"], r"train.ema_decay must be in \[0, 1\)"),
+])
+def test_rules_the_recipe_decides_fail_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, overrides)
+    line = next(line for line in err.value.problems if re.search(message, line))
+    assert line.startswith("--set "), line   # the key it is about came from an override
+    config = RunConfig()                     # validate() finds the same problem in a config built in code
+    for text in overrides:
+        key, value = text.split("=", 1)
+        if key.startswith(("lora.", "label.vlm.")):
+            return
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = getattr(node, name)
+        setattr(node, leaf, yaml.safe_load(value))
+    with pytest.raises(ConfigError, match=message):
+        validate(config)
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml")))
+def test_each_committed_recipe_loads_without_a_problem(recipe):
+    cfg = load_config(REPO / recipe)
+    assert cfg.problems() == [] and validate(cfg) is cfg
+
+
+def test_configs_built_in_code_are_not_checked_until_validated():
+    cfg = RunConfig()
+    cfg.pref.reference = "lora_disabled"     # an intermediate state is allowed...
+    assert cfg.problems() == ["pref.reference=lora_disabled needs LoRA (set a lora section, e.g. --set lora.rank=8)"]
+    with pytest.raises(ConfigError, match="needs LoRA"):
+        validate(cfg)                        # ...until the config is checked
+    cfg.lora = LoRAConfig(rank=2)
+    assert validate(cfg) is cfg
+
+
+def test_vlm_and_lora_sections_check_direct_construction_and_report_at_load():
+    with pytest.raises(ValueError, match="VLMConfig.model is required.*VLMConfig.concurrency must be positive"):
+        VLMConfig(concurrency=0)
+    with pytest.raises(ValueError, match="LoRAConfig.init_lora_weights must be one of"):
+        LoRAConfig(init_lora_weights="kaiming")
+    assert LoRAConfig(target_modules="to_q").target_modules == ["to_q"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["label.labeler=vlm", "label.vlm.concurrency=0", "lora.dropout=1.0",
+                           "lora.init_lora_weights=kaiming"])
+    assert sorted(err.value.problems) == sorted([
+        "--set label.vlm.concurrency: label.vlm.model is required: the model name the server serves",
+        "--set label.vlm.concurrency: label.vlm.concurrency must be positive, got 0",
+        "--set lora.init_lora_weights: 'lora.init_lora_weights' = 'kaiming' is not one of ['zero_b', 'gaussian']",
+        "--set lora.dropout: lora.dropout must be in [0, 1), got 1.0"])
+
+
+def test_scale_checks_the_layout_against_the_world_it_is_given():
+    over = ["model.preset=1.3b", "world.frames=8", "world.height=64", "world.width=64",
+            "train.objective=dense_dpo", "train.batch_size=16"]
+    assert load_config(None, over, world_size=16).train.batch_size == 16
+    with pytest.raises(ConfigError, match=r"data-parallel size 64 \(world 64 / \(tp 1 \* cp 1\)\).*\(world size 64\)"):
+        load_config(None, over, world_size=64)
+
+
+# ----- enum-like value sets ------------------------------------------------------------------------------
+def test_choices_come_from_literal_aliases_and_match_the_layers_below():
+    from vidpo.models.dit import PRESETS
+    from vidpo.models.dit.config import ATTENTION_BACKENDS as DIT_ATTENTION
+    from vidpo.models.lora import INIT_CHOICES
+    from vidpo.models.registry import MODELS
+    from vidpo.stages.preprocess import SOURCES
+
+    assert OBJECTIVES == get_args(Objective) == ("sft", "flow_dpo", "dense_dpo", "kto", "consistency_distill")
+    assert PREFERENCE_OBJECTIVES == ("flow_dpo", "dense_dpo", "kto")
+    assert dataclasses.fields(TrainConfig)[0].metadata["choices"] == OBJECTIVES
+    assert PRESET_NAMES == tuple(PRESETS) and MODEL_KINDS == tuple(MODELS) and LORA_INITS == INIT_CHOICES
+    assert set(ATTENTION_BACKENDS) == set(DIT_ATTENTION) and DISTILL_SOURCES == SOURCES
+    assert set(SAMPLERS_BY_KIND) == set(MODEL_KINDS)
+    assert all(set(valid) <= set(SAMPLERS) for valid in SAMPLERS_BY_KIND.values())
+    with pytest.raises(ValueError, match="not one of"):
+        choice("dpo", Objective)
+
+    def sections(cls):
+        yield cls
+        for f in dataclasses.fields(cls):
+            sub = typing.get_type_hints(cls)[f.name]
+            sub = next((a for a in typing.get_args(sub) if dataclasses.is_dataclass(a)), sub)
+            if dataclasses.is_dataclass(sub):
+                yield from sections(sub)
+
+    for cls in sections(RunConfig):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("choices"):
+                assert typing.get_type_hints(cls)[f.name] is str, (cls.__name__, f.name)
+                assert f.default in f.metadata["choices"], (cls.__name__, f.name)
+
+
+def test_every_key_has_a_docstring():
+    text = explain().split("\n")
+    keys = text[0::2]
+    assert len(keys) > 200 and all(doc.strip() for doc in text[1::2]), [k for k, d in zip(keys, text[1::2])
+                                                                        if not d.strip()]

@@ -22,13 +22,8 @@ from vidpo.config import load_config
 from vidpo.data.segments import segment_ids
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two intra-op threads on two busy cores make these tiny models ~50x slower (OpenMP oversubscription).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Two intra-op threads on two busy cores make these tiny models ~50x slower (OpenMP oversubscription).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def davidson_reference(d, nu):

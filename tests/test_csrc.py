@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.tolerances import CSRC_PRIMITIVES, assert_close_to_float64, max_abs
 from vidpo.kernels import cpp_backend, cuda_backend
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else None)
 HAS_GPU = torch.cuda.is_available()
-
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 # (N, C, T, H, W, segment ids): odd sizes, 1x1 planes, a plane longer than the CPU's fp32 chunk (4096),
 # a plane divisible by 8 (the CUDA vector path), unequal segments, frames in no segment (-1, >= S).
@@ -37,9 +36,7 @@ CASES = {
 NUM_SEGMENTS = {"odd": 3, "1x1": 2, "vec8": 3, "long_plane": 2, "excluded": 2}
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("VIDPO_POISON_OUTPUTS", "1")
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -100,10 +97,8 @@ def reference_residual(v_theta, target, x0, noise, coef, segment_ids):
 
 
 def assert_close(actual, expected, dtype):
-    tol = TOLERANCE[dtype]
-    assert not torch.isnan(actual).any(), "an output element was left unwritten (NaN poison) or is NaN"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * max(scale, 1e-6))
+    """``actual`` against the float64 formula: rtol and atol both relative to the reference's largest magnitude."""
+    assert_close_to_float64(actual, expected, dtype, CSRC_PRIMITIVES, scale=max(max_abs(expected), 1e-6))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from video_utils import damaged_copies, encode_clip, frame_errors, make_frames
+from helpers.video import damaged_copies, encode_clip, frame_errors, make_frames
 from vidpo.data.decode import (ClipDecoder, SamplingSpec, VideoDecodeError, backend_available, decode_clip,
                                make_decoder, plan_frames, prepare_frames, probe)
 from vidpo.data.decode.dali import read_request

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MICRO
+from helpers.micro import MICRO
+from helpers.models import randomize_
 from vidpo.utils import atomic
 from vidpo.data.oracle import ShapesOracle
 from vidpo.models import flow
@@ -28,21 +29,7 @@ DISTILL = ["distill.grid_steps=8", "distill.skip=2", "distill.shard_size=8", "di
            "distill.student_steps=[1,2]", "distill.teacher_steps=[4]", "distill.eval_steps=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads wait on each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def randomized(model, seed=0, std=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")   # 2 threads on a shared 2-core machine: 10x slower
 
 
 def micro_setup(extra=()):
@@ -55,7 +42,7 @@ def micro_setup(extra=()):
 @pytest.mark.parametrize("distance", ["huber", "l2"])
 def test_cd_loss_matches_float64_reference_and_stops_the_target_gradient(distance):
     cfg, world = micro_setup(["model.attention=math"])
-    model = randomized(build_policy(cfg, world).double())
+    model = randomize_(build_policy(cfg, world).double())
     g = torch.Generator().manual_seed(1)
     x_t = torch.randn(3, 3, 4, 8, 8, generator=g, dtype=torch.float64)
     x_prev = torch.randn(3, 3, 4, 8, 8, generator=g, dtype=torch.float64)
@@ -93,7 +80,7 @@ def test_cd_loss_matches_float64_reference_and_stops_the_target_gradient(distanc
 def test_teacher_solver_step_matches_direct_float64_computation():
     cfg, world = micro_setup(["model.attention=math", "distill.motion_scale=0.8", "distill.motion_fraction=0.6",
                               "distill.curated_fraction=0.5", "distill.cfg_scale=2.0", "distill.motion_block=1"])
-    teacher = randomized(build_policy(cfg, world).double()).eval()
+    teacher = randomize_(build_policy(cfg, world).double()).eval()
     grid = teacher_grid(cfg).double()
     rows = draw_rows(cfg, world, 0, grid)
     rows["x0"], rows["noise"] = rows["x0"].double(), rows["noise"].double()
@@ -132,7 +119,7 @@ def test_student_times_and_sampler():
     with pytest.raises(ValueError, match="student steps"):
         cd.student_times(5, grid, 2)
     cfg, world = micro_setup()
-    model = randomized(build_policy(cfg, world)).eval()
+    model = randomize_(build_policy(cfg, world)).eval()
     cond = world.tokens(world.condition(torch.tensor([0, 5, 9])))
     noise = torch.randn(3, 3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     times = cd.student_times(4, grid, 2)
@@ -184,7 +171,7 @@ def distill_run(tmp_path_factory):
     """A micro teacher, its preprocessed data (12 rows, 2 of 3 shards then resumed) and a 2-step student."""
     root = tmp_path_factory.mktemp("distill")
     cfg, world = micro_setup()
-    teacher = randomized(build_policy(cfg, world), std=0.1)
+    teacher = randomize_(build_policy(cfg, world), std=0.1)
     atomic.save_safetensors(teacher.state_dict(), root / "teacher" / "model.safetensors")
     over = MICRO + DISTILL + [f"distill.teacher={root / 'teacher'}", "distill.num_rows=20", "distill.motion_scale=1.0",
                               "distill.motion_fraction=0.7"]

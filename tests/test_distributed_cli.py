@@ -1,8 +1,8 @@
-"""The acceptance run: ``torchrun --nproc-per-node 2 -m vidpo train recipes/shapes/dpo_demo.yaml --set <parallel>``
+"""The distributed demo run: ``torchrun --nproc-per-node 2 -m vidpo train recipes/shapes/dpo_demo.yaml --set <parallel>``
 on CPU (gloo) logs the single-process run's losses, and its world-size-2 checkpoint resumes in one process
 on the same loss curve.
 
-The demo recipe is shrunk to the micro world (conftest.MICRO) and trained from a micro base on pairs made
+The demo recipe is shrunk to the micro world (helpers.micro.MICRO) and trained from a micro base on pairs made
 here; the parallel layout is TP=2 + sequence parallel (the most communication-heavy one), so the resume
 also reshards tensor-parallel shards back into single-device weights.
 """
@@ -11,14 +11,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from dist_utils import free_port
 
-from vidpo.utils import atomic
+from helpers.distributed import free_port
+from helpers.micro import MICRO
+from helpers.models import save_perturbed_base
+from helpers.runs import train_losses as losses
 from vidpo.training import checkpoint as ckpt
 from vidpo.cli import main as cli
-from vidpo.training.metrics import read_metrics
-from vidpo.training.modeling import build_policy, build_world
 from vidpo.stages.generate import generate_pairs
 from vidpo.stages.label import label_pairs
 from vidpo.config import REPO_ROOT, load_config
@@ -31,15 +30,8 @@ RECIPE = str(REPO_ROOT / "recipes" / "shapes" / "dpo_demo.yaml")
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """A micro base policy, labelled pairs, and the ``--set`` list that points the demo recipe at them."""
-    from conftest import MICRO
-
     root = tmp_path_factory.mktemp("dist_cli")
-    cfg = load_config(RECIPE, MICRO)
-    model = build_policy(cfg, build_world(cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    atomic.save_safetensors(model.state_dict(), root / "base.safetensors")
+    save_perturbed_base(load_config(RECIPE, MICRO), root / "base.safetensors")
     sets = list(MICRO) + [f"train.init_from={root / 'base.safetensors'}", f"pref.pairs={root / 'pairs'}",
                           "train.eval_every=0", "train.ckpt_every=2", "train.warmup_steps=0", "train.lr=1e-3"]
     cfg = load_config(RECIPE, sets)
@@ -50,10 +42,6 @@ def demo(tmp_path_factory):
 
 def args(sets):
     return [a for s in sets for a in ("--set", s)]
-
-
-def losses(run_dir):
-    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl", "train")]
 
 
 def test_torchrun_matches_single_process_and_resumes_at_world_size_1(demo):

@@ -9,9 +9,10 @@ megatron-core anyway.)
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import (WORLD, assert_all_ranks_ok, destroy_gloo, init_gloo, record, set_torchrun_env,
-                        spawn_workers, worker_results)
 
+from helpers.distributed import (WORLD, assert_all_ranks_ok, destroy_gloo, init_gloo, record, set_torchrun_env,
+                                 spawn_workers, worker_results)
+from helpers.tolerances import FLOAT64_REARRANGED, assert_close
 from vidpo.parallel import mappings
 
 
@@ -21,7 +22,7 @@ def tensors(*shapes, seed=0):
 
 
 def close(actual, expected, what):
-    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}: {m}")
+    assert_close(actual, expected, FLOAT64_REARRANGED, what)
 
 
 # ----------------------------------------------------------------------------------- checks (per rank)

@@ -17,14 +17,16 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import (WORLD, assert_all_ranks_ok, record, set_torchrun_env, spawn_workers, vidpo_shutdown,
-                        worker_results)
 from safetensors.torch import load_file
 
-from vidpo.utils import atomic
+from helpers.distributed import (WORLD, assert_all_ranks_ok, record, set_torchrun_env, spawn_workers, vidpo_shutdown,
+                                 worker_results)
+from helpers.micro import MICRO
+from helpers.models import save_perturbed_base
+from helpers.runs import train_rows
+from helpers.tolerances import ADAMW_FIRST_STEP, assert_close
 from vidpo.training import checkpoint as ckpt
 from vidpo.training.metrics import read_metrics
-from vidpo.training.modeling import build_policy, build_world
 from vidpo.stages.generate import generate_pairs
 from vidpo.stages.label import label_pairs
 from vidpo.stages.pipeline import train_preference
@@ -74,16 +76,9 @@ def config(micro, base, pairs, objective, *extra):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from conftest import MICRO
-
     root = tmp_path_factory.mktemp("dist_train")
-    cfg = load_config(None, MICRO)
-    model = build_policy(cfg, build_world(cfg))
-    with torch.no_grad():  # an untrained DiT outputs exactly 0: perturb so every weight gets a gradient
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    base = root / "base.safetensors"
-    atomic.save_safetensors(model.state_dict(), base)
+    # An untrained DiT outputs exactly 0: the base is perturbed so that every weight gets a gradient.
+    base = save_perturbed_base(load_config(None, MICRO), root / "base.safetensors")
     pairs = root / "pairs"
     pcfg = config(MICRO, base, pairs, "dense")
     generate_pairs(pcfg, pairs)
@@ -197,10 +192,6 @@ def test_megatron_cpu_shim(runs, name):
     assert_all_ranks_ok(runs, name)
 
 
-def train_rows(run_dir):
-    return read_metrics(run_dir / "metrics.jsonl", "train")
-
-
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_one_step_matches_single_process(prepared, runs, name):
     assert_all_ranks_ok(runs, name)
@@ -226,11 +217,8 @@ def test_one_step_matches_single_process(prepared, runs, name):
             continue
         if key in start:
             assert not torch.equal(want[key], start[key]), f"{key} did not move: the comparison would be vacuous"
-        # AdamW's first step is lr * g / (|g| + eps): it checks the sign of every gradient element (the norm
-        # is checked above), and an element whose gradient cancels down to ~eps turns fp32 summation-order
-        # differences into update differences of a small fraction of lr (1e-2): 3e-5 is 0.3 % of one step.
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=3e-5,
-                                   msg=lambda m: f"{key}: {m}")
+        # AdamW's first step: see helpers.tolerances.ADAMW_FIRST_STEP (3e-5 is 0.3 % of one step of lr 1e-2).
+        assert_close(got[key], want[key], ADAMW_FIRST_STEP, key)
 
 
 def test_in_training_evaluation_under_every_layout(prepared, runs):
@@ -297,8 +285,7 @@ def test_ema_checkpoints_keep_the_average(prepared, runs, tmp_path):
     plain = load_file(str(ckpt.find_weights(prepared["root"] / "tp2_sp")))   # the same step without EMA
     start = load_file(str(prepared["base"]))
     for key in start:   # first update: decay min(0.5, 1/10) -> 0.1 * start + 0.9 * updated
-        torch.testing.assert_close(averaged[key], 0.1 * start[key] + 0.9 * plain[key], rtol=1e-5, atol=3e-5,
-                                   msg=lambda m: f"{key}: {m}")
+        assert_close(averaged[key], 0.1 * start[key] + 0.9 * plain[key], ADAMW_FIRST_STEP, key)
     import shutil
 
     for layout, flip in (("ema_dp2_fsdp", "train.ema_decay=0"), ("dp2_fsdp", "train.ema_decay=0.5")):

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers.models import randomize_
+from helpers.tolerances import ATTENTION, ROPE, assert_close_to_float64
 from vidpo.models.dit import (PRESETS, AttentionBackendUnavailable, DiTConfig, attention, available_backends,
                               build_dit, dit_config, patchify, resolve_backend, unpatchify)
 from vidpo.models.dit.attention import backend_importable
@@ -20,13 +22,9 @@ def small_config(**overrides) -> DiTConfig:
     return DiTConfig(**fields)
 
 
-@torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.15) -> torch.nn.Module:
     """Replace every parameter (including the zero-initialised ones) by Gaussian noise."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
+    return randomize_(model, seed, std)
 
 
 def random_inputs(cfg: DiTConfig, batch=2, frames=4, height=4, width=6, cond_len=3, seed=1):
@@ -131,14 +129,14 @@ def test_rope_matches_float64_reference(head_dim, theta):
     x = torch.randn(2, 3, 9, head_dim, generator=g)
     expected = rope_reference(x, positions, theta)
     cos64, sin64 = rope_cos_sin(positions, head_dim, theta, dtype=torch.float64)
-    torch.testing.assert_close(apply_rope(x.double(), cos64, sin64), expected, rtol=1e-12, atol=1e-12)
+    assert_close_to_float64(apply_rope(x.double(), cos64, sin64), expected, torch.float64, ROPE)
     cos, sin = rope_cos_sin(positions, head_dim, theta)
     out = apply_rope(x, cos, sin)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert_close_to_float64(out, expected, torch.float32, ROPE)
     out_bf16 = apply_rope(x.bfloat16(), cos, sin)
     assert out_bf16.dtype == torch.bfloat16
-    torch.testing.assert_close(out_bf16.double(), expected, rtol=2e-2, atol=2e-2)
+    assert_close_to_float64(out_bf16, expected, torch.bfloat16, ROPE)
 
 
 def test_rope_preserves_norm_and_sees_only_relative_positions():
@@ -170,15 +168,15 @@ def attention_reference(q, k, v):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math", "auto"])
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
-def test_attention_backends_match_float64_reference(backend, dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_attention_backends_match_float64_reference(backend, dtype):
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 3, 7, 10, generator=g, dtype=dtype)     # Nq = 7, Nk = 5: cross-attention shapes
     k = torch.randn(2, 3, 5, 10, generator=g, dtype=dtype)
     v = torch.randn(2, 3, 5, 10, generator=g, dtype=dtype)
     out = attention(q, k, v, backend)
     assert out.shape == (2, 3, 7, 10) and out.dtype == dtype
-    torch.testing.assert_close(out.double(), attention_reference(q, k, v), rtol=tol, atol=tol)
+    assert_close_to_float64(out, attention_reference(q, k, v), dtype, ATTENTION)
 
 
 def test_model_sdpa_and_math_backends_agree():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidpo.utils import atomic
+from helpers.models import perturb_, save_perturbed_base
 from vidpo.labeling.critic import build_critic, score_videos
 from vidpo.ipo.critic import pool_accuracy, within_prompt_pairs
 from vidpo.ipo.pairing import read_pool
@@ -21,13 +21,8 @@ from vidpo.models.critic import load_critic
 from vidpo.config import ConfigError, load_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two intra-op threads on two busy cores make these tiny models ~50x slower (OpenMP oversubscription).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Two intra-op threads on two busy cores make these tiny models ~50x slower (OpenMP oversubscription).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mode_vote_majority_and_contested():
@@ -109,14 +104,6 @@ def test_preference_certainty_float64_reference():
     assert fixed[2] == 0.5
 
 
-def perturb_(model):
-    """Perturb a micro DiT's weights in place: an untrained DiT outputs exactly 0 (its pairs would not differ)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    return model
-
-
 def policy_and_reference(micro_overrides):
     """The micro world, a perturbed policy and an untrained reference (whose velocity is exactly 0)."""
     cfg = load_config(None, micro_overrides)
@@ -169,9 +156,7 @@ def test_video_implicit_rewards_share_draws_by_key(micro_overrides):
 
 def perturbed_base(path, overrides):
     """A perturbed micro DiT saved as an initial policy."""
-    cfg = load_config(None, overrides)
-    atomic.save_safetensors(perturb_(build_policy(cfg, build_world(cfg))).state_dict(), path)
-    return path
+    return save_perturbed_base(load_config(None, overrides), path)
 
 
 @pytest.fixture
@@ -297,9 +282,9 @@ def test_refinement_over_every_within_prompt_pair(tmp_path, micro_overrides, bas
     info = json.loads((pairs_dir.parent / "critic" / "critic.json").read_text())
     assert info["steps"] == 6 and info["pairs"] == summary["seed_labels"]["pairs"] + len(kept)
 
-    # benchmarks/ipo_critic_fresh_pool.py: the critics before / after round 2's refinement on fresh videos of
+    # benchmarks/analyses/ipo_critic_fresh_pool.py: the critics before / after round 2's refinement on fresh videos of
     # policy 1 (a stream of their own), against a direct pool_accuracy of each critic
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "analyses"))
     from ipo_critic_fresh_pool import refined_rounds, round_measure, summarize
 
     run = open_run(tmp_path / "pool")
@@ -434,11 +419,11 @@ def _fake_run(seed_offset, r1, r2, base=0.30):
 
 
 def test_seed_aggregation_and_rounds_table(tmp_path):
-    from vidpo.ipo.sweep import _aggregate
+    from vidpo.ipo.sweep import aggregate_runs
     from vidpo.ipo.report import rounds_table
 
     runs = [_fake_run(0.00, 0.31, 0.33), _fake_run(0.02, 0.32, 0.35), _fake_run(0.04, 0.30, 0.34)]
-    agg = _aggregate(runs)
+    agg = aggregate_runs(runs)
     r1, r2 = agg["rounds"]
     assert r1["oracle"]["mean"] == pytest.approx(0.31) and r1["delta_vs_round_1"] is None
     # round 2 - round 1 per seed: 0.02, 0.03, 0.04 -> mean 0.03, Student-t CI with 2 degrees of freedom

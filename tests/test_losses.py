@@ -16,6 +16,7 @@ import zlib  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from helpers.tolerances import LOSS_KERNELS, assert_close_to_float64  # noqa: E402
 from vidpo.kernels import (  # noqa: E402
     available_backends,
     dense_dpo_loss,
@@ -30,7 +31,8 @@ from vidpo.kernels import (  # noqa: E402
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 FUSED = ("triton", "cpp", "cuda")
 DTYPES = (torch.float32, torch.bfloat16)
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-3)}
+
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def device_of(backend):
@@ -44,22 +46,13 @@ def require(backend):
     return device_of(backend)
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setenv("VIDPO_POISON_OUTPUTS", "1")
-
-
 def rand(shape, dtype, device, generator):
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
 def close(actual, expected, dtype, scale=1.0, what=""):
     """allclose with the dtype's tolerance; ``scale`` is the typical magnitude of ``expected``."""
-    tol = TOL[dtype]
-    actual = actual.detach().to(torch.float64).cpu()
-    expected = expected.detach().to(torch.float64).cpu()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values {actual}"
-    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=what)
+    assert_close_to_float64(actual, expected, dtype, LOSS_KERNELS, scale=scale, what=what)
 
 
 # Shapes: (B, C, T, H, W, segment_ids). Unequal segments, odd sizes, a plane larger than one program's

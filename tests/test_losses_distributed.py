@@ -16,9 +16,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited by the spawned worke
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from dist_utils import (assert_all_ranks_ok, destroy_gloo, init_gloo, record, spawn_workers,  # noqa: E402
-                        worker_results)
 
+from helpers.distributed import (assert_all_ranks_ok, destroy_gloo, init_gloo, record, spawn_workers,  # noqa: E402
+                                 worker_results)
+from helpers.tolerances import SHARDED_LOSSES, assert_close_to_float64  # noqa: E402
 from vidpo.kernels import dense_dpo_loss, dispatch, flow_matching_loss, kto_loss, reference  # noqa: E402
 from vidpo.parallel import mappings  # noqa: E402
 
@@ -28,8 +29,8 @@ CPU_BACKENDS = ("torch", "triton", "cpp")
 
 
 def assert_close(actual, expected, what, scale=1.0):
-    torch.testing.assert_close(actual.detach().double(), expected.detach().double(), rtol=2e-5,
-                               atol=2e-6 * scale, msg=what)
+    """fp32 over 2 ranks against fp32 in one process (or the float64 reference): ``helpers.tolerances``."""
+    assert_close_to_float64(actual, expected, torch.float32, SHARDED_LOSSES, scale=scale, what=what)
 
 
 def frame_slice(rank, split, frames):

@@ -6,18 +6,13 @@ import math
 import pytest
 import torch
 
+from helpers.models import randomize_
 from vidpo.models import motion_guidance as mg
 from vidpo.models.dit import DiTConfig, build_dit
 from vidpo.models.dit.rope import apply_rope, grid_positions, rope_cos_sin
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads wait on each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # 2 threads on a shared 2-core machine: 10x slower
 
 
 def micro_dit(depth=3, seed=0, qk_norm=True):
@@ -25,12 +20,7 @@ def micro_dit(depth=3, seed=0, qk_norm=True):
     compute in float32, so the finite-difference test turns them off to stay float64 end to end."""
     cfg = DiTConfig(in_channels=3, patch_size=(1, 2, 2), width=24, depth=depth, num_heads=2, cond_vocab_size=9,
                     attention="math", qk_norm=qk_norm)
-    model = build_dit(cfg).double()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
-    return model.eval()
+    return randomize_(build_dit(cfg).double(), seed, std=0.2).eval()
 
 
 def inputs(batch=2, frames=3, height=4, width=6, seed=1):

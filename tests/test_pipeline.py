@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vidpo.utils import atomic
+from helpers.models import save_perturbed_base
+from helpers.runs import train_losses
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairDataError, read_manifest
 from vidpo.training.metrics import read_metrics
-from vidpo.training.modeling import build_policy, build_world
 from vidpo.stages.generate import generate_pairs
 from vidpo.stages.label import label_pairs
 from vidpo.stages.pipeline import run_pipeline, train_preference
@@ -18,15 +18,9 @@ from vidpo.config import load_config
 
 @pytest.fixture
 def base_ckpt(tmp_path, micro_overrides):
-    """A micro policy to start from (briefly trained, so pairs differ meaningfully)."""
-    cfg = load_config(None, micro_overrides)
-    model = build_policy(cfg, build_world(cfg))
-    with torch.no_grad():  # untrained DiTs output exactly zero: perturb so samples are not all identical
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    path = tmp_path / "base.safetensors"
-    atomic.save_safetensors(model.state_dict(), path)
-    return path
+    """A micro policy to start from (untrained DiTs output exactly zero: perturbed so samples are not all
+    identical)."""
+    return save_perturbed_base(load_config(None, micro_overrides), tmp_path / "base.safetensors")
 
 
 def pref_cfg(micro_overrides, base, *extra):
@@ -133,7 +127,7 @@ def test_resume_after_kill_reproduces_losses(tmp_path, micro_overrides, base_ckp
     generate_pairs(cfg, tmp_path / "pairs")
     label_pairs(cfg, tmp_path / "pairs")
     train_preference(cfg, tmp_path / "ref")
-    reference = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl", "train")]
+    reference = train_losses(tmp_path / "ref")
 
     original = pref.PreferenceObjective.micro_batch
 
@@ -148,7 +142,7 @@ def test_resume_after_kill_reproduces_losses(tmp_path, micro_overrides, base_ckp
     finally:
         pref.PreferenceObjective.micro_batch = original
     train_preference(cfg, tmp_path / "run")
-    resumed = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl", "train")]
+    resumed = train_losses(tmp_path / "run")
     assert resumed == reference
 
 

@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from helpers.models import perturb_
+from helpers.runs import train_losses as losses
 from vidpo.training import checkpoint as ckpt
 from vidpo.training.ema import WeightEma, warmed_up_decay
 from vidpo.training.metrics import read_metrics
@@ -25,10 +27,6 @@ def make(tmp_path, micro_overrides, extra=(), name="run"):
     model = build_policy(cfg, world)
     objective = ShapesSFTObjective(cfg, world, torch.device("cpu"))
     return cfg, model, objective, tmp_path / name
-
-
-def losses(run_dir):
-    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl", "train")]
 
 
 @pytest.mark.parametrize("ema", ["0", "0.9"])
@@ -179,9 +177,7 @@ def test_ema_lora_checkpoint_exports_the_averaged_adapters(tmp_path, micro_overr
 
     cfg, model, objective, run_dir = make(tmp_path, micro_overrides, extra=["train.ema_decay=0.8", "lora.rank=2",
                                                                             "train.max_steps=3"])
-    with torch.no_grad():   # the untrained DiT's zero-initialised output layer would give the adapters no gradient
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    perturb_(model)   # the untrained DiT's zero-initialised output layer would give the adapters no gradient
     apply_lora(model, **dataclasses.asdict(cfg.lora))
     mark_only_lora_trainable(model)
     trainer = Trainer(cfg, run_dir, model, objective, device=torch.device("cpu"),

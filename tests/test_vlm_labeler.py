@@ -1,4 +1,4 @@
-"""The VLM labeller against a real OpenAI-compatible HTTP server on 127.0.0.1 (tests/vlm_server.py).
+"""The VLM labeller against a real OpenAI-compatible HTTP server on 127.0.0.1 (tests/helpers/vlm_server.py).
 
 Clips are built so that the better video of a pair is visibly brighter in a segment; the server judges
 by decoding the PNG images it receives, so a correct label proves that the right frames of the right
@@ -16,13 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.vlm_server import FakeVLM, Reply, brightness_verdict, judge_by_brightness
 from vidpo.labeling import LabelingError, PairBatch, VLMConfig, VLMLabeler, build_labeler, parse_answer
 from vidpo.labeling.vlm import pick_frames
-
-try:
-    from vlm_server import FakeVLM, Reply, brightness_verdict, judge_by_brightness
-except ImportError:  # tests/ imported as a package
-    from tests.vlm_server import FakeVLM, Reply, brightness_verdict, judge_by_brightness
 
 FPS = 6.0
 SEGMENT_SECONDS = 0.5          # 3 frames per segment

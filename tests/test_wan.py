@@ -1,4 +1,4 @@
-"""Wan 2.1 through diffusers (issue 8): the adapter against the diffusers model called directly, LoRA export
+"""Wan 2.1 through diffusers: the adapter against the diffusers model called directly, LoRA export
 into diffusers, the flow-match sampler, and `vidpo run` with a tiny Wan directory."""
 import json
 
@@ -8,27 +8,19 @@ from torch.func import functional_call
 
 pytest.importorskip("diffusers")
 
+from helpers.models import TEXT_DIM, TEXT_LEN, add_random_lora, tiny_wan  # noqa: E402
 from vidpo.config import RunConfig  # noqa: E402
 from vidpo.data.pairs import PairRecord  # noqa: E402
 from vidpo.models.adapters import ATTENTION_LORA_TARGETS, TextConditioner  # noqa: E402
-from vidpo.models.lora import (apply_lora, lora_disabled, lora_modules,  # noqa: E402
-                               mark_only_lora_trainable, merge_lora)
+from vidpo.models.lora import lora_disabled, lora_modules, merge_lora  # noqa: E402
 from vidpo.models.wan import WanAdapter, make_tiny_wan_dir, tiny_wan_transformer  # noqa: E402
 from vidpo.objectives.preference import PreferenceObjective  # noqa: E402
-
-TEXT_DIM, TEXT_LEN = 16, 3
 
 
 def lora_wan(seed=0, num_layers=1):
     """A tiny Wan adapter with attention + MLP LoRA whose B factors are non-zero (so policy != reference)."""
-    model = WanAdapter(tiny_wan_transformer(text_dim=TEXT_DIM, num_layers=num_layers, seed=seed))
-    apply_lora(model, rank=2, alpha=3.0, target_modules=[*ATTENTION_LORA_TARGETS, "ffn.net.2"])
-    mark_only_lora_trainable(model)
-    g = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for _, m in lora_modules(model):
-            m.lora_B.weight.copy_(0.3 * torch.randn(m.lora_B.weight.shape, generator=g))
-    return model
+    return add_random_lora(tiny_wan(num_layers=num_layers, seed=seed), rank=2, alpha=3.0,
+                           target_modules=[*ATTENTION_LORA_TARGETS, "ffn.net.2"], seed=seed + 7)
 
 
 def dpo_batch(seed=0, pairs=2, segments=2):
@@ -112,7 +104,7 @@ def test_dpo_step_matches_diffusers_called_directly(use_process):
 
 
 def test_adapter_is_the_rectified_flow_and_maps_time():
-    model = WanAdapter(tiny_wan_transformer(text_dim=TEXT_DIM))
+    model = tiny_wan()
     x0, noise, t = torch.randn(2, 3, 4, 8, 8), torch.randn(2, 3, 4, 8, 8), torch.tensor([0.25, 0.9])
     torch.testing.assert_close(model.interpolate(x0, noise, t), (1 - t.view(-1, 1, 1, 1, 1)) * x0
                                + t.view(-1, 1, 1, 1, 1) * noise)
@@ -128,7 +120,7 @@ def test_adapter_is_the_rectified_flow_and_maps_time():
 
 
 def test_flow_match_sampler_is_euler_over_the_scheduler_sigmas_with_cfg():
-    model = WanAdapter(tiny_wan_transformer(text_dim=TEXT_DIM), sample_shift=3.0)
+    model = tiny_wan(sample_shift=3.0)
     cond = torch.randn(2, TEXT_LEN, TEXT_DIM)
     out = model.sample(cond, (3, 4, 8, 8), seed=5, indices=[3, 9], steps=4, cfg_scale=4.0)
     from vidpo.utils.seeding import randn_per_sample

@@ -3,8 +3,8 @@
 ``vidpo iterate`` measures the critic on its round's 128 fresh pairs and on every within-prompt pair of those
 256 videos (896 pairs). At that size one round's paired before/after difference has a 95% interval of about
 +-0.017, wider than the effect a refinement can have on the shapes world (its ceiling with oracle labels of every
-pool pair is +0.02-0.03, benchmarks/ipo_cpu_202611.md section 0c). Across 7 seeds the rounds' differences then
-scatter with a standard deviation of ~0.010, most of it this measurement noise.
+pool pair is +0.02-0.03, benchmarks/reports/2026-11-22_ipo_cpu.md, section 0c). Across 7 seeds the rounds'
+differences then scatter with a standard deviation of ~0.010, most of it this measurement noise.
 
 This script measures the same thing on more of the same distribution: for each refined round r of a finished
 run it samples ``--pairs`` new pairs (default 1024: 2048 videos, 64 per prompt) from the policy that generated
@@ -21,11 +21,11 @@ the mean paired difference of each prompt's pairs, 32 independent clusters). The
 the rounds' differences (seeds independent). Fresh pairs are written under ``round_r/pairs_fresh_<pairs>`` of
 the run and reused on a second call; ``--rows`` re-aggregates the rows of earlier calls.
 
-Measured on ``recipes/shapes/ipo_dual_pool.yaml`` (runs/pool60, seeds 0-6; benchmarks/ipo_cpu_202611.md, 0d):
-the first refinement (round 2) +0.0065 [+0.0019, +0.0110], higher on all 7 seeds, where the runs' own 896 pairs
+Measured on ``recipes/shapes/ipo_dual_pool.yaml`` (runs/pool60, seeds 0-6;
+benchmarks/reports/2026-11-22_ipo_cpu.md, section 0d): the first refinement (round 2) +0.0065 [+0.0019, +0.0110], higher on all 7 seeds, where the runs' own 896 pairs
 gave +0.006 [-0.004, +0.016]; the second (round 3) -0.0009 [-0.0041, +0.0024].
 
-    python benchmarks/ipo_critic_fresh_pool.py runs/pool60/ipo/seed{0,1,2,3,4,5,6} \
+    python benchmarks/analyses/ipo_critic_fresh_pool.py runs/pool60/ipo/seed{0,1,2,3,4,5,6} \
         --json benchmarks/results/ipo_critic_fresh_pool_20261122.jsonl \
         --plot benchmarks/results/ipo_critic_fresh_pool_20261122.png
 """
@@ -41,14 +41,17 @@ from pathlib import Path
 
 import torch
 
-from vidpo.ipo.critic import pool_accuracy, pool_gain
-from vidpo.ipo.pairing import read_pool
-from common import rounded_ci
 from vidpo.evaluation.evaluate import mean_ci
+from vidpo.ipo.critic import pool_accuracy, pool_gain
 from vidpo.ipo.layout import open_run
+from vidpo.ipo.pairing import read_pool
 from vidpo.ipo.rounds import generate_round_pairs, load_frozen_policy
-from vidpo.training.modeling import set_threads
 from vidpo.models.critic import load_critic
+from vidpo.training.modeling import set_threads
+
+# The shared helpers live one folder up (benchmarks/common.py), also when this file is imported from a test.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import rounded_ci
 
 CRITICS = ("before", "after", "critic_0")
 

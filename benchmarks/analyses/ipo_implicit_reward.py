@@ -17,7 +17,7 @@ Measured on runs/dual60 (seeds 0-3, rounds 2-3): the implicit reward agrees with
 critic's abstentions (chance), 0.67-0.73 overall: it is a copy of what the critic taught the policy, useful to
 filter the critic's votes (kept 0.86-0.95 vs dropped 0.62-0.88) but with no independent signal to add.
 
-    python benchmarks/ipo_implicit_reward.py runs/dual60/ipo/seed0 runs/dual60/ipo/seed1 \
+    python benchmarks/analyses/ipo_implicit_reward.py runs/dual60/ipo/seed0 runs/dual60/ipo/seed1 \
         --json benchmarks/results/ipo_implicit_reward_20261122.jsonl
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from vidpo.ipo.pairing import read_pool
+from vidpo.config import load_config
 from vidpo.data.oracle import ShapesOracle
 from vidpo.ipo.dual import PSEUDO_FILE, read_pseudo_rows
+from vidpo.ipo.pairing import read_pool
 from vidpo.training.modeling import build_world, set_threads
-from vidpo.config import load_config
 
 
 def _agreement(predicted: torch.Tensor, truth: torch.Tensor, where: torch.Tensor) -> dict:

@@ -13,9 +13,10 @@ the run, the agreement per quartile of the critic's score gap (the narrowest qua
 Why: two rounds can train on labels that agree with the oracle equally often and still teach different things.
 On the shapes world a critic trained on a few hundred labels ranks mostly by colour (gaps of 0.19-0.35 in colour
 and 0.02-0.04 in motion over rounds 1-3), while the oracle's own ranking of the same kind of pool separates the
-pairs more by consistency (0.32) and motion (0.05-0.07), where the base's samples are weakest (README, IPO).
+pairs more by consistency (0.32) and motion (0.05-0.07), where the base's samples are weakest
+(benchmarks/reports/2026-11-21_ipo_search_cpu.md).
 
-    python benchmarks/ipo_pair_components.py runs/final2/ipo/seed0 runs/final2/ipo/seed1 --json out.json
+    python benchmarks/analyses/ipo_pair_components.py runs/final2/ipo/seed0 runs/final2/ipo/seed1 --json out.json
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from vidpo.ipo.critic import load_preference_data
-from vidpo.labeling.critic import score_videos
+from vidpo.config import load_config
 from vidpo.data.oracle import COMPONENTS, ShapesOracle
 from vidpo.data.pairs import MANIFEST_FILE
-from vidpo.training.modeling import build_world
+from vidpo.ipo.critic import load_preference_data
+from vidpo.labeling.critic import score_videos
 from vidpo.models.critic import load_critic
-from vidpo.config import load_config
+from vidpo.training.modeling import build_world
 
 
 def _critic_of_round(run: Path, r: int):

@@ -5,11 +5,11 @@ seeds (``round_r/eval.safetensors``) are compared pairwise (``vidpo.evaluation.e
 per-seed differences gets a t-interval over the seeds (the seeds are the independent units). Also each run's
 round R over round 1. Runs sharing round 1 (``--reuse``) differ from round 2 on only.
 
-Measured (benchmarks/ipo_cpu_202611.md, 0c-0d): ``ipo_dual_pool.yaml`` (runs/pool60) over ``ipo.yaml``
-(runs/half7), round 3 +0.0039 [+0.0018, +0.0060] on 7 seeds; with ``iterate.vote_keep_fraction=0.5``
+Measured (benchmarks/reports/2026-11-22_ipo_cpu.md, sections 0c-0d): ``ipo_dual_pool.yaml`` (runs/pool60) over
+``ipo.yaml`` (runs/half7), round 3 +0.0039 [+0.0018, +0.0060] on 7 seeds; with ``iterate.vote_keep_fraction=0.5``
 (runs/pool60_k50) +0.0026 [-0.0015, +0.0067].
 
-    python benchmarks/ipo_policy_compare.py runs/pool60/ipo runs/half7/ipo --seeds 0 1 2 3 4 5 6 \
+    python benchmarks/analyses/ipo_policy_compare.py runs/pool60/ipo runs/half7/ipo --seeds 0 1 2 3 4 5 6 \
         --json benchmarks/results/ipo_policy_compare_20261122.jsonl
 """
 from __future__ import annotations
@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+from vidpo.evaluation.evaluate import load_eval_result, mean_ci, paired_delta
+
+# The shared helpers live one folder up (benchmarks/common.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import rounded_ci
-from vidpo.evaluation.evaluate import mean_ci, paired_delta
-from vidpo.evaluation.evaluate import load_eval_result
 
 
 def compare(a: Path, b: Path, seeds: list[int]) -> dict:

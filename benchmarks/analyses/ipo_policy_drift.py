@@ -9,12 +9,13 @@ policies the paired difference under both (with the critic's 95% CI over the sam
 A critic that is being over-optimised keeps rising from round to round while the oracle stalls or falls: on the
 shapes world (``ipo.yaml``, held-out seeds 3 and 4) critic 0's mean score of the policy goes 0.50 -> 2.02 ->
 2.82 -> 3.60 (seed 3) while the oracle goes 0.378 -> 0.393 -> 0.398 -> 0.382, and the critic prefers round 3 to
-round 2 by 0.79 [0.66, 0.91] where the oracle prefers round 2 by 0.016 (README, IPO).
+round 2 by 0.79 [0.66, 0.91] where the oracle prefers round 2 by 0.016 (benchmarks/reports/2026-11-22_ipo_cpu.md,
+section 1b).
 
 The samples use their own noise seeds (``eval.seed_offset`` = ``--offset``), not the run's evaluation seeds.
 The oracle scores are measurements only.
 
-    python benchmarks/ipo_policy_drift.py runs/final2_ipo5/ipo/seed3 --json benchmarks/results/ipo_policy_drift.jsonl
+    python benchmarks/analyses/ipo_policy_drift.py runs/final2_ipo5/ipo/seed3 --json benchmarks/results/ipo_policy_drift.jsonl
 """
 from __future__ import annotations
 
@@ -27,14 +28,13 @@ from pathlib import Path
 
 import torch
 
-from vidpo.training import checkpoint as ckpt
-from vidpo.labeling.critic import score_videos
+from vidpo.config import load_config, resolve_path
 from vidpo.data.oracle import ShapesOracle
 from vidpo.evaluation.evaluate import evaluate_model, mean_ci
-from vidpo.training.modeling import build_policy, build_world, set_threads
+from vidpo.labeling.critic import score_videos
 from vidpo.models.critic import load_critic
-from vidpo.training.modeling import run_segment_ids
-from vidpo.config import load_config, resolve_path
+from vidpo.training import checkpoint as ckpt
+from vidpo.training.modeling import build_policy, build_world, run_segment_ids, set_threads
 
 
 def policies(run: Path, init_from: str) -> list[tuple[str, Path]]:

@@ -28,7 +28,7 @@ iterate`` reports) and on every within-prompt pair of those eval videos ("pool",
 The oracle scores here are measurements; ``oracle_*`` rows are ceilings, not a method. Every variant also reports
 ``pool_gain``: its pool accuracy minus critic 0's, paired over the pool's pairs, with a 95% normal interval.
 
-    python benchmarks/ipo_refine_ceiling.py runs/final2_ipo5/ipo/seed3 3 retrain_seed oracle_256 real_pairs \
+    python benchmarks/analyses/ipo_refine_ceiling.py runs/final2_ipo5/ipo/seed3 3 retrain_seed oracle_256 real_pairs \
         --json benchmarks/results/ipo_refine_ceiling.jsonl
 """
 from __future__ import annotations
@@ -43,14 +43,13 @@ from pathlib import Path
 
 import torch
 
-from vidpo.ipo.critic import PreferenceData, critic_accuracy, load_preference_data, train_critic, within_prompt_pairs
-from vidpo.labeling.critic import Symmetries, score_videos
-from vidpo.ipo.pairing import read_pool
-from vidpo.data.oracle import ShapesOracle
-from vidpo.training.modeling import build_world, set_threads
-from vidpo.models.critic import load_critic
-from vidpo.training.modeling import run_segment_ids
 from vidpo.config import load_config
+from vidpo.data.oracle import ShapesOracle
+from vidpo.ipo.critic import PreferenceData, critic_accuracy, load_preference_data, train_critic, within_prompt_pairs
+from vidpo.ipo.pairing import read_pool
+from vidpo.labeling.critic import Symmetries, score_videos
+from vidpo.models.critic import load_critic
+from vidpo.training.modeling import build_world, run_segment_ids, set_threads
 from vidpo.utils.seeding import generator
 
 
@@ -112,7 +111,7 @@ class Ceiling:
         """(V, n): the critic's scores over every symmetry view (and MC-dropout draws of each)."""
         out = []
         for k in range(len(self.sym)):
-            kw = dict(symmetries=self.sym, view=k)
+            kw = {"symmetries": self.sym, "view": k}
             out.append(score_videos(critic, videos, cond, self.world, self.seg, **kw).video.double())
             out += [score_videos(critic, videos, cond, self.world, self.seg, dropout_seed=1000 * k + m, **kw
                                  ).video.double() for m in range(dropout_draws)]

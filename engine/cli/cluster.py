@@ -56,7 +56,7 @@ def add_launch_verb(sub) -> None:
 
 
 def cmd_scale(args) -> int:
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_config(args.recipe, args.overrides, world_size=args.world)
     world = args.world or cfg.cluster.nodes * cfg.cluster.gpus_per_node
     est = estimate(cfg, world, cond_len=args.cond_len)
     print(json.dumps(est.as_dict(), indent=2) if args.json else format_report(est))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 from vidpo.cli.common import add_overrides, print_json
 from vidpo.config import load_config
@@ -12,8 +11,6 @@ from vidpo.ipo.critic import (
 )
 from vidpo.ipo.rounds import iterate
 from vidpo.ipo.sweep import compare_iterations
-
-log = logging.getLogger("vidpo")
 
 
 def add_critic_verbs(sub) -> None:

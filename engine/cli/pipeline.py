@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -14,8 +13,6 @@ from vidpo.stages.compare import compare, markdown_table
 from vidpo.stages.generate import generate_pairs
 from vidpo.stages.label import label_pairs
 from vidpo.stages.pipeline import run_pipeline
-
-log = logging.getLogger("vidpo")
 
 
 # ----- CLI verbs --------------------------------------------------------------------------------------

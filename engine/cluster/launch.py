@@ -114,9 +114,6 @@ def build_launch(cfg: RunConfig, recipe: str, overrides: Sequence[str] = (), *, 
     if layout.tp > 1 and not any(e.startswith("CUDA_DEVICE_MAX_CONNECTIONS=") for e in env):
         # megatron-core's TP layers rely on it to issue their async collectives before the overlapping GEMMs.
         env.append("CUDA_DEVICE_MAX_CONNECTIONS=1")
-    for item in env:
-        if "=" not in item:
-            raise ConfigError(f"cluster.env entry {item!r} is not KEY=VALUE")
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in (e.split("=", 1) for e in env))
     job_name = cl.job_name or Path(recipe).stem
     script_path = Path(out) / ("launch.sbatch" if launcher == "slurm" else "launch.sh")

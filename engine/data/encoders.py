@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -14,8 +13,6 @@ from typing import Optional, Sequence
 import torch
 
 from vidpo.config import ConfigError, resolve_path
-
-log = logging.getLogger("vidpo")
 
 
 def offline_hub() -> None:

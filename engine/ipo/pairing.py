@@ -14,7 +14,6 @@ The result is an ordinary labelled pairs directory (shards + ``manifest.jsonl``)
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Sequence
@@ -35,8 +34,6 @@ from vidpo.ipo.critic import pointwise_labels
 from vidpo.labeling.base import LabelingError
 from vidpo.labeling.critic import PoolScorer
 from vidpo.utils import atomic
-
-log = logging.getLogger("vidpo")
 
 
 def read_pool(src: Path) -> tuple[torch.Tensor, torch.Tensor]:

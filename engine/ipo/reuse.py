@@ -22,7 +22,6 @@ from vidpo.utils import atomic
 log = logging.getLogger("vidpo")
 
 
-# ----- reusing work of another run -------------------------------------------------------------------------
 # Keys that do not change what is shared: the seed labels, critic 0, the initial policy's evaluation and the
 # pairs that round 1 generates (all made from the initial policy before any labelling or training).
 ROUND_KEYS = ("train.*", "pref.*", "lora", "lora.*", "parallel.*", "cluster.*", "label.labeler", "label.human_file",

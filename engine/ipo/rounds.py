@@ -50,7 +50,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from vidpo.config import ConfigError, RunConfig, load_config, to_yaml
+from vidpo.config import PREFERENCE_OBJECTIVES, ConfigError, RunConfig, load_config, to_yaml
 from vidpo.data.oracle import COMPONENTS
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE
 from vidpo.evaluation.evaluate import (
@@ -87,8 +87,6 @@ from vidpo.utils import atomic
 from vidpo.utils.seeding import derive_seed
 
 log = logging.getLogger("vidpo")
-
-PREFERENCE_OBJECTIVES = ("flow_dpo", "dense_dpo", "kto")
 
 
 # ----- small stages ---------------------------------------------------------------------------------------
@@ -363,12 +361,6 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
     if cfg.lora is not None:
         raise ConfigError("vidpo iterate trains the full policy each round (round r starts from round r-1's "
                           "weights); remove the lora section")
-    if cfg.iterate.rounds < 1 or cfg.iterate.seed_pairs < 2 or cfg.iterate.eval_pairs < 2:
-        raise ConfigError("vidpo iterate: need iterate.rounds >= 1, iterate.seed_pairs >= 2, iterate.eval_pairs >= 2")
-    if cfg.iterate.refine_steps < 0:
-        raise ConfigError(f"iterate.refine_steps must be >= 0 (0: critic.steps), got {cfg.iterate.refine_steps}")
-    if not 0.0 <= cfg.iterate.vote_keep_fraction <= 1.0:   # checked before round 1, not at round 2's votes
-        raise ConfigError(f"iterate.vote_keep_fraction must be in [0, 1] (0: off), got {cfg.iterate.vote_keep_fraction}")
     if not cfg.train.init_from:
         raise ConfigError("train.init_from must name the initial policy (e.g. recipes/shapes/base)")
     out = Path(out_dir)

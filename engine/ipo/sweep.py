@@ -27,7 +27,6 @@ from vidpo.ipo.rounds import brief_ci, iterate
 from vidpo.utils import atomic
 
 
-# ----- several recipes x seeds -----------------------------------------------------------------------------
 def compare_iterations(recipes: Sequence[str], seeds: Sequence[int], out_dir: str | Path, overrides=(),
                        jobs: int = 1, gpus: Optional[str] = None) -> dict:
     """Run every recipe for every seed into ``out/<recipe>/seed<k>`` and aggregate per round over seeds.
@@ -51,7 +50,7 @@ def compare_iterations(recipes: Sequence[str], seeds: Sequence[int], out_dir: st
                 methods.setdefault(name, []).append(iterate(cfg, run_dir, reuse=reuse))
             finally:
                 _close_run_log(run_dir)
-    table = {name: _aggregate(runs) for name, runs in methods.items()}
+    table = {name: aggregate_runs(runs) for name, runs in methods.items()}
     summary = {"seeds": list(seeds), "methods": table}
     atomic.write_json(out / "summary.json", summary)
     rows = []
@@ -193,7 +192,7 @@ def _mean_or_none(values: list) -> Optional[float]:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def _aggregate(runs: list[dict]) -> dict:
+def aggregate_runs(runs: list[dict]) -> dict:
     """Per round: mean over seeds with a 95% Student-t CI over seeds, of the oracle score, the gain over the
     initial policy and over round 1, the critic accuracy (before / after refinement) and the pseudo-labels
     kept."""

@@ -8,7 +8,6 @@ Dual-IPO's distinct voting passes. Training the critic is ``vidpo.ipo.critic``.
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -20,8 +19,6 @@ from vidpo.labeling.base import Labeler, LabelingError, LabelResult, PairBatch, 
 from vidpo.models.critic import CriticScores, VideoCritic, load_critic
 from vidpo.models.dit.config import DiTConfig
 from vidpo.training.modeling import build_world, pick_device
-
-log = logging.getLogger("vidpo")
 
 
 def tie_margin_of(critic: VideoCritic, margin: Optional[float], min_confidence: float = 0.0) -> float:
@@ -225,7 +222,7 @@ class CriticLabeler(Labeler):
         return out.segments
 
 
-# ----- pairs built from the critic's scores of a pool of videos (KTO, ranked DPO) --------------------------
+# ----- the critic as the scorer of a pool of videos (KTO, ranked DPO: vidpo.ipo.pairing) ----------------------
 PoolScorer = Callable[[torch.Tensor, torch.Tensor], CriticScores]
 """``(videos (n, C, T, H, W), cond_ids (n, K)) -> scores``: what ranks a pool of videos (the critic; the
 oracle in the ceiling ablation of ``vidpo iterate``)."""

@@ -34,7 +34,6 @@ embedding): it is distilled for the recipe's fixed w and eta.
 from __future__ import annotations
 
 import gc
-import logging
 import warnings
 from typing import Optional, Sequence
 
@@ -42,8 +41,6 @@ import torch
 
 from vidpo.config import RunConfig
 from vidpo.utils.seeding import generator, randn_per_sample
-
-log = logging.getLogger("vidpo")
 
 SOURCE_CODES = {"curated": 0, "web": 1}
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from vidpo import kernels
-from vidpo.config import ConfigError, RunConfig, resolve_path
+from vidpo.config import RunConfig, resolve_path
 from vidpo.data.latents import LatentLoader, LatentShardDataset
 from vidpo.models import flow
 from vidpo.utils.seeding import generator
@@ -27,8 +27,6 @@ from vidpo.utils.seeding import generator
 def build_latent_loader(cfg: RunConfig, *, rank: Optional[int] = None,
                         world_size: Optional[int] = None) -> LatentLoader:
     """The loader of ``data.shards`` with the recipe's batch size, seed and prefetch settings."""
-    if not cfg.data.shards:
-        raise ConfigError("data.source is 'latents' but 'data.shards' is not set (a `vidpo cache --out` directory)")
     dataset = LatentShardDataset(resolve_path(cfg.data.shards), on_error=cfg.data.on_bad_input)
     return LatentLoader(dataset, cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, rank=rank,
                         world_size=world_size, workers=cfg.data.workers, prefetch=cfg.data.prefetch)

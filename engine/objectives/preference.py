@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from vidpo import kernels
-from vidpo.config import ConfigError, RunConfig
+from vidpo.config import RunConfig
 from vidpo.data.pairs import PairRecord, ShardReader
 from vidpo.models import flow
 from vidpo.parallel.mappings import all_reduce_sum_detached, reduce_from_group
@@ -48,15 +48,13 @@ class PreferenceObjective:
                  reader: ShardReader, segment_ids: torch.Tensor, reference: ReferenceFn, *, parallel=None,
                  process=None):
         self.cfg = cfg
-        # Issue 8: the model adapter's diffusion process (interpolate / training_target / sample_timesteps),
+        # the model adapter's diffusion process (interpolate / training_target / sample_timesteps),
         # e.g. CogVideoX's v-prediction DDPM; None keeps the rectified flow (and the fused x0/noise kernel path).
         self.process = process
         self.parallel = parallel
         self.name = cfg.train.objective
         if self.name not in ("flow_dpo", "dense_dpo", "kto"):
             raise ValueError(f"PreferenceObjective does not handle objective '{self.name}'")
-        if not 0.0 <= cfg.pref.label_smoothing < 0.5:
-            raise ConfigError(f"pref.label_smoothing must be in [0, 0.5), got {cfg.pref.label_smoothing}")
         self.world = world
         self.device = device
         self.reader = reader
@@ -274,7 +272,7 @@ def implicit_accuracy(model, reference: ReferenceFn, world, records: list[PairRe
     (seed-derived) timesteps and noise. On the toy world this tracks fitting of the labels, not quality."""
     if not records:
         return None
-    # Issue 8: a diffusers adapter's own process (timesteps, forward process, target); None: rectified flow.
+    # a diffusers adapter's own process (timesteps, forward process, target); None: rectified flow.
     process = model if getattr(model, "training_target", None) is not None else None
     correct = total = 0.0
     seg = segment_ids.to(device) if dense else torch.zeros_like(segment_ids).to(device)

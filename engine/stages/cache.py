@@ -133,8 +133,6 @@ def run_cache(cfg: RunConfig, out_dir: str | os.PathLike, *, rank: Optional[int]
     vae_dir = local_dir(c.vae, "cache.vae")
     text_dir = local_dir(c.text_encoder, "cache.text_encoder")
     tok_dir = resolve_path(c.tokenizer) if c.tokenizer else text_dir
-    if c.shard_size < 1 or c.batch_size < 1:
-        raise ConfigError("cache.shard_size and cache.batch_size must be >= 1")
 
     clips, problems = read_clip_manifest(manifest, on_error=c.on_bad_input)
     if not clips:

@@ -19,8 +19,6 @@ from vidpo.evaluation.visualize import save_gif, save_png_grid
 from vidpo.training import checkpoint as ckpt
 from vidpo.training.modeling import build_policy
 
-log = logging.getLogger("vidpo")
-
 
 def setup_logging(out_dir: Optional[Path] = None, verbose: bool = False) -> None:
     """Log to stderr and, when ``out_dir`` is given, to ``out_dir/vidpo.log``."""

@@ -47,9 +47,7 @@ def train_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -
             raise ConfigError(f"distill.{key}={getattr(d, key)!r} but the data in {data.directory} were made with "
                               f"{data.settings[key]!r}")
     model = build_policy(cfg, world, device)
-    init = cfg.train.init_from or d.teacher
-    if not init:
-        raise ConfigError("the student needs initial weights: set distill.teacher (or train.init_from)")
+    init = cfg.train.init_from or d.teacher   # the loader requires one of them
     ckpt.load_weights(model, resolve_path(init))
     rewards = build_reward_mixture(cfg.reward, oracle)
     objective = ConsistencyDistillObjective(cfg, world, data, device, rewards=rewards)

@@ -26,7 +26,6 @@ from vidpo.utils.seeding import generator
 log = logging.getLogger("vidpo")
 
 
-# ----- generate ---------------------------------------------------------------------------------------
 def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train",
                    policy: Optional[torch.nn.Module] = None) -> dict:
     """Sample ``generate.num_pairs`` (or ``heldout_pairs`` for split 'heldout') pairs into shards."""

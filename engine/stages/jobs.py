@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from vidpo.config import ConfigError, RunConfig, resolve_path, to_yaml
+from vidpo.config import RunConfig, resolve_path, to_yaml
 from vidpo.evaluation.evaluate import EvalResult, eval_conditions, evaluate_model, paired_delta, sample_model
 from vidpo.objectives import ShapesSFTObjective
 from vidpo.objectives.latent_sft import LatentSFTObjective
@@ -34,8 +34,6 @@ def train_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> di
     out_dir = Path(out_dir)
     setup_logging(out_dir)
     if cfg.data.source == "latents":  # flow matching on `vidpo cache` shards
-        from vidpo.stages.jobs import train_latent_sft
-
         return train_latent_sft(cfg, out_dir, resume=resume)
     if cfg.train.objective == "consistency_distill":  # trains on `vidpo preprocess` shards
 
@@ -120,9 +118,6 @@ def train_latent_sft(cfg: RunConfig, out_dir, *, resume: bool = True) -> dict:
     trained with this objective; checkpoints carry the loader position. Returns the run summary."""
 
     log = logging.getLogger("vidpo")
-    if cfg.train.objective != "sft":
-        raise ConfigError(f"data.source 'latents' trains train.objective 'sft' only, got '{cfg.train.objective}' "
-                          "(preference objectives read pairs directories: pref.pairs)")
     out_dir = Path(out_dir)
     set_threads(cfg)
     seed_everything(cfg.seed)

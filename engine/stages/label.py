@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vidpo.config import ConfigError, RunConfig, resolve_path
+from vidpo.config import RunConfig, resolve_path
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, ShardReader, read_manifest, validate_records, write_manifest
 from vidpo.labeling import PairBatch, build_labeler
 from vidpo.training.modeling import build_world, run_segment_ids
@@ -24,19 +24,14 @@ from vidpo.utils import atomic
 log = logging.getLogger("vidpo")
 
 
-# ----- label ------------------------------------------------------------------------------------------
 def build_run_labeler(cfg: RunConfig, world):
     kind = cfg.label.labeler
     if kind == "oracle":
         return build_labeler("oracle", world=world, tie_margin=cfg.label.tie_margin, mode=cfg.label.granularity)
     if kind == "human":
-        if not cfg.label.human_file:
-            raise ConfigError("label.labeler=human needs label.human_file (a JSONL of per-pair labels)")
         return build_labeler("human", path=str(resolve_path(cfg.label.human_file)), on_missing=cfg.label.on_error,
                              on_error=cfg.label.on_error)
     if kind == "vlm":
-        if cfg.label.vlm is None:
-            raise ConfigError("label.labeler=vlm needs a label.vlm section (base_url, model, ...)")
         return build_labeler("vlm", config=dataclasses.replace(cfg.label.vlm, on_error=cfg.label.on_error))
     return build_labeler(kind, cfg=cfg, world=world)
 

@@ -27,7 +27,6 @@ each rank its TP shard, then its FSDP chunk.
 from __future__ import annotations
 
 import json
-import logging
 import platform
 import sys
 import time
@@ -45,8 +44,6 @@ from vidpo.config import ConfigError
 from vidpo.models.dit.parallelize import tp_plan
 from vidpo.training import checkpoint as ckpt
 from vidpo.utils import atomic
-
-log = logging.getLogger("vidpo")
 
 DCP_DIR = "dcp"
 OPTIM_STATE_KEYS = ("exp_avg", "exp_avg_sq")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -25,10 +24,7 @@ from vidpo.training import checkpoint as ckpt
 from vidpo.training.distributed import DistributedSetupError, init_distributed
 from vidpo.training.modeling import dit_config_for, load_initial_policy
 
-log = logging.getLogger("vidpo")
 
-
-# ----- train ------------------------------------------------------------------------------------------
 def reference_mode(cfg: RunConfig) -> str:
     """'lora_disabled' or 'frozen_copy' (pref.reference with 'auto' resolved)."""
     mode = cfg.pref.reference
@@ -46,9 +42,6 @@ def make_reference(cfg: RunConfig, model: torch.nn.Module, weights: Optional[Pat
         raise ConfigError(f"a reference with its own weights ({weights}) needs pref.reference=frozen_copy "
                           f"(no LoRA), not {mode}")
     if mode == "lora_disabled":
-        if cfg.lora is None:
-            raise ConfigError("pref.reference=lora_disabled needs LoRA (set a lora section, e.g. --set lora.rank=8)")
-
         def reference(x, t, c):
             with torch.no_grad(), lora_disabled(model):
                 return model(x, t, c)
@@ -89,18 +82,12 @@ def prepare_parallel_policy(cfg: RunConfig, world, parallel):
     mode = reference_mode(cfg)
     lora_state = None
     if cfg.lora is not None:
-        if parallel.tp > 1:
-            raise ConfigError("LoRA adapters are not tensor-parallel: use parallel.tp=1 (context / data parallel "
-                              "work with LoRA) or full fine-tuning with pref.reference=frozen_copy")
-
         apply_lora(full, **dataclasses.asdict(cfg.lora))
         mark_only_lora_trainable(full)
         meta = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": json.dumps(cfg.lora.target_modules)}
 
         def lora_state():
             return {}, meta  # the distributed checkpoint writes the adapters from the consolidated weights
-    if mode == "lora_disabled" and cfg.lora is None:
-        raise ConfigError("pref.reference=lora_disabled needs LoRA (set a lora section, e.g. --set lora.rank=8)")
     frozen = copy.deepcopy(full).eval().requires_grad_(False) if mode == "frozen_copy" else None
     model = parallelize(full, parallel, activation_checkpointing=cfg.parallel.activation_checkpointing,
                         compile=cfg.parallel.compile)
@@ -122,9 +109,6 @@ def _heads_and_temporal_patch(cfg: RunConfig, world) -> tuple[int, int]:
     if cfg.model.kind == "dit":
         dcfg = dit_config_for(cfg, world)
         return dcfg.num_heads, dcfg.patch_size[0]
-
-    if not cfg.model.path:
-        raise ConfigError(f"model.kind is '{cfg.model.kind}' but 'model.path' (the local model directory) is not set")
     info = json.loads((transformer_dir(resolve_path(cfg.model.path)) / "config.json").read_text())
     patch = info.get("patch_size")
     temporal = patch[0] if isinstance(patch, (list, tuple)) else (info.get("patch_size_t") or 1)

@@ -50,11 +50,11 @@ from vidpo.models.dit.attention import attention
 from vidpo.models.dit.parallelize import (
     ShardSpec,
     TPShard,
-    _column,
-    _megatron_linear,
-    _row,
     apply_fsdp,
+    column_parallel,
     cp_local_frames,
+    megatron_linear,
+    row_parallel,
 )
 from vidpo.parallel.mappings import all_gather_to_group, copy_to_group, group_rank, heads_to_sequence, sequence_to_heads
 
@@ -97,10 +97,10 @@ class ParallelCogVideoXAttention(nn.Module):
         self.local_heads = attn.heads // spec.tp
         tp = spec.tp > 1
         self.norm_q, self.norm_k = attn.norm_q, attn.norm_k      # diffusers registers the QK norms first
-        self.to_q = _megatron_linear(attn.to_q, "column", 1, spec, False) if tp else attn.to_q
-        self.to_k = _megatron_linear(attn.to_k, "column", 1, spec, False) if tp else attn.to_k
-        self.to_v = _megatron_linear(attn.to_v, "column", 1, spec, False) if tp else attn.to_v
-        out = _megatron_linear(attn.to_out[0], "row", 1, spec, False) if tp else attn.to_out[0]
+        self.to_q = megatron_linear(attn.to_q, "column", 1, spec, False) if tp else attn.to_q
+        self.to_k = megatron_linear(attn.to_k, "column", 1, spec, False) if tp else attn.to_k
+        self.to_v = megatron_linear(attn.to_v, "column", 1, spec, False) if tp else attn.to_v
+        out = megatron_linear(attn.to_out[0], "row", 1, spec, False) if tp else attn.to_out[0]
         self.to_out = nn.ModuleList([out, attn.to_out[1]])
 
     def _head_norm(self, norm: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ class ParallelCogVideoXAttention(nn.Module):
         attention outputs of both streams, same shapes."""
         spec, length = self.spec, text.shape[0]
         joint = torch.cat([text, video])                                                      # (L + n, B, D)
-        q, k, v = (_column(layer, joint).unflatten(-1, (self.local_heads, -1))               # (L + n, B, h_tp, d)
+        q, k, v = (column_parallel(layer, joint).unflatten(-1, (self.local_heads, -1))               # (L + n, B, h_tp, d)
                    for layer in (self.to_q, self.to_k, self.to_v))
         q, k = self._head_norm(self.norm_q, q), self._head_norm(self.norm_k, k)
         if rope is not None:   # video tokens only, after the norms (CogVideoXAttnProcessor2_0)
@@ -139,7 +139,7 @@ class ParallelCogVideoXAttention(nn.Module):
             video_out = heads_to_sequence(video_out.contiguous(), spec.cp_group)              # (B, h_tp, n, d)
             text_out = all_gather_to_group(text_out.contiguous(), 1, spec.cp_group)          # (B, h_tp, L, d)
         out = torch.cat([text_out, video_out], dim=2).permute(2, 0, 1, 3).flatten(2).type_as(joint)
-        out = self.to_out[1](_row(self.to_out[0], out, spec))                                 # (L + n, B, D)
+        out = self.to_out[1](row_parallel(self.to_out[0], out, spec))                                 # (L + n, B, D)
         return out[:length], out[length:]
 
 
@@ -154,13 +154,13 @@ class ParallelCogVideoXFeedForward(nn.Module):
             raise NotImplementedError(f"parallelize_cogvideox expects CogVideoX's GELU-tanh feed-forward, got {ff.net}")
         self.spec = spec
         tp = spec.tp > 1
-        fc1 = _megatron_linear(act.proj, "column", 1, spec, False) if tp else act.proj
-        fc2 = _megatron_linear(ff.net[2], "row", 1, spec, False) if tp else ff.net[2]
+        fc1 = megatron_linear(act.proj, "column", 1, spec, False) if tp else act.proj
+        fc2 = megatron_linear(ff.net[2], "row", 1, spec, False) if tp else ff.net[2]
         self.net = nn.ModuleList([FeedForwardProjection(fc1), ff.net[1], fc2, *ff.net[3:]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.net[1](F.gelu(_column(self.net[0].proj, x), approximate="tanh"))
-        h = _row(self.net[2], h, self.spec)
+        h = self.net[1](F.gelu(column_parallel(self.net[0].proj, x), approximate="tanh"))
+        h = row_parallel(self.net[2], h, self.spec)
         return self.net[3](h) if len(self.net) > 3 else h
 
 

@@ -28,7 +28,7 @@ Why frame differences: motion and temporal consistency (does the object move as 
 of the shapes oracle's four components, and a patch token of one frame cannot see either; attention across
 frames can, but learning it from a few hundred labels is slow. The difference channels put the displacement
 into every token: on the shapes world, a critic trained on the same 384 seed labels is ~0.02-0.03 more accurate
-on the fresh pairs of later rounds (mean over 3 seeds; README, IPO).
+on the fresh pairs of later rounds (mean over 3 seeds; benchmarks/reports/2026-11-21_ipo_search_cpu.md).
 
 Why attention pooling: in a 16 x 16 clip the object covers 1-4 of 16 patches; a plain mean over the
 frame would drown what the critic must judge (its colour, shape and displacement) in background.

@@ -124,7 +124,7 @@ class ShardSpec:
 
 
 # ----- megatron-core layers ------------------------------------------------------------------------------
-def _megatron_linear(linear: nn.Linear, kind: str, parts: int, spec: ShardSpec, sequence_parallel: bool) -> nn.Module:
+def megatron_linear(linear: nn.Linear, kind: str, parts: int, spec: ShardSpec, sequence_parallel: bool) -> nn.Module:
     """A megatron-core Column/RowParallelLinear holding this rank's shard of ``linear``'s weights."""
     if not isinstance(linear, nn.Linear) or type(linear) is not nn.Linear:
         raise NotImplementedError(f"tensor parallel needs plain nn.Linear layers, got {type(linear).__name__} "
@@ -189,11 +189,13 @@ def _is_megatron(layer: nn.Module) -> bool:
     return hasattr(layer, "tp_group") and type(layer).__module__.startswith("megatron.")
 
 
-def _column(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def column_parallel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a plain or a column-parallel linear (megatron's returns ``(out, bias)``)."""
     return layer(x)[0] if _is_megatron(layer) else layer(x)
 
 
-def _row(layer: nn.Module, x: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
+def row_parallel(layer: nn.Module, x: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
+    """``layer(x)`` for a plain or a row-parallel linear, its bias added after the reduction."""
     if not _is_megatron(layer):
         return layer(x)
     out, bias = layer(x)
@@ -219,12 +221,12 @@ class ParallelSelfAttention(nn.Module):
         super().__init__()
         self.head_dim, self.backend, self.spec = attn.head_dim, attn.backend, spec
         tp = spec.tp > 1
-        self.qkv = _megatron_linear(attn.qkv, "column", 3, spec, spec.sp) if tp else attn.qkv
+        self.qkv = megatron_linear(attn.qkv, "column", 3, spec, spec.sp) if tp else attn.qkv
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
-        self.proj = _megatron_linear(attn.proj, "row", 1, spec, spec.sp) if tp else attn.proj
+        self.proj = megatron_linear(attn.proj, "row", 1, spec, spec.sp) if tp else attn.proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        qkv = _column(self.qkv, x)                                     # (n_cp, B, 3 * h_tp * d)
+        qkv = column_parallel(self.qkv, x)                                     # (n_cp, B, 3 * h_tp * d)
         n, b = qkv.shape[:2]
         q, k, v = qkv.view(n, b, 3, -1, self.head_dim).unbind(2)        # each (n_cp, B, h_tp, d)
         q, k = _head_norm(self.q_norm, q, self.spec), _head_norm(self.k_norm, k, self.spec)
@@ -236,7 +238,7 @@ class ParallelSelfAttention(nn.Module):
         if self.spec.cp > 1:
             out = heads_to_sequence(out, self.spec.cp_group)                # (B, h_tp, n_cp, d)
         out = out.permute(2, 0, 1, 3).reshape(n, b, -1)                  # (n_cp, B, h_tp * d)
-        return _row(self.proj, out, self.spec)
+        return row_parallel(self.proj, out, self.spec)
 
 
 class ParallelCrossAttention(nn.Module):
@@ -246,21 +248,21 @@ class ParallelCrossAttention(nn.Module):
         super().__init__()
         self.head_dim, self.backend, self.spec = cross.head_dim, cross.backend, spec
         tp = spec.tp > 1
-        self.q = _megatron_linear(cross.q, "column", 1, spec, spec.sp) if tp else cross.q
+        self.q = megatron_linear(cross.q, "column", 1, spec, spec.sp) if tp else cross.q
         # The condition is replicated, never sequence-sharded: this layer's input gradient is all-reduced.
-        self.kv = _megatron_linear(cross.kv, "column", 2, spec, False) if tp else cross.kv
+        self.kv = megatron_linear(cross.kv, "column", 2, spec, False) if tp else cross.kv
         self.q_norm, self.k_norm = cross.q_norm, cross.k_norm
-        self.proj = _megatron_linear(cross.proj, "row", 1, spec, spec.sp) if tp else cross.proj
+        self.proj = megatron_linear(cross.proj, "row", 1, spec, spec.sp) if tp else cross.proj
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        q = _column(self.q, x)                                          # (n_cp, B, h_tp * d)
+        q = column_parallel(self.q, x)                                          # (n_cp, B, h_tp * d)
         n, b = q.shape[:2]
         q = _head_norm(self.q_norm, q.view(n, b, -1, self.head_dim), self.spec)
-        kv = _column(self.kv, context.transpose(0, 1))                   # (L, B, 2 * h_tp * d)
+        kv = column_parallel(self.kv, context.transpose(0, 1))                   # (L, B, 2 * h_tp * d)
         k, v = kv.view(kv.shape[0], b, 2, -1, self.head_dim).unbind(2)
         k = _head_norm(self.k_norm, k, self.spec)
         out = attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), self.backend)
-        return _row(self.proj, out.permute(2, 0, 1, 3).reshape(n, b, -1), self.spec)
+        return row_parallel(self.proj, out.permute(2, 0, 1, 3).reshape(n, b, -1), self.spec)
 
 
 class ParallelMLP(nn.Module):
@@ -268,11 +270,11 @@ class ParallelMLP(nn.Module):
         super().__init__()
         self.spec = spec
         tp = spec.tp > 1
-        self.fc1 = _megatron_linear(mlp.fc1, "column", 1, spec, spec.sp) if tp else mlp.fc1
-        self.fc2 = _megatron_linear(mlp.fc2, "row", 1, spec, spec.sp) if tp else mlp.fc2
+        self.fc1 = megatron_linear(mlp.fc1, "column", 1, spec, spec.sp) if tp else mlp.fc1
+        self.fc2 = megatron_linear(mlp.fc2, "row", 1, spec, spec.sp) if tp else mlp.fc2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _row(self.fc2, F.gelu(_column(self.fc1, x), approximate="tanh"), self.spec)
+        return row_parallel(self.fc2, F.gelu(column_parallel(self.fc1, x), approximate="tanh"), self.spec)
 
 
 class ParallelDiTBlock(nn.Module):

@@ -1,7 +1,7 @@
 """Parallelize diffusers' Wan 2.1 transformer: TP/SP -> CP -> activation checkpointing -> compile -> FSDP.
 
 The mechanism is the video DiT's (``vidpo.models.dit.parallelize``), reused rather than repeated: megatron-core
-Column/RowParallelLinear layers holding this rank's shard (``_megatron_linear``, ``TPShard``), the named autograd
+Column/RowParallelLinear layers holding this rank's shard (``megatron_linear``, ``TPShard``), the named autograd
 collectives of ``vidpo.parallel.mappings`` with their backward duals, and FSDP2 with summed gradients (``apply_fsdp``).
 What this module adds is the map of ``WanTransformer3DModel`` onto it. ``parallelize_wan(adapter, ctx)``
 returns a ``ParallelWanAdapter``: the same engine interface as ``WanAdapter`` (engine time, conditions, the
@@ -48,11 +48,11 @@ from vidpo.models.dit.attention import attention
 from vidpo.models.dit.parallelize import (
     ShardSpec,
     TPShard,
-    _column,
-    _megatron_linear,
-    _row,
     apply_fsdp,
+    column_parallel,
     cp_local_frames,
+    megatron_linear,
+    row_parallel,
 )
 from vidpo.models.wan.model import WanAdapter
 from vidpo.parallel.mappings import (
@@ -131,12 +131,12 @@ class ParallelWanAttention(nn.Module):
             raise ValueError(f"{attn.heads} heads are not divisible by tp = {spec.tp}")
         self.local_heads = attn.heads // spec.tp
         tp, sp = spec.tp > 1, spec.sp
-        self.to_q = _megatron_linear(attn.to_q, "column", 1, spec, sp) if tp else attn.to_q
+        self.to_q = megatron_linear(attn.to_q, "column", 1, spec, sp) if tp else attn.to_q
         # Cross-attention keys / values come from the replicated text, never sequence-sharded.
         kv_sp = sp and not cross
-        self.to_k = _megatron_linear(attn.to_k, "column", 1, spec, kv_sp) if tp else attn.to_k
-        self.to_v = _megatron_linear(attn.to_v, "column", 1, spec, kv_sp) if tp else attn.to_v
-        out = _megatron_linear(attn.to_out[0], "row", 1, spec, sp) if tp else attn.to_out[0]
+        self.to_k = megatron_linear(attn.to_k, "column", 1, spec, kv_sp) if tp else attn.to_k
+        self.to_v = megatron_linear(attn.to_v, "column", 1, spec, kv_sp) if tp else attn.to_v
+        out = megatron_linear(attn.to_out[0], "row", 1, spec, sp) if tp else attn.to_out[0]
         self.to_out = nn.ModuleList([out, attn.to_out[1]])
         self.norm_q = HeadShardedRMSNorm(attn.norm_q, spec) if tp else attn.norm_q
         self.norm_k = HeadShardedRMSNorm(attn.norm_k, spec) if tp else attn.norm_k
@@ -145,7 +145,7 @@ class ParallelWanAttention(nn.Module):
                 rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """x (n_local, B, D); context (L, B, D_text) for cross-attention; rope (cos, sin) each (n_cp, 1, 1, d)."""
         kv_in = x if context is None else context
-        q, k, v = _column(self.to_q, x), _column(self.to_k, kv_in), _column(self.to_v, kv_in)   # (n_cp | L, B, h_tp d)
+        q, k, v = column_parallel(self.to_q, x), column_parallel(self.to_k, kv_in), column_parallel(self.to_v, kv_in)   # (n_cp | L, B, h_tp d)
         q, k = self.norm_q(q), self.norm_k(k)
         q, k, v = (z.unflatten(-1, (self.local_heads, -1)) for z in (q, k, v))                 # (., B, h_tp, d)
         if rope is not None:
@@ -158,7 +158,7 @@ class ParallelWanAttention(nn.Module):
         if ulysses:
             out = heads_to_sequence(out, self.spec.cp_group)                                    # (B, h_tp, n_cp, d)
         out = out.permute(2, 0, 1, 3).flatten(2).type_as(q)                                    # (n_cp, B, h_tp d)
-        return self.to_out[1](_row(self.to_out[0], out, self.spec))
+        return self.to_out[1](row_parallel(self.to_out[0], out, self.spec))
 
 
 class ParallelWanFeedForward(nn.Module):
@@ -171,13 +171,13 @@ class ParallelWanFeedForward(nn.Module):
             raise NotImplementedError(f"parallelize_wan expects Wan's GELU-tanh feed-forward, got {ffn.net}")
         self.spec = spec
         tp = spec.tp > 1
-        fc1 = _megatron_linear(act.proj, "column", 1, spec, spec.sp) if tp else act.proj
-        fc2 = _megatron_linear(ffn.net[2], "row", 1, spec, spec.sp) if tp else ffn.net[2]
+        fc1 = megatron_linear(act.proj, "column", 1, spec, spec.sp) if tp else act.proj
+        fc2 = megatron_linear(ffn.net[2], "row", 1, spec, spec.sp) if tp else ffn.net[2]
         self.net = nn.ModuleList([FeedForwardProjection(fc1), ffn.net[1], fc2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(_column(self.net[0].proj, x), approximate="tanh")
-        return _row(self.net[2], self.net[1](h), self.spec)
+        h = F.gelu(column_parallel(self.net[0].proj, x), approximate="tanh")
+        return row_parallel(self.net[2], self.net[1](h), self.spec)
 
 
 class ParallelWanBlock(nn.Module):

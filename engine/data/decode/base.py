@@ -138,7 +138,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     except VideoDecodeError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
-        raise VideoDecodeError(p, "unreadable", f"cannot parse the container ({_first_line(exc)})") from None
+        raise VideoDecodeError(p, "unreadable", f"cannot parse the container ({first_line(exc)})") from None
 
 
 def _probe_torchcodec(p: Path) -> VideoInfo:
@@ -149,12 +149,13 @@ def _probe_torchcodec(p: Path) -> VideoInfo:
     try:
         meta = VideoDecoder(str(p), seek_mode="approximate").metadata
     except (RuntimeError, ValueError) as exc:
-        raise VideoDecodeError(p, "unreadable", f"cannot parse the container ({_first_line(exc)})") from None
+        raise VideoDecodeError(p, "unreadable", f"cannot parse the container ({first_line(exc)})") from None
     return VideoInfo(codec=meta.codec or "?", fps=meta.average_fps, num_frames=meta.num_frames,
                      width=meta.width, height=meta.height, duration=meta.duration_seconds)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (what a one-line error names), else its type."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 

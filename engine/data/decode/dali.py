@@ -30,8 +30,8 @@ from vidpo.data.decode.base import (
     FramePlan,
     VideoDecodeError,
     VideoDecoder,
-    _first_line,
     check_file,
+    first_line,
     missing_frames_error,
 )
 
@@ -173,7 +173,7 @@ class DaliDecoder(VideoDecoder):
                 frames = self._run([c[2] for c in chunk], [c[3] for c in chunk])
             except RuntimeError as exc:
                 # The pipeline is dead; rebuild and isolate the bad clip(s) one at a time.
-                log.debug("DALI batch failed (%s); retrying its %d clips one by one", _first_line(exc), len(chunk))
+                log.debug("DALI batch failed (%s); retrying its %d clips one by one", first_line(exc), len(chunk))
                 self._pipe = None
                 frames = []
                 for c in chunk:
@@ -196,7 +196,7 @@ class DaliDecoder(VideoDecoder):
         text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         # DALI's message is a traceback-like block; keep the assertion that says what failed.
         detail = next((line.strip() for line in str(exc).splitlines() if "failed" in line or "Error" in line),
-                      _first_line(exc))
+                      first_line(exc))
         kind = "corrupt" if "decoder" in text or "frame" in text.lower() else "unreadable"
         return VideoDecodeError(path, kind, f"DALI: {detail}")
 

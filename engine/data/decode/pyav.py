@@ -22,8 +22,8 @@ from vidpo.data.decode.base import (
     FramePlan,
     VideoDecodeError,
     VideoDecoder,
-    _first_line,
     check_file,
+    first_line,
     missing_frames_error,
 )
 
@@ -99,7 +99,7 @@ class PyAVDecoder(VideoDecoder):
                 raise
             except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
                 kind = "unreadable" if decoded == 0 and not got else "corrupt"
-                raise VideoDecodeError(p, kind, f"FFmpeg: {_first_line(exc)}") from None
+                raise VideoDecodeError(p, kind, f"FFmpeg: {first_line(exc)}") from None
         errors = [msg.strip() for level, _, msg in logs if level is not None and level <= av.logging.ERROR]
         detail = f"FFmpeg reported: {errors[0]}" if errors else ""
         if decoded < plan.decode_until or any(i not in got for i in wanted):

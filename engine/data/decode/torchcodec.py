@@ -17,8 +17,8 @@ from vidpo.data.decode.base import (
     FramePlan,
     VideoDecodeError,
     VideoDecoder,
-    _first_line,
     check_file,
+    first_line,
     missing_frames_error,
 )
 
@@ -52,7 +52,7 @@ class TorchCodecDecoder(VideoDecoder):
             decoder = self._cls(str(p), dimension_order="NHWC", num_ffmpeg_threads=self.threads,
                                 seek_mode="exact")
         except (RuntimeError, ValueError, OSError) as exc:
-            raise VideoDecodeError(p, "unreadable", f"torchcodec: {_first_line(exc)}") from None
+            raise VideoDecodeError(p, "unreadable", f"torchcodec: {first_line(exc)}") from None
         present = decoder.metadata.num_frames or 0
         if present < plan.decode_until:
             raise missing_frames_error(p, plan, present)
@@ -62,5 +62,5 @@ class TorchCodecDecoder(VideoDecoder):
         try:
             frames = decoder.get_frames_at(wanted).data
         except (RuntimeError, ValueError, IndexError) as exc:
-            raise VideoDecodeError(p, "corrupt", f"torchcodec: {_first_line(exc)}") from None
+            raise VideoDecodeError(p, "corrupt", f"torchcodec: {first_line(exc)}") from None
         return frames[: len(plan.indices)].contiguous()

@@ -4,12 +4,14 @@ Every such test module follows one pattern: the parent picks a free TCP port, ``
 spawns ``WORLD`` workers, each worker runs a list of named checks (or training runs) and records ``"ok"`` or
 the traceback per name in a dict, writes that dict to ``<result_dir>/rank<r>.json`` and tears its process
 group down; the parent reads the per-rank dicts back and one pytest test per name asserts that every rank
-passed. The pieces of that pattern live here; what each worker checks stays in its test module.
+passed. The pieces of that pattern live here; what each worker checks stays in its test module (or, for the
+parallel-vs-one-process equivalence of the diffusers adapters, in ``helpers.parallel``).
 
 Why results travel through JSON files rather than exceptions: one failing check must not hide the others
 (each gets its own pytest test and traceback), and a worker that raises makes ``mp.spawn`` report only that
-one exception. Workers are module-level functions of the test modules: the ``spawn`` start method pickles
-them by reference, and the children find both the test module and this one on the parent's ``sys.path``.
+one exception. Workers are module-level functions (of the test modules or of ``helpers``): the ``spawn``
+start method pickles them by reference, and the children find both their module and this one on the parent's
+``sys.path`` (which holds ``tests/``, see ``helpers/__init__.py``).
 """
 import contextlib
 import datetime
@@ -166,38 +168,3 @@ def assert_all_ranks_ok(per_rank: list, name: str, allow_skip: bool = False) -> 
         if allow_skip and isinstance(outcome, str) and outcome.startswith("skip: "):
             pytest.skip(outcome[len("skip: "):])
         assert outcome == "ok", f"rank {rank}, {name}:\n{outcome}"
-
-
-# ----- one training step of a parallel run against the same step in one process ---------------------------------
-def assert_step_matches_one_process(reference_dir, run_dir, start: dict, *, lora: bool, what: str,
-                                    ignore=lambda key: False) -> None:
-    """The first training step of ``run_dir`` (a multi-process ``vidpo train`` run of a diffusers model) equals
-    that of ``reference_dir`` (one process): loss, gradient norm and DPO loss of the metrics row, and every
-    ``transformer.*`` weight of the consolidated checkpoint. ``start`` is the initial state dict: under LoRA the
-    base weights must not have moved; otherwise every compared weight must have (or the check is vacuous).
-    ``ignore(key)`` names weights whose update is rounding noise (a gradient that is 0 analytically)."""
-    from safetensors.torch import load_file
-
-    from vidpo.training import checkpoint as ckpt
-    from vidpo.training.metrics import read_metrics
-
-    (expected,), (actual,) = read_metrics(reference_dir / "metrics.jsonl", "train"), \
-        read_metrics(run_dir / "metrics.jsonl", "train")
-    for key in ("loss", "grad_norm", "dpo_loss"):
-        if key in expected:
-            assert actual[key] == pytest.approx(expected[key], rel=2e-5, abs=1e-6), f"{what} {key}"
-    assert expected["grad_norm"] > 1e-3
-    want = load_file(str(ckpt.find_weights(reference_dir)))
-    got = load_file(str(ckpt.find_weights(run_dir)))
-    params = [k for k in want if k.startswith("transformer.")]
-    assert params and set(params) <= set(got)
-    for key in params:
-        if ignore(key):
-            continue
-        if lora and ".lora_" not in key:
-            assert torch.equal(got[key], start[key]), f"{key} is frozen under LoRA"
-            continue
-        if key in start and start[key].is_floating_point():
-            assert not torch.equal(want[key], start[key]), f"{key} did not move: the comparison would be vacuous"
-        # AdamW's first step is lr * g / (|g| + eps): tolerances as in tests/test_distributed_training.py.
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=3e-5, msg=lambda m: f"{what} {key}: {m}")

@@ -1,4 +1,4 @@
-"""Test clips encoded on the fly with PyAV, and damaged copies of them.
+"""Test clips encoded on the fly with PyAV, and damaged copies of them (used by test_decode.py, test_cache.py).
 
 The frames are smooth (so the codecs reproduce them within a few grey levels) and each frame has its own
 brightness offset and moving stripe phase (so a decoder returning the wrong frame is far off).

@@ -1,0 +1,130 @@
+"""The consistency-distillation sections (T2V-Turbo-v2): the teacher solver, preprocessing and the student
+(``distill``; ``vidpo preprocess``, ``train.objective: consistency_distill``) and its reward mixture
+(``reward``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from vidpo.config.choices import DISTILL_SOURCES, Distance, RewardSubset, SamplerNoise
+from vidpo.config.fields import Problem, Problems, Section, choice
+
+
+@dataclass
+class DistillConfig(Section):
+    """Reward-guided consistency distillation (T2V-Turbo-v2): a teacher ODE solver with classifier-free and
+    motion guidance, precomputed by ``vidpo preprocess``; a student trained with ``train.objective:
+    consistency_distill`` that maps a point of the teacher's trajectory to its origin in 1-8 steps."""
+
+    teacher: Optional[str] = None
+    """Teacher checkpoint (run dir, checkpoint dir or .safetensors; same architecture as ``model``). The
+    student starts from it unless ``train.init_from`` is set. Only ``vidpo preprocess`` loads it."""
+
+    data: Optional[str] = None
+    """Directory of preprocessed shards (``vidpo preprocess --out``) the student trains on."""
+
+    num_rows: int = 4096
+    """Training rows to preprocess: one (clip, noise, timestep) triple and its teacher solver step each."""
+
+    shard_size: int = 256
+    """Rows per safetensors shard; a rerun of ``vidpo preprocess`` skips complete shards."""
+
+    batch_size: int = 64
+    """Rows per teacher forward batch while preprocessing."""
+
+    grid_steps: int = 32
+    """N: intervals of the teacher's time grid t_0 = 0 < ... < t_N = 1 (vidpo.models.flow.time_grid)."""
+
+    skip: int = 2
+    """k: the teacher solver jumps k grid intervals (t_n -> t_{n-k}); N must be a multiple of k, and
+    training times are the multiples of k (so every chain of targets ends at t = 0)."""
+
+    shift: float = 1.0
+    """Time shift of the grid (1: uniform)."""
+
+    cfg_scale: float = 3.0
+    """Classifier-free guidance scale w of the teacher solver (the student is distilled for this w)."""
+
+    curated_fraction: float = 0.5
+    """Fraction of rows rendered clean ('curated' source, the high-quality-video role); the rest are
+    'web' rows rendered with the world's corruptions (noisy captions: wrong colour / reversed direction)."""
+
+    motion_scale: float = 0.0
+    """Motion-guidance strength eta of the PTA energy gradient (0 disables motion guidance)."""
+
+    motion_fraction: float = 0.5
+    """tau: motion guidance acts in the first tau of the solver's steps, i.e. at times t_n > 1 - tau."""
+
+    motion_block: int = -1
+    """Transformer block whose temporal attention defines the energy (-1: depth // 2)."""
+
+    motion_sources: List[str] = field(default_factory=lambda: ["curated"])
+    """Sources whose clips are trusted motion references ('curated', 'web'); other rows get eta = 0."""
+
+    distance: str = choice("huber", Distance)
+    """CD distance: pseudo-Huber sqrt(d^2 + c^2) - c per element (LCM's), or squared error; mean over elements."""
+
+    huber_c: float = 0.001
+    """c of the pseudo-Huber distance."""
+
+    sampler_noise: str = choice("fresh", SamplerNoise)
+    """Student multi-step sampling: re-noise the predicted x0 with fresh noise (consistency models) or with
+    the noise the student implies, eps^ = x + (1 - t) v (deterministic)."""
+
+    student_steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Student step counts reported by the evaluation table."""
+
+    teacher_steps: List[int] = field(default_factory=lambda: [16, 32])
+    """Teacher Euler + CFG step counts reported by the evaluation table."""
+
+    eval_steps: int = 4
+    """Student steps of the evaluation during / at the end of training."""
+
+    def rules(self, prefix: str = "") -> list[Problem]:
+        p = Problems(prefix)
+        p.at_least(self, 1, "num_rows", "shard_size", "batch_size")
+        grid_ok = self.grid_steps >= 1 and self.skip >= 1 and self.grid_steps % self.skip == 0
+        p.check(grid_ok, "grid_steps",
+                f"must be a positive multiple of {prefix}skip = {self.skip}, got {self.grid_steps}", "skip")
+        p.positive(self, "shift", "huber_c")
+        p.fraction(self, "curated_fraction")
+        p.at_least(self, 0, "motion_scale")
+        p.fraction(self, "motion_fraction", low_open=True)
+        p.at_least(self, -1, "motion_block")
+        unknown = [source for source in self.motion_sources if source not in DISTILL_SOURCES]
+        p.check(not unknown, "motion_sources", f"has unknown sources {unknown}; known: {list(DISTILL_SOURCES)}")
+        chain = self.grid_steps // self.skip if grid_ok else None
+        for name, steps in (("student_steps", list(self.student_steps)), ("eval_steps", [self.eval_steps])):
+            bad = [n for n in steps if not (1 <= n <= (chain or n))]
+            p.check(not bad, name, f"must be in [1, {prefix}grid_steps / {prefix}skip = {chain}], got {bad}",
+                    "grid_steps", "skip")
+        bad = [n for n in self.teacher_steps if n < 1]
+        p.check(not bad, "teacher_steps", f"must be >= 1, got {bad}")
+        return p
+
+
+@dataclass
+class RewardConfig(Section):
+    """Reward mixture of consistency distillation (vidpo.objectives.rewards): R = sum beta_i R_img_i (on a few random
+    frames) + sum gamma_j R_vid_j, computed on the student's one-step prediction; loss = CD - R."""
+
+    image: Dict[str, float] = field(default_factory=dict)
+    """Image-text rewards and weights beta, e.g. {shapes_appearance: 1.0}. Empty: none."""
+
+    video: Dict[str, float] = field(default_factory=dict)
+    """Video-text rewards and weights gamma, e.g. {shapes_motion: 1.0}. Empty: none."""
+
+    image_frames: int = 2
+    """Random frames per clip scored by the image-text rewards."""
+
+    subset: str = choice("web", RewardSubset)
+    """Rows the reward loss is computed on (the paper: CD on all data, rewards on the short-caption
+    WebVid part): 'all', or one source."""
+
+    max_rows: int = 8
+    """At most this many reward rows per micro-batch (the paper: 1 reward clip per 3 CD clips per GPU)."""
+
+    def rules(self, prefix: str = "") -> list[Problem]:
+        p = Problems(prefix)
+        p.at_least(self, 1, "image_frames", "max_rows")
+        return p

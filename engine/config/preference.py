@@ -1,0 +1,246 @@
+"""The preference-data sections: pair generation (``generate``), labelling (``label``, with the VLM
+labeller's ``label.vlm``) and the preference objectives (``pref``)."""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from typing import Optional
+
+from vidpo.config.choices import (
+    BadInputPolicy,
+    ErrorPolicy,
+    GenerateMode,
+    Granularity,
+    LabelerKind,
+    LossBackend,
+    ReferenceMode,
+    Resample,
+    SftSource,
+)
+from vidpo.config.fields import Problem, Problems, Section, check_on_construction, choice
+
+DEFAULT_PROMPT = (
+    'Two AI-generated videos were made from the same text prompt: "{caption}".\n'
+    "Below are {frames} frames of segment {segment_number} of {num_segments} "
+    "(seconds {start_s:.2f} to {end_s:.2f}) of Video A, then the same moments of Video B. "
+    "Judge which video is better in this segment: visual quality, artifacts (distortion, flicker, "
+    "objects appearing or vanishing), smooth and plausible motion, and agreement with the prompt. "
+    "Say TIE unless one video is clearly better.\n"
+    "Answer with exactly one of: A, B, TIE."
+)
+"""Default question; the placeholders are the ``PROMPT_FIELDS``."""
+
+
+PROMPT_FIELDS = ("caption", "segment_number", "num_segments", "start_s", "end_s", "frames", "fps")
+"""Placeholders a prompt template may use; ``segment_number`` counts from 1."""
+
+
+@dataclass
+class GenerateConfig(Section):
+    """Pair generation from the current policy (``vidpo generate``)."""
+
+    mode: str = choice("vanilla", GenerateMode)
+    """'vanilla': the two videos of a pair are sampled from independent noise. 'structural' (DenseDPO's
+    StructuralDPO): both are SDEdit re-generations of one ground-truth clip from the same level eta with
+    independent noise, so they share coarse structure and motion and differ in local details."""
+
+    num_pairs: int = 256
+    """Pairs to generate; conditions cycle over a seeded permutation of the world's condition set."""
+
+    eta_min: float = 0.55
+    """Structural mode: eta ~ Uniform[eta_min, eta_max] per pair (shared by both videos of the pair)."""
+
+    eta_max: float = 0.75
+    """Upper end of the SDEdit level range."""
+
+    steps: int = 20
+    """Sampling steps from t=1 (or eta) to 0: Euler steps for the DiT; for wan / cogvideox the size of the
+    scheduler's grid, of which SDEdit runs the steps at or below eta."""
+
+    cfg_scale: float = 3.0
+    """Classifier-free guidance scale while sampling pairs."""
+
+    shard_size: int = 64
+    """Pairs per safetensors shard (a rerun skips complete shards)."""
+
+    heldout_pairs: int = 64
+    """Extra pairs (other seeds) generated and labelled for held-out implicit accuracy (0 disables)."""
+
+    def rules(self, prefix: str = "") -> list[Problem]:
+        p = Problems(prefix)
+        p.at_least(self, 1, "num_pairs", "steps", "shard_size")
+        p.at_least(self, 0, "heldout_pairs")
+        p.check(self.mode != "structural" or 0.0 <= self.eta_min <= self.eta_max <= 1.0, "eta_min",
+                f"and {prefix}eta_max must satisfy 0 <= eta_min <= eta_max <= 1 in structural mode, got "
+                f"{self.eta_min} and {self.eta_max}", "eta_max", "mode")
+        return p
+
+
+@dataclass
+class VLMConfig(Section):
+    """How to reach the VLM and what to ask it."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """Root of the OpenAI-compatible API; requests go to ``{base_url}/chat/completions``."""
+
+    model: str = ""
+    """Model name the server knows (vLLM: the served model name). Required."""
+
+    api_key_env: Optional[str] = None
+    """Name of the environment variable holding the API key, sent as ``Authorization: Bearer``.
+    The key itself never goes in a recipe. None: no Authorization header (a local server)."""
+
+    timeout_s: float = 60.0
+    """Socket timeout of one request in seconds (connect, and each wait for reply bytes)."""
+
+    max_retries: int = 3
+    """Retries after a timeout, a connection error or an HTTP 408/429/5xx, before the comparison fails."""
+
+    retry_backoff_s: float = 1.0
+    """Sleep before retry k (k = 0, 1, ..) is ``retry_backoff_s * 2**k`` seconds."""
+
+    concurrency: int = 8
+    """(pair, segment) comparisons in flight at once (one thread each; each sends its two orders in turn)."""
+
+    temperature: float = 0.0
+    """Sampling temperature of the VLM (0: greedy, the most repeatable verdicts)."""
+
+    max_tokens: int = 64
+    """Reply length cap; the answer is one word, a little room lets chatty models still answer."""
+
+    frames_per_segment: int = 4
+    """Frames sent per video and segment, evenly spaced over the segment (all frames if it has fewer)."""
+
+    image_size: int = 256
+    """Longer side of each image in pixels after resizing (aspect kept); 0 sends frames as they are."""
+
+    resample: str = choice("auto", Resample)
+    """Resize filter; 'auto' = nearest when upscaling (keeps small toy frames crisp), bicubic when shrinking."""
+
+    on_error: str = choice("tie", ErrorPolicy)
+    """A failed comparison: 'tie' (counted, with a message) or 'raise' (LabelingError)."""
+
+    prompt: str = DEFAULT_PROMPT
+    """Question template; placeholders: {caption} {segment_number} {num_segments} {start_s} {end_s} {frames} {fps}."""
+
+    extra_body: dict = field(default_factory=dict)
+    """Extra fields merged into the request body (server-specific, e.g. {"seed": 0} or {"top_k": 1})."""
+
+    def __post_init__(self) -> None:
+        check_on_construction(self)
+
+    def rules(self, prefix: str = "") -> list[Problem]:
+        p = Problems(prefix)
+        p.check(bool(self.model), "model", "is required: the model name the server serves")
+        p.check(self.base_url.startswith(("http://", "https://")), "base_url",
+                f"must start with http:// or https://, got {self.base_url!r}")
+        for name in ("timeout_s", "concurrency", "frames_per_segment", "max_tokens"):
+            p.check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)!r}")
+        for name in ("max_retries", "retry_backoff_s", "image_size", "temperature"):
+            p.check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)!r}")
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(self.prompt) if name is not None]
+        except ValueError as exc:
+            p.check(False, "prompt", f"is not a valid template ({exc})")
+            names = []
+        for name in names:
+            p.check(name.split(".")[0].split("[")[0] in PROMPT_FIELDS, "prompt",
+                    f"uses unknown placeholder {{{name}}}; valid: {PROMPT_FIELDS}")
+        p.check("messages" not in self.extra_body, "extra_body", "may not replace 'messages'")
+        return p
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+
+@dataclass
+class LabelConfig(Section):
+    """Labelling of pairs (``vidpo label``): per-segment preferences."""
+
+    labeler: str = choice("oracle", LabelerKind)
+    """Who labels: the shapes-world 'oracle', a 'human' labels file (JSONL), a 'vlm' over HTTP
+    (OpenAI-compatible chat completions), or a trained 'critic' (IPO)."""
+
+    segment_seconds: float = 1.0
+    """DenseDPO segment length in seconds of video (mapped to latent frames with world.fps and
+    temporal_compression)."""
+
+    temporal_compression: int = 1
+    """Pixel frames per latent frame of the VAE (1 for the pixel-space toy world, 4 for Wan's VAE)."""
+
+    tie_margin: float = 0.0
+    """Oracle: a segment is a tie when the two scores differ by at most this much."""
+
+    granularity: str = choice("segment", Granularity)
+    """Oracle: 'segment' labels each segment from its own scores (DenseDPO); 'video' gives one verdict from
+    the whole-video scores, copied to every segment (what vanilla Flow-DPO's labellers see)."""
+
+    human_file: Optional[str] = None
+    """Human labels JSONL ({"pair_id": .., "labels": [..]} or {"pair_id": .., "label": ..} per line)."""
+
+    on_error: str = choice("tie", ErrorPolicy)
+    """What an unusable label (unparseable VLM reply, missing human label) becomes: a counted tie, or a
+    hard error. It overrides label.vlm.on_error."""
+
+    vlm: Optional[VLMConfig] = None
+    """The VLM labeller's endpoint, model and prompt (required when labeler is 'vlm')."""
+
+    def rules(self, prefix: str = "") -> list[Problem]:
+        p = Problems(prefix)
+        p.positive(self, "segment_seconds")
+        p.at_least(self, 1, "temporal_compression")
+        p.at_least(self, 0, "tie_margin")
+        p.check(self.labeler != "human" or bool(self.human_file), "labeler",
+                f"= 'human' needs {prefix}human_file (a JSONL of per-pair labels)", "human_file")
+        p.check(self.labeler != "vlm" or self.vlm is not None, "labeler",
+                f"= 'vlm' needs a {prefix}vlm section (base_url, model, ...)", "vlm")
+        return p
+
+
+@dataclass
+class PreferenceConfig(Section):
+    """Preference objectives (flow_dpo / dense_dpo / kto) and their data."""
+
+    beta: float = 1000.0
+    """DPO / KTO inverse temperature. The flow-matching errors are per-element means (~1e-3 differences),
+    so useful betas are large (DESIGN.md, Diffusion-DPO uses 2500-5000)."""
+
+    label_smoothing: float = 0.0
+    """Flow-DPO / DenseDPO: the probability eps in [0, 0.5) with which each label is taken to be wrong
+    (conservative DPO): a pair's loss is (1 - eps) softplus(-m) + eps softplus(m), minimal at a bounded
+    margin, so labels from a critic that is right ~85% of the time cannot push margins without end."""
+
+    sft_weight: float = 0.0
+    """Weight of the flow-matching regularizer (IPO's real-video regularization) added to the loss."""
+
+    sft_source: str = choice("real", SftSource)
+    """What the regularizer trains on: ground-truth clips of the pairs' conditions ('real'), the preferred
+    videos ('winners'), or both."""
+
+    kto_lambda_desirable: float = 1.0
+    """KTO weight of desirable videos."""
+
+    kto_lambda_undesirable: float = 1.0
+    """KTO weight of undesirable videos."""
+
+    reference: str = choice("auto", ReferenceMode)
+    """Reference model: the policy with LoRA disabled (no second copy of the weights; needs ``lora``), or a
+    frozen copy of the initial policy. 'auto': lora_disabled when LoRA is on, else frozen_copy."""
+
+    loss_backend: str = choice("auto", LossBackend)
+    """Backend of the fused paired loss (vidpo.kernels)."""
+
+    pairs: Optional[str] = None
+    """Directory with manifest.jsonl + shards to train on (``vidpo run`` sets it to its own pairs)."""
+
+    on_bad_pair: str = choice("skip", BadInputPolicy)
+    """A malformed manifest line or a missing shard: skip it (counted, named in the log) or stop."""
+
+    def rules(self, prefix: str = "") -> list[Problem]:
+        p = Problems(prefix)
+        p.positive(self, "beta")
+        p.check(0.0 <= self.label_smoothing < 0.5, "label_smoothing",
+                f"must be in [0, 0.5), got {self.label_smoothing}")
+        p.at_least(self, 0, "sft_weight", "kto_lambda_desirable", "kto_lambda_undesirable")
+        return p
