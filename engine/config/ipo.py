@@ -174,7 +174,8 @@ class IterateConfig(Section):
     score gap (1: keep them all). The gap ranks pairs *across* prompts, so the prompts the critic cannot tell
     apart drop out (``vidpo.ipo.pairing.widest_pairs``). Measured on the shapes world: the widest half of a round-3
     pool agrees with the oracle ~97% against ~87% for the whole pool, yet the rounds gained no more, since the
-    widest pairs have hopeless losers the policy already avoids (README, IPO); hence the default keeps all."""
+    widest pairs have hopeless losers the policy already avoids (benchmarks/reports/2026-11-21_ipo_search_cpu.md);
+    hence the default keeps all."""
 
     refine: bool = True
     """Dual-IPO: refine the critic between rounds (pseudo-labels, majority vote, PCE filter, weighted loss)."""
@@ -185,7 +186,7 @@ class IterateConfig(Section):
     same 2N videos: each video is scored once per vote, so the votes cost the same; vidpo.ipo.dual). On the
     shapes world the generated pairs' few hundred pseudo-labels move the critic less than its retraining noise;
     within-prompt pairs (with refine_steps 1500) raise the critic's fresh-pair accuracy in round 2 on 7 of 7
-    seeds (+0.0065) and round 3 of the policy by +0.004 (README, IPO)."""
+    seeds (+0.0065) and round 3 of the policy by +0.004 (benchmarks/reports/2026-11-22_ipo_cpu.md)."""
 
     refine_steps: int = 0
     """AdamW steps of the refined critic's training; 0: critic.steps. Thousands of pseudo-labels need more
@@ -207,7 +208,7 @@ class IterateConfig(Section):
     vote_keep_fraction: float = 0.0
     """With f > 0, each voting pass votes only on its fraction f of the pairs with the largest critic score gap
     (the rest are its ties), on top of vote_min_confidence: a critic trained longer is sharper, and a fixed
-    confidence would let more of its votes through (benchmarks/ipo_cpu_202611.md, 0d: at 0.5 round 3's
+    confidence would let more of its votes through (benchmarks/reports/2026-11-22_ipo_cpu.md, 0d: at 0.5 round 3's
     pseudo-labels are right 0.89-0.95 instead of 0.82-0.87, and its refinement raises the critic's fresh-pair
     accuracy on 6 of 7 seeds; the policy gains no more than without it). 0: off."""
 

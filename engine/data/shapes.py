@@ -162,28 +162,12 @@ class ShapesWorld:
         cfg = self.cfg
         for name, vocab, known in (("colours", self.colours, PALETTE), ("shapes", self.shapes, SHAPES),
                                    ("directions", self.directions, DIRECTIONS)):
-            if not vocab:
-                raise ValueError(f"world.{name} is empty")
             unknown = [v for v in vocab if v not in known]
             if unknown:
                 raise ValueError(f"world.{name}: unknown {unknown}; known: {', '.join(known)}")
-            if len(set(vocab)) != len(vocab):
-                raise ValueError(f"world.{name} has duplicates: {vocab}")
-        if cfg.frames < 2 or cfg.height < 1 or cfg.width < 1:
-            raise ValueError(f"world: need frames >= 2 and a non-empty frame, got T={cfg.frames} "
-                             f"H={cfg.height} W={cfg.width}")
-        if cfg.object_size < 1 or cfg.speed < 0:
-            raise ValueError(f"world: object_size must be >= 1 and speed >= 0, got {cfg.object_size}, {cfg.speed}")
-        probs = {k: getattr(cfg, k) for k in ("wrong_colour", "reversed_direction", "local_artifact", "static")}
-        for key, p in probs.items():
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"world.{key} must be in [0, 1], got {p}")
-        if sum(probs.values()) > 1.0 + 1e-9:
-            raise ValueError(f"world: corruption fractions sum to {sum(probs.values()):g} > 1")
-        if cfg.wrong_colour > 0 and len(self.colours) < 2:
-            raise ValueError("world.wrong_colour > 0 needs at least two colours")
-        if not 1 <= cfg.artifact_segment_frames <= cfg.frames:
-            raise ValueError(f"world.artifact_segment_frames must be in [1, frames], got {cfg.artifact_segment_frames}")
+        problems = cfg.problems("world.")  # the ranges and sums the recipe loader checks too
+        if problems:
+            raise ValueError("; ".join(problems))
         travel = cfg.speed * (cfg.frames - 1)
         for d in self.directions:
             dx, dy = DIRECTIONS[d]

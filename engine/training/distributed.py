@@ -75,23 +75,19 @@ class Layout:
 
 def resolve_layout(world: int, parallel, *, num_heads: Optional[int] = None, frames: Optional[int] = None) -> Layout:
     """Check ``parallel`` (a ParallelConfig) against a world size (and the model's heads / latent frames
-    after temporal patching when given); return the sizes. Errors name the field and what would fit."""
+    after temporal patching when given) with the rules the recipe loader applies (``layout_problems``);
+    return the sizes. Errors name the field and what would fit."""
     tp, cp = int(parallel.tp), int(parallel.cp)
     if tp < 1 or cp < 1:
         raise DistributedSetupError(f"parallel.tp={tp} and parallel.cp={cp} must be >= 1")
-    if world % (tp * cp):
-        raise DistributedSetupError(f"world size {world} is not divisible by parallel.tp * parallel.cp = {tp * cp}")
+    problems = parallel.layout_problems(world, num_heads=num_heads, frames=frames)
+    if problems:
+        raise DistributedSetupError("; ".join(problems))
     dp = world // (tp * cp)
     dp_shard = dp if int(parallel.dp_shard) in (-1, 0) else int(parallel.dp_shard)
-    if dp_shard < 1 or dp % dp_shard:
+    if dp_shard < 1:
         raise DistributedSetupError(f"parallel.dp_shard={parallel.dp_shard} must divide the data-parallel size "
                                     f"{dp} (= world {world} / (tp {tp} * cp {cp})); use -1 for all of it")
-    if num_heads is not None and num_heads % (tp * cp):
-        raise DistributedSetupError(f"the model's {num_heads} attention heads are not divisible by parallel.tp * "
-                                    f"parallel.cp = {tp * cp} (TP splits heads, Ulysses CP splits them again)")
-    if frames is not None and frames % cp:
-        raise DistributedSetupError(f"{frames} latent frames (after temporal patching) are not divisible by "
-                                    f"parallel.cp = {cp}")
     sp = bool(parallel.sp)
     if sp and tp == 1:
         log.warning("parallel.sp=true has no effect with parallel.tp=1; running without sequence parallel")

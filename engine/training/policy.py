@@ -18,7 +18,7 @@ import torch
 
 from vidpo.config import ConfigError, RunConfig, resolve_path
 from vidpo.models.adapters import transformer_dir
-from vidpo.models.lora import apply_lora, lora_disabled, lora_state_dict, mark_only_lora_trainable
+from vidpo.models.lora import apply_lora, lora_disabled, lora_modules, lora_state_dict, mark_only_lora_trainable
 from vidpo.models.registry import model_spec
 from vidpo.training import checkpoint as ckpt
 from vidpo.training.distributed import DistributedSetupError, init_distributed
@@ -42,10 +42,7 @@ def make_reference(cfg: RunConfig, model: torch.nn.Module, weights: Optional[Pat
         raise ConfigError(f"a reference with its own weights ({weights}) needs pref.reference=frozen_copy "
                           f"(no LoRA), not {mode}")
     if mode == "lora_disabled":
-        def reference(x, t, c):
-            with torch.no_grad(), lora_disabled(model):
-                return model(x, t, c)
-        return reference, mode
+        return _adapters_off_reference(model), mode
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     if weights is not None:
         ckpt.load_weights(frozen, weights)
@@ -98,10 +95,21 @@ def prepare_parallel_policy(cfg: RunConfig, world, parallel):
             with torch.no_grad():
                 return frozen_parallel(x, t, c)
     else:
-        def reference(x, t, c):
-            with torch.no_grad(), lora_disabled(model):
-                return model(x, t, c)
+        reference = _adapters_off_reference(model)
     return model, reference, mode, lora_state
+
+
+def _adapters_off_reference(model: torch.nn.Module):
+    """The policy itself with its LoRA adapters switched off. The recipe loader already refuses
+    ``lora_disabled`` without a ``lora`` section; this catches a config built in code, which would otherwise
+    compare the policy with itself."""
+    if next(lora_modules(model), None) is None:
+        raise ConfigError("pref.reference=lora_disabled needs a policy with LoRA adapters (a lora section)")
+
+    def reference(x, t, c):
+        with torch.no_grad(), lora_disabled(model):
+            return model(x, t, c)
+    return reference
 
 
 def _heads_and_temporal_patch(cfg: RunConfig, world) -> tuple[int, int]:
