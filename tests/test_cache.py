@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.video import encode_clip, make_frames
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from vidpo.data.encoders import TextEncoder, VAEEncoder  # noqa: E402
-from vidpo.stages.cache import run_cache
+from vidpo.config import ConfigError, load_config  # noqa: E402
 from vidpo.data.decode import SamplingSpec, VideoDecodeError, decode_clip  # noqa: E402
 from vidpo.data.latents import LatentShardDataset, read_index  # noqa: E402
-from vidpo.config import ConfigError, load_config  # noqa: E402
+from vidpo.models.text_encoder import TextEncoder  # noqa: E402
+from vidpo.models.vae import DiffusersVAE  # noqa: E402
+from vidpo.stages.cache import run_cache
 
 CAPTIONS = ["a red square moving left", "a blue circle moving up", "a green square moving right",
             "the red circle moving down"]
@@ -93,7 +93,7 @@ def test_cache_writes_what_the_encoders_compute_and_trains(workspace, tmp_path):
     # Sample 0 recomputed from scratch: decode -> VAE mean, normalised (z - mean) / std; T5 last hidden state.
     data = _all_latents(out)
     x = decode_clip(workspace / "clips" / "c0.mp4", SamplingSpec(fps=8, frames=9, height=32, width=32))
-    vae = VAEEncoder(workspace / "vae", torch.device("cpu"), torch.float32)
+    vae = DiffusersVAE(workspace / "vae", torch.device("cpu"), torch.float32)
     raw = vae.vae.encode(x[None]).latent_dist.mean.double()
     mean = torch.tensor([0.1, -0.2, 0.0, 0.3], dtype=torch.float64).view(1, -1, 1, 1, 1)
     std = torch.tensor([2.0, 1.5, 1.0, 0.5], dtype=torch.float64).view(1, -1, 1, 1, 1)

@@ -20,6 +20,7 @@ the settings: a rerun with different ones is refused (it would mix incompatible 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,15 +36,40 @@ from tqdm import tqdm
 
 from vidpo.config import ConfigError, RunConfig, resolve_path
 from vidpo.data.decode import ClipDecoder, SamplingSpec
-from vidpo.data.encoders import TextEncoder, VAEEncoder, file_digest, local_dir, vae_facts
 from vidpo.data.latents import FORMAT, INDEX_FILE, SETTINGS_FILE, SHARD_DIR, default_rank_world, shard_stem
 from vidpo.data.manifest import read_clip_manifest
+from vidpo.models.text_encoder import TextEncoder
+from vidpo.models.vae import DiffusersVAE, vae_facts
 from vidpo.training.modeling import pick_device
 from vidpo.utils import atomic
 
 log = logging.getLogger("vidpo")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def local_dir(value: Optional[str], key: str) -> Path:
+    if not value:
+        raise ConfigError(f"'{key}' is not set: give a local directory (e.g. --set {key}=/models/...)")
+    path = resolve_path(value)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"'{key}' = {value}: no config.json in {path} (expected a save_pretrained directory)")
+    return path
+
+
+def file_digest(path: Path) -> str:
+    """sha1 of a file; of a folder manifest, its videos' names and sizes and its caption files."""
+    h = hashlib.sha1()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(f"{file.relative_to(path)}:{file.stat().st_size}\n".encode())
+            if file.suffix.lower() != ".txt":
+                continue  # videos by name and size: hashing every video of a dataset would take minutes
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 # ----- the job ------------------------------------------------------------------------------------------
@@ -157,8 +183,11 @@ def run_cache(cfg: RunConfig, out_dir: str | os.PathLike, *, rank: Optional[int]
     compute_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     vae = text = decoder = None
     if todo:
-        vae = VAEEncoder(vae_dir, device, compute_dtype)
-        vae.check_frames(c.frames)
+        vae = DiffusersVAE(vae_dir, device, compute_dtype)
+        try:
+            vae.latent_shape(c.frames, c.height, c.width)
+        except ValueError as exc:
+            raise ConfigError(f"cache.frames / cache.height / cache.width: {exc}") from None
         text = TextEncoder(text_dir, tok_dir, device, compute_dtype, c.text_max_length)
         spec = SamplingSpec(fps=c.fps, frames=c.frames, height=c.height, width=c.width, resize=c.resize)
         decoder = ClipDecoder(spec, c.decoder, device=device, workers=c.workers, batch_size=c.batch_size,
