@@ -29,10 +29,19 @@ def pref_cfg(micro_overrides, base, *extra):
                                                 "train.warmup_steps=0", "flow.t_min=0.3", *extra])
 
 
+def recs_have_prompts(pairs_dir) -> bool:
+    """Every generated pair names its prompt: the shapes world's prompt ids follow its condition order."""
+    recs, _ = read_manifest(pairs_dir / PAIRS_FILE, need_labels=False)
+    return all(r.prompt_id == f"shapes-{index:04d}" for r in recs
+               for index in [r.cond_ids[0] * 8 + r.cond_ids[1] * 4 + r.cond_ids[2]])
+
+
 def test_generate_vanilla_and_resume_skips_complete_shards(tmp_path, micro_overrides, base_ckpt):
     cfg = pref_cfg(micro_overrides, base_ckpt)
     info = generate_pairs(cfg, tmp_path / "pairs")
-    assert info == {"pairs": 8, "shards_written": 2, "shards_skipped": 0, "mode": "vanilla", "split": "train"}
+    assert info == {"pairs": 8, "shards_written": 2, "shards_skipped": 0, "mode": "vanilla", "split": "train",
+                    "latent_shape": [3, 4, 8, 8]}
+    assert recs_have_prompts(tmp_path / "pairs")
     recs, problems = read_manifest(tmp_path / "pairs" / PAIRS_FILE, need_labels=False)
     assert len(recs) == 8 and not problems and recs[0].caption
     shard = tmp_path / "pairs" / recs[0].shard

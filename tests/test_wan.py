@@ -179,7 +179,8 @@ def test_vidpo_run_with_a_tiny_wan_directory(tmp_path, micro_overrides):
     summary = run_pipeline(cfg, tmp_path / "run")
     assert 0 <= summary["oracle"]["final"]["mean"] <= 1
     assert summary["implicit_accuracy"]["heldout"] is not None
-    for name in ("summary.json", "report.html", "pairs/manifest.jsonl", "metrics.jsonl", "lora.safetensors"):
+    for name in ("summary.json", "report.html", "pairs/manifest.jsonl", "metrics.jsonl",
+                 "lora/pytorch_lora_weights.safetensors"):
         assert (tmp_path / "run" / name).exists(), name
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["objective"] == "dense_dpo"
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -189,5 +190,6 @@ def test_vidpo_run_with_a_tiny_wan_directory(tmp_path, micro_overrides):
     except ImportError:
         return
     transformer = WanTransformer3DModel.from_pretrained(model_dir / "transformer", local_files_only=True)
-    transformer.load_lora_adapter(str(tmp_path / "run" / "lora.safetensors"), prefix="transformer")
+    transformer.load_lora_adapter(str(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"),
+                                  prefix="transformer")
     assert sum(".lora_A." in k for k in transformer.state_dict()) == 8  # q, k, v, out of attn1 and attn2

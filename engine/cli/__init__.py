@@ -18,6 +18,7 @@ from vidpo.data.decode.base import VideoDecodeError
 from vidpo.data.latents import LatentDataError
 from vidpo.data.manifest import ManifestError
 from vidpo.data.pairs import PairDataError
+from vidpo.data.prompts import PromptError
 from vidpo.labeling import LabelingError
 from vidpo.stages.common import setup_logging
 from vidpo.training.distributed import finish
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     try:
         code = args.func(args)
     except (ConfigError, FileNotFoundError, PairDataError, LabelingError, TrainingStopped, VideoDecodeError,
-            LatentDataError, ManifestError) as exc:
+            LatentDataError, ManifestError, PromptError) as exc:
         print(f"vidpo {args.verb}: error: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -37,8 +37,10 @@ def cmd_run(args) -> int:
     cfg = _load(args)
     setup_logging(Path(args.out))
     summary = run_pipeline(cfg, args.out, resume=not args.no_resume)
-    print(json.dumps({"oracle": summary["oracle"], "win_rate": summary["win_rate"],
-                      "timings": summary["timings"]}, indent=2))
+    brief = {k: summary[k] for k in ("oracle", "win_rate") if k in summary}
+    if "judged" in summary:
+        brief["judged"] = {k: summary["judged"][k] for k in ("judge", "win_rate", "wins", "ties", "losses", "failed")}
+    print(json.dumps({**brief, "timings": summary["timings"]}, indent=2))
     return 0
 
 

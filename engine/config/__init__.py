@@ -16,6 +16,7 @@ Modules, one concern each:
   model.py       ``model``, ``world``, ``flow``, ``sample``, ``lora``
   training.py    ``train``, ``eval``, ``data``, ``cache``
   preference.py  ``generate``, ``label`` (and ``label.vlm``), ``pref``
+  prompts.py     ``prompts``
   ipo.py         ``critic``, ``iterate``
   distill.py     ``distill``, ``reward``
   cluster.py     ``parallel``, ``cluster`` (and the layout arithmetic against a world size)
@@ -55,5 +56,6 @@ from vidpo.config.preference import (
     PreferenceConfig,
     VLMConfig,
 )
+from vidpo.config.prompts import PromptsConfig
 from vidpo.config.run import RunConfig
 from vidpo.config.training import CacheConfig, DataConfig, EvalConfig, TrainConfig

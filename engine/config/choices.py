@@ -60,6 +60,9 @@ SftSource = Literal["real", "winners", "both"]
 ReferenceMode = Literal["auto", "lora_disabled", "frozen_copy"]
 LossBackend = Literal["auto", "torch", "triton", "cpp", "cuda"]
 
+EvalJudge = Literal["auto", "none", "label", "oracle", "human", "vlm", "critic"]
+"""Who judges base against policy in the judged evaluation: a labeller kind, the run's own ('label'), none."""
+
 # ----- IPO ---------------------------------------------------------------------------------------------------
 PointwiseMode = Literal["quantile", "threshold"]
 IterateReference = Literal["previous", "base"]

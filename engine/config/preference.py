@@ -66,10 +66,35 @@ class GenerateConfig(Section):
     heldout_pairs: int = 64
     """Extra pairs (other seeds) generated and labelled for held-out implicit accuracy (0 disables)."""
 
+    frames: Optional[int] = None
+    """Pixel frames of each generated video of a prompt-set run (a latent model samples 1 + (frames - 1) / k
+    latent frames, k its VAE's temporal compression: 1 + 4n for Wan and CogVideoX). Unset: the shapes
+    world's ``world.frames``."""
+
+    height: Optional[int] = None
+    """Pixel height of each generated video (a multiple of the VAE's spatial compression); unset: world.height."""
+
+    width: Optional[int] = None
+    """Pixel width of each generated video; unset: world.width."""
+
+    fps: Optional[float] = None
+    """Frames per second of the generated videos (the mp4s, and the seconds DenseDPO's segments are measured
+    in); unset: world.fps. Wan 2.1 writes 16 fps, CogVideoX 8 fps."""
+
+    decode_batch_size: int = 4
+    """Videos the VAE decodes at once (``vidpo generate`` decodes every pair to mp4s and frames)."""
+
+    vae_tiling: bool = False
+    """Decode with the VAE's spatial tiling (diffusers' enable_tiling): less memory for large frames."""
+
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
-        p.at_least(self, 1, "num_pairs", "steps", "shard_size")
+        p.at_least(self, 1, "num_pairs", "steps", "shard_size", "decode_batch_size")
         p.at_least(self, 0, "heldout_pairs")
+        for name in ("frames", "height", "width"):
+            value = getattr(self, name)
+            p.check(value is None or value >= 1, name, f"must be >= 1 when set, got {value!r}")
+        p.check(self.fps is None or self.fps > 0, "fps", f"must be > 0 when set, got {self.fps!r}")
         p.check(self.mode != "structural" or 0.0 <= self.eta_min <= self.eta_max <= 1.0, "eta_min",
                 f"and {prefix}eta_max must satisfy 0 <= eta_min <= eta_max <= 1 in structural mode, got "
                 f"{self.eta_min} and {self.eta_max}", "eta_max", "mode")
@@ -186,9 +211,17 @@ class LabelConfig(Section):
     vlm: Optional[VLMConfig] = None
     """The VLM labeller's endpoint, model and prompt (required when labeler is 'vlm')."""
 
+    min_non_tie_fraction: Optional[float] = 0.2
+    """DenseDPO's data rule: a pair trains (objective dense_dpo) only when more than this fraction of its
+    segments are not ties, because the loss averages over non-tie tokens and a nearly all-tie pair makes the
+    effective batch small (the paper keeps pairs with more than 20%). Null: every labelled pair trains. The
+    number of pairs it drops is in the training summary."""
+
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.positive(self, "segment_seconds")
+        p.check(self.min_non_tie_fraction is None or 0.0 <= self.min_non_tie_fraction < 1.0, "min_non_tie_fraction",
+                f"must be in [0, 1) or null, got {self.min_non_tie_fraction!r}")
         p.at_least(self, 1, "temporal_compression")
         p.at_least(self, 0, "tie_margin")
         p.check(self.labeler != "human" or bool(self.human_file), "labeler",

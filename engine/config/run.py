@@ -30,6 +30,7 @@ from vidpo.config.fields import Problem, Problems, Section
 from vidpo.config.ipo import CriticConfig, IterateConfig
 from vidpo.config.model import FlowConfig, LoRAConfig, ModelConfig, SampleConfig, WorldConfig
 from vidpo.config.preference import GenerateConfig, LabelConfig, PreferenceConfig
+from vidpo.config.prompts import PromptsConfig
 from vidpo.config.training import CacheConfig, DataConfig, EvalConfig, TrainConfig
 
 
@@ -76,6 +77,9 @@ class RunConfig(Section):
 
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Latent / text-embedding caching (``vidpo cache``)."""
+
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    """Prompt set of a real model (prompt file, held-out split, negative prompt) and its text embeddings."""
 
     def problems(self, prefix: str = "", world_size: Optional[int] = None) -> list[Problem]:
         """Everything wrong with the recipe: each section's problems, then the cross-section rules.

@@ -10,6 +10,7 @@ from vidpo.config.choices import (
     BadInputPolicy,
     DataSource,
     Decoder,
+    EvalJudge,
     Objective,
     Optimizer,
     ResizeMode,
@@ -126,9 +127,20 @@ class EvalConfig(Section):
     grid_conditions: int = 8
     """Conditions shown in the sample grid (GIF/PNG)."""
 
+    judge: str = choice("auto", EvalJudge)
+    """Judged evaluation (``vidpo run``): base and policy sampled from the same seeds on the held-out prompts,
+    decoded, and compared video against video by a labeller (``vidpo.evaluation.judge``): 'label' uses the
+    run's ``label.labeler`` (the VLM asks both orders), or name one ('vlm', 'human', 'critic', 'oracle');
+    'none' skips it. 'auto': 'label' for a prompt-file run, 'none' for the shapes world, whose exact oracle
+    scores every sample."""
+
+    judged_videos: int = 32
+    """Videos per model in the judged evaluation (prompt-file runs): the held-out prompts in turn, each with
+    its own seeds ``eval.seed_offset + i``."""
+
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
-        p.at_least(self, 1, "num_samples", "steps")
+        p.at_least(self, 1, "num_samples", "steps", "judged_videos")
         p.at_least(self, 0, "seed_offset", "grid_conditions")
         return p
 

@@ -8,8 +8,8 @@ Layout of a pairs directory (what ``vidpo generate`` writes and ``vidpo label`` 
 
 A manifest line::
 
-    {"pair_id": "p000012", "shard": "shards/shard_00000.safetensors", "row": 12, "cond_ids": [1, 0, 3],
-     "caption": "a blue square moving up", "mode": "structural", "eta": 0.63,
+    {"pair_id": "p000012", "shard": "shards/shard_00000.safetensors", "row": 12, "prompt_id": "shapes-0013",
+     "cond_ids": [1, 0, 3], "caption": "a blue square moving up", "mode": "structural", "eta": 0.63,
      "labels": [1, 0], "video_label": 1, "segment_seconds": 0.5, "label_source": "oracle"}
 
 Reading validates every line and names ``file:line`` in every complaint; with ``on_error="skip"`` a bad line
@@ -46,8 +46,11 @@ class PairRecord:
     pair_id: str
     shard: str
     row: int
-    cond_ids: list[int]
+    cond_ids: list[int] = field(default_factory=list)
+    """The toy world's structured condition (what its oracle reads); empty for prompt sets."""
     caption: str = ""
+    prompt_id: Optional[str] = None
+    """The id of the prompt in the run's prompt set (what the prompt-embedding cache is keyed by)."""
     mode: str = "vanilla"
     eta: Optional[float] = None
     labels: Optional[list[int]] = None
@@ -62,7 +65,8 @@ class PairRecord:
         return json.dumps(data)
 
 
-_REQUIRED = {"pair_id": str, "shard": str, "row": int, "cond_ids": list}
+_REQUIRED = {"pair_id": str, "shard": str, "row": int}
+_OPTIONAL_TYPES = {"cond_ids": list, "prompt_id": str, "caption": str}
 _KNOWN = set(PairRecord.__dataclass_fields__) - {"extra"}
 
 
@@ -77,6 +81,9 @@ def parse_line(text: str, where: str, *, need_labels: bool) -> PairRecord:
         if key not in data:
             raise PairDataError(f"{where}: missing key '{key}'")
         if not isinstance(data[key], typ) or (typ is int and isinstance(data[key], bool)):
+            raise PairDataError(f"{where}: '{key}' must be {typ.__name__}, got {data[key]!r}")
+    for key, typ in _OPTIONAL_TYPES.items():
+        if key in data and not isinstance(data[key], typ):
             raise PairDataError(f"{where}: '{key}' must be {typ.__name__}, got {data[key]!r}")
     pid = data["pair_id"]
     if data["row"] < 0:

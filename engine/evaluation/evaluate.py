@@ -87,32 +87,43 @@ def eval_conditions(world, n: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_model(model, world, cond_ids: torch.Tensor, *, seed: int, indices: Sequence[int], steps: int,
                  cfg_scale: float, batch_size: int = 64, stream: str = "eval") -> torch.Tensor:
-    """Samples for ``cond_ids`` with noise streams ``(seed, stream, indices[k])``; returns CPU fp32 clips."""
+    """Samples of the shapes world for ``cond_ids`` with noise streams ``(seed, stream, indices[k])``; returns
+    CPU fp32 clips in [-1, 1]."""
+    cfgw = world.cfg
+    clips = sample_videos(model, world.tokens(cond_ids), (3, cfgw.frames, cfgw.height, cfgw.width), seed=seed,
+                          indices=indices, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, stream=stream)
+    return clips.clamp(-1, 1)
+
+
+@torch.no_grad()
+def sample_videos(model, cond: torch.Tensor, shape: Sequence[int], *, seed: int, indices: Sequence[int], steps: int,
+                  cfg_scale: float, negative: Optional[torch.Tensor] = None, batch_size: int = 64,
+                  stream: str = "eval") -> torch.Tensor:
+    """``len(indices)`` samples of ``shape`` (latents, or pixels for a pixel-space model), row k conditioned on
+    ``cond[k]`` from the noise of ``(seed, stream, indices[k])``; the unconditional branch of guidance is
+    ``negative[k]`` (a negative prompt's embeddings) or the model's null condition. CPU fp32, unclamped."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    cfgw = world.cfg
-    shape = (3, cfgw.frames, cfgw.height, cfgw.width)
     out = []
     for start in range(0, len(indices), batch_size):
         idx = list(indices[start:start + batch_size])
-        tokens = world.tokens(cond_ids[start:start + len(idx)]).to(device)
-        null = model.null_condition(tokens)
+        c = cond[start:start + len(idx)].to(device)
+        null = model.null_condition(c) if negative is None else negative[start:start + len(idx)].to(device)
         if has_sampler_hook(model):
             # the model's own scheduler (a v-prediction DDPM must not be integrated as a velocity).
-            x = model.sample(tokens, shape, seed=seed, indices=idx, steps=steps, cfg_scale=cfg_scale, stream=stream,
+            x = model.sample(c, shape, seed=seed, indices=idx, steps=steps, cfg_scale=cfg_scale, stream=stream,
                              null_cond=null)
         else:
             # a context-parallel model's forward returns its own frames: integrate the gathered whole clip
             forward = getattr(model, "whole_clip_forward", model)
-            x = flow.sample(lambda x, t, c: forward(x.to(dtype), t.to(dtype), c).float(), (len(idx),) + shape,
-                            tokens,
-                            seed=seed, indices=idx, null_cond=null, cfg_scale=cfg_scale, steps=steps,
+            x = flow.sample(lambda x, t, c: forward(x.to(dtype), t.to(dtype), c).float(), (len(idx),) + tuple(shape),
+                            c, seed=seed, indices=idx, null_cond=null, cfg_scale=cfg_scale, steps=steps,
                             stream=stream, device=device)
         out.append(x.float().cpu())
     model.train(was_training)
-    return torch.cat(out).clamp(-1, 1)
+    return torch.cat(out)
 
 
 def evaluate_model(model, cfg: RunConfig, world, oracle, *, num_samples: Optional[int] = None,

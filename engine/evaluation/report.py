@@ -18,6 +18,10 @@ Inputs (only ``metrics.jsonl`` is required; a missing file just omits its sectio
   headings.
 - ``samples/*.gif`` / ``samples/*.png``: images captioned with their file names; ``base*`` and the
   matching ``final*`` file are shown side by side first.
+- ``eval/judged.json`` + ``eval/videos/<stem>_{base,policy}.mp4`` (the layout of
+  ``vidpo.evaluation.judge``): the held-out prompts' base and policy videos side by side as HTML5
+  ``<video>`` tags (``.gif`` as images), the judge's verdict under each pair and the win rate with its
+  95% CI over prompts on top; without ``judged.json`` the video pairs are shown without verdicts.
 - ``config.yaml``: shown verbatim in a collapsible block.
 
 Plots go through matplotlib's Agg canvas directly (no pyplot: no global backend switch and no figure
@@ -41,6 +45,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from vidpo.evaluation.judge import EVAL_DIR, JUDGED_NAME, ROLES, VIDEO_DIR
+
 REPORT_NAME = "report.html"
 PLOT_DIR = "report"
 MAX_LINE_WARNINGS = 20
@@ -49,6 +55,8 @@ MAX_TABLE_COLUMNS = 16
 SHORT_LIST = 4
 CI_SUFFIXES = ("_ci_lo", "_ci_hi")
 IMAGE_SUFFIXES = (".gif", ".png")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
+MAX_JUDGED_PAIRS = 64
 ROW_NAME_KEYS = ("round", "step", "name", "id", "iteration")
 
 
@@ -396,6 +404,93 @@ def render_samples(run_dir: Path) -> str:
     return "\n".join(parts)
 
 
+_OUTCOME_TEXT = {"policy": "policy better", "base": "base better", "tie": "tie", "failed": "comparison failed"}
+
+
+def _video_figure(run_dir: Path, path: Optional[Path], role: str, expected: str) -> str:
+    """A <video> (an <img> for a GIF) of one side of a judged pair, or a placeholder naming the missing file."""
+    if path is None:
+        return (f'<figure><div style="width:320px;padding:2em 0;background:#eee;text-align:center">missing: '
+                f"{_esc(expected)}</div><figcaption>{_esc(role)}</figcaption></figure>")
+    rel = _esc(quote(path.relative_to(run_dir).as_posix()))
+    if path.suffix.lower() == ".gif":
+        media = f'<img src="{rel}" alt="{_esc(role)}" style="width:320px">'
+    else:
+        media = (f'<video src="{rel}" width="320" controls loop muted playsinline preload="metadata">'
+                 f'<a href="{rel}">{_esc(path.name)}</a></video>')
+    return f"<figure>{media}<figcaption>{_esc(role)}: {_esc(path.name)}</figcaption></figure>"
+
+
+def render_judged(run_dir: Path) -> Tuple[str, List[str]]:
+    """The side-by-side section of held-out base and policy videos, and the notes it adds.
+
+    Reads ``run_dir/eval/judged.json`` (``vidpo.evaluation.judge.JudgedComparison.save``): the win rate with
+    its CI on top, then per pair the base and the policy video (named by the record, else found as
+    ``eval/videos/<stem>_<role>.{mp4,webm,gif}``) with the verdict under them. Without (or with an unreadable)
+    judged.json, the pairs of ``eval/videos/*_base.*`` / ``*_policy.*`` are shown without verdicts.
+    """
+    eval_dir = run_dir / EVAL_DIR
+    judged_path, video_dir = eval_dir / JUDGED_NAME, eval_dir / VIDEO_DIR
+    notes: List[str] = []
+    records, summary = None, None
+    if judged_path.is_file():
+        try:
+            data = json.loads(judged_path.read_text(encoding="utf-8"))
+            records, summary = list(data["pairs"]), data.get("summary") or {}
+            if not all(isinstance(r, dict) and isinstance(r.get("videos"), dict) for r in records):
+                raise ValueError("every element of 'pairs' must be an object with 'videos'")
+        except (ValueError, OSError, KeyError, TypeError) as err:
+            message = f"{judged_path}: not a readable judged comparison, verdicts left out ({err})"
+            warnings.warn(message, ReportWarning, stacklevel=2)
+            notes.append(message)
+            records, summary = None, None
+    if records is None:  # videos without verdicts
+        if not video_dir.is_dir():
+            return "", notes
+        files = {p.name: p for p in video_dir.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES}
+        records = []
+        for name in sorted(files, key=_natural_key):
+            stem, suffix = name.rsplit(".", 1)
+            if stem.endswith("_base") and f"{stem[:-5]}_policy.{suffix}" in files:
+                records.append({"videos": {role: f"{VIDEO_DIR}/{stem[:-5]}_{role}.{suffix}" for role in ROLES}})
+        if not records:
+            return "", notes
+    parts = ["<h2>Held-out prompts: base and policy side by side</h2>"]
+    if summary is not None:
+        rate = summary.get("win_rate") or {}
+        lo, hi = (list(rate.get("ci95") or []) + [None, None])[:2]
+        counts = ", ".join(f"{_format_scalar(summary.get(k))} {k}" for k in ("wins", "ties", "losses", "failed"))
+        parts.append(f'<p class="winrate"><strong>Win rate of the policy over the base: '
+                     f"{_esc(_format_scalar(rate.get('mean')))}</strong> (95% CI {_esc(_format_scalar(lo))} to "
+                     f"{_esc(_format_scalar(hi))}, over {_esc(_format_scalar(summary.get('ci_over_prompts')))} "
+                     f"prompts; ties count half) · {_esc(counts)} of {_esc(_format_scalar(summary.get('pairs')))} "
+                     f"pairs · judge: {_esc(summary.get('judge', '?'))}</p>")
+    for record in records[:MAX_JUDGED_PAIRS]:
+        figures = []
+        for role in ROLES:
+            expected = str(record["videos"].get(role, ""))
+            path = eval_dir / expected if expected else None
+            if path is None or not path.is_file():
+                stem = Path(expected).name.rsplit(f"_{role}.", 1)[0]
+                path = next((c for c in (video_dir / f"{stem}_{role}{s}" for s in VIDEO_SUFFIXES) if c.is_file()),
+                            None)
+                if path is None:
+                    notes.append(f"{eval_dir}: {role} video {expected!r} missing")
+            figures.append(_video_figure(run_dir, path, role, expected))
+        caption = ""
+        if "prompt_id" in record:
+            outcome = _OUTCOME_TEXT.get(str(record.get("outcome")), str(record.get("outcome")))
+            shown = "policy" if record.get("policy_first") else "base"
+            detail = f" ({record['message']})" if record.get("message") else ""
+            caption = (f'<p class="verdict"><strong>{_esc(outcome)}</strong>{_esc(detail)} · prompt '
+                       f"{_esc(record['prompt_id'])}, seed {_esc(record.get('seed'))} · shown first: {shown}<br>"
+                       f"<em>{_esc(record.get('caption', ''))}</em></p>")
+        parts.append(f'<div class="judged"><div class="pair">{"".join(figures)}</div>{caption}</div>')
+    if len(records) > MAX_JUDGED_PAIRS:
+        notes.append(f"{eval_dir}: only the first {MAX_JUDGED_PAIRS} of {len(records)} video pairs are shown")
+    return "\n".join(parts), notes
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
 color:#222;padding:0 1em}
@@ -490,6 +585,9 @@ def write_report(run_dir) -> Path:
         config_html = (f"<h2>Configuration</h2><details><summary>config.yaml ({len(config_text.splitlines())} "
                        f"lines)</summary><pre>{_esc(config_text)}</pre></details>")
 
+    judged_html, judged_notes = render_judged(run_dir)
+    notes.extend(judged_notes)
+
     notes_html = ""
     if notes:
         items = "".join(f"<li>{_esc(n)}</li>" for n in notes[:50])
@@ -505,7 +603,7 @@ def write_report(run_dir) -> Path:
         f"<style>{CSS}</style></head><body>",
         f"<h1>Run report: {_esc(run_dir.resolve().name)}</h1>",
         f'<p class="meta">{_esc(str(run_dir.resolve()))} · {_esc(meta)} · generated {_esc(generated)}</p>',
-        notes_html, summary_html, render_samples(run_dir), *sections, config_html,
+        notes_html, summary_html, judged_html, render_samples(run_dir), *sections, config_html,
         "</body></html>",
     ])
     out = run_dir / REPORT_NAME

@@ -41,12 +41,18 @@ from vidpo.utils.seeding import generator
 log = logging.getLogger("vidpo")
 
 ReferenceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+RealLatentsOfRecords = Callable[[list, torch.Generator], torch.Tensor]
+"""``(records, generator) -> (n, C, T, H, W)``: real clips (latents) of the records' prompts."""
 
 
 class PreferenceObjective:
-    def __init__(self, cfg: RunConfig, world, device: torch.device, records: list[PairRecord],
+    """``conditioning`` turns the pairs' prompts into the model's conditions (``vidpo.training.conditioning``);
+    ``real_latents(records, generator)`` gives real clips of the same prompts for the regularizer on real
+    videos (``pref.sft_source`` real / both)."""
+
+    def __init__(self, cfg: RunConfig, conditioning, device: torch.device, records: list[PairRecord],
                  reader: ShardReader, segment_ids: torch.Tensor, reference: ReferenceFn, *, parallel=None,
-                 process=None):
+                 process=None, real_latents: Optional[RealLatentsOfRecords] = None):
         self.cfg = cfg
         # the model adapter's diffusion process (interpolate / training_target / sample_timesteps),
         # e.g. CogVideoX's v-prediction DDPM; None keeps the rectified flow (and the fused x0/noise kernel path).
@@ -55,7 +61,8 @@ class PreferenceObjective:
         self.name = cfg.train.objective
         if self.name not in ("flow_dpo", "dense_dpo", "kto"):
             raise ValueError(f"PreferenceObjective does not handle objective '{self.name}'")
-        self.world = world
+        self.conditioning = conditioning
+        self.real_latents = real_latents
         self.device = device
         self.reader = reader
         self.reference = reference
@@ -88,7 +95,6 @@ class PreferenceObjective:
         all_recs, recs = recs, recs[rows]
         first = torch.stack([self.reader.get(r, "first") for r in recs]).float()
         second = torch.stack([self.reader.get(r, "second") for r in recs]).float()
-        cond_ids = torch.tensor([r.cond_ids for r in recs], dtype=torch.long)
         if self.name == "dense_dpo":
             labels = torch.tensor([r.labels for r in recs], dtype=torch.long)
         else:
@@ -101,12 +107,13 @@ class PreferenceObjective:
             t = flow.sample_timesteps(b, g, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,
                                       t_min=cfg.flow.t_min, t_max=cfg.flow.t_max)
         noise = torch.randn((b,) + tuple(first.shape[1:]), generator=g)
-        batch = {"first": first, "second": second, "tokens": self.world.tokens(cond_ids), "labels": labels,
+        batch = {"first": first, "second": second, "tokens": self.conditioning.for_records(recs), "labels": labels,
                  "t": t[rows], "noise": noise[rows]}
         if cfg.pref.sft_weight > 0 and cfg.pref.sft_source in ("real", "both"):
             gs = generator(cfg.seed, "pref-sft", step, micro)
-            all_cond = torch.tensor([r.cond_ids for r in all_recs], dtype=torch.long)
-            real = self.world.render(all_cond, gs, corrupt=False).clips
+            if self.real_latents is None:
+                raise ValueError("pref.sft_source real / both needs real clips of the pairs' prompts")
+            real = self.real_latents(all_recs, gs)
             batch["real"] = real[rows]
             if self.process is not None:
                 batch["real_t"] = self.process.sample_timesteps(b, gs, None)[rows]
@@ -265,7 +272,7 @@ def _video_label(rec: PairRecord) -> int:
 
 
 @torch.no_grad()
-def implicit_accuracy(model, reference: ReferenceFn, world, records: list[PairRecord], reader: ShardReader,
+def implicit_accuracy(model, reference: ReferenceFn, conditioning, records: list[PairRecord], reader: ShardReader,
                       segment_ids: torch.Tensor, *, beta: float, seed: int, t_min: float, t_max: float,
                       device, batch_size: int = 32, backend: str = "auto", dense: bool = True) -> Optional[float]:
     """Fraction of non-tie (pair, segment) labels the policy's implicit reward agrees with, on fixed
@@ -282,7 +289,7 @@ def implicit_accuracy(model, reference: ReferenceFn, world, records: list[PairRe
         second = torch.stack([reader.get(r, "second") for r in recs]).float().to(device)
         labels = torch.tensor([r.labels if dense else [_video_label(r)] for r in recs], dtype=torch.long,
                               device=device)
-        tokens = world.tokens(torch.tensor([r.cond_ids for r in recs], dtype=torch.long)).to(device)
+        tokens = conditioning.for_records(recs).to(device)
         g = generator(seed, "implicit-acc", start)
         if process is not None:
             t = process.sample_timesteps(len(recs), g, _TimeRange(t_min, t_max)).to(device)

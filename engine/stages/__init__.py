@@ -5,6 +5,7 @@ label.py        ``vidpo label``: per-segment labels of those pairs (oracle, huma
 pipeline.py     preference training on labelled pairs, and ``vidpo run``: generate -> label -> train -> eval
 jobs.py         ``vidpo train`` / ``sample`` / ``eval`` (every objective)
 cache.py        ``vidpo cache``: clips -> VAE latents + text embeddings
+prompts.py      the prompt-embedding cache: a prompt set embedded once by the model's text encoder
 preprocess.py   ``vidpo preprocess``: the teacher's guided ODE steps for consistency distillation
 distill.py      the consistency-distillation job (``vidpo distill``)
 distill_eval.py ``vidpo distill-eval``: teacher vs students

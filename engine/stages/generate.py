@@ -10,46 +10,76 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from vidpo.config import RunConfig
+from vidpo.config import ConfigError, RunConfig
+from vidpo.data.domains import Domain
 from vidpo.data.pairs import PAIRS_FILE, PairDataError, PairRecord, ShardReader, shard_name, write_manifest
 from vidpo.models import flow
 from vidpo.models.sampling import has_sampler_hook
-from vidpo.training.modeling import build_world, load_initial_policy, pick_device
+from vidpo.models.vae import IdentityVAE, VideoVAE
+from vidpo.training.conditioning import Conditioning
+from vidpo.training.modeling import build_conditioning, build_domain, load_initial_policy, pick_device
 from vidpo.utils import atomic
 from vidpo.utils.seeding import generator
 
 log = logging.getLogger("vidpo")
 
+RealLatents = Callable[[list, torch.Generator], torch.Tensor]
+"""``(prompt_ids, generator) -> (n, C, T, H, W)`` ground-truth latents of the prompts (structural pairs)."""
+
 
 def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train",
-                   policy: Optional[torch.nn.Module] = None) -> dict:
-    """Sample ``generate.num_pairs`` (or ``heldout_pairs`` for split 'heldout') pairs into shards."""
+                   policy: Optional[torch.nn.Module] = None, domain: Optional[Domain] = None,
+                   conditioning: Optional[Conditioning] = None, vae: Optional[VideoVAE] = None,
+                   real_latents: Optional[RealLatents] = None) -> dict:
+    """Sample ``generate.num_pairs`` (or ``heldout_pairs`` for split 'heldout') pairs of the domain's ``split``
+    prompts into shards (module docstring). ``domain``, ``conditioning`` and ``vae`` default to the recipe's
+    (the shapes world, its tokens, pixels); ``real_latents(prompt_ids, generator)`` gives the ground-truth
+    latents structural pairs start from (default: the domain's real clips through the VAE)."""
     pairs_dir = Path(pairs_dir)
     atomic.clean_leftovers(pairs_dir / "shards")
     n = cfg.generate.num_pairs if split == "train" else cfg.generate.heldout_pairs
-    world = build_world(cfg)
+    domain = domain if domain is not None else build_domain(cfg)
+    conditioning = conditioning if conditioning is not None else build_conditioning(cfg, domain)
+    vae = vae if vae is not None else IdentityVAE()
+    if real_latents is None:
+        def real_latents(ids, g):
+            clips = domain.real_clips(ids, g)
+            if clips is None:
+                raise ConfigError("generate.mode=structural needs a real clip per prompt (a 'clip' in the prompt "
+                                  "file, encoded by `vidpo run`)")
+            return vae.encode(clips)
+    prompts = domain.prompts(split)
     device = pick_device()
-    model = policy if policy is not None else load_initial_policy(cfg, world, device)
+    model = policy if policy is not None else load_initial_policy(cfg, getattr(domain, "world", None), device)
     model.eval()
     dtype = next(model.parameters()).dtype
-    order = torch.randperm(world.num_conditions, generator=generator(cfg.seed, "gen-cond", split))
+    order = torch.randperm(len(prompts), generator=generator(cfg.seed, "gen-cond", split))
     gen = cfg.generate
-    shape = (3, cfg.world.frames, cfg.world.height, cfg.world.width)
+    try:
+        shape = vae.latent_shape(domain.frames, domain.height, domain.width)
+    except ValueError as exc:
+        raise ConfigError(f"generate.frames / generate.height / generate.width: {exc}") from None
     records: list[PairRecord] = []
     written = skipped = 0
 
     def velocity(x, t, c):
         return model(x.to(dtype), t.to(dtype), c).float()
 
+    def finish(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return (x.clamp(-1, 1) if vae.pixel_space else x).cpu()
+
     num_shards = (n + gen.shard_size - 1) // gen.shard_size
     for k in tqdm(range(num_shards), desc=f"generate[{split}]", disable=not cfg.train.progress, leave=False):
         idx = list(range(k * gen.shard_size, min(n, (k + 1) * gen.shard_size)))
-        cond_ids = world.condition(order[torch.tensor(idx) % world.num_conditions])
+        chosen = [prompts[int(i)] for i in order[torch.tensor(idx) % len(prompts)]]
+        ids = [p.id for p in chosen]
+        cond_ids = domain.condition_ids(ids)
         name = shard_name(k)
         etas = None
         if gen.mode == "structural":
@@ -59,38 +89,39 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
         if _shard_complete(path, len(idx)):
             skipped += 1
         else:
-            tokens = world.tokens(cond_ids).to(device)
-            null = model.null_condition(tokens)
+            cond = conditioning.for_prompts(ids).to(device)
+            negative = conditioning.negative(ids, cond)
+            null = model.null_condition(cond) if negative is None else negative.to(device)
             common = dict(null_cond=null, cfg_scale=gen.cfg_scale, steps=gen.steps, seed=cfg.seed)
-            tensors = {"cond_ids": cond_ids}
+            tensors = {} if cond_ids is None else {"cond_ids": cond_ids}
             # a policy with a sampler hook (diffusers adapter) samples and SDEdits with its own
             # scheduler (flow-match Euler / UniPC for Wan, DDIM / DPM for CogVideoX); the toy DiT with Euler.
             hook = has_sampler_hook(model)
             if gen.mode == "vanilla":
                 for key, stream in (("first", f"{split}-pair-a"), ("second", f"{split}-pair-b")):
                     if hook:
-                        x = model.sample(tokens, shape, indices=idx, stream=stream, **common)
+                        x = model.sample(cond, shape, indices=idx, stream=stream, **common)
                     else:
-                        x = flow.sample(velocity, (len(idx),) + shape, tokens, indices=idx, stream=stream,
+                        x = flow.sample(velocity, (len(idx),) + shape, cond, indices=idx, stream=stream,
                                         device=device, **common)
-                    tensors[key] = x.float().clamp(-1, 1).cpu()
+                    tensors[key] = finish(x)
             else:
-                gt = world.render(cond_ids, generator(cfg.seed, "gen-gt", split, k), corrupt=False).clips.to(device)
+                gt = real_latents(ids, generator(cfg.seed, "gen-gt", split, k)).to(device)
                 tensors["gt"] = gt.cpu()
                 tensors["eta"] = etas
                 for key, stream in (("first", f"{split}-sdedit-a"), ("second", f"{split}-sdedit-b")):
                     sdedit = model.sdedit if hook else partial(flow.sdedit, velocity)
-                    tensors[key] = sdedit(gt, tokens, etas.to(device), indices=idx, stream=stream,
-                                          **common).float().clamp(-1, 1).cpu()
+                    tensors[key] = finish(sdedit(gt, cond, etas.to(device), indices=idx, stream=stream, **common))
             atomic.save_safetensors(tensors, path, metadata={"mode": gen.mode, "split": split})
             written += 1
-        captions = world.captions(cond_ids)
-        for row, i in enumerate(idx):
-            records.append(PairRecord(pair_id=f"{split}-{i:06d}", shard=name, row=row,
-                                      cond_ids=[int(v) for v in cond_ids[row]], caption=captions[row], mode=gen.mode,
+        for row, (i, prompt) in enumerate(zip(idx, chosen)):
+            records.append(PairRecord(pair_id=f"{split}-{i:06d}", shard=name, row=row, prompt_id=prompt.id,
+                                      cond_ids=[] if cond_ids is None else [int(v) for v in cond_ids[row]],
+                                      caption=prompt.text, mode=gen.mode,
                                       eta=None if etas is None else round(float(etas[row]), 6)))
     write_manifest(pairs_dir / PAIRS_FILE, records)
-    info = {"pairs": n, "shards_written": written, "shards_skipped": skipped, "mode": gen.mode, "split": split}
+    info = {"pairs": n, "shards_written": written, "shards_skipped": skipped, "mode": gen.mode, "split": split,
+            "latent_shape": list(shape)}
     atomic.write_json(pairs_dir / "generate.json", info)
     log.info("generate[%s]: %d pairs, %d shards written, %d already complete", split, n, written, skipped)
     return info

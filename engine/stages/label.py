@@ -11,14 +11,17 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
 
 from vidpo.config import RunConfig, resolve_path
+from vidpo.data.domains import Domain
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, ShardReader, read_manifest, validate_records, write_manifest
+from vidpo.data.video_io import PairFrames
 from vidpo.labeling import PairBatch, build_labeler
-from vidpo.training.modeling import build_world, run_segment_ids
+from vidpo.training.modeling import build_domain, run_segment_ids
 from vidpo.utils import atomic
 
 log = logging.getLogger("vidpo")
@@ -36,16 +39,27 @@ def build_run_labeler(cfg: RunConfig, world):
     return build_labeler(kind, cfg=cfg, world=world)
 
 
-def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: int = 64) -> dict:
-    """Label every pair of ``pairs_dir/pairs.jsonl`` per segment; write ``manifest.jsonl``."""
+def _cond_ids(records) -> Optional[torch.Tensor]:
+    """The toy world's structured conditions of the records (what its oracle reads), or None for prompt sets."""
+    if any(not r.cond_ids for r in records):
+        return None
+    return torch.tensor([r.cond_ids for r in records], dtype=torch.long)
+
+
+def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: int = 64,
+                domain: Optional[Domain] = None) -> dict:
+    """Label every pair of ``pairs_dir/pairs.jsonl`` per segment; write ``manifest.jsonl``. The labeller sees
+    pixels: the decoded frames of a latent model's pairs (``vidpo.stages.decode``), the pairs themselves for a
+    pixel-space one; its segments are ``label.segment_seconds`` of the domain's videos (default: the shapes
+    world's)."""
     pairs_dir = Path(pairs_dir)
     records, problems = read_manifest(pairs_dir / PAIRS_FILE, need_labels=False, on_error=cfg.pref.on_bad_pair)
-    reader = ShardReader(pairs_dir)
-    records, shard_problems = validate_records(records, reader, cfg.pref.on_bad_pair)
+    records, shard_problems = validate_records(records, ShardReader(pairs_dir), cfg.pref.on_bad_pair)
     problems += shard_problems
-    world = build_world(cfg)
-    labeler = build_run_labeler(cfg, world)
-    seg = run_segment_ids(cfg)
+    reader = PairFrames(pairs_dir)
+    domain = domain if domain is not None else build_domain(cfg)
+    labeler = build_run_labeler(cfg, getattr(domain, "world", None))
+    seg = run_segment_ids(cfg, domain, pixels=True)
     partial_path = pairs_dir / "labels.partial.jsonl"
     done: dict[str, dict] = {}
     if partial_path.exists():
@@ -64,7 +78,7 @@ def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: int = 64) 
             batch = PairBatch(first=torch.stack([reader.get(r, "first") for r in recs]).float(),
                               second=torch.stack([reader.get(r, "second") for r in recs]).float(),
                               captions=[r.caption for r in recs], pair_ids=[r.pair_id for r in recs],
-                              segment_ids=seg, cond_ids=torch.tensor([r.cond_ids for r in recs]), fps=cfg.world.fps)
+                              segment_ids=seg, cond_ids=_cond_ids(recs), fps=domain.fps)
             result = labeler.label(batch)
             failed += result.failed
             messages += result.messages

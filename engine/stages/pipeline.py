@@ -19,17 +19,31 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from safetensors.torch import load_file
+
 from vidpo.config import ConfigError, RunConfig, resolve_path, to_yaml
+from vidpo.data.domains import ShapesDomain
 from vidpo.data.oracle import ShapesOracle
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, ShardReader, read_manifest, validate_records
 from vidpo.evaluation.evaluate import evaluate_model, paired_delta
+from vidpo.evaluation.pair_viewer import write_pair_viewer
+from vidpo.models.adapters import export_lora_state
 from vidpo.models.lora import save_lora
 from vidpo.objectives.preference import PreferenceObjective, implicit_accuracy
 from vidpo.stages.common import save_samples, setup_logging, write_run_report
+from vidpo.stages.decode import decode_pairs
 from vidpo.stages.generate import generate_pairs
+from vidpo.stages.judged_eval import judged_evaluation
 from vidpo.stages.label import label_pairs
+from vidpo.stages.parts import RunParts, latent_frames_of, prepare_run
 from vidpo.training import checkpoint as ckpt
-from vidpo.training.modeling import build_world, load_initial_policy, pick_device, run_segment_ids, set_threads
+from vidpo.training.modeling import (
+    build_world,
+    load_initial_policy,
+    pick_device,
+    run_segment_ids,
+    set_threads,
+)
 from vidpo.training.policy import prepare_parallel_policy, prepare_policy, start_distributed
 from vidpo.training.trainer import Trainer
 from vidpo.utils import atomic
@@ -47,60 +61,95 @@ def load_pairs(cfg: RunConfig, pairs_dir: str | Path, num_segments: int) -> tupl
     return records, reader, problems + more
 
 
+def dense_pairs_only(cfg: RunConfig, records: list[PairRecord]) -> tuple[list[PairRecord], int]:
+    """DenseDPO's data rule (``label.min_non_tie_fraction``): with objective dense_dpo, only the pairs with more
+    than that fraction of non-tie segments train. Returns the kept records and how many were dropped."""
+    fraction = cfg.label.min_non_tie_fraction
+    if cfg.train.objective != "dense_dpo" or fraction is None:
+        return records, 0
+    kept = [r for r in records if sum(v != 0 for v in r.labels) > fraction * len(r.labels)]
+    return kept, len(records) - len(kept)
+
+
 def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
-                     reference_weights: Optional[Path] = None) -> dict:
+                     reference_weights: Optional[Path] = None, parts: Optional[RunParts] = None) -> dict:
     """Train the policy on the labelled pairs of ``pref.pairs`` into ``run_dir`` (checkpoints, metrics, the LoRA
-    export); ``reference_weights`` gives the frozen reference other weights than the initial policy's."""
+    export); ``reference_weights`` gives the frozen reference other weights than the initial policy's.
+    ``parts`` (the run's domain, conditioning, VAE and real clips) defaults to ``prepare_run``'s."""
     run_dir = Path(run_dir)
     if not cfg.pref.pairs:
         raise ConfigError("pref.pairs must name a labelled pairs directory (manifest.jsonl + shards); "
                           "`vidpo run` sets it for you")
     set_threads(cfg)
     seed_everything(cfg.seed)
-    world = build_world(cfg)
-    parallel = start_distributed(cfg, world)   # None for one process
+    world = parts.domain.world if parts is not None and isinstance(parts.domain, ShapesDomain) else None
+    if world is None and not cfg.prompts.path:
+        world = build_world(cfg)
+    parallel = start_distributed(cfg, world, latent_frames_of(cfg))   # None for one process
     device = parallel.device if parallel is not None else pick_device()
-    seg = run_segment_ids(cfg)
+    parts = parts if parts is not None else prepare_run(cfg, run_dir, device=device)
+    seg = run_segment_ids(cfg, parts.domain, parts.vae)
     records, reader, problems = load_pairs(cfg, resolve_path(cfg.pref.pairs), int(seg.max()) + 1)
+    records, too_few_non_ties = dense_pairs_only(cfg, records)
     if parallel is None:
         model, reference, ref_mode, lora_state = prepare_policy(cfg, world, device, reference_weights)
     else:
         if reference_weights is not None:
             raise ConfigError("a reference with its own weights is supported in one process only")
         model, reference, ref_mode, lora_state = prepare_parallel_policy(cfg, world, parallel)
-    log.info("train[%s]: %d pairs (%d skipped), reference=%s, loss backend=%s", cfg.train.objective, len(records),
-             len(problems), ref_mode, cfg.pref.loss_backend)
+    log.info("train[%s]: %d pairs (%d skipped, %d with too few non-tie segments), reference=%s, loss backend=%s",
+             cfg.train.objective, len(records), len(problems), too_few_non_ties, ref_mode, cfg.pref.loss_backend)
     # a diffusers adapter brings its own forward process / target / timesteps (None: rectified flow).
     process = model if getattr(model, "training_target", None) is not None else None
-    objective = PreferenceObjective(cfg, world, device, records, reader, seg, reference, parallel=parallel,
-                                    process=process)
-    oracle = ShapesOracle(world)
+    objective = PreferenceObjective(cfg, parts.conditioning, device, records, reader, seg, reference,
+                                    parallel=parallel, process=process, real_latents=parts.real_latents_of_records)
+    evaluate = None
+    if world is not None and cfg.train.eval_every > 0:   # the toy world's exact oracle scores samples in training
+        oracle = ShapesOracle(world)
 
-    def evaluate(m, step):
-        return evaluate_model(m, cfg, world, oracle, num_samples=max(16, cfg.eval.num_samples // 2)).flat()
+        def evaluate(m, step):
+            return evaluate_model(m, cfg, world, oracle, num_samples=max(16, cfg.eval.num_samples // 2)).flat()
 
     # Multi-process runs: every rank runs the evaluation on the same seeds (the model's FSDP / TP / CP
     # collectives need every rank in each forward; CP samplers gather the frames) and rank 0 logs it.
     if parallel is None or parallel.is_main:
         atomic.write_text(run_dir / "config.yaml", to_yaml(cfg))
     trainer = Trainer(cfg, run_dir, model, objective, device=device, resume=resume, lora_state=lora_state,
-                      evaluate=evaluate if cfg.train.eval_every > 0 else None, parallel=parallel)
+                      evaluate=evaluate, parallel=parallel)
     result = trainer.fit()
-    if cfg.lora is not None and parallel is None:
-        if hasattr(model, "export_lora"):  # diffusers' format, loadable by pipe.load_lora_weights
-            model.export_lora(run_dir / "lora.safetensors")
-        else:
-            save_lora(model, str(run_dir / "lora.safetensors"))
-    elif cfg.lora is not None and parallel.is_main:
-        latest = ckpt.latest_checkpoint(run_dir)
-        atomic.write_bytes(run_dir / "lora.safetensors", (latest / "lora.safetensors").read_bytes())
+    if cfg.lora is not None and (parallel is None or parallel.is_main):
+        export_run_lora(cfg, run_dir, model, from_checkpoint=parallel is not None)
     result.update({"pairs": len(records), "skipped_pairs": len(problems), "reference": ref_mode})
+    if cfg.train.objective == "dense_dpo" and cfg.label.min_non_tie_fraction is not None:
+        result["pairs_with_too_few_non_ties"] = too_few_non_ties
     return {"model": model, "reference": reference, "records": records, "reader": reader, "result": result,
-            "world": world, "segment_ids": seg}
+            "world": world, "segment_ids": seg, "parts": parts}
+
+
+def export_run_lora(cfg: RunConfig, run_dir: Path, model, *, from_checkpoint: bool) -> Path:
+    """The trained adapters where a user loads them: ``RUN_DIR/lora/`` in diffusers' layout for a diffusers
+    model (``pipe.load_lora_weights(RUN_DIR/lora)``; a two-expert Wan 2.2 adds ``lora/transformer_2/``), else
+    ``RUN_DIR/lora.safetensors`` (peft key names). A multi-process run exports what its latest checkpoint
+    consolidated (the shards of one rank hold no whole adapter)."""
+    diffusers_model = hasattr(model, "export_lora")
+    if from_checkpoint:
+        latest = ckpt.latest_checkpoint(run_dir) / "lora.safetensors"
+        if not diffusers_model:
+            atomic.write_bytes(run_dir / "lora.safetensors", latest.read_bytes())
+            return run_dir / "lora.safetensors"
+        return Path(export_lora_state(load_file(str(latest)), run_dir / "lora", alpha=cfg.lora.alpha,
+                                      dropout=cfg.lora.dropout))
+    if diffusers_model:
+        return Path(model.export_lora(run_dir / "lora"))
+    save_lora(model, str(run_dir / "lora.safetensors"))
+    return run_dir / "lora.safetensors"
 
 
 # ----- run: the whole chain ----------------------------------------------------------------------------
 def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> dict:
+    """``vidpo run``: prepare the run's parts (prompt embeddings, VAE, real clips), then for the training and the
+    held-out pairs generate -> decode (a latent model's pairs become mp4s, frames and the pair viewer) -> label;
+    train; evaluate (the toy world's oracle; the judged evaluation on held-out prompts); summary and report."""
     out_dir = Path(out_dir)
     setup_logging(out_dir)
     t0 = time.time()
@@ -109,41 +158,76 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) ->
     cfg = copy.deepcopy(cfg)
     cfg.pref.pairs = str(pairs_dir.resolve())
     atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
+    t = time.time()
+    parts = prepare_run(cfg, out_dir)
+    domain = parts.domain
+    timings["prepare_s"] = round(time.time() - t, 1)
     for split, d, n in (("train", pairs_dir, cfg.generate.num_pairs), ("heldout", heldout_dir, cfg.generate.heldout_pairs)):
         if n <= 0:
             continue
         t = time.time()
         if not (d / PAIRS_FILE).exists() or not resume:
-            generate_pairs(cfg, d, split=split)
+            generate_pairs(cfg, d, split=split, domain=domain, conditioning=parts.conditioning, vae=parts.vae,
+                           real_latents=parts.real_latents)
+        if not parts.vae.pixel_space:   # people and judges look at pixels: decode, then the viewer
+            decode_pairs(d, parts.vae, domain.fps, batch_size=cfg.generate.decode_batch_size,
+                         progress=cfg.train.progress)
+            write_pair_viewer(d, None, cfg.label.segment_seconds, domain.fps,
+                              temporal_compression=parts.vae.temporal_compression)
         if not (d / MANIFEST_FILE).exists() or not resume:
-            label_pairs(cfg, d)
+            label_pairs(cfg, d, domain=domain)
         timings[f"pairs_{split}_s"] = round(time.time() - t, 1)
     t = time.time()
-    trained = train_preference(cfg, out_dir, resume=resume)
+    trained = train_preference(cfg, out_dir, resume=resume, parts=parts)
     timings["train_s"] = round(time.time() - t, 1)
 
     t = time.time()
     world, model, device = trained["world"], trained["model"], pick_device()
-    oracle = ShapesOracle(world)
     base = load_initial_policy(cfg, world, device)
+    summary = {"objective": cfg.train.objective, "generate_mode": cfg.generate.mode, "seed": cfg.seed}
+    if world is not None:
+        summary.update(_oracle_evaluation(cfg, out_dir, world, base, model))
+    judged = judged_evaluation(cfg, out_dir, base=base, policy=model, domain=domain, conditioning=parts.conditioning,
+                               vae=parts.vae)
+    if judged is not None:
+        summary["judged"] = judged
+    acc_args = dict(beta=cfg.pref.beta, seed=cfg.seed, t_min=cfg.flow.t_min, t_max=cfg.flow.t_max, device=device,
+                    backend=cfg.pref.loss_backend, dense=cfg.train.objective == "dense_dpo")
+    seg = trained["segment_ids"]
+    acc_train = implicit_accuracy(model, trained["reference"], parts.conditioning, trained["records"][:256],
+                                  trained["reader"], seg, **acc_args)
+    acc_heldout = None
+    if cfg.generate.heldout_pairs > 0:
+        held, held_reader, _ = load_pairs(cfg, heldout_dir, int(seg.max()) + 1)
+        acc_heldout = implicit_accuracy(model, trained["reference"], parts.conditioning, held, held_reader, seg,
+                                        **acc_args)
+    timings["eval_s"] = round(time.time() - t, 1)
+    summary.update({
+        "implicit_accuracy": {"train": acc_train, "heldout": acc_heldout},
+        "labels": json.loads((pairs_dir / "label.json").read_text()) if (pairs_dir / "label.json").exists() else None,
+        "train": {k: v for k, v in trained["result"].items() if k not in ("last", "eval")},
+        "timings": dict(timings, total_s=round(time.time() - t0, 1)),
+    })
+    if summary["labels"]:
+        summary["labels"].pop("problems", None)
+    atomic.write_json(out_dir / "summary.json", summary)
+    write_run_report(out_dir)
+    return summary
+
+
+def _oracle_evaluation(cfg: RunConfig, out_dir: Path, world, base, model) -> dict:
+    """The toy world's evaluation: both models' samples on the evaluation seeds scored by the exact oracle
+    (paired deltas per component and bad mode, win rate), with sample grids."""
+    oracle = ShapesOracle(world)
     base_eval = evaluate_model(base, cfg, world, oracle)
     final_eval = evaluate_model(model, cfg, world, oracle)
     save_samples(base_eval, world, out_dir / "samples", "base", cfg.eval.grid_conditions)
     save_samples(final_eval, world, out_dir / "samples", "final", cfg.eval.grid_conditions)
     delta = paired_delta(final_eval, base_eval)
-    acc_args = dict(beta=cfg.pref.beta, seed=cfg.seed, t_min=cfg.flow.t_min, t_max=cfg.flow.t_max, device=device,
-                    backend=cfg.pref.loss_backend, dense=cfg.train.objective == "dense_dpo")
-    seg = trained["segment_ids"]
-    acc_train = implicit_accuracy(model, trained["reference"], world, trained["records"][:256], trained["reader"],
-                                  seg, **acc_args)
-    acc_heldout = None
-    if cfg.generate.heldout_pairs > 0:
-        held, held_reader, _ = load_pairs(cfg, heldout_dir, int(seg.max()) + 1)
-        acc_heldout = implicit_accuracy(model, trained["reference"], world, held, held_reader, seg, **acc_args)
-    timings["eval_s"] = round(time.time() - t, 1)
     base_s, final_s = base_eval.summary(), final_eval.summary()
-    summary = {
-        "objective": cfg.train.objective, "generate_mode": cfg.generate.mode, "seed": cfg.seed,
+    log.info("oracle: base %.4f -> final %.4f, delta %.4f [%.4f, %.4f]", base_s["oracle"]["mean"],
+             final_s["oracle"]["mean"], delta["oracle"]["mean"], *delta["oracle"]["ci95"])
+    return {
         "oracle": {"base": base_s["oracle"], "final": final_s["oracle"], "delta": delta["oracle"]},
         "components": {name.split("/", 1)[1]: {"base": base_s[name]["mean"], "final": final_s[name]["mean"],
                                                "delta": delta[name]["mean"], "delta_ci95": delta[name]["ci95"]}
@@ -153,18 +237,4 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) ->
                                           "delta": delta[name]["mean"], "delta_ci95": delta[name]["ci95"]}
                   for name in base_s if name.startswith("mode/") and name in delta},
         "win_rate": delta["win_rate"],
-        "implicit_accuracy": {"train": acc_train, "heldout": acc_heldout},
-        "labels": json.loads((pairs_dir / "label.json").read_text()) if (pairs_dir / "label.json").exists() else None,
-        "train": {k: v for k, v in trained["result"].items() if k not in ("last", "eval")},
-        "timings": dict(timings, total_s=round(time.time() - t0, 1)),
     }
-    if summary["labels"]:
-        summary["labels"].pop("problems", None)
-    atomic.write_json(out_dir / "summary.json", summary)
-
-    write_run_report(out_dir)
-    log.info("oracle: base %.4f -> final %.4f, delta %.4f [%.4f, %.4f]", base_s["oracle"]["mean"],
-             final_s["oracle"]["mean"], delta["oracle"]["mean"], *delta["oracle"]["ci95"])
-    return summary
-
-

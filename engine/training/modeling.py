@@ -13,13 +13,18 @@ from typing import Optional
 import torch
 
 from vidpo.config import ConfigError, RunConfig, resolve_path
+from vidpo.data.domains import Domain, PromptFileDomain, ShapesDomain
 from vidpo.data.latents import latent_info
 from vidpo.data.segments import segment_ids as make_segment_ids
 from vidpo.data.shapes import ShapesWorld
 from vidpo.models.dit import build_dit, dit_config
 from vidpo.models.registry import load_adapter
+from vidpo.models.vae import VideoVAE
 from vidpo.training import checkpoint as ckpt
+from vidpo.training.conditioning import Conditioning, EmbeddingConditioning, TokenConditioning
 from vidpo.utils.seeding import derive_seed
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def pick_device(requested: Optional[str] = None) -> torch.device:
@@ -32,6 +37,29 @@ def pick_device(requested: Optional[str] = None) -> torch.device:
 
 def build_world(cfg: RunConfig):
     return ShapesWorld(cfg.world)
+
+
+def build_domain(cfg: RunConfig, world: Optional[ShapesWorld] = None) -> Domain:
+    """The run's domain: the prompt file of ``prompts.path`` (videos of ``generate.frames / height / width /
+    fps``), else the shapes world (``vidpo.data.domains``)."""
+    if not cfg.prompts.path:
+        return ShapesDomain(world if world is not None else build_world(cfg))
+    g = cfg.generate
+    return PromptFileDomain.from_file(resolve_path(cfg.prompts.path), heldout_fraction=cfg.prompts.heldout_fraction,
+                                      fps=g.fps if g.fps is not None else cfg.world.fps,
+                                      frames=g.frames or cfg.world.frames, height=g.height or cfg.world.height,
+                                      width=g.width or cfg.world.width)
+
+
+def build_conditioning(cfg: RunConfig, domain: Domain, embeddings=None) -> Conditioning:
+    """Token ids for the shapes world; for a prompt file, the prompt-embedding cache ``embeddings``
+    (``vidpo.stages.prompts.PromptEmbeddings``), in the model's dtype."""
+    if isinstance(domain, ShapesDomain):
+        return TokenConditioning(domain)
+    if embeddings is None:
+        raise ConfigError("a prompt-file run needs its prompt embeddings: run `vidpo encode-prompts` (or "
+                          "`vidpo run`, which does) first")
+    return EmbeddingConditioning(embeddings, dtype=DTYPES[cfg.model.dtype])
 
 
 def dit_config_for(cfg: RunConfig, world):
@@ -69,15 +97,16 @@ def build_policy(cfg: RunConfig, world, device: torch.device | str = "cpu"):
     cogvideox) the diffusers transformer of ``model.path`` behind its engine adapter."""
     sampling = adapter_sampling_kwargs(cfg)
     if cfg.model.kind != "dit":  # weights come from the model directory, not from the init stream
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-        return load_adapter(cfg.model.kind, resolve_path(cfg.model.path), **sampling).to(device=device, dtype=dtype)
+        dtype = DTYPES[cfg.model.dtype]
+        return load_adapter(cfg.model.kind, resolve_path(cfg.model.path), device=device, dtype=dtype,
+                            **sampling).to(device=device, dtype=dtype)
 
     dcfg = dit_config_for(cfg, world)
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         model = build_dit(dcfg)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    dtype = DTYPES[cfg.model.dtype]
     return model.to(device=device, dtype=dtype)
 
 
@@ -94,10 +123,24 @@ def set_threads(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.train.num_threads)
 
 
-def run_segment_ids(cfg: RunConfig) -> torch.Tensor:
-    """The (T,) segment id of each latent frame for this recipe's world and label settings."""
-    return make_segment_ids(cfg.world.frames, cfg.world.fps, cfg.label.segment_seconds,
-                            cfg.label.temporal_compression)
+def run_segment_ids(cfg: RunConfig, domain: Optional[Domain] = None, vae: Optional[VideoVAE] = None, *,
+                    pixels: bool = False) -> torch.Tensor:
+    """The segment id of each latent frame (``pixels``: of each pixel frame) of the run's videos: DenseDPO's
+    segments of ``label.segment_seconds`` mapped through the VAE's temporal compression k (a pixel-space model:
+    ``label.temporal_compression``). Without a domain, the shapes world's geometry (its frames are latent
+    frames). ``1 + (F - 1) / k`` latent frames cover F pixel frames, so both maps give the same segments."""
+    if domain is None:
+        return make_segment_ids(cfg.world.frames, cfg.world.fps, cfg.label.segment_seconds,
+                                cfg.label.temporal_compression)
+    if pixels and not isinstance(domain, ShapesDomain):   # decoded videos: segments of pixel frames
+        return make_segment_ids(domain.frames, domain.fps, cfg.label.segment_seconds, 1)
+    if vae is None or vae.pixel_space:   # the model's frames are the pixel frames the labellers see
+        return make_segment_ids(domain.frames, domain.fps, cfg.label.segment_seconds, cfg.label.temporal_compression)
+    k = vae.temporal_compression
+    if pixels:
+        return make_segment_ids(domain.frames, domain.fps, cfg.label.segment_seconds, 1)
+    latent_frames = domain.frames if k == 1 else 1 + (domain.frames - 1) // k
+    return make_segment_ids(latent_frames, domain.fps, cfg.label.segment_seconds, k)
 
 
 def _require_init(cfg: RunConfig) -> Path:

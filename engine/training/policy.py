@@ -123,11 +123,12 @@ def _heads_and_temporal_patch(cfg: RunConfig, world) -> tuple[int, int]:
     return int(info["num_attention_heads"]), int(temporal)
 
 
-def start_distributed(cfg: RunConfig, world):
-    """The run's ParallelContext under torchrun (None for one process), checked against the model."""
+def start_distributed(cfg: RunConfig, world, latent_frames: Optional[int] = None):
+    """The run's ParallelContext under torchrun (None for one process), checked against the model: its heads,
+    and its ``latent_frames`` (default: the shapes world's frames) after temporal patching."""
     heads, temporal_patch = _heads_and_temporal_patch(cfg, world)
+    frames = cfg.world.frames if latent_frames is None else latent_frames
     try:
-        return init_distributed(cfg.parallel, num_heads=heads, seed=cfg.seed,
-                                frames=cfg.world.frames // temporal_patch)
+        return init_distributed(cfg.parallel, num_heads=heads, seed=cfg.seed, frames=frames // temporal_patch)
     except DistributedSetupError as exc:
         raise ConfigError(f"parallel: {exc}") from None

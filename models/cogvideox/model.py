@@ -12,10 +12,16 @@ DenseDPO / KTO formulas as DESIGN.md section 1), with ``k`` uniform over the sch
 
 Engine time: ``t = k / (N - 1)`` in [0, 1] (N = 1000), so t = 1 is the (zero-SNR) pure-noise end as in the
 flow models; ``forward`` maps it back with ``k = round(t (N - 1))``, exact for the values
-``sample_timesteps`` draws. Layout: diffusers' CogVideoX takes (B, T, C, H, W); the adapter permutes.
+``sample_timesteps`` draws. Layout: diffusers' CogVideoX transformer takes (B, T, C, H, W); the adapter permutes
+(its VAE takes (B, C, T, H, W), as the engine's latents are).
+
+Releases (``vidpo.models.pipeline_dir``): CogVideoX-2B (sincos positions), 5B (3-D RoPE, which the adapter
+computes as CogVideoXPipeline does) and 1.5 (RoPE + 2-frame temporal patches: the latent frame count must be even,
+where CogVideoXPipeline would pad it); the release's scheduler config replaces ``COGVIDEOX_SCHEDULER``.
 """
 from __future__ import annotations
 
+import json
 from typing import Optional, Sequence
 
 import torch
@@ -53,23 +59,36 @@ def make_scheduler(**overrides):
 
 
 class CogVideoXAdapter(DiffusersVideoAdapter):
-    """``forward(x (B, C, T, H, W), t (B,) in [0, 1], cond) -> v-prediction (B, C, T, H, W)``."""
+    """``forward(x (B, C, T, H, W), t (B,) in [0, 1], cond) -> v-prediction (B, C, T, H, W)``.
+
+    ``scheduler``: the model's DDPM (its betas, rescaling and SNR shift drive ``interpolate`` / ``training_target``
+    and every sampler); a release's own scheduler config when loaded from one (``pipeline_kwargs``), whose class
+    also picks the default sampler."""
 
     parameterization = "v_prediction"
+    family = "cogvideox"
+    TRANSFORMER_CLASS = "CogVideoXTransformer3DModel"
+    PIPELINE_CLASS = "CogVideoXPipeline"
     # 'ddim': CogVideoXDDIMScheduler (deterministic, eta = 0; CogVideoX-2B's default); 'dpm':
     # CogVideoXDPMScheduler (DPM-Solver++ 2M SDE, CogVideoX-5B's default; fresh noise at every step).
     SAMPLERS = ("ddim", "dpm")
+    SCHEDULER_SAMPLERS = {"CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"}
 
     def __init__(self, transformer, conditioner: Optional[TextConditioner] = None, *, scheduler=None,
                  sampler: Optional[str] = None):
+        if scheduler is not None and sampler is None:
+            sampler = self.SCHEDULER_SAMPLERS.get(type(scheduler).__name__)
         super().__init__(transformer, conditioner, sampler=sampler)
         self.scheduler = scheduler if scheduler is not None else make_scheduler()
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs):
-        cls.transformer_class = _cogvideox_class()
-        return super().from_pretrained(path, **kwargs)
+    def pipeline_kwargs(cls, pipe, *, device=None, dtype=None) -> dict:
+        """The release's scheduler (CogVideoXDDIMScheduler or CogVideoXDPMScheduler, from its config)."""
+        return {"scheduler": pipe.scheduler()} if pipe.has("scheduler") else {}
+
+    def scheduler_config(self) -> Optional[dict]:
+        return json.loads(self.scheduler.to_json_string())
 
     def discrete_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Engine time (B,) in [0, 1] -> integer DDPM timesteps ``round(t (N - 1))`` (B,) long."""

@@ -28,7 +28,7 @@ Context parallel (Ulysses, arXiv:2309.14509): rank c holds latent frames [c T/cp
   objectives reduce per-segment sums over the CP group (``local_frames``); samplers gather the whole clip at
   every step (``whole_clip_forward``). Heads must divide by tp * cp.
 
-Not supported, with a clear error: image-to-video variants (``added_kv_proj_dim`` / image embeddings), Wan
+Not supported, with a clear error: Wan 2.2 A14B's two experts, image-to-video variants (``added_kv_proj_dim`` / image embeddings), Wan
 2.2's per-token timesteps (a 2-D ``timestep``), fused projections (call ``unfuse_projections`` first), and
 LoRA under tensor parallel (the DiT's rule: LoRA works with CP / DP / FSDP, tp = 1).
 
@@ -303,8 +303,9 @@ class ParallelWanAdapter(ParallelAdapterMixin, WanAdapter):
     objectives ask a context-parallel model) and ``tp_plan`` (what gradient clipping and DCP checkpoints ask)."""
 
     def __init__(self, adapter: WanAdapter, transformer: ParallelWanTransformer):
-        super().__init__(transformer, adapter.conditioner, sample_shift=adapter.sample_shift,
-                         sampler=adapter.sampler_name)
+        super().__init__(transformer, adapter.conditioner, scheduler_config=adapter.release_scheduler,
+                         sample_shift=adapter.sample_shift, sampler=adapter.sampler_name)
+        self.pipeline_source = adapter.pipeline_source
         self.tp_plan = wan_tp_plan(self) if transformer.spec.tp > 1 else {}
 
 
@@ -316,6 +317,11 @@ def parallelize_wan(adapter: WanAdapter, ctx, *, activation_checkpointing: str =
     reused (non-TP parameters keep their storage): do not use ``adapter`` afterwards."""
     if not isinstance(adapter, WanAdapter):
         raise TypeError(f"parallelize_wan takes a WanAdapter, got {type(adapter).__name__}")
+    if adapter.transformer_2 is not None:
+        # FSDP gathers each expert's weights in its forward: every rank would have to run both experts on every
+        # step, whatever its rows' timesteps. Not built yet; one process trains both experts.
+        raise NotImplementedError("parallelize_wan does not lay out Wan 2.2's two experts (transformer_2) over "
+                                  "processes yet: train a Wan 2.2 A14B model in one process")
     heads = adapter.transformer.config.num_attention_heads
     if heads % (ctx.tp * ctx.cp):
         raise ValueError(f"{heads} heads are not divisible by tp * cp = {ctx.tp * ctx.cp}")

@@ -34,8 +34,9 @@ def encode_clip(path, frames: np.ndarray, codec: str = "vp9", fps: float = 8, go
                 suffix: str | None = None) -> Path:
     """Encode ``frames`` (uint8 (F, H, W, 3)) to ``path``; its suffix is replaced by ``suffix`` or the codec's
     usual container (.mkv holds every codec and, unlike .mp4, stays parseable when truncated)."""
-    import av
     from fractions import Fraction
+
+    import av
 
     encoder, default_suffix, options = CODECS[codec]
     path = Path(path).with_suffix(suffix or default_suffix)
