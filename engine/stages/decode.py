@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -57,8 +58,12 @@ def pair_records(pairs_dir: str | Path, on_error: str = "raise") -> tuple[list[P
 def decode_pairs(pairs_dir: str | Path, vae: VideoVAE, fps: float, *, batch_size: int = 4,
                  write_videos: bool = True, records: Optional[Sequence[PairRecord]] = None,
                  keys: Sequence[str] = ("first", "second"), crf: int = 18, video_scale: Optional[int] = None,
-                 on_error: str = "raise", progress: bool = True) -> dict:
+                 on_error: str = "raise", progress: bool = True, rank: int = 0, world_size: int = 1) -> dict:
     """Decode every shard of ``pairs_dir`` to ``frames/`` (and ``videos/`` with ``write_videos``); the summary.
+
+    Rank ``rank`` of ``world_size`` processes (a torchrun job's, process group up) decodes shards ``rank,
+    rank + world_size, ...`` of the sorted shard names; rank 0 alone clears a killed run's temporary files
+    first and writes the summary once every rank is done.
 
     ``records`` default to the directory's own (:func:`pair_records`); only the shards they name are decoded,
     and each record's videos are named by its pair id. ``fps`` is the frame rate of the pixel videos; ``crf`` their
@@ -75,11 +80,15 @@ def decode_pairs(pairs_dir: str | Path, vae: VideoVAE, fps: float, *, batch_size
     by_shard: dict[str, list[PairRecord]] = defaultdict(list)
     for record in records:
         by_shard[record.shard].append(record)
-    for folder in (FRAMES_DIR, VIDEOS_DIR):
-        atomic.clean_leftovers(pairs_dir / folder)
+    if rank == 0:
+        for folder in (FRAMES_DIR, VIDEOS_DIR):
+            atomic.clean_leftovers(pairs_dir / folder)
+    if world_size > 1:
+        dist.barrier()
     totals = {"shards_decoded": 0, "shards_skipped": 0, "videos_written": 0, "videos_decoded": 0}
     sizes: dict[str, int] = {}
-    for shard in tqdm(sorted(by_shard), desc="decode", disable=not progress, leave=False):
+    mine = [shard for i, shard in enumerate(sorted(by_shard)) if i % world_size == rank]
+    for shard in tqdm(mine, desc="decode", disable=not progress or rank != 0, leave=False):
         try:
             plan = _ShardPlan(pairs_dir, shard, vae, keys, fps)
             plan.check_rows(by_shard[shard])
@@ -102,11 +111,16 @@ def decode_pairs(pairs_dir: str | Path, vae: VideoVAE, fps: float, *, batch_size
                                                   write_videos=write_videos, crf=crf, scale=scale)
         totals["videos_decoded"] += plan.rows * len(keys)
         totals["shards_decoded"] += 1
+    if world_size > 1:
+        counts = torch.tensor([totals[k] for k in totals] + [len(problems)], dtype=torch.float64)
+        dist.all_reduce(counts)   # also the barrier: every shard is decoded before the summary says so
+        totals = {k: int(v) for k, v in zip(totals, counts.tolist())}
     info = {"pairs": len(records), "shards": len(by_shard), **totals, "keys": list(keys), "fps": fps, **sizes,
             "vae": type(vae).__name__, "temporal_compression": vae.temporal_compression,
             "spatial_compression": vae.spatial_compression, "videos": bool(write_videos),
             "seconds": round(time.time() - started, 3), "skipped_shards": len(problems), "problems": problems[:50]}
-    atomic.write_json(pairs_dir / DECODE_FILE, info)
+    if rank == 0:
+        atomic.write_json(pairs_dir / DECODE_FILE, info)
     log.info("decode: %d shards decoded, %d already complete, %d videos written, %d problems",
              totals["shards_decoded"], totals["shards_skipped"], totals["videos_written"], len(problems))
     return info

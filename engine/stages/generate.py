@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from vidpo.config import ConfigError, RunConfig
@@ -35,13 +36,21 @@ RealLatents = Callable[[list, torch.Generator], torch.Tensor]
 def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train",
                    policy: Optional[torch.nn.Module] = None, domain: Optional[Domain] = None,
                    conditioning: Optional[Conditioning] = None, vae: Optional[VideoVAE] = None,
-                   real_latents: Optional[RealLatents] = None) -> dict:
+                   real_latents: Optional[RealLatents] = None, rank: int = 0, world_size: int = 1) -> dict:
     """Sample ``generate.num_pairs`` (or ``heldout_pairs`` for split 'heldout') pairs of the domain's ``split``
     prompts into shards (module docstring). ``domain``, ``conditioning`` and ``vae`` default to the recipe's
     (the shapes world, its tokens, pixels); ``real_latents(prompt_ids, generator)`` gives the ground-truth
-    latents structural pairs start from (default: the domain's real clips through the VAE)."""
+    latents structural pairs start from (default: the domain's real clips through the VAE).
+
+    Rank ``rank`` of ``world_size`` processes (a torchrun job's, with its process group up) samples shards
+    ``rank, rank + world_size, ...``; every draw of a shard depends on the shard alone (its prompts, its
+    per-sample noise streams), so the shards equal one process's. Rank 0 writes ``pairs.jsonl`` once every
+    rank is done."""
     pairs_dir = Path(pairs_dir)
-    atomic.clean_leftovers(pairs_dir / "shards")
+    if rank == 0:   # a killed run's temporary files, removed before any rank writes its own
+        atomic.clean_leftovers(pairs_dir / "shards")
+    if world_size > 1:
+        dist.barrier()
     n = cfg.generate.num_pairs if split == "train" else cfg.generate.heldout_pairs
     domain = domain if domain is not None else build_domain(cfg)
     conditioning = conditioning if conditioning is not None else build_conditioning(cfg, domain)
@@ -75,7 +84,8 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
         return (x.clamp(-1, 1) if vae.pixel_space else x).cpu()
 
     num_shards = (n + gen.shard_size - 1) // gen.shard_size
-    for k in tqdm(range(num_shards), desc=f"generate[{split}]", disable=not cfg.train.progress, leave=False):
+    for k in tqdm(range(num_shards), desc=f"generate[{split}]", disable=not cfg.train.progress or rank != 0,
+                  leave=False):
         idx = list(range(k * gen.shard_size, min(n, (k + 1) * gen.shard_size)))
         chosen = [prompts[int(i)] for i in order[torch.tensor(idx) % len(prompts)]]
         ids = [p.id for p in chosen]
@@ -86,7 +96,9 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
             etas = gen.eta_min + (gen.eta_max - gen.eta_min) * torch.rand(len(idx), generator=generator(
                 cfg.seed, "gen-eta", split, k))
         path = pairs_dir / name
-        if _shard_complete(path, len(idx)):
+        if k % world_size != rank:
+            pass   # another rank's shard
+        elif _shard_complete(path, len(idx)):
             skipped += 1
         else:
             cond = conditioning.for_prompts(ids).to(device)
@@ -119,10 +131,17 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
                                       cond_ids=[] if cond_ids is None else [int(v) for v in cond_ids[row]],
                                       caption=prompt.text, mode=gen.mode,
                                       eta=None if etas is None else round(float(etas[row]), 6)))
-    write_manifest(pairs_dir / PAIRS_FILE, records)
     info = {"pairs": n, "shards_written": written, "shards_skipped": skipped, "mode": gen.mode, "split": split,
             "latent_shape": list(shape)}
-    atomic.write_json(pairs_dir / "generate.json", info)
+    if world_size > 1:
+        counts = torch.tensor([written, skipped], dtype=torch.float64)
+        dist.all_reduce(counts)   # also the barrier: every shard is on disk before the manifest names it
+        info.update(shards_written=int(counts[0]), shards_skipped=int(counts[1]))
+    if rank == 0:
+        write_manifest(pairs_dir / PAIRS_FILE, records)
+        atomic.write_json(pairs_dir / "generate.json", info)
+    if world_size > 1:
+        dist.barrier()   # the manifest is on disk before any rank reads it
     log.info("generate[%s]: %d pairs, %d shards written, %d already complete", split, n, written, skipped)
     return info
 

@@ -45,9 +45,10 @@ def judge_kind(cfg: RunConfig, domain: Domain) -> Optional[str]:
 
 
 def judged_evaluation(cfg: RunConfig, run_dir: str | Path, *, base: torch.nn.Module, policy: torch.nn.Module,
-                      domain: Domain, conditioning: Conditioning, vae: VideoVAE) -> Optional[dict]:
+                      domain: Domain, conditioning: Conditioning, vae: VideoVAE, write: bool = True) -> Optional[dict]:
     """Sample, decode, write and judge (module docstring); returns the summary for ``summary.json``, or None
-    when ``eval.judge`` is 'none'."""
+    when ``eval.judge`` is 'none'. Under torchrun every rank samples (a sharded policy needs all of them in each
+    forward) and only the rank with ``write`` decodes, judges and writes; the others return None."""
     kind = judge_kind(cfg, domain)
     if kind is None:
         return None
@@ -69,11 +70,14 @@ def judged_evaluation(cfg: RunConfig, run_dir: str | Path, *, base: torch.nn.Mod
     except ValueError as exc:
         raise ConfigError(f"generate.frames / generate.height / generate.width: {exc}") from None
     eval_dir = Path(run_dir) / EVAL_DIR
+    latents = {role: sample_videos(model, cond, shape, seed=cfg.seed, indices=seeds, steps=cfg.eval.steps,
+                                   cfg_scale=cfg.eval.cfg_scale, negative=negative, batch_size=cfg.sample.batch_size)
+               for role, model in (("base", base), ("policy", policy))}
+    if not write:
+        return None
     clips, stats = {}, {}
-    for role, model in (("base", base), ("policy", policy)):
-        latents = sample_videos(model, cond, shape, seed=cfg.seed, indices=seeds, steps=cfg.eval.steps,
-                                cfg_scale=cfg.eval.cfg_scale, negative=negative, batch_size=cfg.sample.batch_size)
-        pixels = torch.cat([vae.decode(latents[i:i + cfg.generate.decode_batch_size])
+    for role in ("base", "policy"):
+        pixels = torch.cat([vae.decode(latents[role][i:i + cfg.generate.decode_batch_size])
                             for i in range(0, n, cfg.generate.decode_batch_size)]).cpu()
         scale = display_scale(domain.height, domain.width)
         for prompt_id, seed, clip in zip(ids, seeds, pixels):

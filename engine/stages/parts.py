@@ -58,8 +58,10 @@ def open_model_dir(cfg: RunConfig, *parts: str) -> PipelineDirectory:
         raise ConfigError(f"model.path: {exc}") from None
 
 
-def prepare_run(cfg: RunConfig, run_dir: str | Path, *, device: Optional[torch.device] = None) -> RunParts:
-    """The run's parts (module docstring)."""
+def prepare_run(cfg: RunConfig, run_dir: str | Path, *, device: Optional[torch.device] = None, rank: int = 0,
+                world_size: int = 1) -> RunParts:
+    """The run's parts (module docstring). Under torchrun (``world_size`` > 1, process group up) every rank
+    embeds its share of the prompts and encodes its share of the clips, and all of them read the whole."""
     domain = build_domain(cfg)
     if isinstance(domain, ShapesDomain):
         world = domain.world
@@ -74,7 +76,7 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, *, device: Optional[torch.d
     device = device or pick_device()
     compute = torch.float32 if device.type == "cpu" else torch.bfloat16
     text = pipe.text_encoder(device, compute, max_length=cfg.prompts.max_sequence_length)
-    embeddings = embed_prompts(cfg, domain.all_prompts, text, run_dir)
+    embeddings = embed_prompts(cfg, domain.all_prompts, text, run_dir, rank=rank, world_size=world_size)
     del text
     gc.collect()
     vae = pipe.vae(device, compute, tiling=cfg.generate.vae_tiling)

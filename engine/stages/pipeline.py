@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from vidpo.config import ConfigError, RunConfig, resolve_path, to_yaml
@@ -61,6 +62,9 @@ def load_pairs(cfg: RunConfig, pairs_dir: str | Path, num_segments: int) -> tupl
     return records, reader, problems + more
 
 
+_START = object()   # train_preference starts the process groups itself unless given a context (or None)
+
+
 def dense_pairs_only(cfg: RunConfig, records: list[PairRecord]) -> tuple[list[PairRecord], int]:
     """DenseDPO's data rule (``label.min_non_tie_fraction``): with objective dense_dpo, only the pairs with more
     than that fraction of non-tie segments train. Returns the kept records and how many were dropped."""
@@ -72,10 +76,12 @@ def dense_pairs_only(cfg: RunConfig, records: list[PairRecord]) -> tuple[list[Pa
 
 
 def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
-                     reference_weights: Optional[Path] = None, parts: Optional[RunParts] = None) -> dict:
+                     reference_weights: Optional[Path] = None, parts: Optional[RunParts] = None,
+                     parallel=_START) -> dict:
     """Train the policy on the labelled pairs of ``pref.pairs`` into ``run_dir`` (checkpoints, metrics, the LoRA
     export); ``reference_weights`` gives the frozen reference other weights than the initial policy's.
-    ``parts`` (the run's domain, conditioning, VAE and real clips) defaults to ``prepare_run``'s."""
+    ``parts`` (the run's domain, conditioning, VAE and real clips) defaults to ``prepare_run``'s; ``parallel``
+    is the run's ParallelContext when the caller has started the process groups (None: one process)."""
     run_dir = Path(run_dir)
     if not cfg.pref.pairs:
         raise ConfigError("pref.pairs must name a labelled pairs directory (manifest.jsonl + shards); "
@@ -85,7 +91,8 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
     world = parts.domain.world if parts is not None and isinstance(parts.domain, ShapesDomain) else None
     if world is None and not cfg.prompts.path:
         world = build_world(cfg)
-    parallel = start_distributed(cfg, world, latent_frames_of(cfg))   # None for one process
+    if parallel is _START:
+        parallel = start_distributed(cfg, world, latent_frames_of(cfg))   # None for one process
     device = parallel.device if parallel is not None else pick_device()
     parts = parts if parts is not None else prepare_run(cfg, run_dir, device=device)
     seg = run_segment_ids(cfg, parts.domain, parts.vae)
@@ -159,7 +166,11 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) ->
     cfg.pref.pairs = str(pairs_dir.resolve())
     atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
     t = time.time()
-    parts = prepare_run(cfg, out_dir)
+    world = None if cfg.prompts.path else build_world(cfg)
+    parallel = start_distributed(cfg, world, latent_frames_of(cfg))   # under torchrun: every stage is sliced
+    rank, ranks = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
+    parts = prepare_run(cfg, out_dir, device=parallel.device if parallel is not None else None, rank=rank,
+                        world_size=ranks)
     domain = parts.domain
     timings["prepare_s"] = round(time.time() - t, 1)
     for split, d, n in (("train", pairs_dir, cfg.generate.num_pairs), ("heldout", heldout_dir, cfg.generate.heldout_pairs)):
@@ -168,36 +179,43 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) ->
         t = time.time()
         if not (d / PAIRS_FILE).exists() or not resume:
             generate_pairs(cfg, d, split=split, domain=domain, conditioning=parts.conditioning, vae=parts.vae,
-                           real_latents=parts.real_latents)
+                           real_latents=parts.real_latents, rank=rank, world_size=ranks)
         if not parts.vae.pixel_space:   # people and judges look at pixels: decode, then the viewer
             decode_pairs(d, parts.vae, domain.fps, batch_size=cfg.generate.decode_batch_size,
-                         progress=cfg.train.progress)
-            write_pair_viewer(d, None, cfg.label.segment_seconds, domain.fps,
-                              temporal_compression=parts.vae.temporal_compression)
-        if not (d / MANIFEST_FILE).exists() or not resume:
-            label_pairs(cfg, d, domain=domain)
+                         progress=cfg.train.progress, rank=rank, world_size=ranks)
+            if rank == 0:
+                write_pair_viewer(d, None, cfg.label.segment_seconds, domain.fps,
+                                  temporal_compression=parts.vae.temporal_compression)
+        if rank == 0 and (not (d / MANIFEST_FILE).exists() or not resume):
+            label_pairs(cfg, d, domain=domain)   # one process asks the judge (a VLM serves many requests at once)
+        _barrier(ranks)
         timings[f"pairs_{split}_s"] = round(time.time() - t, 1)
     t = time.time()
-    trained = train_preference(cfg, out_dir, resume=resume, parts=parts)
+    trained = train_preference(cfg, out_dir, resume=resume, parts=parts, parallel=parallel)
     timings["train_s"] = round(time.time() - t, 1)
 
+    # Evaluation: every rank samples (a sharded policy needs all of them in each forward), rank 0 writes.
     t = time.time()
-    world, model, device = trained["world"], trained["model"], pick_device()
+    world, model = trained["world"], trained["model"]
+    device = parallel.device if parallel is not None else pick_device()
     base = load_initial_policy(cfg, world, device)
     summary = {"objective": cfg.train.objective, "generate_mode": cfg.generate.mode, "seed": cfg.seed}
     if world is not None:
-        summary.update(_oracle_evaluation(cfg, out_dir, world, base, model))
+        summary.update(_oracle_evaluation(cfg, out_dir, world, base, model, write=rank == 0))
     judged = judged_evaluation(cfg, out_dir, base=base, policy=model, domain=domain, conditioning=parts.conditioning,
-                               vae=parts.vae)
+                               vae=parts.vae, write=rank == 0)
     if judged is not None:
         summary["judged"] = judged
     acc_args = dict(beta=cfg.pref.beta, seed=cfg.seed, t_min=cfg.flow.t_min, t_max=cfg.flow.t_max, device=device,
                     backend=cfg.pref.loss_backend, dense=cfg.train.objective == "dense_dpo")
     seg = trained["segment_ids"]
+    # A tensor- or context-parallel policy returns its own shards of heads or frames: implicit accuracy is
+    # measured with whole outputs only (one process, or data parallel).
+    whole = parallel is None or parallel.tp * parallel.cp == 1
     acc_train = implicit_accuracy(model, trained["reference"], parts.conditioning, trained["records"][:256],
-                                  trained["reader"], seg, **acc_args)
+                                  trained["reader"], seg, **acc_args) if whole else None
     acc_heldout = None
-    if cfg.generate.heldout_pairs > 0:
+    if cfg.generate.heldout_pairs > 0 and whole:
         held, held_reader, _ = load_pairs(cfg, heldout_dir, int(seg.max()) + 1)
         acc_heldout = implicit_accuracy(model, trained["reference"], parts.conditioning, held, held_reader, seg,
                                         **acc_args)
@@ -210,19 +228,27 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) ->
     })
     if summary["labels"]:
         summary["labels"].pop("problems", None)
-    atomic.write_json(out_dir / "summary.json", summary)
-    write_run_report(out_dir)
+    if rank == 0:
+        atomic.write_json(out_dir / "summary.json", summary)
+        write_run_report(out_dir)
+    _barrier(ranks)
     return summary
 
 
-def _oracle_evaluation(cfg: RunConfig, out_dir: Path, world, base, model) -> dict:
+def _barrier(ranks: int) -> None:
+    if ranks > 1:
+        dist.barrier()
+
+
+def _oracle_evaluation(cfg: RunConfig, out_dir: Path, world, base, model, *, write: bool = True) -> dict:
     """The toy world's evaluation: both models' samples on the evaluation seeds scored by the exact oracle
     (paired deltas per component and bad mode, win rate), with sample grids."""
     oracle = ShapesOracle(world)
     base_eval = evaluate_model(base, cfg, world, oracle)
     final_eval = evaluate_model(model, cfg, world, oracle)
-    save_samples(base_eval, world, out_dir / "samples", "base", cfg.eval.grid_conditions)
-    save_samples(final_eval, world, out_dir / "samples", "final", cfg.eval.grid_conditions)
+    if write:
+        save_samples(base_eval, world, out_dir / "samples", "base", cfg.eval.grid_conditions)
+        save_samples(final_eval, world, out_dir / "samples", "final", cfg.eval.grid_conditions)
     delta = paired_delta(final_eval, base_eval)
     base_s, final_s = base_eval.summary(), final_eval.summary()
     log.info("oracle: base %.4f -> final %.4f, delta %.4f [%.4f, %.4f]", base_s["oracle"]["mean"],
