@@ -14,8 +14,8 @@ from vidpo.models.dit.parallelize import tp_plan
 from vidpo.config import REPO_ROOT, load_config
 from vidpo.cluster.scale import GIB, OUTSIDE_BLOCKS, activation_elements_per_token_block, estimate, tp_split_params
 
-WAN = str(REPO_ROOT / "recipes" / "cluster" / "wan1.3b_densedpo_128gpu.yaml")
-IPO = str(REPO_ROOT / "recipes" / "cluster" / "5b_ipo_round.yaml")
+WAN = str(REPO_ROOT / "recipes" / "cluster" / "dit1.3b_densedpo_128gpu.yaml")
+IPO = str(REPO_ROOT / "recipes" / "cluster" / "dit5b_ipo_round.yaml")
 
 
 def saved_elements_per_token(depth: int, width: int) -> float:

@@ -283,7 +283,7 @@ def server():
 
 
 def vlm_judge(server: FakeVLM) -> VLMLabeler:
-    return VLMLabeler(VLMConfig(base_url=server.base_url, model="fake-vlm", timeout_s=0.3, max_retries=0,
+    return VLMLabeler(VLMConfig(base_url=server.base_url, model="fake-vlm", timeout_s=30.0, max_retries=0,
                                 retry_backoff_s=0.01, concurrency=4, frames_per_segment=2, image_size=16))
 
 

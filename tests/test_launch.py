@@ -10,8 +10,8 @@ from vidpo.cli import main as cli
 from vidpo.cluster.launch import build_launch, render
 from vidpo.config import REPO_ROOT, load_config
 
-WAN = "recipes/cluster/wan1.3b_densedpo_128gpu.yaml"
-IPO = "recipes/cluster/5b_ipo_round.yaml"
+WAN = "recipes/cluster/dit1.3b_densedpo_128gpu.yaml"
+IPO = "recipes/cluster/dit5b_ipo_round.yaml"
 
 
 def dry_run(capsys, recipe, *extra):

@@ -10,9 +10,9 @@ from vidpo.config import load_config
 from vidpo.stages.cache import run_cache
 from vidpo.stages.common import setup_logging
 from vidpo.stages.compare import compare, markdown_table
-from vidpo.stages.generate import generate_pairs
 from vidpo.stages.label import label_pairs
-from vidpo.stages.pipeline import run_pipeline
+from vidpo.stages.parts import prepare_run
+from vidpo.stages.pipeline import generate_and_decode, run_pipeline
 
 
 # ----- CLI verbs --------------------------------------------------------------------------------------
@@ -22,7 +22,10 @@ def _load(args):
 
 def cmd_generate(args) -> int:
     cfg = _load(args)
-    print(json.dumps(generate_pairs(cfg, args.out, split=args.split), indent=2))
+    out = Path(args.out)
+    parts = prepare_run(cfg, out.parent)   # a prompt file's embeddings go beside the pairs directory
+    generate_and_decode(cfg, out, parts, split=args.split, resume=False)
+    print(json.dumps(json.loads((out / "generate.json").read_text()), indent=2))
     return 0
 
 

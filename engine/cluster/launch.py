@@ -1,6 +1,6 @@
 """``vidpo launch RECIPE``: start a recipe's distributed training from its ``parallel`` and ``cluster`` sections.
 
-    vidpo launch recipes/cluster/wan1.3b_densedpo_128gpu.yaml --out runs/wan --dry-run   # print, start nothing
+    vidpo launch recipes/cluster/dit1.3b_densedpo_128gpu.yaml --out runs/wan --dry-run   # print, start nothing
     vidpo launch RECIPE --out runs/x                                                     # submit / start it
 
 ``cluster.launcher``:

@@ -16,8 +16,9 @@ from vidpo.config.fields import Problem, Problems, Section, choice
 @dataclass
 class ParallelConfig(Section):
     """How one training run is split over processes (``torchrun`` ranks). The data-parallel size is what
-    remains of the world: ``dp = world_size / (tp * cp)``. A single process ignores this section unless it
-    asks for more than one rank (an error then says to start the run with torchrun)."""
+    remains of the world: ``dp = world_size / (tp * cp)``. A single process uses only
+    ``activation_checkpointing``, and refuses a layout that asks for more than one rank (the error says to
+    start the run with torchrun)."""
 
     tp: int = 1
     """Tensor-parallel size: attention heads and MLP columns are split over this many ranks (Megatron
@@ -42,7 +43,8 @@ class ParallelConfig(Section):
     """Dtype FSDP all-gathers parameters in for compute (gradients are always reduced in float32)."""
 
     activation_checkpointing: str = choice("none", ActivationCheckpointing)
-    """'full' recomputes every transformer block in the backward pass of the parallel model."""
+    """'full' recomputes every transformer block in the backward pass (a diffusers model through its own
+    gradient checkpointing), in one process as in a parallel layout."""
 
     compile: bool = False
     """torch.compile each transformer block of the parallel model (GPU runs; slow to start on CPU)."""

@@ -6,6 +6,10 @@ The stages (generate, label, train, evaluate) know a domain only through this in
   ``fps``, ``frames``, ``height``, ``width``   the pixel geometry of the videos the model makes
   ``condition_ids(ids)``       (n, K) structured conditions of an exact judge, or None
   ``real_clips(ids, gen)``     (n, 3, F, H, W) ground-truth pixel clips of the prompts, or None
+  ``oracle``                   an exact scorer of the domain's videos (the toy world's), or None
+
+Code outside the domains reaches the shapes world and its oracle only through ``shapes_world(cfg.world)`` and
+``exact_oracle(world)`` here, never by their classes.
 
 Two domains:
 
@@ -22,6 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from vidpo.data.oracle import ShapesOracle
 from vidpo.data.prompts import Prompt, PromptError, PromptSet, read_prompt_file
 from vidpo.data.shapes import ShapesWorld
 
@@ -48,6 +53,10 @@ class Domain:
         return None
 
     @property
+    def oracle(self):
+        return None
+
+    @property
     def pixel_shape(self) -> tuple[int, int, int, int]:
         return 3, self.frames, self.height, self.width
 
@@ -69,6 +78,7 @@ class ShapesDomain(Domain):
         conditions = world.condition(torch.arange(world.num_conditions))
         self._prompts = PromptSet(Prompt(id=shapes_prompt_id(i), text=text)
                                   for i, text in enumerate(world.captions(conditions)))
+        self._oracle: Optional[ShapesOracle] = None
 
     def prompts(self, split: str) -> PromptSet:
         _check_split(split)
@@ -79,6 +89,12 @@ class ShapesDomain(Domain):
 
     def real_clips(self, prompt_ids: Sequence[str], generator: torch.Generator) -> torch.Tensor:
         return self.world.render(self.condition_ids(prompt_ids), generator, corrupt=False).clips
+
+    @property
+    def oracle(self) -> ShapesOracle:
+        if self._oracle is None:
+            self._oracle = ShapesOracle(self.world)
+        return self._oracle
 
 
 class PromptFileDomain(Domain):
@@ -114,3 +130,13 @@ def shapes_condition_index(prompt_id: str) -> int:
     if not prompt_id.startswith(SHAPES_PREFIX) or not prompt_id[len(SHAPES_PREFIX):].isdigit():
         raise PromptError(f"'{prompt_id}' is not a prompt of the shapes world (ids are {SHAPES_PREFIX}NNNN)")
     return int(prompt_id[len(SHAPES_PREFIX):])
+
+
+def shapes_world(world_cfg) -> ShapesWorld:
+    """The shapes world of a recipe's ``world`` section."""
+    return ShapesWorld(world_cfg)
+
+
+def exact_oracle(world) -> ShapesOracle:
+    """The exact oracle of the shapes world ``world``: graded per-component, per-segment scores of its clips."""
+    return ShapesOracle(world)

@@ -58,7 +58,7 @@ class EvalResult:
     components: dict[str, torch.Tensor]   # name -> (n,)
     samples: torch.Tensor                 # (n, 3, T, H, W) in [-1, 1]
     cond_ids: torch.Tensor                # (n, 3)
-    modes: dict[str, torch.Tensor] = field(default_factory=dict)  # bad mode -> (n,) bool (ShapesOracle.failure_modes)
+    modes: dict[str, torch.Tensor] = field(default_factory=dict)  # bad mode -> (n,) bool (the oracle's failure_modes)
 
     def summary(self) -> dict:
         out = {"oracle": mean_ci(self.total)}

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from vidpo.config import RunConfig, load_config, resolve_path
-from vidpo.data.oracle import ShapesOracle
+from vidpo.data.domains import exact_oracle
 from vidpo.training import checkpoint as ckpt
 from vidpo.training.modeling import build_world, pick_device, run_segment_ids
 
@@ -40,7 +40,8 @@ class RunLayout:
     world: object
     segment_ids: torch.Tensor
     device: torch.device
-    oracle: ShapesOracle
+    oracle: object
+    """The shapes world's exact oracle: it labels the seed pairs and measures (``vidpo.data.domains``)."""
     base_path: Path
     """Weights of the initial policy (``train.init_from``)."""
 
@@ -51,7 +52,7 @@ class RunLayout:
         cfg = load_config(out / "config.yaml") if cfg is None else cfg
         world = build_world(cfg)
         return cls(cfg=cfg, out=out, world=world, segment_ids=run_segment_ids(cfg), device=pick_device(),
-                   oracle=ShapesOracle(world), base_path=ckpt.find_weights(resolve_path(cfg.train.init_from)))
+                   oracle=exact_oracle(world), base_path=ckpt.find_weights(resolve_path(cfg.train.init_from)))
 
     @property
     def num_segments(self) -> int:

@@ -50,7 +50,7 @@ class Symmetry:
 
 
 class Symmetries:
-    """Label-preserving transforms of (clips, condition, segment labels) of a ``ShapesWorld``.
+    """Label-preserving transforms of (clips, condition, segment labels) of the shapes world.
 
     Index 0 is the identity. A transform is offered only when the world's direction vocabulary is closed
     under it (e.g. 'left' exists for 'right') and, for time reversal, when the segments are symmetric

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vidpo.data.oracle import ShapesOracle
+from vidpo.data.domains import exact_oracle
 from vidpo.labeling.base import Labeler, LabelingError, LabelResult, PairBatch, register_labeler
 
 ORACLE_MODES = ("segment", "video")
@@ -35,7 +35,7 @@ class OracleLabeler(Labeler):
 
     def __init__(self, world=None, *, oracle=None, tie_margin: float = 0.0, mode: str = "segment") -> None:
         """``world``: the shapes world the clips come from (an oracle is built for it), or pass a ready
-        ``oracle`` (anything with ``prefer`` and ``score`` like ``ShapesOracle``). ``tie_margin`` >= 0:
+        ``oracle`` (anything with ``prefer`` and ``score``, like the shapes world's). ``tie_margin`` >= 0:
         score differences up to it are ties. ``mode``: "segment" or "video" (see the module doc)."""
         if (world is None) == (oracle is None):
             raise ValueError("OracleLabeler needs exactly one of world= (the shapes world) or oracle=")
@@ -43,7 +43,7 @@ class OracleLabeler(Labeler):
             raise ValueError(f"oracle labeller mode must be one of {ORACLE_MODES}, got {mode!r}")
         if not tie_margin >= 0:
             raise ValueError(f"oracle labeller tie_margin must be >= 0, got {tie_margin!r}")
-        self.oracle = oracle if oracle is not None else ShapesOracle(world)
+        self.oracle = oracle if oracle is not None else exact_oracle(world)
         self.tie_margin = float(tie_margin)
         self.mode = mode
 

@@ -1,9 +1,15 @@
-"""Flow-matching (SFT) objective on cached VAE latents and text embeddings (``data.source: latents``).
+"""The denoising (SFT) objective on cached VAE latents and text embeddings (``data.source: latents``), in the
+model's own forward process and target.
 
-loss = mean over (B, C, T, H, W) of (v_theta(x_t, t, c) - (eps - x0))^2 with x_t = (1 - t) x0 + t eps,
-x0 the cached latent (B, C, T, H, W), c the cached text embedding (B, L, D) (all zeros = the null
-condition, used with probability ``flow.cond_dropout`` for classifier-free guidance) and t logit-normal
-in [t_min, t_max] — the same loss as ``vidpo.objectives.sft`` on the shapes world.
+loss = mean over (B, C, T, H, W) of (pred_theta(x_t, t, c) - target)^2, x0 the cached latent (B, C, T, H, W), c the
+cached text embedding (B, L, D) (all zeros = the null condition, used with probability ``flow.cond_dropout`` for
+classifier-free guidance), eps Gaussian noise and t engine time in [0, 1]:
+  * the DiT (no hooks): rectified flow, x_t = (1 - t) x0 + t eps, target eps - x0, t logit-normal in
+    [t_min, t_max] — the same loss as ``vidpo.objectives.sft`` on the shapes world;
+  * a diffusers adapter (``process``): its hooks ``interpolate`` / ``training_target`` / ``sample_timesteps``
+    (``vidpo.models.adapters``): Wan's rectified flow (the same draws and loss as the DiT's), CogVideoX's
+    v-prediction DDPM (x_k = alpha_k x0 + sigma_k eps, target v = alpha_k eps - sigma_k x0, k uniform over its
+    training timesteps in [t_min, t_max]), as the preference objectives use them.
 
 Data come from ``vidpo.data.latents.LatentLoader``: its position in the sample stream is this objective's
 ``state_dict`` (so checkpoints carry it and a resumed run sees exactly the remaining samples). The noise,
@@ -36,9 +42,13 @@ class LatentSFTObjective:
     name = "sft"
 
     def __init__(self, cfg: RunConfig, device: torch.device, *, loader: Optional[LatentLoader] = None,
-                 rank: Optional[int] = None, world_size: Optional[int] = None):
+                 rank: Optional[int] = None, world_size: Optional[int] = None, process=None):
+        """``process``: the model adapter whose diffusion-process hooks (``interpolate``, ``training_target``,
+        ``sample_timesteps``) define x_t, the target and the timesteps; an object without them (the DiT, or
+        None) means rectified flow."""
         self.cfg = cfg
         self.device = torch.device(device)
+        self.process = process if getattr(process, "training_target", None) is not None else None
         self.loader = loader or build_latent_loader(cfg, rank=rank, world_size=world_size)
 
     def _draws(self, positions: torch.Tensor, shape: tuple) -> tuple:
@@ -47,8 +57,11 @@ class LatentSFTObjective:
         ts, noises, drops = [], [], []
         for position in positions.tolist():
             g = generator(self.cfg.seed, "latent_sft", position)
-            ts.append(flow.sample_timesteps(1, g, logit_mean=f.logit_mean, logit_std=f.logit_std,
-                                            t_min=f.t_min, t_max=f.t_max))
+            if self.process is None:
+                ts.append(flow.sample_timesteps(1, g, logit_mean=f.logit_mean, logit_std=f.logit_std,
+                                                t_min=f.t_min, t_max=f.t_max))
+            else:
+                ts.append(self.process.sample_timesteps(1, g, f).float())
             noises.append(torch.randn(shape, generator=g))
             drops.append(torch.rand(1, generator=g) < f.cond_dropout)
         return torch.cat(ts), torch.stack(noises), torch.cat(drops)
@@ -63,9 +76,13 @@ class LatentSFTObjective:
                 "positions": batch["positions"], "indices": batch["indices"]}
 
     def loss(self, model, batch: dict):
-        x_t = flow.interpolate(batch["x0"], batch["noise"], batch["t"])
-        v = model(x_t, batch["t"], batch["cond"])
-        loss = kernels.flow_matching_loss(v.float(), flow.velocity_target(batch["x0"], batch["noise"]).float())
+        x0, noise, t = batch["x0"], batch["noise"], batch["t"]
+        if self.process is None:
+            x_t, target = flow.interpolate(x0, noise, t), flow.velocity_target(x0, noise)
+        else:
+            x_t, target = self.process.interpolate(x0, noise, t), self.process.training_target(x0, noise, t)
+        pred = model(x_t, t, batch["cond"])
+        loss = kernels.flow_matching_loss(pred.float(), target.float())
         return loss, {}
 
     def state_dict(self) -> dict:

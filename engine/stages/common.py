@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from vidpo.config import RunConfig, load_config, resolve_path
-from vidpo.data.oracle import ShapesOracle
+from vidpo.data.domains import exact_oracle
 from vidpo.evaluation.evaluate import EvalResult
 from vidpo.evaluation.report import write_report
 from vidpo.evaluation.visualize import save_gif, save_png_grid
@@ -40,7 +40,7 @@ def setup_logging(out_dir: Optional[Path] = None, verbose: bool = False) -> None
 
 
 def build_oracle(world):
-    return ShapesOracle(world)
+    return exact_oracle(world)
 
 
 def save_samples(result: EvalResult, world, directory: Path, name: str, grid: int) -> list[Path]:

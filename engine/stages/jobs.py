@@ -20,7 +20,9 @@ from vidpo.stages.common import build_oracle, load_policy_from, save_samples, se
 from vidpo.stages.distill import train_distill
 from vidpo.stages.pipeline import train_preference
 from vidpo.training import checkpoint as ckpt
+from vidpo.training.export import export_run
 from vidpo.training.modeling import build_policy, build_world, pick_device, set_threads
+from vidpo.training.policy import apply_activation_checkpointing
 from vidpo.training.trainer import Trainer
 from vidpo.utils import atomic
 from vidpo.utils.seeding import seed_everything
@@ -122,10 +124,11 @@ def train_latent_sft(cfg: RunConfig, out_dir, *, resume: bool = True) -> dict:
     set_threads(cfg)
     seed_everything(cfg.seed)
     device = pick_device()
-    objective = LatentSFTObjective(cfg, device)
     model = build_policy(cfg, None, device)
     if cfg.train.init_from:
         ckpt.load_weights(model, resolve_path(cfg.train.init_from))
+    model = apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    objective = LatentSFTObjective(cfg, device, process=model)   # a diffusers model's own process and target
     atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
     loader = objective.loader
     log.info("train: objective=sft data=latents (%d samples, latent %s, text %s) rank %d/%d params=%.3fM "
@@ -136,6 +139,7 @@ def train_latent_sft(cfg: RunConfig, out_dir, *, resume: bool = True) -> dict:
         result = trainer.fit()
     finally:
         objective.close()
+    export_run(cfg, out_dir, model, from_checkpoint=False)   # a diffusers model: OUT/transformer/ (or OUT/lora/)
     summary = {"objective": "sft", "data": "latents", "steps": result["steps"],
                "seconds": round(result["seconds"], 1), "skipped_steps": result["skipped_steps"],
                "samples_consumed": loader.cursor, "last": result.get("last", {}),

@@ -30,7 +30,7 @@ from vidpo.models.vae import IdentityVAE, VideoVAE, vae_facts
 from vidpo.stages.prompts import embed_prompts
 from vidpo.stages.real_clips import encode_prompt_clips, needs_real_clips
 from vidpo.training.conditioning import Conditioning, EmbeddingConditioning, TokenConditioning
-from vidpo.training.modeling import DTYPES, build_domain, pick_device
+from vidpo.training.modeling import DTYPES, build_domain, loads_from_directory, pick_device
 
 
 @dataclass
@@ -49,7 +49,7 @@ class RunParts:
 
 def open_model_dir(cfg: RunConfig, *parts: str) -> PipelineDirectory:
     """``model.path`` checked as a release of ``model.kind`` with ``parts``; a problem is a ConfigError."""
-    if cfg.model.kind == "dit" or not cfg.model.path:
+    if not loads_from_directory(cfg) or not cfg.model.path:
         raise ConfigError("a prompt-file run (prompts.path) needs a released diffusers model: model.kind wan | "
                           "cogvideox and model.path its directory (model_index.json, transformer/, vae/, ...)")
     try:

@@ -20,16 +20,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from vidpo.config import ConfigError, RunConfig, resolve_path, to_yaml
-from vidpo.data.domains import ShapesDomain
-from vidpo.data.oracle import ShapesOracle
+from vidpo.data.domains import ShapesDomain, exact_oracle
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, ShardReader, read_manifest, validate_records
 from vidpo.evaluation.evaluate import evaluate_model, paired_delta
 from vidpo.evaluation.pair_viewer import write_pair_viewer
-from vidpo.models.adapters import export_lora_state
-from vidpo.models.lora import save_lora
 from vidpo.objectives.preference import PreferenceObjective, implicit_accuracy
 from vidpo.stages.common import save_samples, setup_logging, write_run_report
 from vidpo.stages.decode import decode_pairs
@@ -37,7 +33,7 @@ from vidpo.stages.generate import generate_pairs
 from vidpo.stages.judged_eval import judged_evaluation
 from vidpo.stages.label import label_pairs
 from vidpo.stages.parts import RunParts, latent_frames_of, prepare_run
-from vidpo.training import checkpoint as ckpt
+from vidpo.training.export import export_run
 from vidpo.training.modeling import (
     build_world,
     load_initial_policy,
@@ -112,7 +108,7 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
                                     parallel=parallel, process=process, real_latents=parts.real_latents_of_records)
     evaluate = None
     if world is not None and cfg.train.eval_every > 0:   # the toy world's exact oracle scores samples in training
-        oracle = ShapesOracle(world)
+        oracle = exact_oracle(world)
 
         def evaluate(m, step):
             return evaluate_model(m, cfg, world, oracle, num_samples=max(16, cfg.eval.num_samples // 2)).flat()
@@ -124,8 +120,8 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
     trainer = Trainer(cfg, run_dir, model, objective, device=device, resume=resume, lora_state=lora_state,
                       evaluate=evaluate, parallel=parallel)
     result = trainer.fit()
-    if cfg.lora is not None and (parallel is None or parallel.is_main):
-        export_run_lora(cfg, run_dir, model, from_checkpoint=parallel is not None)
+    if parallel is None or parallel.is_main:   # OUT/lora, or a diffusers model's OUT/transformer (full fine-tune)
+        export_run(cfg, run_dir, model, from_checkpoint=parallel is not None)
     result.update({"pairs": len(records), "skipped_pairs": len(problems), "reference": ref_mode})
     if cfg.train.objective == "dense_dpo" and cfg.label.min_non_tie_fraction is not None:
         result["pairs_with_too_few_non_ties"] = too_few_non_ties
@@ -133,26 +129,23 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
             "world": world, "segment_ids": seg, "parts": parts}
 
 
-def export_run_lora(cfg: RunConfig, run_dir: Path, model, *, from_checkpoint: bool) -> Path:
-    """The trained adapters where a user loads them: ``RUN_DIR/lora/`` in diffusers' layout for a diffusers
-    model (``pipe.load_lora_weights(RUN_DIR/lora)``; a two-expert Wan 2.2 adds ``lora/transformer_2/``), else
-    ``RUN_DIR/lora.safetensors`` (peft key names). A multi-process run exports what its latest checkpoint
-    consolidated (the shards of one rank hold no whole adapter)."""
-    diffusers_model = hasattr(model, "export_lora")
-    if from_checkpoint:
-        latest = ckpt.latest_checkpoint(run_dir) / "lora.safetensors"
-        if not diffusers_model:
-            atomic.write_bytes(run_dir / "lora.safetensors", latest.read_bytes())
-            return run_dir / "lora.safetensors"
-        return Path(export_lora_state(load_file(str(latest)), run_dir / "lora", alpha=cfg.lora.alpha,
-                                      dropout=cfg.lora.dropout))
-    if diffusers_model:
-        return Path(model.export_lora(run_dir / "lora"))
-    save_lora(model, str(run_dir / "lora.safetensors"))
-    return run_dir / "lora.safetensors"
-
-
 # ----- run: the whole chain ----------------------------------------------------------------------------
+def generate_and_decode(cfg: RunConfig, pairs_dir: Path, parts: RunParts, *, split: str = "train",
+                        resume: bool = True, rank: int = 0, world_size: int = 1) -> None:
+    """``vidpo generate``: the pairs of ``split`` into ``pairs_dir`` (kept when there with ``resume``), and, for a
+    latent model, decoded to frames and mp4s with the pair viewer (people and judges look at pixels)."""
+    pairs_dir = Path(pairs_dir)
+    if not (pairs_dir / PAIRS_FILE).exists() or not resume:
+        generate_pairs(cfg, pairs_dir, split=split, domain=parts.domain, conditioning=parts.conditioning,
+                       vae=parts.vae, real_latents=parts.real_latents, rank=rank, world_size=world_size)
+    if not parts.vae.pixel_space:
+        decode_pairs(pairs_dir, parts.vae, parts.domain.fps, batch_size=cfg.generate.decode_batch_size,
+                     progress=cfg.train.progress, rank=rank, world_size=world_size)
+        if rank == 0:
+            write_pair_viewer(pairs_dir, None, cfg.label.segment_seconds, parts.domain.fps,
+                              temporal_compression=parts.vae.temporal_compression)
+
+
 def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> dict:
     """``vidpo run``: prepare the run's parts (prompt embeddings, VAE, real clips), then for the training and the
     held-out pairs generate -> decode (a latent model's pairs become mp4s, frames and the pair viewer) -> label;
@@ -177,15 +170,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) ->
         if n <= 0:
             continue
         t = time.time()
-        if not (d / PAIRS_FILE).exists() or not resume:
-            generate_pairs(cfg, d, split=split, domain=domain, conditioning=parts.conditioning, vae=parts.vae,
-                           real_latents=parts.real_latents, rank=rank, world_size=ranks)
-        if not parts.vae.pixel_space:   # people and judges look at pixels: decode, then the viewer
-            decode_pairs(d, parts.vae, domain.fps, batch_size=cfg.generate.decode_batch_size,
-                         progress=cfg.train.progress, rank=rank, world_size=ranks)
-            if rank == 0:
-                write_pair_viewer(d, None, cfg.label.segment_seconds, domain.fps,
-                                  temporal_compression=parts.vae.temporal_compression)
+        generate_and_decode(cfg, d, parts, split=split, resume=resume, rank=rank, world_size=ranks)
         if rank == 0 and (not (d / MANIFEST_FILE).exists() or not resume):
             label_pairs(cfg, d, domain=domain)   # one process asks the judge (a VLM serves many requests at once)
         _barrier(ranks)
@@ -243,7 +228,7 @@ def _barrier(ranks: int) -> None:
 def _oracle_evaluation(cfg: RunConfig, out_dir: Path, world, base, model, *, write: bool = True) -> dict:
     """The toy world's evaluation: both models' samples on the evaluation seeds scored by the exact oracle
     (paired deltas per component and bad mode, win rate), with sample grids."""
-    oracle = ShapesOracle(world)
+    oracle = exact_oracle(world)
     base_eval = evaluate_model(base, cfg, world, oracle)
     final_eval = evaluate_model(model, cfg, world, oracle)
     if write:
@@ -258,7 +243,7 @@ def _oracle_evaluation(cfg: RunConfig, out_dir: Path, world, base, model, *, wri
         "components": {name.split("/", 1)[1]: {"base": base_s[name]["mean"], "final": final_s[name]["mean"],
                                                "delta": delta[name]["mean"], "delta_ci95": delta[name]["ci95"]}
                        for name in base_s if name.startswith("oracle/")},
-        # Bad-mode rates (ShapesOracle.failure_modes): did the run remove backwards / static / wrong-colour clips?
+        # Bad-mode rates (the oracle's failure_modes): did the run remove backwards / static / wrong-colour clips?
         "modes": {name.split("/", 1)[1]: {"base": base_s[name]["mean"], "final": final_s[name]["mean"],
                                           "delta": delta[name]["mean"], "delta_ci95": delta[name]["ci95"]}
                   for name in base_s if name.startswith("mode/") and name in delta},

@@ -13,18 +13,23 @@ from typing import Optional
 import torch
 
 from vidpo.config import ConfigError, RunConfig, resolve_path
-from vidpo.data.domains import Domain, PromptFileDomain, ShapesDomain
+from vidpo.data.domains import Domain, PromptFileDomain, ShapesDomain, shapes_world
 from vidpo.data.latents import latent_info
 from vidpo.data.segments import segment_ids as make_segment_ids
-from vidpo.data.shapes import ShapesWorld
 from vidpo.models.dit import build_dit, dit_config
-from vidpo.models.registry import load_adapter
+from vidpo.models.registry import load_adapter, model_spec
 from vidpo.models.vae import VideoVAE
 from vidpo.training import checkpoint as ckpt
 from vidpo.training.conditioning import Conditioning, EmbeddingConditioning, TokenConditioning
 from vidpo.utils.seeding import derive_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def loads_from_directory(cfg: RunConfig) -> bool:
+    """Whether the recipe's model family loads from a model directory (a diffusers adapter in the registry) rather
+    than being built from a preset and initialised from the run's seed (the DiT)."""
+    return model_spec(cfg.model.kind).adapter is not None
 
 
 def pick_device(requested: Optional[str] = None) -> torch.device:
@@ -36,10 +41,10 @@ def pick_device(requested: Optional[str] = None) -> torch.device:
 
 
 def build_world(cfg: RunConfig):
-    return ShapesWorld(cfg.world)
+    return shapes_world(cfg.world)
 
 
-def build_domain(cfg: RunConfig, world: Optional[ShapesWorld] = None) -> Domain:
+def build_domain(cfg: RunConfig, world=None) -> Domain:
     """The run's domain: the prompt file of ``prompts.path`` (videos of ``generate.frames / height / width /
     fps``), else the shapes world (``vidpo.data.domains``)."""
     if not cfg.prompts.path:
@@ -57,8 +62,8 @@ def build_conditioning(cfg: RunConfig, domain: Domain, embeddings=None) -> Condi
     if isinstance(domain, ShapesDomain):
         return TokenConditioning(domain)
     if embeddings is None:
-        raise ConfigError("a prompt-file run needs its prompt embeddings: run `vidpo encode-prompts` (or "
-                          "`vidpo run`, which does) first")
+        raise ConfigError("a prompt-file run needs its prompt embeddings: build the run's parts with "
+                          "vidpo.stages.parts.prepare_run (vidpo run / generate / train do)")
     return EmbeddingConditioning(embeddings, dtype=DTYPES[cfg.model.dtype])
 
 
@@ -84,7 +89,7 @@ def adapter_sampling_kwargs(cfg: RunConfig) -> dict:
     """``model.sampler`` / ``model.sample_shift`` as adapter arguments (the recipe loader checks them against
     ``model.kind``)."""
     m = cfg.model
-    if m.kind == "dit":
+    if not loads_from_directory(cfg):
         return {}
     kwargs = {"sampler": None if m.sampler == "auto" else m.sampler}
     if m.sample_shift is not None:
@@ -96,7 +101,7 @@ def build_policy(cfg: RunConfig, world, device: torch.device | str = "cpu"):
     """The video DiT of the recipe, initialised from the ``(seed, "init")`` stream, or (``model.kind`` wan /
     cogvideox) the diffusers transformer of ``model.path`` behind its engine adapter."""
     sampling = adapter_sampling_kwargs(cfg)
-    if cfg.model.kind != "dit":  # weights come from the model directory, not from the init stream
+    if loads_from_directory(cfg):  # weights come from the model directory, not from the init stream
         dtype = DTYPES[cfg.model.dtype]
         return load_adapter(cfg.model.kind, resolve_path(cfg.model.path), device=device, dtype=dtype,
                             **sampling).to(device=device, dtype=dtype)
@@ -151,7 +156,7 @@ def _require_init(cfg: RunConfig) -> Path:
 
 def load_initial_policy(cfg: RunConfig, world, device) -> torch.nn.Module:
     model = build_policy(cfg, world, device)
-    if cfg.model.kind != "dit" and not cfg.train.init_from:
+    if loads_from_directory(cfg) and not cfg.train.init_from:
         return model  # a diffusers model directory (model.path) already holds the weights
     ckpt.load_weights(model, _require_init(cfg))
     return model

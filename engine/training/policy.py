@@ -4,7 +4,9 @@ Preference objectives compare the policy with a reference model on the same inpu
 the policy with its LoRA adapters disabled (``lora_disabled``: no second copy of the weights) or a frozen
 copy (``frozen_copy``); ``pref.reference: auto`` picks the first when the recipe has a ``lora`` section.
 Multi-process runs lay the policy (and a frozen reference copy) out with the model family's own
-``parallelize`` from the model registry (TP/SP -> CP -> activation checkpointing -> compile -> FSDP).
+``parallelize`` from the model registry (TP/SP -> CP -> activation checkpointing -> compile -> FSDP); in one
+process ``parallel.activation_checkpointing`` switches on the model's own block checkpointing
+(``apply_activation_checkpointing``).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from vidpo.models.lora import apply_lora, lora_disabled, lora_modules, lora_stat
 from vidpo.models.registry import model_spec
 from vidpo.training import checkpoint as ckpt
 from vidpo.training.distributed import DistributedSetupError, init_distributed
-from vidpo.training.modeling import dit_config_for, load_initial_policy
+from vidpo.training.modeling import dit_config_for, load_initial_policy, loads_from_directory
 
 
 def reference_mode(cfg: RunConfig) -> str:
@@ -54,8 +56,26 @@ def make_reference(cfg: RunConfig, model: torch.nn.Module, weights: Optional[Pat
     return reference, mode
 
 
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``parallel.activation_checkpointing`` on a single-device model: 'full' recomputes every transformer block
+    in the backward pass (same loss and gradients, the activation memory of one block instead of all): a
+    diffusers adapter's own checkpointing (``enable_gradient_checkpointing``, every expert of a Wan 2.2 A14B), the
+    DiT's block checkpointing (``set_activation_checkpointing``). 'none' leaves the model as it is. Returns it."""
+    if mode == "none":
+        return model
+    if callable(getattr(model, "enable_gradient_checkpointing", None)):
+        model.enable_gradient_checkpointing()
+    elif callable(getattr(model, "set_activation_checkpointing", None)):
+        model.set_activation_checkpointing(mode)
+    else:
+        raise ConfigError(f"parallel.activation_checkpointing={mode}: {type(model).__name__} has no activation "
+                          "checkpointing in one process")
+    return model
+
+
 def prepare_policy(cfg: RunConfig, world, device, reference_weights: Optional[Path] = None):
-    """Initial policy (+ LoRA adapters, trainable) and its reference forward (``make_reference``)."""
+    """Initial policy (+ LoRA adapters, trainable; + ``parallel.activation_checkpointing``, which only acts where
+    gradients are computed) and its reference forward (``make_reference``)."""
     model = load_initial_policy(cfg, world, device)
     lora_state = None
     if cfg.lora is not None:
@@ -66,6 +86,7 @@ def prepare_policy(cfg: RunConfig, world, device, reference_weights: Optional[Pa
             return lora_state_dict(model), {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
                                             "target_modules": json.dumps(cfg.lora.target_modules)}
     reference, mode = make_reference(cfg, model, reference_weights)
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)   # the policy, not a frozen copy
     return model, reference, mode, lora_state
 
 
@@ -114,7 +135,7 @@ def _adapters_off_reference(model: torch.nn.Module):
 
 def _heads_and_temporal_patch(cfg: RunConfig, world) -> tuple[int, int]:
     """Attention heads and temporal patch size of the run's model (what a parallel layout must divide)."""
-    if cfg.model.kind == "dit":
+    if not loads_from_directory(cfg):
         dcfg = dit_config_for(cfg, world)
         return dcfg.num_heads, dcfg.patch_size[0]
     info = json.loads((transformer_dir(resolve_path(cfg.model.path)) / "config.json").read_text())
