@@ -11,6 +11,8 @@ import pytest
 import torch
 from helpers.video import encode_clip, make_frames
 
+from vidpo.utils.provenance import SettingsMismatch
+
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
@@ -167,7 +169,7 @@ def test_ranks_take_their_slices(workspace, tmp_path):
 def test_settings_change_and_strict_policy(workspace, tmp_path):
     out = tmp_path / "cache"
     run_cache(_cfg(workspace, "cache.shard_size=4"), out)
-    with pytest.raises(ConfigError, match="frames differ"):
+    with pytest.raises(SettingsMismatch, match="frames differ"):
         run_cache(_cfg(workspace, "cache.shard_size=4", "cache.frames=5"), out)
     with pytest.raises(VideoDecodeError, match="missing.mp4: missing"):
         run_cache(_cfg(workspace, "cache.on_bad_input=raise"), tmp_path / "strict")

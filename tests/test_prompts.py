@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vidpo.utils.provenance import SettingsMismatch
+
 pytest.importorskip("transformers")
 
 from vidpo.config import ConfigError, PromptsConfig, RunConfig, explain, load_config  # noqa: E402
@@ -306,15 +308,15 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(encoder, tmp_path)
 def test_a_rerun_with_other_settings_is_refused(encoder, tmp_path):
     ps, out = _prompt_set(tmp_path), tmp_path / "emb"
     encode_prompts(_cfg(), ps, encoder, out)
-    with pytest.raises(ConfigError, match=r"other settings \(dtype differ\)"):
+    with pytest.raises(SettingsMismatch, match=r"other settings \(dtype differ\)"):
         encode_prompts(_cfg("prompts.dtype=bfloat16"), ps, encoder, out)
-    with pytest.raises(ConfigError, match=r"negative_prompt, shard_size differ"):
+    with pytest.raises(SettingsMismatch, match=r"negative_prompt, shard_size differ"):
         encode_prompts(_cfg("prompts.negative_prompt=ugly", "prompts.shard_size=4"), ps, encoder, out)
     more = PromptSet([*ps, Prompt("q5", "a dog")])
-    with pytest.raises(ConfigError, match=r"num_prompts, prompts_sha1 differ"):
+    with pytest.raises(SettingsMismatch, match=r"num_prompts, prompts_sha1 differ"):
         encode_prompts(_cfg(), more, encoder, out)
     edited = PromptSet([Prompt(p.id, p.text, "other" if p.id == "q0" else p.negative_prompt) for p in ps])
-    with pytest.raises(ConfigError, match=r"\(prompts_sha1 differ\)"):
+    with pytest.raises(SettingsMismatch, match=r"\(prompts_sha1 differ\)"):
         encode_prompts(_cfg(), edited, encoder, out)
     with pytest.raises(ConfigError, match="max_sequence_length = 16, but the text encoder was built with max_length 8"):
         encode_prompts(_cfg("prompts.max_sequence_length=16"), ps, encoder, tmp_path / "other")

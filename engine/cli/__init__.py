@@ -23,6 +23,7 @@ from vidpo.labeling import LabelingError
 from vidpo.stages.common import setup_logging
 from vidpo.training.distributed import finish
 from vidpo.training.trainer import TrainingStopped
+from vidpo.utils.provenance import SettingsMismatch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     try:
         code = args.func(args)
     except (ConfigError, FileNotFoundError, PairDataError, LabelingError, TrainingStopped, VideoDecodeError,
-            LatentDataError, ManifestError, PromptError) as exc:
+            LatentDataError, ManifestError, PromptError, SettingsMismatch) as exc:
         print(f"vidpo {args.verb}: error: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -42,6 +42,7 @@ from vidpo.models.text_encoder import TextEncoder
 from vidpo.models.vae import DiffusersVAE, vae_facts
 from vidpo.training.modeling import pick_device
 from vidpo.utils import atomic
+from vidpo.utils.provenance import record_or_check
 
 log = logging.getLogger("vidpo")
 
@@ -81,18 +82,6 @@ def cache_settings(cfg: RunConfig, manifest: Path, vae_dir: Path, text_dir: Path
             "fps": c.fps, "frames": c.frames, "height": c.height, "width": c.width, "resize": c.resize,
             "text_max_length": c.text_max_length, "shard_size": c.shard_size, "dtype": c.dtype,
             "on_bad_input": c.on_bad_input}
-
-
-def _check_settings(out_dir: Path, settings: dict) -> None:
-    path = out_dir / SETTINGS_FILE
-    if path.exists():
-        old = json.loads(path.read_text())
-        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if differ:
-            raise ConfigError(f"{path}: this cache was made with other settings ({', '.join(differ)} differ); "
-                              "use another --out, or delete the directory to start over")
-    else:
-        atomic.write_json(path, settings)
 
 
 def _record_path(out_dir: Path, k: int) -> Path:
@@ -164,7 +153,8 @@ def run_cache(cfg: RunConfig, out_dir: str | os.PathLike, *, rank: Optional[int]
     if not clips:
         raise ConfigError(f"{manifest}: no usable clips" + (f" ({len(problems)} bad lines)" if problems else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(out_dir, cache_settings(cfg, manifest, vae_dir, text_dir, tok_dir))
+    record_or_check(out_dir / SETTINGS_FILE, cache_settings(cfg, manifest, vae_dir, text_dir, tok_dir),
+                    what="this cache was")
 
     num_shards = math.ceil(len(clips) / c.shard_size)
     mine = list(range(rank, num_shards, world_size))

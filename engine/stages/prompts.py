@@ -50,6 +50,7 @@ from vidpo.data.prompts import (
     read_prompt_file,
 )
 from vidpo.utils import atomic
+from vidpo.utils.provenance import record_or_check
 
 log = logging.getLogger("vidpo")
 
@@ -110,18 +111,6 @@ def prompt_cache_dir(cfg: RunConfig, settings: dict, run_dir: str | os.PathLike)
     return Path(run_dir) / RUN_SUBDIR
 
 
-def _check_settings(out_dir: Path, settings: dict) -> None:
-    path = out_dir / EMB_SETTINGS
-    if path.exists():
-        old = json.loads(path.read_text())
-        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if differ:
-            raise ConfigError(f"{path}: these prompt embeddings were made with other settings ({', '.join(differ)} "
-                              "differ); use another directory, or delete this one to start over")
-    else:
-        atomic.write_json(path, settings)
-
-
 def _record_path(out_dir: Path, job: int, num_shards: int) -> Path:
     return out_dir / f"{EMB_NEGATIVES if job == num_shards else emb_shard_stem(job)}.json"
 
@@ -168,7 +157,7 @@ def encode_prompts(cfg: RunConfig, prompt_set: PromptSet, text_encoder, out_dir:
     settings = embedding_settings(cfg, prompt_set, text_encoder)
     length, dtype = settings["max_length"], DTYPES[c.dtype]
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(out_dir, settings)
+    record_or_check(out_dir / EMB_SETTINGS, settings, what="these prompt embeddings were")
 
     prompts, negatives = list(prompt_set), negative_texts(cfg, prompt_set)
     neg_index = {text: i for i, text in enumerate(negatives)}
