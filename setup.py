@@ -104,9 +104,11 @@ setup(
         # Data path: DALI's CPU video operator, tiny diffusers/transformers encoders and Parquet
         # manifests are tested on CPU, so CI installs them (none of them depends on torch).
         # Pinned to the versions the suite was run with; peft + accelerate let diffusers' load_lora_weights
-        # read the exported adapters in the Wan / CogVideoX tests.
+        # read the exported adapters in the Wan / CogVideoX tests. transformers' `serving` extra (fastapi,
+        # uvicorn, openai, ...) runs `transformers serve`, the real OpenAI-compatible server the VLM labeller is
+        # tested against (tests/test_vlm_serve.py).
         "test": ["pytest>=8", "pytest-xdist", "av", "megatron-core==0.16.1", "nvidia-dali-cuda130==2.4.0",
-                 "diffusers==0.42.1", "transformers==5.23.0", "peft==0.21.2", "accelerate==1.15.0",
+                 "diffusers==0.42.1", "transformers[serving]==5.23.0", "peft==0.21.2", "accelerate==1.15.0",
                  "sentencepiece", "pyarrow"],
         "video": ["av", "pyarrow"],
         "dali": ["nvidia-dali-cuda130>=2.0"],  # CUDA 12 drivers: install nvidia-dali-cuda120 instead

@@ -20,7 +20,8 @@ def add_critic_verbs(sub) -> None:
     verbs = p.add_subparsers(dest="critic_verb", metavar="SUBVERB")
     verbs.required = True
     t = verbs.add_parser("train", help="train a critic on labelled pairs directories; report held-out accuracy")
-    t.add_argument("recipe", help="recipe giving the world and the critic section")
+    t.add_argument("recipe", help="recipe giving the world (or the prompt file) and the critic section "
+                                  "(critic.backbone: the VLM critic)")
     t.add_argument("--pairs", nargs="+", required=True, help="labelled pairs directories (manifest.jsonl)")
     t.add_argument("--heldout", nargs="+", help="labelled pairs to report accuracy on (default: hold out "
                                                 "critic.heldout_fraction of --pairs)")
@@ -39,10 +40,17 @@ def add_critic_verbs(sub) -> None:
 def cmd_iterate(args) -> int:
     if len(args.recipes) == 1 and not args.seeds:
         summary = iterate(load_config(args.recipes[0], args.overrides), args.out, reuse=args.reuse)
-        brief = {"base": summary["base"]["oracle"],
-                 "rounds": [{k: row[k] for k in ("round", "oracle", "delta_vs_base", "critic_accuracy",
-                                                 "critic_accuracy_before_refine", "pseudo_labels_kept")}
-                            for row in summary["rounds"]], "timings": summary["timings"]}
+        if "base" in summary:   # the shapes world: the oracle measures
+            keys = ("round", "oracle", "delta_vs_base", "critic_accuracy", "critic_accuracy_before_refine",
+                    "pseudo_labels_kept")
+            brief = {"base": summary["base"]["oracle"]}
+        else:                   # a prompt file: the judged evaluation against the initial policy
+            keys = ("round", "judged", "pseudo_labels_kept")
+            brief = {"seed_labels": {k: summary["seed_labels"][k] for k in ("pairs", "labeler")}}
+        brief.update(rounds=[{k: row.get(k) for k in keys} for row in summary["rounds"]], timings=summary["timings"])
+        if "judged" in keys:
+            for row in brief["rounds"]:
+                row["judged"] = {k: (row["judged"] or {}).get(k) for k in ("win_rate", "wins", "ties", "losses")}
     else:
         brief = compare_iterations(args.recipes, args.seeds or [0], args.out, args.overrides, jobs=args.jobs,
                                    gpus=args.gpus)

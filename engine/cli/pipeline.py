@@ -1,4 +1,4 @@
-"""``vidpo generate``, ``label``, ``run``, ``cache`` and ``compare``: the preference pipeline's verbs."""
+"""``vidpo generate``, ``label``, ``judge-eval``, ``run``, ``cache`` and ``compare``: the preference pipeline's verbs."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from vidpo.config import load_config
 from vidpo.stages.cache import run_cache
 from vidpo.stages.common import setup_logging
 from vidpo.stages.compare import compare, markdown_table
-from vidpo.stages.label import label_pairs
+from vidpo.stages.label import judge_eval_pairs, label_pairs
 from vidpo.stages.parts import prepare_run
 from vidpo.stages.pipeline import generate_and_decode, run_pipeline
 
@@ -33,6 +33,19 @@ def cmd_label(args) -> int:
     cfg = _load(args)
     stats = label_pairs(cfg, args.pairs)
     print(json.dumps({k: v for k, v in stats.items() if k != "problems"}, indent=2))
+    return 0
+
+
+def cmd_judge_eval(args) -> int:
+    cfg = _load(args)
+    report = judge_eval_pairs(cfg, args.pairs, args.human, args.out, from_manifest=args.from_manifest,
+                              resamples=args.resamples)
+    brief = {"judge": report["judge"], "pairs": report["pairs"],
+             **{f"segment_{k}": report["segment"][k] for k in ("agreement", "decisive_agreement", "judge_tie_rate")},
+             "video_agreement": report["video"]["agreement"],
+             "first_shown_rate": (report["position_bias"] or {}).get("first_shown_rate"),
+             "failed_comparisons": report["failed_comparisons"], "report": str(Path(args.out) / "judge_eval.md")}
+    print(json.dumps(brief, indent=2))
     return 0
 
 
@@ -62,6 +75,23 @@ def add_pipeline_verbs(sub) -> None:
     p.add_argument("--pairs", required=True, help="pairs directory written by `vidpo generate`")
     add_overrides(p)
     p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("judge-eval", help="how far to trust a judge: agreement with human labels, CIs, position bias",
+                       description="Label the pairs of --pairs that the human labels file --human labels with the "
+                                   "recipe's label.labeler (usually the VLM; its answer cache makes a rerun free), "
+                                   "and report agreement at segment and video level, tie rates and the position "
+                                   "bias with 95%% bootstrap CIs over pairs: --out/judge_eval.json and "
+                                   "judge_eval.md.")
+    p.add_argument("recipe")
+    p.add_argument("--pairs", required=True, help="pairs directory written by `vidpo generate`")
+    p.add_argument("--human", required=True, help="human labels JSONL (the file label.labeler: human reads)")
+    p.add_argument("--out", required=True, help="directory for the report and the judge's labels")
+    p.add_argument("--from-manifest", action="store_true",
+                   help="judge the labels already in PAIRS/manifest.jsonl (and their recorded VLM answers) "
+                        "instead of labelling again")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the CIs (default 2000)")
+    add_overrides(p)
+    p.set_defaults(func=cmd_judge_eval)
 
     p = sub.add_parser("run", help="generate -> label -> train -> eval -> report from one recipe",
                        description="The main job: one round of preference optimisation into --out (resumable).")

@@ -7,17 +7,57 @@ from typing import List, Optional
 
 from vidpo.config.choices import Granularity, IterateReference, Pairing, PointwiseMode, RefinePairs, RoundLabeler
 from vidpo.config.fields import Problem, Problems, Section, choice
+from vidpo.models.critic.vlm import DEFAULT_INSTRUCTION
 from vidpo.models.dit.config import DiTConfig
+
+CRITIC_POOLINGS = ("last", "mean")
+BACKBONE_DTYPES = ("float32", "bfloat16")
+SEED_LABELERS = ("auto", "oracle", "human", "vlm")
 
 
 @dataclass
 class CriticConfig(Section):
-    """The IPO critic (``vidpo.models.critic.VideoCritic``): a segment-level video scorer trained on preference
-    pairs with a Bradley-Terry loss that handles ties (Davidson), used as labeller ``critic``."""
+    """The IPO critic: a segment-level video scorer trained on preference pairs with a Bradley-Terry loss that
+    handles ties (Davidson), used as labeller ``critic``. Without ``backbone`` it is the toy network of the shapes
+    world (``vidpo.models.critic.VideoCritic``); with it, a vision-language model with LoRA and a scoring head
+    (``vidpo.models.critic.vlm.VLMCritic``), the critic of prompt-file runs."""
 
     checkpoint: Optional[str] = None
-    """Critic weights (critic.safetensors or its directory) that ``label.labeler=critic`` labels with.
-    ``vidpo iterate`` sets it per round."""
+    """Critic weights (critic.safetensors or its directory, of either kind) that ``label.labeler=critic`` labels
+    with. ``vidpo iterate`` sets it per round."""
+
+    backbone: Optional[str] = None
+    """A local transformers vision-language model directory (``AutoModelForImageTextToText`` weights and a processor
+    with a chat template): the critic is then the VLM critic, scoring each segment's frames with the prompt through
+    the backbone, LoRA on it and a linear head on its pooled last hidden layer. width, depth, num_heads, patch_size,
+    frame_differences and augment are the toy network's and do not apply to it."""
+
+    frames_per_segment: int = 2
+    """VLM critic: frames of each segment shown to the backbone, evenly spaced over it (first and last included)."""
+
+    pooling: str = choice("last", CRITIC_POOLINGS)
+    """VLM critic: the hidden state the head reads, 'last' (the last token, after the chat template's generation
+    prompt) or 'mean' (over the non-padding tokens)."""
+
+    instruction: str = DEFAULT_INSTRUCTION
+    """VLM critic: the text after the frames; {caption} is replaced by the prompt."""
+
+    lora_rank: int = 8
+    """VLM critic: rank of the LoRA adapters on the backbone."""
+
+    lora_alpha: float = 16.0
+    """VLM critic: LoRA alpha (the update is scaled by alpha / rank)."""
+
+    lora_targets: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """VLM critic: linear layers that get adapters (a name matches the end of a module path, in the vision tower
+    and the language model alike)."""
+
+    lora_dropout: float = 0.1
+    """VLM critic: dropout on the adapters' input; with the head's dropout (``dropout``) the source of Monte-Carlo
+    dropout votes."""
+
+    backbone_dtype: str = choice("float32", BACKBONE_DTYPES)
+    """VLM critic: the backbone's dtype (the head and the tie parameter stay float32)."""
 
     width: int = 64
     """Hidden size of the critic's transformer."""
@@ -106,8 +146,12 @@ class CriticConfig(Section):
                   "width", "depth", "num_heads", "patch_size")
         except TypeError:
             p.check(False, "patch_size", f"must be three sizes over (T, H, W), got {self.patch_size!r}")
-        p.fraction(self, "dropout", "min_confidence", "heldout_fraction", high_open=True)
-        p.at_least(self, 1, "steps", "batch_size", "batch_size_eval")
+        p.fraction(self, "dropout", "min_confidence", "heldout_fraction", "lora_dropout", high_open=True)
+        p.at_least(self, 1, "steps", "batch_size", "batch_size_eval", "frames_per_segment", "lora_rank")
+        p.check(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        p.check("{caption}" in self.instruction, "instruction", f"must contain {{caption}}, got {self.instruction!r}")
+        p.check(bool(self.lora_targets) and all(isinstance(t, str) and t for t in self.lora_targets), "lora_targets",
+                f"must be a non-empty list of module names, got {self.lora_targets!r}")
         p.at_least(self, 0, "lr", "warmup_steps", "weight_decay", "segment_weight")
         p.check(self.tie_margin is None or self.tie_margin >= 0, "tie_margin",
                 f"must be >= 0 when set, got {self.tie_margin}")
@@ -142,19 +186,26 @@ class IterateConfig(Section):
     'base' = the initial policy in every round."""
 
     seed_pairs: int = 384
-    """Pairs sampled from the initial policy and labelled by the oracle (the stand-in for the paper's human
-    labels) to train the first critic. No oracle label is used for training after these."""
+    """Pairs sampled from the initial policy and labelled by ``seed_labeler`` (on the shapes world the oracle, the
+    stand-in for the paper's human labels) to train the first critic. No oracle label is used for training after
+    these."""
+
+    seed_labeler: str = choice("auto", SEED_LABELERS)
+    """Who labels the seed pairs that train critic 0: 'oracle' (the shapes world's exact oracle), 'human' (a labels
+    file, ``label.human_file``, exported from the pair viewer of DIR/seed/pairs) or 'vlm' (the VLM judge,
+    ``label.vlm``); 'auto': the oracle on the shapes world, the recipe's ``label.labeler`` (human or vlm) on a
+    prompt file."""
 
     seed_granularity: str = choice("video", Granularity)
-    """Oracle labelling of the seed pairs (see label.granularity)."""
+    """Oracle labelling of the seed pairs (see label.granularity); the shapes world only."""
 
     seed_tie_margin: float = 0.01
     """Oracle score difference up to which a seed pair is labelled a tie (people call near-equal videos
-    ties too; the critic's Bradley-Terry loss models them)."""
+    ties too; the critic's Bradley-Terry loss models them); the shapes world only."""
 
     eval_pairs: int = 192
     """Fresh pairs per round from the current policy, labelled by the oracle with no tie margin, to measure
-    the critic's accuracy only (never trained on)."""
+    the critic's accuracy only (never trained on); the shapes world only (a prompt file has no oracle)."""
 
     pairing: str = choice("given", Pairing)
     """How a DPO round (flow_dpo / dense_dpo) gets its pairs from the critic: 'given' labels each generated

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from vidpo.config.choices import (
     BadInputPolicy,
@@ -18,6 +18,22 @@ from vidpo.config.choices import (
     SftSource,
 )
 from vidpo.config.fields import Problem, Problems, Section, check_on_construction, choice
+
+VLMFormat = Literal["images", "video"]
+"""How the VLM labeller shows a segment: one image per frame, or the frames as one mp4 video."""
+
+VLMImageFormat = Literal["png", "jpeg"]
+"""Encoding of the images of ``label.vlm.format: images``."""
+
+VLMAnswerFormat = Literal["text", "json_schema", "guided_choice", "structured_outputs"]
+"""How the VLM is asked to answer: free text, OpenAI's JSON-schema ``response_format``, or vLLM's structured
+outputs (``guided_choice``; ``structured_outputs: {choice: ..}`` in newer vLLM)."""
+
+VLMTokenLimitField = Literal["max_tokens", "max_completion_tokens"]
+"""The request field that carries the reply length limit (OpenAI's reasoning models take only the second)."""
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+"""Values of OpenAI's ``reasoning_effort``."""
 
 DEFAULT_PROMPT = (
     'Two AI-generated videos were made from the same text prompt: "{caption}".\n'
@@ -125,13 +141,55 @@ class VLMConfig(Section):
     """Sleep before retry k (k = 0, 1, ..) is ``retry_backoff_s * 2**k`` seconds."""
 
     concurrency: int = 8
-    """(pair, segment) comparisons in flight at once (one thread each; each sends its two orders in turn)."""
+    """Requests in flight at once: (pair, segment) comparisons run on this many threads, each sending its two
+    orders in turn (a server batches concurrent requests; ``label.json`` reports the throughput)."""
 
     temperature: float = 0.0
     """Sampling temperature of the VLM (0: greedy, the most repeatable verdicts)."""
 
-    max_tokens: int = 64
-    """Reply length cap; the answer is one word, a little room lets chatty models still answer."""
+    max_tokens: int = 1024
+    """Reply length cap in tokens, sent as ``token_limit_field``. The answer is one word and a plain VLM stops
+    after it, so a high cap costs nothing; a reasoning model thinks first and a low cap cuts its ``<think>``
+    block (every answer then fails and is a tie: 64 did that). Keep prompt + cap within the server's context
+    length (vLLM rejects a request whose prompt plus ``max_tokens`` exceeds ``--max-model-len``)."""
+
+    token_limit_field: str = choice("max_tokens", VLMTokenLimitField)
+    """Request field of the cap: 'max_tokens' (every server) or 'max_completion_tokens' (OpenAI's reasoning
+    models reject 'max_tokens'; vLLM, SGLang and ``transformers serve`` read both)."""
+
+    reasoning_effort: Optional[str] = None
+    """OpenAI's ``reasoning_effort`` ('none', 'minimal', 'low', 'medium', 'high') for reasoning models; None:
+    not sent."""
+
+    thinking_budget: Optional[int] = None
+    """Tokens a reasoning model may think before it must answer, sent as vLLM's ``thinking_token_budget``
+    (servers that name it otherwise: ``extra_body``); must leave room under ``max_tokens``. None: not sent."""
+
+    enable_thinking: Optional[bool] = None
+    """Turn a hybrid reasoning model's thinking on or off through ``chat_template_kwargs: {enable_thinking}``
+    (Qwen3-style chat templates; vLLM, SGLang and ``transformers serve`` pass it on). None: not sent."""
+
+    format: str = choice("images", VLMFormat)
+    """How a segment is shown: 'images' (each picked frame an ``image_url`` part, what every VLM server reads)
+    or 'video' (the picked frames as one H.264 mp4 per video in a ``video_url`` part, vLLM's documented video
+    input for Qwen2-VL-style models; it plays for the segment's duration)."""
+
+    image_format: str = choice("png", VLMImageFormat)
+    """Image encoding of format 'images': 'png' (lossless) or 'jpeg' (quality 95, smaller requests)."""
+
+    answer_format: str = choice("text", VLMAnswerFormat)
+    """How the VLM answers: 'text' (A, B or TIE in words, parsed leniently), 'json_schema' (OpenAI's
+    ``response_format`` with a schema: {"verdict": "A" | "B" | "TIE"}), 'guided_choice' (vLLM's
+    ``guided_choice``) or 'structured_outputs' (newer vLLM's ``structured_outputs: {choice: [..]}``). A server
+    that lacks the chosen form rejects the request (a counted failure naming the HTTP error) or ignores it."""
+
+    drop_fields: list = field(default_factory=list)
+    """Request fields removed after everything else is set (dotted paths reach into objects), e.g.
+    ['temperature'] for a model that rejects it; ``extra_body`` adds fields."""
+
+    cache_answers: bool = True
+    """Keep every reply in ``vlm_answers.jsonl`` of the pairs directory, keyed by (pair, segment, order,
+    request hash): a rerun, or a changed rule on top of the answers, asks the server nothing it answered."""
 
     frames_per_segment: int = 4
     """Frames sent per video and segment, evenly spaced over the segment (all frames if it has fewer)."""
@@ -163,6 +221,16 @@ class VLMConfig(Section):
             p.check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)!r}")
         for name in ("max_retries", "retry_backoff_s", "image_size", "temperature"):
             p.check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)!r}")
+        p.check(self.reasoning_effort is None or self.reasoning_effort in REASONING_EFFORTS, "reasoning_effort",
+                f"must be one of {REASONING_EFFORTS} or null, got {self.reasoning_effort!r}")
+        budget = self.thinking_budget
+        p.check(budget is None or (isinstance(budget, int) and 0 <= budget < self.max_tokens), "thinking_budget",
+                f"must be an integer in [0, max_tokens = {self.max_tokens}) or null (the answer needs room after the "
+                f"thinking), got {budget!r}", "max_tokens")
+        for index, path in enumerate(self.drop_fields):
+            ok = isinstance(path, str) and bool(path) and path.split(".")[0] not in ("model", "messages")
+            p.check(ok, "drop_fields", f"[{index}] must name a request field other than 'model' and 'messages', "
+                                       f"got {path!r}")
         try:
             names = [name for _, name, _, _ in string.Formatter().parse(self.prompt) if name is not None]
         except ValueError as exc:

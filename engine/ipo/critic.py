@@ -2,7 +2,9 @@
 
 IPO (Yang et al., arXiv:2502.02088) trains a critic on a small human-labelled preference set and lets it
 label the policy's new samples round after round: pairwise for DPO, pointwise (desirable / undesirable)
-for KTO. Here the critic is ``vidpo.models.critic.VideoCritic``; this module trains, measures and uses it.
+for KTO. Here the critic is any ``vidpo.models.critic.Critic``: the shapes world's toy network behind its adapter
+(``vidpo.labeling.critic.ShapesCritic``) or the VLM critic (``critic.backbone``); this module trains, measures
+and uses it through the one scoring interface, ``critic.score(clips, captions, segment_ids)``.
 
 **Bradley-Terry with ties (Davidson, 1970).** For scores ``s_a, s_b`` of two videos of one prompt (whole
 video or one segment), ``d = s_a - s_b`` and the tie weight ``nu = exp(log_tie) > 0``::
@@ -29,11 +31,16 @@ its bottom-scored ones (``ranked_pairs``), instead of labelling the pairs as gen
 **Symmetries.** The shapes world's judgement is unchanged by a horizontal flip (with left <-> right in the
 caption), a vertical flip (up <-> down) and time reversal (every direction reversed; the segments'
 order reverses too). They multiply the small seed set by up to 8 in training and give the Dual-IPO
-voting passes their distinct views of a pair (``Symmetries``).
+voting passes their distinct views of a pair (``Symmetries``, the toy critic's ``views``). A VLM critic has the
+identity view alone.
+
+**Pixels.** A pairs directory of the shapes world holds its pixels in the shards; a latent model's pairs are
+read from their decoded frames (``vidpo.data.video_io.PairFrames``, uint8, 4x smaller in memory than floats).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -46,13 +53,14 @@ import torch
 
 from vidpo.config import RunConfig
 from vidpo.config.loader import to_yaml
+from vidpo.data.domains import ShapesDomain
 from vidpo.data.pairs import MANIFEST_FILE, ShardReader, read_manifest
+from vidpo.data.video_io import PairFrames
 from vidpo.evaluation.evaluate import mean_ci
-from vidpo.labeling.critic import Symmetries, build_critic, score_videos
-from vidpo.models.critic import CriticScores, VideoCritic
-from vidpo.models.critic.model import load_critic, save_critic
+from vidpo.labeling.critic import as_critic, build_scorer, open_critic, score_clips, score_videos
+from vidpo.models.critic import Critic, CriticScores, VideoCritic, save_critic
 from vidpo.stages.common import setup_logging
-from vidpo.training.modeling import build_world, pick_device, run_segment_ids, set_threads
+from vidpo.training.modeling import build_domain, pick_device, run_segment_ids, set_threads
 from vidpo.utils import atomic
 from vidpo.utils.seeding import derive_seed, generator
 
@@ -95,30 +103,69 @@ def critic_loss(first: CriticScores, second: CriticScores, labels: torch.Tensor,
 class PreferenceData:
     """N labelled pairs held in memory (the critic's training / evaluation set)."""
 
-    first: torch.Tensor          # (N, C, T, H, W)
-    second: torch.Tensor         # (N, C, T, H, W)
-    cond_ids: torch.Tensor       # (N, K) long
+    first: torch.Tensor          # (N, 3, T, H, W) pixels: float in [-1, 1], or uint8 (decoded videos)
+    second: torch.Tensor         # (N, 3, T, H, W)
+    cond_ids: torch.Tensor       # (N, K) long: the shapes world's conditions (K = 0 for a prompt file)
     labels: torch.Tensor         # (N, S) long in {-1, 0, 1}
     video_labels: torch.Tensor   # (N,) long
     weights: torch.Tensor        # (N,) float: 1 for real labels, the PCE for pseudo-labels
     pair_ids: list
+    captions: Optional[list] = None
+    """(N,) the prompts the critic reads; None: the shapes world's captions of ``cond_ids`` (``captions_of``)."""
+    prompt_ids: Optional[list] = None
+    """(N,) prompt ids, where known."""
 
     def __len__(self) -> int:
         return len(self.pair_ids)
 
     def subset(self, index: Sequence[int]) -> "PreferenceData":
         idx = torch.as_tensor(list(index), dtype=torch.long)
+        rows = idx.tolist()
         return PreferenceData(self.first[idx], self.second[idx], self.cond_ids[idx], self.labels[idx],
-                              self.video_labels[idx], self.weights[idx], [self.pair_ids[i] for i in idx.tolist()])
+                              self.video_labels[idx], self.weights[idx], [self.pair_ids[i] for i in rows],
+                              captions=None if self.captions is None else [self.captions[i] for i in rows],
+                              prompt_ids=None if self.prompt_ids is None else [self.prompt_ids[i] for i in rows])
 
     @staticmethod
     def concat(parts: Sequence["PreferenceData"]) -> "PreferenceData":
         parts = [p for p in parts if len(p)]
         if not parts:
             raise ValueError("no labelled pairs to concatenate")
+        dtypes = {p.first.dtype for p in parts}
+        if len(dtypes) > 1:   # decoded (uint8) and float pixels together: all as floats
+            parts = [dataclasses.replace(p, first=_float_pixels(p.first), second=_float_pixels(p.second))
+                     for p in parts]
+
+        def joined(name):
+            lists = [getattr(p, name) for p in parts]
+            return None if any(x is None for x in lists) else [v for x in lists for v in x]
         return PreferenceData(*(torch.cat([getattr(p, f) for p in parts]) for f in
                                 ("first", "second", "cond_ids", "labels", "video_labels", "weights")),
-                              pair_ids=[i for p in parts for i in p.pair_ids])
+                              pair_ids=[i for p in parts for i in p.pair_ids], captions=joined("captions"),
+                              prompt_ids=joined("prompt_ids"))
+
+
+def _float_pixels(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
+
+
+def captions_of(data: PreferenceData, world=None) -> list[str]:
+    """The captions of ``data``'s pairs: its own, or the shapes world's captions of its conditions."""
+    if data.captions is not None:
+        return list(data.captions)
+    if world is None:
+        raise ValueError("these preference pairs carry no captions and no world to caption their conditions")
+    return world.captions(data.cond_ids)
+
+
+def pair_pixels(pairs_dir: Path, records, key: str) -> torch.Tensor:
+    """The ``key`` videos of ``records`` (n, 3, T, H, W): decoded frames (uint8) when the pairs were decoded,
+    else the shards' pixels (float; the shapes world's pairs are pixels)."""
+    frames = PairFrames(pairs_dir)
+    if records and frames.has_frames(records[0]):
+        return torch.stack([frames.get_uint8(r, key) for r in records])
+    reader = ShardReader(pairs_dir)
+    return torch.stack([reader.get(r, key) for r in records]).float()
 
 
 def load_preference_data(pairs_dir: str | Path, num_segments: Optional[int] = None, *,
@@ -132,26 +179,31 @@ def load_preference_data(pairs_dir: str | Path, num_segments: Optional[int] = No
             log.warning("critic data: %d unusable manifest lines in %s skipped", len(problems), pairs_dir)
     if not records:
         raise ValueError(f"{pairs_dir}: no labelled pairs")
-    reader = ShardReader(pairs_dir)
     # A record without a whole-video label gets the majority vote of its segment labels.
     video = [r.video_label if r.video_label is not None else (sum(r.labels) > 0) - (sum(r.labels) < 0)
              for r in records]
     weights = [float(r.extra.get("weight", 1.0)) for r in records]
-    return PreferenceData(first=torch.stack([reader.get(r, "first") for r in records]).float(),
-                          second=torch.stack([reader.get(r, "second") for r in records]).float(),
-                          cond_ids=torch.tensor([r.cond_ids for r in records], dtype=torch.long),
+    cond = (torch.tensor([r.cond_ids for r in records], dtype=torch.long) if all(r.cond_ids for r in records)
+            else torch.zeros(len(records), 0, dtype=torch.long))
+    return PreferenceData(first=pair_pixels(pairs_dir, records, "first"),
+                          second=pair_pixels(pairs_dir, records, "second"),
+                          cond_ids=cond,
                           labels=torch.tensor([r.labels for r in records], dtype=torch.long),
                           video_labels=torch.tensor(video, dtype=torch.long),
                           weights=torch.tensor(weights, dtype=torch.float32),
-                          pair_ids=[r.pair_id for r in records])
+                          pair_ids=[r.pair_id for r in records],
+                          captions=[r.caption or "" for r in records] if all(r.caption for r in records) else None,
+                          prompt_ids=[r.prompt_id for r in records])
 
 
-def critic_accuracy(critic: VideoCritic, data: PreferenceData, world, segment_ids: torch.Tensor, *,
-                    batch_size: int = 128) -> dict:
+def critic_accuracy(critic: VideoCritic | Critic, data: PreferenceData, world=None,
+                    segment_ids: Optional[torch.Tensor] = None, *, batch_size: int = 128) -> dict:
     """Agreement with ``data``'s labels (module doc): ``accuracy`` over non-tie video labels, its count ``n``,
-    ``segment_accuracy`` over non-tie segment labels, and ``correct`` (n,) per pair (for paired comparisons)."""
-    a = score_videos(critic, data.first, data.cond_ids, world, segment_ids, batch_size=batch_size)
-    b = score_videos(critic, data.second, data.cond_ids, world, segment_ids, batch_size=batch_size)
+    ``segment_accuracy`` over non-tie segment labels with its count ``segment_n``, ``correct`` (n,) per pair (for
+    paired comparisons) and ``segment_correct``. ``world``: a toy critic's (or to caption ``data``)."""
+    scorer, captions = as_critic(critic, world), captions_of(data, world)
+    a = score_clips(scorer, data.first, captions, segment_ids, batch_size=batch_size)
+    b = score_clips(scorer, data.second, captions, segment_ids, batch_size=batch_size)
     d, y = a.video - b.video, data.video_labels
     keep = y != 0
     hit = (torch.sign(d) == y.to(d.dtype)).double() + 0.5 * (d == 0).double()
@@ -160,15 +212,16 @@ def critic_accuracy(critic: VideoCritic, data: PreferenceData, world, segment_id
     seg_hit = (torch.sign(ds) == ys.to(ds.dtype)).double() + 0.5 * (ds == 0).double()
     return {"accuracy": float(hit[keep].mean()) if bool(keep.any()) else None, "n": int(keep.sum()),
             "segment_accuracy": float(seg_hit[seg_keep].mean()) if bool(seg_keep.any()) else None,
-            "correct": hit[keep], "pair_ids": [p for p, k in zip(data.pair_ids, keep.tolist()) if k]}
+            "segment_n": int(seg_keep.sum()), "correct": hit[keep], "segment_correct": seg_hit[seg_keep],
+            "pair_ids": [p for p, k in zip(data.pair_ids, keep.tolist()) if k]}
 
 
-def within_prompt_pairs(world, cond_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every unordered pair (i, j), i < j, of videos with the same prompt: (first (P,), second (P,)) indices."""
-    index = world.condition_index(cond_ids)
+def pairs_within(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every unordered pair (i, j), i < j, of videos with the same prompt key (``keys`` (N,)), prompt by prompt in
+    increasing key order: (first (P,), second (P,)) indices."""
     first, second = [], []
-    for prompt in index.unique().tolist():
-        members = torch.nonzero(index == prompt).flatten().tolist()
+    for prompt in keys.unique().tolist():
+        members = torch.nonzero(keys == prompt).flatten().tolist()
         for a in range(len(members)):
             for b in range(a + 1, len(members)):
                 first.append(members[a])
@@ -176,7 +229,12 @@ def within_prompt_pairs(world, cond_ids: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.tensor(first, dtype=torch.long), torch.tensor(second, dtype=torch.long)
 
 
-def pool_accuracy(critic: VideoCritic, videos: torch.Tensor, cond_ids: torch.Tensor, truth: torch.Tensor, world,
+def within_prompt_pairs(world, cond_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pairs_within`` the shapes world's conditions (their index is the prompt key)."""
+    return pairs_within(world.condition_index(cond_ids))
+
+
+def pool_accuracy(critic: VideoCritic | Critic, videos: torch.Tensor, cond_ids: torch.Tensor, truth: torch.Tensor, world,
                   segment_ids: torch.Tensor, *, batch_size: int = 128) -> dict:
     """Agreement with ``truth`` (N,) reference scores (the oracle's) over every within-prompt pair of ``videos``
     (N, C, T, H, W): ``accuracy``, ``n``, ``correct`` (n,) per pair (for paired comparisons, ``pool_gain``) and
@@ -227,23 +285,25 @@ def pointwise_labels(scores: torch.Tensor, mode: str, desirable: float, undesira
 # ----- training -------------------------------------------------------------------------------------------
 def train_critic(cfg: RunConfig, data: PreferenceData, world, segment_ids: torch.Tensor, *,
                  stream: Sequence[object] = ("critic",), device=None, metrics_path: Optional[Path] = None,
-                 init: Optional[VideoCritic] = None) -> tuple[VideoCritic, dict]:
-    """Train a fresh critic (or a copy of ``init``: a warm start) on ``data`` for ``critic.steps`` AdamW steps;
-    returns (critic, info).
+                 init: Optional[VideoCritic | Critic] = None) -> tuple[Critic, dict]:
+    """Train a fresh critic (``vidpo.labeling.critic.build_scorer``: the VLM critic with ``critic.backbone``, else
+    the toy network of ``world``) or a copy of ``init`` (a warm start) on ``data`` for ``critic.steps`` AdamW steps,
+    through the scoring interface; returns (critic, info). ``segment_ids`` are the pixel frames' segments.
 
-    Every draw (init, batches, symmetries, dropout) comes from streams named ``(seed, *stream, ...)``, so a
-    rerun reproduces the same critic. ``metrics_path`` receives one JSON row per 10 steps.
+    Every draw (init, batches, views, dropout) comes from streams named ``(seed, *stream, ...)``, so a rerun
+    reproduces the same critic. What trains is what requires gradients: the toy network whole, the VLM critic's
+    head, tie parameter and LoRA factors. ``metrics_path`` receives one JSON row per 10 steps.
     """
     c = cfg.critic
     device = device or pick_device()
     if len(data) == 0:
         raise ValueError("critic training needs at least one labelled pair")
     if init is not None:
-        critic = copy.deepcopy(init).to(device)
+        critic = as_critic(copy.deepcopy(init), world).to(device)
     else:
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(cfg.seed, *stream, "init"))
-            critic = build_critic(cfg, world).to(device)
+            critic = build_scorer(cfg, world).to(device)
     critic.log_tie.requires_grad_(c.learn_ties)
     params = [p for p in critic.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
@@ -255,28 +315,31 @@ def train_critic(cfg: RunConfig, data: PreferenceData, world, segment_ids: torch
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    symmetries = Symmetries(world, segment_ids)
+    views = critic.views(segment_ids)
+    captions_all = captions_of(data, world)
     seg = segment_ids.to(device)
     rows, t0 = [], time.time()
     critic.train()
     for step in range(c.steps):
         g = generator(cfg.seed, *stream, "batch", step)
         idx = torch.randint(len(data), (min(c.batch_size, len(data)),), generator=g)
-        views = (torch.randint(len(symmetries), (len(idx),), generator=g) if c.augment
-                 else torch.zeros(len(idx), dtype=torch.long))
-        first, second, cond = data.first[idx], data.second[idx], data.cond_ids[idx]
+        chosen = (torch.randint(len(views), (len(idx),), generator=g) if c.augment
+                  else torch.zeros(len(idx), dtype=torch.long))
+        first, second = data.first[idx], data.second[idx]
+        captions = [captions_all[i] for i in idx.tolist()]
         labels = data.labels[idx].clone()
-        for k in views.unique().tolist():
+        for k in chosen.unique().tolist():
             if k == 0:
                 continue
-            rows_k = views == k
-            first[rows_k], second[rows_k] = symmetries.clips(k, first[rows_k]), symmetries.clips(k, second[rows_k])
-            cond[rows_k] = symmetries.cond_ids(k, cond[rows_k])
-            labels[rows_k] = symmetries.segments(k, labels[rows_k])
-        tokens = world.tokens(cond).to(device)
+            rows_k = chosen == k
+            first[rows_k], second[rows_k] = views.clips(k, first[rows_k]), views.clips(k, second[rows_k])
+            at = torch.nonzero(rows_k).flatten().tolist()
+            for i, caption in zip(at, views.captions(k, [captions[i] for i in at])):
+                captions[i] = caption
+            labels[rows_k] = views.segments(k, labels[rows_k])
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(derive_seed(cfg.seed, *stream, "dropout", step))
-            out = critic(torch.cat([first, second]).to(device), torch.cat([tokens, tokens]), seg)
+            out = critic.score(torch.cat([first, second]), captions + captions, seg)
         n = len(idx)
         a = type(out)(frames=out.frames[:n], segments=out.segments[:n], video=out.video[:n])
         b = type(out)(frames=out.frames[n:], segments=out.segments[n:], video=out.video[n:])
@@ -294,21 +357,29 @@ def train_critic(cfg: RunConfig, data: PreferenceData, world, segment_ids: torch
         atomic.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
     info = {"pairs": len(data), "weighted_pairs": round(float(data.weights.sum()), 2), "steps": c.steps,
             "nu": critic.tie_parameter, "seconds": round(time.time() - t0, 1),
-            "final_loss": rows[-1]["critic_loss"] if rows else None, "symmetries": [s.name for s in symmetries.items]}
+            "final_loss": rows[-1]["critic_loss"] if rows else None, "symmetries": views.names, "kind": critic.kind}
     log.info("critic: trained on %d pairs (weight %.1f) for %d steps in %.1fs, nu=%.3f", len(data),
              info["weighted_pairs"], c.steps, info["seconds"], info["nu"])
     return critic, info
 
 
 # ----- the jobs behind `vidpo critic train | eval` ------------------------------------------------------------
+def _world_and_segments(cfg: RunConfig):
+    """The recipe's shapes world (None for a prompt file) and the segments of the pixel frames its critic sees."""
+    domain = build_domain(cfg)
+    world = domain.world if isinstance(domain, ShapesDomain) else None
+    return world, (run_segment_ids(cfg) if world is not None else run_segment_ids(cfg, domain, pixels=True))
+
+
 def critic_train_job(cfg: RunConfig, out_dir: str | Path, pairs: Sequence[str | Path],
                      heldout: Sequence[str | Path] = ()) -> dict:
     """Train a critic on the labelled ``pairs`` directories into ``out_dir``; its accuracy on ``heldout`` (default:
-    ``critic.heldout_fraction`` of ``pairs``, held out) goes into ``critic.json``, which is returned."""
+    ``critic.heldout_fraction`` of ``pairs``, held out) goes into ``critic.json``, which is returned. A prompt-file
+    recipe trains the VLM critic of ``critic.backbone`` on the pairs' decoded frames."""
     out = Path(out_dir)
     setup_logging(out)
     set_threads(cfg)
-    world, seg = build_world(cfg), run_segment_ids(cfg)
+    world, seg = _world_and_segments(cfg)
     data = PreferenceData.concat([load_preference_data(p, int(seg.max()) + 1) for p in pairs])
     if heldout:
         heldout = PreferenceData.concat([load_preference_data(p, int(seg.max()) + 1) for p in heldout])
@@ -329,8 +400,8 @@ def critic_train_job(cfg: RunConfig, out_dir: str | Path, pairs: Sequence[str | 
 
 def critic_eval_job(cfg: RunConfig, critic_path: str | Path, pairs: Sequence[str | Path]) -> dict:
     """Accuracy of the critic at ``critic_path`` against the labels of each pairs directory."""
-    world, seg = build_world(cfg), run_segment_ids(cfg)
-    critic = load_critic(critic_path, pick_device())
+    world, seg = _world_and_segments(cfg)
+    critic = open_critic(critic_path, world, pick_device())
     result = {}
     for directory in pairs:
         acc = critic_accuracy(critic, load_preference_data(directory, int(seg.max()) + 1), world, seg)

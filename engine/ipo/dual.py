@@ -4,8 +4,9 @@ Dual-IPO (arXiv:2502.02088, "Self-Refined Preference Optimization") refines the 
 without new human labels:
 
 1. **Votes.** The critic labels each new pair ``K`` times (``iterate.votes``), every pass stochastic:
-   Monte-Carlo dropout with its own seed and, with ``iterate.vote_augment``, a different label-preserving
-   view of the pair (``vidpo.labeling.critic.Symmetries``: flips and time reversal with the caption mapped). The
+   Monte-Carlo dropout with its own seed (the toy network's dropout; the VLM critic's head and LoRA dropout)
+   and, with ``iterate.vote_augment``, a different label-preserving view of the pair (the critic's ``views``:
+   the shapes world's flips and time reversal with the caption mapped; a VLM critic has the identity alone). The
    order of a pair needs no swapping: the critic scores each video on its own, so ``d(a, b) = -d(b, a)``
    holds exactly. A pass calls a tie when the critic's probability of the winner is below
    ``iterate.vote_min_confidence`` (and, with ``iterate.vote_keep_fraction`` f > 0, outside the pass' fraction f
@@ -21,6 +22,9 @@ without new human labels:
 
        R(y|x)   = -beta * mean_m [ err_theta(y; t_m, eps_m) - err_ref(y; t_m, eps_m) ]          (Diffusion-DPO)
        err(y; t, eps) = mean_{C,T,H,W} (v(x_t, t, x) - (eps - y))^2,   x_t = (1 - t) y + t eps
+
+   (a diffusers model's own forward process, target and timestep draw where it has them: ``process``; y is then
+   the video's latents and x the prompt's text embeddings)
        Q        = mean of R over the round's 2N videos (each once, however many pairs it is in)
        tau      = iterate.pce_temperature, or (when 0) the standard deviation of R over those 2N videos
        PCE      = 1/2 * [ sigmoid((R(y_w|x) - Q) / tau) + sigmoid((Q - R(y_l|x)) / tau) ]
@@ -50,9 +54,9 @@ from typing import Callable, Optional
 
 import torch
 
-from vidpo.ipo.critic import PreferenceData, within_prompt_pairs
-from vidpo.ipo.pairing import read_pool
-from vidpo.labeling.critic import Symmetries, labels_from_differences, score_videos, tie_margin_of
+from vidpo.ipo.critic import PreferenceData, pairs_within
+from vidpo.ipo.pairing import VideoPool, read_pool
+from vidpo.labeling.critic import as_critic, labels_from_differences, score_clips, tie_margin_of
 from vidpo.models import flow
 from vidpo.utils import atomic
 from vidpo.utils.seeding import derive_seed, generator
@@ -101,11 +105,17 @@ def critic_votes(critic, first: torch.Tensor, second: torch.Tensor, cond_ids: to
 
 
 def indexed_votes(critic, videos: torch.Tensor, cond_ids: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-                  world, segment_ids: torch.Tensor, *, passes: int, seed: int, dropout: bool = True,
-                  augment: bool = True, tie_margin: Optional[float] = None, min_confidence: float = 0.0,
-                  keep_fraction: float = 0.0, granularity: str = "video", batch_size: int = 128) -> VoteResult:
-    """The votes of ``critic_votes`` over pairs given as indices into one set of videos (N, C, T, H, W): pair i
-    is ``(videos[first[i]], videos[second[i]])``, both of one prompt.
+                  world, segment_ids: torch.Tensor, **kw) -> VoteResult:
+    """``pool_votes`` for the shapes world: videos (N, C, T, H, W) of the conditions ``cond_ids`` (N, 3)."""
+    return pool_votes(as_critic(critic, world), videos, world.captions(cond_ids), first, second, segment_ids, **kw)
+
+
+def pool_votes(critic, videos: torch.Tensor, captions, first: torch.Tensor, second: torch.Tensor,
+               segment_ids: torch.Tensor, *, passes: int, seed: int, dropout: bool = True, augment: bool = True,
+               tie_margin: Optional[float] = None, min_confidence: float = 0.0, keep_fraction: float = 0.0,
+               granularity: str = "video", batch_size: int = 128) -> VoteResult:
+    """The votes of ``critic_votes`` over pairs given as indices into one set of videos (N, 3, T, H, W) with their
+    captions: pair i is ``(videos[first[i]], videos[second[i]])``, both of one prompt.
 
     ``keep_fraction`` f > 0 replaces the fixed margin with one per pass: each pass votes only on its fraction f
     of the pairs with the largest |score difference| (and calls the rest ties), so a sharper critic does not let
@@ -117,13 +127,13 @@ def indexed_votes(critic, videos: torch.Tensor, cond_ids: torch.Tensor, first: t
         raise ValueError(f"iterate.votes must be >= 1, got {passes}")
     if not 0.0 <= keep_fraction <= 1.0:
         raise ValueError(f"iterate.vote_keep_fraction must be in [0, 1], got {keep_fraction}")
-    symmetries = Symmetries(world, segment_ids)
+    views = critic.views(segment_ids)
     margin = tie_margin_of(critic, tie_margin, min_confidence)
     seg_votes, video_votes = [], []
     for k in range(passes):
-        view = k % len(symmetries) if augment else 0
-        s = score_videos(critic, videos, cond_ids, world, segment_ids, batch_size=batch_size, symmetries=symmetries,
-                         view=view, dropout_seed=derive_seed(seed, "vote", k) if dropout else None)
+        view = k % len(views) if augment else 0
+        s = score_clips(critic, videos, captions, segment_ids, batch_size=batch_size, views=views, view=view,
+                        dropout_seed=derive_seed(seed, "vote", k) if dropout else None)
         d_seg, d_video = s.segments[first] - s.segments[second], s.video[first] - s.video[second]
         seg_margin = video_margin = margin
         if keep_fraction > 0:   # the (1 - f) quantile of this pass' |d|: only larger differences vote
@@ -158,11 +168,18 @@ def implicit_rewards(policy: VelocityFn, reference: VelocityFn, first: torch.Ten
 @torch.no_grad()
 def video_implicit_rewards(policy: VelocityFn, reference: VelocityFn, videos: torch.Tensor, tokens: torch.Tensor,
                            keys: torch.Tensor, *, beta: float, seed: int, draws: int, t_min: float, t_max: float,
-                           batch_size: int = 128, device="cpu") -> torch.Tensor:
+                           batch_size: int = 128, device="cpu", process=None) -> torch.Tensor:
     """Implicit rewards R (N,) of N videos; video i's draw m uses the stream ``(seed, "pce", m, keys[i])``.
 
     Videos that are compared share a key (the two of a pair, or every video of one prompt), so their rewards see
-    the same (t, noise) draws and the draws' variance cancels from R(y_w) - R(y_l), the PCE's decision."""
+    the same (t, noise) draws and the draws' variance cancels from R(y_w) - R(y_l), the PCE's decision.
+
+    ``process``: a diffusers model's hooks (``sample_timesteps``, ``interpolate``, ``training_target``: its own
+    forward process and target, timesteps in [t_min, t_max]); None: the rectified flow of the shapes world."""
+    if process is not None:
+        return _process_rewards(policy, reference, videos, tokens, keys, beta=beta, seed=seed, draws=draws,
+                                t_range=_TimeRange(t_min, t_max), batch_size=batch_size, device=device,
+                                process=process)
     rewards = torch.zeros(videos.shape[0], dtype=torch.float64)
     for start in range(0, videos.shape[0], batch_size):
         rows = range(start, min(videos.shape[0], start + batch_size))
@@ -176,6 +193,34 @@ def video_implicit_rewards(policy: VelocityFn, reference: VelocityFn, videos: to
             target = eps - x0
             err_theta = (policy(x_t, t, tok).float() - target).pow(2).mean((1, 2, 3, 4))
             err_ref = (reference(x_t, t, tok).float() - target).pow(2).mean((1, 2, 3, 4))
+            rewards[rows.start:rows.stop] += (-beta * (err_theta - err_ref)).double().cpu() / draws
+    return rewards
+
+
+class _TimeRange:
+    """The flow fields a diffusers model's ``sample_timesteps`` reads: a standard logit-normal in [t_min, t_max]."""
+
+    def __init__(self, t_min: float, t_max: float):
+        self.logit_mean, self.logit_std, self.t_min, self.t_max = 0.0, 1.0, t_min, t_max
+
+
+def _process_rewards(policy: VelocityFn, reference: VelocityFn, videos: torch.Tensor, tokens: torch.Tensor,
+                     keys: torch.Tensor, *, beta: float, seed: int, draws: int, t_range: _TimeRange, batch_size: int,
+                     device, process) -> torch.Tensor:
+    """``video_implicit_rewards`` through a model's own forward process, target and timestep draw."""
+    rewards = torch.zeros(videos.shape[0], dtype=torch.float64)
+    for start in range(0, videos.shape[0], batch_size):
+        rows = range(start, min(videos.shape[0], start + batch_size))
+        x0 = videos[rows.start:rows.stop].float().to(device)
+        tok = tokens[rows.start:rows.stop].to(device)
+        for m in range(draws):
+            gens = [generator(seed, "pce", m, int(keys[i])) for i in rows]
+            t = torch.cat([process.sample_timesteps(1, g, t_range) for g in gens]).to(device)
+            eps = torch.stack([torch.randn(videos.shape[1:], generator=g) for g in gens]).to(device)
+            x_t = process.interpolate(x0, eps, t)
+            target = process.training_target(x0, eps, t).float()
+            err_theta = (policy(x_t, t, tok).float() - target).pow(2).flatten(1).mean(1)
+            err_ref = (reference(x_t, t, tok).float() - target).pow(2).flatten(1).mean(1)
             rewards[rows.start:rows.stop] += (-beta * (err_theta - err_ref)).double().cpu() / draws
     return rewards
 
@@ -200,58 +245,62 @@ def preference_certainty(r_first: torch.Tensor, r_second: torch.Tensor, video_la
 
 
 # ----- one refinement's pseudo-labels -------------------------------------------------------------------
-def refinement_pairs(world, cond_ids: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Which pairs of a round's pool of 2N videos (the generated pairs' first videos, then their second ones)
-    are pseudo-labelled (``iterate.refine_pairs``): ``(first (P,), second (P,), draw keys (2N,))``.
+def refinement_pairs(keys: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which pairs of a round's pool of 2N videos (the generated pairs' first videos, then their second ones; ``keys``
+    (2N,) their prompt keys, ``vidpo.ipo.pairing.prompt_keys``) are pseudo-labelled (``iterate.refine_pairs``):
+    ``(first (P,), second (P,), draw keys (2N,))``.
 
     'generated': the N generated pairs (i, N + i); the implicit-reward draws are shared per pair.
-    'within_prompt': every pair of two videos of one prompt (``vidpo.ipo.critic.within_prompt_pairs``); the draws
+    'within_prompt': every pair of two videos of one prompt (``vidpo.ipo.critic.pairs_within``); the draws
     are shared per prompt, so every compared pair shares them."""
-    n = cond_ids.shape[0] // 2
+    n = keys.shape[0] // 2
     if mode == "generated":
         return torch.arange(n), torch.arange(n, 2 * n), torch.cat([torch.arange(n), torch.arange(n)])
     if mode == "within_prompt":
-        first, second = within_prompt_pairs(world, cond_ids)
-        return first, second, world.condition_index(cond_ids).long()
+        first, second = pairs_within(keys)
+        return first, second, keys.long()
     raise ValueError(f"iterate.refine_pairs must be 'generated' or 'within_prompt', got {mode!r}")
 
 
-def pseudo_label_pairs(pairs_dir: str | Path, critic, policy: VelocityFn, reference: VelocityFn, cfg, world,
-                       segment_ids: torch.Tensor, *, stream: tuple = ("pseudo",), device="cpu") -> dict:
+def pseudo_label_pairs(pairs_dir: str | Path, pool: VideoPool, critic, policy: VelocityFn, reference: VelocityFn,
+                       cfg, segment_ids: torch.Tensor, *, tokens: torch.Tensor, stream: tuple = ("pseudo",),
+                       device="cpu", process=None) -> dict:
     """Vote, compute the PCE and write ``pairs_dir/pseudo.jsonl`` (every voted pair, its vote, PCE, ``kept``).
 
-    Reads the videos of the unlabelled ``pairs.jsonl`` of ``pairs_dir`` and votes on the pairs
-    ``iterate.refine_pairs`` names; each line gives the pair's two videos as indices into that pool
+    ``pool`` is the videos of the unlabelled ``pairs.jsonl`` of ``pairs_dir`` (``vidpo.ipo.pairing.read_video_pool``):
+    the critic votes on its pixels, the implicit rewards read its latents with ``tokens`` (2N, ...), the model
+    conditioning of each video (``process``: a diffusers model's hooks, ``video_implicit_rewards``). It votes on
+    the pairs ``iterate.refine_pairs`` names; each line gives the pair's two videos as indices into the pool
     (``first_video``, ``second_video``). Returns counts and the reward statistics."""
     pairs_dir = Path(pairs_dir)
-    videos, cond_ids = read_pool(pairs_dir)
     it = cfg.iterate
-    first, second, keys = refinement_pairs(world, cond_ids, it.refine_pairs)
+    first, second, keys = refinement_pairs(pool.keys, it.refine_pairs)
     seed = derive_seed(cfg.seed, *stream)
-    votes = indexed_votes(critic, videos, cond_ids, first, second, world, segment_ids, passes=it.votes, seed=seed,
-                          dropout=it.vote_dropout, augment=it.vote_augment, tie_margin=cfg.critic.tie_margin,
-                          min_confidence=it.vote_min_confidence, keep_fraction=it.vote_keep_fraction,
-                          granularity=cfg.critic.granularity, batch_size=cfg.critic.batch_size_eval)
-    rewards = video_implicit_rewards(policy, reference, videos, world.tokens(cond_ids), keys, beta=cfg.pref.beta,
-                                     seed=seed, draws=it.pce_timesteps, t_min=cfg.flow.t_min, t_max=cfg.flow.t_max,
-                                     device=device)
+    votes = pool_votes(critic, pool.pixels, pool.captions, first, second, segment_ids, passes=it.votes, seed=seed,
+                       dropout=it.vote_dropout, augment=it.vote_augment, tie_margin=cfg.critic.tie_margin,
+                       min_confidence=it.vote_min_confidence, keep_fraction=it.vote_keep_fraction,
+                       granularity=cfg.critic.granularity, batch_size=cfg.critic.batch_size_eval)
+    rewards = video_implicit_rewards(policy, reference, pool.latents, tokens, keys, beta=cfg.pref.beta, seed=seed,
+                                     draws=it.pce_timesteps, t_min=cfg.flow.t_min, t_max=cfg.flow.t_max,
+                                     device=device, process=process)
     r_first, r_second = rewards[first], rewards[second]
     pce, q, tau = preference_certainty(r_first, r_second, votes.video_labels, temperature=it.pce_temperature,
                                        population=rewards)
     kept = (pce > it.pce_threshold) & (votes.video_labels != 0)
-    captions = world.captions(cond_ids[first])
     lines = []
     for i in range(len(first)):
         a, b = int(first[i]), int(second[i])
-        lines.append(json.dumps({
-            "pair_id": f"{it.refine_pairs}-{a:06d}-{b:06d}", "first_video": a, "second_video": b,
-            "cond_ids": cond_ids[a].tolist(), "caption": captions[i], "labels": votes.labels[i].tolist(),
-            "video_label": int(votes.video_labels[i]), "label_source": "critic-vote",
-            "agreement": round(float(votes.agreement[i]), 4), "reward_first": float(r_first[i]),
-            "reward_second": float(r_second[i]), "pce": round(float(pce[i]), 6), "weight": round(float(pce[i]), 6),
-            "kept": bool(kept[i])}))
+        row = {"pair_id": f"{it.refine_pairs}-{a:06d}-{b:06d}", "first_video": a, "second_video": b,
+               "cond_ids": pool.cond_ids[a].tolist(), "caption": pool.captions[a]}
+        if pool.prompt_ids[a] is not None:
+            row["prompt_id"] = pool.prompt_ids[a]
+        row.update({"labels": votes.labels[i].tolist(), "video_label": int(votes.video_labels[i]),
+                    "label_source": "critic-vote", "agreement": round(float(votes.agreement[i]), 4),
+                    "reward_first": float(r_first[i]), "reward_second": float(r_second[i]),
+                    "pce": round(float(pce[i]), 6), "weight": round(float(pce[i]), 6), "kept": bool(kept[i])})
+        lines.append(json.dumps(row))
     atomic.write_text(pairs_dir / PSEUDO_FILE, "\n".join(lines) + "\n")
-    stats = {"pairs": len(lines), "pairing": it.refine_pairs, "videos": int(videos.shape[0]),
+    stats = {"pairs": len(lines), "pairing": it.refine_pairs, "videos": len(pool),
              "vote_ties": int((votes.video_labels == 0).sum()), "kept": int(kept.sum()),
              "kept_fraction": float(kept.double().mean()), "reward_mean_Q": q, "reward_std_tau": tau,
              "mean_agreement": float(votes.agreement.mean()),
@@ -268,8 +317,8 @@ def read_pseudo_rows(pairs_dir: str | Path) -> list[dict]:
 
 
 def load_pseudo_labels(pairs_dir: str | Path, num_segments: int) -> Optional[PreferenceData]:
-    """The kept pseudo-labels of ``pairs_dir/pseudo.jsonl`` as weighted preference data (weight = PCE); None when
-    the PCE kept none."""
+    """The kept pseudo-labels of ``pairs_dir/pseudo.jsonl`` as weighted preference data (weight = PCE; the pool's
+    pixels: decoded frames when the pairs were decoded); None when the PCE kept none."""
     pairs_dir = Path(pairs_dir)
     rows = [r for r in read_pseudo_rows(pairs_dir) if r["kept"]]
     if not rows:
@@ -281,8 +330,10 @@ def load_pseudo_labels(pairs_dir: str | Path, num_segments: int) -> Optional[Pre
     if labels.shape[1] != num_segments:
         raise ValueError(f"{pairs_dir / PSEUDO_FILE}: pseudo-labels have {labels.shape[1]} segments, the run has "
                          f"{num_segments}")
-    return PreferenceData(first=videos[first], second=videos[second],
-                          cond_ids=torch.tensor([r["cond_ids"] for r in rows], dtype=torch.long), labels=labels,
+    cond = torch.tensor([r["cond_ids"] for r in rows], dtype=torch.long).reshape(len(rows), -1) \
+        if all(r["cond_ids"] for r in rows) else torch.zeros(len(rows), 0, dtype=torch.long)
+    return PreferenceData(first=videos[first], second=videos[second], cond_ids=cond, labels=labels,
                           video_labels=torch.tensor([r["video_label"] for r in rows], dtype=torch.long),
                           weights=torch.tensor([float(r["weight"]) for r in rows], dtype=torch.float32),
-                          pair_ids=[r["pair_id"] for r in rows])
+                          pair_ids=[r["pair_id"] for r in rows], captions=[r["caption"] for r in rows],
+                          prompt_ids=[r.get("prompt_id") for r in rows])

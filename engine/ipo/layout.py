@@ -1,18 +1,24 @@
 """The layout of a ``vidpo iterate`` run directory, as one public object.
 
     DIR/config.yaml                    the resolved recipe of the run
-    DIR/seed/pairs/                    the seed pairs (oracle-labelled: the stand-in for human labels)
+    DIR/seed/pairs/                    the seed pairs (labelled by iterate.seed_labeler: on the shapes world the
+                                       oracle, the stand-in for human labels; people or the VLM judge on a prompt file)
     DIR/critic_0/                      the critic trained on them
-    DIR/base_eval.safetensors          the initial policy's per-sample evaluation
+    DIR/base_eval.safetensors          the initial policy's per-sample evaluation (the shapes world's oracle)
+    DIR/base/model.safetensors         a release's own weights as the initial policy (a prompt file without
+                                       train.init_from: what "policy 0" and the base reference load)
+    DIR/prompt_embeddings/, DIR/clips/ a prompt file's run parts (vidpo.stages.parts.prepare_run)
     DIR/round_<r>/pairs{,_eval,_ranked,_kto}/   the round's generated, evaluation and re-paired pairs
     DIR/round_<r>/critic/              the refined critic (Dual-IPO, r >= 2)
     DIR/round_<r>/train/               policy r's training run (checkpoints, metrics)
-    DIR/round_<r>/eval.safetensors     policy r's per-sample evaluation
+    DIR/round_<r>/eval.safetensors     policy r's per-sample evaluation (shapes); DIR/round_<r>/eval/ its judged
+                                       evaluation against the initial policy (a prompt file)
     DIR/round_<r>/round.json           the round's row: its presence marks the round finished
     DIR/timings.json, DIR/summary.json
 
-``RunLayout.open(DIR)`` rebuilds the world, oracle and segment ids from the run's ``config.yaml``: what the
-rounds work in, and what measurements of a finished run read it with.
+``RunLayout.open(DIR)`` rebuilds the domain (the shapes world and its oracle, or the prompt file) and the segment
+ids of the videos the critic sees from the run's ``config.yaml``: what the rounds work in, and what measurements
+of a finished run read it with. A prompt file's parts (prompt embeddings, VAE) are prepared on first use.
 """
 from __future__ import annotations
 
@@ -23,12 +29,14 @@ from typing import Optional
 import torch
 
 from vidpo.config import RunConfig, load_config, resolve_path
-from vidpo.data.domains import exact_oracle
+from vidpo.data.domains import Domain, ShapesDomain, exact_oracle
+from vidpo.stages.parts import RunParts, prepare_run
 from vidpo.training import checkpoint as ckpt
-from vidpo.training.modeling import build_world, pick_device, run_segment_ids
+from vidpo.training.modeling import build_domain, pick_device, run_segment_ids
 
 TIMINGS_FILE = "timings.json"
 ROUND_FILE = "round.json"
+BASE_WEIGHTS = "base/model.safetensors"
 
 
 @dataclass
@@ -37,25 +45,51 @@ class RunLayout:
 
     cfg: RunConfig
     out: Path
-    world: object
+    domain: Domain
+    """Where the prompts come from: the shapes world (``ShapesDomain``) or a prompt file."""
     segment_ids: torch.Tensor
+    """The segment of each pixel frame of the videos the critic and the labellers see."""
     device: torch.device
-    oracle: object
-    """The shapes world's exact oracle: it labels the seed pairs and measures (``vidpo.data.domains``)."""
     base_path: Path
-    """Weights of the initial policy (``train.init_from``)."""
+    """Weights of the initial policy: ``train.init_from``, or (a release without it) ``DIR/base/model.safetensors``."""
+    world: Optional[object] = None
+    """The shapes world (None for a prompt file)."""
+    oracle: Optional[object] = None
+    """The shapes world's exact oracle: it labels the seed pairs and measures (``vidpo.data.domains``); None for a
+    prompt file, which has none."""
+    _parts: Optional[RunParts] = None
 
     @classmethod
     def open(cls, out_dir: str | Path, cfg: Optional[RunConfig] = None) -> "RunLayout":
         """The run in ``out_dir``, configured by its saved ``config.yaml`` unless ``cfg`` is given."""
         out = Path(out_dir)
         cfg = load_config(out / "config.yaml") if cfg is None else cfg
-        world = build_world(cfg)
-        return cls(cfg=cfg, out=out, world=world, segment_ids=run_segment_ids(cfg), device=pick_device(),
-                   oracle=exact_oracle(world), base_path=ckpt.find_weights(resolve_path(cfg.train.init_from)))
+        domain = build_domain(cfg)
+        if isinstance(domain, ShapesDomain):
+            world = domain.world
+            return cls(cfg=cfg, out=out, domain=domain, segment_ids=run_segment_ids(cfg), device=pick_device(),
+                       base_path=ckpt.find_weights(resolve_path(cfg.train.init_from)), world=world,
+                       oracle=exact_oracle(world))
+        base = ckpt.find_weights(resolve_path(cfg.train.init_from)) if cfg.train.init_from else out / BASE_WEIGHTS
+        return cls(cfg=cfg, out=out, domain=domain, segment_ids=run_segment_ids(cfg, domain, pixels=True),
+                   device=pick_device(), base_path=base)
+
+    @property
+    def shapes(self) -> bool:
+        """Whether the run is on the shapes world (an oracle measures it) rather than a prompt file."""
+        return self.world is not None
+
+    @property
+    def parts(self) -> RunParts:
+        """The run's parts (``vidpo.stages.parts.prepare_run``: prompt embeddings in ``DIR/prompt_embeddings``, the
+        VAE, real clips), prepared on first use."""
+        if self._parts is None:
+            self._parts = prepare_run(self.cfg, self.out, device=self.device)
+        return self._parts
 
     @property
     def num_segments(self) -> int:
+        """S, the segments of each video."""
         return int(self.segment_ids.max()) + 1
 
     @property

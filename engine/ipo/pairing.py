@@ -1,7 +1,11 @@
 """Preference pairs built from a critic's scores of a pool of videos.
 
-A round's videos form a pool (``read_pool``: every generated pair contributes its two videos with their
-conditions). Instead of labelling the pairs as generated, the critic scores each video once and:
+A round's videos form a pool (``read_video_pool``: every generated pair contributes its two videos, the first
+videos then the second ones, with their captions, prompt ids and a prompt key). The critic scores the pool's
+pixels (the shapes world's clips, or a latent model's decoded frames); the pairs written hold the videos the
+policy trains on (the same clips, or the latents). Prompts are told apart by their key: the shapes world's
+condition index, or a prompt's position in the prompt file. Instead of labelling the pairs as generated, the
+critic scores each video once and:
 
 * KTO (``build_kto_pairs``): videos at or above ``critic.desirable`` are desirable, at or below
   ``critic.undesirable`` undesirable (``vidpo.ipo.critic.pointwise_labels``); each desirable video is paired
@@ -15,12 +19,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from vidpo.config import RunConfig
+from vidpo.data.domains import Domain, ShapesDomain
 from vidpo.data.pairs import (
     MANIFEST_FILE,
     PAIRS_FILE,
@@ -30,49 +36,119 @@ from vidpo.data.pairs import (
     shard_name,
     write_manifest,
 )
+from vidpo.data.video_io import PairFrames
 from vidpo.ipo.critic import pointwise_labels
 from vidpo.labeling.base import LabelingError
 from vidpo.labeling.critic import PoolScorer
 from vidpo.utils import atomic
 
 
-def read_pool(src: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every video of the generated pairs in ``src`` as one pool: (videos (2N, C, T, H, W), cond_ids (2N, K))."""
+@dataclass
+class VideoPool:
+    """Every video of a round's generated pairs: the first videos, then the second ones (2N)."""
+
+    pixels: torch.Tensor
+    """(2N, 3, F, H, W) what a critic scores: the shapes world's clips (float), or decoded frames (uint8)."""
+    latents: torch.Tensor
+    """(2N, C, T, h, w) what the policy trains on (the very tensor of ``pixels`` for the shapes world)."""
+    captions: list
+    prompt_ids: list
+    cond_ids: torch.Tensor
+    """(2N, K) the shapes world's conditions (K = 0 for a prompt file)."""
+    keys: torch.Tensor
+    """(2N,) long: the prompt key (``prompt_keys``)."""
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def prompt_keys(domain: Domain, prompt_ids, cond_ids: torch.Tensor) -> torch.Tensor:
+    """(n,) long keys of the prompts: the shapes world's condition index, or a prompt's position in the prompt
+    file (what groups a pool by prompt, and what Dual-IPO's shared implicit-reward draws are named by)."""
+    if isinstance(domain, ShapesDomain):
+        return domain.world.condition_index(cond_ids)
+    order = {p.id: i for i, p in enumerate(domain.all_prompts)}
+    missing = sorted({p for p in prompt_ids if p not in order}, key=str)
+    if missing:
+        raise LabelingError(f"pairs of prompts {missing[:3]} are not in this run's prompt file")
+    return torch.tensor([order[p] for p in prompt_ids], dtype=torch.long)
+
+
+def _records(src: Path) -> list[PairRecord]:
     records, _ = read_manifest(src / PAIRS_FILE, need_labels=False, on_error="skip")
+    return records
+
+
+def _pool_pixels(src: Path, records: list[PairRecord]) -> torch.Tensor:
+    frames = PairFrames(src)
+    if records and frames.has_frames(records[0]):
+        return torch.cat([torch.stack([frames.get_uint8(r, key) for r in records]) for key in ("first", "second")])
     reader = ShardReader(src)
-    videos = torch.cat([torch.stack([reader.get(r, "first") for r in records]),
-                        torch.stack([reader.get(r, "second") for r in records])]).float()
-    return videos, torch.tensor([r.cond_ids for r in records] * 2, dtype=torch.long)
+    return torch.cat([torch.stack([reader.get(r, "first") for r in records]),
+                      torch.stack([reader.get(r, "second") for r in records])]).float()
 
 
-def _write_pool_pairs(dst: Path, videos: torch.Tensor, cond: torch.Tensor, first: list[int], second: list[int],
-                      segment_labels: torch.Tensor, cfg: RunConfig, world, *, mode: str, source: str,
-                      stats: dict) -> dict:
-    """Write pairs (``videos[first[i]]`` preferred to ``videos[second[i]]``, whole-video label +1, the given
-    per-segment labels (P, S)) as shards, then ``stats`` (+ the pair count) to ``dst/label.json``, then
+def read_pool(src: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixels of every video of the generated pairs in ``src`` as one pool (decoded frames, uint8, when the pairs
+    were decoded): (videos (2N, 3, F, H, W), cond_ids (2N, K))."""
+    records = _records(src)
+    return _pool_pixels(src, records), _cond_ids(records).repeat(2, 1)
+
+
+def _cond_ids(records: list[PairRecord]) -> torch.Tensor:
+    if all(r.cond_ids for r in records):
+        return torch.tensor([r.cond_ids for r in records], dtype=torch.long)
+    return torch.zeros(len(records), 0, dtype=torch.long)
+
+
+def read_video_pool(src: Path, domain: Domain) -> VideoPool:
+    """The pool of the generated pairs in ``src`` (module docstring), keyed by ``domain``'s prompts."""
+    records = _records(src)
+    pixels = _pool_pixels(src, records)
+    if pixels.dtype == torch.uint8:   # decoded: the shards hold the latents
+        reader = ShardReader(src)
+        latents = torch.cat([torch.stack([reader.get(r, key) for r in records]) for key in ("first", "second")])
+    else:
+        latents = pixels
+    cond = _cond_ids(records).repeat(2, 1)
+    prompt_ids = [r.prompt_id for r in records] * 2
+    return VideoPool(pixels=pixels, latents=latents.float(), captions=[r.caption for r in records] * 2,
+                     prompt_ids=prompt_ids, cond_ids=cond, keys=prompt_keys(domain, prompt_ids, cond))
+
+
+def pool_scores(scorer: PoolScorer, pool: VideoPool):
+    return scorer(pool.pixels, pool.captions, pool.cond_ids)
+
+
+def _write_pool_pairs(dst: Path, pool: VideoPool, first: list[int], second: list[int], segment_labels: torch.Tensor,
+                      cfg: RunConfig, *, mode: str, source: str, stats: dict) -> dict:
+    """Write pairs (``pool.latents[first[i]]`` preferred to ``pool.latents[second[i]]``, whole-video label +1, the
+    given per-segment labels (P, S)) as shards, then ``stats`` (+ the pair count) to ``dst/label.json``, then
     ``dst/manifest.jsonl``; returns the stats."""
     shard_size = cfg.generate.shard_size
-    conds = cond[first]
-    captions = world.captions(conds)
+    conds = pool.cond_ids[first]
+    videos = pool.latents
     records = []
     for k in range(0, len(first), shard_size):
         rows = list(range(k, min(len(first), k + shard_size)))
         name = shard_name(k // shard_size)
-        atomic.save_safetensors({"first": videos[[first[i] for i in rows]], "second": videos[[second[i] for i in rows]],
-                                 "cond_ids": conds[rows]}, dst / name, metadata={"mode": mode, "split": "train"})
+        tensors = {"first": videos[[first[i] for i in rows]], "second": videos[[second[i] for i in rows]]}
+        if conds.shape[1]:
+            tensors["cond_ids"] = conds[rows]
+        atomic.save_safetensors(tensors, dst / name, metadata={"mode": mode, "split": "train"})
         for row, i in enumerate(rows):
-            records.append(PairRecord(pair_id=f"{mode}-{i:06d}", shard=name, row=row, cond_ids=conds[i].tolist(),
-                                      caption=captions[i], mode=mode, labels=segment_labels[i].tolist(),
-                                      video_label=1, label_source=source))
+            records.append(PairRecord(pair_id=f"{mode}-{i:06d}", shard=name, row=row, prompt_id=pool.prompt_ids[first[i]],
+                                      cond_ids=conds[i].tolist(), caption=pool.captions[first[i]], mode=mode,
+                                      labels=segment_labels[i].tolist(), video_label=1, label_source=source))
     stats = dict(stats, pairs=len(records))
     atomic.write_json(dst / "label.json", stats)
     write_manifest(dst / MANIFEST_FILE, records)   # last: its presence means the pairs are complete
     return stats
 
 
-def build_kto_pairs(scorer: PoolScorer, src: Path, dst: Path, cfg: RunConfig, world,
-                    segment_ids: torch.Tensor, *, source: str = "critic-pointwise") -> dict:
-    """Score every video of ``src`` (``scorer``: the critic), label it desirable / undesirable (``critic.pointwise``),
+def build_kto_pairs(scorer: PoolScorer, pool: VideoPool, dst: Path, cfg: RunConfig, segment_ids: torch.Tensor, *,
+                    source: str = "critic-pointwise") -> dict:
+    """Score every video of ``pool`` (``scorer``: the critic), label it desirable / undesirable (``critic.pointwise``),
     and write ``dst``: pairs (desirable first, undesirable second, label +1) of videos of the same prompt.
 
     Within a prompt, every labelled video is used: the shorter list is cycled to the length of the longer.
@@ -81,9 +157,8 @@ def build_kto_pairs(scorer: PoolScorer, src: Path, dst: Path, cfg: RunConfig, wo
     if (dst / MANIFEST_FILE).exists():
         return json.loads((dst / "label.json").read_text())
     c = cfg.critic
-    videos, cond = read_pool(src)
-    labels = pointwise_labels(scorer(videos, cond).video, c.pointwise, c.desirable, c.undesirable)
-    index = world.condition_index(cond)
+    labels = pointwise_labels(pool_scores(scorer, pool).video, c.pointwise, c.desirable, c.undesirable)
+    index = pool.keys
     first, second = [], []
     for ci in index.unique().tolist():
         good = torch.nonzero((index == ci) & (labels > 0)).flatten().tolist()
@@ -92,13 +167,13 @@ def build_kto_pairs(scorer: PoolScorer, src: Path, dst: Path, cfg: RunConfig, wo
             first.append(good[j % len(good)])
             second.append(bad[j % len(bad)])
     if not first:
-        raise LabelingError(f"KTO round: no prompt of {src} has both a desirable and an undesirable video; "
+        raise LabelingError("KTO round: no prompt of the round has both a desirable and an undesirable video; "
                             "widen critic.desirable / critic.undesirable")
     segments = int(segment_ids.max()) + 1
     stats = {"videos": int(labels.numel()), "desirable": int((labels > 0).sum()),
              "undesirable": int((labels < 0).sum()), "pointwise": c.pointwise, "thresholds": [c.undesirable, c.desirable]}
-    return _write_pool_pairs(dst, videos, cond, first, second, torch.ones(len(first), segments, dtype=torch.long),
-                             cfg, world, mode="kto", source=source, stats=stats)
+    return _write_pool_pairs(dst, pool, first, second, torch.ones(len(first), segments, dtype=torch.long), cfg,
+                             mode="kto", source=source, stats=stats)
 
 
 def ranked_pairs(scores: torch.Tensor, prompt_index: torch.Tensor, fraction: float) -> tuple[list[int], list[int]]:
@@ -144,10 +219,9 @@ def widest_pairs(scores: torch.Tensor, first: Sequence[int], second: Sequence[in
     return [first[i] for i in chosen], [second[i] for i in chosen]
 
 
-def build_ranked_pairs(scorer: PoolScorer, src: Path, dst: Path, cfg: RunConfig, world,
-                       segment_ids: torch.Tensor, fraction: float, *, margin_fraction: float = 1.0,
-                       source: str = "critic-ranked") -> dict:
-    """Score every video of ``src`` (``scorer``: the critic) and write ``dst``: the best-versus-worst pairs of
+def build_ranked_pairs(scorer: PoolScorer, pool: VideoPool, dst: Path, cfg: RunConfig, segment_ids: torch.Tensor,
+                       fraction: float, *, margin_fraction: float = 1.0, source: str = "critic-ranked") -> dict:
+    """Score every video of ``pool`` (``scorer``: the critic) and write ``dst``: the best-versus-worst pairs of
     each prompt (``ranked_pairs``), preferred video first. Segment labels are the signs of the segment score
     differences (DenseDPO reads them; a whole-video objective reads the +1 video label).
 
@@ -157,18 +231,16 @@ def build_ranked_pairs(scorer: PoolScorer, src: Path, dst: Path, cfg: RunConfig,
     then keeps only the widest pairs of the whole pool (``widest_pairs``)."""
     if (dst / MANIFEST_FILE).exists():
         return json.loads((dst / "label.json").read_text())
-    videos, cond = read_pool(src)
-    scores = scorer(videos, cond)
-    first, second = ranked_pairs(scores.video, world.condition_index(cond), fraction)
+    scores = pool_scores(scorer, pool)
+    first, second = ranked_pairs(scores.video, pool.keys, fraction)
     if not first:
-        raise LabelingError(f"ranked pairs: no prompt of {src} has two videos")
+        raise LabelingError("ranked pairs: no prompt of the round has two videos")
     ranked = len(first)
     first, second = widest_pairs(scores.video, first, second, margin_fraction)
     seg_labels = torch.sign(scores.segments[first] - scores.segments[second]).long()
     gap = scores.video[first] - scores.video[second]
     stats = {"videos": int(scores.video.numel()), "rank_fraction": fraction, "margin_fraction": margin_fraction,
              "ranked_pairs": ranked,
-             "prompts": int(world.condition_index(cond[first]).unique().numel()),
+             "prompts": int(pool.keys[first].unique().numel()),
              "critic_score_gap": round(float(gap.mean()), 4)}
-    return _write_pool_pairs(dst, videos, cond, first, second, seg_labels, cfg, world, mode="ranked",
-                             source=source, stats=stats)
+    return _write_pool_pairs(dst, pool, first, second, seg_labels, cfg, mode="ranked", source=source, stats=stats)

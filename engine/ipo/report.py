@@ -1,6 +1,6 @@
 """Reports of ``vidpo iterate`` runs and the comparison of several recipes x seeds.
 
-``write_iterate_report`` turns a run's (or a comparison's) per-round rows into ``metrics.jsonl`` rows, the
+``write_iterate_report`` turns a shapes run's (or a comparison's) per-round rows into ``metrics.jsonl`` rows, the
 rounds figure (oracle score with its CI, critic accuracy before / after refinement, pseudo-labels kept), a
 per-round table, and the generic run report (``vidpo.evaluation.report``). ``compare_iterations`` runs every recipe for
 every seed (``vidpo.ipo.rounds.iterate``; later recipes reuse what is identical by construction with the first
@@ -151,3 +151,84 @@ def write_iterate_report(out: Path, summary: dict, series: Optional[dict] = None
     return figure
 
 
+
+
+# ----- a prompt file's run: the judged evaluation per round ---------------------------------------------------
+def _judged_metrics(summary: dict) -> list[dict]:
+    """metrics.jsonl rows of a prompt-file run (phase 'judged', step = round): win rate against the initial policy
+    with its interval, pseudo-labels kept, training pairs."""
+    rows = []
+    for row in summary["rounds"]:
+        entry = {"step": row["round"], "phase": "judged", "pseudo_labels_kept": row.get("pseudo_labels_kept", 0),
+                 "train_pairs": (row.get("train") or {}).get("pairs", 0)}
+        win = (row.get("judged") or {}).get("win_rate")
+        if win:
+            entry.update({"win_rate": win["mean"], "win_rate_ci_lo": win["ci95"][0], "win_rate_ci_hi": win["ci95"][1]})
+        rows.append(entry)
+    return rows
+
+
+def plot_judged_rounds(rows: list[dict], path: Path) -> Path:
+    """The judged win rate of each round's policy against the initial policy (95% CI over prompts; 0.5 = no
+    difference), and the pseudo-labels kept per round."""
+    fig = Figure(figsize=(9, 3.8))
+    FigureCanvasAgg(fig)
+    ax_w, ax_p = fig.subplots(1, 2)
+    judged = [(r["round"], r["judged"]["win_rate"]) for r in rows if (r.get("judged") or {}).get("win_rate")]
+    if judged:
+        rounds = [k for k, _ in judged]
+        ax_w.errorbar(rounds, [w["mean"] for _, w in judged],
+                      yerr=[[w["mean"] - w["ci95"][0] for _, w in judged], [w["ci95"][1] - w["mean"] for _, w in judged]],
+                      fmt="o-", capsize=4, color="C0", label="policy vs initial policy")
+    ax_w.axhline(0.5, color="grey", lw=1, ls="--")
+    ax_w.set(title="judged win rate vs the initial policy (95% CI)", xlabel="round", ylim=(0, 1))
+    ax_p.bar([r["round"] for r in rows], [r.get("pseudo_labels_kept") or 0 for r in rows], color="C1")
+    ax_p.set(title="pseudo-labels kept (PCE > threshold)", xlabel="round")
+    for ax in (ax_w, ax_p):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    tmp.replace(path)
+    return path
+
+
+def judged_rounds_table(rows: list[dict]) -> str:
+    """HTML table, one row per round of a prompt-file run: the judged comparison with the initial policy, the
+    labels the policy trained on, the pseudo-labels kept. (No oracle: no critic accuracy is measured.)"""
+    def num(v, fmt="{:.3f}"):
+        return "—" if v is None else fmt.format(v)
+
+    head = ("<tr><th>round</th><th>judged win rate vs initial policy [95% CI]</th><th>wins / ties / losses</th>"
+            "<th>judge</th><th>training pairs</th><th>first video preferred / tie fraction of the labels</th>"
+            "<th>pseudo-labels kept</th></tr>")
+    body = []
+    for r in rows:
+        judged, labels = r.get("judged") or {}, r.get("labels") or {}
+        win = judged.get("win_rate")
+        rate = f"{win['mean']:.3f} [{win['ci95'][0]:.3f}, {win['ci95'][1]:.3f}]" if win else "—"
+        counts = " / ".join(num(judged.get(k), "{:.0f}") for k in ("wins", "ties", "losses"))
+        fractions = f"{num(labels.get('first_better_fraction'))} / {num(labels.get('tie_fraction'))}"
+        body.append(f"<tr><td>{r['round']}</td><td>{rate}</td><td>{counts}</td>"
+                    f"<td>{html.escape(str(judged.get('judge', '—')))}</td>"
+                    f"<td>{num((r.get('train') or {}).get('pairs'), '{:.0f}')}</td><td>{fractions}</td>"
+                    f"<td>{num(r.get('pseudo_labels_kept'), '{:.0f}')}</td></tr>")
+    return f"<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def write_judged_iterate_report(out: Path, summary: dict) -> Path:
+    """A prompt-file run's report: metrics.jsonl rows per round, the judged-rounds figure and table on top of
+    ``vidpo.evaluation.report.write_report``'s page."""
+    atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in _judged_metrics(summary)))
+    figure = plot_judged_rounds(summary["rounds"], out / "report" / "ipo_rounds.png")
+    page = write_report(out)
+    text = page.read_text()
+    section = ('<h2>Rounds</h2><figure class="plot"><img src="report/ipo_rounds.png" alt="rounds">'
+               '<figcaption>judged win rate against the initial policy and pseudo-labels kept per round'
+               '</figcaption></figure>' + judged_rounds_table(summary["rounds"]))
+    marker = "<h2>Summary</h2>"
+    text = text.replace(marker, section + marker, 1) if marker in text else text.replace("</body>", section + "</body>")
+    atomic.write_text(page, text)
+    return figure

@@ -47,11 +47,17 @@ ROUND_PAIR_KEYS = ("generate.num_pairs",)
 CRITIC_KEYS = ("critic.*",)
 
 
-SEED_INPUTS = ("seed", "critic_0", "base_eval.safetensors", "samples/base.gif", "samples/base.png", TIMINGS_FILE)
+# Keys that label a prompt file's seed pairs (its seed labeller is the recipe's: people or the VLM judge), so they
+# block sharing there, where on the shapes world (the oracle labels the seeds) they act on the rounds only.
+PROMPT_SEED_LABEL_KEYS = ("label.labeler", "label.human_file", "label.vlm", "label.vlm.*", "label.on_error")
+
+
+SEED_INPUTS = ("seed", "critic_0", "base_eval.safetensors", "samples/base.gif", "samples/base.png", TIMINGS_FILE,
+               "base", "prompt_embeddings", "clips")
 
 
 ROUND1_PAIRS = ("round_1/pairs/shards", "round_1/pairs/pairs.jsonl", "round_1/pairs/generate.json",
-                 "round_1/pairs_eval")
+                 "round_1/pairs/frames", "round_1/pairs/videos", "round_1/pairs/decode.json", "round_1/pairs_eval")
 
 
 def flat_config(cfg: RunConfig) -> dict:
@@ -98,7 +104,8 @@ def reuse_run(cfg: RunConfig, out: Path, source: str | Path) -> list[str]:
     other = load_config(source / "config.yaml")
     differing = differing_keys(cfg, other)
     blocking = [k for k in differing
-                if not any(fnmatch.fnmatch(k, p) for p in ROUND_KEYS + ROUND_PAIR_KEYS + CRITIC_KEYS)]
+                if not any(fnmatch.fnmatch(k, p) for p in ROUND_KEYS + ROUND_PAIR_KEYS + CRITIC_KEYS)
+                or (cfg.prompts.path and any(fnmatch.fnmatch(k, p) for p in PROMPT_SEED_LABEL_KEYS))]
     new_critic = any(not any(fnmatch.fnmatch(k, p) for p in ROUND_KEYS) for k in differing
                      if any(fnmatch.fnmatch(k, p) for p in CRITIC_KEYS))
     same_init = same_weights(cfg.train.init_from, other.train.init_from)

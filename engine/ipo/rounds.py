@@ -1,17 +1,20 @@
 """``vidpo iterate``: rounds of iterative preference optimisation with a critic (IPO), refining the critic
-between rounds (Dual-IPO).
+between rounds (Dual-IPO), on the shapes world or on a release directory with a prompt file.
 
-Before round 1: ``iterate.seed_pairs`` pairs sampled from the initial policy are labelled by the oracle
-(the stand-in for the paper's human labels) and critic 0 is trained on them. No oracle label is used for
-training after that. Round r = 1..R, starting from policy r-1 (round 0 = ``train.init_from``):
+Before round 1: ``iterate.seed_pairs`` pairs sampled from the initial policy are labelled by
+``iterate.seed_labeler`` (the shapes world: its oracle, the stand-in for the paper's human labels; a prompt file:
+people through a labels file, or the VLM judge) and critic 0 is trained on them (the toy network on the shapes
+world; the VLM critic of ``critic.backbone`` on a prompt file's decoded videos). No seed labeller's label is used
+for training after that. Round r = 1..R, starting from policy r-1 (round 0 = ``train.init_from``, or the release):
 
-1. generate ``generate.num_pairs`` pairs with policy r-1 (``round_r/pairs``) and ``iterate.eval_pairs``
-   fresh pairs (``round_r/pairs_eval``) that the oracle labels *only to measure the critic*;
+1. generate ``generate.num_pairs`` pairs with policy r-1 (``round_r/pairs``; a latent model's decoded to frames
+   and mp4s) and, on the shapes world, ``iterate.eval_pairs`` fresh pairs (``round_r/pairs_eval``) that the oracle
+   labels *only to measure the critic*;
 2. Dual-IPO (``iterate.refine``, r >= 2): the critic of round r-1 pseudo-labels round r's pairs with K
    stochastic passes and a majority vote; pseudo-labels whose PCE under policy r-1 exceeds 0.5 are kept,
    and critic r is retrained from scratch on the seed labels + the kept pseudo-labels, weighted by their
-   PCE (``vidpo.ipo.dual``). The critic's accuracy on ``pairs_eval`` is measured before and after (on its
-   pairs, and on every within-prompt pair of its videos: ``critic_accuracy_pool``);
+   PCE (``vidpo.ipo.dual``). On the shapes world the critic's accuracy on ``pairs_eval`` is measured before and
+   after (on its pairs, and on every within-prompt pair of its videos: ``critic_accuracy_pool``);
 3. label the pairs with critic r: pairwise for flow_dpo / dense_dpo (``label.labeler=critic``; or, with
    ``iterate.pairing=ranked``, each prompt's best-scored videos paired with its worst-scored,
    ``round_r/pairs_ranked``), pointwise for kto (desirable / undesirable by ``critic.desirable`` /
@@ -20,8 +23,9 @@ training after that. Round r = 1..R, starting from policy r-1 (round 0 = ``train
 4. train policy r from policy r-1 with the recipe's objective and the real-video flow-matching regularizer
    (``pref.sft_weight``); the reference is policy r-1 (``iterate.reference=previous``) or the initial
    policy (``base``);
-5. evaluate policy r with the oracle on the fixed evaluation seeds (mean, 95% CI, paired deltas against
-   the initial policy and the previous round).
+5. evaluate policy r: on the shapes world with the oracle on the fixed evaluation seeds (mean, 95% CI, paired
+   deltas against the initial policy and the previous round); on a prompt file with the judged evaluation against
+   the initial policy (``vidpo.ipo.measure``). The oracle's measurements are absent for a prompt file.
 
 Each stage writes its results atomically and is skipped when they exist; a round is finished when
 ``round_r/round.json`` exists. A killed run restarted with the same command resumes at the unfinished
@@ -32,11 +36,13 @@ stage of the unfinished round (pairs shards, labels, critics and training checkp
     {"rounds": [{"round": r, "oracle": {"mean", "ci95": [lo, hi]}, "critic_accuracy": .., "pseudo_labels_kept": ..,
                  "critic_accuracy_before_refine": .., "delta_vs_base": {..},
                  "critic_accuracy_pool": .., "critic_accuracy_pool_before_refine": .., ...}, ...],
-     "base": {"oracle": {"mean", "ci95"}}, ...}
+     "base": {"oracle": {"mean", "ci95"}}, ...}                                           (the shapes world)
+    {"rounds": [{"round": r, "judged": {"win_rate": {"mean", "ci95"}, "wins", "ties", "losses", ...},
+                 "pseudo_labels_kept": .., "labels": {..}, "train": {..}, ...}, ...], "domain": "prompts", ...}
 
 ``vidpo iterate A.yaml B.yaml --seeds 0 1 2 --out DIR`` runs every recipe and seed into
 ``DIR/<recipe>/seed<k>`` and writes the comparison (per round: mean over seeds with a 95% CI over seeds)
-to ``DIR/summary.json`` and ``DIR/report.html`` (``vidpo.ipo.report``).
+to ``DIR/summary.json`` and ``DIR/report.html`` (``vidpo.ipo.report``; the shapes world).
 """
 from __future__ import annotations
 
@@ -51,36 +57,35 @@ from typing import Optional, Sequence
 import torch
 
 from vidpo.config import PREFERENCE_OBJECTIVES, ConfigError, RunConfig, load_config, to_yaml
-from vidpo.data.oracle import COMPONENTS
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE
 from vidpo.evaluation.evaluate import (
     EvalResult,
     brief_ci,
     evaluate_model,
     load_eval_result,
-    mean_ci,
     paired_delta,
     save_eval_result,
 )
-from vidpo.ipo.critic import (
-    PreferenceData,
-    critic_accuracy,
-    load_preference_data,
-    pool_accuracy,
-    pool_gain,
-    train_critic,
-)
-from vidpo.ipo.dual import load_pseudo_labels, pseudo_label_pairs, read_pseudo_rows
+from vidpo.ipo.critic import PreferenceData, load_preference_data, train_critic
+from vidpo.ipo.dual import load_pseudo_labels, pseudo_label_pairs
 from vidpo.ipo.layout import TIMINGS_FILE, RunLayout, open_run
-from vidpo.ipo.pairing import build_kto_pairs, build_ranked_pairs, read_pool
-from vidpo.ipo.report import write_iterate_report
+from vidpo.ipo.measure import (
+    FreshPairs,
+    judged_round,
+    labels_agreement,
+    oracle_label,
+    oracle_scorer,
+    pseudo_label_quality,
+)
+from vidpo.ipo.pairing import build_kto_pairs, build_ranked_pairs, read_video_pool
+from vidpo.ipo.report import write_iterate_report, write_judged_iterate_report
 from vidpo.ipo.reuse import reuse_run
-from vidpo.labeling.critic import critic_scorer
-from vidpo.models.critic import CriticScores, load_critic, save_critic
+from vidpo.labeling.critic import critic_scorer, open_critic
+from vidpo.models.critic import save_critic
 from vidpo.stages.common import save_samples, setup_logging
 from vidpo.stages.generate import generate_pairs
 from vidpo.stages.label import label_pairs
-from vidpo.stages.pipeline import train_preference
+from vidpo.stages.pipeline import generate_and_decode, train_preference
 from vidpo.training import checkpoint as ckpt
 from vidpo.training.modeling import build_policy, set_threads
 from vidpo.utils import atomic
@@ -100,21 +105,20 @@ def _stage_cfg(cfg: RunConfig, *, stream: Sequence[object], **sections) -> RunCo
     return out
 
 
-def generate_round_pairs(run: RunLayout, pairs_dir: Path, policy, n: int, *, stream: Sequence[object]) -> None:
+def generate_round_pairs(run: RunLayout, pairs_dir: Path, policy, n: int, *, stream: Sequence[object],
+                         policy_path: Optional[Path] = None) -> None:
     """``n`` pairs sampled by ``policy`` into ``pairs_dir`` from the generation streams of ``stream`` (skipped when
-    already there): every set of pairs a run makes has its own streams, so none repeats another's noise."""
+    already there): every set of pairs a run makes has its own streams, so none repeats another's noise. A
+    prompt-file run samples with the weights at ``policy_path`` (``policy`` may then be None) and decodes the
+    pairs to frames and mp4s (``vidpo.stages.pipeline.generate_and_decode``)."""
+    if not run.shapes:
+        cfg = _stage_cfg(run.cfg, stream=stream, generate__num_pairs=n, train__init_from=str(policy_path))
+        generate_and_decode(cfg, pairs_dir, run.parts, split="train")
+        return
     if (pairs_dir / PAIRS_FILE).exists() and (pairs_dir / "generate.json").exists():
         return
     cfg = _stage_cfg(run.cfg, stream=stream, generate__num_pairs=n)
     generate_pairs(cfg, pairs_dir, split="train", policy=policy)
-
-
-def _oracle_label(run: RunLayout, pairs_dir: Path, *, granularity: str, tie_margin: float) -> None:
-    if (pairs_dir / MANIFEST_FILE).exists():
-        return
-    cfg = copy.deepcopy(run.cfg)
-    cfg.label.labeler, cfg.label.granularity, cfg.label.tie_margin = "oracle", granularity, tie_margin
-    label_pairs(cfg, pairs_dir)
 
 
 def load_frozen_policy(run: RunLayout, path: Path) -> torch.nn.Module:
@@ -132,33 +136,35 @@ def _velocity(model):
     return v
 
 
-def _oracle_video_labels(run: RunLayout, data: PreferenceData) -> torch.Tensor:
-    """The oracle's whole-video verdicts (N,) of in-memory pairs (for measurements only, never for training)."""
-    with torch.no_grad():
-        d = (run.oracle.score(data.first, data.cond_ids).total.double()
-             - run.oracle.score(data.second, data.cond_ids).total.double())
-    return torch.sign(d).long()
+def _seed_labeler(cfg: RunConfig) -> str:
+    """The labeller of the seed pairs (``iterate.seed_labeler``; 'auto' module doc)."""
+    kind, shapes = cfg.iterate.seed_labeler, not cfg.prompts.path
+    if kind == "auto":
+        kind = "oracle" if shapes else cfg.label.labeler
+    if not shapes and kind not in ("human", "vlm"):
+        raise ConfigError(f"iterate.seed_labeler: the seed pairs of a prompt file are labelled by people "
+                          f"(human, label.human_file) or the VLM judge (vlm), not {kind!r}"
+                          + (" (auto reads label.labeler)" if cfg.iterate.seed_labeler == "auto" else ""))
+    return kind
 
 
-def _oracle_scorer(run: RunLayout):
-    """The oracle as a ``vidpo.labeling.critic.PoolScorer`` (the ceiling ablation, ``iterate.round_labeler=oracle``)."""
-    def score(videos: torch.Tensor, cond: torch.Tensor) -> CriticScores:
-        with torch.no_grad():
-            out = run.oracle.score(videos, cond, run.segment_ids)
-        frames = torch.stack([out.frame_components[k] for k in COMPONENTS]).mean(0)
-        return CriticScores(frames=frames, segments=out.segments, video=out.total)
-    return score
+def _label_seed(run: RunLayout, pairs_dir: Path) -> None:
+    it = run.cfg.iterate
+    kind = _seed_labeler(run.cfg)
+    if kind == "oracle":
+        oracle_label(run, pairs_dir, granularity=it.seed_granularity, tie_margin=it.seed_tie_margin)
+    elif not (pairs_dir / MANIFEST_FILE).exists():
+        cfg = copy.deepcopy(run.cfg)
+        cfg.label.labeler = kind
+        label_pairs(cfg, pairs_dir, domain=run.domain)
 
 
-def _pool_pairs_agreement(run: RunLayout, pairs_dir: Path) -> float:
-    """How often the oracle prefers the preferred video of critic-built pairs (KTO / ranked; a measurement)."""
-    data = load_preference_data(pairs_dir, run.num_segments)
-    return _agreement(data.video_labels, _oracle_video_labels(run, data))
-
-
-def _agreement(labels: torch.Tensor, truth: torch.Tensor) -> Optional[float]:
-    keep = (labels != 0) & (truth != 0)
-    return float((labels[keep] == truth[keep]).double().mean()) if bool(keep.any()) else None
+def _base_weights(run: RunLayout) -> None:
+    """A release without ``train.init_from``: its transformer's own weights saved as policy 0 (once)."""
+    if run.shapes or run.cfg.train.init_from or run.base_path.exists():
+        return
+    model = build_policy(run.cfg, None, "cpu")
+    atomic.save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, run.base_path)
 
 
 # ----- critics ----------------------------------------------------------------------------------------------
@@ -167,7 +173,7 @@ def _critic(run: RunLayout, directory: Path, data_fn, *, stream: Sequence[object
     saved there."""
     path = directory / "critic.safetensors"
     if path.exists():
-        return load_critic(path, run.device)
+        return open_critic(path, run.world, run.device)
     cfg = run.cfg
     if steps:
         cfg = copy.deepcopy(cfg)
@@ -214,155 +220,188 @@ def _refinement_data(run: RunLayout, r: int) -> PreferenceData:
     return PreferenceData.concat(parts)
 
 
-# ----- one round --------------------------------------------------------------------------------------------
-def run_round(run: RunLayout, r: int, critic_prev, base_eval: EvalResult,
-              prev_eval: EvalResult) -> tuple[dict, object, EvalResult]:
-    """Round r (module doc); returns (its summary row, the critic that labelled it, its evaluation)."""
-    cfg, it = run.cfg, run.cfg.iterate
+def _pseudo_labels(run: RunLayout, r: int, critic_prev, policy_prev) -> dict:
+    """Round r's Dual-IPO pseudo-labels (``vidpo.ipo.dual``) under policy r-1 and its reference, written once."""
     rd = run.out / f"round_{r}"
-    t_round = time.time()
-    times = {}
-    policy_prev = load_frozen_policy(run, run.policy_path(r - 1))
+    if not (rd / "critic" / "critic.safetensors").exists():
+        policy_prev = policy_prev if policy_prev is not None else load_frozen_policy(run, run.policy_path(r - 1))
+        reference = load_frozen_policy(run, run.reference_path(r - 1))
+        pool = read_video_pool(rd / "pairs", run.domain)
+        if run.shapes:
+            tokens, process = run.world.tokens(pool.cond_ids), None
+        else:   # text embeddings of each video's prompt; the release's own forward process
+            tokens = run.parts.conditioning.for_prompts(pool.prompt_ids)
+            process = policy_prev if getattr(policy_prev, "training_target", None) is not None else None
+        stats = pseudo_label_pairs(rd / "pairs", pool, critic_prev, _velocity(policy_prev), _velocity(reference),
+                                   run.cfg, run.segment_ids, tokens=tokens, stream=("pseudo", r), device=run.device,
+                                   process=process)
+        atomic.write_json(rd / "pseudo.json", stats)
+    return json.loads((rd / "pseudo.json").read_text())
 
-    t = time.time()
-    generate_round_pairs(run, rd / "pairs", policy_prev, cfg.generate.num_pairs, stream=("round", r, "train"))
-    generate_round_pairs(run, rd / "pairs_eval", policy_prev, it.eval_pairs, stream=("round", r, "eval"))
-    _oracle_label(run, rd / "pairs_eval", granularity="video", tie_margin=0.0)
-    times["generate_s"] = round(time.time() - t, 1)
-    eval_pairs = load_preference_data(rd / "pairs_eval", run.num_segments)
 
-    row: dict = {"round": r}
-    before = critic_accuracy(critic_prev, eval_pairs, run.world, run.segment_ids)
-    # The same measurement over every within-prompt pair of the fresh videos (~7x the pairs; vidpo.ipo.critic.pool_accuracy)
-    pool_videos = torch.cat([eval_pairs.first, eval_pairs.second])
-    pool_cond = torch.cat([eval_pairs.cond_ids, eval_pairs.cond_ids])
-    with torch.no_grad():
-        pool_truth = run.oracle.score(pool_videos, pool_cond).total
-
-    def pool(c):
-        return pool_accuracy(c, pool_videos, pool_cond, pool_truth, run.world, run.segment_ids)
-    pool_before = pool(critic_prev)
-    critic = critic_prev
-    refined = it.refine and r >= 2 and it.round_labeler == "critic"
-    if refined:
-        t = time.time()
-        if not (rd / "critic" / "critic.safetensors").exists():
-            reference = load_frozen_policy(run, run.reference_path(r - 1))
-            stats = pseudo_label_pairs(rd / "pairs", critic_prev, _velocity(policy_prev), _velocity(reference), cfg,
-                                       run.world, run.segment_ids, stream=("pseudo", r), device=run.device)
-            atomic.write_json(rd / "pseudo.json", stats)
-        stats = json.loads((rd / "pseudo.json").read_text())
-        critic = _critic(run, rd / "critic", lambda: _refinement_data(run, r), stream=("critic",),
-                         steps=it.refine_steps)
-        stats.update(_pseudo_label_quality(run, rd / "pairs"))
-        times["refine_s"] = round(time.time() - t, 1)
-        after = critic_accuracy(critic, eval_pairs, run.world, run.segment_ids)
-        pool_after = pool(critic)
-        row.update({"critic_accuracy": after["accuracy"], "critic_accuracy_before_refine": before["accuracy"],
-                    "critic_accuracy_gain": brief_ci(mean_ci(after["correct"] - before["correct"])),
-                    "critic_accuracy_pool": pool_after["accuracy"],
-                    "critic_accuracy_pool_before_refine": pool_before["accuracy"],
-                    "critic_accuracy_pool_gain": brief_ci(pool_gain(pool_after, pool_before)),
-                    "pseudo_labels_kept": stats["kept"], "pseudo": stats})
-    else:
-        row.update({"critic_accuracy": before["accuracy"], "critic_accuracy_before_refine": None,
-                    "critic_accuracy_pool": pool_before["accuracy"], "critic_accuracy_pool_before_refine": None,
-                    "pseudo_labels_kept": 0})
-    row["critic_eval_pairs"], row["critic_pool_pairs"] = before["n"], pool_before["n"]
-
-    t = time.time()
-    critic_dir = (rd / "critic") if refined else run.critic_dir(r - 1)
+# ----- one round --------------------------------------------------------------------------------------------
+def _label_round(run: RunLayout, r: int, critic, critic_dir: Path) -> tuple[Path, dict]:
+    """Step 3: the round's training pairs labelled by the critic (or the oracle in the ceiling ablation); returns
+    their directory and the label statistics (with the oracle's agreement on the shapes world)."""
+    cfg, it, rd = run.cfg, run.cfg.iterate, run.out / f"round_{r}"
     by_oracle = it.round_labeler == "oracle"
-    scorer = _oracle_scorer(run) if by_oracle else critic_scorer(critic, cfg, run.world, run.segment_ids)
-    if cfg.train.objective == "kto":
-        train_dir = rd / "pairs_kto"
-        row["labels"] = dict(build_kto_pairs(scorer, rd / "pairs", train_dir, cfg, run.world, run.segment_ids,
-                                             source="oracle-pointwise" if by_oracle else "critic-pointwise"))
-        row["labels"]["oracle_agreement"] = _pool_pairs_agreement(run, train_dir)
-    elif it.pairing == "ranked":
-        train_dir = rd / "pairs_ranked"
-        row["labels"] = dict(build_ranked_pairs(scorer, rd / "pairs", train_dir, cfg, run.world, run.segment_ids,
-                                                it.rank_fraction, margin_fraction=it.margin_fraction,
-                                                source="oracle-ranked" if by_oracle else "critic-ranked"))
-        row["labels"]["oracle_agreement"] = _pool_pairs_agreement(run, train_dir)
+    pooled = cfg.train.objective == "kto" or it.pairing == "ranked"
+    if pooled:
+        kto = cfg.train.objective == "kto"
+        train_dir = rd / ("pairs_kto" if kto else "pairs_ranked")
+        if (train_dir / MANIFEST_FILE).exists():
+            stats = json.loads((train_dir / "label.json").read_text())
+        else:
+            pool = read_video_pool(rd / "pairs", run.domain)
+            scorer = oracle_scorer(run) if by_oracle else critic_scorer(critic, cfg, run.world, run.segment_ids)
+            source = ("oracle-" if by_oracle else "critic-") + ("pointwise" if kto else "ranked")
+            if kto:
+                stats = build_kto_pairs(scorer, pool, train_dir, cfg, run.segment_ids, source=source)
+            else:
+                stats = build_ranked_pairs(scorer, pool, train_dir, cfg, run.segment_ids, it.rank_fraction,
+                                           margin_fraction=it.margin_fraction, source=source)
+        stats = dict(stats)
     else:
         train_dir = rd / "pairs"
         if not (train_dir / MANIFEST_FILE).exists():
             lcfg = copy.deepcopy(cfg)
             lcfg.label.labeler, lcfg.critic.checkpoint = ("oracle" if by_oracle else "critic"), str(critic_dir)
-            label_pairs(lcfg, train_dir)
+            label_pairs(lcfg, train_dir, domain=run.domain)
         stats = json.loads((train_dir / "label.json").read_text())
         stats.pop("problems", None)
-        labelled = load_preference_data(train_dir, run.num_segments)
-        stats["oracle_agreement"] = _agreement(labelled.video_labels, _oracle_video_labels(run, labelled))
-        row["labels"] = stats
-    times["label_s"] = round(time.time() - t, 1)
+    if run.shapes:
+        stats["oracle_agreement"] = labels_agreement(run, train_dir)
+    return train_dir, stats
 
-    t = time.time()
-    tcfg = copy.deepcopy(cfg)
+
+def _train_round(run: RunLayout, r: int, train_dir: Path) -> dict:
+    """Step 4: policy r trained from policy r-1 on ``train_dir``'s labels."""
+    tcfg = copy.deepcopy(run.cfg)
     init = run.policy_path(r - 1)
     tcfg.train.init_from, tcfg.pref.pairs = str(init), str(train_dir.resolve())
     reference = run.reference_path(r)
-    trained = train_preference(tcfg, rd / "train", resume=True,
-                               reference_weights=None if reference.resolve() == init.resolve() else reference)
+    return train_preference(tcfg, run.out / f"round_{r}" / "train", resume=True,
+                            reference_weights=None if reference.resolve() == init.resolve() else reference,
+                            parts=None if run.shapes else run.parts)
+
+
+def run_round(run: RunLayout, r: int, critic_prev, base_eval: Optional[EvalResult],
+              prev_eval: Optional[EvalResult]) -> tuple[dict, object, Optional[EvalResult]]:
+    """Round r (module doc); returns (its summary row, the critic that labelled it, its oracle evaluation: None
+    for a prompt file)."""
+    cfg, it = run.cfg, run.cfg.iterate
+    rd = run.out / f"round_{r}"
+    t_round = time.time()
+    times = {}
+    # A prompt-file run samples from the weights on disk; it needs policy r-1 in memory only for the PCE.
+    policy_prev = load_frozen_policy(run, run.policy_path(r - 1)) if run.shapes else None
+
+    t = time.time()
+    generate_round_pairs(run, rd / "pairs", policy_prev, cfg.generate.num_pairs, stream=("round", r, "train"),
+                         policy_path=run.policy_path(r - 1))
+    fresh = None
+    if run.shapes:
+        generate_round_pairs(run, rd / "pairs_eval", policy_prev, it.eval_pairs, stream=("round", r, "eval"))
+        oracle_label(run, rd / "pairs_eval", granularity="video", tie_margin=0.0)
+    times["generate_s"] = round(time.time() - t, 1)
+
+    row: dict = {"round": r}
+    if run.shapes:
+        fresh = FreshPairs(run, rd / "pairs_eval")
+        before, pool_before = fresh.accuracy(critic_prev), fresh.pool(critic_prev)
+    critic = critic_prev
+    refined = it.refine and r >= 2 and it.round_labeler == "critic"
+    if refined:
+        t = time.time()
+        stats = _pseudo_labels(run, r, critic_prev, policy_prev)   # (loads policy r-1 when it is not in memory)
+        critic = _critic(run, rd / "critic", lambda: _refinement_data(run, r), stream=("critic",),
+                         steps=it.refine_steps)
+        if run.shapes:
+            stats.update(pseudo_label_quality(run, rd / "pairs"))
+        times["refine_s"] = round(time.time() - t, 1)
+        if run.shapes:
+            row.update(fresh.row(before, pool_before, fresh.accuracy(critic), fresh.pool(critic)))
+        row.update({"pseudo_labels_kept": stats["kept"], "pseudo": stats})
+    else:
+        if run.shapes:
+            row.update(fresh.row(before, pool_before))
+        row["pseudo_labels_kept"] = 0
+    if run.shapes:
+        row["critic_eval_pairs"], row["critic_pool_pairs"] = before["n"], pool_before["n"]
+
+    t = time.time()
+    train_dir, row["labels"] = _label_round(run, r, critic, (rd / "critic") if refined else run.critic_dir(r - 1))
+    times["label_s"] = round(time.time() - t, 1)
+
+    t = time.time()
+    trained = _train_round(run, r, train_dir)
     times["train_s"] = round(time.time() - t, 1)
     row["train"] = {k: v for k, v in trained["result"].items() if k not in ("last", "eval")}
     row["train"]["last"] = {k: v for k, v in trained["result"].get("last", {}).items() if isinstance(v, (int, float))}
 
     t = time.time()
     model = trained["model"].eval()
-    result = evaluate_model(model, cfg, run.world, run.oracle)
-    save_eval_result(result, rd / "eval.safetensors")
-
-    save_samples(result, run.world, run.out / "samples", f"round_{r}", cfg.eval.grid_conditions)
+    result = None
+    if run.shapes:
+        result = evaluate_model(model, cfg, run.world, run.oracle)
+        save_eval_result(result, rd / "eval.safetensors")
+        save_samples(result, run.world, run.out / "samples", f"round_{r}", cfg.eval.grid_conditions)
+    else:
+        row["judged"] = judged_round(run, r, load_frozen_policy(run, run.base_path), model)
     times["eval_s"] = round(time.time() - t, 1)
-    summary = result.summary()
-    vs_base, vs_prev = paired_delta(result, base_eval), paired_delta(result, prev_eval)
-    if r >= 2:   # paired over the evaluation seeds: does iterating add to what round 1 reached?
-        row["delta_vs_round_1"] = brief_ci(paired_delta(result, load_eval_result(run.out / "round_1" / "eval.safetensors"))["oracle"])
-    row.update({"oracle": brief_ci(summary["oracle"]), "delta_vs_base": brief_ci(vs_base["oracle"]),
-                "delta_vs_previous": brief_ci(vs_prev["oracle"]), "win_rate_vs_base": round(vs_base["win_rate"], 4),
-                "components": {k.split("/", 1)[1]: round(v["mean"], 4) for k, v in summary.items() if "/" in k},
-                "refined": refined})
+    if run.shapes:
+        summary = result.summary()
+        vs_base, vs_prev = paired_delta(result, base_eval), paired_delta(result, prev_eval)
+        if r >= 2:   # paired over the evaluation seeds: does iterating add to what round 1 reached?
+            row["delta_vs_round_1"] = brief_ci(paired_delta(result, load_eval_result(run.out / "round_1" / "eval.safetensors"))["oracle"])
+        row.update({"oracle": brief_ci(summary["oracle"]), "delta_vs_base": brief_ci(vs_base["oracle"]),
+                    "delta_vs_previous": brief_ci(vs_prev["oracle"]), "win_rate_vs_base": round(vs_base["win_rate"], 4),
+                    "components": {k.split("/", 1)[1]: round(v["mean"], 4) for k, v in summary.items() if "/" in k}})
+    row["refined"] = refined
     row["timings"] = dict(times, total_s=round(time.time() - t_round, 1))
     atomic.write_json(rd / "round.json", row)   # last: the round is done
-    log.info("round %d: oracle %.4f [%.4f, %.4f], vs base %+.4f [%+.4f, %+.4f], critic accuracy %.3f (%d pairs), "
-             "%.3f over %d pool pairs%s", r, row["oracle"]["mean"], *row["oracle"]["ci95"],
-             row["delta_vs_base"]["mean"], *row["delta_vs_base"]["ci95"], row["critic_accuracy"] or float("nan"), row["critic_eval_pairs"],
-             row["critic_accuracy_pool"] or float("nan"), row["critic_pool_pairs"],
-             f" (before refinement {row['critic_accuracy_before_refine']:.3f} / pool "
-             f"{row['critic_accuracy_pool_before_refine']:.3f}, {row['pseudo_labels_kept']} pseudo-labels kept)"
-             if refined else "")
+    _log_round(row)
     return row, critic, result
 
 
-def _pseudo_label_quality(run: RunLayout, pairs_dir: Path) -> dict:
-    """Oracle agreement of the kept and of the dropped pseudo-labels (a measurement; not used for training)."""
-    rows = read_pseudo_rows(pairs_dir)
-    videos, cond = read_pool(pairs_dir)   # each pair is two indices into the round's videos: score each once
-    with torch.no_grad():
-        truth_scores = run.oracle.score(videos, cond).total.double()
-    first = torch.tensor([r["first_video"] for r in rows], dtype=torch.long)
-    second = torch.tensor([r["second_video"] for r in rows], dtype=torch.long)
-    truth = torch.sign(truth_scores[first] - truth_scores[second]).long()
-    votes = torch.tensor([r["video_label"] for r in rows], dtype=torch.long)
-    kept = torch.tensor([bool(r["kept"]) for r in rows], dtype=torch.bool)
-    return {"oracle_agreement_kept": _agreement(votes[kept], truth[kept]),
-            "oracle_agreement_dropped": _agreement(votes[~kept], truth[~kept]),
-            "oracle_agreement_all_votes": _agreement(votes, truth)}
+def _log_round(row: dict) -> None:
+    refined = row["refined"]
+    if "oracle" not in row:
+        win = (row.get("judged") or {}).get("win_rate")
+        log.info("round %d: judged win rate vs the initial policy %s, %d training pairs%s", row["round"],
+                 f"{win['mean']:.3f} [{win['ci95'][0]:.3f}, {win['ci95'][1]:.3f}]" if win else "n/a",
+                 row["train"].get("pairs", 0), f", {row['pseudo_labels_kept']} pseudo-labels kept" if refined else "")
+        return
+    log.info("round %d: oracle %.4f [%.4f, %.4f], vs base %+.4f [%+.4f, %+.4f], critic accuracy %.3f (%d pairs), "
+             "%.3f over %d pool pairs%s", row["round"], row["oracle"]["mean"], *row["oracle"]["ci95"],
+             row["delta_vs_base"]["mean"], *row["delta_vs_base"]["ci95"], row["critic_accuracy"] or float("nan"),
+             row["critic_eval_pairs"], row["critic_accuracy_pool"] or float("nan"), row["critic_pool_pairs"],
+             f" (before refinement {row['critic_accuracy_before_refine']:.3f} / pool "
+             f"{row['critic_accuracy_pool_before_refine']:.3f}, {row['pseudo_labels_kept']} pseudo-labels kept)"
+             if refined else "")
 
 
-def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] = None) -> dict:
-    """R rounds of IPO / Dual-IPO into ``out_dir`` (resumable; module doc); returns the summary."""
-    cfg = copy.deepcopy(cfg)
+def _check(cfg: RunConfig) -> None:
     if cfg.train.objective not in PREFERENCE_OBJECTIVES:
         raise ConfigError(f"vidpo iterate: train.objective must be one of {list(PREFERENCE_OBJECTIVES)}, "
                           f"got '{cfg.train.objective}'")
     if cfg.lora is not None:
         raise ConfigError("vidpo iterate trains the full policy each round (round r starts from round r-1's "
                           "weights); remove the lora section")
-    if not cfg.train.init_from:
+    if not cfg.prompts.path and not cfg.train.init_from:
         raise ConfigError("train.init_from must name the initial policy (e.g. recipes/shapes/base)")
+    if cfg.prompts.path and not cfg.critic.backbone:
+        raise ConfigError("vidpo iterate on a prompt file needs critic.backbone: a local vision-language model "
+                          "directory for the VLM critic (the toy critic scores the shapes world only)")
+    if cfg.prompts.path and cfg.iterate.round_labeler == "oracle":
+        raise ConfigError("iterate.round_labeler=oracle needs the shapes world's oracle; a prompt file has none")
+    _seed_labeler(cfg)
+
+
+def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] = None) -> dict:
+    """R rounds of IPO / Dual-IPO into ``out_dir`` (resumable; module doc); returns the summary."""
+    cfg = copy.deepcopy(cfg)
+    _check(cfg)
     out = Path(out_dir)
     setup_logging(out)
     set_threads(cfg)
@@ -380,13 +419,16 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
              f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
     cfg, world = run.cfg, run.world
     t0 = time.time()
+    if not run.shapes:
+        run.parts   # prompt embeddings, VAE
+        _base_weights(run)
 
-    base = load_frozen_policy(run, run.base_path)
+    base = load_frozen_policy(run, run.base_path) if run.shapes else None   # a prompt file samples from disk
     t = time.time()
     fresh = not (out / "seed" / "pairs" / MANIFEST_FILE).exists()
-    generate_round_pairs(run, out / "seed" / "pairs", base, cfg.iterate.seed_pairs, stream=("seed",))
-    _oracle_label(run, out / "seed" / "pairs", granularity=cfg.iterate.seed_granularity,
-                  tie_margin=cfg.iterate.seed_tie_margin)
+    generate_round_pairs(run, out / "seed" / "pairs", base, cfg.iterate.seed_pairs, stream=("seed",),
+                         policy_path=run.base_path)
+    _label_seed(run, out / "seed" / "pairs")
     if fresh:
         _store_timing(run, "seed_labels_s", time.time() - t)
     fresh, t = not (out / "critic_0" / "critic.safetensors").exists(), time.time()
@@ -394,7 +436,10 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
     if fresh:
         _store_timing(run, "critic_0_s", time.time() - t)
 
-    if (out / "base_eval.safetensors").exists():
+    base_eval = None
+    if not run.shapes:
+        pass
+    elif (out / "base_eval.safetensors").exists():
         base_eval = load_eval_result(out / "base_eval.safetensors")
     else:
         t = time.time()
@@ -409,25 +454,30 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
         done = out / f"round_{r}" / "round.json"
         if done.exists():
             rows.append(json.loads(done.read_text()))
-            prev_eval = load_eval_result(out / f"round_{r}" / "eval.safetensors")
-            critic = load_critic(run.critic_dir(r), run.device)
+            if run.shapes:
+                prev_eval = load_eval_result(out / f"round_{r}" / "eval.safetensors")
+            critic = open_critic(run.critic_dir(r), world, run.device)
             log.info("round %d: done before, read back", r)
             continue
         row, critic, prev_eval = run_round(run, r, critic, base_eval, prev_eval)
         rows.append(row)
     seed_info = json.loads((out / "critic_0" / "critic.json").read_text())
-    summary = {
-        "rounds": rows,
-        "base": {"oracle": brief_ci(base_eval.summary()["oracle"]),
-                 "components": {k.split("/", 1)[1]: round(v["mean"], 4) for k, v in base_eval.summary().items()
-                                if "/" in k}},
+    summary = {"rounds": rows}
+    if run.shapes:
+        summary["base"] = {"oracle": brief_ci(base_eval.summary()["oracle"]),
+                           "components": {k.split("/", 1)[1]: round(v["mean"], 4)
+                                          for k, v in base_eval.summary().items() if "/" in k}}
+    else:
+        summary["domain"] = "prompts"
+    summary.update({
         "objective": cfg.train.objective, "reference": cfg.iterate.reference, "refine": cfg.iterate.refine,
-        "seed": cfg.seed, "seed_labels": {"pairs": seed_info["pairs"], "critic_0": seed_info},
+        "seed": cfg.seed, "seed_labels": {"pairs": seed_info["pairs"], "labeler": _seed_labeler(run.cfg),
+                                          "critic_0": seed_info},
         "timings": _run_timings(run, rows, time.time() - t0),
-    }
+    })
     atomic.write_json(out / "summary.json", summary)
-
-    write_iterate_report(out, summary)
+    if run.shapes:
+        write_iterate_report(out, summary)
+    else:
+        write_judged_iterate_report(out, summary)
     return summary
-
-

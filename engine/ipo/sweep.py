@@ -36,6 +36,10 @@ def compare_iterations(recipes: Sequence[str], seeds: Sequence[int], out_dir: st
     out = Path(out_dir)
     methods: dict[str, list[dict]] = {}
     first = Path(recipes[0]).stem
+    for recipe in recipes:
+        if load_config(recipe, list(overrides)).prompts.path:
+            raise ConfigError(f"{recipe}: comparing recipes x seeds aggregates the shapes world's oracle scores; run "
+                              "a prompt-file recipe on its own (vidpo iterate RECIPE --out DIR)")
     if jobs > 1:
         _run_in_processes(recipes, seeds, out, list(overrides), jobs, gpu_list(gpus))
     for seed in seeds:

@@ -1,10 +1,15 @@
-"""Labels from the IPO critic: scoring clips with a trained ``VideoCritic`` and the ``critic`` labeller.
+"""Labels from the IPO critic: the toy critic's adapter, scoring clips with any critic, and the ``critic`` labeller.
 
-The critic scores each (clip, caption) per frame, per segment and per video (``score_videos``); a pair's
-label is the sign of the score difference, a tie within ``tie_margin_of`` the critic's tie parameter (the
-Davidson rule, raised by ``critic.min_confidence``). ``Symmetries`` are the shapes world's label-preserving
-views of a clip (flips and time reversal with the caption mapped), used for training augmentation and for
-Dual-IPO's distinct voting passes. Training the critic is ``vidpo.ipo.critic``.
+Every critic implements one scoring interface (``vidpo.models.critic.Critic``): ``score(clips, captions,
+segment_ids) -> CriticScores`` per frame, per segment and per video, plus the Davidson tie parameter. The VLM
+critic (``vidpo.models.critic.vlm``) reads the captions itself; the shapes world's toy network reads condition
+tokens, so ``ShapesCritic`` puts it behind the interface: it parses each caption back into the world's
+condition and its tokens. ``score_clips`` scores a set of clips in batches (a view, a Monte-Carlo dropout draw);
+``score_videos`` is its form for the shapes world's condition ids. A pair's label is the sign of the score
+difference, a tie within ``tie_margin_of`` the critic's tie parameter (the Davidson rule, raised by
+``critic.min_confidence``). ``Symmetries`` are the shapes world's label-preserving views of a clip (flips and
+time reversal with the caption mapped), used for training augmentation and for Dual-IPO's distinct voting
+passes; a prompt file's critic has the identity alone. Training the critic is ``vidpo.ipo.critic``.
 """
 from __future__ import annotations
 
@@ -14,14 +19,23 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from vidpo.config import RunConfig, resolve_path
+from vidpo.config import ConfigError, RunConfig, resolve_path
 from vidpo.labeling.base import Labeler, LabelingError, LabelResult, PairBatch, register_labeler
-from vidpo.models.critic import CriticScores, VideoCritic, load_critic
+from vidpo.models.critic import (
+    Critic,
+    CriticScores,
+    VideoCritic,
+    Views,
+    VLMCritic,
+    VLMCriticSettings,
+    load_critic,
+    save_critic,
+)
 from vidpo.models.dit.config import DiTConfig
 from vidpo.training.modeling import build_world, pick_device
 
 
-def tie_margin_of(critic: VideoCritic, margin: Optional[float], min_confidence: float = 0.0) -> float:
+def tie_margin_of(critic: VideoCritic | Critic, margin: Optional[float], min_confidence: float = 0.0) -> float:
     """The labelling tie margin on |d|: ``margin`` if given, else the Davidson rule ``2 max(log nu, 0)``;
     raised, with ``min_confidence`` p > 0, to the d* where the winner's probability reaches p:
     ``1/p - 1 = e^{-d*} + nu e^{-d*/2}``, i.e. ``d* = -2 ln u`` with ``u = (sqrt(nu^2 + 4 (1/p - 1)) - nu) / 2``."""
@@ -49,7 +63,7 @@ class Symmetry:
     reverses_time: bool
 
 
-class Symmetries:
+class Symmetries(Views):
     """Label-preserving transforms of (clips, condition, segment labels) of the shapes world.
 
     Index 0 is the identity. A transform is offered only when the world's direction vocabulary is closed
@@ -58,6 +72,7 @@ class Symmetries:
     """
 
     def __init__(self, world, segment_ids: torch.Tensor):
+        self.world = world
         vectors = world.direction_vectors
         seg = segment_ids.to(torch.long)
         time_ok = bool(torch.equal(seg.flip(0), seg.max() - seg))
@@ -78,6 +93,10 @@ class Symmetries:
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.items]
+
     def clips(self, k: int, clips: torch.Tensor) -> torch.Tensor:
         dims = self.items[k].dims
         return clips.flip(dims) if dims else clips
@@ -87,9 +106,17 @@ class Symmetries:
         out[:, 2] = self.items[k].direction_map.to(cond_ids.device)[cond_ids[:, 2]]
         return out
 
+    def captions(self, k: int, captions: Sequence[str]) -> list[str]:
+        """The captions of the conditions seen through transform k (the direction mapped)."""
+        return self.world.captions(self.cond_ids(k, cond_ids_from_captions(self.world, captions)))
+
     def segments(self, k: int, per_segment: torch.Tensor) -> torch.Tensor:
         """Segment-indexed values (B, S) seen through transform k (and back: every transform is an involution)."""
         return per_segment.flip(-1) if self.items[k].reverses_time else per_segment
+
+    def frames(self, k: int, per_frame: torch.Tensor) -> torch.Tensor:
+        """Frame-indexed values (B, T) seen through transform k (and back)."""
+        return per_frame.flip(1) if self.items[k].reverses_time else per_frame
 
 
 def _direction_permutation(vectors: torch.Tensor, sign: torch.Tensor) -> Optional[torch.Tensor]:
@@ -103,8 +130,58 @@ def _direction_permutation(vectors: torch.Tensor, sign: torch.Tensor) -> Optiona
     return torch.tensor(mapped, dtype=torch.long)
 
 
-# ----- scoring ----------------------------------------------------------------------------------------------
+# ----- the toy critic behind the scoring interface -----------------------------------------------------------
+class ShapesCritic(Critic):
+    """The toy ``VideoCritic`` of the shapes world as a ``Critic``: captions parsed back into the world's conditions
+    (``cond_ids_from_captions``), their tokens given to the network; the world's ``Symmetries`` as its views."""
+
+    kind = "shapes"
+
+    def __init__(self, net: VideoCritic, world):
+        super().__init__()
+        self.net = net
+        self.world = world
+
+    @property
+    def log_tie(self) -> torch.nn.Parameter:
+        return self.net.log_tie
+
+    @property
+    def frame_differences(self) -> bool:
+        return self.net.frame_differences
+
+    def set_dropout(self, active: bool) -> None:
+        self.net.set_dropout(active)
+
+    def views(self, segment_ids: torch.Tensor) -> Symmetries:
+        return Symmetries(self.world, segment_ids)
+
+    def tokens(self, captions: Sequence[str]) -> torch.Tensor:
+        return self.world.tokens(cond_ids_from_captions(self.world, captions))
+
+    def score(self, clips: torch.Tensor, captions: Sequence[str], segment_ids: torch.Tensor) -> CriticScores:
+        device = next(self.net.parameters()).device
+        if clips.dtype == torch.uint8:
+            clips = clips.float() / 127.5 - 1.0
+        return self.net(clips.to(device), self.tokens(captions).to(device), segment_ids)
+
+    def save(self, path, extra: Optional[dict] = None) -> None:
+        save_critic(self.net, path, extra)
+
+
+def as_critic(critic: VideoCritic | Critic, world=None) -> Critic:
+    """``critic`` behind the scoring interface: a bare ``VideoCritic`` wrapped with ``world``, a ``Critic`` as it is."""
+    if isinstance(critic, Critic):
+        return critic
+    if isinstance(critic, VideoCritic):
+        if world is None:
+            raise ValueError("the toy critic reads the shapes world's condition tokens: pass the world")
+        return ShapesCritic(critic, world)
+    raise TypeError(f"not a critic: {type(critic).__name__}")
+
+
 def build_critic(cfg: RunConfig, world) -> VideoCritic:
+    """The toy network of the recipe's ``critic`` section, for ``world``'s vocabulary (from the global RNG)."""
     dcfg = DiTConfig(in_channels=3, patch_size=tuple(cfg.critic.patch_size), width=cfg.critic.width,
                      depth=cfg.critic.depth, num_heads=cfg.critic.num_heads, cond_vocab_size=world.vocab_size,
                      attention="sdpa" if cfg.model.attention == "auto" else cfg.model.attention)
@@ -112,39 +189,79 @@ def build_critic(cfg: RunConfig, world) -> VideoCritic:
                        frame_differences=cfg.critic.frame_differences)
 
 
-@torch.no_grad()
-def score_videos(critic: VideoCritic, clips: torch.Tensor, cond_ids: torch.Tensor, world,
-                 segment_ids: torch.Tensor, *, batch_size: int = 128, symmetries: Optional[Symmetries] = None,
-                 view: int = 0, dropout_seed: Optional[int] = None) -> CriticScores:
-    """Critic scores of clips (n, C, T, H, W) on CPU, in the clips' own frame / segment order.
+def vlm_critic_settings(cfg: RunConfig) -> VLMCriticSettings:
+    """The VLM critic of the recipe's ``critic`` section (``critic.backbone`` resolved)."""
+    c = cfg.critic
+    return VLMCriticSettings(backbone=str(resolve_path(c.backbone)), frames_per_segment=c.frames_per_segment,
+                             pooling=c.pooling, instruction=c.instruction, lora_rank=c.lora_rank,
+                             lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, lora_targets=list(c.lora_targets),
+                             dropout=c.dropout, dtype=c.backbone_dtype)
 
-    ``view`` k > 0 scores transform k of ``symmetries`` (and maps the frames and segments back);
+
+def build_scorer(cfg: RunConfig, world=None) -> Critic:
+    """A fresh, untrained critic of the recipe (from the global RNG): the VLM critic when ``critic.backbone`` is
+    set, else the toy network of ``world`` behind its adapter."""
+    if cfg.critic.backbone:
+        return VLMCritic(vlm_critic_settings(cfg), tie_init=cfg.critic.tie_init)
+    if world is None:
+        raise ConfigError("critic.backbone must name a vision-language model directory: the toy critic scores the "
+                          "shapes world's clips only, and this run has a prompt file")
+    return ShapesCritic(build_critic(cfg, world), world)
+
+
+def open_critic(path, world=None, device=None) -> Critic:
+    """The critic saved at ``path`` (a file or its directory) behind the scoring interface, in eval mode: a VLM
+    critic as it is, a toy one with ``world``."""
+    critic = load_critic(path, device or pick_device())
+    if isinstance(critic, VideoCritic) and world is None:
+        raise LabelingError(f"{path} is a toy critic of the shapes world; it cannot score this run's videos")
+    return as_critic(critic, world).eval()
+
+
+# ----- scoring ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def score_clips(critic: Critic, clips: torch.Tensor, captions: Sequence[str], segment_ids: torch.Tensor, *,
+                batch_size: int = 128, views: Optional[Views] = None, view: int = 0,
+                dropout_seed: Optional[int] = None) -> CriticScores:
+    """Critic scores of clips (n, 3, T, H, W) (float in [-1, 1] or uint8) with their captions, on CPU, in the
+    clips' own frame / segment order.
+
+    ``view`` k > 0 scores view k of ``views`` (default: the critic's own) and maps the frames and segments back;
     ``dropout_seed`` turns Monte-Carlo dropout on with that seed (one draw per call).
     """
     device = next(critic.parameters()).device
     critic.eval()
+    if view and views is None:
+        views = critic.views(segment_ids)
     if dropout_seed is not None:
         critic.set_dropout(True)
     devices = [device] if device.type == "cuda" else []
+    captions = list(captions)
     frames, segments = [], []
     try:
         with torch.random.fork_rng(devices=devices):
             if dropout_seed is not None:
                 torch.manual_seed(dropout_seed)
             for start in range(0, clips.shape[0], batch_size):
-                x, c = clips[start:start + batch_size], cond_ids[start:start + batch_size]
+                x, c = clips[start:start + batch_size], captions[start:start + batch_size]
                 if view:
-                    x, c = symmetries.clips(view, x), symmetries.cond_ids(view, c)
-                out = critic(x.to(device), world.tokens(c).to(device), segment_ids)
+                    x, c = views.clips(view, x), views.captions(view, c)
+                out = critic.score(x, c, segment_ids)
                 f, s = out.frames.cpu(), out.segments.cpu()
-                if view and symmetries.items[view].reverses_time:
-                    f = f.flip(1)
-                frames.append(f)
-                segments.append(symmetries.segments(view, s) if view else s)
+                frames.append(views.frames(view, f) if view else f)
+                segments.append(views.segments(view, s) if view else s)
     finally:
         critic.set_dropout(False)
     frames_t = torch.cat(frames)
     return CriticScores(frames=frames_t, segments=torch.cat(segments), video=frames_t.mean(1))
+
+
+def score_videos(critic: VideoCritic | Critic, clips: torch.Tensor, cond_ids: torch.Tensor, world,
+                 segment_ids: torch.Tensor, *, batch_size: int = 128, symmetries: Optional[Symmetries] = None,
+                 view: int = 0, dropout_seed: Optional[int] = None) -> CriticScores:
+    """``score_clips`` for the shapes world: clips (n, C, T, H, W) of the conditions ``cond_ids`` (n, 3)."""
+    return score_clips(as_critic(critic, world), clips, world.captions(cond_ids), segment_ids, batch_size=batch_size,
+                       views=symmetries, view=view, dropout_seed=dropout_seed)
 
 
 # ----- the labeller ---------------------------------------------------------------------------------------
@@ -164,23 +281,18 @@ def cond_ids_from_captions(world, captions: Sequence[str]) -> torch.Tensor:
 
 @register_labeler("critic")
 class CriticLabeler(Labeler):
-    """Labels pairs (and scores single videos) with a trained ``VideoCritic``; it never fails a comparison."""
+    """Labels pairs (and scores single videos) with a trained critic of either kind; it never fails a comparison."""
 
     name = "critic"
 
-    def __init__(self, cfg: Optional[RunConfig] = None, world=None, *, critic: Optional[VideoCritic] = None,
+    def __init__(self, cfg: Optional[RunConfig] = None, world=None, *, critic: Optional[VideoCritic | Critic] = None,
                  checkpoint: Optional[str] = None, tie_margin: Optional[float] = None,
                  min_confidence: Optional[float] = None, granularity: Optional[str] = None,
                  batch_size: Optional[int] = None) -> None:
         """From a run config (``critic.checkpoint``, ``critic.tie_margin``, ``critic.min_confidence``,
-        ``critic.granularity``), or from a
-        ready ``critic`` / ``checkpoint``; explicit keywords win over the config. ``world`` maps conditions to
-        the critic's tokens."""
-        if world is None:
-            if cfg is None:
-                raise ValueError("CriticLabeler needs world= (or cfg= to build it)")
-            world = build_world(cfg)
-        self.world = world
+        ``critic.granularity``), or from a ready ``critic`` / ``checkpoint``; explicit keywords win over the config.
+        ``world`` maps a toy critic's captions to its tokens (default: the recipe's shapes world); a VLM critic
+        reads the captions itself."""
         c = cfg.critic if cfg is not None else None
         if critic is None:
             checkpoint = checkpoint or (c.checkpoint if c is not None else None)
@@ -188,7 +300,12 @@ class CriticLabeler(Labeler):
                 raise LabelingError("label.labeler=critic needs critic.checkpoint (a critic trained with "
                                     "`vidpo critic train`), e.g. --set critic.checkpoint=runs/critic")
             critic = load_critic(resolve_path(checkpoint), pick_device())
-        self.critic = critic.eval()
+        if isinstance(critic, VideoCritic) and world is None:
+            if cfg is None:
+                raise ValueError("CriticLabeler needs world= (or cfg= to build it) for a toy critic")
+            world = build_world(cfg)
+        self.world = world
+        self.critic = as_critic(critic, world).eval()
         margin = tie_margin if tie_margin is not None else (c.tie_margin if c is not None else None)
         confidence = min_confidence if min_confidence is not None else (c.min_confidence if c is not None else 0.0)
         self.tie_margin = tie_margin_of(self.critic, margin, confidence)
@@ -197,14 +314,17 @@ class CriticLabeler(Labeler):
             raise ValueError(f"critic granularity must be 'segment' or 'video', got {self.granularity!r}")
         self.batch_size = batch_size or (c.batch_size_eval if c is not None else 128)
 
-    def _cond(self, cond_ids: Optional[torch.Tensor], captions: Sequence[str]) -> torch.Tensor:
-        return cond_ids.to(torch.long) if cond_ids is not None else cond_ids_from_captions(self.world, captions)
+    def _captions(self, cond_ids: Optional[torch.Tensor], captions: Sequence[str]) -> list[str]:
+        """The captions the critic reads: a toy critic's from the structured conditions when the batch has them."""
+        if isinstance(self.critic, ShapesCritic) and cond_ids is not None and cond_ids.numel():
+            return self.world.captions(cond_ids.to(torch.long))
+        return list(captions)
 
     def label(self, batch: PairBatch) -> LabelResult:
-        cond = self._cond(batch.cond_ids, batch.captions)
+        captions = self._captions(batch.cond_ids, batch.captions)
         kw = dict(batch_size=self.batch_size)
-        a = score_videos(self.critic, batch.first, cond, self.world, batch.segment_ids, **kw)
-        b = score_videos(self.critic, batch.second, cond, self.world, batch.segment_ids, **kw)
+        a = score_clips(self.critic, batch.first, captions, batch.segment_ids, **kw)
+        b = score_clips(self.critic, batch.second, captions, batch.segment_ids, **kw)
         if self.granularity == "segment":
             labels = labels_from_differences(a.segments - b.segments, self.tie_margin)
         else:
@@ -215,21 +335,24 @@ class CriticLabeler(Labeler):
     def label_pointwise(self, clips: torch.Tensor, captions: list[str], segment_ids: torch.Tensor,
                         cond_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Critic scores (n, S) per segment ('video' granularity: the whole-video score in every segment)."""
-        out = score_videos(self.critic, clips, self._cond(cond_ids, captions), self.world, segment_ids,
-                           batch_size=self.batch_size)
+        out = score_clips(self.critic, clips, self._captions(cond_ids, captions), segment_ids,
+                          batch_size=self.batch_size)
         if self.granularity == "video":
             return out.video[:, None].expand(-1, out.segments.shape[1]).contiguous()
         return out.segments
 
 
 # ----- the critic as the scorer of a pool of videos (KTO, ranked DPO: vidpo.ipo.pairing) ----------------------
-PoolScorer = Callable[[torch.Tensor, torch.Tensor], CriticScores]
-"""``(videos (n, C, T, H, W), cond_ids (n, K)) -> scores``: what ranks a pool of videos (the critic; the
-oracle in the ceiling ablation of ``vidpo iterate``)."""
+PoolScorer = Callable[[torch.Tensor, Sequence[str], torch.Tensor], CriticScores]
+"""``(videos (n, 3, T, H, W), captions (n,), cond_ids (n, K)) -> scores``: what ranks a pool of videos (the critic;
+the shapes oracle, which reads the conditions, in the ceiling ablation of ``vidpo iterate``; K = 0 off the shapes
+world)."""
 
 
-def critic_scorer(critic: VideoCritic, cfg: RunConfig, world, segment_ids: torch.Tensor) -> PoolScorer:
-    """The critic as a ``PoolScorer``."""
-    def score(videos: torch.Tensor, cond: torch.Tensor) -> CriticScores:
-        return score_videos(critic, videos, cond, world, segment_ids, batch_size=cfg.critic.batch_size_eval)
+def critic_scorer(critic: VideoCritic | Critic, cfg: RunConfig, world, segment_ids: torch.Tensor) -> PoolScorer:
+    """The critic as a ``PoolScorer`` (``world``: a toy critic's)."""
+    scorer = as_critic(critic, world)
+
+    def score(videos: torch.Tensor, captions: Sequence[str], cond: torch.Tensor) -> CriticScores:
+        return score_clips(scorer, videos, captions, segment_ids, batch_size=cfg.critic.batch_size_eval)
     return score

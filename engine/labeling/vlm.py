@@ -1,47 +1,50 @@
 """Segment preference labels from a vision-language model served over the OpenAI chat-completions API.
 
 DenseDPO (paper 003, section 3.3 and appendix A.6) shows that an off-the-shelf VLM judges short aligned
-segments well where it fails on whole videos. For every pair ``b`` and segment ``s`` this labeller sends
-a few frames of segment ``s`` of both videos, as PNG images, with the caption and a question asking which
-video is better in that segment, and asks **twice with the order swapped** (the paper's self-consistency
-check, about +10 % accuracy on short segments):
+segments well where it fails on whole videos. For every pair ``b`` and segment ``s`` this labeller shows
+a few frames of segment ``s`` of both videos (as images, or as one short video each:
+``vidpo.labeling.vlm_request``) with the caption and a question asking which video is better in that
+segment, and asks **twice with the order swapped** (the paper's self-consistency check, about +10 % accuracy
+on short segments):
 
     ask(A = first,  B = second) -> v1 = +1 for "A", -1 for "B", 0 for "TIE"
     ask(A = second, B = first)  -> v2 = -1 for "A", +1 for "B", 0 for "TIE"
     labels[b, s] = v1 if v1 == v2 else 0            (a position-biased model yields ties, not noise)
     video_labels[b] = sign(sum_s labels[b, s])      (majority vote)
 
-Any server speaking ``POST {base_url}/chat/completions`` works: vLLM, SGLang, TGI, hosted APIs. Only the
-standard library is used (``urllib.request`` for HTTP, a thread pool of ``concurrency`` workers, one
-worker per (pair, segment) at a time). A timeout, a connection error or an HTTP 408/429/5xx is retried
-``max_retries`` times with exponential backoff; other 4xx answers (bad request, bad key) cannot improve
-by retrying and fail at once. A reply with no decidable answer, a body that is not JSON, or a JSON body
-without ``choices[0].message.content`` is a failed comparison: counted, reported with the pair id and
-segment, and a tie (``on_error="tie"``) or a ``LabelingError`` (``on_error="raise"``).
+The raw answers of both orders are kept (``label_with_orders``): how often the model prefers whichever video
+it saw first is its position bias (``vidpo judge-eval``).
+
+Any server speaking ``POST {base_url}/chat/completions`` works: vLLM, SGLang, TGI, ``transformers serve``,
+hosted APIs. Only the standard library is used (``urllib.request`` for HTTP, a thread pool of ``concurrency``
+workers, one worker per (pair, segment) at a time). A timeout, a connection error or an HTTP 408/429/5xx is
+retried ``max_retries`` times with exponential backoff; other 4xx answers (bad request, bad key, a request
+field the server does not know) cannot improve by retrying and fail at once. A reply with no decidable answer,
+a body that is not JSON, or a JSON body without ``choices[0].message.content`` is a failed comparison:
+counted, reported with the pair id and segment, and a tie (``on_error="tie"``) or a ``LabelingError``
+(``on_error="raise"``). With an ``AnswerCache`` every reply is kept on disk and no question is asked twice.
 """
 from __future__ import annotations
 
-import base64
 import http.client
-import io
 import ipaddress
 import json
 import os
-import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
-from torch import Tensor
 
 from vidpo.config import VLMConfig
+from vidpo.labeling.answer_cache import AnswerCache, CachedReply
 from vidpo.labeling.base import (
     Labeler,
     LabelingError,
@@ -50,107 +53,33 @@ from vidpo.labeling.base import (
     dataclass_from_options,
     register_labeler,
 )
+from vidpo.labeling.vlm_request import (
+    ANSWER_REMINDER,
+    VIDEO_A_MARKER,
+    VIDEO_B_MARKER,
+    Reply,
+    build_body,
+    clips_to_uint8,
+    parse_answer,
+    pick_frames,
+    png_data_url,
+    reply_from_body,
+    reply_text,
+    request_key,
+    segment_media,
+    snippet,
+    undecided_reason,
+)
 
-VIDEO_A_MARKER = "Video A:"
-VIDEO_B_MARKER = "Video B:"
-ANSWER_REMINDER = "Answer with exactly one of: A, B, TIE."
+__all__ = ["ANSWER_REMINDER", "VIDEO_A_MARKER", "VIDEO_B_MARKER", "RequestStats", "VLMConfig", "VLMLabeler",
+           "clips_to_uint8", "parse_answer", "pick_frames", "png_data_url", "reply_text"]
 
-_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 _RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
 
+Orders = list[list[list[Optional[str]]]]
+"""Raw answers per pair, segment and order: ``orders[b][s] = [asked A=first, asked A=second]``, each "A", "B",
+"TIE", or None when that question failed or was not asked."""
 
-# --------------------------------------------------------------------------------------------- replies
-
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
-_BARE_ANSWERS = {"A": "A", "B": "B", "TIE": "TIE", "VIDEO A": "A", "VIDEO B": "B"}
-_MARKED_ANSWER = re.compile(r"\b(?:final\s+answer|answer|verdict|choice)\b\s*(?:is|:|=|-)?\s*[\s*_\"'`(\[]*"
-                            r"(?:video\s*)?\b(A|B|TIE)\b", re.IGNORECASE)
-_VIDEO_MENTION = re.compile(r"\bvideo\s*([AB])\b", re.IGNORECASE)
-_CAPITAL_LETTER = re.compile(r"\b([AB])\b")
-_TIE_WORD = re.compile(r"\bties?\b|\btied\b", re.IGNORECASE)
-
-
-def parse_answer(text: str) -> Optional[str]:
-    """The verdict "A", "B" or "TIE" in a VLM reply, or None when the reply does not decide.
-
-    Accepted, in order: a reply that is only the answer up to case, punctuation and markdown ("b",
-    "**TIE**", "Video A."); the last explicitly marked answer ("Answer: B", "The final answer is Video
-    A"); otherwise the one verdict mentioned anywhere ("Video B looks sharper") when it is the only one.
-    A reply naming two verdicts without marking one ("Video A is worse than Video B") is undecidable.
-    Reasoning in ``<think>..</think>`` is ignored; a reply cut off inside it is undecidable.
-    """
-    text = _THINK_BLOCK.sub(" ", text)
-    if "<think>" in text.lower():
-        return None
-    core = " ".join(re.sub(r"[^A-Za-z]+", " ", text).split()).upper()
-    if core in _BARE_ANSWERS:
-        return _BARE_ANSWERS[core]
-    marked = _MARKED_ANSWER.findall(text)
-    if marked:
-        return marked[-1].upper()
-    verdicts = {m.upper() for m in _VIDEO_MENTION.findall(text)}
-    verdicts |= set(_CAPITAL_LETTER.findall(text))
-    if _TIE_WORD.search(text):
-        verdicts.add("TIE")
-    return verdicts.pop() if len(verdicts) == 1 else None
-
-
-def reply_text(body: bytes) -> str:
-    """``choices[0].message.content`` of a chat-completions reply body; ValueError says what is missing."""
-    try:
-        reply = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"reply body is not JSON ({err.__class__.__name__}): {_snippet(body)}") from None
-    try:
-        content = reply["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        raise ValueError(f"reply JSON has no choices[0].message.content: {_snippet(body)}") from None
-    if isinstance(content, list):  # some servers return content parts, like the request's
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    if not isinstance(content, str):
-        raise ValueError(f"choices[0].message.content is not text: {_snippet(body)}")
-    return content
-
-
-def _snippet(data, limit: int = 120) -> str:
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
-    text = " ".join(text.split())
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-# ---------------------------------------------------------------------------------------------- images
-
-def clips_to_uint8(clips: Tensor) -> np.ndarray:
-    """(B, 3, T, H, W) clips in [-1, 1] -> (B, T, H, W, 3) uint8 frames, 0 <-> -1 and 255 <-> +1."""
-    pixels = clips.detach().to("cpu", torch.float32).clamp(-1.0, 1.0).add(1.0).mul(127.5).round()
-    return pixels.to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous().numpy()
-
-
-def pick_frames(frame_indices: Tensor, count: int) -> list[int]:
-    """``count`` frame indices evenly spaced over ``frame_indices`` (both ends included), no repeats."""
-    n = frame_indices.numel()
-    if n <= count:
-        return frame_indices.tolist()
-    positions = np.round(np.linspace(0, n - 1, count)).astype(int)
-    return [int(frame_indices[p]) for p in sorted(set(positions.tolist()))]
-
-
-def png_data_url(frame: np.ndarray, image_size: int, resample: str) -> str:
-    """A (H, W, 3) uint8 frame resized so its longer side is ``image_size``, as a PNG data URL."""
-    image = Image.fromarray(np.ascontiguousarray(frame))
-    if image_size:
-        scale = image_size / max(image.size)
-        size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
-        if size != image.size:
-            name = resample if resample != "auto" else ("nearest" if scale >= 1 else "bicubic")
-            image = image.resize(size, _RESAMPLE[name])
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-# ---------------------------------------------------------------------------------------------- client
 
 def _is_loopback(url: str) -> bool:
     host = urllib.parse.urlsplit(url).hostname or ""
@@ -160,14 +89,6 @@ def _is_loopback(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _text_part(text: str) -> dict:
-    return {"type": "text", "text": text}
-
-
-def _image_parts(urls: list[str]) -> list[dict]:
-    return [{"type": "image_url", "image_url": {"url": url}} for url in urls]
 
 
 def _error_body(err: urllib.error.HTTPError) -> bytes:
@@ -181,16 +102,68 @@ class _Failure(Exception):
     """One request that ended without a usable verdict; the message says why."""
 
 
+class RequestStats:
+    """What the labeller's HTTP requests did: counts by outcome, latencies, requests in flight. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.outcomes: Counter = Counter()   # "200", "500", "timeout", "connection", ..
+            self.latencies: list[float] = []     # seconds of each attempt that got an HTTP answer
+            self.cached = 0                      # questions answered from the cache
+            self.in_flight = 0
+            self.max_in_flight = 0
+            self.busy_s = 0.0                    # summed duration of all attempts (mean in flight = busy / wall)
+
+    def started(self) -> float:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        return time.perf_counter()
+
+    def finished(self, start: float, outcome: str, answered: bool) -> None:
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            self.in_flight -= 1
+            self.busy_s += elapsed
+            self.outcomes[outcome] += 1
+            if answered:
+                self.latencies.append(elapsed)
+
+    def hit(self) -> None:
+        with self._lock:
+            self.cached += 1
+
+    def summary(self, wall_s: Optional[float] = None) -> dict:
+        """Requests sent, their outcomes, latency p50 / p95 (s), requests in flight (max; mean over ``wall_s``)."""
+        with self._lock:
+            latencies = np.asarray(self.latencies, dtype=np.float64)
+            out = {"requests": int(sum(self.outcomes.values())), "outcomes": dict(sorted(self.outcomes.items())),
+                   "cached_answers": self.cached,
+                   "latency_p50_s": float(np.percentile(latencies, 50)) if latencies.size else None,
+                   "latency_p95_s": float(np.percentile(latencies, 95)) if latencies.size else None,
+                   "max_in_flight": self.max_in_flight}
+            if wall_s:
+                out["mean_in_flight"] = self.busy_s / wall_s
+        return out
+
+
 @register_labeler("vlm")
 class VLMLabeler(Labeler):
     """Per-segment labels from a VLM, each asked in both orders and kept only when both agree."""
 
     name = "vlm"
 
-    def __init__(self, config: Optional[VLMConfig] = None, **options) -> None:
+    def __init__(self, config: Optional[VLMConfig] = None, *, cache: Optional[AnswerCache] = None,
+                 **options) -> None:
         if config is not None and options:
             raise ValueError(f"VLMLabeler: give either config= or options, not both (got {sorted(options)})")
         self.config = config if config is not None else dataclass_from_options(VLMConfig, options, "vlm labeller")
+        self.cache = cache
+        self.stats = RequestStats()
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.config.api_key_env:
             key = os.environ.get(self.config.api_key_env, "")
@@ -204,17 +177,12 @@ class VLMLabeler(Labeler):
 
     # -- one request -------------------------------------------------------------------------------
 
-    def build_request(self, text: str, images_a: list[str], images_b: list[str]) -> dict:
-        """The chat-completions body for one question about images of Video A and Video B."""
-        content = ([_text_part(text), _text_part(VIDEO_A_MARKER)] + _image_parts(images_a)
-                   + [_text_part(VIDEO_B_MARKER)] + _image_parts(images_b) + [_text_part(ANSWER_REMINDER)])
-        body = {"model": self.config.model, "messages": [{"role": "user", "content": content}],
-                "temperature": self.config.temperature, "max_tokens": self.config.max_tokens}
-        body.update(self.config.extra_body)
-        return body
+    def build_request(self, text: str, media_a: list[str], media_b: list[str]) -> dict:
+        """The chat-completions body for one question about the media (data URLs) of Video A and Video B."""
+        return build_body(self.config, text, media_a, media_b)
 
-    def ask(self, body: dict) -> str:
-        """Send ``body`` and return the verdict "A", "B" or "TIE"; raise ``_Failure`` with the reason."""
+    def post(self, body: dict) -> Reply:
+        """Send ``body`` and return the server's reply; raise ``_Failure`` with the reason when there is none."""
         cfg = self.config
         data = json.dumps(body).encode("utf-8")
         problem = ""
@@ -222,64 +190,100 @@ class VLMLabeler(Labeler):
             if attempt:
                 time.sleep(cfg.retry_backoff_s * 2 ** (attempt - 1))
             request = urllib.request.Request(cfg.url, data=data, headers=self._headers, method="POST")
+            start = self.stats.started()
+            outcome, answered = "connection", False
             try:
                 with self._opener.open(request, timeout=cfg.timeout_s) as response:
                     raw = response.read()
+                outcome, answered = str(response.status), True
             except urllib.error.HTTPError as err:
-                problem = f"HTTP {err.code} {err.reason}: {_snippet(_error_body(err))}"
+                outcome, answered = str(err.code), True
+                problem = f"HTTP {err.code} {err.reason}: {snippet(_error_body(err))}"
                 if err.code not in _RETRYABLE_HTTP:
                     raise _Failure(problem + " (not retried)") from None
                 continue
             except urllib.error.URLError as err:
                 reason = err.reason
                 timed_out = isinstance(reason, (socket.timeout, TimeoutError))
+                outcome = "timeout" if timed_out else "connection"
                 problem = f"timed out after {cfg.timeout_s:g} s" if timed_out else f"cannot reach {cfg.url}: {reason}"
                 continue
             except (socket.timeout, TimeoutError):
-                problem = f"timed out after {cfg.timeout_s:g} s"
+                outcome, problem = "timeout", f"timed out after {cfg.timeout_s:g} s"
                 continue
             except (ConnectionError, http.client.HTTPException, OSError) as err:
                 problem = f"connection failed: {err.__class__.__name__}: {err}"
                 continue
+            finally:
+                self.stats.finished(start, outcome, answered)
             try:
-                text = reply_text(raw)
+                return reply_from_body(raw)
             except ValueError as err:
                 raise _Failure(str(err)) from None
-            answer = parse_answer(text)
-            if answer is None:
-                raise _Failure(f"reply has no decidable answer (A, B or TIE): {_snippet(text)}")
-            return answer
         raise _Failure(f"{problem}; gave up after {cfg.max_retries + 1} attempts")
+
+    def ask(self, body: dict) -> str:
+        """Send ``body`` and return the verdict "A", "B" or "TIE"; raise ``_Failure`` with the reason."""
+        reply = self.post(body)
+        answer = parse_answer(reply.content)
+        if answer is None:
+            raise _Failure(undecided_reason(reply, self.config))
+        return answer
+
+    def _reply(self, pair_id: str, segment: int, order: int, key: str, body: Callable[[], dict]) -> Reply:
+        """The reply to one question: from the cache, else from the server (and then kept in the cache)."""
+        if self.cache is not None:
+            cached = self.cache.get(pair_id, segment, order, key)
+            if cached is not None:
+                self.stats.hit()
+                return Reply(cached.content, cached.finish_reason, cached.reasoning)
+        reply = self.post(body())
+        if self.cache is not None:
+            self.cache.put(pair_id, segment, order, key, CachedReply(reply.content, reply.finish_reason,
+                                                                     reply.reasoning))
+        return reply
 
     # -- one (pair, segment) -----------------------------------------------------------------------
 
     def _compare(self, batch: PairBatch, first: np.ndarray, second: np.ndarray, b: int, s: int
-                 ) -> tuple[int, Optional[str]]:
-        """(label, None) for pair ``b`` segment ``s``, or (0, message) when a request failed."""
+                 ) -> tuple[int, Optional[str], list[Optional[str]]]:
+        """(label, None, answers) for pair ``b`` segment ``s``, or (0, message, answers) when a question failed;
+        ``answers`` are the raw answers of both orders."""
         cfg = self.config
         frames = pick_frames(batch.segment_frames(s), cfg.frames_per_segment)
         start_s, end_s = batch.segment_seconds(s)
         text = cfg.prompt.format(caption=batch.captions[b], segment_number=s + 1, num_segments=batch.num_segments,
                                  start_s=start_s, end_s=end_s, frames=len(frames), fps=batch.fps)
-        urls_first = [png_data_url(first[b, t], cfg.image_size, cfg.resample) for t in frames]
-        urls_second = [png_data_url(second[b, t], cfg.image_size, cfg.resample) for t in frames]
-        votes = []
-        for order, (images_a, images_b, sign) in enumerate(((urls_first, urls_second, +1),
-                                                            (urls_second, urls_first, -1))):
+        key = request_key(cfg, text, len(frames))
+        clips, media = (first[b], second[b]), {}
+
+        def media_of(which: int) -> list[str]:   # encoded only when a question is sent, once per video
+            if which not in media:
+                media[which] = segment_media(cfg, clips[which], frames, end_s - start_s)
+            return media[which]
+
+        answers: list[Optional[str]] = [None, None]
+        for order, (shown_a, shown_b) in enumerate(((0, 1), (1, 0))):
             try:
-                answer = self.ask(self.build_request(text, images_a, images_b))
+                reply = self._reply(batch.pair_ids[b], s, order, key,
+                                    lambda: build_body(cfg, text, media_of(shown_a), media_of(shown_b)))
+                answer = parse_answer(reply.content)
+                if answer is None:
+                    raise _Failure(undecided_reason(reply, cfg))
             except _Failure as failure:
                 where = "A=first, B=second" if order == 0 else "A=second, B=first"
                 return 0, (f"vlm: pair {batch.pair_ids[b]!r} segment {s} ({start_s:.2f}-{end_s:.2f} s), "
-                           f"asked with {where}: {failure}")
-            votes.append({"A": sign, "B": -sign, "TIE": 0}[answer])
-        return (votes[0] if votes[0] == votes[1] else 0), None
+                           f"asked with {where}: {failure}"), answers
+            answers[order] = answer
+        votes = [{"A": sign, "B": -sign, "TIE": 0}[answer] for answer, sign in zip(answers, (+1, -1))]
+        return (votes[0] if votes[0] == votes[1] else 0), None, answers
 
-    def label(self, batch: PairBatch) -> LabelResult:
-        """Labels (B, S) from the VLM: order-swap-consistent verdicts, ties otherwise; failures counted."""
+    def label_with_orders(self, batch: PairBatch) -> tuple[LabelResult, Orders]:
+        """``label(batch)`` and the raw answers of both orders of every (pair, segment) (``Orders``)."""
         first, second = clips_to_uint8(batch.first), clips_to_uint8(batch.second)
         jobs = [(b, s) for b in range(batch.batch_size) for s in range(batch.num_segments)]
         labels = torch.zeros(batch.batch_size, batch.num_segments, dtype=torch.int64)
+        orders: Orders = [[[None, None] for _ in range(batch.num_segments)] for _ in range(batch.batch_size)]
         failures: dict[tuple[int, int], str] = {}
         pool = ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="vidpo-vlm")
         try:
@@ -289,7 +293,7 @@ class VLMLabeler(Labeler):
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     b, s = futures[future]
-                    labels[b, s], message = future.result()
+                    labels[b, s], message, orders[b][s] = future.result()
                     if message is not None:
                         if self.config.on_error == "raise":
                             raise LabelingError(message)
@@ -299,4 +303,8 @@ class VLMLabeler(Labeler):
             pool.shutdown(wait=True, cancel_futures=True)
         # Completion order is arbitrary; report failures in (pair, segment) order.
         messages = [failures[key] for key in sorted(failures)]
-        return LabelResult.from_labels(labels, failed=len(messages), messages=messages)
+        return LabelResult.from_labels(labels, failed=len(messages), messages=messages), orders
+
+    def label(self, batch: PairBatch) -> LabelResult:
+        """Labels (B, S) from the VLM: order-swap-consistent verdicts, ties otherwise; failures counted."""
+        return self.label_with_orders(batch)[0]

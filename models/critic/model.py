@@ -41,7 +41,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,6 +53,7 @@ from vidpo.models.dit.config import DiTConfig
 from vidpo.models.dit.model import ClassTokenEmbedding, DiTBlock, TextEmbedding, patchify
 from vidpo.models.dit.rope import grid_positions, rope_cos_sin
 
+VIDEO_CRITIC_FORMAT = "vidpo-critic-1"
 _GATE_ROWS = (2, 5)   # (shift_a, scale_a, gate_a, shift_m, scale_m, gate_m): the two gates
 
 
@@ -68,6 +69,71 @@ class CriticScores:
 
     video: torch.Tensor
     """(B,) whole-video scores: the mean of the frame scores."""
+
+
+class Views:
+    """Label-preserving views of what a critic scores, index 0 the identity: how a clip, its caption and its
+    per-segment / per-frame values look through view k (and back: every view is an involution). This base has
+    the identity alone; the shapes world's ``vidpo.labeling.critic.Symmetries`` add flips and time reversal."""
+
+    def __len__(self) -> int:
+        return 1
+
+    @property
+    def names(self) -> list[str]:
+        return ["identity"]
+
+    def clips(self, k: int, clips: torch.Tensor) -> torch.Tensor:
+        return clips
+
+    def captions(self, k: int, captions: Sequence[str]) -> list[str]:
+        return list(captions)
+
+    def segments(self, k: int, per_segment: torch.Tensor) -> torch.Tensor:
+        return per_segment
+
+    def frames(self, k: int, per_frame: torch.Tensor) -> torch.Tensor:
+        return per_frame
+
+
+class Critic(nn.Module):
+    """The scoring interface of every critic: what training (``vidpo.ipo.critic``), accuracy, the ``critic``
+    labeller, pool pairing and Dual-IPO votes call.
+
+    ``score(clips, captions, segment_ids) -> CriticScores``
+        clips        (n, 3, F, H, W) pixels, float in [-1, 1] or uint8 (decoded videos)
+        captions     n prompts the videos were made from
+        segment_ids  (F,) long, frame -> segment 0..S-1 (contiguous)
+        -> frames (n, F), segments (n, S), video (n,); differentiable when gradients are on
+    ``log_tie``           the Davidson tie parameter (a scalar Parameter); ``tie_parameter`` = exp(log_tie)
+    ``set_dropout(on)``   Monte-Carlo dropout on or off, the rest of the critic left as it is
+    ``views(segment_ids)``  its label-preserving ``Views`` (identity only unless the critic's world has more)
+    ``save(path)``        weights and rebuild settings in one safetensors file, written atomically; ``load_critic``
+                          reads any critic back
+
+    Implementations: the toy critic of the shapes world (``vidpo.labeling.critic.ShapesCritic``: a ``VideoCritic``
+    reading the world's condition tokens) and the VLM critic (``vidpo.models.critic.vlm.VLMCritic``)."""
+
+    kind = "critic"
+
+    def score(self, clips: torch.Tensor, captions: Sequence[str], segment_ids: torch.Tensor) -> CriticScores:
+        raise NotImplementedError
+
+    @property
+    def tie_parameter(self) -> float:
+        """nu = exp(log_tie): the Davidson tie weight."""
+        return math.exp(float(self.log_tie.detach()))
+
+    def set_dropout(self, active: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.train(active)
+
+    def views(self, segment_ids: torch.Tensor) -> Views:
+        return Views()
+
+    def save(self, path, extra: Optional[dict] = None) -> None:
+        raise NotImplementedError
 
 
 def segment_means(frame_scores: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
@@ -169,11 +235,11 @@ def critic_metadata(model: VideoCritic) -> dict:
     """What rebuilds ``model``: its DiT config and dropout, as JSON strings (safetensors metadata)."""
     cfg = dataclasses.asdict(model.config)
     cfg["patch_size"] = list(cfg["patch_size"])
-    return {"format": "vidpo-critic-1", "dit_config": json.dumps(cfg), "dropout": str(model.dropout_p),
+    return {"format": VIDEO_CRITIC_FORMAT, "dit_config": json.dumps(cfg), "dropout": str(model.dropout_p),
             "frame_differences": str(int(model.frame_differences))}
 
 
-def save_critic(model: VideoCritic, path, extra: Optional[dict] = None) -> None:
+def save_video_critic(model: VideoCritic, path, extra: Optional[dict] = None) -> None:
     """Weights + rebuild metadata, written atomically (to ``path``.tmp-PID, then renamed)."""
 
     path = Path(path)
@@ -185,17 +251,13 @@ def save_critic(model: VideoCritic, path, extra: Optional[dict] = None) -> None:
     os.replace(tmp, path)
 
 
-def load_critic(path, device: torch.device | str = "cpu") -> VideoCritic:
-    """Rebuild a critic saved by ``save_critic`` (a .safetensors file or a directory holding critic.safetensors)."""
+def load_video_critic(path, device: torch.device | str = "cpu") -> VideoCritic:
+    """Rebuild a toy critic saved by ``save_video_critic`` (a .safetensors file)."""
 
     path = Path(path)
-    if path.is_dir():
-        path = path / "critic.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"no critic weights at {path} (train one with `vidpo critic train`)")
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
-    if meta.get("format") != "vidpo-critic-1":
+    if meta.get("format") != VIDEO_CRITIC_FORMAT:
         raise ValueError(f"{path}: not a vidpo critic file (metadata format {meta.get('format')!r})")
     fields = json.loads(meta["dit_config"])
     fields["patch_size"] = tuple(fields["patch_size"])

@@ -13,6 +13,8 @@ processes spawned by ``helpers.distributed.spawn_workers`` inherit that ``sys.pa
     runs         reading a run directory's metrics (per-step losses)
     video        test clips encoded with PyAV and damaged copies of them
     vlm_server   a real OpenAI-compatible HTTP server standing in for a VLM
+    pairs_dirs   hand-written pairs directories whose better video is the brighter one (labelling tests)
+    llava_serve  a tiny random LLaVA saved as a local directory, and `transformers serve` running it
 
 Keep this file free of imports: spawned workers import ``helpers.<module>`` and should load only what they use.
 """

@@ -2,8 +2,9 @@
 
 It is a real HTTP server (``http.server.ThreadingHTTPServer`` on 127.0.0.1, port chosen by the OS) that
 the labeller talks to over a socket exactly as it would talk to vLLM: it parses every chat-completions
-request, checks its schema (rejecting a bad one with HTTP 400 and recording why), decodes the PNG images,
-and answers through a *behaviour*, a function from the parsed request to a ``Reply``. The behaviour
+request, checks its schema (rejecting a bad one with HTTP 400 and recording why), decodes the images (PNG
+or JPEG ``image_url`` parts) and videos (``video_url`` parts holding an mp4, decoded into their frames), and
+answers through a *behaviour*, a function from the parsed request to a ``Reply``. The behaviour
 ``judge_by_brightness`` answers like a competent VLM for clips whose better video is the brighter one in
 a segment: it compares the mean brightness of the "Video A" images with that of the "Video B" images.
 Other behaviours (position bias, malformed replies, HTTP errors, slow replies) are built in the tests
@@ -25,7 +26,8 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
-PNG_PREFIX = "data:image/png;base64,"
+IMAGE_PREFIXES = {"data:image/png;base64,": "PNG", "data:image/jpeg;base64,": "JPEG"}
+MP4_PREFIX = "data:video/mp4;base64,"
 _SEGMENT = re.compile(r"segment (\d+) of (\d+)")
 
 
@@ -40,11 +42,12 @@ class SeenRequest:
     headers: dict
     body: dict
     text: str                      # all text parts, joined by newlines
-    images_a: list                 # (H, W, 3) uint8 arrays shown as Video A
+    images_a: list                 # (H, W, 3) uint8 arrays shown as Video A (a video part: its frames)
     images_b: list                 # (H, W, 3) uint8 arrays shown as Video B
     segment_number: Optional[int]  # 1-based, from "segment N of S" in the prompt
     attempt: int = 0               # 1 the first time this exact question arrives, 2 on its retry, ..
     times_asked: int = 0           # 1 the first time this prompt text arrives (either image order), ..
+    videos: int = 0                # video_url parts in the request (their frames are in images_a / images_b)
 
     @property
     def key(self) -> tuple:
@@ -89,17 +92,33 @@ def judge_by_brightness(wrap: str = "{}") -> Callable[[SeenRequest], Reply]:
     return lambda request: Reply(text=wrap.format(brightness_verdict(request)))
 
 
-def _decode_png(url: str) -> np.ndarray:
-    if not url.startswith(PNG_PREFIX):
-        raise SchemaError(f"image_url.url must be a data:image/png;base64 URL, got {url[:40]!r}")
+def _decode_image(url: str) -> np.ndarray:
+    prefix = next((p for p in IMAGE_PREFIXES if url.startswith(p)), None)
+    if prefix is None:
+        raise SchemaError(f"image_url.url must be a data:image/png or data:image/jpeg base64 URL, got {url[:40]!r}")
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(url[len(PNG_PREFIX):], validate=True)))
+        image = Image.open(io.BytesIO(base64.b64decode(url[len(prefix):], validate=True)))
         image.load()
     except Exception as err:  # any decoding failure is the client's fault
-        raise SchemaError(f"image is not a decodable PNG: {err}") from None
-    if image.format != "PNG" or image.mode != "RGB":
-        raise SchemaError(f"expected an RGB PNG, got {image.format} {image.mode}")
+        raise SchemaError(f"image is not a decodable {IMAGE_PREFIXES[prefix]}: {err}") from None
+    if image.format != IMAGE_PREFIXES[prefix] or image.mode != "RGB":
+        raise SchemaError(f"expected an RGB {IMAGE_PREFIXES[prefix]}, got {image.format} {image.mode}")
     return np.asarray(image)
+
+
+def _decode_video(url: str) -> list:
+    import av
+
+    if not url.startswith(MP4_PREFIX):
+        raise SchemaError(f"video_url.url must be a data:video/mp4;base64 URL, got {url[:40]!r}")
+    try:
+        with av.open(io.BytesIO(base64.b64decode(url[len(MP4_PREFIX):], validate=True))) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])]
+    except Exception as err:  # any decoding failure is the client's fault
+        raise SchemaError(f"video is not a decodable mp4: {err}") from None
+    if not frames:
+        raise SchemaError("video has no frames")
+    return frames
 
 
 def parse_request(path: str, headers, raw: bytes) -> SeenRequest:
@@ -114,15 +133,18 @@ def parse_request(path: str, headers, raw: bytes) -> SeenRequest:
         raise SchemaError(f"body is not JSON: {err}") from None
     if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
         raise SchemaError("body must be an object with a non-empty string 'model'")
-    if not isinstance(body.get("temperature"), (int, float)) or not isinstance(body.get("max_tokens"), int):
-        raise SchemaError("'temperature' (number) and 'max_tokens' (integer) are required by this test server")
+    if "temperature" in body and not isinstance(body["temperature"], (int, float)):
+        raise SchemaError("'temperature' must be a number")
+    limits = [key for key in ("max_tokens", "max_completion_tokens") if key in body]
+    if len(limits) != 1 or not isinstance(body[limits[0]], int):
+        raise SchemaError("one integer 'max_tokens' or 'max_completion_tokens' is required by this test server")
     messages = body.get("messages")
     if not isinstance(messages, list) or len(messages) != 1 or messages[0].get("role") != "user":
         raise SchemaError("'messages' must be one user message")
     content = messages[0].get("content")
     if not isinstance(content, list) or not content:
         raise SchemaError("the user message's 'content' must be a non-empty list of parts")
-    texts, images, current = [], {"A": [], "B": []}, None
+    texts, images, current, videos = [], {"A": [], "B": []}, None, 0
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
@@ -134,7 +156,12 @@ def parse_request(path: str, headers, raw: bytes) -> SeenRequest:
         elif kind == "image_url" and isinstance(part.get("image_url"), dict):
             if current is None:
                 raise SchemaError("an image comes before the 'Video A:' marker")
-            images[current].append(_decode_png(part["image_url"].get("url", "")))
+            images[current].append(_decode_image(part["image_url"].get("url", "")))
+        elif kind == "video_url" and isinstance(part.get("video_url"), dict):
+            if current is None:
+                raise SchemaError("a video comes before the 'Video A:' marker")
+            images[current].extend(_decode_video(part["video_url"].get("url", "")))
+            videos += 1
         else:
             raise SchemaError(f"bad content part {str(part)[:80]}")
     if not images["A"] or len(images["A"]) != len(images["B"]):
@@ -143,7 +170,7 @@ def parse_request(path: str, headers, raw: bytes) -> SeenRequest:
     text = "\n".join(texts)
     match = _SEGMENT.search(text)
     return SeenRequest(headers=dict(headers.items()), body=body, text=text, images_a=images["A"],
-                       images_b=images["B"], segment_number=int(match.group(1)) if match else None)
+                       images_b=images["B"], segment_number=int(match.group(1)) if match else None, videos=videos)
 
 
 class _Handler(BaseHTTPRequestHandler):
