@@ -99,12 +99,13 @@ class LaunchConfig:
     num_warps: int
 
 
-def launch_config(plane_size: int, num_planes: int) -> LaunchConfig:
-    """Tiling for ``num_planes`` planes of ``plane_size`` elements (no autotuning: the interpreter runs it)."""
+def launch_config(plane_size: int, num_planes: int, interpreter: Optional[bool] = None) -> LaunchConfig:
+    """Tiling for ``num_planes`` planes of ``plane_size`` elements (no autotuning: the interpreter runs it);
+    ``interpreter`` None reads ``TRITON_INTERPRET`` (``vidpo.kernels.aot`` asks for the GPU's tiling)."""
     block = min(MAX_BLOCK, max(16, _next_pow2(plane_size)))
     iters = min(MAX_ITERS, -(-plane_size // block))
     chunks = -(-plane_size // (block * iters))
-    tile = INTERPRETER_TILE if _interpreting() else GPU_TILE
+    tile = INTERPRETER_TILE if (_interpreting() if interpreter is None else interpreter) else GPU_TILE
     planes = max(1, min(tile // block, _next_pow2(num_planes)))
     programs = -(-num_planes // planes) * chunks
     num_warps = max(1, min(8, block * planes // 256))
