@@ -11,7 +11,9 @@ Bytes the fused op must move (the roofline of this memory-bound op), E = numel *
     forward  reads v_theta, v_ref, target                3E
     backward reads v_theta, target, writes grad          3E
     full     both                                         6E
-Achieved GB/s is reported against the device copy bandwidth measured in the same run (and against the
+Before a provider is timed, its loss and its gradient in v_theta are checked against the float64 reference math on
+the same inputs (``check_provider``); a provider that fails is never timed, its failure is printed and the script
+exits with status 1 after measuring the others. Achieved GB/s is reported against the device copy bandwidth measured in the same run (and against the
 nominal peak of PEAK_BANDWIDTH_GBPS on known GPUs). Rows are appended to
 benchmarks/results/dense_dpo.csv (columns in benchmarks/common.py).
 
@@ -40,6 +42,8 @@ BYTES_PER_ELEMENT_MOVED = {"forward": 3, "backward": 3, "full": 6}  # tensors of
 DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dense_dpo.csv")
 GPU_SHAPE, CPU_SHAPE = (16, 21, 60, 104), (16, 21, 30, 52)  # Wan-1.3B latent (C, T, H, W); a CPU-sized one
 BETA = 500.0
+# (loss rtol, loss atol, gradient relative L2) against float64: the fused kernels accumulate in fp32.
+CHECK_TOLERANCE = {torch.float32: (1e-4, 1e-3, 1e-4), torch.bfloat16: (1e-2, 1e-2, 1e-2)}
 
 
 def make_inputs(pairs: int, shape, num_segments: int, dtype, device, seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -82,6 +86,27 @@ def loss_function(provider: str, inputs: Dict[str, torch.Tensor]) -> Callable[[]
     return lambda: dense_dpo_loss(*args, backend=provider).loss
 
 
+def check_provider(provider: str, inputs: Dict[str, torch.Tensor]) -> Optional[str]:
+    """None when ``provider``'s loss and d loss / d v_theta match the float64 reference math, else what differs."""
+    v_theta = inputs["v_theta"]
+    loss = loss_function(provider, inputs)()
+    (grad,) = torch.autograd.grad(loss, v_theta)
+    v64 = v_theta.detach().double().requires_grad_(True)
+    expected = reference.dense_dpo_loss_reference(v64, inputs["v_ref"].double(), inputs["target"].double(),
+                                                  inputs["labels"], inputs["segment_ids"], BETA).loss
+    (expected_grad,) = torch.autograd.grad(expected, v64)
+    rtol, atol, grad_tol = CHECK_TOLERANCE.get(v_theta.dtype, CHECK_TOLERANCE[torch.bfloat16])
+    value, expected_value = float(loss.detach()), float(expected.detach())
+    loss_error = abs(value - expected_value)
+    grad_error = float((grad.double() - expected_grad).norm() / expected_grad.norm().clamp_min(1e-30))
+    problems = []
+    if not loss_error <= rtol * abs(expected_value) + atol:
+        problems.append(f"loss {value:.6g} vs float64 {expected_value:.6g}")
+    if not grad_error <= grad_tol:
+        problems.append(f"gradient relative L2 error {grad_error:.3g} > {grad_tol:g}")
+    return "; ".join(problems) or None
+
+
 def mode_function(mode: str, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], object]:
     if mode == "forward":
         return loss_fn
@@ -96,15 +121,15 @@ def shape_label(pairs: int, shape, num_segments: int, dtype) -> str:
     return f"B{pairs}xC{c}xT{t}xH{h}xW{w}xS{num_segments}-{str(dtype).replace('torch.', '')}"
 
 
-def run_case(args, device, pairs, shape, dtype, copy_gbps, meta) -> List[common.Row]:
-    """All providers and modes on one problem size; returns the CSV rows and prints a table."""
+def run_case(args, device, pairs, shape, dtype, copy_gbps, meta, failed: List[str]) -> List[common.Row]:
+    """All providers and modes on one problem size; returns the CSV rows and prints a table. A provider that fails
+    its check is appended to ``failed`` and not timed."""
     inputs = make_inputs(pairs, shape, args.segments, dtype, device)
     element_bytes = inputs["v_theta"].numel() * inputs["v_theta"].element_size()
     x = shape_label(pairs, shape, args.segments, dtype)
     peak = common.peak_bandwidth_gbps(device)
     rows: List[common.Row] = []
     eager_ms: Dict[str, float] = {}
-    expected_loss: Optional[float] = None
     print(f"\n{x}  ({element_bytes / 2**20:.1f} MiB per tensor)")
     print(f"{'provider':>8} {'mode':>8} {'ms p50':>9} {'p20':>9} {'p80':>9} {'GB/s':>8} {'%copy':>6} {'x eager':>7}")
 
@@ -116,12 +141,12 @@ def run_case(args, device, pairs, shape, dtype, copy_gbps, meta) -> List[common.
         if not ok:
             print(f"{provider:>8}  skipped: {reason}")
             continue
+        wrong = check_provider(provider, inputs)   # also compiles / JITs the kernels before timing
+        if wrong is not None:
+            print(f"{provider:>8}  CHECK FAILED (not timed): {wrong}")
+            failed.append(f"{provider} at {x}: {wrong}")
+            continue
         loss_fn = loss_function(provider, inputs)
-        loss = float(loss_fn().detach())  # also triggers compilation / kernel JIT before timing
-        if expected_loss is None:
-            expected_loss = loss
-        elif abs(loss - expected_loss) > 1e-3 * max(1.0, abs(expected_loss)):
-            print(f"{provider:>8}  WARNING: loss {loss:.6g} differs from {args.providers[0]}'s {expected_loss:.6g}")
         for mode in args.modes:
             fn = mode_function(mode, loss_fn)
             ms = common.bench(fn, device, quick=args.quick, grad_to_none=[inputs["v_theta"]])
@@ -160,6 +185,7 @@ def parse_args(argv=None):
                         help="input dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     parser.add_argument("--out", default=DEFAULT_RESULTS, help="CSV to append to (default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, measure nothing")
     args = parser.parse_args(argv)
     args.providers = [p for p in args.providers.split(",") if p]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -172,7 +198,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = (torch.device("cuda" if args.device.startswith("cuda") else "cpu") if args.dry_run
+              else common.resolve_device(args.device))
     gpu = device.type == "cuda"
     shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else (GPU_SHAPE if gpu else CPU_SHAPE)
     if len(shape) != 4:
@@ -180,6 +207,9 @@ def main(argv=None) -> int:
     default_pairs = ("4" if args.quick else "4,8,16") if gpu else "4"
     pairs_list = [int(v) for v in (args.pairs or default_pairs).split(",")]
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    if args.dry_run:
+        print(f"dry run: providers {args.providers}, modes {args.modes}, pairs {pairs_list}, latent {shape}, {dtype}")
+        return 0
     meta = (common.device_description(device), common.timestamp(), common.versions(), common.command_line())
 
     copy_bytes = (1 << 30) if gpu else (64 << 20 if args.quick else 256 << 20)
@@ -188,10 +218,14 @@ def main(argv=None) -> int:
     peak = common.peak_bandwidth_gbps(device)
     print(f"device: {meta[0]}; measured copy bandwidth {copy[0]:.1f} GB/s"
           + (f" (nominal peak {peak:.0f} GB/s)" if peak else ""))
+    failed: List[str] = []
     for pairs in pairs_list:
-        rows += run_case(args, device, pairs, shape, dtype, copy[0], meta)
+        rows += run_case(args, device, pairs, shape, dtype, copy[0], meta, failed)
     written = common.append_rows(args.out, rows)
     print(f"\nappended {written} rows to {args.out}")
+    if failed:
+        print("CHECK FAILED (these providers were not timed):\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

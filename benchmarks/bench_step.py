@@ -1,4 +1,9 @@
-"""Benchmark of one DPO training step of the video DiT: plain implementation vs the optimized levers.
+"""Benchmark of one DPO training step of a video DiT: plain implementation vs the optimized levers.
+
+``--model dit`` (default) measures vidpo's DiT (``step_bench``); ``--model wan`` diffusers' WanTransformer3DModel
+(``step_bench_wan``: presets tiny | small | 1.3b, ``--train lora | full``), where plain keeps a separate reference
+copy, the eager loss and no checkpointing, and optimized uses the LoRA-off reference, the fused loss and
+activation checkpointing.
 
 Configurations measured in one run (all on the same model shape and static batch; ``step_bench``):
     plain          the public Flow-DPO code's way: eager, separate frozen reference, torch-op loss, AdamW
@@ -9,7 +14,9 @@ Configurations measured in one run (all on the same model shape and static batch
 
 Per configuration: step time (median, 20/80 percentiles), video tokens/s (2B n / step time), model
 TFLOP/s (4 F(2B) per step, DiTConfig.flops_per_forward), MFU against the matmul rate measured in the same
-run (bf16 on GPU, fp32 on CPU), peak memory (GPU), speedup over plain, and a per-phase breakdown
+run (bf16 on GPU, fp32 on CPU), peak memory (GPU), the activation memory the policy forward keeps for the
+backward and the parameter memory the reference holds beyond the policy's (GPU and CPU; ``--no-memory`` skips the
+two extra steps the first costs), speedup over plain, and a per-phase breakdown
 (ref_fwd, policy_fwd, loss, bwd, optimizer; synchronised, so the phases add up to a bit more than a step).
 Rows are appended to benchmarks/results/step.csv (columns in benchmarks/common.py); --report writes the
 dated Markdown report.
@@ -18,6 +25,9 @@ Examples:
     python benchmarks/bench_step.py --preset tiny --flips compile,bf16,ac        # CPU, a few seconds a config
     python benchmarks/bench_step.py --device cuda --preset 1.3b --pairs 2 --frames 21 --height 60 \\
         --width 104 --cond-len 512 --ac full --report benchmarks/reports/2026-11-21_step_h100.md
+    python benchmarks/bench_step.py --model wan --preset small --frames 4 --height 16 --width 16   # CPU, Wan
+    python benchmarks/bench_step.py --model wan --preset 1.3b --device cuda --pairs 1 --frames 21 --height 60 \
+        --width 104 --ac full --train lora --dry-run                  # the plan of benchmarks/run_gpu.sh's step
 """
 from __future__ import annotations
 
@@ -28,7 +38,8 @@ import gc
 import math
 import os
 import sys
-from typing import Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,11 +48,29 @@ import torch  # noqa: E402
 import common  # noqa: E402
 from vidpo.models.dit import dit_config  # noqa: E402
 from step_bench import (AC_MODES, ATTENTION_CHOICES, BOOL_LEVERS, DPOStep, Levers, StepShape, lever_unavailable,
-                        matmul_rate_tflops, measure_peak_memory, parse_levers, plain_levers, step_flops, time_steps)
+                        matmul_rate_tflops, parse_levers, plain_levers, step_flops, time_steps)
+from step_bench_wan import (TRAIN_MODES, WAN_AC_MODES, WAN_PRESETS, WanDPOStep, WanLevers, wan_config,  # noqa: E402
+                            wan_default_levers, wan_lever_unavailable, wan_plain_levers, wan_step_flops, wan_tokens)
 
 KERNEL = "dpo_step"
 DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "step.csv")
 FLIPPABLE = BOOL_LEVERS + ("ac", "attention")
+WAN_FLIPPABLE = ("compile", "bf16", "ref_no_grad", "ref_bf16", "ref_lora_off", "fused_loss", "fused_adamw", "ac")
+
+
+@dataclass
+class Setup:
+    """What the measuring loop needs of one model: its step, its lever rules, its sizes."""
+
+    x: str                                         # the CSV's problem label
+    flops: int                                     # model FLOPs of one step
+    tokens: int                                    # video tokens of one step
+    plain: Levers
+    optimized: Levers
+    flips: List[Tuple[str, Levers]]
+    unavailable: Callable[[Levers], Optional[str]]
+    make_step: Callable[[Levers], DPOStep]
+    describe: str                                  # the report's model and batch lines
 
 
 def default_levers(device: torch.device, ac: str) -> Levers:
@@ -57,26 +86,32 @@ def default_levers(device: torch.device, ac: str) -> Levers:
     return dataclasses.replace(candidates[-1], fused_loss=False)
 
 
-def flipped_configs(optimized: Levers, flips: List[str]) -> List[Tuple[str, Levers]]:
+def flipped_configs(optimized: Levers, flips: List[str], ac_modes=AC_MODES) -> List[Tuple[str, Levers]]:
     """(name, levers) for each one-lever change of ``optimized``."""
     out = []
     for lever in flips:
         current = getattr(optimized, lever)
-        if lever in BOOL_LEVERS:
+        if isinstance(current, bool):
             out.append((f"{'-' if current else '+'}{lever}", dataclasses.replace(optimized, **{lever: not current})))
             continue
-        for value in (AC_MODES if lever == "ac" else ATTENTION_CHOICES):
+        for value in (ac_modes if lever == "ac" else ATTENTION_CHOICES):
             if value != current:
                 out.append((f"{lever}={value}", dataclasses.replace(optimized, **{lever: value})))
     return out
 
 
-def measure(cfg, shape, levers: Levers, device, args) -> Dict[str, object]:
-    """Build the step, time it, measure its peak memory and its phases; returns a result dict."""
-    step = DPOStep(cfg, shape, levers, device, seed=args.seed)
+def measure(setup: Setup, levers: Levers, device, args) -> Dict[str, object]:
+    """Build the step, time it, measure its memory and its phases; returns a result dict."""
+    step = setup.make_step(levers)
     loss = float(step.run())               # compiles / captures before timing
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the step's loss is {loss}")
+    if device.type == "cuda":                # the peak of the timed steps, model and optimizer state included
+        torch.cuda.reset_peak_memory_stats(device)
     samples = time_steps(step.run, device, warmup=args.warmup, repeats=args.repeats)
-    memory = measure_peak_memory(step.run, device)
+    memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    reference_mib = step.reference_parameter_bytes() / 2**20
+    activations = (None, None) if levers.cuda_graph or args.no_memory else step.activation_memory()
     phases = {}
     if not levers.cuda_graph and not args.no_breakdown:
         runs = [step.run_phases() for _ in range(max(1, min(3, args.repeats)))]
@@ -87,7 +122,8 @@ def measure(cfg, shape, levers: Levers, device, args) -> Dict[str, object]:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(ms=common.quantiles(samples), memory=memory, phases=phases, loss=loss)
+    return dict(ms=common.quantiles(samples), memory=memory, phases=phases, loss=loss, reference_mib=reference_mib,
+                activation_mib=activations[0], backward_peak_mib=activations[1])
 
 
 def result_rows(name, result, flops, tokens, peak_tflops, plain_ms, x, meta) -> List[common.Row]:
@@ -107,6 +143,10 @@ def result_rows(name, result, flops, tokens, peak_tflops, plain_ms, x, meta) -> 
         row("step", "speedup_vs_plain", "x", plain_ms / y50)
     if result["memory"] is not None:
         row("step", "peak_memory", "MiB", result["memory"])
+    row("step", "reference_parameter_memory", "MiB", result["reference_mib"])
+    for metric, key in (("activation_memory", "activation_mib"), ("backward_peak_memory", "backward_peak_mib")):
+        if result[key] is not None:
+            row("step", metric, "MiB", result[key])
     for phase, ms in result["phases"].items():
         row(phase, "time", "ms", ms)
     return rows
@@ -119,31 +159,32 @@ def skipped_row(name, why, x, meta) -> common.Row:
 
 def markdown_table(results: List[Tuple[str, Levers, object]], flops, tokens, peak_tflops, plain_ms) -> str:
     """One line per configuration (skipped ones with their reason)."""
-    head = ("| config | levers | step ms (p20-p80) | tokens/s | TFLOP/s | MFU % | peak MiB | x plain | "
-            "ref_fwd | policy_fwd | loss | bwd | optimizer |")
+    head = ("| config | levers | step ms (p20-p80) | tokens/s | TFLOP/s | MFU % | peak MiB | activations MiB | "
+            "reference params MiB | x plain | ref_fwd | policy_fwd | loss | bwd | optimizer |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def mib(value):
+        return f"{value:.1f}" if value is not None else "n/a"
+
     for name, levers, result in results:
         if isinstance(result, str):
-            lines.append(f"| {name} | {levers.label()} | skipped: {result} |" + " |" * 10)
+            lines.append(f"| {name} | {levers.label()} | skipped: {result} |" + " |" * 12)
             continue
         y50, y20, y80 = result["ms"]
         tflops = flops / (y50 * 1e-3) / 1e12
-        memory = f"{result['memory']:.0f}" if result["memory"] is not None else "n/a"
         ph = [f"{result['phases'][p]:.1f}" if result["phases"] else "-" for p in DPOStep.PHASES]
         lines.append(f"| {name} | {levers.label()} | {y50:.1f} ({y20:.1f}-{y80:.1f}) | {tokens / (y50 * 1e-3):.0f} | "
-                     f"{tflops:.4g} | {100 * tflops / peak_tflops:.1f} | {memory} | {plain_ms / y50:.2f} | "
+                     f"{tflops:.4g} | {100 * tflops / peak_tflops:.1f} | {mib(result['memory'])} | "
+                     f"{mib(result['activation_mib'])} | {mib(result['reference_mib'])} | {plain_ms / y50:.2f} | "
                      + " | ".join(ph) + " |")
     return "\n".join(lines)
 
 
-def write_report(path, args, cfg, shape, device_desc, version, command, rate, table, loaded) -> None:
-    tokens_per_video = cfg.num_tokens(shape.frames, shape.height, shape.width)
+def write_report(path, args, setup: Setup, device_desc, version, command, rate, table, loaded) -> None:
     kind = "bf16" if args.device_type == "cuda" else "fp32"
     text = f"""# DPO training step benchmark: {device_desc}, {datetime.date.today():%Y-%m}
 
-- Model: preset `{args.preset}` ({cfg.num_params() / 1e6:.1f} M parameters, width {cfg.width}, depth {cfg.depth}).
-- Batch: {shape.pairs} pairs = {shape.videos()} videos of latent (C={cfg.in_channels}, T={shape.frames}, H={shape.height}, W={shape.width}), patch {cfg.patch_size}: {tokens_per_video} tokens per video, {shape.videos() * tokens_per_video} per step; {shape.cond_len} condition tokens; {shape.segments} label segment(s).
-- Model FLOPs per step: 4 F(2B) = {step_flops(cfg, shape) / 1e12:.4g} TFLOP (policy forward + backward 3F, reference forward F; `DiTConfig.flops_per_forward`; activation-checkpoint recomputation not counted).
+{setup.describe}
 - MFU is against the {kind} matmul rate measured in this run: {rate[0]:.4g} TFLOP/s (p20-p80 {rate[1]:.4g}-{rate[2]:.4g}) on {args.matmul_size}^3{" (CPU: fp32 rate, since the CPU step runs fp32)" if kind == "fp32" else ""}.
 - Versions: {version}.
 - Command: `{command}`
@@ -152,7 +193,8 @@ def write_report(path, args, cfg, shape, device_desc, version, command, rate, ta
 Configurations: `plain` is the public Flow-DPO code's way (eager, separate frozen reference copy under
 no_grad, loss in eager torch ops, default AdamW, SDPA, bf16 autocast on GPU / fp32 on CPU); `optimized` is
 the lever set in its row; `+X` / `-X` / `X=v` rows flip one lever of `optimized`. Phase columns (ms) come
-from separate steps with a device sync between phases.
+from separate steps with a device sync between phases. "activations" is what the policy forward and the loss
+keep for the backward; "reference params" the parameter memory the reference holds beyond the policy's.
 
 {table}
 """
@@ -164,64 +206,139 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--preset", default="tiny", help="DiT preset: tiny | small | base | 1.3b | 5b")
+    p.add_argument("--model", default="dit", choices=("dit", "wan"),
+                   help="vidpo's DiT, or diffusers' WanTransformer3DModel (step_bench_wan)")
+    p.add_argument("--preset", default="tiny", help=f"DiT preset: tiny | small | base | 1.3b | 5b; Wan preset: "
+                                                    f"{' | '.join(WAN_PRESETS)}")
+    p.add_argument("--train", default="lora", choices=TRAIN_MODES, help="Wan only: LoRA adapters or every weight")
+    p.add_argument("--lora-rank", type=int, default=None, help="Wan only: adapter rank (default 64; 4 for tiny)")
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--frames", type=int, default=4, help="latent frames T")
     p.add_argument("--height", type=int, default=16, help="latent height H")
     p.add_argument("--width", type=int, default=16, help="latent width W")
     p.add_argument("--cond-len", type=int, default=None, help="condition tokens (default 512 text, 4 class)")
     p.add_argument("--segments", type=int, default=1, help="DenseDPO label segments (1 = Flow-DPO)")
-    p.add_argument("--ac", default="none", choices=AC_MODES, help="activation checkpointing of plain + optimized")
+    p.add_argument("--ac", default="none", choices=AC_MODES, help="activation checkpointing of plain (and of "
+                                                                  "optimized for the DiT)")
     p.add_argument("--levers", default=None, help="optimized lever set, e.g. 'compile,bf16,fused_loss,ac=full' "
                                                   "(default: everything available on the device)")
-    p.add_argument("--flips", default="all", help=f"levers to flip one at a time: all | none | subset of {FLIPPABLE}")
+    p.add_argument("--flips", default="all", help=f"levers to flip one at a time: all | none | subset of {FLIPPABLE} "
+                                                  f"(Wan: {WAN_FLIPPABLE})")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2 CPU, 5 GPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 5 CPU, 20 GPU)")
     p.add_argument("--matmul-size", type=int, default=None,
                    help="side of the peak matmul (default 8192 GPU, 1024 CPU)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-phase timing")
+    p.add_argument("--no-memory", action="store_true", help="skip the activation-memory steps")
+    p.add_argument("--no-plain", action="store_true", help="measure optimized and its flips only (no speedup rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DEFAULT_RESULTS, help="CSV to append to (default: %(default)s)")
     p.add_argument("--report", default=None, help="write the Markdown report here")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments and the configurations, print the "
+                                                          "plan, measure nothing")
     args = p.parse_args(argv)
-    args.flips = (list(FLIPPABLE) if args.flips == "all" else
+    flippable = WAN_FLIPPABLE if args.model == "wan" else FLIPPABLE
+    args.flips = (list(flippable) if args.flips == "all" else
                   [] if args.flips == "none" else [f for f in args.flips.split(",") if f])
-    unknown = [f for f in args.flips if f not in FLIPPABLE]
+    unknown = [f for f in args.flips if f not in flippable]
     if unknown:
-        p.error(f"unknown lever(s) in --flips: {unknown}; valid: {list(FLIPPABLE)}")
+        p.error(f"unknown lever(s) in --flips for --model {args.model}: {unknown}; valid: {list(flippable)}")
+    if args.model == "wan" and args.preset not in WAN_PRESETS:
+        p.error(f"--model wan takes --preset {' | '.join(WAN_PRESETS)}, not {args.preset!r}")
+    if args.model == "dit" and args.preset not in ("tiny", "small", "base", "1.3b", "5b"):
+        p.error(f"unknown DiT preset {args.preset!r}")
+    try:
+        base = WanLevers(ac=args.ac) if args.model == "wan" else Levers(ac=args.ac)
+        args.levers = parse_levers(args.levers, base) if args.levers else None
+    except ValueError as exc:
+        p.error(f"--levers: {exc}")
     return args
+
+
+def dit_setup(args, device) -> Setup:
+    cfg = dit_config(args.preset)
+    cond_len = args.cond_len or (4 if cfg.uses_class_tokens else 512)
+    shape = StepShape(args.pairs, args.frames, args.height, args.width, cond_len, args.segments)
+    per_video = cfg.num_tokens(shape.frames, shape.height, shape.width)
+    tokens = shape.videos() * per_video
+    optimized = args.levers or default_levers(device, args.ac)
+    describe = (f"- Model: preset `{args.preset}` ({cfg.num_params() / 1e6:.1f} M parameters, width {cfg.width}, "
+                f"depth {cfg.depth}).\n"
+                f"- Batch: {shape.pairs} pairs = {shape.videos()} videos of latent (C={cfg.in_channels}, "
+                f"T={shape.frames}, H={shape.height}, W={shape.width}), patch {cfg.patch_size}: {per_video} tokens "
+                f"per video, {tokens} per step; {shape.cond_len} condition tokens; {shape.segments} label "
+                f"segment(s).\n"
+                f"- Model FLOPs per step: 4 F(2B) = {step_flops(cfg, shape) / 1e12:.4g} TFLOP (policy forward + "
+                f"backward 3F, reference forward F; `DiTConfig.flops_per_forward`; activation-checkpoint "
+                f"recomputation not counted).")
+    return Setup(
+        x=f"{args.preset}-B{shape.pairs}xT{shape.frames}xH{shape.height}xW{shape.width}-tok{tokens}-L{cond_len}"
+          f"-S{shape.segments}",
+        flops=step_flops(cfg, shape), tokens=tokens, plain=plain_levers(device, args.ac), optimized=optimized,
+        flips=flipped_configs(optimized, args.flips), unavailable=lambda levers: lever_unavailable(levers, device),
+        make_step=lambda levers: DPOStep(cfg, shape, levers, device, seed=args.seed), describe=describe)
+
+
+def wan_setup(args, device) -> Setup:
+    config = wan_config(args.preset)
+    cond_len = args.cond_len or 512
+    shape = StepShape(args.pairs, args.frames, args.height, args.width, cond_len, args.segments)
+    per_video = wan_tokens(config, shape.frames, shape.height, shape.width)
+    tokens = shape.videos() * per_video
+    rank = args.lora_rank or (4 if args.preset == "tiny" else 64)
+    optimized = args.levers or wan_default_levers(device, args.train)
+    train = f"LoRA rank {rank} on {', '.join(('to_q', 'to_k', 'to_v', 'to_out.0'))}" if args.train == "lora" else \
+        "full fine-tuning"
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    describe = (f"- Model: diffusers `WanTransformer3DModel`, preset `{args.preset}` (random weights; width {width}, "
+                f"{config['num_layers']} blocks, ffn {config['ffn_dim']}), {train}.\n"
+                f"- Batch: {shape.pairs} pairs = {shape.videos()} videos of latent (C={config['in_channels']}, "
+                f"T={shape.frames}, H={shape.height}, W={shape.width}), patch {tuple(config['patch_size'])}: "
+                f"{per_video} tokens per video, {tokens} per step; {cond_len} text tokens; {shape.segments} label "
+                f"segment(s).\n"
+                f"- Model FLOPs per step: 4 F(2B) = {wan_step_flops(config, shape) / 1e12:.4g} TFLOP "
+                f"(`step_bench_wan.wan_flops_per_forward`; activation-checkpoint recomputation not counted).")
+    return Setup(
+        x=f"wan-{args.preset}-{args.train}-B{shape.pairs}xT{shape.frames}xH{shape.height}xW{shape.width}-tok{tokens}"
+          f"-L{cond_len}-S{shape.segments}",
+        flops=wan_step_flops(config, shape), tokens=tokens, plain=wan_plain_levers(device, args.ac),
+        optimized=optimized, flips=flipped_configs(optimized, args.flips, WAN_AC_MODES),
+        unavailable=lambda levers: wan_lever_unavailable(levers, device, args.train),
+        make_step=lambda levers: WanDPOStep(config, shape, levers, device, train=args.train, lora_rank=rank,
+                                            seed=args.seed), describe=describe)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device) if not args.dry_run else torch.device(
+        "cuda" if args.device.startswith("cuda") else "cpu")
     args.device_type = device.type
     gpu = device.type == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     args.repeats = args.repeats if args.repeats is not None else (20 if gpu else 5)
     args.matmul_size = args.matmul_size or (8192 if gpu else 1024)
-    cfg = dit_config(args.preset)
-    cond_len = args.cond_len or (4 if cfg.uses_class_tokens else 512)
-    shape = StepShape(args.pairs, args.frames, args.height, args.width, cond_len, args.segments)
-    tokens = shape.videos() * cfg.num_tokens(shape.frames, shape.height, shape.width)
-    flops = step_flops(cfg, shape)
+    setup = (wan_setup if args.model == "wan" else dit_setup)(args, device)
+    configs = ([] if args.no_plain else [("plain", setup.plain)]) + [("optimized", setup.optimized)] + setup.flips
+    if args.dry_run:
+        print(f"dry run: {setup.x}; {setup.flops / 1e12:.4g} TFLOP per step; {args.warmup} + {args.repeats} steps "
+              f"per configuration")
+        for name, levers in configs:
+            why = setup.unavailable(levers)
+            print(f"{name:>22}  [{levers.label()}]" + (f"  skipped: {why}" if why else ""))
+        return 0
     meta = (common.device_description(device), common.timestamp(), common.versions(), common.command_line())
-    x = f"{args.preset}-B{shape.pairs}xT{shape.frames}xH{shape.height}xW{shape.width}-tok{tokens}-L{cond_len}-S{shape.segments}"
-
     rate = matmul_rate_tflops(device, args.matmul_size, torch.bfloat16 if gpu else torch.float32)
     rows = [common.make_row("matmul", "torch", "bf16" if gpu else "fp32", "rate", "TFLOP/s",
                             f"{args.matmul_size}^3", rate, *meta)]
+    flops, tokens, x = setup.flops, setup.tokens, setup.x
     print(f"device: {meta[0]}; measured matmul rate {rate[0]:.4g} TFLOP/s; {x}; {flops / 1e12:.4g} TFLOP per step")
 
-    optimized = parse_levers(args.levers, Levers(ac=args.ac)) if args.levers else default_levers(device, args.ac)
-    configs = [("plain", plain_levers(device, args.ac)), ("optimized", optimized)] + flipped_configs(optimized,
-                                                                                                      args.flips)
     results, plain_ms = [], None
     for name, levers in configs:
-        why = lever_unavailable(levers, device)
+        why = setup.unavailable(levers)
         if why is None:
             try:
-                result = measure(cfg, shape, levers, device, args)
+                result = measure(setup, levers, device, args)
             except Exception as exc:  # an OOM or a failed capture/compile is a result of that lever, not a crash
                 result = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
                 gc.collect()
@@ -239,16 +356,17 @@ def main(argv=None) -> int:
         rows += result_rows(name, result, flops, tokens, rate[0], plain_ms, x, meta)
         results.append((name, levers, result))
         mem = f" {result['memory']:.0f} MiB" if result["memory"] is not None else ""
+        act = f" act {result['activation_mib']:.1f} MiB" if result["activation_mib"] is not None else ""
         mfu = 100 * flops / (result["ms"][0] * 1e-3) / 1e12 / rate[0]
         speedup = plain_ms / result["ms"][0] if plain_ms else math.nan
-        print(f"{name:>22}  {result['ms'][0]:9.2f} ms  MFU {mfu:5.1f}%  x{speedup:.2f}{mem}  "
-              f"loss {result['loss']:.5f}  [{levers.label()}]")
+        print(f"{name:>22}  {result['ms'][0]:9.2f} ms  MFU {mfu:5.1f}%  x{speedup:.2f}{mem}{act} "
+              f"ref {result['reference_mib']:.1f} MiB  loss {result['loss']:.5f}  [{levers.label()}]")
     written = common.append_rows(args.out, rows)
     print(f"appended {written} rows to {args.out}")
     if args.report:
         table = markdown_table(results, flops, tokens, rate[0], plain_ms or math.nan)
         loaded = not gpu and os.getloadavg()[0] > 2 * (os.cpu_count() or 1)
-        write_report(args.report, args, cfg, shape, meta[0], meta[2], meta[3], rate, table, loaded)
+        write_report(args.report, args, setup, meta[0], meta[2], meta[3], rate, table, loaded)
         print(f"wrote {args.report}")
     return 0
 

@@ -194,6 +194,39 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> Optional[
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def memory_of_call(fn: Callable[[], object], device: torch.device) -> Tuple[object, Optional[float], Optional[float]]:
+    """``(fn(), peak MiB, retained MiB)``: the highest memory allocated during the call and what is still allocated
+    when it returns (e.g. the activations a forward keeps for its backward), both above the level at its start.
+
+    GPU: the caching allocator's counters. CPU: the allocation / free events of ``torch.profiler`` with
+    ``profile_memory`` (summed in time order); (result, None, None) when the profiler gives no memory events.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        synchronize(device)
+        return (out, (torch.cuda.max_memory_allocated(device) - before) / 2**20,
+                (torch.cuda.memory_allocated(device) - before) / 2**20)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    try:
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+    except (AttributeError, RuntimeError):    # a torch without kineto's event list
+        return out, None, None
+    if not events:
+        return out, None, None
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return out, peak / 2**20, level / 2**20
+
+
 def make_row(kernel, provider, mode, metric, unit, x, values, device_desc, stamp, version, command) -> Row:
     y50, y20, y80 = values if isinstance(values, tuple) else (values, values, values)
     return Row(kernel, provider, mode, metric, unit, x, round(float(y50), 6), round(float(y20), 6),

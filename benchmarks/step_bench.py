@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+import common
 from vidpo.kernels import dispatch, reference
 from vidpo.kernels.losses import dense_dpo_loss, dpo_epilogue
 from vidpo.kernels.segment_sums import segment_sq_err_sums_autograd
@@ -99,8 +100,11 @@ def plain_levers(device: torch.device, ac: str = "none") -> Levers:
 
 
 def parse_levers(text: str, base: Optional[Levers] = None) -> Levers:
-    """'compile,ac=full,attention=cudnn,-fused_loss' -> Levers (a leading '-' turns a boolean lever off)."""
-    values = dataclasses.asdict(base or Levers())
+    """'compile,ac=full,attention=cudnn,-fused_loss' -> Levers (a leading '-' turns a boolean lever off); the
+    result has ``base``'s class (a subclass adds levers, e.g. the Wan step's ``WanLevers``)."""
+    base = base if base is not None else Levers()
+    bool_levers = tuple(f.name for f in dataclasses.fields(base) if isinstance(f.default, bool))
+    values = dataclasses.asdict(base)
     for item in (p.strip() for p in text.split(",")):
         if not item or item == "none":
             continue
@@ -109,13 +113,13 @@ def parse_levers(text: str, base: Optional[Levers] = None) -> Levers:
         else:
             key, value = item.lstrip("-"), not item.startswith("-")
         if key not in values:
-            raise ValueError(f"unknown lever {key!r}; valid: {', '.join(BOOL_LEVERS + ('ac', 'attention'))}")
-        if key in BOOL_LEVERS and isinstance(value, str):
+            raise ValueError(f"unknown lever {key!r}; valid: {', '.join(bool_levers + ('ac', 'attention'))}")
+        if key in bool_levers and isinstance(value, str):
             if value.lower() not in ("1", "0", "true", "false", "on", "off"):
                 raise ValueError(f"lever {key} takes on/off, got {value!r}")
             value = value.lower() in ("1", "true", "on")
         values[key] = value
-    return Levers(**values)
+    return type(base)(**values)
 
 
 def _importable(module: str) -> Optional[str]:
@@ -129,6 +133,8 @@ def _importable(module: str) -> Optional[str]:
 def lever_unavailable(levers: Levers, device: torch.device) -> Optional[str]:
     """None when this lever set can run on ``device``, else why not (for a 'skipped (why)' row)."""
     gpu = device.type == "cuda"
+    if gpu and not torch.cuda.is_available():     # a dry run of the GPU plan on a CPU machine
+        return "needs a CUDA device: torch.cuda.is_available() is False"
     if levers.fused_adamw and not gpu:
         return "fused_adamw: torch's fused AdamW is benchmarked on CUDA only (the trainer uses it there)"
     if levers.cuda_graph and not gpu:
@@ -303,6 +309,13 @@ class DPOStep:
         if levers.compile:
             for block in list(self.policy.blocks) + list(self.reference.blocks):
                 block.compile()
+        self._finish(cfg, lr, seed)
+
+    def _finish(self, cfg, lr: float, seed: int) -> None:
+        """The batch, the fused loss's per-segment token counts and the optimizer over the trainable parameters
+        (shared with the Wan step, ``step_bench_wan``). ``cfg`` needs in_channels, uses_class_tokens, cond_dim,
+        cond_vocab_size (``make_batch``)."""
+        levers, device, shape, beta = self.levers, self.device, self.shape, self.beta
         self.act_dtype = torch.bfloat16 if levers.bf16 else torch.float32
         self.batch = make_batch(cfg, shape, device, self.act_dtype, seed)
         if levers.fused_loss:
@@ -315,8 +328,8 @@ class DPOStep:
                                                          None, device, torch.float32)
             self.channels = channels
         fused = True if levers.fused_adamw else None
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=lr, fused=fused,
-                                           capturable=levers.cuda_graph)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=lr, fused=fused, capturable=levers.cuda_graph)
         self.graph = None
         self.static_loss = None
 
@@ -420,6 +433,37 @@ class DPOStep:
 
         timed("optimizer", optimizer_step)
         return times
+
+    # ----- memory ---------------------------------------------------------------------------------------
+    def reference_parameter_bytes(self) -> int:
+        """Parameter bytes the reference holds beyond the policy's own storage: a whole model for a separate copy,
+        0 for a reference that is the policy itself (the LoRA-off reference of ``step_bench_wan``)."""
+        module = getattr(self, "reference_module", self.reference)
+        if not isinstance(module, nn.Module):
+            return 0
+        own = {t.untyped_storage().data_ptr() for t in self.policy.parameters()}
+        extra = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in module.parameters()}
+        return sum(nbytes for ptr, nbytes in extra.items() if ptr not in own)
+
+    def activation_memory(self) -> Tuple[Optional[float], Optional[float]]:
+        """(MiB the policy forward + loss keep for the backward, peak MiB of forward + loss + backward above the
+        state before the policy forward); None where the device gives no memory figures (common.memory_of_call).
+        The optimizer does not step, so the measured step leaves the weights as they were."""
+        v_ref = self.reference_forward()
+
+        def forward():
+            return self.loss(self.policy_forward(), v_ref)
+
+        def whole():
+            forward().backward()
+
+        loss, _, held = common.memory_of_call(forward, self.device)
+        loss.backward()
+        del loss
+        self.optimizer.zero_grad(set_to_none=True)
+        _, peak, _ = common.memory_of_call(whole, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        return held, peak
 
 
 def time_steps(step: Callable[[], torch.Tensor], device: torch.device, warmup: int, repeats: int) -> List[float]:

@@ -98,3 +98,60 @@ def test_cpu_run_writes_rows_and_mfu_is_flops_over_time_over_peak(tmp_path):
     assert "CUDA" in skipped["unit"] and math.isnan(float(skipped["y50"]))
     text = report.read_text()
     assert "| plain |" in text and "skipped: cuda_graph" in text and "fp32 matmul rate" in text
+
+
+# ----- the Wan step (benchmarks/step_bench_wan.py): diffusers' WanTransformer3DModel ------------------------------
+def test_wan_flops_equal_direct_count_of_a_forward():
+    """The analytic Wan forward FLOPs equal FlopCounterMode over a real forward (math SDPA: every matmul visible)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from step_bench_wan import build_wan, wan_config, wan_flops_per_forward
+
+    config = wan_config("tiny")
+    model = build_wan(config, seed=0)
+    x, t, cond = torch.randn(2, 4, 2, 6, 8), torch.rand(2), torch.randn(2, 5, config["text_dim"])
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, t, cond)
+    assert counter.get_total_flops() == wan_flops_per_forward(config, 2, 2, 6, 8, 5)
+
+
+def test_wan_lora_off_reference_holds_no_weights_and_agrees_with_a_copy():
+    """plain (a separate reference copy, eager loss, no checkpointing) and optimized (the LoRA-off reference, the
+    fused loss, checkpointing) give the same losses over two steps; the copy holds the whole base model's bytes,
+    the LoRA-off reference none, and checkpointing keeps less activation memory for the backward."""
+    from step_bench_wan import WanDPOStep, wan_config, wan_default_levers, wan_plain_levers
+
+    config = wan_config("tiny")
+    shape = StepShape(pairs=2, frames=2, height=8, width=8, cond_len=6, segments=2)
+    plain = WanDPOStep(config, shape, wan_plain_levers(CPU), CPU, lora_rank=4, beta=5e4, lr=1e-2)
+    optimized = WanDPOStep(config, shape, wan_default_levers(CPU, "lora"), CPU, lora_rank=4, beta=5e4, lr=1e-2)
+    assert optimized.levers.ref_lora_off and optimized.levers.fused_loss and optimized.levers.ac == "full"
+    base_bytes = sum(p.numel() * p.element_size() for n, p in plain.policy.named_parameters() if "lora_" not in n)
+    assert plain.reference_parameter_bytes() == base_bytes
+    assert optimized.reference_parameter_bytes() == 0
+    held_plain, peak_plain = plain.activation_memory()
+    held_optimized, _ = optimized.activation_memory()
+    assert 0 <= held_optimized < 0.5 * held_plain and peak_plain > 0
+    first = [float(plain.run()), float(optimized.run())]
+    assert first[0] == pytest.approx(math.log(2), rel=1e-6) and first[1] == pytest.approx(first[0], rel=1e-6)
+    second = [float(plain.run()), float(optimized.run())]
+    assert second[0] != first[0]                        # the adapters moved the policy away from the reference
+    assert second[1] == pytest.approx(second[0], rel=1e-4)
+
+
+def test_wan_cpu_run_writes_rows(tmp_path):
+    out = tmp_path / "step.csv"
+    bench_step.main(["--model", "wan", "--device", "cpu", "--preset", "tiny", "--pairs", "1", "--frames", "2",
+                     "--height", "4", "--width", "4", "--cond-len", "4", "--flips", "ref_lora_off,ac",
+                     "--repeats", "1", "--warmup", "0", "--matmul-size", "64", "--no-breakdown", "--out", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    by = {(r["provider"], r["metric"]): r for r in rows if r["mode"] == "step"}
+    assert all(r["x"].startswith("wan-tiny-lora-B1xT2xH4xW4-tok16") for r in rows if r["kernel"] == "dpo_step")
+    for name in ("plain", "optimized", "-ref_lora_off", "ac=none"):
+        assert float(by[(name, "time")]["y50"]) > 0
+    assert float(by[("optimized", "reference_parameter_memory")]["y50"]) == 0
+    assert float(by[("-ref_lora_off", "reference_parameter_memory")]["y50"]) > 0
+    assert float(by[("ac=none", "activation_memory")]["y50"]) > float(by[("optimized", "activation_memory")]["y50"])
+    assert by[("ac=none", "activation_memory")]["unit"] == "MiB"
+    with pytest.raises(SystemExit):                     # fp8 is not a Wan lever: --flips refuses it
+        bench_step.parse_args(["--model", "wan", "--flips", "fp8"])

@@ -36,7 +36,10 @@ pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def device_of(backend):
-    return "cuda" if backend == "cuda" else "cpu"
+    # Triton runs on CPU tensors under the interpreter (the default here) and on the GPU with TRITON_INTERPRET=0
+    # (benchmarks/run_gpu.sh).
+    gpu_triton = backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
+    return "cuda" if backend == "cuda" or gpu_triton else "cpu"
 
 
 def require(backend):
