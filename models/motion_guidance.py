@@ -82,6 +82,10 @@ class TemporalAttentionProbe:
     def __exit__(self, *exc) -> None:
         self.attn.qk_observer = None
 
+    def grid(self, x: torch.Tensor) -> Tuple[int, int, int]:
+        """The (T', H', W') token grid of ``x`` (B, C, T, H, W)."""
+        return token_grid(self.model, x)
+
     def run(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Forward ``model(x, t, cond)`` up to the probed block; return its ``(q, k)``."""
         try:
@@ -131,17 +135,25 @@ def token_grid(model: torch.nn.Module, x: torch.Tensor) -> Tuple[int, int, int]:
     return model.config.patch_grid(*x.shape[2:])
 
 
+ProbeFactory = Callable[..., "TemporalAttentionProbe"]
+"""``probe(model, block, stop=...)``: a context manager with ``run(x, t, cond) -> (q, k)`` (B, heads, n, d) and
+``grid(x) -> (T', H', W')``. The DiT's is ``TemporalAttentionProbe``; a release's family brings its own (Wan:
+``vidpo.models.wan.motion.WanAttentionProbe``)."""
+
+
 @torch.no_grad()
 def reference_attention(model: torch.nn.Module, x_ref: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                        block: int) -> torch.Tensor:
+                        block: int, *, probe: ProbeFactory = TemporalAttentionProbe) -> torch.Tensor:
     """``A_ref`` of the reference latents ``x_ref`` (B, C, T, H, W) at times ``t`` (B,): ``(B, heads, S, T', T')``."""
-    with TemporalAttentionProbe(model, block, stop=True) as probe:
-        q, k = probe.run(x_ref, t, cond)
-    return temporal_attention(q, k, token_grid(model, x_ref))
+    with probe(model, block, stop=True) as p:
+        q, k = p.run(x_ref, t, cond)
+        grid = p.grid(x_ref)
+    return temporal_attention(q, k, grid)
 
 
 def motion_guidance_gradient(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                             ref_attention: torch.Tensor, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                             ref_attention: torch.Tensor, block: int, *, probe: ProbeFactory = TemporalAttentionProbe,
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(grad_x g(x), g(x))`` for the current latents ``x`` (B, C, T, H, W), conditional branch.
 
     Rows are independent (``g`` of row b depends on ``x_b`` only), so the gradient of the batch sum is the
@@ -150,9 +162,10 @@ def motion_guidance_gradient(model: torch.nn.Module, x: torch.Tensor, t: torch.T
     mask = primary_mask(ref_attention)
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        with TemporalAttentionProbe(model, block, stop=True) as probe:
-            q, k = probe.run(x, t, cond)
-        energy = motion_energy(temporal_attention(q, k, token_grid(model, x)), ref_attention, mask)
+        with probe(model, block, stop=True) as p:
+            q, k = p.run(x, t, cond)
+            grid = p.grid(x)
+        energy = motion_energy(temporal_attention(q, k, grid), ref_attention, mask)
         (grad,) = torch.autograd.grad(energy.sum(), x)
     return grad.detach(), energy.detach()
 
@@ -160,7 +173,7 @@ def motion_guidance_gradient(model: torch.nn.Module, x: torch.Tensor, t: torch.T
 def guided_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                     null_cond: torch.Tensor, cfg_scale: float, *, motion_scale: float = 0.0,
                     ref_attention: Optional[torch.Tensor] = None, motion_rows: Optional[torch.Tensor] = None,
-                    block: int = 0) -> Tuple[torch.Tensor, dict]:
+                    block: int = 0, probe: ProbeFactory = TemporalAttentionProbe) -> Tuple[torch.Tensor, dict]:
     """``v~ = v_null + w (v_cond - v_null) + eta * m_b * grad g`` (module doc), in ``x``'s dtype.
 
     ``motion_rows`` (B,) bool selects the rows that get motion guidance (``m_b``; the first fraction of the
@@ -178,7 +191,7 @@ def guided_velocity(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, co
     if ref_attention is None:
         raise ValueError("motion guidance needs the reference attention of the guided rows")
     rows = motion_rows.nonzero().flatten()
-    grad, energy = motion_guidance_gradient(model, x[rows], t[rows], cond[rows], ref_attention, block)
+    grad, energy = motion_guidance_gradient(model, x[rows], t[rows], cond[rows], ref_attention, block, probe=probe)
     term = motion_scale * grad.to(v.dtype)
     stats = {"energy": energy, "guidance_rms": term.pow(2).flatten(1).mean(1).sqrt(),
              "velocity_rms": v[rows].pow(2).flatten(1).mean(1).sqrt()}

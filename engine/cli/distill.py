@@ -6,10 +6,18 @@ from vidpo.config import ConfigError
 from vidpo.stages.distill import distill_job
 from vidpo.stages.distill_eval import distill_eval_job
 from vidpo.stages.preprocess import preprocess_job
+from vidpo.stages.preprocess_real import preprocess_real_job
+from vidpo.training.modeling import loads_from_directory
 
 
 def cmd_preprocess(args) -> int:
-    print_json(preprocess_job(config_from_args(args), args.out))
+    cfg = config_from_args(args)
+    if not 0 <= args.rank < args.world_size:
+        raise ConfigError(f"--rank {args.rank} --world-size {args.world_size}: expected 0 <= rank < world-size")
+    if loads_from_directory(cfg):   # a release: its clips, prompts and teacher (vidpo.stages.preprocess_real)
+        print_json(preprocess_real_job(cfg, args.out, rank=args.rank, world_size=args.world_size))
+    else:
+        print_json(preprocess_job(cfg, args.out))
     return 0
 
 
@@ -36,6 +44,9 @@ def add_distill_verbs(sub) -> None:
                                    "into --out (resumable: complete shards are skipped).")
     p.add_argument("recipe")
     p.add_argument("--out", required=True, help="data directory (set distill.data to it for training)")
+    p.add_argument("--rank", type=int, default=0, help="a release: this process writes shards rank, rank + "
+                                                        "world-size, ... (default 0)")
+    p.add_argument("--world-size", type=int, default=1, help="a release: processes sharing the shards (default 1)")
     add_overrides(p)
     p.set_defaults(func=cmd_preprocess)
 

@@ -78,11 +78,20 @@ class DistillConfig(Section):
     """Teacher Euler + CFG step counts reported by the evaluation table."""
 
     eval_steps: int = 4
-    """Student steps of the evaluation during / at the end of training."""
+    """Student steps of the evaluation during / at the end of training. For a release (model.kind wan) the
+    student's only step count: its sampling schedule, exported as OUT/scheduler."""
+
+    student_shift: float = 1.0
+    """Release students (wan): time shift of the exported FlowMatchEulerDiscreteScheduler whose eval_steps sigmas
+    are the student's times; the teacher's grid refines them (vidpo.objectives.distill.refined_grid)."""
+
+    student_terminal: Optional[float] = None
+    """Release students: the last sigma before 0 (the scheduler's shift_terminal); None: 1 / eval_steps."""
 
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.at_least(self, 1, "num_rows", "shard_size", "batch_size")
+        p.at_least(self, 0, "cfg_scale")
         grid_ok = self.grid_steps >= 1 and self.skip >= 1 and self.grid_steps % self.skip == 0
         p.check(grid_ok, "grid_steps",
                 f"must be a positive multiple of {prefix}skip = {self.skip}, got {self.grid_steps}", "skip")
@@ -98,6 +107,9 @@ class DistillConfig(Section):
             bad = [n for n in steps if not (1 <= n <= (chain or n))]
             p.check(not bad, name, f"must be in [1, {prefix}grid_steps / {prefix}skip = {chain}], got {bad}",
                     "grid_steps", "skip")
+        p.positive(self, "student_shift")
+        p.check(self.student_terminal is None or 0.0 < self.student_terminal < 1.0, "student_terminal",
+                f"must be in (0, 1) or null, got {self.student_terminal}")
         bad = [n for n in self.teacher_steps if n < 1]
         p.check(not bad, "teacher_steps", f"must be >= 1, got {bad}")
         return p
@@ -124,7 +136,18 @@ class RewardConfig(Section):
     max_rows: int = 8
     """At most this many reward rows per micro-batch (the paper: 1 reward clip per 3 CD clips per GPU)."""
 
+    models: Dict[str, Dict[str, str]] = field(default_factory=dict)
+    """Reward models of a release's distillation, by name: {path: a local transformers directory, kind: image |
+    video, rule: clip_cosine (image) | clip_mean_cosine (video)}; weighted by name in ``image`` / ``video``
+    (vidpo.objectives.rewards_models)."""
+
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.at_least(self, 1, "image_frames", "max_rows")
+        rules = {"clip_cosine": "image", "clip_mean_cosine": "video"}
+        for name, spec in (self.models or {}).items():
+            ok = isinstance(spec, dict) and bool(spec.get("path")) and spec.get("rule") in rules \
+                and spec.get("kind") == rules.get(spec.get("rule"))
+            p.check(ok, "models", f"{name}: expected {{path: DIR, kind: image, rule: clip_cosine}} or {{path: DIR, "
+                                  f"kind: video, rule: clip_mean_cosine}}, got {spec!r}")
         return p

@@ -30,12 +30,30 @@ Euler with large steps); the last ``x0^`` is the sample. One network evaluation 
 
 The student is not conditioned on the guidance scale w or strength eta (the tiny DiT has no such
 embedding): it is distilled for the recipe's fixed w and eta.
+
+**Rectified-flow models from a release (Wan).** The boundary conditions in their flow-matching form: with
+``x_t = (1 - t) x0 + t eps`` (Wan's sigma = t) and the network's velocity ``v_theta ~ eps - x0``, the
+consistency function is parameterised as ``f_theta(x, t) = c_skip(t) x + c_out(t) v_theta(x, t)`` with::
+
+    c_skip(t) = 1,   c_out(t) = -t          =>   f_theta(x, t, c) = x - t v_theta(x, t, c),   f_theta(x, 0, c) = x
+
+the same ``consistency_function`` as above: the boundary condition ``f(x, 0) = x`` holds exactly for every
+network, no sigma_data smoothing of LCM's ``c_skip = s^2 / ((t/e)^2 + s^2)`` is needed (that form exists because
+an eps-prediction's x0 = (x - sigma eps) / alpha is unbounded at small alpha; the velocity form is not).
+
+Its **k-step sampler is diffusers' ``FlowMatchEulerDiscreteScheduler``** at sigmas ``s_0 = 1 > ... > s_{k-1} > s_k
+= 0`` (``flow_student_scheduler``: ``shift`` and ``shift_terminal``, so that ``WanPipeline`` reproduces it from the
+exported ``scheduler_config.json`` and ``num_inference_steps = k``, ``guidance_scale = 1``). The deterministic
+multistep consistency sampler (``predicted`` re-noising) IS that Euler chain: ``(1 - s') (x - s v) + s' (x + (1 -
+s) v) = x + (s' - s) v``, and its last step is ``f(x, s_{k-1})``. ``refined_grid`` builds the teacher's grid from
+those sigmas (each student interval split into ``grid_steps / k`` equal parts), so the student's times are
+exactly training times (multiples of the skip) and the exported schedule is the one it was trained for.
 """
 from __future__ import annotations
 
 import gc
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -135,17 +153,111 @@ def sample_student(model, world, cond_ids: torch.Tensor, *, seed: int, indices: 
     return torch.cat(out).clamp(-1, 1)
 
 
+# ----- rectified-flow students of a release (Wan): the scheduler WanPipeline loads ---------------------------
+FLOW_TRAIN_TIMESTEPS = 1000
+
+
+def flow_student_scheduler(steps: int, *, shift: float = 1.0, terminal: Optional[float] = None):
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` whose ``steps``-step sigmas are the student's times: time
+    shift ``shift``, last sigma before 0 stretched to ``terminal`` (default ``1 / steps``; none for one step)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if steps < 1:
+        raise ValueError(f"student steps must be >= 1, got {steps}")
+    if steps == 1:
+        terminal = None
+    elif terminal is None:
+        terminal = 1.0 / steps
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=FLOW_TRAIN_TIMESTEPS, shift=float(shift),
+                                           shift_terminal=None if terminal is None else float(terminal))
+
+
+def student_sigmas(scheduler, steps: int) -> torch.Tensor:
+    """``(steps + 1,)`` float32 decreasing sigmas ``1 = s_0 > ... > s_steps = 0`` the scheduler samples with (its own
+    ``set_timesteps``, as ``WanPipeline`` calls it)."""
+    scheduler.set_timesteps(steps, device="cpu")
+    sigmas = scheduler.sigmas.detach().float().cpu().clone()
+    if not bool(torch.isfinite(sigmas).all()) or bool((sigmas[1:] >= sigmas[:-1]).any()) or float(sigmas[-1]) != 0:
+        raise ValueError(f"the student scheduler's {steps}-step sigmas are not strictly decreasing to 0: "
+                         f"{sigmas.tolist()} (check distill.student_shift / distill.student_terminal)")
+    return sigmas
+
+
+def refined_grid(sigmas: torch.Tensor, grid_steps: int) -> torch.Tensor:
+    """``(grid_steps + 1,)`` increasing teacher grid ``0 .. 1`` whose every ``grid_steps / k``-th point is one of the
+    ``k + 1`` decreasing student ``sigmas`` (exactly: the float32 values themselves); each student interval is
+    split into equal parts."""
+    steps = sigmas.numel() - 1
+    if grid_steps % steps:
+        raise ValueError(f"distill.grid_steps = {grid_steps} must be a multiple of the student's {steps} steps")
+    per = grid_steps // steps
+    s = sigmas.flip(0).double()
+    pieces = [s[j] + (s[j + 1] - s[j]) * torch.arange(per, dtype=torch.float64) / per for j in range(steps)]
+    return torch.cat(pieces + [s[-1:]]).float()
+
+
+@torch.no_grad()
+def sample_flow_student(model_fn, noise: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The student's k-step sample from ``noise`` as ``WanPipeline`` + ``FlowMatchEulerDiscreteScheduler`` compute it
+    (guidance 1: one evaluation per step), ``x <- x + (s_{i+1} - s_i) v(x, s_i)`` with the scheduler's roundings:
+    the step in float32 plus ``dt * v`` in the model's dtype, the new latents stored in the model's dtype (bf16
+    for a bf16 model, as the pipeline keeps them). Returns float32."""
+    x = noise.float()
+    batch = x.shape[0]
+    for i in range(sigmas.numel() - 1):
+        t = sigmas[i].to(x.device).expand(batch)
+        v = model_fn(x, t, cond)
+        x = (x.float() + (sigmas[i + 1] - sigmas[i]).to(x.device) * v).to(v.dtype)
+    return x.float()
+
+
+class ConsistencyStudent(torch.nn.Module):
+    """A distilled diffusers adapter seen by the stages that sample through a model's ``sample`` hook (the judged
+    evaluation): ``sample`` runs ``sample_flow_student`` at its own sigmas, whatever steps / guidance the caller
+    asks for (the student is distilled for one schedule, without CFG)."""
+
+    def __init__(self, model: torch.nn.Module, sigmas: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("sigmas", sigmas.float().cpu(), persistent=False)
+
+    @property
+    def steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    def forward(self, x, t, cond):
+        return self.model(x, t, cond)
+
+    def null_condition(self, cond):
+        return self.model.null_condition(cond)
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, shape, *, seed: int, indices: Sequence[int], stream: str = "sample",
+               **_ignored) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        noise = randn_per_sample((len(indices),) + tuple(shape), seed, indices, stream, device=device)
+        was_training = self.model.training
+        self.model.eval()
+        out = sample_flow_student(self, noise, cond.to(device), self.sigmas)   # through forward: meters see it
+        self.model.train(was_training)
+        return out
+
+    def sdedit(self, *args, **kwargs):
+        raise NotImplementedError("a consistency student samples from noise only")
+
+
 # ----- what the training process holds ---------------------------------------------------------------------
 def resident_parameters() -> dict:
     """Every ``nn.Module`` alive in this process that owns parameters, grouped by class: instance counts and
-    distinct parameter bytes (storages counted once). "No teacher in memory" means one ``VideoDiT``."""
+    distinct parameter bytes (storages counted once). "No teacher in memory" means one ``VideoDiT`` (a release:
+    one diffusers ``*Transformer3DModel``; the key keeps its historical name ``dit_models``)."""
     gc.collect()
     seen, total, counts = set(), 0, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # isinstance() on deprecated torch aliases in gc's list warns
         modules = [obj for obj in gc.get_objects() if isinstance(obj, torch.nn.Module)]
     for module in modules:
-        if type(module).__name__.endswith("DiT"):
+        if type(module).__name__.endswith(("DiT", "Transformer3DModel")):
             counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
         for p in module.parameters(recurse=False):
             key = (p.device.type, p.untyped_storage().data_ptr())
@@ -161,12 +273,20 @@ class ConsistencyDistillObjective:
 
     name = "consistency_distill"
 
-    def __init__(self, cfg: RunConfig, world, data, device: torch.device, rewards=None):
+    def __init__(self, cfg: RunConfig, world, data, device: torch.device, rewards=None, *,
+                 condition: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, prompt_key: str = "cond_ids",
+                 frames: Optional[int] = None):
+        """``condition(batch[prompt_key]) -> cond`` maps a row's prompt to the model's condition (default: the shapes
+        world's tokens of ``cond_ids``; a release: the cached prompt embeddings of the row's ``prompt`` index);
+        ``frames``: pixel frames the image rewards pick from (default the world's)."""
         self.cfg = cfg
         self.world = world
         self.data = data
         self.device = device
         self.rewards = rewards if rewards else None
+        self.condition = condition or (lambda ids: world.tokens(ids.cpu()))
+        self.prompt_key = prompt_key
+        self.frames = frames if frames is not None else world.frames
         subset = cfg.reward.subset
         self.reward_source = None if subset == "all" else SOURCE_CODES[subset]
         self.residency: Optional[dict] = None
@@ -183,13 +303,13 @@ class ConsistencyDistillObjective:
             # The first max_rows eligible rows of the (random) draw: a random subset of the routed data.
             chosen = eligible & (eligible.long().cumsum(0) <= cfg.reward.max_rows)
             batch["reward_rows"] = chosen.to(self.device)
-            batch["frames"] = self.rewards.draw_frames(index.numel(), self.world.frames, g)
+            batch["frames"] = self.rewards.draw_frames(index.numel(), self.frames, g)
         return batch
 
     def loss(self, model, batch: dict):
         d = self.cfg.distill
-        cond_ids = batch["cond_ids"]
-        tokens = self.world.tokens(cond_ids.cpu()).to(self.device)
+        cond_ids = batch[self.prompt_key]
+        tokens = self.condition(cond_ids).to(self.device)
         loss_cd, prediction, _ = cd_loss(model, batch["x_t"], batch["t"], batch["x_prev"], batch["t_prev"], tokens,
                                          distance=d.distance, huber_c=d.huber_c)
         loss = loss_cd

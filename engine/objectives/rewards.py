@@ -16,7 +16,8 @@ Interface. A reward is a callable ``reward(pixels, cond_ids) -> (N,)`` with attr
 It must be differentiable w.r.t. ``pixels`` (its gradient trains the student). ``cond_ids (N, K)`` is the
 prompt in whatever form the reward reads (class triples on the shapes world; a real text reward would take
 token ids or strings through a closure). Large image-text / video-text models (HPSv2.1, CLIP, InternVideo2)
-plug in as such callables loaded from a local path; none is bundled (nothing downloads weights).
+plug in as such callables loaded from a local path (``vidpo.objectives.rewards_models``: ``reward.models``, CLIP-style
+scoring rules, on a release's VAE-decoded videos); none is bundled (nothing downloads weights).
 
 The shapes world's rewards read the exact oracle (``vidpo.data.oracle``), which is differentiable almost
 everywhere w.r.t. the clip:

@@ -1,5 +1,6 @@
 """The consistency-distillation jobs: training the student (``train.objective: consistency_distill``) and
-``vidpo distill`` (preprocess -> train -> teacher-vs-student evaluation, each stage resumable).
+``vidpo distill`` (preprocess -> train -> teacher-vs-student evaluation, each stage resumable). A release
+(``model.kind: wan``) goes to ``vidpo.stages.distill_real``; the shapes world's DiT stays here.
 
 The objective itself (loss, boundary conditions, few-step sampling) is ``vidpo.objectives.distill``; the
 teacher's preprocessed ODE steps come from ``vidpo.stages.preprocess``.
@@ -15,9 +16,10 @@ from vidpo.objectives.distill import ConsistencyDistillObjective, sample_student
 from vidpo.objectives.rewards import build_reward_mixture
 from vidpo.stages.common import build_oracle, save_samples, setup_logging
 from vidpo.stages.distill_eval import compare
+from vidpo.stages.distill_real import distill_real_job, train_distill_real
 from vidpo.stages.preprocess import DistillData, load_teacher, preprocess_job, teacher_grid
 from vidpo.training import checkpoint as ckpt
-from vidpo.training.modeling import build_policy, build_world, pick_device, set_threads
+from vidpo.training.modeling import build_policy, build_world, loads_from_directory, pick_device, set_threads
 from vidpo.training.trainer import Trainer
 from vidpo.utils import atomic
 from vidpo.utils.seeding import seed_everything
@@ -29,6 +31,9 @@ log = logging.getLogger("vidpo")
 def train_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> dict:
     """Train the student from ``distill.data`` into ``out_dir``; write checkpoints, metrics, an evaluation of
     the student at ``distill.eval_steps`` steps, the residency measurement and ``summary.json``."""
+    if loads_from_directory(cfg):   # a release (Wan): vidpo.stages.distill_real
+        summary = train_distill_real(cfg, out_dir, resume=resume)
+        return {k: v for k, v in summary.items() if k not in ("model", "release")}
     out_dir = Path(out_dir)
     setup_logging(out_dir)
     d = cfg.distill
@@ -87,6 +92,8 @@ def distill_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> 
     out_dir = Path(out_dir)
     cfg.distill.data = cfg.distill.data or str(out_dir / "data")
     cfg.train.objective = "consistency_distill"
+    if loads_from_directory(cfg):   # a release (Wan): vidpo.stages.distill_real
+        return distill_real_job(cfg, out_dir, resume=resume)
     prep = preprocess_job(cfg, cfg.distill.data)
     train = train_distill(cfg, out_dir / "student", resume=resume)
     device = pick_device()

@@ -17,6 +17,7 @@ Output: ``OUT/distill_eval.json`` (every row), ``OUT/distill_eval.md`` (the tabl
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -47,6 +48,41 @@ def timed_sampling(sample: Callable[[list], torch.Tensor], indices: list, *, rep
         clips = sample(indices)
         best = min(best, time.perf_counter() - start)
     return clips, best / len(indices)
+
+
+@contextlib.contextmanager
+def sampling_meter(model: torch.nn.Module):
+    """Within the block, count the network evaluations of ``model`` (rows through its forward: a CFG step of a
+    batch of B clips is 2B) and time its ``sample`` calls; yields ``{"nfe": rows, "seconds": s, "clips": n}``
+    (n: rows of the noise each ``sample`` call started from). Used where a stage samples through the model's own
+    ``sample`` hook (the judged evaluation of a release)."""
+    meter = {"nfe": 0, "seconds": 0.0, "clips": 0}
+
+    def count(module, args, kwargs):
+        x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
+        meter["nfe"] += int(x.shape[0])
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    original = model.sample
+
+    def timed(cond, *args, **kwargs):
+        start = time.perf_counter()
+        out = original(cond, *args, **kwargs)
+        meter["seconds"] += time.perf_counter() - start
+        meter["clips"] += int(out.shape[0])
+        return out
+    model.sample = timed
+    try:
+        yield meter
+    finally:
+        hook.remove()
+        del model.sample
+
+
+def per_clip(meter: dict) -> dict:
+    """``{"nfe_per_clip", "seconds_per_clip", "clips"}`` of a ``sampling_meter``."""
+    n = max(1, meter["clips"])
+    return {"nfe_per_clip": meter["nfe"] / n, "seconds_per_clip": round(meter["seconds"] / n, 4),
+            "clips": meter["clips"]}
 
 
 def evaluate_row(name: str, kind: str, steps: int, sample: Callable[[list], torch.Tensor], world, oracle,

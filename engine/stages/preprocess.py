@@ -27,6 +27,11 @@ Layout of the output directory::
 Resumable: every shard is drawn from its own stream ``(seed, "distill", "rows", shard)`` (always
 ``shard_size`` rows, truncated for the last shard) and written atomically; a rerun skips shards that are
 complete, so an interrupted run continues where it stopped and produces the same data.
+
+Shared with a release's preprocessing (``vidpo.stages.preprocess_real``, Wan): ``write_shards`` (the resumable,
+rank-sliced, atomic shard writer), ``guided_teacher_step`` (the step above for any rectified-flow model, its
+unconditional branch given: the null condition here, a negative prompt's embeddings there; its temporal attention
+read by a family's probe), ``_check_meta`` and ``DistillData``.
 """
 from __future__ import annotations
 
@@ -131,8 +136,8 @@ def shard_path(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / SHARD_DIR / f"shard_{index:05d}.safetensors"
 
 
-def shard_complete(path: Path, rows: int, digest: str) -> bool:
-    """True when ``path`` is a readable shard of ``rows`` rows made with settings ``digest``."""
+def shard_complete(path: Path, rows: int, digest: str, wanted=SHARD_KEYS) -> bool:
+    """True when ``path`` is a readable shard of ``rows`` rows made with settings ``digest``, holding ``wanted``."""
     if not path.exists():
         return False
     try:
@@ -141,7 +146,7 @@ def shard_complete(path: Path, rows: int, digest: str) -> bool:
             keys = set(fh.keys())
     except Exception:  # a truncated or foreign file: recompute it
         return False
-    return meta.get("settings") == digest and int(meta.get("rows", -1)) == rows and set(SHARD_KEYS) <= keys
+    return meta.get("settings") == digest and int(meta.get("rows", -1)) == rows and set(wanted) <= keys
 
 
 # ----- one shard -------------------------------------------------------------------------------------------
@@ -167,16 +172,24 @@ def draw_rows(cfg: RunConfig, world, shard: int, grid: torch.Tensor) -> dict:
 
 def teacher_step(cfg: RunConfig, teacher, world, rows: dict, grid: torch.Tensor, device) -> dict:
     """Guided teacher solver step for a batch of drawn rows: adds x_t, x_prev, motion, energy (+ stats)."""
+    tokens = world.tokens(rows["cond_ids"]).to(device)
+    return guided_teacher_step(cfg, teacher, rows, tokens, teacher.null_condition(tokens), grid, device,
+                               depth=len(teacher.blocks))
+
+
+def guided_teacher_step(cfg: RunConfig, teacher, rows: dict, cond: torch.Tensor, null: torch.Tensor,
+                        grid: torch.Tensor, device, *, depth: int, probe=mg.TemporalAttentionProbe) -> dict:
+    """The teacher's guided solver step (module doc) of rows ``x0, noise, t, t_prev, n, source`` with conditions
+    ``cond`` and the unconditional branch ``null`` (the null condition, or a release's negative-prompt
+    embeddings), any model with the rectified-flow parameterisation; ``probe`` reads its temporal attention."""
     d = cfg.distill
     x0, noise = rows["x0"].to(device), rows["noise"].to(device)
     t, t_prev = rows["t"].to(device), rows["t_prev"].to(device)
-    cond_ids = rows["cond_ids"]
-    tokens = world.tokens(cond_ids).to(device)
-    null = teacher.null_condition(tokens)
+    tokens, null = cond.to(device), null.to(device)
     x_t = flow.interpolate(x0, noise, t)
     trusted = torch.tensor([SOURCES[s] in d.motion_sources for s in rows["source"].tolist()], dtype=torch.bool)
     motion = trusted & (rows["t"] > 1.0 - d.motion_fraction) & (d.motion_scale != 0.0)
-    block = motion_block(cfg, len(teacher.blocks))
+    block = motion_block(cfg, depth)
     energy = torch.full((x0.shape[0],), float("nan"))
     ref_attention = None
     guided = motion.nonzero().flatten()
@@ -185,9 +198,10 @@ def teacher_step(cfg: RunConfig, teacher, world, rows: dict, grid: torch.Tensor,
         top = int(rows["n"][guided].max())
         latents = mg.invert(lambda x, tt, c: teacher(x, tt, c), x0[guided], tokens[guided], grid[: top + 1])
         x_ref = latents[rows["n"][guided].to(latents.device), torch.arange(guided.numel(), device=latents.device)]
-        ref_attention = mg.reference_attention(teacher, x_ref, t[guided], tokens[guided], block)
+        ref_attention = mg.reference_attention(teacher, x_ref, t[guided], tokens[guided], block, probe=probe)
     v, stats = mg.guided_velocity(teacher, x_t, t, tokens, null, d.cfg_scale, motion_scale=d.motion_scale,
-                                  ref_attention=ref_attention, motion_rows=motion.to(device), block=block)
+                                  ref_attention=ref_attention, motion_rows=motion.to(device), block=block,
+                                  probe=probe)
     x_prev = x_t + (t_prev - t).view(-1, 1, 1, 1, 1) * v
     if guided.numel():
         energy[guided] = stats["energy"].float().cpu()
@@ -219,6 +233,36 @@ def compute_shard(cfg: RunConfig, teacher, world, shard: int, rows: int, grid: t
     return tensors, stats
 
 
+# ----- the resumable shard writer (the shapes world and releases alike) ------------------------------------------
+def write_shards(out_dir: Path, digest: str, num_rows: int, shard_size: int, compute, *, keys=SHARD_KEYS,
+                 progress: bool = False, rank: int = 0, world_size: int = 1) -> tuple[int, int, list]:
+    """Write the shards ``k = rank, rank + world_size, ...`` of ``ceil(num_rows / shard_size)`` into ``out_dir``:
+    ``compute(k, rows) -> (tensors, stats)`` for each one that is not already complete (``shard_complete``), each
+    saved atomically with the settings ``digest``. Returns ``(computed, skipped, stats of this rank's shards)``.
+    A killed run leaves complete shards and at most temporary files (removed here): a rerun redoes nothing."""
+    atomic.clean_leftovers(out_dir / SHARD_DIR)
+    num_shards = math.ceil(num_rows / shard_size)
+    computed, skipped, shard_stats = 0, 0, []
+    for shard in tqdm(range(rank, num_shards, world_size), desc="preprocess", disable=not progress, leave=False):
+        rows = min(shard_size, num_rows - shard * shard_size)
+        path = shard_path(out_dir, shard)
+        if shard_complete(path, rows, digest, keys):
+            skipped += 1
+            shard_stats.append(shard_stats_of(path))
+            continue
+        tensors, stats = compute(shard, rows)
+        atomic.save_safetensors(tensors, path, metadata={"settings": digest, "rows": str(rows),
+                                                         "stats": json.dumps(stats)})
+        shard_stats.append(stats)
+        computed += 1
+    return computed, skipped, shard_stats
+
+
+def shard_stats_of(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as fh:
+        return json.loads((fh.metadata() or {}).get("stats", "{}"))
+
+
 # ----- the job ---------------------------------------------------------------------------------------------
 def load_teacher(cfg: RunConfig, world, device):
     """The frozen teacher of ``distill.teacher`` (eval mode, no gradients)."""
@@ -242,24 +286,12 @@ def preprocess_job(cfg: RunConfig, out_dir: str | Path, *, progress: Optional[bo
     teacher, weights_path = load_teacher(cfg, world, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = _check_meta(out_dir, content_settings(cfg, _file_digest(weights_path)), d.num_rows)
-    atomic.clean_leftovers(out_dir / SHARD_DIR)
     num_shards = math.ceil(d.num_rows / d.shard_size)
-    computed, skipped, shard_stats = 0, 0, []
     t0 = time.time()
     show = cfg.train.progress if progress is None else progress
-    for shard in tqdm(range(num_shards), desc="preprocess", disable=not show, leave=False):
-        rows = min(d.shard_size, d.num_rows - shard * d.shard_size)
-        path = shard_path(out_dir, shard)
-        if shard_complete(path, rows, digest):
-            skipped += 1
-            with safe_open(str(path), framework="pt") as fh:
-                shard_stats.append(json.loads(fh.metadata().get("stats", "{}")))
-            continue
-        tensors, stats = compute_shard(cfg, teacher, world, shard, rows, grid, device)
-        atomic.save_safetensors(tensors, path, metadata={"settings": digest, "rows": str(rows),
-                                                         "stats": json.dumps(stats)})
-        shard_stats.append(stats)
-        computed += 1
+    computed, skipped, shard_stats = write_shards(
+        out_dir, digest, d.num_rows, d.shard_size,
+        lambda shard, rows: compute_shard(cfg, teacher, world, shard, rows, grid, device), progress=show)
     seconds = time.time() - t0
     motion_rows = sum(s["motion_rows"] for s in shard_stats)
     ratios = [s["mean_guidance_to_velocity"] for s in shard_stats if s.get("mean_guidance_to_velocity") is not None]
@@ -276,11 +308,12 @@ def preprocess_job(cfg: RunConfig, out_dir: str | Path, *, progress: Optional[bo
 
 class DistillData:
     """The preprocessed rows of a directory, in memory (only what training reads: x_t, x_prev, t, t_prev,
-    cond_ids, source)."""
+    cond_ids, source). With ``lazy_keys`` those keys stay on disk and ``rows`` reads just the drawn rows of each
+    shard (safetensors slices): a release's latents do not fit in memory at scale."""
 
     TRAIN_KEYS = ("x_t", "x_prev", "t", "t_prev", "cond_ids", "source")
 
-    def __init__(self, directory: str | Path, keys=TRAIN_KEYS):
+    def __init__(self, directory: str | Path, keys=TRAIN_KEYS, lazy_keys=()):
         directory = resolve_path(directory)
         meta_path = directory / META_FILE
         if not meta_path.exists():
@@ -288,20 +321,37 @@ class DistillData:
         meta = json.loads(meta_path.read_text())
         self.settings = meta["settings"]
         num_rows, size = int(meta["num_rows"]), int(self.settings["shard_size"])
-        parts: dict = {k: [] for k in keys}
+        eager = [k for k in keys if k not in lazy_keys]
+        parts: dict = {k: [] for k in eager}
+        self.paths = []
         for shard in range(math.ceil(num_rows / size)):
             path = shard_path(directory, shard)
             if not path.exists():
                 raise FileNotFoundError(f"{path} missing: preprocessing of {directory} is incomplete; rerun "
                                         "`vidpo preprocess` with the same recipe to finish it")
             with safe_open(str(path), framework="pt") as fh:
-                for key in keys:
+                for key in eager:
                     parts[key].append(fh.get_tensor(key))
+            self.paths.append(path)
         self.tensors = {k: torch.cat(v) for k, v in parts.items()}
+        self.lazy_keys = tuple(k for k in keys if k in lazy_keys)
+        self.shard_size = size
         self.directory = directory
 
     def __len__(self) -> int:
         return self.tensors["t"].shape[0]
 
     def rows(self, index: torch.Tensor) -> dict:
-        return {k: v[index] for k, v in self.tensors.items()}
+        out = {k: v[index] for k, v in self.tensors.items()}
+        if self.lazy_keys:
+            shard, within = index // self.shard_size, index % self.shard_size
+            for key in self.lazy_keys:
+                rows = [None] * index.numel()
+                for k in shard.unique().tolist():
+                    positions = (shard == k).nonzero().flatten().tolist()
+                    with safe_open(str(self.paths[k]), framework="pt") as fh:
+                        sliced = fh.get_slice(key)
+                        for i in positions:
+                            rows[i] = sliced[int(within[i]):int(within[i]) + 1]
+                out[key] = torch.cat(rows)
+        return out

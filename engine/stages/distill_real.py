@@ -1,0 +1,240 @@
+"""Consistency distillation of a release (``model.kind: wan``): train the student, export it where diffusers loads
+it, and evaluate teacher against student by the judged evaluation.
+
+**Student.** The release's transformer itself, with LoRA (the ``lora`` section) or fully fine-tuned, trained on
+the preprocessed rows (``vidpo.stages.preprocess_real``) with ``vidpo.objectives.distill``'s loss: the target is
+the student under stop-gradient (no EMA network), and the teacher is not in memory (its steps are in the
+shards), so the process holds ONE transformer (``summary.json``'s ``residency``, measured inside the first
+step: ``dit_models`` counts the diffusers ``*Transformer3DModel`` instances alive). Conditions are the cached
+prompt embeddings; the optional reward mixture decodes the student's one-step prediction with the VAE
+(``vidpo.objectives.rewards_models``).
+
+**Export** (into ``OUT``): ``OUT/lora/`` in diffusers' layout (``vidpo.training.export``; a full fine-tune:
+``OUT/transformer/``) and ``OUT/scheduler/scheduler_config.json``, the ``FlowMatchEulerDiscreteScheduler`` whose
+``distill.eval_steps`` sigmas are the student's times::
+
+    pipe = WanPipeline.from_pretrained(RELEASE)
+    pipe.load_lora_weights(OUT / "lora")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(OUT / "scheduler")
+    video = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).frames     # 4 network evaluations
+
+**Evaluation** (``OUT/eval``; one warm-up clip per model first, so first-call costs are not timed): the teacher (the release with its own scheduler, ``eval.steps`` steps, CFG
+``eval.cfg_scale`` against each prompt's negative prompt) as the base and the student (``ConsistencyStudent``:
+its k steps, no CFG) as the policy of ``vidpo.stages.judged_eval`` on the held-out prompts, from the same noise:
+judge win rate with its CI, video statistics; plus network evaluations and wall time per clip of each, and (with
+reward models) each reward's score of both models' judged videos with the paired difference's CI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from vidpo.config import ConfigError, RunConfig, to_yaml
+from vidpo.data.video_io import read_mp4
+from vidpo.evaluation.evaluate import mean_ci, sample_videos
+from vidpo.evaluation.judge import EVAL_DIR, video_path
+from vidpo.models.lora import apply_lora, lora_state_dict, mark_only_lora_trainable
+from vidpo.objectives.distill import ConsistencyDistillObjective, ConsistencyStudent
+from vidpo.objectives.rewards import RewardMixture
+from vidpo.objectives.rewards_models import build_model_rewards
+from vidpo.stages.common import setup_logging
+from vidpo.stages.distill_eval import per_clip, sampling_meter
+from vidpo.stages.judged_eval import judged_evaluation
+from vidpo.stages.preprocess import DistillData
+from vidpo.stages.preprocess_real import (
+    REAL_LAZY_KEYS,
+    REAL_TRAIN_KEYS,
+    preprocess_real_job,
+    release_data,
+    student_schedule,
+)
+from vidpo.training.export import export_run
+from vidpo.training.modeling import build_policy, load_initial_policy, pick_device, set_threads
+from vidpo.training.policy import apply_activation_checkpointing
+from vidpo.training.trainer import Trainer
+from vidpo.utils import atomic
+from vidpo.utils.seeding import seed_everything
+
+log = logging.getLogger("vidpo")
+
+SCHEDULER_DIR = "scheduler"
+
+
+def build_student(cfg: RunConfig, device):
+    """The release's transformer (``train.init_from`` if set) + LoRA when the recipe has one; no reference copy."""
+    model = load_initial_policy(cfg, None, device)
+    lora_state = None
+    if cfg.lora is not None:
+        apply_lora(model, **dataclasses.asdict(cfg.lora))
+        mark_only_lora_trainable(model)
+
+        def lora_state():
+            return lora_state_dict(model), {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+                                            "target_modules": json.dumps(cfg.lora.target_modules)}
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    return model, lora_state
+
+
+def _reward_parameters(rewards: RewardMixture) -> list:
+    """The distinct parameters of the mixture's reward models (a model scoring under two names counts once)."""
+    seen = {}
+    for term in rewards.terms:
+        for p in getattr(getattr(term.reward, "model", None), "parameters", lambda: [])():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def differentiable_decode(vae):
+    """The VAE's decode with gradients (``DiffusersVAE.decode`` runs under no_grad): latents -> pixels in [-1, 1]."""
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        z = vae.denormalize(latents.to(vae.device)).to(vae.dtype)
+        return vae.vae.decode(z).sample.float().clamp(-1.0, 1.0)
+    return decode
+
+
+def export_scheduler(cfg: RunConfig, out_dir: str | Path) -> Path:
+    """``OUT/scheduler/scheduler_config.json``: the student's schedule as diffusers loads it."""
+    scheduler, _, _ = student_schedule(cfg)
+    folder = Path(out_dir) / SCHEDULER_DIR
+    with atomic.atomic_dir(folder) as tmp:
+        scheduler.save_pretrained(str(tmp))
+    return folder
+
+
+def _check_data(cfg: RunConfig, data: DistillData) -> None:
+    d = cfg.distill
+    for key in ("grid_steps", "skip", "eval_steps", "student_shift", "student_terminal"):
+        if data.settings.get(key) != getattr(d, key):
+            raise ConfigError(f"distill.{key}={getattr(d, key)!r} but the data in {data.directory} were made with "
+                              f"{data.settings.get(key)!r}")
+
+
+def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True, export_dir=None,
+                       release=None) -> dict:
+    """Train the student of a release from ``distill.data`` into ``out_dir`` and export it into ``export_dir``
+    (default ``out_dir``); returns the summary (also ``out_dir/summary.json``). ``release``: the data directory's
+    ``release_data`` when the caller has it."""
+    out_dir = Path(out_dir)
+    export_dir = Path(export_dir) if export_dir is not None else out_dir
+    setup_logging(out_dir)
+    d = cfg.distill
+    if not d.data:
+        raise ConfigError("train.objective=consistency_distill needs distill.data: run `vidpo preprocess RECIPE "
+                          "--out DATA` first and --set distill.data=DATA (or use `vidpo distill`)")
+    set_threads(cfg)
+    seed_everything(cfg.seed)
+    device = pick_device()
+    data = DistillData(d.data, keys=REAL_TRAIN_KEYS, lazy_keys=REAL_LAZY_KEYS)
+    _check_data(cfg, data)
+    release = release if release is not None else release_data(cfg, data.directory, device, clips=False)
+    if list(release.prompts.ids) != data.settings["prompt_ids"]:
+        raise ConfigError(f"{data.directory}: its rows index other training prompts than {cfg.prompts.path} gives now")
+    model, lora_state = build_student(cfg, device)
+    rewards, reward_names = RewardMixture([]), []
+    vae = None
+    if cfg.reward.image or cfg.reward.video:
+        vae = release.pipe.vae(device, torch.float32)
+        vae.vae.requires_grad_(False)   # the reward's gradient reaches the student through it, never its weights
+        rewards = build_model_rewards(cfg.reward, [p.text for p in release.prompts], decode=differentiable_decode(vae),
+                                      device=device)
+        reward_names = rewards.names
+    objective = ConsistencyDistillObjective(cfg, None, data, device, rewards=rewards,
+                                            condition=lambda ids: release.cond_of(ids.cpu()).to(model.dtype),
+                                            prompt_key="prompt", frames=release.domain.frames)
+    atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
+    log.info("distill (%s): %d rows, rewards %s on '%s' rows, device %s", cfg.model.kind, len(data),
+             reward_names or "none", cfg.reward.subset, device)
+    trainer = Trainer(cfg, out_dir, model, objective, device=device, resume=resume, lora_state=lora_state)
+    result = trainer.fit()
+    exported = export_run(cfg, export_dir, model, from_checkpoint=False)
+    scheduler_dir = export_scheduler(cfg, export_dir)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    summary = {"objective": "consistency_distill", "model_kind": cfg.model.kind, "steps": result["steps"],
+               "seconds": round(result["seconds"], 1), "student_steps": d.eval_steps,
+               "skipped_steps": result["skipped_steps"], "rewards": reward_names, "reward_subset": cfg.reward.subset,
+               "data": str(data.directory), "export": {"weights": str(exported), "scheduler": str(scheduler_dir)},
+               "residency": {**(objective.residency or {}), "student_parameter_bytes": param_bytes,
+                             "vae_parameter_bytes": (sum(p.numel() * p.element_size() for p in vae.vae.parameters())
+                                                     if vae is not None else 0),
+                             "reward_parameter_bytes": sum(p.numel() * p.element_size()
+                                                           for p in _reward_parameters(rewards)),
+                             "measured": objective.residency is not None}}
+    atomic.write_json(out_dir / "summary.json", summary)
+    return {**summary, "model": model, "release": release}
+
+
+def evaluate_real(cfg: RunConfig, out_dir: str | Path, student: torch.nn.Module, release) -> dict:
+    """Teacher vs student on the held-out prompts (module doc) into ``out_dir/eval``; returns the summary."""
+    device = pick_device()
+    _, sigmas, _ = student_schedule(cfg)
+    teacher = build_policy(cfg, None, device).eval()
+    policy = ConsistencyStudent(student.eval(), sigmas)
+    vae = release.pipe.vae(device, torch.float32, tiling=cfg.generate.vae_tiling)
+    shape = vae.latent_shape(release.domain.frames, release.domain.height, release.domain.width)
+    warm_ids = [release.domain.prompts("heldout")[0].id] if len(release.domain.prompts("heldout")) else []
+    for model in (teacher, policy) if warm_ids else ():   # one warm-up clip each: first calls are not timed
+        cond = release.conditioning.for_prompts(warm_ids)
+        sample_videos(model, cond, shape, seed=cfg.seed, indices=[0], steps=1, cfg_scale=cfg.eval.cfg_scale,
+                      negative=release.conditioning.negative(warm_ids, cond), stream="warmup")
+    with sampling_meter(teacher) as teacher_meter, sampling_meter(policy) as student_meter:
+        judged = judged_evaluation(cfg, out_dir, base=teacher, policy=policy, domain=release.domain,
+                                   conditioning=release.conditioning, vae=vae)
+    cost = {"teacher": {"steps": cfg.eval.steps, "cfg_scale": cfg.eval.cfg_scale, **per_clip(teacher_meter)},
+            "student": {"steps": policy.steps, "cfg_scale": 1.0, **per_clip(student_meter)}}
+    t_s, s_s = cost["teacher"]["seconds_per_clip"], cost["student"]["seconds_per_clip"]
+    cost["speedup"] = round(t_s / s_s, 2) if s_s > 0 else None
+    del teacher
+    gc.collect()
+    out = {"judged": judged, "cost": cost}
+    if judged is not None and (cfg.reward.image or cfg.reward.video):
+        out["rewards"] = eval_rewards(cfg, out_dir, release)
+    atomic.write_json(Path(out_dir) / "eval" / "distill_eval.json", out)
+    return out
+
+
+def eval_rewards(cfg: RunConfig, out_dir: str | Path, release) -> dict:
+    """The reward models' scores of the judged videos (``OUT/eval/videos``, as people and the judge saw them):
+    ``{name: {"policy", "base", "delta": mean_ci(student - teacher)}}``; image rewards average every frame."""
+    prompts = release.domain.prompts("heldout")
+    n = cfg.eval.judged_videos
+    chosen = [prompts[k % len(prompts)] for k in range(n)]
+    mixture = build_model_rewards(cfg.reward, [p.text for p in chosen])
+    index = torch.arange(n)
+    scores = {}
+    with torch.no_grad():
+        for role in ("base", "policy"):
+            clips = torch.stack([read_mp4(video_path(Path(out_dir) / EVAL_DIR, p.id, cfg.eval.seed_offset + k, role))
+                                 for k, p in enumerate(chosen)])
+            for term in mixture.terms:
+                reward = term.reward
+                if reward.kind == "image":
+                    frames = clips.shape[2]
+                    flat = clips.transpose(1, 2).reshape(n * frames, *clips.shape[1:2], *clips.shape[3:])
+                    value = reward(flat, index.repeat_interleave(frames)).view(n, frames).mean(1)
+                else:
+                    value = reward(clips, index)
+                scores.setdefault(reward.name, {})[role] = value.double()
+    return {name: {"policy": float(v["policy"].mean()), "base": float(v["base"].mean()),
+                   "delta": mean_ci(v["policy"] - v["base"])} for name, v in scores.items()}
+
+
+def distill_real_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> dict:
+    """``vidpo distill`` on a release: preprocess into ``OUT/data`` (or ``distill.data``) -> train ``OUT/student``
+    (exported to ``OUT/lora`` + ``OUT/scheduler``) -> teacher vs student into ``OUT/eval``; each stage resumes."""
+    out_dir = Path(out_dir)
+    setup_logging(out_dir)
+    release = release_data(cfg, cfg.distill.data, pick_device())   # the text encoder is loaded once, then freed
+    prep = preprocess_real_job(cfg, cfg.distill.data, release=release)
+    trained = train_distill_real(cfg, out_dir / "student", resume=resume, export_dir=out_dir, release=release)
+    student, release = trained.pop("model"), trained.pop("release")
+    evaluation = evaluate_real(cfg, out_dir, student, release)
+    summary = {"preprocess": prep,
+               "train": {k: trained[k] for k in ("steps", "seconds", "rewards", "residency", "export")},
+               "eval": evaluation}
+    atomic.write_json(out_dir / "summary.json", summary)
+    return summary
