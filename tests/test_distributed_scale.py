@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from vidpo.cli import main as cli
+from vidpo.cluster.scale import GIB, OUTSIDE_BLOCKS, activation_elements_per_token_block, estimate, tp_split_params
+from vidpo.config import REPO_ROOT, load_config
 from vidpo.models.dit import build_dit, dit_config
 from vidpo.models.dit.parallelize import tp_plan
-from vidpo.config import REPO_ROOT, load_config
-from vidpo.cluster.scale import GIB, OUTSIDE_BLOCKS, activation_elements_per_token_block, estimate, tp_split_params
 
 WAN = str(REPO_ROOT / "recipes" / "cluster" / "dit1.3b_densedpo_128gpu.yaml")
 IPO = str(REPO_ROOT / "recipes" / "cluster" / "dit5b_ipo_round.yaml")
@@ -54,13 +54,17 @@ def test_tp_split_matches_the_parallelize_plan():
     assert tp_split_params(cfg) == sum(params[name].numel() for name in tp_plan(model))
 
 
+def states(est) -> float:
+    return sum(est.memory_gib[k] for k in ("parameters", "gradients", "optimizer"))
+
+
 def test_layout_arithmetic():
     base = ["model.preset=1.3b", "world.frames=8", "world.height=64", "world.width=64", "train.objective=dense_dpo",
             "train.batch_size=16", "cluster.gpus_per_node=8"]
     plain = estimate(load_config(None, base), 16)
     params = plain.model["params"]
-    # FSDP over 16 ranks: 16 B per parameter / 16; the frozen reference 4 B / 16.
-    assert plain.memory_gib["weights+grads+adam"] * GIB == pytest.approx(params, rel=1e-9)
+    # FSDP over 16 ranks: 16 B per parameter / 16 (fp32 weights, gradients, AdamW m and v); the frozen reference 4 B / 16.
+    assert states(plain) * GIB == pytest.approx(params, rel=1e-9)
     assert plain.memory_gib["reference"] * GIB == pytest.approx(params / 4, rel=1e-9)
     assert [r["collective"] for r in plain.comm] == ["all-gather params", "reduce-scatter grads"]
     assert all(r["link"] == "inter-node" for r in plain.comm)          # 16 ranks span 2 nodes of 8
@@ -79,7 +83,7 @@ def test_layout_arithmetic():
     assert all(r["link"] == "intra-node" for r in sp.comm if r["group"] == "tp")
 
     hsdp = estimate(load_config(None, base + ["parallel.dp_shard=8"]), 16)
-    assert hsdp.memory_gib["weights+grads+adam"] == pytest.approx(2 * plain.memory_gib["weights+grads+adam"])
+    assert states(hsdp) == pytest.approx(2 * states(plain))
     links = {r["collective"]: r["link"] for r in hsdp.comm}
     assert links == {"all-gather params": "intra-node", "reduce-scatter grads": "intra-node",
                      "all-reduce grad shards": "inter-node"}

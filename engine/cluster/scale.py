@@ -1,23 +1,37 @@
 """Scale on paper: per-GPU memory and communication of one training step, for a recipe and a world size.
 
-    vidpo scale RECIPE --world 128 [--set parallel.tp=2 ...] [--json]
+    vidpo scale RECIPE --world 128 [--arch wan2.1-t2v-14b] [--set parallel.tp=2 ...] [--json]
 
-Everything is arithmetic on the recipe (model preset, clip shape, batch, parallel layout, cluster link
-speeds): nothing is built or allocated, so a 5B layout for 128 GPUs is checked on a laptop. The model is
-the one ``vidpo.models.dit.parallelize`` builds, and the collectives are the ones it issues.
+Everything is arithmetic on the recipe (model, clip shape, batch, parallel layout, cluster link speeds): nothing
+is allocated, so a 14B layout for 128 GPUs is checked on a laptop. Two kinds of model:
 
-Shapes. The clip is ``world.frames x world.height x world.width`` in the model's input grid (latent frames
-and latent pixels for a VAE model); n = tokens per video, L = condition tokens, D = width, F = MLP width,
+* ``model.kind: dit``: vidpo's own DiT of the preset (the one ``vidpo.models.dit.parallelize`` builds), over the
+  shapes world's grid ``world.frames x world.height x world.width`` (the model's input grid);
+* ``model.kind: wan / cogvideox``: the diffusers transformer of ``model.path`` (``vidpo.cluster.arch``: its
+  config.json, or a release's published config), exact parameter counts from the class on the meta device, the
+  clip of ``generate.frames x height x width`` through the release's VAE compression and patch size, the
+  release's text length, and what its blocks save for backward (``arch.SAVED_WAN`` / ``SAVED_COGVIDEOX``, read
+  off the diffusers blocks and checked against them); ``--arch`` names the release when model.path is not here.
+
+Shapes. n = tokens per video, L = condition tokens, D = width, F = MLP width,
 videos = 2 * pairs per DP rank for the paired objectives (policy and reference run on both videos).
 Per GPU a video holds n / cp tokens (Ulysses CP), and n / (cp * tp) inside sequence-parallel regions.
 
-Memory (bytes per GPU):
-  trainable parameters   16 B / param (fp32 weight, fp32 grad, AdamW m and v) over the FSDP shard group
-                         (dp_shard * cp ranks); TP-split parameters (the plan of parallelize.tp_plan) / tp
-  frozen reference       4 B / param likewise (pref.reference = frozen_copy), 0 with LoRA (lora_disabled)
+Memory (bytes per GPU; every parameter-sized row is over the FSDP shard group, dp_shard * cp ranks, and the
+TP-split parameters of the family's plan / tp):
+  parameters             the policy's weights in model.dtype (fp32 master weights for full fine-tuning, the
+                         frozen base in bf16 under LoRA); Wan 2.2 A14B holds both experts
+  lora                   the LoRA factors (model.dtype), counted on the model with the recipe's rank and targets
+  gradients, optimizer   the trained parameters' gradients and AdamW m, v in their own dtype (torch keeps them
+                         in the parameter's dtype): 4 + 8 B / param for fp32 master weights, 16 B in all
+  reference              a frozen copy in model.dtype (pref.reference = frozen_copy); 0 with LoRA
+                         (lora_disabled: the policy with its adapters off, no second copy)
   FSDP working set       two blocks' unsharded parameters in parallel.fsdp_param_dtype (current + prefetch)
                          and one block's fp32 gradients
-  activations            saved for backward, bf16 (2 B) under autocast, per token of one block:
+  activations            diffusers models: the block's saved tensors (vidpo.cluster.arch) per video and text
+                         token, times depth, plus what is saved outside the blocks and the step's latents; the
+                         reference forward and the backward need one block's working set on top. The DiT
+                         (bf16, 2 B, under autocast), per token of one block:
                            10 D in the residual / norm / modulation region (/ tp with SP)
                            13.5 D + 2 F in the TP region (q,k,v, normed and rotated q,k, attention in and
                              out, projections' inputs, MLP hidden before and after GELU) / tp
@@ -43,7 +57,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
+from vidpo.cluster.arch import (
+    Architecture,
+    ParameterCount,
+    Precision,
+    block_entries,
+    count_parameters,
+    lora_saved_bytes,
+    resolve_architecture,
+    saved_bytes,
+)
 from vidpo.config import RunConfig
 from vidpo.models.dit import dit_config
 from vidpo.training.distributed import resolve_layout
@@ -51,6 +76,10 @@ from vidpo.training.distributed import resolve_layout
 GIB = 1024 ** 3
 ACT_BYTES = 2          # bf16 activations under autocast
 TEXT_TOKENS = 512      # umT5 context length of the text-conditioned presets
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# fp32 latent-sized tensors a preference step holds at its peak: x0, noise, x_t and the policy output (or its
+# gradient; the reference output is consumed by the loss).
+STEP_LATENTS = 4
 
 
 @dataclass
@@ -62,6 +91,8 @@ class ScaleEstimate:
     capacity_gib: float
     comm: list = field(default_factory=list)      # rows: group, collective, GB per step, link, seconds
     compute_s: float = 0.0
+    activations_gib: dict = field(default_factory=dict)   # with and without checkpointing (not in the total)
+    assumptions: list = field(default_factory=list)
 
     @property
     def total_gib(self) -> float:
@@ -79,7 +110,8 @@ class ScaleEstimate:
     def as_dict(self) -> dict:
         return {"world": self.world, "layout": self.layout, "model": self.model, "memory_gib": self.memory_gib,
                 "total_gib": self.total_gib, "capacity_gib": self.capacity_gib, "fits": self.fits,
-                "communication": self.comm, "communication_s": self.comm_s, "compute_s": self.compute_s}
+                "activations_gib": self.activations_gib, "communication": self.comm,
+                "communication_s": self.comm_s, "compute_s": self.compute_s, "assumptions": self.assumptions}
 
 
 def model_config(cfg: RunConfig):
@@ -101,7 +133,7 @@ SP_REGION, TP_REGION_D, OUTSIDE_BLOCKS = 10.0, 13.5, 4.0   # activation elements
 
 
 def activation_elements_per_token_block(width: int, ffn: int, *, tp: int = 1, sp: bool = False) -> float:
-    """Elements one transformer block saves for backward per token on one GPU (see the module docstring)."""
+    """Elements one DiT block saves for backward per token on one GPU (see the module docstring)."""
     return SP_REGION * width / (tp if sp else 1) + (TP_REGION_D * width + 2 * ffn) / tp
 
 
@@ -109,18 +141,158 @@ def _ring(world: int) -> float:
     return (world - 1) / world if world > 1 else 0.0
 
 
-def estimate(cfg: RunConfig, world: int, *, cond_len: int | None = None) -> ScaleEstimate:
+# ----- the two kinds of model, one interface -----------------------------------------------------------------
+@dataclass
+class _Shape:
+    """What the estimate needs of a model: sizes, exact counts, and the activation bytes per token."""
+
+    name: str
+    source: str
+    params: int               # one expert
+    experts: int
+    tp_split: int
+    block_params: int
+    depth: int
+    width: int
+    heads: int
+    ffn: int
+    tokens: int               # per video
+    cond_tokens: int
+    latent_frames: int        # after temporal patching (what context parallel splits)
+    lora_params: int = 0      # one expert
+    latent_per_token: int = 0 # latent elements per token (channels x patch volume)
+    arch: Optional[Architecture] = None
+    count: Optional[ParameterCount] = None
+
+    def flops_per_video(self) -> float:
+        """Forward FLOPs of one video: 2 per weight and token in the blocks, attention's QK^T and AV."""
+        n, L, d = self.tokens, self.cond_tokens, self.width
+        if self.arch is not None and self.arch.joint_text:
+            seq = n + L
+            return self.depth * (2 * seq * self.block_params + 4 * seq * seq * d)
+        return self.depth * (2 * n * self.block_params + 4 * n * n * d + 4 * n * L * d)
+
+
+def _dit_shape(cfg: RunConfig, cond_len: Optional[int]) -> tuple[_Shape, object]:
     dcfg = model_config(cfg)
     frames, height, width = cfg.world.frames, cfg.world.height, cfg.world.width
-    layout = resolve_layout(world, cfg.parallel, num_heads=dcfg.num_heads, frames=frames // dcfg.patch_size[0])
+    L = cond_len if cond_len is not None else (TEXT_TOKENS if not dcfg.uses_class_tokens else 3)
+    shape = _Shape(cfg.model.preset, "vidpo DiT preset", dcfg.num_params(), 1, tp_split_params(dcfg),
+                   0, dcfg.depth, dcfg.width, dcfg.num_heads, dcfg.resolved_ffn_dim,
+                   dcfg.num_tokens(frames, height, width), L, frames // dcfg.patch_size[0])
+    if cfg.lora is not None:
+        d, f, r = dcfg.width, dcfg.resolved_ffn_dim, cfg.lora.rank
+        shape.lora_params = dcfg.depth * r * ((d + 3 * d) + (d + d) + (d + d) + (d + 2 * d) + (d + d) + (d + f) + (f + d))
+    return shape, dcfg
+
+
+def _release_shape(cfg: RunConfig, arch_name: Optional[str], cond_len: Optional[int]) -> _Shape:
+    arch = resolve_architecture(cfg.model.kind, cfg.model.path, arch_name)
+    lora = cfg.lora
+    count = count_parameters(arch, lora.rank if lora else None, tuple(lora.target_modules) if lora else ())
+    g = cfg.generate
+    pt, ph, pw = arch.patch
+    return _Shape(arch.name, arch.source, count.total, arch.experts, count.tp_split, count.block, arch.depth,
+                  arch.width, arch.heads, arch.ffn, arch.tokens(g.frames, g.height, g.width),
+                  cond_len if cond_len is not None else arch.text_tokens,
+                  arch.latent_grid(g.frames, g.height, g.width)[0] // pt, count.lora,
+                  arch.in_channels * pt * ph * pw, arch, count)
+
+
+def precision_of(cfg: RunConfig) -> Precision:
+    """The compute dtype on a GPU: bf16 under train.autocast auto / bf16 or with bf16 weights."""
+    autocast = cfg.train.autocast != "off"
+    compute = 2 if autocast or cfg.model.dtype != "float32" else 4
+    return Precision(compute=compute, autocast=4 if autocast else compute)
+
+
+def release_activation_bytes(shape: _Shape, precision: Precision, *, full: bool, videos: float, tp: int = 1,
+                             sp: bool = False, cp: int = 1, checkpointing: bool = False,
+                             lora_rank: Optional[int] = None) -> dict:
+    """Activation bytes of a diffusers model on one GPU for ``videos`` videos with gradient (``full``: the base
+    weights train), as parts: ``blocks`` (saved by the blocks: all of them, or under checkpointing each block's
+    inputs), ``outside`` (saved outside the blocks, and the step's latents) and ``working`` (one block's
+    transient tensors in the reference forward and the backward; under checkpointing, or the block recomputed
+    in the backward with its first gradients, whichever is larger)."""
+    arch = shape.arch
+    video_entries, text_entries = block_entries(arch)
+    n, L = shape.tokens / cp, shape.cond_tokens
+    video = saved_bytes(video_entries, arch, precision, full=full, tp=tp, sp=sp)
+    text = saved_bytes(text_entries, arch, precision, full=full, tp=tp, sp=sp)
+    if lora_rank:
+        lora_video, lora_text = lora_saved_bytes(arch, shape.count, lora_rank, precision)
+        video += lora_video
+        text += lora_video if arch.joint_text else lora_text
+    one_block = n * video + L * text
+    d, c = arch.width, precision.compute
+    seq_div = tp if sp else 1
+    if checkpointing:
+        # torch.utils.checkpoint keeps each block's tensor inputs: the residual stream (and CogVideoX's text
+        # stream); the condition, temb and RoPE tables are shared by all blocks.
+        inputs = (n / seq_div + (L if arch.joint_text else 0)) * d * c
+        blocks = shape.depth * inputs
+    else:
+        blocks = shape.depth * one_block
+    # Outside the blocks: the output norm's input (fp32), RoPE tables, and for full fine-tuning the patch
+    # embedding's input, the output modulation and projection input; then the step's latent-sized tensors.
+    outside = n * (d * 4 + arch.head_dim * c)
+    if full:
+        outside += n * (shape.latent_per_token * c + d * 4 + d * c)
+    outside += n * shape.latent_per_token * 4 * STEP_LATENTS
+    # One block's transient tensors: in the reference forward the FFN's hidden before and after GELU and a few
+    # fp32 residual-width temporaries (upcast residual, normalised input, q / k norms); in the backward their
+    # gradients. Per token.
+    working = (n + (L if arch.joint_text else 0)) * (2 * shape.ffn * c / tp + 4 * d * 4 / seq_div)
+    if checkpointing:
+        # The backward recomputes one block; as it enters it, all of the block's saved tensors are alive with the
+        # first gradients (the residual stream's and the FFN hidden's), and it frees them as it walks back through
+        # the block. The reference forward's transient comes at another time: the larger counts.
+        # The residual stream's gradients are fp32 whatever the compute dtype (diffusers' blocks add their branches to
+        # an upcast residual, ``hidden_states.float() + ...``): two fp32 residual-width tensors are alive at that
+        # point (seen in the profiler's live allocations at the peak of a bf16 step of a tiny Wan).
+        first_grads = 2 * (n / seq_div + (L if arch.joint_text else 0)) * d * 4 + n * shape.ffn / tp * c
+        working = max(working, one_block + first_grads)
+    return {"blocks": videos * blocks, "outside": videos * outside, "working": videos * working}
+
+
+def _dit_activation_bytes(shape: _Shape, *, videos: float, tp: int, sp: bool, cp: int, checkpointing: bool) -> dict:
+    d, depth, tokens_gpu = shape.width, shape.depth, shape.tokens / cp
+    per_token_block = activation_elements_per_token_block(d, shape.ffn, tp=tp, sp=sp)
+    if checkpointing:
+        elems = tokens_gpu * videos * (depth * d / (tp if sp else 1) + per_token_block)
+    else:
+        elems = tokens_gpu * videos * depth * per_token_block
+    return {"blocks": elems * ACT_BYTES, "outside": tokens_gpu * videos * OUTSIDE_BLOCKS * d * ACT_BYTES,
+            "working": 0.0}
+
+
+def default_world(cfg: RunConfig) -> tuple[int, str]:
+    """The world size to size a recipe for, and why: its cluster's (cluster.nodes * cluster.gpus_per_node) when
+    the recipe asks for several processes or its batch divides over them, else one process (a single-GPU
+    recipe whose cluster section is the default)."""
+    world = cfg.cluster.world_size
+    dp = world // max(cfg.parallel.model_parallel, 1)
+    if cfg.multi_process() or (dp and cfg.train.batch_size % dp == 0):
+        return world, f"the recipe's cluster: {cfg.cluster.nodes} x {cfg.cluster.gpus_per_node} GPUs"
+    return 1, (f"one process: train.batch_size {cfg.train.batch_size} does not divide over the cluster's {dp} "
+               "data-parallel ranks (pass --world to size another layout)")
+
+
+def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch: Optional[str] = None) -> ScaleEstimate:
+    """Per-GPU memory, communication and compute of one optimizer step of ``cfg`` on ``world`` ranks (module
+    docstring); ``arch`` names a release (``vidpo.cluster.arch.RELEASES``) for a diffusers model whose
+    model.path is not on this machine."""
+    if cfg.model.kind == "dit":
+        shape, dcfg = _dit_shape(cfg, cond_len)
+    else:
+        shape, dcfg = _release_shape(cfg, arch, cond_len), None
+    layout = resolve_layout(world, cfg.parallel, num_heads=shape.heads, frames=shape.latent_frames)
     tp, cp, dp, sp = layout.tp, layout.cp, layout.dp, layout.sp
     fsdp = layout.fsdp_size
-    n = dcfg.num_tokens(frames, height, width)
-    L = cond_len if cond_len is not None else (TEXT_TOKENS if not dcfg.uses_class_tokens else 3)
-    d, f, depth = dcfg.width, dcfg.resolved_ffn_dim, dcfg.depth
-    params = dcfg.num_params()
-    split = tp_split_params(dcfg)
-    local_params = split / tp + (params - split)          # one TP rank's share, before FSDP
+    n, L, d, depth = shape.tokens, shape.cond_tokens, shape.width, shape.depth
+    experts = shape.experts
+    params, split = shape.params, shape.tp_split
+    local_params = split / tp + (params - split)          # one TP rank's share of one expert, before FSDP
     block_local = local_params / depth                       # (the embeddings are small next to the blocks)
     paired = cfg.train.objective in ("flow_dpo", "dense_dpo", "kto")
     pairs = cfg.train.batch_size / dp
@@ -132,29 +304,36 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: int | None = None) -> Scal
     ref_videos = videos if paired else 0.0
     ac = cfg.parallel.activation_checkpointing == "full"
     param_bytes = 2 if cfg.parallel.fsdp_param_dtype == "bfloat16" else 4
+    weight_bytes = DTYPE_BYTES[cfg.model.dtype]
+    lora = cfg.lora is not None
+    full = not lora
 
     # ----- memory ------------------------------------------------------------------------------------
-    if cfg.lora is not None:
-        r = cfg.lora.rank
-        trainable = depth * r * ((d + 3 * d) + (d + d) + (d + d) + (d + 2 * d) + (d + d) + (d + f) + (f + d))
-        frozen_policy, reference = local_params / fsdp * 4, 0.0
-        states = trainable * 16.0
-        grad_params = trainable
+    weights = experts * local_params / fsdp * weight_bytes
+    if lora:
+        trainable = experts * shape.lora_params / fsdp
+        memory = {"parameters": weights, "lora": trainable * weight_bytes, "gradients": trainable * weight_bytes,
+                  "optimizer": 2 * trainable * weight_bytes, "reference": 0.0}
+        grad_params = shape.lora_params
     else:
-        frozen_policy = 0.0
-        states = local_params / fsdp * 16
+        memory = {"parameters": weights, "lora": 0.0, "gradients": weights, "optimizer": 2 * weights}
+        copy = paired and cfg.pref.reference != "lora_disabled"
+        memory["reference"] = experts * local_params / fsdp * weight_bytes if copy else 0.0
         grad_params = local_params
-        reference = local_params / fsdp * 4 if paired and cfg.pref.reference != "lora_disabled" else 0.0
-    working = block_local * (2 * param_bytes + 4) if layout.fsdp else 0.0
-    tokens_gpu = n / cp
-    sp_div = tp if sp else 1
-    per_token_block = activation_elements_per_token_block(d, f, tp=tp, sp=sp)
-    if ac:
-        act_elems = tokens_gpu * grad_videos * (depth * d / sp_div + per_token_block + OUTSIDE_BLOCKS * d)
-    else:
-        act_elems = tokens_gpu * grad_videos * (depth * per_token_block + OUTSIDE_BLOCKS * d)
-    memory = {"weights+grads+adam": (states + frozen_policy) / GIB, "reference": reference / GIB,
-              "fsdp_buffers": working / GIB, "activations": act_elems * ACT_BYTES / GIB}
+    memory["fsdp_buffers"] = block_local * 2 * param_bytes + (block_local * 4 if full else 0) if layout.fsdp else 0.0
+
+    def activations(checkpointing: bool) -> dict:
+        if dcfg is not None:
+            return _dit_activation_bytes(shape, videos=grad_videos, tp=tp, sp=sp, cp=cp, checkpointing=checkpointing)
+        return release_activation_bytes(shape, precision_of(cfg), full=full, videos=grad_videos, tp=tp, sp=sp,
+                                        cp=cp, checkpointing=checkpointing,
+                                        lora_rank=cfg.lora.rank if lora else None)
+    parts = activations(ac)
+    memory["activations"] = sum(parts.values())
+    memory = {k: v / GIB for k, v in memory.items()}
+    act_both = {"checkpointing full": sum(activations(True).values()) / GIB,
+                "checkpointing none": sum(activations(False).values()) / GIB,
+                "parts": {k: v / GIB for k, v in parts.items()}}
 
     # ----- communication -----------------------------------------------------------------------------
     gpn = cfg.cluster.gpus_per_node
@@ -169,63 +348,88 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: int | None = None) -> Scal
                          "seconds": nbytes / (bandwidth * 1e9)})
 
     accum = cfg.train.grad_accum
+    joint = shape.arch is not None and shape.arch.joint_text
+    tokens_gpu = n / cp + (L if joint else 0)                    # CogVideoX's text stream runs through the blocks
+    row_layers = 2 if joint else 3                               # row-parallel layers per block (attention(s), FFN)
     fwd_passes = grad_videos * (2 if ac else 1) + ref_videos        # video-forwards with collectives
     bwd_passes = grad_videos
     if tp > 1:
         act = tokens_gpu * ACT_BYTES * d                             # one video's (n/cp, D) activation
+        k = row_layers
         if sp:
-            ag = act * _ring(tp) * depth * accum * (3 * fwd_passes + 6 * bwd_passes)
-            rs = act * _ring(tp) * depth * accum * (3 * fwd_passes + 3 * bwd_passes)
+            ag = act * _ring(tp) * depth * accum * (k * fwd_passes + 2 * k * bwd_passes)
+            rs = act * _ring(tp) * depth * accum * (k * fwd_passes + k * bwd_passes)
             add("tp", "all-gather (SP)", ag, tp)
             add("tp", "reduce-scatter (SP)", rs, tp)
         else:
-            ar = 2 * act * _ring(tp) * depth * accum * 3 * (fwd_passes + bwd_passes)
+            ar = 2 * act * _ring(tp) * depth * accum * k * (fwd_passes + bwd_passes)
             add("tp", "all-reduce", ar, tp)
-        kv = 2 * L * ACT_BYTES * d * _ring(tp) * depth * accum * bwd_passes   # cross.kv input gradient
-        add("tp", "all-reduce (condition grad)", kv, tp)
+        if not joint:
+            kv = 2 * L * ACT_BYTES * d * _ring(tp) * depth * accum * bwd_passes   # cross-attention k/v input gradient
+            add("tp", "all-reduce (condition grad)", kv, tp)
     if cp > 1:
         a2a = tokens_gpu * ACT_BYTES * d / tp * _ring(cp) * depth * accum * 4 * (fwd_passes + bwd_passes)
         add("cp", "all-to-all (Ulysses)", a2a, tp * cp)
     if layout.fsdp:
         span = tp * cp * layout.dp_shard
         # Policy forward and backward; the reference forward gathers a frozen copy or the policy again (LoRA).
+        # Two experts: a micro-batch's pairs share t, so one expert runs (and is gathered) per micro-step.
         gathers = 2 + (1 if paired else 0)
         add("dp_shard x cp", "all-gather params", local_params * param_bytes * _ring(fsdp) * gathers * accum, span)
         add("dp_shard x cp", "reduce-scatter grads", grad_params * 4 * _ring(fsdp) * accum, span)
         if layout.dp_replicate > 1:
             add("dp_replicate", "all-reduce grad shards",
-                2 * grad_params / fsdp * 4 * _ring(layout.dp_replicate) * accum, world)
+                2 * experts * grad_params / fsdp * 4 * _ring(layout.dp_replicate) * accum, world)
     elif dp * cp > 1:
-        add("dp x cp", "all-reduce grads", 2 * grad_params * 4 * _ring(dp * cp), world)
+        add("dp x cp", "all-reduce grads", 2 * experts * grad_params * 4 * _ring(dp * cp), world)
 
     # ----- compute -----------------------------------------------------------------------------------
-    fwd = dcfg.flops_per_forward(1, frames, height, width, L) / (tp * cp)       # per video, per GPU
+    if dcfg is not None:
+        fwd = dcfg.flops_per_forward(1, cfg.world.frames, cfg.world.height, cfg.world.width, L) / (tp * cp)
+    else:
+        fwd = shape.flops_per_video() / (tp * cp)
     flops = accum * fwd * (3 * grad_videos + (grad_videos if ac else 0) + ref_videos)
     compute_s = flops / (cfg.cluster.gpu_tflops * 1e12 * cfg.cluster.mfu)
+    assumptions = [
+        f"links: {intra:g} GB/s per GPU inside a node of {gpn} (NVLink), {inter:g} GB/s between nodes (InfiniBand); "
+        "ring collectives, no overlap with compute",
+        f"compute: {cfg.cluster.gpu_tflops:g} TFLOP/s peak x {cfg.cluster.mfu:g} MFU; backward = 2 x forward; "
+        "checkpointing recomputes the forward",
+        "activations: flash / memory-efficient attention (no n x n matrix); 10% of the GPU kept free"]
+    model = {"name": shape.name, "source": shape.source, "kind": cfg.model.kind, "params": params,
+             "experts": experts, "tp_split_params": split, "lora_params": shape.lora_params, "tokens": n,
+             "cond_tokens": L, "width": d, "depth": depth, "heads": shape.heads, "ffn": shape.ffn,
+             "videos_per_gpu": grad_videos, "pairs_per_dp_rank": pairs}
+    if dcfg is not None:
+        model["preset"] = cfg.model.preset
     return ScaleEstimate(
         world=world,
         layout={"tp": tp, "sp": sp, "cp": cp, "dp": dp, "dp_shard": layout.dp_shard,
                 "dp_replicate": layout.dp_replicate, "fsdp_group": fsdp, "nodes": math.ceil(world / gpn),
                 "activation_checkpointing": cfg.parallel.activation_checkpointing},
-        model={"preset": cfg.model.preset, "params": params, "tp_split_params": split, "tokens": n,
-               "cond_tokens": L, "videos_per_gpu": grad_videos, "pairs_per_dp_rank": pairs},
-        memory_gib=memory, capacity_gib=cfg.cluster.gpu_memory_gib, comm=rows, compute_s=compute_s)
+        model=model, memory_gib=memory, capacity_gib=cfg.cluster.gpu_memory_gib, comm=rows, compute_s=compute_s,
+        activations_gib=act_both, assumptions=assumptions)
 
 
 def format_report(est: ScaleEstimate) -> str:
     lay, mod = est.layout, est.model
-    lines = [f"# {mod['preset']} ({mod['params'] / 1e9:.2f} B params), {mod['tokens']} tokens/video, "
+    experts = f"{mod['experts']} experts x " if mod["experts"] > 1 else ""
+    lines = [f"# {mod['name']} ({experts}{mod['params'] / 1e9:.2f} B params; {mod['source']}), "
+             f"{mod['tokens']} tokens/video + {mod['cond_tokens']} text, "
              f"world {est.world} = dp {lay['dp']} (shard {lay['dp_shard']} x replicate {lay['dp_replicate']}) "
              f"x cp {lay['cp']} x tp {lay['tp']}{' + sp' if lay['sp'] else ''}, "
              f"checkpointing {lay['activation_checkpointing']}",
              "", "| memory per GPU | GiB |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in est.memory_gib.items()]
     verdict = "fits" if est.fits else "DOES NOT FIT"
+    act = est.activations_gib
     lines += [f"| **total** | **{est.total_gib:.2f}** of {est.capacity_gib:.0f} ({verdict}; 10% kept free) |", "",
+              f"activations with full checkpointing {act['checkpointing full']:.2f} GiB, without "
+              f"{act['checkpointing none']:.2f} GiB ({mod['videos_per_gpu']:g} videos with gradient per GPU)", "",
               "| group | collective | GB sent / GPU / step | link | seconds |", "|---|---|---:|---|---:|"]
     lines += [f"| {r['group']} | {r['collective']} | {r['GB']:.2f} | {r['link']} | {r['seconds']:.3f} |"
               for r in est.comm]
     lines += ["", f"communication {est.comm_s:.2f} s (if not overlapped), compute {est.compute_s:.2f} s per step "
-                  f"(at the cluster's peak x MFU)"]
+                  f"(at the cluster's peak x MFU)", ""]
+    lines += [f"assumes {a}" for a in est.assumptions]
     return "\n".join(lines)
-

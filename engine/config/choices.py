@@ -82,6 +82,8 @@ RewardSubset = Literal["all", DistillSource]
 ActivationCheckpointing = Literal["none", "full"]
 ProcessGroupBackend = Literal["auto", "nccl", "gloo"]
 Launcher = Literal["torchrun", "slurm"]
+LaunchMode = Literal["single", "chain"]
+"""How ``vidpo launch`` runs a whole job: one allocation running the stages in order, or a chain of jobs."""
 
 # ----- the value tuples -------------------------------------------------------------------------------------
 ERROR_POLICIES = get_args(ErrorPolicy)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from vidpo.config.choices import ActivationCheckpointing, Launcher, ParamDtype, ProcessGroupBackend
+from vidpo.config.choices import ActivationCheckpointing, Launcher, LaunchMode, ParamDtype, ProcessGroupBackend
 from vidpo.config.fields import Problem, Problems, Section, choice
 
 
@@ -134,14 +134,43 @@ class ClusterConfig(Section):
     cpus_per_gpu: int = 12
     """CPU cores reserved per GPU (data loading, decode)."""
 
+    mode: str = choice("single", LaunchMode)
+    """How ``vidpo launch`` runs a whole job (cache -> generate -> label -> train -> eval): 'single' is one
+    allocation running the stages in order, each an srun / torchrun step; 'chain' is one SLURM job per stage,
+    each waiting for the one before (``sbatch --dependency=afterok``), submitted by ``OUT/launch/submit.sh``.
+    The torchrun launcher always runs the stages in order."""
+
     container_image: Optional[str] = None
     """Container image for srun (pyxis/enroot ``--container-image``); None runs on the host."""
 
     container_mounts: List[str] = field(default_factory=list)
     """``--container-mounts`` entries (``/host/path:/container/path``)."""
 
+    modules: List[str] = field(default_factory=list)
+    """Environment modules the job script loads first (``module load NAME``), e.g. ``cuda/12.4``."""
+
+    venv: Optional[str] = None
+    """Python virtual environment the job script activates (``source VENV/bin/activate``) after the
+    modules; None: the ``vidpo`` and ``torchrun`` on the submitting shell's PATH."""
+
+    workdir: Optional[str] = None
+    """Directory the job runs in (``cd``; inside a container ``srun --container-workdir``); relative
+    paths of the recipe and ``--out`` are read from there. None: the directory the job was submitted from."""
+
     setup: List[str] = field(default_factory=list)
-    """Shell lines run before the launch on every node (module load, conda activate, cd ...)."""
+    """More shell lines of the job script, after modules, venv and workdir (conda activate, exports that
+    need the shell ...)."""
+
+    requeue: bool = True
+    """SLURM: ``#SBATCH --requeue``, and on the stop signal the job requeues itself once the running stage
+    has stopped (``scontrol requeue``); the requeued job skips the stages it finished and resumes the one
+    it stopped."""
+
+    signal_grace_s: int = 300
+    """SLURM sends the job script SIGUSR1 this many seconds before the time limit (``#SBATCH
+    --signal=B:USR1@N``); the script passes it to the running stage, which checkpoints (train) or finishes
+    its shard / batch (generate, label) and exits. Also torchrun's ``--shutdown-timeout``: the time a
+    stopping stage gets before it is killed. Leave room for one training step plus a checkpoint."""
 
     env: List[str] = field(default_factory=list)
     """``KEY=VALUE`` environment variables exported for the run (NCCL settings, cache directories)."""
@@ -170,7 +199,11 @@ class ClusterConfig(Section):
 
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
-        p.at_least(self, 1, "nodes", "gpus_per_node", "cpus_per_gpu")
+        p.at_least(self, 1, "nodes", "gpus_per_node", "cpus_per_gpu", "signal_grace_s")
+        for name in ("modules", "setup", "container_mounts"):
+            for item in getattr(self, name):
+                p.check(bool(str(item).strip()) and "\n" not in str(item), name,
+                        f"entry {item!r} must be one non-empty line")
         p.check(1 <= self.master_port <= 65535, "master_port", f"must be a port in [1, 65535], got {self.master_port}")
         p.positive(self, "gpu_memory_gib", "gpu_tflops", "intra_node_gbytes_per_s", "inter_node_gbytes_per_s")
         p.fraction(self, "mfu", low_open=True)
