@@ -312,3 +312,90 @@ def test_every_key_has_a_docstring():
     keys = text[0::2]
     assert len(keys) > 200 and all(doc.strip() for doc in text[1::2]), [k for k, d in zip(keys, text[1::2])
                                                                         if not d.strip()]
+
+
+# ----- ranges of numeric fields ----------------------------------------------------------------------------
+def _numeric_fields(cls=RunConfig, prefix=""):
+    """(dotted key, int or float) of every numeric leaf field, through nested (and Optional) sections."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is typing.Union:
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, f"{prefix}{f.name}.")
+        elif tp in (int, float):
+            yield f"{prefix}{f.name}", tp
+
+
+# Numeric fields where a negative value means something: a real-valued mean or log, or -1 as "automatic"
+# (those refuse anything below -1), or a range checked only where it is used.
+NEGATIVE_ALLOWED = {
+    "flow.logit_mean": None,             # mean of the logit-normal timestep law: any real number
+    "critic.tie_init": None,             # initial log nu of the tie model: any real number
+    "parallel.dp_shard": -2,             # -1: all data-parallel ranks
+    "distill.motion_block": -2,          # -1: depth // 2
+    "generate.eta_min": "structural",    # checked (0 <= eta_min <= eta_max <= 1) in generate.mode=structural
+    "generate.eta_max": "structural",
+}
+
+# One or more out-of-range values per section, beyond negatives: zeros where a count or a scale must be
+# positive, fractions above 1, values that break a rule.
+OUT_OF_RANGE = [
+    ("seed", -1), ("model.depth", 0), ("model.num_heads", 0), ("world.frames", 0), ("world.fps", 0),
+    ("world.wrong_colour", 1.5), ("flow.logit_std", 0), ("flow.t_max", 1.5), ("sample.steps", 0),
+    ("sample.cfg_scale", -0.5),
+    ("train.max_steps", 0), ("train.batch_size", 0), ("train.grad_accum", 0), ("train.lr", 0),
+    ("train.min_lr_ratio", 1.5), ("train.keep_checkpoints", 0), ("train.max_bad_steps", 0),
+    ("train.ema_decay", 1.0), ("train.divergence_factor", 0.5), ("train.divergence_window", 0),
+    ("eval.num_samples", 0), ("eval.cfg_scale", -1), ("data.prefetch", -1), ("cache.frames", 0),
+    ("cache.fps", -1), ("generate.num_pairs", 0), ("generate.cfg_scale", -1), ("generate.shard_size", 0),
+    ("label.segment_seconds", 0), ("label.tie_margin", -0.1), ("label.min_non_tie_fraction", 1.5),
+    ("label.vlm.concurrency", 0), ("label.vlm.timeout_s", 0),
+    ("pref.beta", 0), ("pref.beta", -5), ("pref.label_smoothing", 0.9),
+    ("lora.rank", 0), ("lora.dropout", 1.5), ("parallel.tp", 0), ("parallel.timeout_minutes", 0),
+    ("cluster.nodes", 0), ("cluster.mfu", 1.5), ("critic.steps", 0), ("critic.heldout_fraction", 1.0),
+    ("iterate.rounds", 0), ("iterate.votes", 0), ("iterate.rank_fraction", 0), ("distill.huber_c", 0),
+    ("distill.skip", 0), ("distill.cfg_scale", -1), ("reward.max_rows", 0), ("prompts.batch_size", 0),
+    ("prompts.heldout_fraction", 1.5),
+    *[(key, value) for key, value in NEGATIVE_ALLOWED.items() if isinstance(value, int)],
+]
+
+
+def _refused(key, value, *extra):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*extra, f"{key}={value}"])
+    # the line about the key says where it was set: --set KEY
+    assert re.search(rf"--set {re.escape(key)}: [^\n]*{re.escape(key)}", str(err.value)), str(err.value)
+
+
+def _each_refused(pairs, *extra):
+    """Every (key, value) at once: the one error has a line naming each key (one load instead of hundreds); a key
+    that only appears in a rule about several keys must then be refused, and named, on its own."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*extra, *(f"{key}={value}" for key, value in pairs)])
+    for key, value in pairs:
+        if not any(re.match(rf"--set {re.escape(key)}: [^\n]*{re.escape(key)}", line) for line in err.value.problems):
+            _refused(key, value, *extra)
+
+
+def test_the_range_table_covers_every_section():
+    sections = {f.name for f in dataclasses.fields(RunConfig)} - {"seed"}
+    covered = {key.split(".")[0] for key, _ in OUT_OF_RANGE}
+    assert sections - covered == set(), "add out-of-range values for these sections"
+
+
+@pytest.mark.parametrize("key, value", OUT_OF_RANGE, ids=[f"{k}={v}" for k, v in OUT_OF_RANGE])
+def test_out_of_range_values_are_refused_naming_the_field(key, value):
+    _refused(key, value)
+
+
+def test_every_numeric_field_refuses_negative_values_and_non_finite_floats():
+    fields = list(_numeric_fields())
+    assert len(fields) > 100 and ("train.lr", float) in fields and ("label.vlm.max_tokens", int) in fields
+    assert set(NEGATIVE_ALLOWED) <= {key for key, _ in fields}
+    _each_refused([(key, -1) for key, _ in fields if key not in NEGATIVE_ALLOWED])
+    _each_refused([(key, -1) for key, _ in fields if NEGATIVE_ALLOWED.get(key) == "structural"],
+                  "generate.mode=structural")
+    for value in ("nan", "inf", "-inf"):
+        _each_refused([(key, value) for key, tp in fields if tp is float])

@@ -184,7 +184,7 @@ def test_preprocessing_is_resumable_and_refuses_other_settings(distill_run):
     assert first["computed"] == 3 and first["skipped"] == 0 and first["motion_rows"] > 0
     before = load_file(str(shard_path(root / "data", 1)))
     shard_path(root / "data", 1).unlink()                     # an interrupted run: shard 1 never finished
-    (root / "data" / "shards" / "shard_00002.safetensors.tmp-999").write_bytes(b"half")
+    (root / "data" / "shards" / "shard_00002.safetensors.tmp-4194305").write_bytes(b"half")  # no live pid
     again = preprocess_job(load_config(None, over), root / "data", progress=False)
     assert again["computed"] == 1 and again["skipped"] == 2
     after = load_file(str(shard_path(root / "data", 1)))      # the same data as the uninterrupted run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -184,3 +185,25 @@ def test_judge_agreement_rates_and_bootstrap_cis_over_pairs():
     assert "n/a" in markdown_report(empty)
     with pytest.raises(ValueError, match="one shape"):
         judge_agreement(torch.zeros(2, 2), torch.zeros(2, 3))
+
+
+def test_failed_comparisons_are_left_out_of_the_agreement_and_asked_again(server, tmp_path, capsys):
+    truth = targets(8, seed=3)
+    ids = write_pairs_dir(tmp_path / "pairs", truth)
+    save_label_file(tmp_path / "human.jsonl", ids, torch.tensor(truth))
+    server.behaviour = lambda r: (Reply(status=500) if re.search(r"pair (\d+)", r.text).group(1) in ("2", "5")
+                                  else judge_by_brightness()(r))
+    assert run_cli(tmp_path, server) == 0
+    report = json.loads((tmp_path / "judge" / "judge_eval.json").read_text())
+    # A failed comparison is no judgement: not a judge tie that would lower the agreement of a perfect judge.
+    assert (report["pairs"], report["pairs_with_failed_comparisons"], report["failed_comparisons"]) == (6, 2, 4)
+    assert report["segment"]["agreement"]["mean"] == 1.0
+    assert "left out of the rates" in (tmp_path / "judge" / "judge_eval.md").read_text()
+    server.behaviour = judge_by_brightness()
+    asked = len(server.requests)
+    assert run_cli(tmp_path, server) == 0
+    healed = json.loads((tmp_path / "judge" / "judge_eval.json").read_text())
+    assert len(server.requests) - asked == 2 * 2 * 2   # the failed pairs' 2 segments x 2 orders, nothing else
+    assert (healed["pairs"], healed["failed_comparisons"], healed["failed_comparisons_total"]) == (8, 0, 4)
+    assert healed["segment"]["agreement"]["mean"] == 1.0
+    capsys.readouterr()

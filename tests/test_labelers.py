@@ -40,8 +40,17 @@ def test_label_result_from_labels_votes_and_checks_values():
     result = LabelResult.from_labels(torch.tensor([[1, 1, 0], [0, -1, 0]]), failed=1, messages=["x"])
     assert result.video_labels.tolist() == [1, -1] and result.failed == 1 and result.messages == ["x"]
     assert result.tie_fraction == pytest.approx(3 / 6)
+    assert result.status is None and result.statuses() == [["ok", "ok", "tie"], ["tie", "ok", "tie"]]
     with pytest.raises(ValueError, match="must be in"):
         LabelResult.from_labels(torch.tensor([[2, 0]]))
+    # With statuses, failures and unparseable answers are counted from them; only "ok" labels are non-zero.
+    status = [["ok", "failed", "unparseable"], ["tie", "ok", "failed"]]
+    result = LabelResult.from_labels(torch.tensor([[1, 0, 0], [0, -1, 0]]), status=status)
+    assert (result.failed, result.unparseable, result.video_labels.tolist()) == (2, 1, [1, -1])
+    with pytest.raises(ValueError, match="only 'ok' labels are non-zero"):
+        LabelResult.from_labels(torch.tensor([[1, 0]]), status=[["failed", "tie"]])
+    with pytest.raises(ValueError, match="status must be one of"):
+        LabelResult.from_labels(torch.tensor([[0]]), status=[["skipped"]])
 
 
 @pytest.mark.parametrize("change, message", [
@@ -160,7 +169,7 @@ def test_human_file_errors_name_file_line_and_problem(tmp_path, line, problem, r
     assert str(caught.value).startswith(f"{path}:3: ")
     assert problem in str(caught.value)
 
-    # Policy "tie": the affected pair becomes ties, counted per segment, with the same file:line message.
+    # Policy "tie": the affected pair's segments are failed (label 0, not ties), counted, with the same message.
     result = HumanLabeler(path, on_error="tie", on_missing="tie").label(blank_batch())
     duplicate = "again" in problem  # then p0 is in doubt, and p1 has no line at all
     expected = [[0 if duplicate else 1] * 3, [0, 0, 0], [1, 1, 1]]
@@ -170,8 +179,10 @@ def test_human_file_errors_name_file_line_and_problem(tmp_path, line, problem, r
     if not readable:  # the line's pair is unknown, so p1 is reported missing, pointing at the bad line
         assert any("pair 'p1' has no line" in m and f"{path}:3" in m for m in result.messages)
     else:
-        assert any(f"pair '{'p0' if duplicate else 'p1'}'" in m and "segments 0-2 counted as ties" in m
+        assert any(f"pair '{'p0' if duplicate else 'p1'}'" in m and "segments 0-2 failed (no label)" in m
                    for m in result.messages)
+    failed_pairs = {0, 1} if duplicate else {1}
+    assert result.status == [["failed"] * 3 if b in failed_pairs else ["ok"] * 3 for b in range(3)]
 
 
 def test_human_file_wrong_number_of_segments_is_found_at_label_time(tmp_path):
@@ -183,7 +194,8 @@ def test_human_file_wrong_number_of_segments_is_found_at_label_time(tmp_path):
     result = HumanLabeler(path, on_error="tie").label(blank_batch())
     assert result.labels.tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 0]] and result.failed == 3
     assert result.messages == [f"human: {path}:2: pair 'p1' has 2 segment labels but the batch's clips have "
-                               "3 segments; segments 0-2 counted as ties"]
+                               "3 segments; segments 0-2 failed (no label)"]
+    assert result.status == [["ok"] * 3, ["failed"] * 3, ["tie"] * 3]
 
 
 def test_human_file_missing_pairs_are_reported_by_id(tmp_path):
@@ -192,7 +204,7 @@ def test_human_file_missing_pairs_are_reported_by_id(tmp_path):
         HumanLabeler(path).label(blank_batch())
     result = HumanLabeler(path, on_missing="tie").label(blank_batch())
     assert result.labels.tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 0]]
-    assert result.failed == 6
+    assert result.failed == 6 and result.status == [["ok"] * 3] + [["failed"] * 3] * 2
     assert [m.split(" has no line")[0] for m in result.messages] == ["human: pair 'p1'", "human: pair 'p2'"]
 
 

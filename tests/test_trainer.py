@@ -92,13 +92,15 @@ def test_checkpoints_atomic_pruned_and_complete(tmp_path, micro_overrides):
     names = sorted(p.name for p in root.iterdir())
     assert names == ["latest", "step_0000004", "step_0000006"]
     latest = ckpt.latest_checkpoint(run_dir)
-    assert {p.name for p in latest.iterdir()} == {"model.safetensors", "trainer_state.pt", "config.yaml", "meta.json"}
+    assert {p.name for p in latest.iterdir()} == {"model.safetensors", "trainer_state.pt", "config.yaml", "meta.json",
+                                                 "checksums.json"}
     assert json.loads((latest / "meta.json").read_text())["step"] == 6
-    # A leftover of a writer killed mid-checkpoint is ignored by readers and removed by the next writer.
-    (root / "step_0000008.tmp-123").mkdir()
+    # A leftover of a writer killed mid-checkpoint is ignored by readers and removed by the next writer
+    # (its pid is above Linux's PID_MAX_LIMIT: no live process has it, and the cleanup spares live writers).
+    (root / "step_0000008.tmp-4194305").mkdir()
     assert ckpt.latest_checkpoint(run_dir).name == "step_0000006"
     ckpt.save_checkpoint(run_dir, 7, model_state=model.state_dict(), trainer_state={}, config_yaml="", keep=2)
-    assert not (root / "step_0000008.tmp-123").exists()
+    assert not (root / "step_0000008.tmp-4194305").exists()
 
 
 def test_find_weights_errors_name_the_path(tmp_path):

@@ -22,7 +22,7 @@ from vidpo.config import load_config
 from vidpo.data.pairs import MANIFEST_FILE, PairDataError, read_manifest
 from vidpo.labeling import LabelingError, PairBatch, VLMConfig, VLMLabeler, build_labeler, parse_answer
 from vidpo.labeling.answer_cache import AnswerCache
-from vidpo.labeling.vlm import pick_frames
+from vidpo.labeling.vlm import ServerUnreachable, pick_frames
 from vidpo.stages.label import BatchReader, label_pairs
 
 FPS = 6.0
@@ -179,7 +179,7 @@ def _malformed(request):
     return Reply(text=brightness_verdict(request))
 
 
-def test_malformed_replies_are_counted_failures_naming_pair_and_segment(server):
+def test_malformed_replies_are_unparseable_ties_or_failures_naming_pair_and_segment(server):
     server.behaviour = _malformed
     names = ["maybe", "both", "json", "nochoices", "fine"]
     targets = [[1, 1, 1]] * 4 + [[-1, -1, -1]]
@@ -187,8 +187,11 @@ def test_malformed_replies_are_counted_failures_naming_pair_and_segment(server):
     result = make_labeler(server).label(batch)
     assert result.labels.tolist() == [[1, 0, 1]] * 4 + [[-1, -1, -1]]
     assert result.video_labels.tolist() == [1, 1, 1, 1, -1]
-    assert result.failed == 4 and len(result.messages) == 4
-    reasons = ["no decidable answer", "no decidable answer", "not JSON", "no choices[0].message.content"]
+    # An answer without a verdict is a tie counted apart; a body that is no chat completion is a failure.
+    assert [row[1] for row in result.status] == ["unparseable", "unparseable", "failed", "failed", "ok"]
+    assert result.unparseable == 2 and result.failed == 2 and len(result.messages) == 4
+    reasons = ["unparseable: reply has no decidable answer", "unparseable: reply has no decidable answer",
+               "failed: reply body is not JSON", "failed: reply JSON has no choices[0].message.content"]
     for b, (message, reason) in enumerate(zip(result.messages, reasons)):
         assert f"pair 'p{b}' segment 1 " in message and reason in message, message
     assert "'I think maybe'" in result.messages[0]
@@ -239,15 +242,26 @@ def test_a_reply_slower_than_the_timeout_is_a_counted_failure(server):
     assert all("timed out after 0.3 s" in m and "gave up after 2 attempts" in m for m in result.messages)
 
 
-def test_unreachable_server_is_a_failure_not_a_hang():
+def test_unreachable_server_is_one_error_before_any_question_not_a_hang():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again below: nothing listens there
     labeler = VLMLabeler(VLMConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", timeout_s=0.3,
                                    max_retries=1, retry_backoff_s=0.01))
-    result = labeler.label(make_batch([[1, 0, -1]]))
-    assert result.labels.tolist() == [[0, 0, 0]] and result.failed == 3
-    assert all("cannot reach" in m for m in result.messages)
+    with pytest.raises(ServerUnreachable, match=rf"cannot reach the VLM server at http://127.0.0.1:{port}/v1 "
+                                                rf"\(GET http://127.0.0.1:{port}/v1/models: .*2 attempts\)"):
+        labeler.label(make_batch([[1, 0, -1]]))
+    assert labeler.stats.summary()["requests"] == 0   # no question was sent
+
+
+def test_the_probe_passes_on_any_http_answer(server):
+    """A server without ``/models`` answers 404: something is there, so labelling goes on; one probe per labeller."""
+    labeler = make_labeler(server, base_url=server.base_url.replace("/v1", "/v2"))
+    labeler.probe()   # 404 from the test server
+    labeler = make_labeler(server)
+    assert labeler.label(make_batch([[1, -1, 0]])).labels.tolist() == [[1, -1, 0]]
+    labeler.label(make_batch([[1, -1, 0]]))
+    assert server.probes == 2 and len(server.requests) == 12
 
 
 def test_requests_run_concurrently_up_to_the_limit(server):
@@ -373,7 +387,7 @@ def test_reasoning_replies_think_blocks_and_cut_replies(server):
                3: Reply(raw_body=_raw(None, finish_reason="length", reasoning_content="A is ... B is ..."))}
     server.behaviour = lambda r: replies[r.segment_number]
     result = make_labeler(server, max_tokens=64).label(make_batch([[1, 1, 1]]))
-    assert result.labels.tolist() == [[0, 0, 0]] and result.failed == 3
+    assert result.labels.tolist() == [[0, 0, 0]] and result.unparseable == 3 and result.failed == 0
     assert "ends inside a <think> block" in result.messages[0]
     for message in result.messages[1:]:
         assert "cut at the token limit (max_tokens = 64) inside its reasoning" in message
@@ -426,7 +440,7 @@ def test_unreadable_replies_are_cached_transport_failures_are_not(server, tmp_pa
     cache = AnswerCache(tmp_path / "answers.jsonl")
     labeler = VLMLabeler(make_labeler(server, max_retries=0).config, cache=cache)
     result = labeler.label(make_batch([[1, -1, 1]]))
-    assert result.labels.tolist() == [[0, 0, 1]] and result.failed == 2
+    assert result.labels.tolist() == [[0, 0, 1]] and result.status == [["unparseable", "failed", "ok"]]
     stats = labeler.stats.summary()
     assert stats["requests"] == 4 and stats["outcomes"] == {"200": 3, "503": 1}
     asked = len(server.requests)

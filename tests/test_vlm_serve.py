@@ -3,8 +3,8 @@
 
 The model's answers are random text, so these tests check what a real server does with the labeller's requests:
 every request of the formats it accepts gets HTTP 200, its image processor turns every image into image tokens,
-an unusable answer becomes a counted tie (never a crash), forced answers (``logit_bias``) are read, a refused
-form is a counted failure naming the HTTP error, and a rerun with the answer cache sends nothing (counted by the
+an unusable answer becomes a counted unparseable tie (never a crash), forced answers (``logit_bias``) are read, a
+refused form is a counted failure naming the HTTP error, and a rerun with the answer cache sends nothing (counted by the
 labeller and in the server's own access log). What ``transformers serve`` 5.23 accepts and refuses is pinned in
 ``test_request_fields_the_server_accepts_and_refuses``. The server is started once per module by a fixture
 (random free port, ready when ``/health`` answers, killed on teardown) and the module is skipped without the
@@ -76,12 +76,12 @@ def post(served, body: dict) -> tuple[int, dict]:
 
 
 def assert_usable_or_counted(result, labeler, comparisons: int) -> None:
-    """Every comparison is answered (200) and gives a label, or a counted tie whose message says the answer was
-    unusable; nothing else went wrong."""
+    """Every comparison is answered (200) and gives a label, or an unparseable answer (a counted tie) whose message
+    says the answer was unusable; nothing failed."""
     stats = labeler.stats.summary()
     assert stats["outcomes"] == {"200": stats["requests"]}, stats["outcomes"]
     assert comparisons <= stats["requests"] <= 2 * comparisons
-    assert result.failed == len(result.messages)
+    assert result.failed == 0 and result.unparseable == len(result.messages)
     assert all(UNUSABLE.search(message) for message in result.messages), result.messages[:3]
     for message in result.messages:
         pair, segment = re.search(r"pair 'p(\d+)' segment (\d+)", message).groups()
@@ -122,7 +122,7 @@ def test_forced_answers_are_read_and_unusable_ones_are_counted_ties(served):
     assert orders == [[["B", "B"]] * SEGMENTS] * 2
     unusable = make_labeler(served, max_tokens=2, extra_body={"logit_bias": {str(token_id(model_dir, "x")): 100.0}})
     result = unusable.label(make_batch(2))
-    assert result.failed == 2 * SEGMENTS and result.labels.abs().sum() == 0
+    assert result.unparseable == 2 * SEGMENTS and result.failed == 0 and result.labels.abs().sum() == 0
     assert all("cut at the token limit (max_tokens = 2) before it answered: raise" in m and "'xx'" in m
                for m in result.messages)
     assert_usable_or_counted(result, unusable, comparisons=2 * SEGMENTS)
@@ -131,12 +131,13 @@ def test_forced_answers_are_read_and_unusable_ones_are_counted_ties(served):
 def test_video_url_is_refused_by_transformers_serve_and_counted(served):
     """transformers serve 5.23 answers a ``video_url`` part with HTTP 500: for a multimodal model it loads the
     video's audio track (which needs torchcodec) and LLaVA's processor has no video processor (which would need
-    torchvision). The labeller counts each such comparison as a failed tie naming the error; it does not crash."""
+    torchvision). The labeller counts each such comparison as failed (not a tie), naming the error; no crash."""
     labeler = make_labeler(served, format="video")
     result = labeler.label(make_batch(2))
     stats = labeler.stats.summary()
     assert stats["outcomes"] == {"500": 2 * SEGMENTS}  # one question per comparison: the second is not asked
     assert result.failed == 2 * SEGMENTS and result.labels.abs().sum() == 0
+    assert result.status == [["failed"] * SEGMENTS] * 2
     assert all("HTTP 500" in m and "gave up after 1 attempts" in m for m in result.messages)
 
 

@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from vidpo.cli.common import add_overrides
+from vidpo.cli.common import add_overrides, add_overwrite
 from vidpo.config import load_config
 from vidpo.stages.cache import run_cache
 from vidpo.stages.common import setup_logging
@@ -24,7 +24,7 @@ def cmd_generate(args) -> int:
     cfg = _load(args)
     out = Path(args.out)
     parts = prepare_run(cfg, out.parent)   # a prompt file's embeddings go beside the pairs directory
-    generate_and_decode(cfg, out, parts, split=args.split, resume=False)
+    generate_and_decode(cfg, out, parts, split=args.split, resume=False, overwrite=args.overwrite)
     print(json.dumps(json.loads((out / "generate.json").read_text()), indent=2))
     return 0
 
@@ -52,7 +52,7 @@ def cmd_judge_eval(args) -> int:
 def cmd_run(args) -> int:
     cfg = _load(args)
     setup_logging(Path(args.out))
-    summary = run_pipeline(cfg, args.out, resume=not args.no_resume)
+    summary = run_pipeline(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite)
     brief = {k: summary[k] for k in ("oracle", "win_rate") if k in summary}
     if "judged" in summary:
         brief["judged"] = {k: summary["judged"][k] for k in ("judge", "win_rate", "wins", "ties", "losses", "failed")}
@@ -66,6 +66,7 @@ def add_pipeline_verbs(sub) -> None:
     p.add_argument("recipe")
     p.add_argument("--out", required=True, help="pairs directory")
     p.add_argument("--split", default="train", choices=["train", "heldout"])
+    add_overwrite(p, "--out")
     add_overrides(p)
     p.set_defaults(func=cmd_generate)
 
@@ -98,6 +99,7 @@ def add_pipeline_verbs(sub) -> None:
     p.add_argument("recipe")
     p.add_argument("--out", required=True)
     p.add_argument("--no-resume", action="store_true")
+    add_overwrite(p, "--out")
     add_overrides(p)
     p.set_defaults(func=cmd_run)
 

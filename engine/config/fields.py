@@ -7,7 +7,7 @@ Kept free of other ``vidpo`` imports so every module of the package can use it.
 * A ``Problem`` is one thing wrong with a config: a sentence that names the key(s), plus the dotted keys it
   is about, so the loader can say where each key was set (a recipe file or ``--set KEY``).
 * ``Section.problems(prefix)`` lists everything wrong with a section: values outside their choices, the
-  section's own ``rules`` and those of its nested sections. ``RunConfig`` adds the cross-section rules.
+  section's own ``rules`` and those of its nested sections; a float field is never NaN or infinite. ``RunConfig`` adds the cross-section rules.
 * ``check_on_construction(obj)``: sections that code builds directly (``VLMConfig``, ``LoRAConfig``) raise a
   ValueError from ``__post_init__``; while the loader builds a config (``deferred_checks``) they do not, and
   their problems are reported with all the others instead.
@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Iterable, Iterator
 
@@ -110,6 +111,17 @@ def choice_problems(obj, prefix: str = "") -> list[Problem]:
     return out
 
 
+def finite_problems(obj, prefix: str = "") -> list[Problem]:
+    """The float fields of ``obj`` that are NaN or infinite: no setting of a run means either."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            key = prefix + f.name
+            out.append(Problem(f"{key} must be a finite number, got {value!r}", [key]))
+    return out
+
+
 class Section:
     """Base class of the config dataclasses: ``problems`` lists what is wrong with one (see the module doc).
 
@@ -124,8 +136,8 @@ class Section:
         return self.section_problems(prefix) + list(self.rules(prefix))
 
     def section_problems(self, prefix: str = "") -> list[Problem]:
-        """Values of this section outside their choices, then the problems of its nested sections."""
-        out = choice_problems(self, prefix)
+        """Values of this section outside their choices or not finite, then the problems of its nested sections."""
+        out = choice_problems(self, prefix) + finite_problems(self, prefix)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Section):

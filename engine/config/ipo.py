@@ -139,8 +139,10 @@ class CriticConfig(Section):
 
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
+        p.at_least(self, 1, "width", "depth", "num_heads")
         try:
-            self.dit()
+            if not p:   # sizes in range: whether they make a network together
+                self.dit()
         except ValueError as exc:
             p.add(f"{prefix}width / depth / num_heads / patch_size are not a valid critic network: {exc}",
                   "width", "depth", "num_heads", "patch_size")

@@ -230,6 +230,7 @@ class SampleConfig(Section):
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.at_least(self, 1, "steps", "num_samples", "batch_size")
+        p.at_least(self, 0, "cfg_scale")
         return p
 
 

@@ -106,7 +106,7 @@ class GenerateConfig(Section):
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.at_least(self, 1, "num_pairs", "steps", "shard_size", "decode_batch_size")
-        p.at_least(self, 0, "heldout_pairs")
+        p.at_least(self, 0, "heldout_pairs", "cfg_scale")
         for name in ("frames", "height", "width"):
             value = getattr(self, name)
             p.check(value is None or value >= 1, name, f"must be >= 1 when set, got {value!r}")
@@ -201,7 +201,8 @@ class VLMConfig(Section):
     """Resize filter; 'auto' = nearest when upscaling (keeps small toy frames crisp), bicubic when shrinking."""
 
     on_error: str = choice("tie", ErrorPolicy)
-    """A failed comparison: 'tie' (counted, with a message) or 'raise' (LabelingError)."""
+    """An unparseable answer or a failed comparison: 'tie' (an unparseable answer is a counted tie, a failed
+    comparison is stored as failed and asked again by the next run; both reported) or 'raise' (LabelingError)."""
 
     prompt: str = DEFAULT_PROMPT
     """Question template; placeholders: {caption} {segment_number} {num_segments} {start_s} {end_s} {frames} {fps}."""
@@ -273,8 +274,10 @@ class LabelConfig(Section):
     """Human labels JSONL ({"pair_id": .., "labels": [..]} or {"pair_id": .., "label": ..} per line)."""
 
     on_error: str = choice("tie", ErrorPolicy)
-    """What an unusable label (unparseable VLM reply, missing human label) becomes: a counted tie, or a
-    hard error. It overrides label.vlm.on_error."""
+    """What an unusable label becomes. 'tie': a VLM answer that does not parse is a counted tie (status
+    'unparseable'), and a comparison that could not be made (no reply, HTTP error, missing human label) is
+    stored as 'failed' (label 0 but no tie: asked again by the next `vidpo label`, masked in training);
+    'raise': either stops the run. It overrides label.vlm.on_error."""
 
     vlm: Optional[VLMConfig] = None
     """The VLM labeller's endpoint, model and prompt (required when labeler is 'vlm')."""
@@ -285,9 +288,17 @@ class LabelConfig(Section):
     effective batch small (the paper keeps pairs with more than 20%). Null: every labelled pair trains. The
     number of pairs it drops is in the training summary."""
 
+    max_failed_fraction: float = 0.5
+    """`vidpo label` ends with an error (naming the count, the fraction and the first failure) when more than
+    this fraction of the (pair, segment) comparisons are still failed at its end; the labels made are kept
+    in labels.partial.jsonl, no manifest.jsonl is written, and a rerun asks again only the failed ones.
+    1.0 never errors; 0.0 errors on any failure."""
+
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.positive(self, "segment_seconds")
+        p.check(0.0 <= self.max_failed_fraction <= 1.0, "max_failed_fraction",
+                f"must be in [0, 1], got {self.max_failed_fraction!r}")
         p.check(self.min_non_tie_fraction is None or 0.0 <= self.min_non_tie_fraction < 1.0, "min_non_tie_fraction",
                 f"must be in [0, 1) or null, got {self.min_non_tie_fraction!r}")
         p.at_least(self, 1, "temporal_compression")

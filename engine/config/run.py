@@ -89,6 +89,7 @@ class RunConfig(Section):
     def rules(self, prefix: str = "", world_size: Optional[int] = None) -> list[Problem]:
         """The cross-section rules (module docstring); ``world_size`` replaces the cluster's world."""
         p = Problems(prefix)
+        p.at_least(self, 0, "seed")
         train, par, cl = self.train, self.parallel, self.cluster
         if self.pref.reference == "lora_disabled" and self.lora is None:
             p.add("pref.reference=lora_disabled needs LoRA (set a lora section, e.g. --set lora.rank=8)",
@@ -99,7 +100,9 @@ class RunConfig(Section):
         if self.data.source == "latents" and train.objective in OBJECTIVES and train.objective != "sft":
             p.add(f"data.source 'latents' trains train.objective 'sft' only, got '{train.objective}' (preference "
                   "objectives read pairs directories: pref.pairs)", "data.source", "train.objective")
-        if train.objective == "consistency_distill" and not (self.distill.teacher or train.init_from):
+        # a release (wan) is its own teacher and the student's initial weights (model.path)
+        if train.objective == "consistency_distill" and self.model.kind == "dit" \
+                and not (self.distill.teacher or train.init_from):
             p.add("train.objective=consistency_distill: the student needs initial weights: set distill.teacher "
                   "(or train.init_from)", "train.objective", "distill.teacher", "train.init_from")
         dit = self._dit()

@@ -81,7 +81,18 @@ class TrainConfig(Section):
     asked for), plain AdamW on CPU."""
 
     max_bad_steps: int = 5
-    """Stop after this many consecutive non-finite losses (each one skips its step and is logged)."""
+    """Stop after this many consecutive bad steps: a non-finite loss or gradient norm (its optimizer step is
+    skipped) or a diverging one (``divergence_factor``). ``checkpoints/latest`` is then rolled back to the last
+    checkpoint written before the streak began (vidpo.training.trainer)."""
+
+    divergence_factor: float = 10.0
+    """A finite step whose loss or gradient norm exceeds this many times its running median (over the last
+    ``divergence_window`` healthy steps) is diverging: logged, counted as a bad step, and checkpoints written
+    meanwhile are marked suspect (0: off; vidpo.training.divergence)."""
+
+    divergence_window: int = 20
+    """Healthy steps the running median of the divergence guard is taken over; the guard judges no step
+    before it has seen this many."""
 
     ema_decay: float = 0.0
     """Keep an exponential moving average of the trained weights with this decay (0: off; pretraining
@@ -98,9 +109,12 @@ class TrainConfig(Section):
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.at_least(self, 1, "max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints",
-                   "max_bad_steps")
-        p.at_least(self, 0, "lr", "warmup_steps", "weight_decay", "grad_clip", "ckpt_every", "eval_every",
+                   "max_bad_steps", "divergence_window")
+        p.positive(self, "lr")
+        p.at_least(self, 0, "warmup_steps", "weight_decay", "grad_clip", "ckpt_every", "eval_every",
                    "num_threads")
+        p.check(self.divergence_factor == 0 or self.divergence_factor > 1, "divergence_factor",
+                f"must be 0 (off) or > 1, got {self.divergence_factor!r}")
         p.fraction(self, "min_lr_ratio")
         p.check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
                 f"must be two values in [0, 1), got {list(self.betas)}")
@@ -141,7 +155,7 @@ class EvalConfig(Section):
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.at_least(self, 1, "num_samples", "steps", "judged_videos")
-        p.at_least(self, 0, "seed_offset", "grid_conditions")
+        p.at_least(self, 0, "seed_offset", "grid_conditions", "cfg_scale")
         return p
 
 

@@ -10,7 +10,16 @@ A manifest line::
 
     {"pair_id": "p000012", "shard": "shards/shard_00000.safetensors", "row": 12, "prompt_id": "shapes-0013",
      "cond_ids": [1, 0, 3], "caption": "a blue square moving up", "mode": "structural", "eta": 0.63,
-     "labels": [1, 0], "video_label": 1, "segment_seconds": 0.5, "label_source": "oracle"}
+     "labels": [1, 0], "video_label": 1, "segment_seconds": 0.5, "label_source": "oracle",
+     "label_status": ["ok", "tie"]}
+
+``label_status`` says per segment what the label is (``vidpo.labeling.base``): ``ok`` (a verdict), ``tie``,
+``unparseable`` (the judge's answer gave no verdict: a tie) or ``failed`` (no comparison was made: label 0, but
+not a tie). Training (``trainable_records``) masks failed segments: they carry no label, so the DenseDPO loss
+skips them like ties (neither its sum nor its normaliser counts them), the whole-video label is the majority of
+the judged segments, the DenseDPO data rule counts non-tie segments among the judged ones, and a pair with no
+judged segment does not train at all (a tie pair would still be a "winner" for ``pref.sft_source: winners``).
+A manifest without a non-tie label does not train: all ties give a loss of 0.
 
 Reading validates every line and names ``file:line`` in every complaint; with ``on_error="skip"`` a bad line
 is counted and skipped (the messages are returned), with ``"raise"`` the first one stops the run.
@@ -35,6 +44,10 @@ log = logging.getLogger("vidpo")
 PAIRS_FILE = "pairs.jsonl"
 MANIFEST_FILE = "manifest.jsonl"
 SHARD_DIR = "shards"
+STATUS_OK, STATUS_TIE, STATUS_UNPARSEABLE, STATUS_FAILED = "ok", "tie", "unparseable", "failed"
+LABEL_STATUSES = (STATUS_OK, STATUS_TIE, STATUS_UNPARSEABLE, STATUS_FAILED)
+"""What a segment label is (``label_status``): a verdict, a tie, an unparseable answer (a tie), or a failed
+comparison (no label). The labellers (``vidpo.labeling``) write them."""
 
 
 class PairDataError(ValueError):
@@ -57,7 +70,17 @@ class PairRecord:
     video_label: Optional[int] = None
     segment_seconds: Optional[float] = None
     label_source: Optional[str] = None
+    label_status: Optional[list[str]] = None
+    """Per segment: ok / tie / unparseable / failed (None in manifests written before statuses: all judged)."""
     extra: dict = field(default_factory=dict)
+
+    def failed_segments(self) -> int:
+        """Segments whose comparison failed (no label)."""
+        return sum(v == STATUS_FAILED for v in self.label_status or [])
+
+    def judged_segments(self) -> int:
+        """Segments with a label (a verdict, a tie or an unparseable answer), i.e. all but the failed ones."""
+        return len(self.labels or []) - self.failed_segments()
 
     def to_json(self) -> str:
         data = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
@@ -95,6 +118,16 @@ def parse_line(text: str, where: str, *, need_labels: bool) -> PairRecord:
         if not isinstance(labels, list) or not labels or any(v not in (-1, 0, 1) or isinstance(v, bool)
                                                                for v in labels):
             raise PairDataError(f"{where}: pair {pid}: 'labels' must be a non-empty list of -1/0/1, got {labels!r}")
+        status = data.get("label_status")
+        if status is not None:
+            if (not isinstance(status, list) or len(status) != len(labels)
+                    or any(v not in LABEL_STATUSES for v in status)):
+                raise PairDataError(f"{where}: pair {pid}: 'label_status' must be a list of {len(labels)} of "
+                                    f"{LABEL_STATUSES} (one per label), got {status!r}")
+            wrong = [i for i, (v, y) in enumerate(zip(status, labels)) if (v == STATUS_OK) != (y != 0)]
+            if wrong:
+                raise PairDataError(f"{where}: pair {pid}: segment {wrong[0]} has label {labels[wrong[0]]} but "
+                                    f"status {status[wrong[0]]!r} (only 'ok' labels are non-zero)")
     extra = {k: v for k, v in data.items() if k not in _KNOWN}
     known = {k: v for k, v in data.items() if k in _KNOWN}
     return PairRecord(**known, extra=extra)
@@ -127,6 +160,33 @@ def read_manifest(path: str | os.PathLike, *, need_labels: bool = True, on_error
         seen.add(rec.pair_id)
         records.append(rec)
     return records, problems
+
+
+def trainable_records(records: list[PairRecord], pairs_dir: str | os.PathLike) -> tuple[list[PairRecord], int]:
+    """The labelled records training may use, and how many were dropped because none of their segments was
+    judged (every comparison failed). Failed segments of the others keep label 0, which the losses mask. A
+    PairDataError names ``pairs_dir`` and says why when no segment of any record is a non-tie label."""
+    kept = [r for r in records if r.judged_segments() > 0]
+    if not any(v != 0 for r in kept for v in r.labels):
+        segments = sum(len(r.labels) for r in records)
+        failed = sum(r.failed_segments() for r in records)
+        unparseable = sum(v == STATUS_UNPARSEABLE for r in records for v in r.label_status or [])
+        if not records:
+            why = "it has no labelled pairs"
+        else:
+            why = (f"none of its {segments} segment labels ({len(records)} pairs) prefers a video: "
+                   f"{segments - failed - unparseable} ties, {unparseable} unparseable answers (ties), "
+                   f"{failed} failed comparisons")
+        hint = ("; rerun `vidpo label` to ask the failed ones again" if failed else
+                "; an all-tie manifest trains at loss 0: check the labeller (label.labeler, its answers in "
+                "label.json)")
+        raise PairDataError(f"{Path(pairs_dir) / MANIFEST_FILE}: nothing to train on: {why}{hint}")
+    failed = sum(r.failed_segments() for r in kept)
+    if failed:
+        log.warning("%s: %d failed comparisons (no label) are masked in training and %d pairs with no judged "
+                    "segment are left out; rerun `vidpo label` to ask them again", Path(pairs_dir) / MANIFEST_FILE,
+                    failed, len(records) - len(kept))
+    return kept, len(records) - len(kept)
 
 
 def write_manifest(path: str | os.PathLike, records: list[PairRecord]) -> None:

@@ -273,6 +273,8 @@ def _take(clips: Clips, indices: list[int]) -> Tensor:
 
 def _failed_pairs(result: LabelResult, pair_ids: list[str]) -> Optional[set[int]]:
     """Indices of the pairs whose (single-segment) comparison failed, or None when the messages do not say."""
+    if result.status is not None:   # the labeller said which (an unparseable answer is a tie, not a failure)
+        return {b for b, row in enumerate(result.status) if "failed" in row}
     if result.failed == 0:
         return set()
     if result.failed >= len(pair_ids):

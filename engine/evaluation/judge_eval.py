@@ -141,7 +141,8 @@ def markdown_report(report: dict) -> str:
                   f"| order consistency | {_rate(bias['order_consistency'])} |",
                   f"| answers (picking a video) | {bias['answers']} ({bias['answers_picking_a_video']}) |"]
     if report.get("failed_comparisons"):
-        lines += ["", f"{report['failed_comparisons']} comparisons failed and count as judge ties."]
+        lines += ["", f"{report['failed_comparisons']} comparisons failed (no judgement): their "
+                      f"{report.get('pairs_with_failed_comparisons', '?')} pairs are left out of the rates."]
     lines += ["", "Rates are mean [95% CI]. Agreement counts a tie as a label; decisive agreement is the judge's "
               "accuracy on segments both call; coverage is the share of people's calls the judge also makes."]
     return "\n".join(lines) + "\n"

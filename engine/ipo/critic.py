@@ -177,6 +177,8 @@ def load_preference_data(pairs_dir: str | Path, num_segments: Optional[int] = No
                                           num_segments=num_segments)
         if problems:
             log.warning("critic data: %d unusable manifest lines in %s skipped", len(problems), pairs_dir)
+    # The Davidson model trains a label 0 as a tie: a pair with a failed comparison (no label) is left out.
+    records = [r for r in records if not r.failed_segments()]
     if not records:
         raise ValueError(f"{pairs_dir}: no labelled pairs")
     # A record without a whole-video label gets the majority vote of its segment labels.

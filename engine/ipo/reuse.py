@@ -18,6 +18,7 @@ from vidpo.config import ConfigError, RunConfig, load_config, resolve_path, to_d
 from vidpo.ipo.layout import TIMINGS_FILE
 from vidpo.training import checkpoint as ckpt
 from vidpo.utils import atomic
+from vidpo.utils.lock import LOCK_FILE
 
 log = logging.getLogger("vidpo")
 
@@ -124,7 +125,8 @@ def reuse_run(cfg: RunConfig, out: Path, source: str | Path) -> list[str]:
         src = source / item
         if not src.exists():
             continue
-        files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file() and atomic.TMP_MARK not in p.name]
+        files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file() and atomic.TMP_MARK not in p.name
+                                             and p.name != LOCK_FILE]   # a linked lock file would be shared
         for f in files:
             dst = out / f.relative_to(source)
             if dst.exists():

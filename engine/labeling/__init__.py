@@ -2,11 +2,17 @@
 
 ``build_labeler(kind, **options)`` builds one by kind ("oracle", "human", "vlm"; "critic" once the critic
 module has registered itself with ``@register_labeler("critic")``); ``labeler.label(PairBatch)`` returns
-a ``LabelResult`` of labels (B, S) in {+1, -1, 0}, their majority vote (B,), and the failed comparisons.
+a ``LabelResult`` of labels (B, S) in {+1, -1, 0}, their majority vote (B,), and the status of each label
+(``ok``, ``tie``, ``unparseable``: a tie; ``failed``: no label, asked again by a rerun).
 """
 from vidpo.labeling.base import (
                                  ERROR_POLICIES,
                                  KNOWN_KINDS,
+                                 LABEL_STATUSES,
+                                 STATUS_FAILED,
+                                 STATUS_OK,
+                                 STATUS_TIE,
+                                 STATUS_UNPARSEABLE,
                                  Labeler,
                                  LabelingError,
                                  LabelResult,
@@ -15,13 +21,15 @@ from vidpo.labeling.base import (
                                  majority_vote,
                                  register_labeler,
                                  registered_kinds,
+                                 status_counts,
 )
 from vidpo.labeling.human import HumanLabeler, HumanLabelFile, save_label_file
 from vidpo.labeling.oracle_labeler import OracleLabeler
-from vidpo.labeling.vlm import VLMConfig, VLMLabeler, parse_answer
+from vidpo.labeling.vlm import ServerUnreachable, VLMConfig, VLMLabeler, parse_answer
 
 __all__ = [
-    "ERROR_POLICIES", "KNOWN_KINDS", "LabelingError", "LabelResult", "Labeler", "PairBatch", "build_labeler",
+    "ERROR_POLICIES", "KNOWN_KINDS", "LABEL_STATUSES", "STATUS_FAILED", "STATUS_OK", "STATUS_TIE",
+    "STATUS_UNPARSEABLE", "status_counts", "LabelingError", "LabelResult", "Labeler", "PairBatch", "build_labeler",
     "majority_vote", "register_labeler", "registered_kinds", "HumanLabeler", "HumanLabelFile",
-    "save_label_file", "OracleLabeler", "VLMConfig", "VLMLabeler", "parse_answer",
+    "save_label_file", "OracleLabeler", "ServerUnreachable", "VLMConfig", "VLMLabeler", "parse_answer",
 ]

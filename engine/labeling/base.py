@@ -4,9 +4,15 @@ A labeller compares the two videos of each pair segment by segment (DenseDPO, DE
 ``labels[b, s]`` is ``+1`` when the first video of pair ``b`` is better in segment ``s``, ``-1`` when the
 second is, and ``0`` for a tie. The whole-video label is the majority vote of the segment labels,
 ``sign(sum_s labels[b, s])`` (0 on a draw), which is also how DenseDPO turns GPT segment verdicts into a
-global preference. A comparison that could not be made (an unreadable VLM reply, a timeout, a bad line
-in a human-labels file) becomes a tie, is counted in ``LabelResult.failed`` and gets one message naming
-the pair and the segment, so a run can say how much of its signal is missing instead of silently
+global preference.
+
+Every (pair, segment) also has a **status** (``LabelResult.status``): ``ok`` (a verdict for one video), ``tie``
+(the judge called it even, or its two orders disagreed), ``unparseable`` (the judge answered, but nothing in the
+answer decides: a counted tie, since asking again gives the same answer) or ``failed`` (the comparison could not
+be made: connection refused, a timeout, an HTTP error, a reply body that is not a chat completion, a pair missing
+from a human-labels file). A failed segment has label 0 but is *not* a tie: ``vidpo label`` stores it as failed,
+asks it again on the next run, and training masks it out. Unparseable and failed segments get one message each
+naming the pair and the segment, so a run can say how much of its signal is missing instead of silently
 training on ties. Labellers with ``on_error="raise"`` raise ``LabelingError`` instead.
 
 Labellers register under a short kind name with ``@register_labeler("kind")``; ``build_labeler(kind,
@@ -25,8 +31,11 @@ import torch
 from torch import Tensor
 
 from vidpo.config import ERROR_POLICIES
+from vidpo.data.pairs import LABEL_STATUSES, STATUS_FAILED, STATUS_OK, STATUS_TIE, STATUS_UNPARSEABLE
 
 KNOWN_KINDS = ("oracle", "human", "vlm", "critic")
+
+
 """Kinds a recipe may name; a kind is usable once the module defining it has been imported."""
 
 
@@ -125,34 +134,78 @@ def majority_vote(labels: Tensor) -> Tensor:
     return torch.sign(labels.to(torch.int64).sum(dim=1))
 
 
+def statuses_of(labels: Tensor) -> list[list[str]]:
+    """The statuses of labels (B, S) that were all judged: ``ok`` for a verdict, ``tie`` for a 0."""
+    return [[STATUS_OK if v else STATUS_TIE for v in row] for row in labels.tolist()]
+
+
+def status_counts(status: list[list[str]]) -> dict[str, int]:
+    """How many (pair, segment) labels have each status (every status named, 0 when absent)."""
+    counts = dict.fromkeys(LABEL_STATUSES, 0)
+    for row in status:
+        for value in row:
+            counts[value] += 1
+    return counts
+
+
 @dataclass
 class LabelResult:
-    """Labels of a ``PairBatch``; a failed comparison is a tie here, counted in ``failed``."""
+    """Labels of a ``PairBatch`` with the status of each; failed and unparseable comparisons have label 0."""
 
     labels: Tensor
-    """(B, S) int64 in {+1, -1, 0}: +1 the first video is better in segment s, -1 the second, 0 tie."""
+    """(B, S) int64 in {+1, -1, 0}: +1 the first video is better in segment s, -1 the second, 0 tie or no label."""
 
     video_labels: Tensor
-    """(B,) int64 whole-video labels, the majority vote of ``labels``."""
+    """(B,) int64 whole-video labels, the majority vote of ``labels`` (failed segments, 0, do not vote)."""
 
     failed: int = 0
-    """Segment comparisons that failed (unparseable reply, timeout, HTTP error, bad file line)."""
+    """Segment comparisons that could not be made (timeout, HTTP error, a reply that is no chat completion,
+    a bad or missing human-labels line): status ``failed``, asked again by a rerun of ``vidpo label``."""
 
     messages: list[str] = field(default_factory=list)
-    """One human-readable line per failure, naming the pair id and the segment(s); a failure that hits
-    every segment of a pair (a bad human-labels line) is one line naming them all."""
+    """One human-readable line per failed or unparseable comparison, naming the pair id and the segment(s); a
+    failure that hits every segment of a pair (a bad human-labels line) is one line naming them all."""
+
+    status: Optional[list[list[str]]] = None
+    """(B, S) statuses in ``LABEL_STATUSES``; None when the labeller did not say (then ``statuses()`` derives
+    ``ok`` / ``tie`` from the labels, and ``failed`` alone counts failures)."""
+
+    unparseable: int = 0
+    """Segment comparisons the judge answered without a decidable verdict: status ``unparseable``, a tie."""
 
     @classmethod
-    def from_labels(cls, labels: Tensor, failed: int = 0, messages: Optional[list[str]] = None) -> "LabelResult":
-        """A result whose whole-video labels are the majority vote of ``labels`` (B, S)."""
+    def from_labels(cls, labels: Tensor, failed: int = 0, messages: Optional[list[str]] = None,
+                    status: Optional[list[list[str]]] = None) -> "LabelResult":
+        """A result whose whole-video labels are the majority vote of ``labels`` (B, S). With ``status`` (B, S),
+        ``failed`` and ``unparseable`` are counted from it (``failed`` must then be left 0 or agree)."""
         labels = labels.to(torch.int64)
         if bool(((labels < -1) | (labels > 1)).any()):
             raise ValueError(f"labels must be in {{-1, 0, 1}}, got values {sorted(set(labels.flatten().tolist()))}")
-        return cls(labels=labels, video_labels=majority_vote(labels), failed=failed, messages=list(messages or []))
+        unparseable = 0
+        if status is not None:
+            status = [list(row) for row in status]
+            if len(status) != labels.shape[0] or any(len(row) != labels.shape[1] for row in status):
+                raise ValueError(f"status must be {tuple(labels.shape)} like the labels")
+            for row, values in zip(status, labels.tolist()):
+                for value, label in zip(row, values):
+                    if value not in LABEL_STATUSES:
+                        raise ValueError(f"status must be one of {LABEL_STATUSES}, got {value!r}")
+                    if (value == STATUS_OK) != (label != 0):
+                        raise ValueError(f"status {value!r} with label {label}: only 'ok' labels are non-zero")
+            counts = status_counts(status)
+            if failed and failed != counts[STATUS_FAILED]:
+                raise ValueError(f"failed = {failed} but the status holds {counts[STATUS_FAILED]} failed segments")
+            failed, unparseable = counts[STATUS_FAILED], counts[STATUS_UNPARSEABLE]
+        return cls(labels=labels, video_labels=majority_vote(labels), failed=failed, messages=list(messages or []),
+                   status=status, unparseable=unparseable)
+
+    def statuses(self) -> list[list[str]]:
+        """``status``, or ``ok`` / ``tie`` from the labels when the labeller gave none."""
+        return self.status if self.status is not None else statuses_of(self.labels)
 
     @property
     def tie_fraction(self) -> float:
-        """Fraction of segment labels that are ties (failed ones included)."""
+        """Fraction of segment labels that are 0 (ties, unparseable and failed ones included)."""
         return float((self.labels == 0).double().mean()) if self.labels.numel() else 0.0
 
 

@@ -9,8 +9,9 @@ name are kept out of the way and ignored):
 A line that cannot be used names the file and line (``labels.jsonl:7: ...``) and what is wrong: bad
 JSON, not an object, a missing key, a value not in {-1, 0, 1}, a pair labelled twice, or (once the
 batch is known) a number of segment labels that differs from the batch's. ``on_error`` decides whether
-such a line stops the run ("raise") or its pair becomes ties that are counted and reported ("tie");
-``on_missing`` does the same for a pair of the batch that has no line. Annotation may go on while a run
+such a line stops the run ("raise") or its pair's segments are reported and have status ``failed`` (policy
+"tie": label 0 but no tie; ``vidpo label`` asks again on its next run, training masks them); ``on_missing``
+does the same for a pair of the batch that has no line. Annotation may go on while a run
 waits: the file is read again whenever its size or modification time changes.
 """
 from __future__ import annotations
@@ -24,7 +25,16 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from vidpo.labeling.base import Labeler, LabelingError, LabelResult, PairBatch, check_policy, register_labeler
+from vidpo.labeling.base import (
+    STATUS_FAILED,
+    Labeler,
+    LabelingError,
+    LabelResult,
+    PairBatch,
+    check_policy,
+    register_labeler,
+    statuses_of,
+)
 from vidpo.utils.atomic import write_text
 
 VALID_LABELS = (-1, 0, 1)
@@ -175,11 +185,11 @@ class HumanLabeler(Labeler):
         return True
 
     def label(self, batch: PairBatch) -> LabelResult:
-        """Labels (B, S) from the file; broken or missing pairs are ties (counted) or raise, by policy."""
+        """Labels (B, S) from the file; broken or missing pairs are failed (counted) or raise, by policy."""
         self.reload()
         num_segments = batch.num_segments
         labels = torch.zeros(batch.batch_size, num_segments, dtype=torch.int64)
-        messages, failed = list(self._unreported), 0
+        messages, failed_pairs = list(self._unreported), set()
         self._unreported = []
         span = _segment_span(num_segments)
         for b, pair_id in enumerate(batch.pair_ids):
@@ -191,17 +201,20 @@ class HumanLabeler(Labeler):
                                f"{self._file.problems[0][1]})"
                 if self.on_missing == "raise":
                     raise LabelingError(message)
-                messages.append(f"{message}; {span} counted as ties")
-                failed += num_segments
+                messages.append(f"{message}; {span} failed (no label)")
+                failed_pairs.add(b)
                 continue
             try:
                 labels[b] = torch.tensor(record.segment_labels(num_segments, f"{self.path}:{record.line}"))
             except ValueError as err:
                 if self.on_error == "raise":
                     raise LabelingError(str(err)) from None
-                messages.append(f"human: {err}; {span} counted as ties")
-                failed += num_segments
-        return LabelResult.from_labels(labels, failed=failed, messages=messages)
+                messages.append(f"human: {err}; {span} failed (no label)")
+                failed_pairs.add(b)
+        status = statuses_of(labels)
+        for b in failed_pairs:
+            status[b] = [STATUS_FAILED] * num_segments
+        return LabelResult.from_labels(labels, messages=messages, status=status)
 
 
 def save_label_file(path: str | os.PathLike, pair_ids: Sequence[str], labels: Tensor) -> None:

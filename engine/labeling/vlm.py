@@ -17,11 +17,20 @@ it saw first is its position bias (``vidpo judge-eval``).
 
 Any server speaking ``POST {base_url}/chat/completions`` works: vLLM, SGLang, TGI, ``transformers serve``,
 hosted APIs. Only the standard library is used (``urllib.request`` for HTTP, a thread pool of ``concurrency``
-workers, one worker per (pair, segment) at a time). A timeout, a connection error or an HTTP 408/429/5xx is
-retried ``max_retries`` times with exponential backoff; other 4xx answers (bad request, bad key, a request
-field the server does not know) cannot improve by retrying and fail at once. A reply with no decidable answer,
-a body that is not JSON, or a JSON body without ``choices[0].message.content`` is a failed comparison:
-counted, reported with the pair id and segment, and a tie (``on_error="tie"``) or a ``LabelingError``
+workers, one worker per (pair, segment) at a time). Before its first question the labeller checks once that
+something answers at ``base_url`` (``GET {base_url}/models``; any HTTP answer will do, a server without that route
+too): an endpoint that refuses connections is one ``ServerUnreachable`` error before any work, not a run of
+failures. A timeout, a connection error or an HTTP 408/429/5xx is retried ``max_retries`` times with exponential
+backoff; other 4xx answers (bad request, bad key, a request field the server does not know) cannot improve by
+retrying and fail at once. What each (pair, segment) becomes (``vidpo.labeling.base``, status):
+
+* ``failed`` -- a question got no reply: the retries ran out, a 4xx, a body that is not JSON or a JSON body
+  without ``choices[0].message.content``. Label 0, not a tie: ``vidpo label`` asks it again on its next run.
+* ``unparseable`` -- the model replied, but no verdict can be read (``parse_answer``): a counted tie, since the
+  same question gets the same answer (it is kept in the answer cache).
+* ``tie`` / ``ok`` -- both orders answered: the rule above.
+
+Failed and unparseable comparisons are reported with the pair id and segment, or raise a ``LabelingError``
 (``on_error="raise"``). With an ``AnswerCache`` every reply is kept on disk and no question is asked twice.
 """
 from __future__ import annotations
@@ -46,6 +55,10 @@ import torch
 from vidpo.config import VLMConfig
 from vidpo.labeling.answer_cache import AnswerCache, CachedReply
 from vidpo.labeling.base import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_TIE,
+    STATUS_UNPARSEABLE,
     Labeler,
     LabelingError,
     LabelResult,
@@ -71,8 +84,8 @@ from vidpo.labeling.vlm_request import (
     undecided_reason,
 )
 
-__all__ = ["ANSWER_REMINDER", "VIDEO_A_MARKER", "VIDEO_B_MARKER", "RequestStats", "VLMConfig", "VLMLabeler",
-           "clips_to_uint8", "parse_answer", "pick_frames", "png_data_url", "reply_text"]
+__all__ = ["ANSWER_REMINDER", "VIDEO_A_MARKER", "VIDEO_B_MARKER", "RequestStats", "ServerUnreachable", "VLMConfig",
+           "VLMLabeler", "clips_to_uint8", "parse_answer", "pick_frames", "png_data_url", "reply_text"]
 
 _RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
 
@@ -99,7 +112,15 @@ def _error_body(err: urllib.error.HTTPError) -> bytes:
 
 
 class _Failure(Exception):
-    """One request that ended without a usable verdict; the message says why."""
+    """One question that got no reply (status ``failed``); the message says why."""
+
+
+class _Unparseable(Exception):
+    """A reply without a decidable verdict (status ``unparseable``, a tie); the message says why."""
+
+
+class ServerUnreachable(LabelingError):
+    """Nothing answers at the VLM's ``base_url`` (connection refused, unknown host): said once, before any work."""
 
 
 class RequestStats:
@@ -174,6 +195,50 @@ class VLMLabeler(Labeler):
         # Proxies from the environment are for the outside world; a local server must not go through one.
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback(self.config.url) else []
         self._opener = urllib.request.build_opener(*handlers)
+        self._probe_lock = threading.Lock()
+        self._unreachable: Optional[str] = None   # the probe's verdict: None not probed yet, "" reachable
+
+    # -- is anything there? ------------------------------------------------------------------------
+
+    def probe(self) -> None:
+        """Raise ``ServerUnreachable`` unless something answers HTTP at ``base_url``: one ``GET {base_url}/models``
+        (retried like a question). Any HTTP status counts as an answer (a server without that route says 404);
+        a timeout too (the server took the connection but is busy: the questions' own timeouts decide)."""
+        cfg = self.config
+        url = cfg.base_url.rstrip("/") + "/models"
+        problem = ""
+        for attempt in range(cfg.max_retries + 1):
+            if attempt:
+                time.sleep(cfg.retry_backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(url, headers=self._headers, method="GET")
+            try:
+                with self._opener.open(request, timeout=cfg.timeout_s) as response:
+                    response.read()
+                return
+            except urllib.error.HTTPError:
+                return
+            except urllib.error.URLError as err:
+                if isinstance(err.reason, (socket.timeout, TimeoutError)):
+                    return
+                problem = str(err.reason)
+            except (socket.timeout, TimeoutError):
+                return
+            except (ConnectionError, http.client.HTTPException, OSError) as err:
+                problem = f"{err.__class__.__name__}: {err}"
+        raise ServerUnreachable(f"cannot reach the VLM server at {cfg.base_url} (GET {url}: {problem}; "
+                                f"{cfg.max_retries + 1} attempts): is it running, and is label.vlm.base_url right?")
+
+    def _check_reachable(self) -> None:
+        """``probe`` once per labeller, before its first question (threads wait for the one probe)."""
+        with self._probe_lock:
+            if self._unreachable is None:
+                try:
+                    self.probe()
+                    self._unreachable = ""
+                except ServerUnreachable as err:
+                    self._unreachable = str(err)
+        if self._unreachable:
+            raise ServerUnreachable(self._unreachable)
 
     # -- one request -------------------------------------------------------------------------------
 
@@ -182,7 +247,9 @@ class VLMLabeler(Labeler):
         return build_body(self.config, text, media_a, media_b)
 
     def post(self, body: dict) -> Reply:
-        """Send ``body`` and return the server's reply; raise ``_Failure`` with the reason when there is none."""
+        """Send ``body`` and return the server's reply; raise ``_Failure`` with the reason when there is none
+        (``ServerUnreachable`` when nothing answers at ``base_url`` at all)."""
+        self._check_reachable()
         cfg = self.config
         data = json.dumps(body).encode("utf-8")
         problem = ""
@@ -223,11 +290,12 @@ class VLMLabeler(Labeler):
         raise _Failure(f"{problem}; gave up after {cfg.max_retries + 1} attempts")
 
     def ask(self, body: dict) -> str:
-        """Send ``body`` and return the verdict "A", "B" or "TIE"; raise ``_Failure`` with the reason."""
+        """Send ``body`` and return the verdict "A", "B" or "TIE"; raise ``_Failure`` (no reply) or
+        ``_Unparseable`` (no verdict in the reply) with the reason."""
         reply = self.post(body)
         answer = parse_answer(reply.content)
         if answer is None:
-            raise _Failure(undecided_reason(reply, self.config))
+            raise _Unparseable(undecided_reason(reply, self.config))
         return answer
 
     def _reply(self, pair_id: str, segment: int, order: int, key: str, body: Callable[[], dict]) -> Reply:
@@ -246,9 +314,9 @@ class VLMLabeler(Labeler):
     # -- one (pair, segment) -----------------------------------------------------------------------
 
     def _compare(self, batch: PairBatch, first: np.ndarray, second: np.ndarray, b: int, s: int
-                 ) -> tuple[int, Optional[str], list[Optional[str]]]:
-        """(label, None, answers) for pair ``b`` segment ``s``, or (0, message, answers) when a question failed;
-        ``answers`` are the raw answers of both orders."""
+                 ) -> tuple[int, str, Optional[str], list[Optional[str]]]:
+        """(label, status, message, answers) for pair ``b`` segment ``s``: ``message`` is None unless the status
+        is ``failed`` or ``unparseable`` (label 0); ``answers`` are the raw answers of both orders."""
         cfg = self.config
         frames = pick_frames(batch.segment_frames(s), cfg.frames_per_segment)
         start_s, end_s = batch.segment_seconds(s)
@@ -269,22 +337,27 @@ class VLMLabeler(Labeler):
                                     lambda: build_body(cfg, text, media_of(shown_a), media_of(shown_b)))
                 answer = parse_answer(reply.content)
                 if answer is None:
-                    raise _Failure(undecided_reason(reply, cfg))
-            except _Failure as failure:
+                    raise _Unparseable(undecided_reason(reply, cfg))
+            except (_Failure, _Unparseable) as problem:
+                # The other order is not asked: an unparseable answer makes the segment a tie whatever it says,
+                # and a failed question is asked again (with its partner, from the cache) on the next run.
+                status = STATUS_FAILED if isinstance(problem, _Failure) else STATUS_UNPARSEABLE
                 where = "A=first, B=second" if order == 0 else "A=second, B=first"
-                return 0, (f"vlm: pair {batch.pair_ids[b]!r} segment {s} ({start_s:.2f}-{end_s:.2f} s), "
-                           f"asked with {where}: {failure}"), answers
+                return 0, status, (f"vlm: pair {batch.pair_ids[b]!r} segment {s} ({start_s:.2f}-{end_s:.2f} s), "
+                                   f"asked with {where}: {status}: {problem}"), answers
             answers[order] = answer
         votes = [{"A": sign, "B": -sign, "TIE": 0}[answer] for answer, sign in zip(answers, (+1, -1))]
-        return (votes[0] if votes[0] == votes[1] else 0), None, answers
+        label = votes[0] if votes[0] == votes[1] else 0
+        return label, (STATUS_OK if label else STATUS_TIE), None, answers
 
     def label_with_orders(self, batch: PairBatch) -> tuple[LabelResult, Orders]:
         """``label(batch)`` and the raw answers of both orders of every (pair, segment) (``Orders``)."""
         first, second = clips_to_uint8(batch.first), clips_to_uint8(batch.second)
         jobs = [(b, s) for b in range(batch.batch_size) for s in range(batch.num_segments)]
         labels = torch.zeros(batch.batch_size, batch.num_segments, dtype=torch.int64)
+        status = [[STATUS_TIE] * batch.num_segments for _ in range(batch.batch_size)]
         orders: Orders = [[[None, None] for _ in range(batch.num_segments)] for _ in range(batch.batch_size)]
-        failures: dict[tuple[int, int], str] = {}
+        problems: dict[tuple[int, int], str] = {}
         pool = ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="vidpo-vlm")
         try:
             futures = {pool.submit(self._compare, batch, first, second, b, s): (b, s) for b, s in jobs}
@@ -293,18 +366,19 @@ class VLMLabeler(Labeler):
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     b, s = futures[future]
-                    labels[b, s], message, orders[b][s] = future.result()
+                    labels[b, s], status[b][s], message, orders[b][s] = future.result()
                     if message is not None:
                         if self.config.on_error == "raise":
                             raise LabelingError(message)
-                        failures[b, s] = message
+                        problems[b, s] = message
         finally:
             # On a raise, queued comparisons are dropped; running ones end within their timeouts.
             pool.shutdown(wait=True, cancel_futures=True)
-        # Completion order is arbitrary; report failures in (pair, segment) order.
-        messages = [failures[key] for key in sorted(failures)]
-        return LabelResult.from_labels(labels, failed=len(messages), messages=messages), orders
+        # Completion order is arbitrary; report problems in (pair, segment) order.
+        messages = [problems[key] for key in sorted(problems)]
+        return LabelResult.from_labels(labels, messages=messages, status=status), orders
 
     def label(self, batch: PairBatch) -> LabelResult:
-        """Labels (B, S) from the VLM: order-swap-consistent verdicts, ties otherwise; failures counted."""
+        """Labels (B, S) from the VLM: order-swap-consistent verdicts, ties otherwise; failures and unparseable
+        answers counted, with their status."""
         return self.label_with_orders(batch)[0]

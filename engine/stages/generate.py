@@ -4,9 +4,15 @@
 guidance; ``structural`` (StructuralDPO) re-generates both from one ground-truth clip by SDEdit at a shared
 level ``eta``. A policy with a sampler hook (a diffusers adapter) samples with its own scheduler, the DiT with
 the engine's Euler sampler. Shards are written atomically one by one; a rerun skips complete shards.
+
+A pairs folder records the settings its pairs were made with (``generate_settings.json``: seed, split, mode,
+steps, guidance, sizes, the model and a digest of its config, a fingerprint of the initial weights, the
+prompts); a rerun with other settings refuses, naming the keys, unless ``overwrite`` starts the folder over.
+``num_pairs`` is not among them: a rerun with more pairs adds shards to the same ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import partial
 from pathlib import Path
@@ -16,18 +22,23 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vidpo.config import ConfigError, RunConfig
+from vidpo.config import ConfigError, RunConfig, resolve_path
 from vidpo.data.domains import Domain
 from vidpo.data.pairs import PAIRS_FILE, PairDataError, PairRecord, ShardReader, shard_name, write_manifest
 from vidpo.models import flow
 from vidpo.models.sampling import has_sampler_hook
 from vidpo.models.vae import IdentityVAE, VideoVAE
+from vidpo.training.checkpoint import find_weights
 from vidpo.training.conditioning import Conditioning
 from vidpo.training.modeling import build_conditioning, build_domain, load_initial_policy, pick_device
-from vidpo.utils import atomic
+from vidpo.utils import atomic, preemption
+from vidpo.utils.lock import LOCK_FILE
+from vidpo.utils.provenance import digest, file_fingerprint, record_or_check
 from vidpo.utils.seeding import generator
 
 log = logging.getLogger("vidpo")
+
+SETTINGS_FILE = "generate_settings.json"
 
 RealLatents = Callable[[list, torch.Generator], torch.Tensor]
 """``(prompt_ids, generator) -> (n, C, T, H, W)`` ground-truth latents of the prompts (structural pairs)."""
@@ -36,7 +47,8 @@ RealLatents = Callable[[list, torch.Generator], torch.Tensor]
 def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train",
                    policy: Optional[torch.nn.Module] = None, domain: Optional[Domain] = None,
                    conditioning: Optional[Conditioning] = None, vae: Optional[VideoVAE] = None,
-                   real_latents: Optional[RealLatents] = None, rank: int = 0, world_size: int = 1) -> dict:
+                   real_latents: Optional[RealLatents] = None, rank: int = 0, world_size: int = 1,
+                   overwrite: bool = False) -> dict:
     """Sample ``generate.num_pairs`` (or ``heldout_pairs`` for split 'heldout') pairs of the domain's ``split``
     prompts into shards (module docstring). ``domain``, ``conditioning`` and ``vae`` default to the recipe's
     (the shapes world, its tokens, pixels); ``real_latents(prompt_ids, generator)`` gives the ground-truth
@@ -45,14 +57,16 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
     Rank ``rank`` of ``world_size`` processes (a torchrun job's, with its process group up) samples shards
     ``rank, rank + world_size, ...``; every draw of a shard depends on the shard alone (its prompts, its
     per-sample noise streams), so the shards equal one process's. Rank 0 writes ``pairs.jsonl`` once every
-    rank is done."""
+    rank is done. A folder made with other settings is refused (module docstring), or emptied when
+    ``overwrite``."""
     pairs_dir = Path(pairs_dir)
+    domain = domain if domain is not None else build_domain(cfg)
     if rank == 0:   # a killed run's temporary files, removed before any rank writes its own
+        check_generate_settings(cfg, pairs_dir, domain, split, overwrite=overwrite)
         atomic.clean_leftovers(pairs_dir / "shards")
     if world_size > 1:
         dist.barrier()
     n = cfg.generate.num_pairs if split == "train" else cfg.generate.heldout_pairs
-    domain = domain if domain is not None else build_domain(cfg)
     conditioning = conditioning if conditioning is not None else build_conditioning(cfg, domain)
     vae = vae if vae is not None else IdentityVAE()
     if real_latents is None:
@@ -86,6 +100,8 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
     num_shards = (n + gen.shard_size - 1) // gen.shard_size
     for k in tqdm(range(num_shards), desc=f"generate[{split}]", disable=not cfg.train.progress or rank != 0,
                   leave=False):
+        if k % world_size == 0 and preemption.agreed():   # a stop signal: every rank stops before the same round
+            raise preemption.Preempted(f"generate[{split}] stopped before shard {k} of {num_shards}")
         idx = list(range(k * gen.shard_size, min(n, (k + 1) * gen.shard_size)))
         chosen = [prompts[int(i)] for i in order[torch.tensor(idx) % len(prompts)]]
         ids = [p.id for p in chosen]
@@ -155,3 +171,49 @@ def _shard_complete(path: Path, rows: int) -> bool:
         log.warning("%s; regenerating it", exc)
         return False
     return all(k in tensors and tensors[k].shape[0] == rows for k in ("first", "second"))
+
+
+def generate_settings(cfg: RunConfig, domain: Domain, split: str) -> dict:
+    """What the pairs of a folder depend on, apart from how many there are (module docstring)."""
+    gen = cfg.generate
+    settings = {"split": split, "seed": cfg.seed, "mode": gen.mode, "steps": gen.steps, "cfg_scale": gen.cfg_scale,
+                "shard_size": gen.shard_size, "frames": domain.frames, "height": domain.height,
+                "width": domain.width, "model": cfg.model.path or cfg.model.preset, "model_config": model_digest(cfg),
+                "init_from": weights_identity(cfg.train.init_from),
+                "prompts": domain.prompts(split).digest(), "negative_prompt": cfg.prompts.negative_prompt}
+    if gen.mode == "structural":
+        settings.update(eta_min=gen.eta_min, eta_max=gen.eta_max)
+    world = getattr(domain, "world", None)
+    if world is not None:   # the shapes world draws the real clips structural pairs start from
+        settings["world"] = digest(cfg.world)
+    return settings
+
+
+def weights_identity(init_from: Optional[str]) -> Optional[str]:
+    """The fingerprint of the weights ``train.init_from`` names (not its path: a run reusing another's linked pairs
+    names the same weights elsewhere); its path when there are none to read yet (the stage that loads them says
+    so)."""
+    if not init_from:
+        return None
+    try:
+        return file_fingerprint(find_weights(resolve_path(init_from)))
+    except FileNotFoundError:
+        return str(resolve_path(init_from))
+
+
+def model_digest(cfg: RunConfig) -> str:
+    """Digest of the model section, less the attention backend (a kernel choice: the same model either way)."""
+    return digest({k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "attention"})
+
+
+def check_generate_settings(cfg: RunConfig, pairs_dir: Path, domain: Domain, split: str, *,
+                            overwrite: bool = False) -> None:
+    """Record the folder's settings, or check them against the record (SettingsMismatch naming the keys);
+    ``overwrite`` first empties a folder that holds pairs (what its old settings produced, labels included)."""
+    pairs_dir = Path(pairs_dir)
+    if overwrite and ((pairs_dir / SETTINGS_FILE).exists() or (pairs_dir / PAIRS_FILE).exists()):
+        removed = atomic.clear_folder(pairs_dir, keep=(LOCK_FILE,))
+        log.info("generate: --overwrite: removed %d entries of %s", removed, pairs_dir)
+    pairs_dir.mkdir(parents=True, exist_ok=True)
+    record_or_check(pairs_dir / SETTINGS_FILE, generate_settings(cfg, domain, split),
+                    what="its pairs were", remedy="use another --out, or --overwrite to start the folder over")

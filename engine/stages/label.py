@@ -5,10 +5,18 @@ batches into a bounded queue while the labeller works on the current one, so a V
 while frames are read. Labelled pairs are appended to ``labels.partial.jsonl`` batch by batch, so a rerun
 (after a kill, or a VLM server outage) labels only what is left; the VLM's replies are also kept one by one in
 ``vlm_answers.jsonl`` (``vidpo.labeling.answer_cache``), so even a batch cut short asks nothing twice.
-``manifest.jsonl`` (the pairs with their labels, and the VLM's raw answers of both orders as ``vlm_answers``)
-is written at the end and ``label.json`` records the label statistics and the throughput (comparisons per
-second, request latency p50 / p95, requests in flight). The labeller is chosen by ``label.labeler``
-(``vidpo.labeling``: oracle | human | vlm | critic).
+``manifest.jsonl`` (the pairs with their labels, the status of each label as ``label_status``, and the VLM's raw
+answers of both orders as ``vlm_answers``) is written at the end and ``label.json`` records the label statistics
+and the throughput (comparisons per second, request latency p50 / p95, requests in flight). The labeller is
+chosen by ``label.labeler`` (``vidpo.labeling``: oracle | human | vlm | critic).
+
+**Failed comparisons** (status ``failed``: no reply, an HTTP error, a missing human label) are not ties. Their
+pairs' rows in ``labels.partial.jsonl`` say so, and a rerun asks exactly those (segment by segment: what was
+judged before is kept; a VLM's answer cache makes its questions free). Each row counts the failed comparisons
+of its pair over every attempt (``failures``), killed attempts included, so ``label.json`` reports
+``failed_comparisons_total`` next to what is still failed (``failed_comparisons``). While a comparison is still
+failed, ``labels.partial.jsonl`` stays for the next run; when more than ``label.max_failed_fraction`` of them
+are failed at the end, the run ends with an error and writes no ``manifest.jsonl``.
 
 ``judge_eval_pairs`` labels the pairs that people labelled with the recipe's labeller (or takes the labels
 already in the manifest) and measures the agreement (``vidpo.evaluation.judge_eval``).
@@ -34,10 +42,21 @@ from vidpo.data.domains import Domain
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, ShardReader, read_manifest, validate_records, write_manifest
 from vidpo.data.video_io import PairFrames
 from vidpo.evaluation.judge_eval import judge_agreement, markdown_report
-from vidpo.labeling import HumanLabelFile, Labeler, LabelingError, PairBatch, VLMLabeler, build_labeler
+from vidpo.labeling import (
+    STATUS_FAILED,
+    HumanLabelFile,
+    Labeler,
+    LabelingError,
+    LabelResult,
+    PairBatch,
+    VLMLabeler,
+    build_labeler,
+    majority_vote,
+    status_counts,
+)
 from vidpo.labeling.answer_cache import ANSWERS_FILE, AnswerCache
 from vidpo.training.modeling import build_domain, run_segment_ids
-from vidpo.utils import atomic
+from vidpo.utils import atomic, preemption
 from vidpo.utils.seeding import derive_seed
 
 log = logging.getLogger("vidpo")
@@ -129,21 +148,51 @@ class LabelRun:
     """What one pass of ``label_records`` gives."""
 
     rows: dict = field(default_factory=dict)
-    """pair_id -> {"pair_id", "labels", "video_label"[, "orders"]} for every record (resumed ones included)."""
+    """pair_id -> {"pair_id", "labels", "video_label", "status", "failures"[, "orders"][, "messages"]} for every
+    record (resumed ones included): ``status`` per segment, ``failures`` the pair's failed comparisons over
+    every attempt, ``messages`` the lines about its failed or unparseable segments."""
 
     failed: int = 0
-    """Failed comparisons of this pass (counted ties)."""
+    """Comparisons of this pass that failed (status ``failed``)."""
+
+    retried: int = 0
+    """Comparisons that had failed in an earlier attempt and were asked again by this pass."""
 
     messages: list = field(default_factory=list)
-    """One line per failure of this pass."""
+    """One line per failed or unparseable comparison of this pass."""
 
     throughput: dict = field(default_factory=dict)
     """Comparisons per second of this pass and, for a VLM, its requests (``RequestStats.summary``)."""
 
+    def counts(self) -> dict:
+        """Comparisons by status over every row (``ok``, ``tie``, ``unparseable``, ``failed``)."""
+        return status_counts([row["status"] for row in self.rows.values()])
+
+    def failures_total(self) -> int:
+        """Failed comparisons over every attempt, counted per pair in its rows."""
+        return sum(row["failures"] for row in self.rows.values())
+
+    def first_failure(self, order: list[str]) -> Optional[str]:
+        """The first message about a still-failed comparison, in the pair order ``order``."""
+        for pair_id in order:
+            row = self.rows.get(pair_id)
+            if row is not None and STATUS_FAILED in row["status"]:
+                messages = row.get("messages", [])
+                return next((m for m in messages if "fail" in m), messages[0] if messages else None)
+        return None
+
+
+def _with_status(row: dict) -> dict:
+    """A partial row with ``status`` and ``failures`` (rows written before statuses were all judged)."""
+    if "status" not in row:
+        row["status"] = ["ok" if v else "tie" for v in row["labels"]]
+    row.setdefault("failures", 0)
+    return row
+
 
 def read_partial(path: Path) -> dict[str, dict]:
-    """The rows of a partial labels file by pair id; a line torn by a kill is cut off (that pair is labelled
-    again), so that the next append starts on a line of its own."""
+    """The rows of a partial labels file by pair id (a later row of a pair wins: a retry); a line torn by a kill
+    is cut off (that pair is labelled again), so that the next append starts on a line of its own."""
     done: dict[str, dict] = {}
     if not path.exists():
         return done
@@ -155,19 +204,46 @@ def read_partial(path: Path) -> dict[str, dict]:
     for line in data[:end].decode("utf-8", "replace").splitlines():
         try:
             row = json.loads(line)
-            done[row["pair_id"]] = row
-        except (json.JSONDecodeError, KeyError, TypeError):
+            done[row["pair_id"]] = _with_status(row)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             continue  # a damaged line: that pair is labelled again
     return done
+
+
+def _merged_row(pair_id: str, result: LabelResult, i: int, status: list[str], messages: list[str],
+                orders: Optional[list], before: Optional[dict]) -> tuple[dict, int]:
+    """The row of pair ``i`` of ``result``; a retried pair keeps every segment judged before (``before``) and
+    takes the new result only where it had failed. Returns the row and its newly failed comparisons."""
+    labels = [int(v) for v in result.labels[i]]
+    status = list(status)
+    own = [m for m in messages if repr(pair_id) in m]
+    if before is not None:
+        for s, old in enumerate(before["status"]):
+            if old != STATUS_FAILED:
+                labels[s], status[s] = before["labels"][s], old
+                if orders is not None and before.get("orders") is not None:
+                    orders[s] = before["orders"][s]
+        kept = [m for m in before.get("messages", []) if "fail" not in m]
+        own = kept + [m for m in own if m not in kept]
+    failed_now = sum(v == STATUS_FAILED for v in status)
+    row = {"pair_id": pair_id, "labels": labels, "video_label": int(majority_vote(torch.tensor([labels]))[0]),
+           "status": status, "failures": (before["failures"] if before is not None else 0) + failed_now}
+    if orders is not None:
+        row["orders"] = orders
+    if own:
+        row["messages"] = own
+    return row, failed_now
 
 
 def label_records(labeler: Labeler, reader: PairFrames, records: list, segment_ids: torch.Tensor, fps: float, *,
                   batch_size: int = 64, partial_path: Optional[Path] = None, progress: bool = False,
                   prefetch: int = PREFETCH_BATCHES) -> LabelRun:
     """Label ``records`` batch by batch (frames read ahead by a ``BatchReader``); rows already in
-    ``partial_path`` are kept, new ones appended to it. A VLM's rows carry the raw answers of both orders."""
+    ``partial_path`` are kept (their failed comparisons are asked again), new ones appended to it. A VLM's rows
+    carry the raw answers of both orders."""
     run = LabelRun(rows=read_partial(partial_path) if partial_path is not None else {})
-    todo = [r for r in records if r.pair_id not in run.rows]
+    todo = [r for r in records if r.pair_id not in run.rows or STATUS_FAILED in run.rows[r.pair_id]["status"]]
+    run.retried = sum(run.rows[r.pair_id]["status"].count(STATUS_FAILED) for r in todo if r.pair_id in run.rows)
     is_vlm = isinstance(labeler, VLMLabeler)
     if is_vlm:
         labeler.stats.reset()
@@ -185,19 +261,23 @@ def label_records(labeler: Labeler, reader: PairFrames, records: list, segment_i
         for recs, batch in tqdm(batches, total=math.ceil(len(todo) / batch_size), desc="label", disable=not progress,
                                 leave=False):
             result, orders = labeler.label_with_orders(batch) if is_vlm else (labeler.label(batch), None)
-            run.failed += result.failed
+            statuses = result.statuses()
+            if result.status is None and result.failed:
+                raise LabelingError(f"labeller {labeler.name!r} reported {result.failed} failed comparisons "
+                                    "without saying which (LabelResult.status)")
             run.messages += result.messages
             lines = []
             for i, r in enumerate(recs):
-                row = {"pair_id": r.pair_id, "labels": [int(v) for v in result.labels[i]],
-                       "video_label": int(result.video_labels[i])}
-                if orders is not None:
-                    row["orders"] = orders[i]
+                row, failed = _merged_row(r.pair_id, result, i, statuses[i], result.messages,
+                                          orders[i] if orders is not None else None, run.rows.get(r.pair_id))
+                run.failed += failed
                 run.rows[r.pair_id] = row
                 lines.append(json.dumps(row) + "\n")
             if handle is not None:
                 handle.write("".join(lines))
                 handle.flush()
+            if preemption.requested():   # a stop signal: this batch is on disk (or in run.rows), stop here
+                raise preemption.Preempted(f"label stopped after {len(run.rows)} of {len(records)} pairs")
     finally:
         batches.close()
         if handle is not None:
@@ -212,12 +292,24 @@ def label_records(labeler: Labeler, reader: PairFrames, records: list, segment_i
     return run
 
 
+def _failures_of_finished_runs(pairs_dir: Path) -> int:
+    """Failed comparisons of the earlier runs whose partial file is gone (they ended with none failed): their
+    ``label.json`` total. While a partial file exists, its rows carry the counts instead."""
+    if (pairs_dir / PARTIAL_FILE).exists() or not (pairs_dir / SUMMARY_FILE).exists():
+        return 0
+    try:
+        return int(json.loads((pairs_dir / SUMMARY_FILE).read_text()).get("failed_comparisons_total", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0   # an unreadable old summary: it is rewritten below
+
+
 def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: int = 64,
                 domain: Optional[Domain] = None) -> dict:
     """Label every pair of ``pairs_dir/pairs.jsonl`` per segment; write ``manifest.jsonl``. The labeller sees
     pixels: the decoded frames of a latent model's pairs (``vidpo.stages.decode``), the pairs themselves for a
     pixel-space one; its segments are ``label.segment_seconds`` of the domain's videos (default: the shapes
-    world's)."""
+    world's). More than ``label.max_failed_fraction`` of the comparisons failed: a ``LabelingError`` after
+    ``label.json`` is written (no manifest; a rerun asks the failed ones again)."""
     pairs_dir = Path(pairs_dir)
     records, problems = read_manifest(pairs_dir / PAIRS_FILE, need_labels=False, on_error=cfg.pref.on_bad_pair)
     records, shard_problems = validate_records(records, ShardReader(pairs_dir), cfg.pref.on_bad_pair)
@@ -226,29 +318,54 @@ def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: int = 64,
     labeler = build_run_labeler(cfg, getattr(domain, "world", None), pairs_dir)
     seg = run_segment_ids(cfg, domain, pixels=True)
     partial_path = pairs_dir / PARTIAL_FILE
+    earlier = _failures_of_finished_runs(pairs_dir)
     run = label_records(labeler, PairFrames(pairs_dir), records, seg, domain.fps, batch_size=batch_size,
                         partial_path=partial_path, progress=cfg.train.progress)
+    counts = run.counts() if records else status_counts([])
+    comparisons = len(records) * (int(seg.max()) + 1)
+    failed_now = counts[STATUS_FAILED]
+    all_labels = torch.tensor([run.rows[r.pair_id]["labels"] for r in records]) if records else torch.zeros(0, 1)
+    stats = {"pairs": len(records), "segments": int(seg.max()) + 1, "labeler": cfg.label.labeler,
+             "tie_fraction": float((all_labels == 0).double().mean()) if records else None,
+             "first_better_fraction": float((all_labels > 0).double().mean()) if records else None,
+             "comparisons": comparisons, "status_counts": counts,
+             "failed_comparisons": failed_now,
+             "failed_fraction": failed_now / comparisons if comparisons else 0.0,
+             "failed_comparisons_total": earlier + run.failures_total(),
+             "failed_this_run": run.failed, "retried_comparisons": run.retried,
+             "unparseable_comparisons": counts["unparseable"],
+             "skipped_pairs": len(problems), "throughput": run.throughput,
+             "problems": (problems + run.messages)[:50]}
+    limit = cfg.label.max_failed_fraction
+    if comparisons and failed_now > limit * comparisons:
+        first = run.first_failure([r.pair_id for r in records]) or "(no message)"
+        error = (f"{pairs_dir}: {failed_now} of {comparisons} comparisons failed ({failed_now / comparisons:.0%}, "
+                 f"more than label.max_failed_fraction = {limit:g}); first: {first}. The labels made are kept in "
+                 f"{PARTIAL_FILE}: rerun `vidpo label` to ask only the failed ones again")
+        stats["error"] = error
+        atomic.write_json(pairs_dir / SUMMARY_FILE, stats)
+        raise LabelingError(error)
     labelled = []
     for r in records:
         row = run.rows[r.pair_id]
-        r.labels, r.video_label = row["labels"], row["video_label"]
+        r.labels, r.video_label, r.label_status = row["labels"], row["video_label"], row["status"]
         r.segment_seconds, r.label_source = cfg.label.segment_seconds, cfg.label.labeler
         if "orders" in row:
             r.extra["vlm_answers"] = row["orders"]
         labelled.append(r)
     write_manifest(pairs_dir / MANIFEST_FILE, labelled)
-    partial_path.unlink(missing_ok=True)
-    all_labels = torch.tensor([r.labels for r in labelled]) if labelled else torch.zeros(0, 1)
-    stats = {"pairs": len(labelled), "segments": int(seg.max()) + 1, "labeler": cfg.label.labeler,
-             "tie_fraction": float((all_labels == 0).double().mean()) if labelled else None,
-             "first_better_fraction": float((all_labels > 0).double().mean()) if labelled else None,
-             "failed_comparisons": run.failed, "skipped_pairs": len(problems), "throughput": run.throughput,
-             "problems": (problems + run.messages)[:50]}
+    if not failed_now:   # while a comparison is failed, the partial file is what the next run retries
+        partial_path.unlink(missing_ok=True)
     atomic.write_json(pairs_dir / SUMMARY_FILE, stats)
     rate = run.throughput.get("comparisons_per_s")
-    log.info("label: %d pairs, %d segments each, tie fraction %.3f, %d failed comparisons, %d pairs skipped%s",
-             stats["pairs"], stats["segments"], stats["tie_fraction"] or 0.0, run.failed, len(problems),
-             f", {rate:.2f} comparisons/s" if rate else "")
+    log.info("label: %d pairs, %d segments each, tie fraction %.3f, %d unparseable answers (ties), %d failed "
+             "comparisons (%d over all attempts), %d pairs skipped%s", stats["pairs"], stats["segments"],
+             stats["tie_fraction"] or 0.0, counts["unparseable"], failed_now, stats["failed_comparisons_total"],
+             len(problems), f", {rate:.2f} comparisons/s" if rate else "")
+    if failed_now:
+        log.warning("label: %d comparisons failed (first: %s); they are not ties: training masks them, and a "
+                    "rerun of `vidpo label` asks them again", failed_now,
+                    run.first_failure([r.pair_id for r in records]))
     return stats
 
 
@@ -310,7 +427,9 @@ def judge_eval_pairs(cfg: RunConfig, pairs_dir: str | Path, human_file: str | Pa
         judge = torch.tensor([r.labels for r in records], dtype=torch.int64)
         orders = [r.extra.get("vlm_answers") for r in records]
         orders = orders if all(o is not None for o in orders) else None
+        failed = [bool(r.failed_segments()) for r in records]
         meta["judge"] = "+".join(sorted({r.label_source or "?" for r in records}))
+        meta["failed_comparisons"] = sum(r.failed_segments() for r in records)
     else:
         labeler = build_run_labeler(cfg, getattr(domain, "world", None), pairs_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -319,13 +438,25 @@ def judge_eval_pairs(cfg: RunConfig, pairs_dir: str | Path, human_file: str | Pa
                             partial_path=partial, progress=cfg.train.progress)
         rows = [run.rows[r.pair_id] for r in records]
         atomic.write_text(out / JUDGE_LABELS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
-        partial.unlink(missing_ok=True)
+        failed = [STATUS_FAILED in row["status"] for row in rows]
+        if not any(failed):   # else the partial file is what a rerun asks again
+            partial.unlink(missing_ok=True)
         judge = torch.tensor([row["labels"] for row in rows], dtype=torch.int64)
         orders = [row["orders"] for row in rows] if all("orders" in row for row in rows) else None
-        meta.update(judge=cfg.label.labeler, failed_comparisons=run.failed, throughput=run.throughput,
+        meta.update(judge=cfg.label.labeler, failed_comparisons=run.counts()[STATUS_FAILED],
+                    failed_comparisons_total=run.failures_total(), throughput=run.throughput,
                     problems=run.messages[:20])
         if cfg.label.labeler == "vlm":
             meta["model"] = cfg.label.vlm.model
+    # A failed comparison is no judgement: its pairs are left out of the agreement (not counted as judge ties).
+    meta["pairs_with_failed_comparisons"] = sum(failed)
+    if any(failed):
+        keep = [i for i, f in enumerate(failed) if not f]
+        if not keep:
+            raise LabelingError(f"{pairs_dir}: every pair people labelled has a failed comparison of the judge "
+                                f"({meta['failed_comparisons']} failed); rerun to ask them again")
+        judge, human = judge[keep], human[keep]
+        orders = [orders[i] for i in keep] if orders is not None else None
     report = judge_agreement(judge, human, orders, resamples=resamples,
                              seed=derive_seed(cfg.seed, "judge-eval", "bootstrap"))
     report = {"judge": meta.pop("judge"), **report, **meta}

@@ -12,6 +12,7 @@ Each stage is a CLI verb and a function, and each is resumable:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -23,13 +24,21 @@ import torch.distributed as dist
 
 from vidpo.config import ConfigError, RunConfig, resolve_path, to_yaml
 from vidpo.data.domains import ShapesDomain, exact_oracle
-from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, ShardReader, read_manifest, validate_records
+from vidpo.data.pairs import (
+    MANIFEST_FILE,
+    PAIRS_FILE,
+    PairRecord,
+    ShardReader,
+    read_manifest,
+    trainable_records,
+    validate_records,
+)
 from vidpo.evaluation.evaluate import evaluate_model, paired_delta
 from vidpo.evaluation.pair_viewer import write_pair_viewer
 from vidpo.objectives.preference import PreferenceObjective, implicit_accuracy
 from vidpo.stages.common import save_samples, setup_logging, write_run_report
 from vidpo.stages.decode import decode_pairs
-from vidpo.stages.generate import generate_pairs
+from vidpo.stages.generate import check_generate_settings, generate_pairs
 from vidpo.stages.judged_eval import judged_evaluation
 from vidpo.stages.label import label_pairs
 from vidpo.stages.parts import RunParts, latent_frames_of, prepare_run
@@ -44,6 +53,7 @@ from vidpo.training.modeling import (
 from vidpo.training.policy import prepare_parallel_policy, prepare_policy, start_distributed
 from vidpo.training.trainer import Trainer
 from vidpo.utils import atomic
+from vidpo.utils.lock import LOCK_FILE, output_lock
 from vidpo.utils.seeding import seed_everything
 
 log = logging.getLogger("vidpo")
@@ -63,11 +73,12 @@ _START = object()   # train_preference starts the process groups itself unless g
 
 def dense_pairs_only(cfg: RunConfig, records: list[PairRecord]) -> tuple[list[PairRecord], int]:
     """DenseDPO's data rule (``label.min_non_tie_fraction``): with objective dense_dpo, only the pairs with more
-    than that fraction of non-tie segments train. Returns the kept records and how many were dropped."""
+    than that fraction of their judged (not failed) segments are non-ties. Returns the kept records and how many
+    were dropped."""
     fraction = cfg.label.min_non_tie_fraction
     if cfg.train.objective != "dense_dpo" or fraction is None:
         return records, 0
-    kept = [r for r in records if sum(v != 0 for v in r.labels) > fraction * len(r.labels)]
+    kept = [r for r in records if sum(v != 0 for v in r.labels) > fraction * r.judged_segments()]
     return kept, len(records) - len(kept)
 
 
@@ -77,8 +88,15 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
     """Train the policy on the labelled pairs of ``pref.pairs`` into ``run_dir`` (checkpoints, metrics, the LoRA
     export); ``reference_weights`` gives the frozen reference other weights than the initial policy's.
     ``parts`` (the run's domain, conditioning, VAE and real clips) defaults to ``prepare_run``'s; ``parallel``
-    is the run's ParallelContext when the caller has started the process groups (None: one process)."""
-    run_dir = Path(run_dir)
+    is the run's ParallelContext when the caller has started the process groups (None: one process).
+    Holds ``run_dir``'s lock (vidpo.utils.lock) while it trains."""
+    with output_lock(run_dir):
+        return _train_preference(cfg, Path(run_dir), resume=resume, reference_weights=reference_weights,
+                                 parts=parts, parallel=parallel)
+
+
+def _train_preference(cfg: RunConfig, run_dir: Path, *, resume: bool, reference_weights: Optional[Path],
+                      parts: Optional[RunParts], parallel) -> dict:
     if not cfg.pref.pairs:
         raise ConfigError("pref.pairs must name a labelled pairs directory (manifest.jsonl + shards); "
                           "`vidpo run` sets it for you")
@@ -93,6 +111,8 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
     parts = parts if parts is not None else prepare_run(cfg, run_dir, device=device)
     seg = run_segment_ids(cfg, parts.domain, parts.vae)
     records, reader, problems = load_pairs(cfg, resolve_path(cfg.pref.pairs), int(seg.max()) + 1)
+    # refuses a manifest without a non-tie label; failed comparisons are masked, never ties (vidpo.data.pairs)
+    records, _ = trainable_records(records, resolve_path(cfg.pref.pairs))
     records, too_few_non_ties = dense_pairs_only(cfg, records)
     if parallel is None:
         model, reference, ref_mode, lora_state = prepare_policy(cfg, world, device, reference_weights)
@@ -131,26 +151,48 @@ def train_preference(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True
 
 # ----- run: the whole chain ----------------------------------------------------------------------------
 def generate_and_decode(cfg: RunConfig, pairs_dir: Path, parts: RunParts, *, split: str = "train",
-                        resume: bool = True, rank: int = 0, world_size: int = 1) -> None:
-    """``vidpo generate``: the pairs of ``split`` into ``pairs_dir`` (kept when there with ``resume``), and, for a
-    latent model, decoded to frames and mp4s with the pair viewer (people and judges look at pixels)."""
+                        resume: bool = True, rank: int = 0, world_size: int = 1, overwrite: bool = False) -> None:
+    """``vidpo generate``: the pairs of ``split`` into ``pairs_dir`` (kept when there with ``resume``, if made with
+    the same settings; ``overwrite`` starts the folder over), and, for a latent model, decoded to frames and mp4s
+    with the pair viewer (people and judges look at pixels). Rank 0 holds the folder's lock meanwhile."""
     pairs_dir = Path(pairs_dir)
-    if not (pairs_dir / PAIRS_FILE).exists() or not resume:
-        generate_pairs(cfg, pairs_dir, split=split, domain=parts.domain, conditioning=parts.conditioning,
-                       vae=parts.vae, real_latents=parts.real_latents, rank=rank, world_size=world_size)
-    if not parts.vae.pixel_space:
-        decode_pairs(pairs_dir, parts.vae, parts.domain.fps, batch_size=cfg.generate.decode_batch_size,
-                     progress=cfg.train.progress, rank=rank, world_size=world_size)
-        if rank == 0:
-            write_pair_viewer(pairs_dir, None, cfg.label.segment_seconds, parts.domain.fps,
-                              temporal_compression=parts.vae.temporal_compression)
+    with output_lock(pairs_dir, rank=rank if world_size > 1 else None):   # None: $RANK
+        if overwrite or not resume or not (pairs_dir / PAIRS_FILE).exists():
+            generate_pairs(cfg, pairs_dir, split=split, domain=parts.domain, conditioning=parts.conditioning,
+                           vae=parts.vae, real_latents=parts.real_latents, rank=rank, world_size=world_size,
+                           overwrite=overwrite)
+        elif rank == 0:   # kept pairs: only if the settings asked for now made them
+            check_generate_settings(cfg, pairs_dir, parts.domain, split)
+        if not parts.vae.pixel_space:
+            decode_pairs(pairs_dir, parts.vae, parts.domain.fps, batch_size=cfg.generate.decode_batch_size,
+                         progress=cfg.train.progress, rank=rank, world_size=world_size)
+            if rank == 0:
+                write_pair_viewer(pairs_dir, None, cfg.label.segment_seconds, parts.domain.fps,
+                                  temporal_compression=parts.vae.temporal_compression)
 
 
-def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> dict:
+def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True, overwrite: bool = False) -> dict:
     """``vidpo run``: prepare the run's parts (prompt embeddings, VAE, real clips), then for the training and the
     held-out pairs generate -> decode (a latent model's pairs become mp4s, frames and the pair viewer) -> label;
-    train; evaluate (the toy world's oracle; the judged evaluation on held-out prompts); summary and report."""
+    train; evaluate (the toy world's oracle; the judged evaluation on held-out prompts); summary and report.
+
+    The run holds the lock of ``out_dir`` throughout, and that of each pairs folder from its generation on;
+    ``overwrite`` first empties ``out_dir`` (a run started over with other settings)."""
     out_dir = Path(out_dir)
+    with output_lock(out_dir), contextlib.ExitStack() as held:
+        if overwrite and (out_dir / "config.yaml").exists():
+            pairs = [out_dir / sub for sub in ("pairs", "pairs_heldout") if (out_dir / sub).is_dir()]
+            for d in pairs:   # held, and their lock files kept: a deleted one could be locked anew by another run
+                held.enter_context(output_lock(d))
+            removed = atomic.clear_folder(out_dir, keep=(LOCK_FILE, "vidpo.log", *(d.name for d in pairs)))
+            removed += sum(atomic.clear_folder(d, keep=(LOCK_FILE,)) for d in pairs)
+            log.info("run: --overwrite: removed %d entries of %s", removed, out_dir)
+        return _run_pipeline(cfg, out_dir, resume=resume, held=held)
+
+
+def _run_pipeline(cfg: RunConfig, out_dir: Path, *, resume: bool, held: contextlib.ExitStack) -> dict:
+
+
     setup_logging(out_dir)
     t0 = time.time()
     timings = {}
@@ -170,6 +212,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) ->
         if n <= 0:
             continue
         t = time.time()
+        held.enter_context(output_lock(d, rank=rank if ranks > 1 else None))   # until the run ends (labels too)
         generate_and_decode(cfg, d, parts, split=split, resume=resume, rank=rank, world_size=ranks)
         if rank == 0 and (not (d / MANIFEST_FILE).exists() or not resume):
             label_pairs(cfg, d, domain=domain)   # one process asks the judge (a VLM serves many requests at once)

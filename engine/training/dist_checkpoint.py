@@ -27,9 +27,7 @@ each rank its TP shard, then its FSDP chunk.
 from __future__ import annotations
 
 import json
-import platform
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -37,7 +35,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from vidpo.config import ConfigError
@@ -147,12 +144,14 @@ def consolidated_state(model, ctx, replace: Optional[dict[str, torch.Tensor]] = 
 # ----- save ----------------------------------------------------------------------------------------------
 def save_distributed_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, trainer_state: dict,
                                 config_yaml: str, ctx, keep: int = 2, lora_metadata: Optional[dict] = None,
-                                ema=None) -> Path:
+                                ema=None, suspect: Optional[str] = None, keep_before: Optional[int] = None) -> Path:
     """Write a step checkpoint from every rank (collective); returns its final path on every rank.
 
     With ``ema`` (a ``vidpo.training.ema.WeightEma`` over ``model``) its shadow goes into DCP under ``ema/<name>``
     (same layout as the weights) and ``model.safetensors`` holds the consolidated **EMA** weights, as in a
-    single-process checkpoint; the optimizer's own weights stay in ``dcp/`` (``model/<name>``)."""
+    single-process checkpoint; the optimizer's own weights stay in ``dcp/`` (``model/<name>``). ``suspect`` and
+    ``keep_before`` as in ``vidpo.training.checkpoint.save_checkpoint``. ``checksums.json`` is written last:
+    once every rank's files are on disk, the ranks hash a share of them each and rank 0 writes the table."""
     root = ckpt.checkpoint_root(run_dir)
     final = root / f"{ckpt.STEP_PREFIX}{step:07d}"
     plan = _plan(model)
@@ -189,10 +188,16 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, *, model, optimi
                                    world_size=ctx.world_size, layout=vars(ctx.layout), **extra),
                               tmp / "trainer_state.pt")
             atomic.write_text(tmp / "config.yaml", config_yaml)
-            atomic.write_json(tmp / "meta.json", {"step": step, "time": time.time(), "torch": torch.__version__,
-                                                  "python": platform.python_version(), "world_size": ctx.world_size,
-                                                  "format": "dcp"})
-        ctx.barrier()  # every rank's DCP files are on disk before rank 0 renames the directory
+            atomic.write_json(tmp / "meta.json", ckpt.checkpoint_meta(step, suspect, world_size=ctx.world_size,
+                                                                       format="dcp"))
+        ctx.barrier()  # every rank's DCP files (and rank 0's others) are on disk before they are hashed
+        names = ctx.broadcast_object(ckpt.checkpoint_files(tmp) if ctx.is_main else None)
+        share = ckpt.checksum_entries(tmp, names[ctx.rank::ctx.world_size])
+        shares = [None] * ctx.world_size
+        dist.all_gather_object(shares, share)
+        if ctx.is_main:
+            ckpt.write_checksums(tmp, {k: v for part in shares for k, v in part.items()})
+        ctx.barrier()  # rank 0 renames the directory once it is complete
     except BaseException:
         if manager is not None:
             manager.__exit__(*sys.exc_info())
@@ -200,7 +205,7 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, *, model, optimi
     if manager is not None:
         manager.__exit__(None, None, None)
         atomic.write_text(root / "latest", final.name + "\n")
-        ckpt._prune(root, keep)
+        ckpt.prune(root, keep, keep_before=keep_before)
     ctx.barrier()
     return final
 
@@ -278,7 +283,7 @@ def load_single_process_checkpoint(path: str | Path, *, model, optimizer=None, c
     path = Path(path)
     online = path / ckpt.ONLINE_WEIGHTS
     check_ema_match(path, online.exists(), ema is not None)
-    full = load_file(str(online if ema is not None else ckpt.find_weights(path)))
+    full = ckpt.read_weights(online if ema is not None else ckpt.find_weights(path))
     plan = _plan(model)
     params = dict(model.named_parameters())
     missing = [n for n in params if n not in full and ".lora_" not in n]
@@ -295,7 +300,7 @@ def load_single_process_checkpoint(path: str | Path, *, model, optimizer=None, c
             _assign(p, tp_local(name, full[name]))
     trainer_state = ckpt.load_trainer_state(path)
     if ema is not None:
-        averaged = load_file(str(path / "model.safetensors"))
+        averaged = ckpt.read_weights(path / "model.safetensors")
         for name, shadow in ema.shadow.items():
             _assign(shadow, tp_local(name, averaged[name]))
         ema.updates = int(trainer_state["ema_updates"])

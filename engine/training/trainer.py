@@ -8,8 +8,16 @@ What it guarantees:
 * **Nothing lost.** Checkpoints are written atomically (``vidpo.training.checkpoint``); metrics rows logged after
   the resumed checkpoint are dropped and re-logged.
 * **Bad steps do not poison the model.** A non-finite loss or gradient norm skips the optimizer step, is
-  logged (``skipped=1``) and counted; ``train.max_bad_steps`` consecutive ones stop the run with a clear
-  error after writing a checkpoint of the last good state.
+  logged (``skipped=1``) and counted. A finite step whose loss or gradient norm is far above its running
+  level (``train.divergence_factor`` x the median of the last ``train.divergence_window`` healthy steps,
+  vidpo.training.divergence) is logged ``diverging=1``. Both are bad steps: checkpoints written during a
+  streak of them are marked suspect (``meta.json``), and pruning keeps the newest checkpoint from before the
+  streak. ``train.max_bad_steps`` consecutive ones stop the run: ``latest`` is rolled back to the last
+  checkpoint written before the streak began (later ones move to ``checkpoints/diverged/``), so a resume
+  starts from weights that were still healthy, not from the last finite ones.
+* **Resume checks what it resumes.** The checkpoint ``latest`` names is verified against its checksums; a
+  damaged one is reported by file and the newest intact one used (vidpo.training.checkpoint). Settings that
+  differ from the checkpoint's are applied with a message or refused naming them (vidpo.training.resume).
 * **EMA** (``train.ema_decay > 0``, vidpo.training.ema): evaluation runs on the averaged weights, checkpoints
   write them as ``model.safetensors`` and the optimizer's own as ``online.safetensors`` (multi-process runs:
   both in ``dcp/``, the average also consolidated into ``model.safetensors``); resume restores both.
@@ -34,16 +42,18 @@ from tqdm import tqdm
 
 from vidpo.config import ConfigError, RunConfig, to_yaml
 from vidpo.training import checkpoint as ckpt
-from vidpo.training import dist_checkpoint, distributed
+from vidpo.training import dist_checkpoint, distributed, resume
+from vidpo.training.divergence import DivergenceGuard
 from vidpo.training.ema import WeightEma
 from vidpo.training.metrics import MetricsLogger
 from vidpo.training.modeling import autocast_context
+from vidpo.utils import preemption
 
 log = logging.getLogger("vidpo")
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped by policy (too many consecutive non-finite steps)."""
+    """The run stopped by policy (too many consecutive non-finite or diverging steps)."""
 
 
 def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
@@ -111,20 +121,78 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
         self.bad_in_row = 0
+        self.nonfinite_in_row = 0
+        self.bad_since: Optional[int] = None   # the step whose weights gave the first bad loss of the streak
         self.skipped_total = 0
+        self.guard = DivergenceGuard(cfg.train.divergence_factor, cfg.train.divergence_window)
         self.ema: Optional[WeightEma] = None
         if cfg.train.ema_decay > 0:
             # Under a parallel layout each rank averages its own shard (FSDP DTensor chunk / TP slice): the
             # update is elementwise, so no communication; checkpoints consolidate it (vidpo.training.dist_checkpoint).
             self.ema = WeightEma(model, cfg.train.ema_decay)
-        resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        resume_from = self._resume_point() if resume else None
         if resume_from is not None:
             self._restore(resume_from)
         self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None,
                                      enabled=self.is_main)
 
     # ----- checkpoints --------------------------------------------------------------------------------
+    def _resume_point(self) -> Optional[Path]:
+        """The newest intact checkpoint (vidpo.training.checkpoint.resume_point); under torchrun rank 0 verifies
+        it (reading every file once) and the others take its answer."""
+        if self.parallel is None:
+            return ckpt.resume_point(self.run_dir)
+        name, error = None, None
+        if self.is_main:
+            try:
+                found = ckpt.resume_point(self.run_dir)
+                name = found.name if found is not None else None
+            except ckpt.CheckpointError as e:
+                error = str(e)
+        name, error = self.parallel.broadcast_object((name, error))
+        if error is not None:
+            raise ckpt.CheckpointError(error)
+        return None if name is None else ckpt.checkpoint_root(self.run_dir) / name
+
+    def _check_settings(self, path: Path) -> resume.Changes:
+        """Compare the run's settings with the checkpoint's: ConfigError naming every refused change."""
+        saved = path / "config.yaml"
+        changes = resume.compare(saved.read_text() if saved.exists() else "", self.cfg)
+        if changes.refused:
+            raise ConfigError(resume.refusal(str(path), changes))
+        return changes
+
+    def _apply_settings(self, changes: resume.Changes) -> None:
+        """Put the changed hyper-parameters into the restored optimizer and schedule, saying so."""
+        cfg = self.cfg
+        for key, old, new in changes.applied:
+            log.warning("resume: %s changed from %s to %s: %s", key, resume.show(old), resume.show(new),
+                        resume.APPLIED[key])
+        for key, old, new in changes.no_effect:
+            log.info("resume: %s changed from %s to %s (does not enter the trained weights)", key, resume.show(old),
+                     resume.show(new))
+        groups = self.optimizer.param_groups
+        keys = changes.keys("applied")
+        for group in groups:
+            if "train.weight_decay" in keys:
+                group["weight_decay"] = cfg.train.weight_decay
+            if "train.betas" in keys:
+                group["betas"] = tuple(cfg.train.betas)
+        if keys & set(resume.SCHEDULE_KEYS):
+            # the restored scheduler holds the old peak (base_lrs); its factor function is the new recipe's
+            factor = lr_lambda(cfg)(self.scheduler.last_epoch)
+            self.scheduler.base_lrs = [cfg.train.lr for _ in groups]
+            for group in groups:
+                group["initial_lr"] = cfg.train.lr
+                group["lr"] = cfg.train.lr * factor
+            self.scheduler._last_lr = [group["lr"] for group in groups]
+            log.warning("resume: learning rate at step %d is now %.6g (train.lr=%g)", self.step, groups[0]["lr"],
+                        cfg.train.lr)
+        if "train.divergence_factor" in keys or "train.divergence_window" in keys:
+            self.guard.factor, self.guard.window = cfg.train.divergence_factor, cfg.train.divergence_window
+
     def _restore(self, path: Path) -> None:
+        changes = self._check_settings(path)
         if dist_checkpoint.is_distributed_checkpoint(path):
             state = dist_checkpoint.load_distributed_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                                                 ctx=self.parallel, ema=self.ema)
@@ -145,27 +213,33 @@ class Trainer:
         self.objective.load_state_dict(state.get("objective", {}))
         self.step = int(state["step"])
         self.bad_in_row = int(state.get("bad_in_row", 0))
+        self.nonfinite_in_row = int(state.get("nonfinite_in_row", self.bad_in_row))
+        self.bad_since = state.get("bad_since")
         self.skipped_total = int(state.get("skipped_total", 0))
+        self.guard.load_state_dict(state.get("divergence", {}))
         ckpt.set_rng_state(state["rng"])
+        self._apply_settings(changes)
         log.info("resumed from %s at step %d", path, self.step)
+        suspect = ckpt.read_meta(path).get("suspect") if (path / "meta.json").exists() else None
+        if suspect:
+            log.warning("resume: %s is marked suspect: %s", path.name, suspect)
 
     def save(self) -> Path:
         if self.parallel is not None:
             lora_meta = self.lora_state()[1] if self.lora_state else None
             state = {"scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
-                     "bad_in_row": self.bad_in_row, "skipped_total": self.skipped_total}
+                     **self._loop_state()}
             return dist_checkpoint.save_distributed_checkpoint(
                 self.run_dir, self.step, model=self.model, optimizer=self.optimizer, trainer_state=state,
                 config_yaml=to_yaml(self.cfg), ctx=self.parallel, keep=self.cfg.train.keep_checkpoints,
-                lora_metadata=lora_meta, ema=self.ema)
+                lora_metadata=lora_meta, ema=self.ema, suspect=self._suspect(), keep_before=self.bad_since)
         lora, lora_meta = None, None
         if self.lora_state is not None:   # the adapters of model.safetensors: the EMA's when it is on
             with (self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()):
                 lora, lora_meta = self.lora_state()
                 lora = {k: v.clone() for k, v in lora.items()}   # they alias the parameters (online again below)
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "objective": self.objective.state_dict(), "bad_in_row": self.bad_in_row,
-                 "skipped_total": self.skipped_total}
+                 "objective": self.objective.state_dict(), **self._loop_state()}
         model_state, online_state = self.model.state_dict(), None
         if self.ema is not None:
             model_state, online_state = self.ema.model_state(self.model), model_state
@@ -173,7 +247,35 @@ class Trainer:
         return ckpt.save_checkpoint(self.run_dir, self.step, model_state=model_state,
                                     trainer_state=state, config_yaml=to_yaml(self.cfg), lora_state=lora,
                                     lora_metadata=lora_meta, keep=self.cfg.train.keep_checkpoints,
-                                    online_state=online_state)
+                                    online_state=online_state, suspect=self._suspect(), keep_before=self.bad_since)
+
+    def _loop_state(self) -> dict:
+        return {"bad_in_row": self.bad_in_row, "nonfinite_in_row": self.nonfinite_in_row,
+                "bad_since": self.bad_since, "skipped_total": self.skipped_total,
+                "divergence": self.guard.state_dict()}
+
+    def _suspect(self) -> Optional[str]:
+        if self.bad_since is None:
+            return None
+        return (f"written during {self.bad_in_row} consecutive bad (non-finite or diverging) steps that began at "
+                f"step {self.bad_since + 1}")
+
+    def _stop(self) -> TrainingStopped:
+        """Roll ``latest`` back to the last checkpoint from before the streak of bad steps; the error to raise."""
+        cfg, began = self.cfg, self.bad_since
+        kept = ckpt.roll_back(self.run_dir, began) if self.is_main else None
+        if self.parallel is not None:
+            kept = self.parallel.broadcast_object(kept)
+        kind = "non-finite" if self.nonfinite_in_row == self.bad_in_row else "bad (non-finite or diverging)"
+        root = ckpt.checkpoint_root(self.run_dir)
+        where = (f"checkpoints/latest now names {kept.name}, the last checkpoint written before it (later ones are in "
+                 f"{root / ckpt.DIVERGED_DIR})" if kept is not None else
+                 f"no checkpoint in {root} was written before it, so checkpoints/latest is left as it was (its "
+                 "weights may be ruined: start over with --no-resume if a resume stops again)")
+        return TrainingStopped(
+            f"{self.bad_in_row} consecutive {kind} steps (train.max_bad_steps={cfg.train.max_bad_steps}) at step "
+            f"{self.step}; the run began to go wrong at step {began + 1}: {where}. Lower train.lr (a resumed run "
+            "applies the new value) or check the data.")
 
     # ----- one optimizer step ---------------------------------------------------------------------------
     def _train_step(self) -> dict:
@@ -206,22 +308,35 @@ class Trainer:
             finite = math.isfinite(grad_norm)
         row = {"loss": total_loss if finite else float("nan"), "grad_norm": grad_norm,
                "lr": self.scheduler.get_last_lr()[0], **sums}
+        at = self.step   # the loss and gradient were computed with the weights of checkpoint step `at`
         if finite:
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.model)
-            self.bad_in_row = 0
+            why = self.guard.check(total_loss, grad_norm)
+            if why is None:
+                self.bad_in_row, self.nonfinite_in_row, self.bad_since = 0, 0, None
+            else:
+                self._bad_step(at)
+                row["diverging"] = 1
+                log.warning("step %d: diverging: %s (%d bad steps in a row)", at + 1, why, self.bad_in_row)
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            self.bad_in_row += 1
+            self._bad_step(at)
+            self.nonfinite_in_row += 1
             self.skipped_total += 1
             row["skipped"] = 1
-            log.warning("step %d: non-finite loss or gradient, optimizer step skipped (%d in a row)",
-                        self.step, self.bad_in_row)
+            log.warning("step %d: non-finite loss or gradient, optimizer step skipped (%d bad steps in a row)",
+                        at + 1, self.bad_in_row)
         # The schedule advances on skipped steps too, so a step index always means the same learning rate.
         self.scheduler.step()
         self.step += 1
         return row
+
+    def _bad_step(self, at: int) -> None:
+        self.bad_in_row += 1
+        if self.bad_since is None:
+            self.bad_since = at
 
     def _evaluate(self) -> dict:
         if self.ema is None:
@@ -247,19 +362,19 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 done = self.step >= cfg.train.max_steps
-                if self.step % self.log_every == 0 or done or row.get("skipped"):
+                if self.step % self.log_every == 0 or done or row.get("skipped") or row.get("diverging"):
                     self.metrics.log(self.step, "train", **row)
                 if self.bad_in_row >= cfg.train.max_bad_steps:
-                    self.save()
-                    raise TrainingStopped(
-                        f"{self.bad_in_row} consecutive non-finite steps (train.max_bad_steps="
-                        f"{cfg.train.max_bad_steps}) at step {self.step}; last good state saved in "
-                        f"{ckpt.checkpoint_root(self.run_dir)}. Lower train.lr or check the data.")
+                    raise self._stop()
                 if self.evaluate is not None and cfg.train.eval_every > 0 and self.step % cfg.train.eval_every == 0 \
                         and not done:
                     self.metrics.log(self.step, "eval", **self._evaluate())
                 if done or (cfg.train.ckpt_every > 0 and self.step % cfg.train.ckpt_every == 0):
                     self.save()
+                elif preemption.agreed(self.device):   # SIGUSR1 / SIGTERM on any rank: checkpoint, all stop here
+                    self.save()
+                    raise preemption.Preempted(f"train stopped at step {self.step} of {cfg.train.max_steps}, "
+                                               f"checkpoint written in {ckpt.checkpoint_root(self.run_dir)}")
         finally:
             bar.close()
         result = {"steps": self.step, "seconds": time.time() - t0, "skipped_steps": self.skipped_total,

@@ -199,6 +199,16 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client timed out and closed the socket
 
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        """``GET /v1/models`` (the labeller's reachability probe, as vLLM and ``transformers serve`` answer it)."""
+        fake: FakeVLM = self.server.fake
+        with fake._lock:
+            fake.probes += 1
+        if self.path == "/v1/models":
+            self._send(200, json.dumps({"object": "list", "data": [{"id": "fake-vlm", "object": "model"}]}).encode())
+        else:
+            self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}).encode())
+
     def _send(self, status: int, payload: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -220,6 +230,7 @@ class FakeVLM:
     attempts: Counter = field(default_factory=Counter)
     texts: Counter = field(default_factory=Counter)
     max_in_flight: int = 0
+    probes: int = 0                # GET requests (the labeller's reachability probe), not in ``requests``
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
