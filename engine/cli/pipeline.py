@@ -11,8 +11,7 @@ from vidpo.stages.cache import run_cache
 from vidpo.stages.common import setup_logging
 from vidpo.stages.compare import compare, markdown_table
 from vidpo.stages.label import judge_eval_pairs, label_pairs
-from vidpo.stages.parts import prepare_run
-from vidpo.stages.pipeline import generate_and_decode, run_pipeline
+from vidpo.stages.pipeline import generate_stage, run_pipeline
 
 
 # ----- CLI verbs --------------------------------------------------------------------------------------
@@ -23,9 +22,9 @@ def _load(args):
 def cmd_generate(args) -> int:
     cfg = _load(args)
     out = Path(args.out)
-    parts = prepare_run(cfg, out.parent)   # a prompt file's embeddings go beside the pairs directory
-    generate_and_decode(cfg, out, parts, split=args.split, resume=False, overwrite=args.overwrite)
-    print(json.dumps(json.loads((out / "generate.json").read_text()), indent=2))
+    generate_stage(cfg, out, split=args.split, overwrite=args.overwrite)   # sliced over torchrun's ranks
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(json.loads((out / "generate.json").read_text()), indent=2))
     return 0
 
 

@@ -171,6 +171,20 @@ def generate_and_decode(cfg: RunConfig, pairs_dir: Path, parts: RunParts, *, spl
                                   temporal_compression=parts.vae.temporal_compression)
 
 
+def generate_stage(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train", overwrite: bool = False) -> None:
+    """``vidpo generate`` on its own, in one process or under torchrun: the shards (and their decoding) are sliced
+    over the ranks as in ``vidpo run``, so the folder equals one process's; prompt embeddings go beside it."""
+    pairs_dir = Path(pairs_dir)
+    world = None if cfg.prompts.path else build_world(cfg)
+    parallel = start_distributed(cfg, world, latent_frames_of(cfg))   # None for one process
+    rank, ranks = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
+    parts = prepare_run(cfg, pairs_dir.parent, device=parallel.device if parallel is not None else None, rank=rank,
+                        world_size=ranks)
+    generate_and_decode(cfg, pairs_dir, parts, split=split, resume=False, rank=rank, world_size=ranks,
+                        overwrite=overwrite)
+    _barrier(ranks)
+
+
 def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True, overwrite: bool = False) -> dict:
     """``vidpo run``: prepare the run's parts (prompt embeddings, VAE, real clips), then for the training and the
     held-out pairs generate -> decode (a latent model's pairs become mp4s, frames and the pair viewer) -> label;
