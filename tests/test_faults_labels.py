@@ -287,3 +287,29 @@ def test_a_manifest_with_failed_segments_trains_without_them(tmp_path, micro_ove
     used = {r.pair_id for r in out["records"]}
     assert lines[0]["pair_id"] not in used and lines[1]["pair_id"] in used and len(used) == len(lines) - 1
     assert out["result"]["pairs"] == len(lines) - 1
+
+
+def test_a_partial_labelling_resumes_only_with_the_same_label_settings(tmp_path, server, capsys):
+    """Labels kept for a rerun (the partial file of failed comparisons) were made by one labeller and question: a
+    rerun with another VLM model is refused naming it, before any question; how requests travel (concurrency,
+    timeouts) may change; --overwrite labels from scratch."""
+    write_pairs_dir(tmp_path / "pairs", TARGETS)
+    server.behaviour = failing_for({4})
+    assert main(label_argv(tmp_path, server.base_url)) == 0
+    assert (tmp_path / "pairs" / PARTIAL_FILE).exists()
+    capsys.readouterr()
+
+    start = len(server.requests)
+    assert main(label_argv(tmp_path, server.base_url, "pairs", "label.vlm.model=other-vlm")) == 2
+    err = capsys.readouterr().err
+    assert "labels made with other settings" in err and "vlm_model: \"fake-vlm\" -> \"other-vlm\"" in err, err
+    assert "--overwrite" in err and len(server.requests) == start
+
+    server.behaviour = judge_by_brightness()
+    assert main(label_argv(tmp_path, server.base_url, "pairs", "label.vlm.concurrency=2")) == 0
+    assert asked_since(server, start) == (4, {4})      # resumed: only the failed pair again
+
+    start = len(server.requests)
+    assert main(label_argv(tmp_path, server.base_url, "pairs", "label.vlm.model=other-vlm") + ["--overwrite"]) == 0
+    assert asked_since(server, start)[0] == 2 * 2 * len(TARGETS)   # another model: every question asked anew
+    assert json.loads((tmp_path / "pairs" / "label_settings.json").read_text())["vlm_model"] == "other-vlm"

@@ -30,7 +30,7 @@ def cmd_generate(args) -> int:
 
 def cmd_label(args) -> int:
     cfg = _load(args)
-    stats = label_pairs(cfg, args.pairs)
+    stats = label_pairs(cfg, args.pairs, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in stats.items() if k != "problems"}, indent=2))
     return 0
 
@@ -73,6 +73,7 @@ def add_pipeline_verbs(sub) -> None:
                        description="Label --pairs DIR with label.labeler (oracle | human | vlm | critic).")
     p.add_argument("recipe")
     p.add_argument("--pairs", required=True, help="pairs directory written by `vidpo generate`")
+    add_overwrite(p, "the labelling")
     add_overrides(p)
     p.set_defaults(func=cmd_label)
 

@@ -57,12 +57,17 @@ from vidpo.labeling import (
 from vidpo.labeling.answer_cache import ANSWERS_FILE, AnswerCache
 from vidpo.training.modeling import build_domain, run_segment_ids
 from vidpo.utils import atomic, preemption
+from vidpo.utils.provenance import digest, record_or_check
 from vidpo.utils.seeding import derive_seed
 
 log = logging.getLogger("vidpo")
 
 PARTIAL_FILE = "labels.partial.jsonl"
 SUMMARY_FILE = "label.json"
+SETTINGS_FILE = "label_settings.json"
+# VLM settings that change how a question travels, not what it asks or how its answer is read.
+_VLM_TRANSPORT = ("base_url", "api_key_env", "timeout_s", "max_retries", "retry_backoff_s", "concurrency",
+                  "cache_answers", "on_error")
 PREFETCH_BATCHES = 2
 """Batches of frames the reader thread keeps ready ahead of the labeller."""
 
@@ -303,12 +308,41 @@ def _failures_of_finished_runs(pairs_dir: Path) -> int:
         return 0   # an unreadable old summary: it is rewritten below
 
 
+def label_settings(cfg: RunConfig) -> dict:
+    """What decides a pairs folder's labels (recorded in ``label_settings.json``): the labeller, its segments and
+    tie rules, and the settings of the labeller in use (the VLM's question and answer form, not its transport;
+    the critic's checkpoint and rules; the human labels file)."""
+    label = cfg.label
+    settings = {"labeler": label.labeler, "segment_seconds": label.segment_seconds,
+                "temporal_compression": label.temporal_compression, "tie_margin": label.tie_margin,
+                "granularity": label.granularity}
+    if label.labeler == "vlm" and label.vlm is not None:
+        vlm = {k: v for k, v in dataclasses.asdict(label.vlm).items() if k not in _VLM_TRANSPORT}
+        settings.update(vlm_model=label.vlm.model, vlm=digest(vlm))
+    elif label.labeler == "critic":
+        settings.update(critic_checkpoint=cfg.critic.checkpoint, critic=digest(
+            {k: getattr(cfg.critic, k) for k in ("tie_margin", "min_confidence", "granularity")}))
+    elif label.labeler == "human":
+        settings["human_file"] = label.human_file
+    return settings
+
+
+def check_label_settings(cfg: RunConfig, pairs_dir: str | Path) -> None:
+    """Refuse (``SettingsMismatch`` naming the keys) labels of ``pairs_dir`` made with other label settings: what a
+    resumed run would otherwise keep. A folder labelled before settings were recorded passes."""
+    path = Path(pairs_dir) / SETTINGS_FILE
+    if path.exists():
+        record_or_check(path, label_settings(cfg), what="labels",
+                        remedy="label again from scratch (`vidpo label --overwrite`, or `vidpo run --overwrite`)")
+
+
 def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: int = 64,
-                domain: Optional[Domain] = None) -> dict:
+                domain: Optional[Domain] = None, overwrite: bool = False) -> dict:
     """Label every pair of ``pairs_dir/pairs.jsonl`` per segment; write ``manifest.jsonl``. The labeller sees
     pixels: the decoded frames of a latent model's pairs (``vidpo.stages.decode``), the pairs themselves for a
     pixel-space one; its segments are ``label.segment_seconds`` of the domain's videos (default: the shapes
-    world's). More than ``label.max_failed_fraction`` of the comparisons failed: a ``LabelingError`` after
+    world's). A partial labelling of ``pairs_dir`` is resumed only if it was made with the same label settings
+    (``label_settings``; ``overwrite`` discards it). More than ``label.max_failed_fraction`` of the comparisons failed: a ``LabelingError`` after
     ``label.json`` is written (no manifest; a rerun asks the failed ones again)."""
     pairs_dir = Path(pairs_dir)
     records, problems = read_manifest(pairs_dir / PAIRS_FILE, need_labels=False, on_error=cfg.pref.on_bad_pair)
@@ -318,6 +352,11 @@ def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: int = 64,
     labeler = build_run_labeler(cfg, getattr(domain, "world", None), pairs_dir)
     seg = run_segment_ids(cfg, domain, pixels=True)
     partial_path = pairs_dir / PARTIAL_FILE
+    if overwrite:
+        partial_path.unlink(missing_ok=True)
+    if partial_path.exists():   # a resumed labelling keeps what the partial file holds: only if made the same way
+        check_label_settings(cfg, pairs_dir)
+    atomic.write_json(pairs_dir / SETTINGS_FILE, label_settings(cfg))
     earlier = _failures_of_finished_runs(pairs_dir)
     run = label_records(labeler, PairFrames(pairs_dir), records, seg, domain.fps, batch_size=batch_size,
                         partial_path=partial_path, progress=cfg.train.progress)

@@ -40,7 +40,7 @@ from vidpo.stages.common import save_samples, setup_logging, write_run_report
 from vidpo.stages.decode import decode_pairs
 from vidpo.stages.generate import check_generate_settings, generate_pairs
 from vidpo.stages.judged_eval import judged_evaluation
-from vidpo.stages.label import label_pairs
+from vidpo.stages.label import check_label_settings, label_pairs
 from vidpo.stages.parts import RunParts, latent_frames_of, prepare_run
 from vidpo.training.export import export_run
 from vidpo.training.modeling import (
@@ -230,6 +230,8 @@ def _run_pipeline(cfg: RunConfig, out_dir: Path, *, resume: bool, held: contextl
         generate_and_decode(cfg, d, parts, split=split, resume=resume, rank=rank, world_size=ranks)
         if rank == 0 and (not (d / MANIFEST_FILE).exists() or not resume):
             label_pairs(cfg, d, domain=domain)   # one process asks the judge (a VLM serves many requests at once)
+        elif rank == 0:
+            check_label_settings(cfg, d)         # kept labels: only if the label settings asked for now made them
         _barrier(ranks)
         timings[f"pairs_{split}_s"] = round(time.time() - t, 1)
     t = time.time()
