@@ -22,7 +22,7 @@ import torch
 from helpers.distributed import free_port
 from helpers.micro import MICRO
 from helpers.models import save_perturbed_base
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from vidpo.cli import build_parser, written_folders
 from vidpo.cli import main as cli
@@ -261,12 +261,19 @@ def test_bad_files_and_paths_are_one_line_with_exit_2(tmp_path, capsys):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
+    other = tmp_path / "other_size.safetensors"     # the keys of the model, one tensor of another model's shape
+    state = load_file(str(good))
+    name = max(state, key=lambda k: state[k].numel())
+    state[name] = torch.zeros(state[name].shape[0] + 1, *state[name].shape[1:])
+    save_file(state, str(other))
     cases = [
         (["train", PRETRAIN, "--out", str(tmp_path / "r1"), *sets(f"train.init_from={garbage}")],
          [f"train.init_from: {garbage} is not a readable checkpoint / safetensors file", "header"]),
         (["eval", "--ckpt", str(truncated), "--out", str(tmp_path / "e1"), "--recipe", PRETRAIN, *sets()],
          [f"--ckpt: {truncated} is not a readable checkpoint / safetensors file"]),
         (["train", PRETRAIN, "--out", str(a_file), *sets()], [f"{a_file}: is a file, not a folder"]),
+        (["train", PRETRAIN, "--out", str(tmp_path / "r2"), *sets(f"train.init_from={other}")],
+         [f"{other}: weights do not fit the model: size mismatch for {name}"]),
         (["generate", PRETRAIN, "--out", str(a_file / "pairs"), *sets(f"train.init_from={good}")],
          [f"{a_file / 'pairs'}: not a directory"]),
     ]

@@ -344,12 +344,17 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_weights(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True) -> Path:
     weights = find_weights(path)
     state = read_weights(weights)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    hint = "is the recipe's model preset the one it was trained with?"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:   # shapes that differ: weights of another model size (a user error, named)
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:300])
+        raise CheckpointError(f"{weights}: weights do not fit the model: {first} ({hint})") from None
     # LoRA factors may be absent from a base checkpoint: that is expected, they start at their init.
     missing = [k for k in missing if ".lora_" not in k]
     if strict and (missing or unexpected):
-        raise RuntimeError(f"{weights}: weights do not fit the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]} (is the recipe's model preset the one it was trained with?)")
+        raise CheckpointError(f"{weights}: weights do not fit the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]} ({hint})")
     return weights
 
 
