@@ -1,5 +1,5 @@
 """Checkpoints that survive damage, settings that apply or are refused on resume, the divergence guard, and
-range checks of numeric settings (issue 24, points 4 and 5).
+range checks of numeric settings.
 
 Every run is the micro shapes recipe (helpers.micro) trained by the real Trainer on CPU: a reference run goes
 straight to step 6; a "killed" run stops during step 5 (checkpoints 2 and 4 on disk), its files are damaged

@@ -1,4 +1,4 @@
-"""Faults of output folders and files (issue 24): one writer per folder (a second is refused naming the holder,
+"""Faults of output folders and files: one writer per folder (a second is refused naming the holder,
 also under torchrun; a dead holder's lock is taken over; a live writer's temporaries are never deleted), pairs
 and training runs that refuse other settings (naming the keys) unless ``--overwrite``, one clear line for each
 bad file or path, and a full disk said as such, after which the rerun resumes to the same weights.

@@ -1,4 +1,4 @@
-"""Labels that can be trusted (issue 24, part 3): `vidpo label` against a VLM server that fails, heals, cannot
+"""Labels that can be trusted: `vidpo label` against a VLM server that fails, heals, cannot
 be reached or answers nonsense, and training on what it leaves.
 
 The server is the real HTTP stub of ``helpers.vlm_server`` on 127.0.0.1, judging brightness (so a label is right
