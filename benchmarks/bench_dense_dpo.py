@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+import torch._functorch.config as functorch_config  # noqa: E402
 
 import common  # noqa: E402
 from vidpo.kernels import dense_dpo_loss, dispatch, reference  # noqa: E402
@@ -81,6 +82,9 @@ def loss_function(provider: str, inputs: Dict[str, torch.Tensor]) -> Callable[[]
         def reference_loss(v_theta, v_ref, target, labels, segment_ids, beta):
             return reference.dense_dpo_loss_reference(v_theta, v_ref, target, labels, segment_ids, beta).loss
 
+        # The backward is timed by calling backward(retain_graph=True) on one graph again and again; torch >= 2.6
+        # donates the compiled backward's saved buffers, which forbids that, so donation is off for the benchmark.
+        functorch_config.donated_buffer = False
         compiled = torch.compile(reference_loss, dynamic=False)
         return lambda: compiled(*args)
     return lambda: dense_dpo_loss(*args, backend=provider).loss
