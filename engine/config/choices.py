@@ -69,6 +69,7 @@ IterateReference = Literal["previous", "base"]
 Pairing = Literal["given", "ranked"]
 RoundLabeler = Literal["critic", "oracle"]
 RefinePairs = Literal["generated", "within_prompt"]
+VoteSource = Literal["critic", "judge"]
 
 # ----- consistency distillation -----------------------------------------------------------------------------
 DistillSource = Literal["curated", "web"]

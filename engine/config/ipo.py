@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from vidpo.config.choices import Granularity, IterateReference, Pairing, PointwiseMode, RefinePairs, RoundLabeler
+from vidpo.config.choices import (
+    Granularity,
+    IterateReference,
+    Pairing,
+    PointwiseMode,
+    RefinePairs,
+    RoundLabeler,
+    VoteSource,
+)
 from vidpo.config.fields import Problem, Problems, Section, choice
 from vidpo.models.critic.vlm import DEFAULT_INSTRUCTION
 from vidpo.models.dit.config import DiTConfig
@@ -246,7 +254,16 @@ class IterateConfig(Section):
     steps than the seed labels alone, on which long training overfits."""
 
     votes: int = 5
-    """Critic passes K per pseudo-label."""
+    """Voting passes K per pseudo-label (critic passes, or sampled judgements of the served judge)."""
+
+    vote_source: str = choice("critic", VoteSource)
+    """Who votes on the pseudo-labels: 'critic' (K stochastic passes of the round's critic: Monte-Carlo dropout and
+    views) or 'judge' (K sampled judgements of the VLM judge of ``label.vlm`` at ``vote_temperature``, each asked in
+    both orders as the labeller does, with its own request seed so a server that honours ``seed`` repeats it and the
+    answer cache keeps the passes apart): Dual-IPO's self-consistency from a chain-of-thought VLM."""
+
+    vote_temperature: float = 0.7
+    """Sampling temperature of the judge's voting passes (vote_source 'judge'); > 0, or every pass is the same."""
 
     vote_dropout: bool = True
     """Monte-Carlo dropout in the voting passes."""
@@ -286,6 +303,8 @@ class IterateConfig(Section):
         p.fraction(self, "margin_fraction", low_open=True)
         p.check(self.refine_steps >= 0, "refine_steps", f"must be >= 0 (0: critic.steps), got {self.refine_steps}")
         p.fraction(self, "vote_min_confidence", high_open=True)
+        p.check(self.vote_temperature > 0, "vote_temperature",
+                f"must be > 0 (K passes at temperature 0 are one judgement), got {self.vote_temperature}")
         p.check(0.0 <= self.vote_keep_fraction <= 1.0, "vote_keep_fraction",
                 f"must be in [0, 1] (0: off), got {self.vote_keep_fraction}")
         p.fraction(self, "pce_threshold")

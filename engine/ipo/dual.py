@@ -46,6 +46,7 @@ without new human labels:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -56,7 +57,10 @@ import torch
 
 from vidpo.ipo.critic import PreferenceData, pairs_within
 from vidpo.ipo.pairing import VideoPool, read_pool
+from vidpo.labeling.answer_cache import AnswerCache
+from vidpo.labeling.base import PairBatch
 from vidpo.labeling.critic import as_critic, labels_from_differences, score_clips, tie_margin_of
+from vidpo.labeling.vlm import VLMConfig, VLMLabeler
 from vidpo.models import flow
 from vidpo.utils import atomic
 from vidpo.utils.seeding import derive_seed, generator
@@ -148,6 +152,51 @@ def pool_votes(critic, videos: torch.Tensor, captions, first: torch.Tensor, seco
     else:   # one verdict per pair, copied to every segment (as the critic labeller does)
         labels = video[:, None].expand(-1, seg_votes[0].shape[1]).contiguous()
     return VoteResult(labels=labels, video_labels=video, agreement=agreement.float(), passes=video_stack)
+
+
+def _signed(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels as a ``PairBatch`` holds them, in [-1, 1]: a decoded pool's uint8 frames are mapped there."""
+    return pixels.float() / 127.5 - 1.0 if pixels.dtype == torch.uint8 else pixels
+
+
+JUDGE_VOTES_FILE = "vlm_votes.jsonl"
+"""The answers of the judge's voting passes, beside the pairs (``vidpo.labeling.answer_cache``)."""
+
+
+def judge_votes(config: VLMConfig, videos: torch.Tensor, captions, first: torch.Tensor, second: torch.Tensor,
+                segment_ids: torch.Tensor, fps: float, *, passes: int, seed: int, temperature: float,
+                granularity: str = "video", cache: Optional[AnswerCache] = None, batch_size: int = 64) -> VoteResult:
+    """The votes of ``pool_votes`` from K sampled judgements of a served VLM judge instead of critic passes.
+
+    Pass k asks every pair (every segment, in both orders, as ``vidpo.labeling.vlm`` does) at ``temperature`` with
+    the request seed ``derive_seed(seed, "judge-vote", k)``: the seed makes the passes distinct requests (the answer
+    cache keys them apart, so a rerun asks nothing again) and repeatable on a server that honours it. A pass' label
+    is the order-swap-consistent verdict (an inconsistent or failed comparison is that pass' tie); the
+    pseudo-label is the mode over the K passes, per video and, with ``granularity`` 'segment', per segment."""
+    if passes < 1:
+        raise ValueError(f"iterate.votes must be >= 1, got {passes}")
+    seg_votes, video_votes = [], []
+    for k in range(passes):
+        extra = dict(config.extra_body, seed=derive_seed(seed, "judge-vote", k) % 2 ** 31)
+        labeler = VLMLabeler(dataclasses.replace(config, temperature=temperature, extra_body=extra), cache=cache)
+        seg, video = [], []
+        for start in range(0, len(first), batch_size):
+            a, b = first[start:start + batch_size], second[start:start + batch_size]
+            batch = PairBatch(first=_signed(videos[a]), second=_signed(videos[b]), captions=[captions[int(i)] for i in a],
+                              pair_ids=[f"vote-{int(i):06d}-{int(j):06d}" for i, j in zip(a, b)],
+                              segment_ids=segment_ids, fps=fps)
+            result = labeler.label(batch)
+            seg.append(result.labels.to(torch.int64))
+            video.append(result.video_labels.to(torch.int64))
+        seg_votes.append(torch.cat(seg))
+        video_votes.append(torch.cat(video))
+    video_stack = torch.stack(video_votes)
+    video_labels, agreement = mode_vote(video_stack)
+    if granularity == "segment":
+        labels, _ = mode_vote(torch.stack(seg_votes))
+    else:
+        labels = video_labels[:, None].expand(-1, seg_votes[0].shape[1]).contiguous()
+    return VoteResult(labels=labels, video_labels=video_labels, agreement=agreement.float(), passes=video_stack)
 
 
 def implicit_rewards(policy: VelocityFn, reference: VelocityFn, first: torch.Tensor, second: torch.Tensor,
@@ -264,11 +313,12 @@ def refinement_pairs(keys: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch
 
 def pseudo_label_pairs(pairs_dir: str | Path, pool: VideoPool, critic, policy: VelocityFn, reference: VelocityFn,
                        cfg, segment_ids: torch.Tensor, *, tokens: torch.Tensor, stream: tuple = ("pseudo",),
-                       device="cpu", process=None) -> dict:
+                       device="cpu", process=None, fps: float = 8.0) -> dict:
     """Vote, compute the PCE and write ``pairs_dir/pseudo.jsonl`` (every voted pair, its vote, PCE, ``kept``).
 
     ``pool`` is the videos of the unlabelled ``pairs.jsonl`` of ``pairs_dir`` (``vidpo.ipo.pairing.read_video_pool``):
-    the critic votes on its pixels, the implicit rewards read its latents with ``tokens`` (2N, ...), the model
+    the critic (or, with ``iterate.vote_source: judge``, the served judge at ``fps``) votes on its pixels, the
+    implicit rewards read its latents with ``tokens`` (2N, ...), the model
     conditioning of each video (``process``: a diffusers model's hooks, ``video_implicit_rewards``). It votes on
     the pairs ``iterate.refine_pairs`` names; each line gives the pair's two videos as indices into the pool
     (``first_video``, ``second_video``). Returns counts and the reward statistics."""
@@ -276,10 +326,16 @@ def pseudo_label_pairs(pairs_dir: str | Path, pool: VideoPool, critic, policy: V
     it = cfg.iterate
     first, second, keys = refinement_pairs(pool.keys, it.refine_pairs)
     seed = derive_seed(cfg.seed, *stream)
-    votes = pool_votes(critic, pool.pixels, pool.captions, first, second, segment_ids, passes=it.votes, seed=seed,
-                       dropout=it.vote_dropout, augment=it.vote_augment, tie_margin=cfg.critic.tie_margin,
-                       min_confidence=it.vote_min_confidence, keep_fraction=it.vote_keep_fraction,
-                       granularity=cfg.critic.granularity, batch_size=cfg.critic.batch_size_eval)
+    if it.vote_source == "judge":
+        votes = judge_votes(cfg.label.vlm, pool.pixels, pool.captions, first, second, segment_ids, fps,
+                            passes=it.votes, seed=seed, temperature=it.vote_temperature,
+                            granularity=cfg.critic.granularity, cache=AnswerCache(pairs_dir / JUDGE_VOTES_FILE))
+    else:
+        votes = pool_votes(critic, pool.pixels, pool.captions, first, second, segment_ids, passes=it.votes,
+                           seed=seed, dropout=it.vote_dropout, augment=it.vote_augment,
+                           tie_margin=cfg.critic.tie_margin, min_confidence=it.vote_min_confidence,
+                           keep_fraction=it.vote_keep_fraction, granularity=cfg.critic.granularity,
+                           batch_size=cfg.critic.batch_size_eval)
     rewards = video_implicit_rewards(policy, reference, pool.latents, tokens, keys, beta=cfg.pref.beta, seed=seed,
                                      draws=it.pce_timesteps, t_min=cfg.flow.t_min, t_max=cfg.flow.t_max,
                                      device=device, process=process)
@@ -295,7 +351,7 @@ def pseudo_label_pairs(pairs_dir: str | Path, pool: VideoPool, critic, policy: V
         if pool.prompt_ids[a] is not None:
             row["prompt_id"] = pool.prompt_ids[a]
         row.update({"labels": votes.labels[i].tolist(), "video_label": int(votes.video_labels[i]),
-                    "label_source": "critic-vote", "agreement": round(float(votes.agreement[i]), 4),
+                    "label_source": f"{it.vote_source}-vote", "agreement": round(float(votes.agreement[i]), 4),
                     "reward_first": float(r_first[i]), "reward_second": float(r_second[i]),
                     "pce": round(float(pce[i]), 6), "weight": round(float(pce[i]), 6), "kept": bool(kept[i])})
         lines.append(json.dumps(row))

@@ -234,7 +234,7 @@ def _pseudo_labels(run: RunLayout, r: int, critic_prev, policy_prev) -> dict:
             process = policy_prev if getattr(policy_prev, "training_target", None) is not None else None
         stats = pseudo_label_pairs(rd / "pairs", pool, critic_prev, _velocity(policy_prev), _velocity(reference),
                                    run.cfg, run.segment_ids, tokens=tokens, stream=("pseudo", r), device=run.device,
-                                   process=process)
+                                   process=process, fps=run.domain.fps)
         atomic.write_json(rd / "pseudo.json", stats)
     return json.loads((rd / "pseudo.json").read_text())
 
@@ -396,6 +396,9 @@ def _check(cfg: RunConfig) -> None:
     if cfg.prompts.path and cfg.iterate.round_labeler == "oracle":
         raise ConfigError("iterate.round_labeler=oracle needs the shapes world's oracle; a prompt file has none")
     _seed_labeler(cfg)
+    if cfg.iterate.refine and cfg.iterate.vote_source == "judge" and (cfg.label.vlm is None or not cfg.label.vlm.model):
+        raise ConfigError("iterate.vote_source=judge votes with the VLM judge of label.vlm: set label.vlm.base_url "
+                          "and label.vlm.model")
 
 
 def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] = None) -> dict:
