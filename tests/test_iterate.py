@@ -245,8 +245,12 @@ def test_iterate_rounds_summary_report_and_resume_after_kill(tmp_path, micro_ove
     with pytest.raises(ConfigError, match="nothing can be shared"):
         iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.refine=false", "seed=5"), tmp_path / "x", reuse=out)
     # Another config in the same directory is refused rather than mixed in.
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match="different config.*--overwrite"):
         iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.votes=5"), out)
+    # --overwrite starts that directory over with the new config: nothing of the old run is kept
+    (out / "stale.txt").write_text("from the old run")
+    iterate(ipo_cfg(micro_overrides, base_ckpt, "iterate.votes=5"), out, overwrite=True)
+    assert load_config(out / "config.yaml").iterate.votes == 5 and not (out / "stale.txt").exists()
 
 
 def test_refinement_over_every_within_prompt_pair(tmp_path, micro_overrides, base_ckpt):

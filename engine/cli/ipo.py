@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from vidpo.cli.common import add_overrides, print_json
+from vidpo.cli.common import add_overrides, add_overwrite, print_json
 from vidpo.config import load_config
 from vidpo.ipo.critic import (
     critic_eval_job,
@@ -39,7 +39,8 @@ def add_critic_verbs(sub) -> None:
 # ----- CLI --------------------------------------------------------------------------------------------------
 def cmd_iterate(args) -> int:
     if len(args.recipes) == 1 and not args.seeds:
-        summary = iterate(load_config(args.recipes[0], args.overrides), args.out, reuse=args.reuse)
+        summary = iterate(load_config(args.recipes[0], args.overrides), args.out, reuse=args.reuse,
+                          overwrite=args.overwrite)
         if "base" in summary:   # the shapes world: the oracle measures
             keys = ("round", "oracle", "delta_vs_base", "critic_accuracy", "critic_accuracy_before_refine",
                     "pseudo_labels_kept")
@@ -72,6 +73,7 @@ def add_iterate_verb(sub) -> None:
     p.add_argument("--gpus", metavar="IDS", default=None,
                    help="with --jobs: comma-separated CUDA devices to spread the runs over, each run on the least "
                         "busy one (default: the visible devices, if any; 'none': leave CUDA_VISIBLE_DEVICES as it is)")
+    add_overwrite(p, "a run folder that holds a run of another config (a single run)")
     p.add_argument("--reuse", metavar="RUN_DIR", help="link the seed labels, critic 0 (unless critic.* training "
                    "settings differ), base evaluation and round-1 pairs (all of round 1 when only round>=2 settings "
                    "differ) from another run of the same seed")

@@ -89,6 +89,7 @@ from vidpo.stages.pipeline import generate_and_decode, train_preference
 from vidpo.training import checkpoint as ckpt
 from vidpo.training.modeling import build_policy, set_threads
 from vidpo.utils import atomic
+from vidpo.utils.lock import LOCK_FILE
 from vidpo.utils.seeding import derive_seed
 
 log = logging.getLogger("vidpo")
@@ -401,18 +402,23 @@ def _check(cfg: RunConfig) -> None:
                           "and label.vlm.model")
 
 
-def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] = None) -> dict:
-    """R rounds of IPO / Dual-IPO into ``out_dir`` (resumable; module doc); returns the summary."""
+def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] = None,
+            overwrite: bool = False) -> dict:
+    """R rounds of IPO / Dual-IPO into ``out_dir`` (resumable; module doc); returns the summary. ``overwrite``
+    first empties a folder that holds a run (of any config): the run starts over."""
     cfg = copy.deepcopy(cfg)
     _check(cfg)
     out = Path(out_dir)
+    saved = out / "config.yaml"
+    if overwrite and saved.exists():
+        removed = atomic.clear_folder(out, keep=(LOCK_FILE, "vidpo.log"))
+        log.info("iterate: --overwrite: removed %d entries of %s", removed, out)
     setup_logging(out)
     set_threads(cfg)
-    saved = out / "config.yaml"
     # Compare after loading, so fields added to the config since the run started read as their defaults.
     if saved.exists() and to_yaml(load_config(saved)) != to_yaml(cfg):
-        raise ConfigError(f"{out} holds a run of a different config ({saved}); use a new --out, or the same "
-                          "recipe and --set overrides to resume")
+        raise ConfigError(f"{out} holds a run of a different config ({saved}); use a new --out, the same "
+                          "recipe and --set overrides to resume, or --overwrite to start it over")
     atomic.write_text(saved, to_yaml(cfg))
     if reuse is not None:
         reuse_run(cfg, out, reuse)
