@@ -42,6 +42,14 @@ class ParallelConfig(Section):
     fsdp_param_dtype: str = choice("float32", ParamDtype)
     """Dtype FSDP all-gathers parameters in for compute (gradients are always reduced in float32)."""
 
+    cpu_offload: bool = False
+    """FSDP2 CPU offload (``CPUOffloadPolicy``): each rank's shard of the parameters, their gradients and the
+    optimizer state live in host memory; FSDP copies a unit to the GPU for its forward / backward and the
+    optimizer steps on the CPU. Trades host-device copies (and a slower optimizer step) for GPU memory, for
+    14B-class models. Needs FSDP, i.e. parameters sharded over more than one rank (``dp_shard`` > 1, or -1
+    with a data-parallel size > 1): without sharding there is nothing FSDP manages, so one process or
+    ``dp_shard: 1`` is refused. Compute still runs on the GPU (on CPU-only runs the copies are no-ops)."""
+
     activation_checkpointing: str = choice("none", ActivationCheckpointing)
     """'full' recomputes every transformer block in the backward pass (a diffusers model through its own
     gradient checkpointing), in one process as in a parallel layout."""
@@ -60,6 +68,8 @@ class ParallelConfig(Section):
         p.at_least(self, 1, "tp", "cp", "timeout_minutes")
         p.check(self.dp_shard == -1 or self.dp_shard >= 1, "dp_shard",
                 f"must be -1 (all data-parallel ranks) or >= 1, got {self.dp_shard}")
+        p.check(not (self.cpu_offload and self.dp_shard == 1), "cpu_offload",
+                "offloads FSDP's parameter shards, but dp_shard=1 turns FSDP off: use dp_shard -1 or > 1")
         return p
 
     @property
@@ -94,6 +104,9 @@ class ParallelConfig(Section):
         if shard >= 1 and dp % shard:
             p.add(f"{prefix}dp_shard={self.dp_shard} must divide the data-parallel size {dp} (= world {world} / "
                   f"(tp {tp} * cp {cp})); use -1 for all of it{where}", prefix + "dp_shard")
+        if self.cpu_offload and shard == 1 and self.dp_shard != 1:   # dp_shard=1 itself is a rule (rules)
+            p.add(f"{prefix}cpu_offload needs FSDP, but world {world} / (tp {tp} * cp {cp}) leaves one "
+                  f"data-parallel rank: nothing is sharded{where}", prefix + "cpu_offload")
         if batch is not None and batch % dp:
             p.add(f"train.batch_size={batch} is not divisible by the data-parallel size {dp} (world {world} / "
                   f"(tp {tp} * cp {cp})): every rank must take an equal share of the global batch{where}",

@@ -218,6 +218,7 @@ class ParallelContext:
     dp_cp_group: object
     mesh: object            # DeviceMesh (dp_replicate, dp_shard_cp, tp)
     fsdp_param_dtype: torch.dtype = torch.float32
+    cpu_offload: bool = False   # parallel.cpu_offload: FSDP2's CPUOffloadPolicy (models' apply_fsdp)
 
     @property
     def world_size(self) -> int:
@@ -303,6 +304,9 @@ def init_distributed(parallel, *, num_heads: Optional[int] = None, frames: Optio
             raise DistributedSetupError(
                 f"parallel.tp={parallel.tp}, parallel.cp={parallel.cp} need {parallel.tp * parallel.cp} processes; "
                 f"start the run with torchrun --nproc-per-node {parallel.tp * parallel.cp} -m vidpo ...")
+        if parallel.cpu_offload:
+            raise DistributedSetupError("parallel.cpu_offload offloads FSDP's parameter shards and needs more than "
+                                        "one process: start the run with torchrun (or set it to false)")
         return None
     layout = resolve_layout(world, parallel, num_heads=num_heads, frames=frames)
     use_cuda = torch.cuda.is_available() and os.environ.get("VIDPO_DEVICE", "") != "cpu"
@@ -330,7 +334,8 @@ def init_distributed(parallel, *, num_heads: Optional[int] = None, frames: Optio
                           dp_group=ps.get_data_parallel_group(),
                           dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True), mesh=mesh,
                           fsdp_param_dtype={"float32": torch.float32,
-                                            "bfloat16": torch.bfloat16}[parallel.fsdp_param_dtype])
+                                            "bfloat16": torch.bfloat16}[parallel.fsdp_param_dtype],
+                          cpu_offload=parallel.cpu_offload)
     # The mesh is built from rank arithmetic, megatron's groups from its rank generator: they must agree.
     if _group_ranks(mesh.get_group("tp")) != _group_ranks(ctx.tp_group):
         raise DistributedSetupError("DeviceMesh and megatron-core disagree on the tensor-parallel ranks")
@@ -419,7 +424,8 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float, ctx: ParallelContex
     clip_coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     if torch.isfinite(total):
         for p in params:
-            _local(p.grad).mul_(clip_coef.to(p.grad.dtype))
+            # device too: under parallel.cpu_offload the gradient shards live in host memory.
+            _local(p.grad).mul_(clip_coef.to(device=_local(p.grad).device, dtype=p.grad.dtype))
     return total
 
 

@@ -308,5 +308,5 @@ def parallelize_cogvideox(adapter: CogVideoXAdapter, ctx, *, activation_checkpoi
         for block in transformer.transformer_blocks:
             block.compile()
     if fsdp and ctx.layout.fsdp:
-        apply_fsdp(transformer, ctx.fsdp_mesh, param_dtype=ctx.fsdp_param_dtype)
+        apply_fsdp(transformer, ctx.fsdp_mesh, param_dtype=ctx.fsdp_param_dtype, cpu_offload=ctx.cpu_offload)
     return ParallelCogVideoXAdapter(adapter, transformer)

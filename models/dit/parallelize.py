@@ -37,7 +37,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from vidpo.parallel.mappings import (
@@ -393,14 +393,19 @@ class ParallelVideoDiT(nn.Module):
 
 # ----- the parallelize function ---------------------------------------------------------------------------
 def apply_fsdp(model: ParallelVideoDiT, mesh, *, param_dtype: Optional[torch.dtype] = None,
-               reshard_after_forward: bool = True) -> ParallelVideoDiT:
+               reshard_after_forward: bool = True, cpu_offload: bool = False) -> ParallelVideoDiT:
     """FSDP2 ``fully_shard`` per block, then the root (embeddings, final layer). Gradients are SUMMED over
-    the mesh (divide factor 1): every rank backpropagates the global loss (module docstring)."""
+    the mesh (divide factor 1): every rank backpropagates the global loss (module docstring). ``cpu_offload``
+    (``parallel.cpu_offload``): FSDP2's ``CPUOffloadPolicy``, the sharded parameters, gradients and optimizer
+    state live in host memory and each unit is copied to the device for its forward / backward (pinned
+    buffers on CUDA)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype if param_dtype not in (None, torch.float32) else None,
                               reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                    offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward, offload_policy=offload)
     for module in [model, *model.blocks]:
         module.set_gradient_divide_factor(1.0)
         if mesh.device_type == "cpu":
@@ -426,5 +431,5 @@ def parallelize_dit(model: VideoDiT, ctx, *, activation_checkpointing: str = "no
         for block in parallel.blocks:
             block.compile()
     if fsdp and ctx.layout.fsdp:
-        apply_fsdp(parallel, ctx.fsdp_mesh, param_dtype=ctx.fsdp_param_dtype)
+        apply_fsdp(parallel, ctx.fsdp_mesh, param_dtype=ctx.fsdp_param_dtype, cpu_offload=ctx.cpu_offload)
     return parallel

@@ -1,4 +1,4 @@
-"""Parallelize diffusers' Wan 2.1 transformer: TP/SP -> CP -> activation checkpointing -> compile -> FSDP.
+"""Parallelize diffusers' Wan 2.1 / 2.2 transformer(s): TP/SP -> CP -> activation checkpointing -> compile -> FSDP.
 
 The mechanism is the video DiT's (``vidpo.models.dit.parallelize``), reused rather than repeated: megatron-core
 Column/RowParallelLinear layers holding this rank's shard (``megatron_linear``, ``TPShard``), the named autograd
@@ -28,9 +28,15 @@ Context parallel (Ulysses, arXiv:2309.14509): rank c holds latent frames [c T/cp
   objectives reduce per-segment sums over the CP group (``local_frames``); samplers gather the whole clip at
   every step (``whole_clip_forward``). Heads must divide by tp * cp.
 
-Not supported, with a clear error: Wan 2.2 A14B's two experts, image-to-video variants (``added_kv_proj_dim`` / image embeddings), Wan
-2.2's per-token timesteps (a 2-D ``timestep``), fused projections (call ``unfuse_projections`` first), and
-LoRA under tensor parallel (the DiT's rule: LoRA works with CP / DP / FSDP, tp = 1).
+Wan 2.2 A14B's two experts (``transformer`` for t >= ``boundary_ratio``, ``transformer_2`` below): each is laid out
+  the same way and FSDP-wraps its own units, so a step gathers only the experts in use. Under data parallelism the
+  ranks hold other rows, maybe other experts' timesteps, yet every expert's forward and backward is a collective:
+  ``ParallelWanAdapter.forward`` agrees on the experts any rank needs and runs an expert its rows do not use on a
+  stand-in clip of a few tokens whose output is dropped (its gradient contribution is exactly zero).
+
+Not supported, with a clear error: image-to-video variants (``added_kv_proj_dim`` / image embeddings), Wan 2.2's
+per-token timesteps (a 2-D ``timestep``), fused projections (call ``unfuse_projections`` first), and LoRA under
+tensor parallel (the DiT's rule: LoRA works with CP / DP / FSDP, tp = 1).
 
 Layout in the blocks: (n, B, D), sequence first, as megatron-core's layers expect.
 """
@@ -39,6 +45,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -59,6 +66,7 @@ from vidpo.parallel.mappings import (
     copy_to_group,
     gather_from_group,
     group_rank,
+    group_size,
     heads_to_sequence,
     reduce_from_group,
     scatter_to_group,
@@ -299,39 +307,90 @@ class ParallelWanTransformer(nn.Module):
 
 
 class ParallelWanAdapter(ParallelAdapterMixin, WanAdapter):
-    """A ``WanAdapter`` over a ``ParallelWanTransformer``: the engine interface, plus ``local_frames`` (what the
-    objectives ask a context-parallel model) and ``tp_plan`` (what gradient clipping and DCP checkpoints ask)."""
+    """A ``WanAdapter`` over a ``ParallelWanTransformer`` (and, for Wan 2.2 A14B, a second one with the same
+    layout as ``transformer_2``): the engine interface, plus ``local_frames`` (what the objectives ask a
+    context-parallel model) and ``tp_plan`` (what gradient clipping and DCP checkpoints ask).
 
-    def __init__(self, adapter: WanAdapter, transformer: ParallelWanTransformer):
-        super().__init__(transformer, adapter.conditioner, scheduler_config=adapter.release_scheduler,
-                         sample_shift=adapter.sample_shift, sampler=adapter.sampler_name)
+    Two experts over data-parallel ranks: every expert's forward is a collective (FSDP all-gathers its weights
+    and reduce-scatters its gradients; replicated data parallel all-reduces every gradient), so all ranks of
+    ``route_group`` (the data x context-parallel ranks, which hold other rows) must run the same experts in
+    the same order, whatever their own rows' timesteps. ``forward`` agrees on the experts any rank needs (one
+    small all-reduce) and runs an expert this rank's rows do not use on a stand-in, a clip of a few tokens whose
+    output is then dropped: its gradient contribution is exactly zero, and only experts some rank uses are
+    gathered."""
+
+    def __init__(self, adapter: WanAdapter, transformer: ParallelWanTransformer,
+                 transformer_2: Optional[ParallelWanTransformer] = None, *, route_group=None):
+        super().__init__(transformer, adapter.conditioner, transformer_2=transformer_2,
+                         boundary_ratio=adapter.boundary_ratio if transformer_2 is not None else None,
+                         scheduler_config=adapter.release_scheduler, sample_shift=adapter.sample_shift,
+                         sampler=adapter.sampler_name)
         self.pipeline_source = adapter.pipeline_source
+        self.route_group = route_group
         self.tp_plan = wan_tp_plan(self) if transformer.spec.tp > 1 else {}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.transformer_2 is None or group_size(self.route_group) == 1:
+            return super().forward(x, t, cond)
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        high = self.high_noise(t)
+        used_here = torch.stack([high.any(), (~high).any()]).to(torch.int32)   # (transformer, transformer_2)
+        used_anywhere = used_here.clone()
+        dist.all_reduce(used_anywhere, op=dist.ReduceOp.MAX, group=self.route_group)
+        idle_high, idle_low = (bool(a) and not bool(h) for h, a in zip(used_here.tolist(), used_anywhere.tolist()))
+        # Experts run in one order on every rank (transformer, then transformer_2): an idle high-noise expert's
+        # stand-in before this rank's own rows, an idle low-noise one's after them.
+        stand_ins = []
+        if idle_high:
+            stand_ins.append(self._stand_in(self.transformer, x, t, cond))
+        out = super().forward(x, t, cond)
+        if idle_low:
+            stand_ins.append(self._stand_in(self.transformer_2, x, t, cond))
+        if not stand_ins:
+            return out
+        # Appended, then sliced off: the backward feeds the stand-ins exact zeros (no NaN can leak in, unlike a
+        # multiplication by 0), so the expert's backward, and its FSDP reduce-scatter, runs here too, adding nothing.
+        joined = torch.cat([out.flatten(), *(s.flatten().to(out.dtype) for s in stand_ins)])
+        return joined[:out.numel()].view_as(out)
+
+    def _stand_in(self, expert: ParallelWanTransformer, x: torch.Tensor, t: torch.Tensor,
+                  cond: torch.Tensor) -> torch.Tensor:
+        """``expert`` on the smallest clip its layout can split (one temporal patch per CP rank, one token per TP
+        rank) and one prompt: its collectives run at almost no compute."""
+        p_t, p_h, p_w = expert.config.patch_size
+        clip = x.new_zeros(1, x.shape[1], p_t * expert.spec.cp, p_h * expert.spec.tp, p_w)
+        return self._expert_forward(expert, clip, t[:1], self.encode_condition(cond[:1]))
 
 
 # ----- the parallelize function ---------------------------------------------------------------------------
+def _lay_out(transformer: nn.Module, spec: ShardSpec, ctx, *, activation_checkpointing: str, compile: bool,
+             fsdp: bool, attention_backend: str) -> ParallelWanTransformer:
+    """One expert: TP/SP -> CP -> activation checkpointing -> compile -> FSDP (its own FSDP units, so only an
+    expert in use is gathered)."""
+    heads = transformer.config.num_attention_heads
+    if heads % (ctx.tp * ctx.cp):
+        raise ValueError(f"{heads} heads are not divisible by tp * cp = {ctx.tp * ctx.cp}")
+    parallel = ParallelWanTransformer(transformer, spec, activation_checkpointing=activation_checkpointing,
+                                      attention_backend=attention_backend)                  # TP/SP, CP
+    if compile:
+        for block in parallel.blocks:
+            block.compile()
+    if fsdp and ctx.layout.fsdp:
+        apply_fsdp(parallel, ctx.fsdp_mesh, param_dtype=ctx.fsdp_param_dtype, cpu_offload=ctx.cpu_offload)
+    return parallel
+
+
 def parallelize_wan(adapter: WanAdapter, ctx, *, activation_checkpointing: str = "none", compile: bool = False,
                     fsdp: bool = True, attention_backend: str = "sdpa") -> ParallelWanAdapter:
     """TP/SP -> CP -> activation checkpointing -> compile -> FSDP over ``ctx`` (a
-    ``vidpo.training.distributed.ParallelContext``). The adapter's weights are the starting point and its modules are
+    ``vidpo.training.distributed.ParallelContext``), for each expert (Wan 2.2 A14B: ``transformer`` and
+    ``transformer_2``, the same layout). The adapter's weights are the starting point and its modules are
     reused (non-TP parameters keep their storage): do not use ``adapter`` afterwards."""
     if not isinstance(adapter, WanAdapter):
         raise TypeError(f"parallelize_wan takes a WanAdapter, got {type(adapter).__name__}")
-    if adapter.transformer_2 is not None:
-        # FSDP gathers each expert's weights in its forward: every rank would have to run both experts on every
-        # step, whatever its rows' timesteps. Not built yet; one process trains both experts.
-        raise NotImplementedError("parallelize_wan does not lay out Wan 2.2's two experts (transformer_2) over "
-                                  "processes yet: train a Wan 2.2 A14B model in one process")
-    heads = adapter.transformer.config.num_attention_heads
-    if heads % (ctx.tp * ctx.cp):
-        raise ValueError(f"{heads} heads are not divisible by tp * cp = {ctx.tp * ctx.cp}")
     spec = ShardSpec(tp_group=ctx.tp_group if ctx.tp > 1 else None, cp_group=ctx.cp_group if ctx.cp > 1 else None,
                      sp=ctx.sp and ctx.tp > 1)
-    transformer = ParallelWanTransformer(adapter.transformer, spec, activation_checkpointing=activation_checkpointing,
-                                         attention_backend=attention_backend)                  # TP/SP, CP
-    if compile:
-        for block in transformer.blocks:
-            block.compile()
-    if fsdp and ctx.layout.fsdp:
-        apply_fsdp(transformer, ctx.fsdp_mesh, param_dtype=ctx.fsdp_param_dtype)
-    return ParallelWanAdapter(adapter, transformer)
+    experts = [_lay_out(expert, spec, ctx, activation_checkpointing=activation_checkpointing, compile=compile,
+                        fsdp=fsdp, attention_backend=attention_backend)
+               for expert in (adapter.transformer, adapter.transformer_2) if expert is not None]
+    return ParallelWanAdapter(adapter, *experts, route_group=ctx.dp_cp_group if len(experts) > 1 else None)
