@@ -299,3 +299,15 @@ def test_recipe_headers_quote_what_scale_prints(recipe):
     cfg = load_config(str(REPO_ROOT / recipe))
     world = default_world(cfg)[0]
     assert round(estimate(cfg, world).total_gib, 2) == quoted
+
+
+def test_cpu_offload_moves_the_sharded_state_to_host_memory():
+    recipe = str(REPO_ROOT / "recipes" / "cogvideox" / "cogvideox5b_ipo_128gpu.yaml")
+    on_gpu = estimate(load_config(recipe), 128)
+    offloaded = estimate(load_config(recipe, ["parallel.cpu_offload=true"]), 128)
+    moved = ("parameters", "lora", "gradients", "optimizer", "reference")
+    assert not on_gpu.host_gib and all(offloaded.memory_gib[k] == 0.0 for k in moved)
+    assert sum(offloaded.host_gib.values()) == pytest.approx(sum(on_gpu.memory_gib[k] for k in moved))
+    assert offloaded.total_gib == pytest.approx(on_gpu.total_gib - sum(offloaded.host_gib.values()))
+    assert offloaded.memory_gib["fsdp_buffers"] == on_gpu.memory_gib["fsdp_buffers"] > 0   # gathered units stay
+    assert any("cpu offload" in a for a in offloaded.assumptions) and offloaded.as_dict()["host_gib"]

@@ -93,6 +93,7 @@ class ScaleEstimate:
     compute_s: float = 0.0
     activations_gib: dict = field(default_factory=dict)   # with and without checkpointing (not in the total)
     assumptions: list = field(default_factory=list)
+    host_gib: dict = field(default_factory=dict)   # per GPU, in host memory (parallel.cpu_offload); not in the total
 
     @property
     def total_gib(self) -> float:
@@ -111,7 +112,8 @@ class ScaleEstimate:
         return {"world": self.world, "layout": self.layout, "model": self.model, "memory_gib": self.memory_gib,
                 "total_gib": self.total_gib, "capacity_gib": self.capacity_gib, "fits": self.fits,
                 "activations_gib": self.activations_gib, "communication": self.comm,
-                "communication_s": self.comm_s, "compute_s": self.compute_s, "assumptions": self.assumptions}
+                "communication_s": self.comm_s, "compute_s": self.compute_s, "assumptions": self.assumptions,
+                "host_gib": self.host_gib}
 
 
 def model_config(cfg: RunConfig):
@@ -321,6 +323,12 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
         memory["reference"] = experts * local_params / fsdp * weight_bytes if copy else 0.0
         grad_params = local_params
     memory["fsdp_buffers"] = block_local * 2 * param_bytes + (block_local * 4 if full else 0) if layout.fsdp else 0.0
+    host = {}
+    if cfg.parallel.cpu_offload and layout.fsdp:
+        # FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and the optimizer states in host
+        # memory (AdamW steps there); the GPU holds a unit's gathered parameters and gradients (fsdp_buffers).
+        for key in ("parameters", "lora", "gradients", "optimizer", "reference"):
+            host[key], memory[key] = memory[key] / GIB, 0.0
 
     def activations(checkpointing: bool) -> dict:
         if dcfg is not None:
@@ -396,6 +404,9 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
         f"compute: {cfg.cluster.gpu_tflops:g} TFLOP/s peak x {cfg.cluster.mfu:g} MFU; backward = 2 x forward; "
         "checkpointing recomputes the forward",
         "activations: flash / memory-efficient attention (no n x n matrix); 10% of the GPU kept free"]
+    if host:
+        assumptions.append(f"cpu offload: {sum(host.values()):.2f} GiB per GPU in host memory (parameter, gradient "
+                           "and optimizer shards); the host <-> GPU copies of every unit are not timed")
     model = {"name": shape.name, "source": shape.source, "kind": cfg.model.kind, "params": params,
              "experts": experts, "tp_split_params": split, "lora_params": shape.lora_params, "tokens": n,
              "cond_tokens": L, "width": d, "depth": depth, "heads": shape.heads, "ffn": shape.ffn,
@@ -408,7 +419,7 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
                 "dp_replicate": layout.dp_replicate, "fsdp_group": fsdp, "nodes": math.ceil(world / gpn),
                 "activation_checkpointing": cfg.parallel.activation_checkpointing},
         model=model, memory_gib=memory, capacity_gib=cfg.cluster.gpu_memory_gib, comm=rows, compute_s=compute_s,
-        activations_gib=act_both, assumptions=assumptions)
+        activations_gib=act_both, assumptions=assumptions, host_gib=host)
 
 
 def format_report(est: ScaleEstimate) -> str:
