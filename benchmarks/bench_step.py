@@ -7,14 +7,15 @@ activation checkpointing.
 
 Configurations measured in one run (all on the same model shape and static batch; ``step_bench``):
     plain          the public Flow-DPO code's way: eager, separate frozen reference, torch-op loss, AdamW
-    optimized      --levers (default: every lever available on the device, see default_levers)
+    optimized      --levers (default: every lever that wins on the device, see default_levers; on a CPU
+                   bf16 and compile only where this run measured bf16 matmuls faster, see fast_bf16)
     optimized±X    the optimized set with one lever flipped (boolean levers) or set to each other value
                    (ac, attention): every lever is measured on and off. A flip that needs a GPU or a
                    missing package becomes a "skipped" row with the reason.
 
 Per configuration: step time (median, 20/80 percentiles), video tokens/s (2B n / step time), model
-TFLOP/s (4 F(2B) per step, DiTConfig.flops_per_forward), MFU against the matmul rate measured in the same
-run (bf16 on GPU, fp32 on CPU), peak memory (GPU), the activation memory the policy forward keeps for the
+TFLOP/s (4 F(2B) per step, DiTConfig.flops_per_forward), MFU against the matmul rate of the row's compute
+dtype measured in the same run (bf16 with the bf16 lever, else fp32), peak memory (GPU), the activation memory the policy forward keeps for the
 backward and the parameter memory the reference holds beyond the policy's (GPU and CPU; ``--no-memory`` skips the
 two extra steps the first costs), speedup over plain, and a per-phase breakdown
 (ref_fwd, policy_fwd, loss, bwd, optimizer; synchronised, so the phases add up to a bit more than a step).
@@ -43,14 +44,37 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
 import common  # noqa: E402
+import torch  # noqa: E402
+from step_bench import (
+    AC_MODES,
+    ATTENTION_CHOICES,
+    BOOL_LEVERS,
+    DPOStep,
+    Levers,
+    StepShape,
+    lever_unavailable,
+    matmul_rate_tflops,
+    parse_levers,
+    plain_levers,
+    step_flops,
+    time_steps,
+)
+from step_bench_wan import (  # noqa: E402
+    TRAIN_MODES,
+    WAN_AC_MODES,
+    WAN_PRESETS,
+    WanDPOStep,
+    WanLevers,
+    wan_config,
+    wan_default_levers,
+    wan_lever_unavailable,
+    wan_plain_levers,
+    wan_step_flops,
+    wan_tokens,
+)
+
 from vidpo.models.dit import dit_config  # noqa: E402
-from step_bench import (AC_MODES, ATTENTION_CHOICES, BOOL_LEVERS, DPOStep, Levers, StepShape, lever_unavailable,
-                        matmul_rate_tflops, parse_levers, plain_levers, step_flops, time_steps)
-from step_bench_wan import (TRAIN_MODES, WAN_AC_MODES, WAN_PRESETS, WanDPOStep, WanLevers, wan_config,  # noqa: E402
-                            wan_default_levers, wan_lever_unavailable, wan_plain_levers, wan_step_flops, wan_tokens)
 
 KERNEL = "dpo_step"
 DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "step.csv")
@@ -73,12 +97,29 @@ class Setup:
     describe: str                                  # the report's model and batch lines
 
 
-def default_levers(device: torch.device, ac: str) -> Levers:
-    """Every lever that can run on ``device`` (fp8 and cuda_graph stay flips: they change numerics or
+# bf16 autocast joins a CPU's optimized set only where this run measured its bf16 matmuls this much faster than
+# fp32 (AVX512-BF16 / AMX parts: 4-5x through oneDNN); elsewhere bf16 on a CPU is emulated and slower.
+CPU_BF16_MIN_GAIN = 1.5
+
+
+def fast_bf16(device: torch.device, rates: Optional[Dict[str, Tuple[float, float, float]]]) -> bool:
+    """Whether bf16 compute wins on ``device``: always on a GPU; on a CPU when the matmul rates measured in
+    this run say so (``rates`` None, as in a dry run: not assumed)."""
+    if device.type == "cuda":
+        return True
+    return bool(rates) and rates["bf16"][0] >= CPU_BF16_MIN_GAIN * rates["fp32"][0]
+
+
+def default_levers(device: torch.device, ac: str, bf16: Optional[bool] = None) -> Levers:
+    """Every lever that wins on ``device`` (fp8 and cuda_graph stay flips: they change numerics or
     need static everything, so they are measured but not assumed; plain SDPA picks its flash / cuDNN
-    kernel itself, and forcing cuDNN is a flip)."""
+    kernel itself, and forcing cuDNN is a flip). ``bf16``: whether bf16 compute is fast here (``fast_bf16``;
+    default: on a GPU only). On a CPU with fast bf16, compile is in the set: fusing the bf16 casts and the
+    elementwise work around the matmuls measured 1.09x (benchmarks/reports/2026-12-03_step_cpu.md); on an fp32 CPU
+    step it measured level with eager and stays out."""
     gpu = device.type == "cuda"
-    candidates = [Levers(compile=gpu, ac=ac, attention=attention, bf16=gpu, ref_no_grad=True, ref_bf16=gpu,
+    bf16 = gpu if bf16 is None else bf16
+    candidates = [Levers(compile=bf16, ac=ac, attention=attention, bf16=bf16, ref_no_grad=True, ref_bf16=bf16,
                          fused_loss=True, fused_adamw=gpu) for attention in ("flash_attn", "sdpa")]
     for levers in candidates:
         if lever_unavailable(levers, device) is None:
@@ -100,22 +141,26 @@ def flipped_configs(optimized: Levers, flips: List[str], ac_modes=AC_MODES) -> L
     return out
 
 
-def measure(setup: Setup, levers: Levers, device, args) -> Dict[str, object]:
-    """Build the step, time it, measure its memory and its phases; returns a result dict."""
+def prepare(setup: Setup, levers: Levers, device) -> DPOStep:
+    """Build the step and run it once (compiles / captures before any timing)."""
     step = setup.make_step(levers)
-    loss = float(step.run())               # compiles / captures before timing
+    loss = float(step.run())
     if not math.isfinite(loss):
         raise FloatingPointError(f"the step's loss is {loss}")
-    if device.type == "cuda":                # the peak of the timed steps, model and optimizer state included
-        torch.cuda.reset_peak_memory_stats(device)
-    samples = time_steps(step.run, device, warmup=args.warmup, repeats=args.repeats)
-    memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    step.first_loss = loss
+    return step
+
+
+def finish(step: DPOStep, levers: Levers, samples: List[float], memory: Optional[float], device,
+           args) -> Dict[str, object]:
+    """Memory and phase breakdown of a timed step; frees it; returns the result dict."""
     reference_mib = step.reference_parameter_bytes() / 2**20
     activations = (None, None) if levers.cuda_graph or args.no_memory else step.activation_memory()
     phases = {}
     if not levers.cuda_graph and not args.no_breakdown:
         runs = [step.run_phases() for _ in range(max(1, min(3, args.repeats)))]
         phases = {name: sorted(r[name] for r in runs)[len(runs) // 2] for name in DPOStep.PHASES}
+    loss = step.first_loss
     del step
     if levers.compile:
         torch._dynamo.reset()               # drop the compiled blocks' caches before the next model
@@ -124,6 +169,43 @@ def measure(setup: Setup, levers: Levers, device, args) -> Dict[str, object]:
         torch.cuda.empty_cache()
     return dict(ms=common.quantiles(samples), memory=memory, phases=phases, loss=loss, reference_mib=reference_mib,
                 activation_mib=activations[0], backward_peak_mib=activations[1])
+
+
+def measure(setup: Setup, levers: Levers, device, args) -> Dict[str, object]:
+    """Build the step, time it, measure its memory and its phases; returns a result dict."""
+    step = prepare(setup, levers, device)
+    if device.type == "cuda":                # the peak of the timed steps, model and optimizer state included
+        torch.cuda.reset_peak_memory_stats(device)
+    samples = time_steps(step.run, device, warmup=args.warmup, repeats=args.repeats)
+    memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return finish(step, levers, samples, memory, device, args)
+
+
+def measure_interleaved(setup: Setup, configs: List[Tuple[str, Levers]], device, args) -> Dict[str, object]:
+    """Every configuration's step built and warm at once, then timed one step each in turn, the order rotated
+    every round: a drift of the machine's speed (a shared host's neighbours, clocks) lands on every row alike
+    instead of on whichever configurations ran during it. On a 2-core VM, rows timed in separate blocks drifted
+    by up to 25% while each block's own 20-80% spread stayed under 5%. Returns {name: result dict or reason}."""
+    steps, results = {}, {}
+    for name, levers in configs:
+        try:
+            steps[name] = prepare(setup, levers, device)
+            for _ in range(args.warmup):
+                steps[name].run()
+        except Exception as exc:  # a failed compile is a result of that lever, not a crash
+            results[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            steps.pop(name, None)
+            gc.collect()
+    samples = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(args.repeats):
+        shift = round_index % max(1, len(names))
+        for name in names[shift:] + names[:shift]:
+            samples[name] += time_steps(steps[name].run, device, warmup=0, repeats=1)
+    for name, levers in configs:
+        if name in steps:
+            results[name] = finish(steps.pop(name), levers, samples[name], None, device, args)
+    return results
 
 
 def result_rows(name, result, flops, tokens, peak_tflops, plain_ms, x, meta) -> List[common.Row]:
@@ -157,7 +239,8 @@ def skipped_row(name, why, x, meta) -> common.Row:
     return common.Row(KERNEL, name, "step", "skipped", why.replace(",", ";"), x, nan, nan, nan, *meta)
 
 
-def markdown_table(results: List[Tuple[str, Levers, object]], flops, tokens, peak_tflops, plain_ms) -> str:
+def markdown_table(results: List[Tuple[str, Levers, object]], flops, tokens, peak: Callable[[Levers], float],
+                   plain_ms) -> str:
     """One line per configuration (skipped ones with their reason)."""
     head = ("| config | levers | step ms (p20-p80) | tokens/s | TFLOP/s | MFU % | peak MiB | activations MiB | "
             "reference params MiB | x plain | ref_fwd | policy_fwd | loss | bwd | optimizer |")
@@ -174,18 +257,21 @@ def markdown_table(results: List[Tuple[str, Levers, object]], flops, tokens, pea
         tflops = flops / (y50 * 1e-3) / 1e12
         ph = [f"{result['phases'][p]:.1f}" if result["phases"] else "-" for p in DPOStep.PHASES]
         lines.append(f"| {name} | {levers.label()} | {y50:.1f} ({y20:.1f}-{y80:.1f}) | {tokens / (y50 * 1e-3):.0f} | "
-                     f"{tflops:.4g} | {100 * tflops / peak_tflops:.1f} | {mib(result['memory'])} | "
+                     f"{tflops:.4g} | {100 * tflops / peak(levers):.1f} | {mib(result['memory'])} | "
                      f"{mib(result['activation_mib'])} | {mib(result['reference_mib'])} | {plain_ms / y50:.2f} | "
                      + " | ".join(ph) + " |")
     return "\n".join(lines)
 
 
-def write_report(path, args, setup: Setup, device_desc, version, command, rate, table, loaded) -> None:
-    kind = "bf16" if args.device_type == "cuda" else "fp32"
+def write_report(path, args, setup: Setup, device_desc, version, command, rates, table, loaded) -> None:
+    measured = "; ".join(f"{kind} {rate[0]:.4g} TFLOP/s (p20-p80 {rate[1]:.4g}-{rate[2]:.4g})"
+                         for kind, rate in rates.items())
     text = f"""# DPO training step benchmark: {device_desc}, {datetime.date.today():%Y-%m}
 
 {setup.describe}
-- MFU is against the {kind} matmul rate measured in this run: {rate[0]:.4g} TFLOP/s (p20-p80 {rate[1]:.4g}-{rate[2]:.4g}) on {args.matmul_size}^3{" (CPU: fp32 rate, since the CPU step runs fp32)" if kind == "fp32" else ""}.
+- MFU is against the matmul rate of each row's compute dtype (bf16 with the bf16 lever, else fp32), measured in
+  this run on {args.matmul_size}^3: {measured}. bf16 is in `optimized` when it measured faster
+  ({"yes" if args.fast_bf16 else "no"} here).
 - Versions: {version}.
 - Command: `{command}`
 {f"- Timings taken under load (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): ratios are indicative only." if loaded else ""}
@@ -226,6 +312,9 @@ def parse_args(argv=None):
                                                   f"(Wan: {WAN_FLIPPABLE})")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2 CPU, 5 GPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 5 CPU, 20 GPU)")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="build every configuration at once and time them one step each in turn (default on a CPU, "
+                        "whose shared host drifts; off on a GPU, where each row's peak memory must be its own)")
     p.add_argument("--matmul-size", type=int, default=None,
                    help="side of the peak matmul (default 8192 GPU, 1024 CPU)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-phase timing")
@@ -261,7 +350,7 @@ def dit_setup(args, device) -> Setup:
     shape = StepShape(args.pairs, args.frames, args.height, args.width, cond_len, args.segments)
     per_video = cfg.num_tokens(shape.frames, shape.height, shape.width)
     tokens = shape.videos() * per_video
-    optimized = args.levers or default_levers(device, args.ac)
+    optimized = args.levers or default_levers(device, args.ac, args.fast_bf16)
     describe = (f"- Model: preset `{args.preset}` ({cfg.num_params() / 1e6:.1f} M parameters, width {cfg.width}, "
                 f"depth {cfg.depth}).\n"
                 f"- Batch: {shape.pairs} pairs = {shape.videos()} videos of latent (C={cfg.in_channels}, "
@@ -286,7 +375,7 @@ def wan_setup(args, device) -> Setup:
     per_video = wan_tokens(config, shape.frames, shape.height, shape.width)
     tokens = shape.videos() * per_video
     rank = args.lora_rank or (4 if args.preset == "tiny" else 64)
-    optimized = args.levers or wan_default_levers(device, args.train)
+    optimized = args.levers or wan_default_levers(device, args.train, args.fast_bf16)
     train = f"LoRA rank {rank} on {', '.join(('to_q', 'to_k', 'to_v', 'to_out.0'))}" if args.train == "lora" else \
         "full fine-tuning"
     width = config["num_attention_heads"] * config["attention_head_dim"]
@@ -317,6 +406,13 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     args.repeats = args.repeats if args.repeats is not None else (20 if gpu else 5)
     args.matmul_size = args.matmul_size or (8192 if gpu else 1024)
+    args.interleave = (not gpu) if args.interleave is None else args.interleave
+    if args.interleave and gpu:
+        print("--interleave on a GPU: every configuration stays resident, so no per-row peak memory is reported")
+    # Both rates, measured before the lever set is chosen: a CPU's optimized set takes bf16 from them.
+    rates = None if args.dry_run else {kind: matmul_rate_tflops(device, args.matmul_size, dtype)
+                                       for kind, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    args.fast_bf16 = fast_bf16(device, rates)
     setup = (wan_setup if args.model == "wan" else dit_setup)(args, device)
     configs = ([] if args.no_plain else [("plain", setup.plain)]) + [("optimized", setup.optimized)] + setup.flips
     if args.dry_run:
@@ -327,16 +423,26 @@ def main(argv=None) -> int:
             print(f"{name:>22}  [{levers.label()}]" + (f"  skipped: {why}" if why else ""))
         return 0
     meta = (common.device_description(device), common.timestamp(), common.versions(), common.command_line())
-    rate = matmul_rate_tflops(device, args.matmul_size, torch.bfloat16 if gpu else torch.float32)
-    rows = [common.make_row("matmul", "torch", "bf16" if gpu else "fp32", "rate", "TFLOP/s",
-                            f"{args.matmul_size}^3", rate, *meta)]
+    rows = [common.make_row("matmul", "torch", kind, "rate", "TFLOP/s", f"{args.matmul_size}^3", rate, *meta)
+            for kind, rate in rates.items()]
     flops, tokens, x = setup.flops, setup.tokens, setup.x
-    print(f"device: {meta[0]}; measured matmul rate {rate[0]:.4g} TFLOP/s; {x}; {flops / 1e12:.4g} TFLOP per step")
+    print(f"device: {meta[0]}; measured matmul rate fp32 {rates['fp32'][0]:.4g}, bf16 {rates['bf16'][0]:.4g} "
+          f"TFLOP/s (bf16 in optimized: {args.fast_bf16}); {x}; {flops / 1e12:.4g} TFLOP per step")
 
+    def peak(levers: Levers) -> float:
+        """The matmul rate of the compute dtype this lever set runs in."""
+        return rates["bf16" if levers.bf16 else "fp32"][0]
+
+    available = [(name, levers) for name, levers in configs if setup.unavailable(levers) is None]
+    timed = measure_interleaved(setup, available, device, args) if args.interleave else {}
     results, plain_ms = [], None
     for name, levers in configs:
         why = setup.unavailable(levers)
-        if why is None:
+        if why is not None:
+            result = why
+        elif args.interleave:
+            result = timed[name]
+        else:
             try:
                 result = measure(setup, levers, device, args)
             except Exception as exc:  # an OOM or a failed capture/compile is a result of that lever, not a crash
@@ -344,8 +450,6 @@ def main(argv=None) -> int:
                 gc.collect()
                 if gpu:
                     torch.cuda.empty_cache()
-        else:
-            result = why
         if isinstance(result, str):
             print(f"{name:>22}  skipped: {result}")
             rows.append(skipped_row(name, result, x, meta))
@@ -353,20 +457,20 @@ def main(argv=None) -> int:
             continue
         if name == "plain":
             plain_ms = result["ms"][0]
-        rows += result_rows(name, result, flops, tokens, rate[0], plain_ms, x, meta)
+        rows += result_rows(name, result, flops, tokens, peak(levers), plain_ms, x, meta)
         results.append((name, levers, result))
         mem = f" {result['memory']:.0f} MiB" if result["memory"] is not None else ""
         act = f" act {result['activation_mib']:.1f} MiB" if result["activation_mib"] is not None else ""
-        mfu = 100 * flops / (result["ms"][0] * 1e-3) / 1e12 / rate[0]
+        mfu = 100 * flops / (result["ms"][0] * 1e-3) / 1e12 / peak(levers)
         speedup = plain_ms / result["ms"][0] if plain_ms else math.nan
         print(f"{name:>22}  {result['ms'][0]:9.2f} ms  MFU {mfu:5.1f}%  x{speedup:.2f}{mem}{act} "
               f"ref {result['reference_mib']:.1f} MiB  loss {result['loss']:.5f}  [{levers.label()}]")
     written = common.append_rows(args.out, rows)
     print(f"appended {written} rows to {args.out}")
     if args.report:
-        table = markdown_table(results, flops, tokens, rate[0], plain_ms or math.nan)
+        table = markdown_table(results, flops, tokens, peak, plain_ms or math.nan)
         loaded = not gpu and os.getloadavg()[0] > 2 * (os.cpu_count() or 1)
-        write_report(args.report, args, setup, meta[0], meta[2], meta[3], rate, table, loaded)
+        write_report(args.report, args, setup, meta[0], meta[2], meta[3], rates, table, loaded)
         print(f"wrote {args.report}")
     return 0
 

@@ -18,10 +18,11 @@ modes, its attention backends other than SDPA / cuDNN, fp8 and CUDA graphs are n
 reported as skipped.
 
     plain      separate frozen copy of the base model, eager loss, no activation checkpointing
-    optimized  the LoRA-off reference (LoRA only), the fused loss, activation checkpointing (+ bf16 autocast,
-               fused AdamW and a bf16 reference copy on a GPU)
+    optimized  the LoRA-off reference (LoRA only), the fused loss, activation checkpointing (+ bf16 autocast
+               where bf16 measured faster, always on a GPU; fused AdamW on a GPU; a bf16 reference copy with bf16
+               under full fine-tuning)
 
-Weights are fp32 masters with bf16 autocast on a GPU (the DiT step's convention); the step FLOPs are
+Weights are fp32 masters with bf16 autocast where it is on (the DiT step's convention); the step FLOPs are
 ``4 F(2B)`` with ``wan_flops_per_forward`` (matmuls only, like ``DiTConfig.flops_per_forward``).
 """
 from __future__ import annotations
@@ -33,8 +34,8 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
-
 from step_bench import DPOStep, Levers, StepShape, lever_unavailable
+
 from vidpo.models.adapters import ATTENTION_LORA_TARGETS
 from vidpo.models.lora import apply_lora, lora_disabled, mark_only_lora_trainable
 from vidpo.models.wan import WanAdapter
@@ -101,10 +102,12 @@ def wan_plain_levers(device: torch.device, ac: str = "none") -> WanLevers:
     return WanLevers(ac=ac, bf16=device.type == "cuda", ref_no_grad=True)
 
 
-def wan_default_levers(device: torch.device, train: str) -> WanLevers:
+def wan_default_levers(device: torch.device, train: str, bf16: Optional[bool] = None) -> WanLevers:
+    """``bf16``: whether bf16 compute wins on ``device`` (``bench_step.fast_bf16``; default: on a GPU only)."""
     gpu = device.type == "cuda"
+    bf16 = gpu if bf16 is None else bf16
     lora_off = train == "lora"
-    levers = WanLevers(ac="full", bf16=gpu, ref_no_grad=True, ref_bf16=gpu and not lora_off, fused_loss=True,
+    levers = WanLevers(ac="full", bf16=bf16, ref_no_grad=True, ref_bf16=bf16 and not lora_off, fused_loss=True,
                        fused_adamw=gpu, ref_lora_off=lora_off)
     if (wan_lever_unavailable(levers, device, train) or "").startswith("fused_loss"):
         levers = dataclasses.replace(levers, fused_loss=False)

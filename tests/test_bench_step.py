@@ -78,11 +78,13 @@ def test_cpu_run_writes_rows_and_mfu_is_flops_over_time_over_peak(tmp_path):
     rows = list(csv.DictReader(open(out)))
     assert set(rows[0]) == set(bench_step.common.CSV_COLUMNS)
     by = {(r["provider"], r["mode"], r["metric"]): r for r in rows}
-    peak = float(by[("torch", "fp32", "rate")]["y50"])
+    rates = {kind: float(by[("torch", kind, "rate")]["y50"]) for kind in ("fp32", "bf16")}
+    optimized_bf16 = rates["bf16"] >= bench_step.CPU_BF16_MIN_GAIN * rates["fp32"]   # chosen from the run's rates
     cfg = dit_config("tiny")
     flops = step_flops(cfg, StepShape(1, 2, 8, 8, 4))
     tokens = 2 * cfg.num_tokens(2, 8, 8)
     for name in ("plain", "optimized"):
+        peak = rates["bf16" if name == "optimized" and optimized_bf16 else "fp32"]   # the row's own compute dtype
         ms = float(by[(name, "step", "time")]["y50"])
         tflops = flops / (ms * 1e-3) / 1e12
         close = dict(rel=1e-3, abs=2e-6)      # the CSV keeps 6 decimals
@@ -97,7 +99,29 @@ def test_cpu_run_writes_rows_and_mfu_is_flops_over_time_over_peak(tmp_path):
     skipped = by[("+cuda_graph", "step", "skipped")]
     assert "CUDA" in skipped["unit"] and math.isnan(float(skipped["y50"]))
     text = report.read_text()
-    assert "| plain |" in text and "skipped: cuda_graph" in text and "fp32 matmul rate" in text
+    assert "| plain |" in text and "skipped: cuda_graph" in text and "fp32 " in text and "bf16 " in text
+
+
+def test_the_cpu_set_takes_bf16_and_compile_only_where_bf16_measured_faster():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    rate = lambda v: (v, v, v)  # noqa: E731
+    assert bench_step.fast_bf16(cpu, {"fp32": rate(0.19), "bf16": rate(0.80)})
+    assert not bench_step.fast_bf16(cpu, {"fp32": rate(0.19), "bf16": rate(0.20)})   # emulated bf16
+    assert not bench_step.fast_bf16(cpu, None) and bench_step.fast_bf16(cuda, None)
+    fast, slow = bench_step.default_levers(cpu, "none", True), bench_step.default_levers(cpu, "none", False)
+    assert fast.bf16 and fast.compile and fast.ref_bf16 and not fast.fused_adamw
+    assert not (slow.bf16 or slow.compile or slow.ref_bf16)
+    assert bench_step.wan_default_levers(cpu, "lora", True).bf16
+
+
+def test_block_timing_without_interleave_writes_the_same_rows(tmp_path):
+    out = tmp_path / "step.csv"
+    bench_step.main(["--device", "cpu", "--preset", "tiny", "--pairs", "1", "--frames", "2", "--height", "8",
+                     "--width", "8", "--flips", "none", "--repeats", "2", "--warmup", "0", "--matmul-size", "64",
+                     "--no-interleave", "--no-breakdown", "--no-memory", "--out", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    times = {r["provider"]: float(r["y50"]) for r in rows if r["metric"] == "time" and r["mode"] == "step"}
+    assert set(times) == {"plain", "optimized"} and all(t > 0 for t in times.values())
 
 
 # ----- the Wan step (benchmarks/step_bench_wan.py): diffusers' WanTransformer3DModel ------------------------------
