@@ -77,6 +77,63 @@ def test_cd_loss_matches_float64_reference_and_stops_the_target_gradient(distanc
     assert any(not torch.allclose(a, p.grad) for a, p in zip(grads, model.parameters()))
 
 
+@pytest.mark.parametrize("distance", ["huber", "l2"])
+def test_phased_cd_loss_matches_float64_reference_and_an_edge_maps_to_itself(distance):
+    cfg, world = micro_setup(["model.attention=math", "distill.phases=2"])
+    model = randomize_(build_policy(cfg, world).double())
+    grid = teacher_grid(cfg).double()                                   # 0, 1/8, ..., 1; edges 0, 1/2, 1
+    edges = cd.phase_boundaries(cfg.distill.phases, grid, cfg.distill.skip)
+    torch.testing.assert_close(edges, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), atol=0, rtol=0)
+    g = torch.Generator().manual_seed(7)
+    x_t = torch.randn(4, 3, 4, 8, 8, generator=g, dtype=torch.float64)
+    x_prev = torch.randn(4, 3, 4, 8, 8, generator=g, dtype=torch.float64)
+    t, t_prev = grid[[2, 4, 6, 8]], grid[[0, 2, 4, 6]]
+    cond = torch.tensor([[1, 5, 7], [2, 6, 8], [4, 5, 10], [3, 4, 9]])
+    end = cd.phase_end(t, edges)
+    # A time on an edge belongs to the phase below it (the sampler's step from that edge covers it).
+    assert end.tolist() == [0.0, 0.0, 0.5, 0.5]
+    assert cd.phase_end(torch.tensor([0.3, 0.5, 0.51, 1.0]), edges.float()).tolist() == [0.0, 0.0, 0.5, 0.5]
+
+    loss, prediction, target = cd.cd_loss(model, x_t, t, x_prev, t_prev, cond, distance=distance, huber_c=0.01,
+                                          end=end)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    # Direct float64: f(x, t) = x + (s_m - t) v(x, t), both sides to the start s_m of t's phase.
+    shape = (-1, 1, 1, 1, 1)
+    want_end = torch.tensor([0.0, 0.0, 0.5, 0.5], dtype=torch.float64).view(shape)
+    direct_pred = x_t + (want_end - t.view(shape)) * model(x_t, t, cond)
+    with torch.no_grad():
+        direct_target = x_prev + (want_end - t_prev.view(shape)) * model(x_prev, t_prev, cond)
+        plain_target = x_prev - t_prev.view(shape) * model(x_prev, t_prev, cond)
+    assert torch.equal(target[0], x_prev[0]) and torch.equal(target[2], x_prev[2])   # an edge maps to itself
+    assert not torch.allclose(target[3], plain_target[3])                             # not the t = 0 target
+    diff = direct_pred - direct_target
+    direct = (torch.sqrt(diff ** 2 + 0.01 ** 2) - 0.01).mean() if distance == "huber" else (diff ** 2).mean()
+    torch.testing.assert_close(prediction, direct_pred, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(target, direct_target, atol=1e-12, rtol=1e-12)
+    assert loss.item() == pytest.approx(direct.item(), rel=1e-12) and not target.requires_grad
+    direct.backward()
+    for got, want in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    # Without phases the same call is plain CD (every point to t = 0).
+    _, plain_prediction, _ = cd.cd_loss(model, x_t, t, x_prev, t_prev, cond, distance=distance, huber_c=0.01)
+    with torch.no_grad():
+        torch.testing.assert_close(plain_prediction, x_t - t.view(shape) * model(x_t, t, cond), atol=1e-12, rtol=0)
+
+
+def test_phases_must_divide_the_solver_chain_and_need_the_edges():
+    with pytest.raises(ConfigError, match="phases"):
+        load_config(None, MICRO + DISTILL + ["distill.phases=3"])           # grid 8 / skip 2 = 4 solver steps
+    with pytest.raises(ValueError, match="must divide"):
+        cd.phase_boundaries(3, flow.time_grid(8, 1.0).flip(0), 2)
+    cfg, world = micro_setup(["distill.phases=2"])
+    assert cfg.distill.student_noise == "predicted" and micro_setup()[0].distill.student_noise == "fresh"
+    with pytest.raises(ValueError, match="phase edges"):
+        cd.ConsistencyDistillObjective(cfg, world, None, torch.device("cpu"))
+
+
 def test_teacher_solver_step_matches_direct_float64_computation():
     cfg, world = micro_setup(["model.attention=math", "distill.motion_scale=0.8", "distill.motion_fraction=0.6",
                               "distill.curated_fraction=0.5", "distill.cfg_scale=2.0", "distill.motion_block=1"])
@@ -134,6 +191,22 @@ def test_student_times_and_sampler():
     one = cd.consistency_sample(model, noise, cond, times[:1], seed=3, indices=[10, 11, 12])
     with torch.no_grad():
         torch.testing.assert_close(one, noise - model(noise, torch.ones(3), cond), atol=1e-6, rtol=1e-6)
+
+
+def test_phased_student_samples_deterministically_along_the_edges():
+    cfg, world = micro_setup(["model.attention=math", "distill.phases=2"])
+    model = randomize_(build_policy(cfg, world).double()).eval()
+    grid = teacher_grid(cfg).double()
+    edges = cd.phase_boundaries(2, grid, 2)
+    cond = world.tokens(world.condition(torch.tensor([0, 5, 9])))
+    noise = torch.randn(3, 3, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    # Reference: each step is the phased consistency function from an edge to the edge below it.
+    x = noise
+    with torch.no_grad():
+        for m in (2, 1):
+            x = cd.consistency_function(model, x, edges[m].expand(3), cond, edges[m - 1].expand(3))
+    got = cd.consistency_sample(model, noise, cond, cd.student_times(2, grid, 2), renoise=cfg.distill.student_noise)
+    torch.testing.assert_close(got, x, atol=1e-12, rtol=1e-12)
 
 
 # ----- rewards --------------------------------------------------------------------------------------------
@@ -220,6 +293,46 @@ def test_reward_rows_follow_the_routed_subset(distill_run):
         loss, metrics = objective.loss(model, batch)
         assert loss.isfinite() and ("reward" in metrics) == bool(rows.any())
     assert saw_web
+
+
+def test_phased_objective_rewards_score_the_one_step_clean_sample(distill_run):
+    root, over, _ = distill_run
+    cfg = load_config(None, over + [f"distill.data={root / 'data'}", "reward.subset=all", "reward.max_rows=8",
+                                    "reward.image={shapes_appearance: 1.0}", "train.batch_size=8", "distill.phases=2"])
+    world = build_world(cfg)
+    mixture = build_reward_mixture(cfg.reward, ShapesOracle(world))
+    seen = []
+
+    class Recorder:
+        names, draw_frames = mixture.names, mixture.draw_frames
+
+        def __call__(self, x, cond_ids, frames):
+            seen.append(x.detach().clone())
+            return mixture(x, cond_ids, frames)
+
+    edges = cd.phase_boundaries(2, teacher_grid(cfg), 2)
+    objective = cd.ConsistencyDistillObjective(cfg, world, DistillData(root / "data"), torch.device("cpu"),
+                                               rewards=Recorder(), boundaries=edges)
+    batch = objective.micro_batch(0, 0)
+    model = randomize_(build_policy(cfg, world))
+    loss, metrics = objective.loss(model, batch)
+    tokens = world.tokens(batch["cond_ids"])
+    with torch.no_grad():
+        x0 = batch["x_t"] - batch["t"].view(-1, 1, 1, 1, 1) * model(batch["x_t"], batch["t"], tokens)
+    assert bool((cd.phase_end(batch["t"], edges) > 0).any())             # some rows do not map to t = 0
+    torch.testing.assert_close(seen[0], x0[batch["reward_rows"]], atol=1e-5, rtol=1e-5)
+    assert metrics["cd"] == pytest.approx(float(cd.cd_distance(*phased_pair(model, batch, tokens, edges),
+                                                               "huber", cfg.distill.huber_c)), rel=1e-5)
+
+
+def phased_pair(model, batch, tokens, edges):
+    """The phased prediction and target of a batch, computed directly."""
+    shape = (-1, 1, 1, 1, 1)
+    end = cd.phase_end(batch["t"], edges).view(shape)
+    with torch.no_grad():
+        pred = batch["x_t"] + (end - batch["t"].view(shape)) * model(batch["x_t"], batch["t"], tokens)
+        target = batch["x_prev"] + (end - batch["t_prev"].view(shape)) * model(batch["x_prev"], batch["t_prev"], tokens)
+    return pred, target
 
 
 def test_training_process_holds_no_teacher_and_eval_table(distill_run, tmp_path):

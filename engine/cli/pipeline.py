@@ -10,8 +10,8 @@ from vidpo.config import load_config
 from vidpo.stages.cache import run_cache
 from vidpo.stages.common import setup_logging
 from vidpo.stages.compare import compare, markdown_table
-from vidpo.stages.label import judge_eval_pairs, label_pairs
-from vidpo.stages.pipeline import generate_stage, run_pipeline
+from vidpo.stages.label import judge_eval_pairs
+from vidpo.stages.pipeline import generate_stage, label_stage, run_pipeline
 
 
 # ----- CLI verbs --------------------------------------------------------------------------------------
@@ -30,8 +30,9 @@ def cmd_generate(args) -> int:
 
 def cmd_label(args) -> int:
     cfg = _load(args)
-    stats = label_pairs(cfg, args.pairs, overwrite=args.overwrite)
-    print(json.dumps({k: v for k, v in stats.items() if k != "problems"}, indent=2))
+    stats = label_stage(cfg, args.pairs, overwrite=args.overwrite)   # sliced over torchrun's ranks
+    if stats is not None:   # rank 0 (or the one process)
+        print(json.dumps({k: v for k, v in stats.items() if k != "problems"}, indent=2))
     return 0
 
 

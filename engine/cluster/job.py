@@ -5,8 +5,9 @@
               (data.source latents with a cache.manifest; SHARDS = data.shards, default OUT/cache)
     generate  vidpo generate RECIPE --out OUT/pairs                         every GPU (torchrun)
               vidpo generate RECIPE --out OUT/pairs_heldout --split heldout (generate.heldout_pairs > 0)
-    label     vidpo label RECIPE --pairs OUT/pairs (and OUT/pairs_heldout)  one process (it asks the judge;
-                                                                           a VLM server serves many at once)
+    label     vidpo label RECIPE --pairs OUT/pairs (and OUT/pairs_heldout)  every GPU (each rank labels its
+                                                                           share; a VLM's concurrency is shared
+                                                                           out over the ranks)
     train     vidpo train RECIPE --out OUT --set pref.pairs=OUT/pairs      every GPU (the preference
                                                                            objectives; the others: one process)
     eval      vidpo run RECIPE --out OUT                                    every GPU
@@ -69,7 +70,7 @@ def job_steps(cfg: RunConfig, recipe: str, overrides: Sequence[str], out: str, v
         pairs = splits[0][1]
         steps.append(Step("generate", [["generate", recipe, "--out", d, *(["--split", s] if s != "train" else []),
                                         *sets] for s, d in splits], produces={"generated": pairs}))
-        steps.append(Step("label", [["label", recipe, "--pairs", d, *sets] for _, d in splits], ONE,
+        steps.append(Step("label", [["label", recipe, "--pairs", d, *sets] for _, d in splits],
                           produces={"pref.pairs": pairs}))
         pairs_set = ["--set", f"pref.pairs={pairs}"] if whole else []
         steps.append(Step("train", [["train", recipe, "--out", out, *sets, *pairs_set]]))

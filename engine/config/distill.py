@@ -71,6 +71,14 @@ class DistillConfig(Section):
     """Student multi-step sampling: re-noise the predicted x0 with fresh noise (consistency models) or with
     the noise the student implies, eps^ = x + (1 - t) v (deterministic)."""
 
+    phases: int = 0
+    """Phased consistency targets (Phased Consistency Models, arXiv 2405.18407; TCD's multistep form). 0: plain CD,
+    every point maps to t = 0. P > 0: the edges s_0 = 0 < s_1 < ... < s_P = 1 are the P-step sampler's times and a
+    point of phase (s_m, s_{m+1}] maps to the phase's start, f(x, t) = x + (s_m - t) v(x, t); the loss is
+    d(f(x_{t_n}, t_n), sg[f(x^_{t_{n-k}}, t_{n-k})]) with the same s_m on both sides (t_{n-k} = s_m: the target is
+    x^ itself). The student samples deterministically along the edges, x <- x + (s_m - s_{m+1}) v(x, s_{m+1})
+    (sampler_noise is not used). grid_steps / skip must be a multiple of P; P = eval_steps is the usual choice."""
+
     student_steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """Student step counts reported by the evaluation table."""
 
@@ -88,9 +96,15 @@ class DistillConfig(Section):
     student_terminal: Optional[float] = None
     """Release students: the last sigma before 0 (the scheduler's shift_terminal); None: 1 / eval_steps."""
 
+    @property
+    def student_noise(self) -> str:
+        """The multistep sampler's re-noising: ``sampler_noise``, or ``predicted`` (deterministic) when phased."""
+        return "predicted" if self.phases else self.sampler_noise
+
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.at_least(self, 1, "num_rows", "shard_size", "batch_size")
+        p.at_least(self, 0, "phases")
         p.at_least(self, 0, "cfg_scale")
         grid_ok = self.grid_steps >= 1 and self.skip >= 1 and self.grid_steps % self.skip == 0
         p.check(grid_ok, "grid_steps",
@@ -103,6 +117,8 @@ class DistillConfig(Section):
         unknown = [source for source in self.motion_sources if source not in DISTILL_SOURCES]
         p.check(not unknown, "motion_sources", f"has unknown sources {unknown}; known: {list(DISTILL_SOURCES)}")
         chain = self.grid_steps // self.skip if grid_ok else None
+        p.check(not (chain and self.phases > 0 and chain % self.phases), "phases",
+                f"must divide {prefix}grid_steps / {prefix}skip = {chain}, got {self.phases}", "grid_steps", "skip")
         for name, steps in (("student_steps", list(self.student_steps)), ("eval_steps", [self.eval_steps])):
             bad = [n for n in steps if not (1 <= n <= (chain or n))]
             p.check(not bad, name, f"must be in [1, {prefix}grid_steps / {prefix}skip = {chain}], got {bad}",

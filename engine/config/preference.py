@@ -294,9 +294,14 @@ class LabelConfig(Section):
     in labels.partial.jsonl, no manifest.jsonl is written, and a rerun asks again only the failed ones.
     1.0 never errors; 0.0 errors on any failure."""
 
+    batch_size: int = 64
+    """Pairs per labelling batch: the frames read ahead together, and under torchrun the unit of work a rank
+    takes (batch i goes to rank i mod world size). It does not change a label."""
+
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.positive(self, "segment_seconds")
+        p.at_least(self, 1, "batch_size")
         p.check(0.0 <= self.max_failed_fraction <= 1.0, "max_failed_fraction",
                 f"must be in [0, 1], got {self.max_failed_fraction!r}")
         p.check(self.min_non_tie_fraction is None or 0.0 <= self.min_non_tie_fraction < 1.0, "min_non_tie_fraction",

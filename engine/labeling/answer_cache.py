@@ -13,6 +13,10 @@ unreadable one too: a greedy model would say it again); a timeout or an HTTP err
 Writes are appends of one whole line by one ``write`` to a file opened with ``O_APPEND``, so a killed run keeps
 every reply it got and loses at most the line being written; on opening, a torn last line (no newline) is cut
 off, and unreadable lines are skipped and counted. A later line for the same key wins.
+
+Under torchrun each rank appends to a file of its own (``vlm_answers.r{rank}.jsonl``: appends of several
+processes to one file are not atomic on network filesystems) and reads every file of the folder's family
+(``answer_files``), so a rerun with another number of ranks asks nothing already answered.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 log = logging.getLogger("vidpo")
 
@@ -41,24 +45,42 @@ class CachedReply:
     reasoning: bool = False
 
 
-class AnswerCache:
-    """Replies by (pair_id, segment, order, key), loaded from and appended to ``path``; thread-safe."""
+def answers_file(rank: int = 0, world_size: int = 1) -> str:
+    """The file one process appends to: ``vlm_answers.jsonl`` alone, ``vlm_answers.r{rank}.jsonl`` under torchrun."""
+    return ANSWERS_FILE if world_size <= 1 else f"vlm_answers.r{rank}.jsonl"
 
-    def __init__(self, path: str | os.PathLike) -> None:
+
+def answer_files(folder: str | os.PathLike) -> list[Path]:
+    """Every answers file of ``folder``: the one-process file and each rank's, whatever the number of ranks."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob("vlm_answers*.jsonl") if p.name == ANSWERS_FILE
+                  or (p.name.startswith("vlm_answers.r") and p.name[len("vlm_answers.r"):-len(".jsonl")].isdigit()))
+
+
+class AnswerCache:
+    """Replies by (pair_id, segment, order, key), loaded from ``read_also`` and ``path`` (the later wins) and
+    appended to ``path``; thread-safe."""
+
+    def __init__(self, path: str | os.PathLike, read_also: Sequence[str | os.PathLike] = ()) -> None:
         self.path = Path(path)
         self.bad_lines = 0
         self._lock = threading.Lock()
         self._replies: dict[tuple[str, int, int, str], CachedReply] = {}
+        for other in read_also:
+            if Path(other) != self.path and Path(other).exists():
+                self._load(Path(other), own=False)
         if self.path.exists():
-            self._load()
+            self._load(self.path, own=True)
 
-    def _load(self) -> None:
-        data = self.path.read_bytes()
+    def _load(self, path: Path, own: bool) -> None:
+        """Read ``path``'s whole lines; a torn last line is cut off the file this cache appends to (``own``), and
+        only skipped in another's: its writer may be appending to it right now."""
+        data = path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end < len(data):  # a line torn by a kill: cut it off, or the next append would be glued to it
-            with open(self.path, "r+b") as handle:
+        if end < len(data) and own:  # a line torn by a kill: cut it off, or the next append would be glued to it
+            with open(path, "r+b") as handle:
                 handle.truncate(end)
-            log.warning("%s: cut a torn last line (%d bytes) left by an interrupted run", self.path, len(data) - end)
+            log.warning("%s: cut a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
         for number, line in enumerate(data[:end].decode("utf-8", "replace").splitlines(), start=1):
             if not line.strip():
                 continue
@@ -69,7 +91,7 @@ class AnswerCache:
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 self.bad_lines += 1
                 if self.bad_lines == 1:
-                    log.warning("%s:%d: unreadable answer line skipped (asked again)", self.path, number)
+                    log.warning("%s:%d: unreadable answer line skipped (asked again)", path, number)
                 continue
             self._replies[key] = reply
 

@@ -64,10 +64,34 @@ SOURCE_CODES = {"curated": 0, "web": 1}
 
 
 # ----- the math ------------------------------------------------------------------------------------------
-def consistency_function(model_fn, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """``f(x, t, c) = x - t v(x, t, c)`` with ``t`` (B,) broadcast over ``(B, C, T, H, W)``."""
-    v = model_fn(x, t, cond)
-    return x - t.to(x.dtype).view(-1, *([1] * (x.dim() - 1))) * v.to(x.dtype)
+def consistency_function(model_fn, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                         end: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``f(x, t, c) = x - t v(x, t, c)`` with ``t`` (B,) broadcast over ``(B, C, T, H, W)``; with ``end`` (B,) the
+    phased form ``f(x, t, c) = x + (end - t) v(x, t, c)`` (the point at time ``end`` the velocity points at;
+    ``end = t`` gives ``x`` exactly)."""
+    v = model_fn(x, t, cond).to(x.dtype)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    if end is None:
+        return x - t.to(x.dtype).view(shape) * v
+    return x + (end.to(x.dtype) - t.to(x.dtype)).view(shape) * v
+
+
+def phase_boundaries(phases: int, grid: torch.Tensor, skip: int) -> torch.Tensor:
+    """``(phases + 1,)`` increasing phase edges ``s_0 = 0 < s_1 < ... < s_P = 1``: the times of the ``phases``-step
+    sampler (``student_times``) and 0. The grid's ``N / k`` solver steps must split evenly into the phases, so every
+    edge is a training time and a solver step never crosses one."""
+    chain = (grid.numel() - 1) // skip
+    if phases < 1 or chain % phases:
+        raise ValueError(f"distill.phases = {phases} must divide grid_steps / skip = {chain}")
+    return grid[torch.arange(phases + 1) * (skip * chain // phases)]
+
+
+def phase_end(t: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` the start of each time's phase: the largest edge strictly below ``t`` (``s_m`` for ``t`` in
+    ``(s_m, s_{m+1}]``; a time on an edge belongs to the phase below it, which the sampler's step from it covers)."""
+    edges = boundaries.to(device=t.device, dtype=t.dtype)
+    index = torch.searchsorted(edges, t.contiguous(), right=False) - 1
+    return edges[index.clamp_min(0)]
 
 
 def cd_distance(prediction: torch.Tensor, target: torch.Tensor, distance: str = "huber",
@@ -82,11 +106,13 @@ def cd_distance(prediction: torch.Tensor, target: torch.Tensor, distance: str = 
 
 
 def cd_loss(model, x_t: torch.Tensor, t: torch.Tensor, x_prev: torch.Tensor, t_prev: torch.Tensor,
-            cond: torch.Tensor, *, distance: str = "huber", huber_c: float = 0.001):
-    """``(L_CD, prediction, target)``: prediction keeps the graph, the target is the student under ``no_grad``."""
-    prediction = consistency_function(model, x_t, t, cond)
+            cond: torch.Tensor, *, distance: str = "huber", huber_c: float = 0.001,
+            end: Optional[torch.Tensor] = None):
+    """``(L_CD, prediction, target)``: prediction keeps the graph, the target is the student under ``no_grad``.
+    ``end`` (B,): phased targets (module doc), both sides map to the start of ``t``'s phase (``t_prev >= end``)."""
+    prediction = consistency_function(model, x_t, t, cond, end)
     with torch.no_grad():
-        target = consistency_function(model, x_prev, t_prev, cond)
+        target = consistency_function(model, x_prev, t_prev, cond, end)
     compute = torch.promote_types(prediction.dtype, torch.float32)   # bf16 under autocast -> fp32; fp64 stays
     return cd_distance(prediction.to(compute), target.to(compute), distance, huber_c), prediction, target
 
@@ -275,10 +301,15 @@ class ConsistencyDistillObjective:
 
     def __init__(self, cfg: RunConfig, world, data, device: torch.device, rewards=None, *,
                  condition: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, prompt_key: str = "cond_ids",
-                 frames: Optional[int] = None):
+                 frames: Optional[int] = None, boundaries: Optional[torch.Tensor] = None):
         """``condition(batch[prompt_key]) -> cond`` maps a row's prompt to the model's condition (default: the shapes
         world's tokens of ``cond_ids``; a release: the cached prompt embeddings of the row's ``prompt`` index);
-        ``frames``: pixel frames the image rewards pick from (default the world's)."""
+        ``frames``: pixel frames the image rewards pick from (default the world's); ``boundaries``: the phase edges
+        (``phase_boundaries``) that ``distill.phases > 0`` needs."""
+        if cfg.distill.phases and boundaries is None:
+            raise ValueError(f"distill.phases = {cfg.distill.phases} needs the phase edges of the teacher's grid; "
+                             "this student's stage does not pass them (phased targets: the shapes world's DiT)")
+        self.boundaries = boundaries if cfg.distill.phases else None
         self.cfg = cfg
         self.world = world
         self.data = data
@@ -310,8 +341,14 @@ class ConsistencyDistillObjective:
         d = self.cfg.distill
         cond_ids = batch[self.prompt_key]
         tokens = self.condition(cond_ids).to(self.device)
+        end = None if self.boundaries is None else phase_end(batch["t"], self.boundaries)
         loss_cd, prediction, _ = cd_loss(model, batch["x_t"], batch["t"], batch["x_prev"], batch["t_prev"], tokens,
-                                         distance=d.distance, huber_c=d.huber_c)
+                                         distance=d.distance, huber_c=d.huber_c, end=end)
+        if end is not None:
+            # The rewards score the one-step clean sample x - t v, recovered from the phased x + (end - t) v.
+            shape = (-1,) + (1,) * (prediction.dim() - 1)
+            t = batch["t"].to(prediction.dtype).view(shape)
+            prediction = batch["x_t"] + (prediction - batch["x_t"]) * (t / (t - end.to(prediction.dtype).view(shape)))
         loss = loss_cd
         metrics = {"cd": float(loss_cd.detach())}
         if self.rewards is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vidpo.config import ConfigError, RunConfig, resolve_path, to_yaml
 from vidpo.evaluation.evaluate import EvalResult, eval_conditions
-from vidpo.objectives.distill import ConsistencyDistillObjective, sample_student
+from vidpo.objectives.distill import ConsistencyDistillObjective, phase_boundaries, sample_student
 from vidpo.objectives.rewards import build_reward_mixture
 from vidpo.stages.common import build_oracle, save_samples, setup_logging
 from vidpo.stages.distill_eval import compare
@@ -55,17 +55,18 @@ def train_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -
     init = cfg.train.init_from or d.teacher   # the loader requires one of them
     ckpt.load_weights(model, resolve_path(init))
     rewards = build_reward_mixture(cfg.reward, oracle)
-    objective = ConsistencyDistillObjective(cfg, world, data, device, rewards=rewards)
+    boundaries = phase_boundaries(d.phases, grid, d.skip) if d.phases else None
+    objective = ConsistencyDistillObjective(cfg, world, data, device, rewards=rewards, boundaries=boundaries)
     atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
-    log.info("distill: %d rows, rewards %s on '%s' rows, student init %s, device %s", len(data),
-             rewards.names or "none", cfg.reward.subset, init, device)
+    log.info("distill: %d rows, rewards %s on '%s' rows, student init %s, phases %s, device %s", len(data),
+             rewards.names or "none", cfg.reward.subset, init, d.phases or "none (targets at t = 0)", device)
 
     def evaluate(m, step, n=None):
         n = n or max(16, cfg.eval.num_samples // 4)
         cond_ids = eval_conditions(world, n)
         clips = sample_student(m, world, cond_ids, seed=cfg.seed,
                                indices=[cfg.eval.seed_offset + i for i in range(n)], steps=d.eval_steps, grid=grid,
-                               skip=d.skip, renoise=d.sampler_noise, batch_size=cfg.sample.batch_size)
+                               skip=d.skip, renoise=d.student_noise, batch_size=cfg.sample.batch_size)
         score = oracle.score(clips, cond_ids)
         return EvalResult(total=score.total.detach(), components={k: v.detach() for k, v in score.components.items()},
                           samples=clips, cond_ids=cond_ids, modes=oracle.failure_modes(clips, cond_ids))

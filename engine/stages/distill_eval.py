@@ -132,7 +132,7 @@ def compare(cfg: RunConfig, teacher, students: Dict[str, torch.nn.Module], out_d
         for steps in d.student_steps:
             def sample(idx, student=student, steps=steps):
                 return sample_student(student, world, conds(idx), seed=cfg.seed, indices=idx, steps=steps,
-                                      grid=grid, skip=d.skip, renoise=d.sampler_noise, batch_size=batch)
+                                      grid=grid, skip=d.skip, renoise=d.student_noise, batch_size=batch)
             row, res = evaluate_row(name, "student", steps, sample, world, oracle, cond_ids, indices, repeats=repeats)
             rows.append(row)
             results[(name, steps)] = res

@@ -18,6 +18,15 @@ of its pair over every attempt (``failures``), killed attempts included, so ``la
 failed, ``labels.partial.jsonl`` stays for the next run; when more than ``label.max_failed_fraction`` of them
 are failed at the end, the run ends with an error and writes no ``manifest.jsonl``.
 
+**Under torchrun** every rank labels a share of the pairs: the pairs still to label are cut into the batches one
+process would make, and batch i goes to rank i mod world size, so each batch, and so each label (a critic's
+floating point too), is the one process's. Any rank reads any pair from the shared folder, whichever rank generated
+it, so every comparison stays within its pair's prompt. Each rank appends to files of its own
+(``labels.partial.r{rank}.jsonl``, ``vlm_answers.r{rank}.jsonl``: concurrent appends to one file are not atomic
+on network filesystems) and reads every rank's, so a rerun with another number of ranks resumes the same way.
+Rank 0 merges them into ``manifest.jsonl`` and ``label.json``; a VLM's ``concurrency`` is shared out over the
+ranks, so the server sees as many requests in flight as with one process.
+
 ``judge_eval_pairs`` labels the pairs that people labelled with the recipe's labeller (or takes the labels
 already in the manifest) and measures the agreement (``vidpo.evaluation.judge_eval``).
 """
@@ -35,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from vidpo.config import RunConfig, resolve_path
@@ -54,7 +64,7 @@ from vidpo.labeling import (
     majority_vote,
     status_counts,
 )
-from vidpo.labeling.answer_cache import ANSWERS_FILE, AnswerCache
+from vidpo.labeling.answer_cache import AnswerCache, answer_files, answers_file
 from vidpo.training.modeling import build_domain, run_segment_ids
 from vidpo.utils import atomic, preemption
 from vidpo.utils.provenance import digest, record_or_check
@@ -72,8 +82,38 @@ PREFETCH_BATCHES = 2
 """Batches of frames the reader thread keeps ready ahead of the labeller."""
 
 
-def build_run_labeler(cfg: RunConfig, world, pairs_dir: Optional[str | Path] = None) -> Labeler:
-    """The recipe's labeller; a VLM keeps its replies in ``pairs_dir/vlm_answers.jsonl`` (``cache_answers``)."""
+def partial_file(rank: int = 0, world_size: int = 1) -> str:
+    """The partial labels file one process appends to (``PARTIAL_FILE`` alone, one per rank under torchrun)."""
+    return PARTIAL_FILE if world_size <= 1 else f"labels.partial.r{rank}.jsonl"
+
+
+def partial_files(pairs_dir: Path) -> list[Path]:
+    """Every partial labels file of ``pairs_dir``: the one-process file and each rank's, whatever the ranks."""
+    stem = "labels.partial.r"
+    return sorted(p for p in pairs_dir.glob("labels.partial*.jsonl") if p.name == PARTIAL_FILE
+                  or (p.name.startswith(stem) and p.name[len(stem):-len(".jsonl")].isdigit()))
+
+
+def read_partials(pairs_dir: Path, own: Optional[Path] = None) -> dict[str, dict]:
+    """The rows of every partial file of ``pairs_dir`` by pair id. Where files disagree on a pair (a retry by a run
+    with another number of ranks), the row with fewer failed comparisons wins, then the one with more attempts
+    counted: a retry keeps what was judged before, so it is never worse. Only ``own`` (the file this process
+    appends to) has a torn last line cut off; another rank may be appending to its own file."""
+    rows: dict[str, dict] = {}
+    for path in partial_files(pairs_dir):
+        for pair_id, row in read_partial(path, repair=path == own).items():
+            old = rows.get(pair_id)
+            if old is None or (old["status"].count(STATUS_FAILED), -old["failures"]) > \
+                    (row["status"].count(STATUS_FAILED), -row["failures"]):
+                rows[pair_id] = row
+    return rows
+
+
+def build_run_labeler(cfg: RunConfig, world, pairs_dir: Optional[str | Path] = None, *, rank: int = 0,
+                      world_size: int = 1) -> Labeler:
+    """The recipe's labeller; a VLM keeps its replies in ``pairs_dir/vlm_answers.jsonl`` (``cache_answers``; one
+    file per rank under torchrun, each reading all) and, under torchrun, asks ``concurrency / world_size`` at a
+    time per rank (at least one)."""
     kind = cfg.label.labeler
     if kind == "oracle":
         return build_labeler("oracle", world=world, tie_margin=cfg.label.tie_margin, mode=cfg.label.granularity)
@@ -81,8 +121,11 @@ def build_run_labeler(cfg: RunConfig, world, pairs_dir: Optional[str | Path] = N
         return build_labeler("human", path=str(resolve_path(cfg.label.human_file)), on_missing=cfg.label.on_error,
                              on_error=cfg.label.on_error)
     if kind == "vlm":
-        vlm = dataclasses.replace(cfg.label.vlm, on_error=cfg.label.on_error)
-        cache = AnswerCache(Path(pairs_dir) / ANSWERS_FILE) if pairs_dir is not None and vlm.cache_answers else None
+        vlm = dataclasses.replace(cfg.label.vlm, on_error=cfg.label.on_error,
+                                  concurrency=max(1, math.ceil(cfg.label.vlm.concurrency / world_size)))
+        cache = None
+        if pairs_dir is not None and vlm.cache_answers:
+            cache = AnswerCache(Path(pairs_dir) / answers_file(rank, world_size), read_also=answer_files(pairs_dir))
         return build_labeler("vlm", config=vlm, cache=cache)
     return build_labeler(kind, cfg=cfg, world=world)
 
@@ -195,15 +238,16 @@ def _with_status(row: dict) -> dict:
     return row
 
 
-def read_partial(path: Path) -> dict[str, dict]:
+def read_partial(path: Path, repair: bool = True) -> dict[str, dict]:
     """The rows of a partial labels file by pair id (a later row of a pair wins: a retry); a line torn by a kill
-    is cut off (that pair is labelled again), so that the next append starts on a line of its own."""
+    is skipped (that pair is labelled again) and, with ``repair``, cut off, so that the next append starts on a
+    line of its own."""
     done: dict[str, dict] = {}
     if not path.exists():
         return done
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
+    if end < len(data) and repair:
         with open(path, "r+b") as handle:
             handle.truncate(end)
     for line in data[:end].decode("utf-8", "replace").splitlines():
@@ -242,12 +286,19 @@ def _merged_row(pair_id: str, result: LabelResult, i: int, status: list[str], me
 
 def label_records(labeler: Labeler, reader: PairFrames, records: list, segment_ids: torch.Tensor, fps: float, *,
                   batch_size: int = 64, partial_path: Optional[Path] = None, progress: bool = False,
-                  prefetch: int = PREFETCH_BATCHES) -> LabelRun:
-    """Label ``records`` batch by batch (frames read ahead by a ``BatchReader``); rows already in
-    ``partial_path`` are kept (their failed comparisons are asked again), new ones appended to it. A VLM's rows
-    carry the raw answers of both orders."""
-    run = LabelRun(rows=read_partial(partial_path) if partial_path is not None else {})
+                  prefetch: int = PREFETCH_BATCHES, done: Optional[dict] = None, rank: int = 0,
+                  world_size: int = 1) -> LabelRun:
+    """Label ``records`` batch by batch (frames read ahead by a ``BatchReader``); rows already labelled (``done``,
+    default: those of ``partial_path``) are kept (their failed comparisons are asked again), new ones appended to
+    ``partial_path``. A VLM's rows carry the raw answers of both orders. With ``world_size`` > 1 this process takes
+    batches ``rank``, ``rank + world_size``, ... of the ones a single process would make (``done`` must then be
+    the same on every rank: ``read_partials`` before a barrier)."""
+    run = LabelRun(rows=dict(done) if done is not None else
+                   (read_partial(partial_path) if partial_path is not None else {}))
     todo = [r for r in records if r.pair_id not in run.rows or STATUS_FAILED in run.rows[r.pair_id]["status"]]
+    if world_size > 1:
+        batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        todo = [r for batch in batches[rank::world_size] for r in batch]
     run.retried = sum(run.rows[r.pair_id]["status"].count(STATUS_FAILED) for r in todo if r.pair_id in run.rows)
     is_vlm = isinstance(labeler, VLMLabeler)
     if is_vlm:
@@ -300,7 +351,7 @@ def label_records(labeler: Labeler, reader: PairFrames, records: list, segment_i
 def _failures_of_finished_runs(pairs_dir: Path) -> int:
     """Failed comparisons of the earlier runs whose partial file is gone (they ended with none failed): their
     ``label.json`` total. While a partial file exists, its rows carry the counts instead."""
-    if (pairs_dir / PARTIAL_FILE).exists() or not (pairs_dir / SUMMARY_FILE).exists():
+    if partial_files(pairs_dir) or not (pairs_dir / SUMMARY_FILE).exists():
         return 0
     try:
         return int(json.loads((pairs_dir / SUMMARY_FILE).read_text()).get("failed_comparisons_total", 0))
@@ -336,30 +387,83 @@ def check_label_settings(cfg: RunConfig, pairs_dir: str | Path) -> None:
                         remedy="label again from scratch (`vidpo label --overwrite`, or `vidpo run --overwrite`)")
 
 
-def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: int = 64,
-                domain: Optional[Domain] = None, overwrite: bool = False) -> dict:
+def _merge_ranks(run: LabelRun, pairs_dir: Path, world_size: int) -> LabelRun:
+    """Rank 0's view of a labelling done by ``world_size`` ranks: every rank's rows (from their partial files,
+    on disk once every rank is past the barrier) and the pass's counts, messages and throughput summed over
+    the ranks (wall time: the slowest rank's). Collective: every rank calls it; the others get their own run."""
+    mine = {"failed": run.failed, "retried": run.retried, "messages": run.messages, "throughput": run.throughput}
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    merged = LabelRun(rows=read_partials(pairs_dir), failed=sum(g["failed"] for g in gathered),
+                      retried=sum(g["retried"] for g in gathered),
+                      messages=[m for g in gathered for m in g["messages"]])
+    parts = [g["throughput"] for g in gathered]
+    pairs, comparisons = sum(t["pairs"] for t in parts), sum(t["comparisons"] for t in parts)
+    wall = max(t["wall_s"] for t in parts)
+    merged.throughput = {"pairs": pairs, "comparisons": comparisons, "wall_s": wall,
+                         "comparisons_per_s": comparisons / wall if wall > 0 and comparisons else None,
+                         "waited_for_frames_s": max(t["waited_for_frames_s"] for t in parts),
+                         "ranks": world_size, "per_rank": parts}
+    return merged
+
+
+def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: Optional[int] = None,
+                domain: Optional[Domain] = None, overwrite: bool = False, rank: int = 0,
+                world_size: int = 1) -> Optional[dict]:
     """Label every pair of ``pairs_dir/pairs.jsonl`` per segment; write ``manifest.jsonl``. The labeller sees
     pixels: the decoded frames of a latent model's pairs (``vidpo.stages.decode``), the pairs themselves for a
     pixel-space one; its segments are ``label.segment_seconds`` of the domain's videos (default: the shapes
     world's). A partial labelling of ``pairs_dir`` is resumed only if it was made with the same label settings
     (``label_settings``; ``overwrite`` discards it). More than ``label.max_failed_fraction`` of the comparisons failed: a ``LabelingError`` after
-    ``label.json`` is written (no manifest; a rerun asks the failed ones again)."""
+    ``label.json`` is written (no manifest; a rerun asks the failed ones again).
+
+    Under torchrun (``world_size`` > 1, the process group up) every rank calls it and labels its share of the
+    batches (module docstring); rank 0 writes the manifest and ``label.json`` and returns the statistics, the
+    other ranks return None."""
     pairs_dir = Path(pairs_dir)
+    ranked = world_size > 1
+    batch_size = batch_size or cfg.label.batch_size
+
+    def barrier() -> None:
+        if ranked:
+            dist.barrier()
+
     records, problems = read_manifest(pairs_dir / PAIRS_FILE, need_labels=False, on_error=cfg.pref.on_bad_pair)
     records, shard_problems = validate_records(records, ShardReader(pairs_dir), cfg.pref.on_bad_pair)
     problems += shard_problems
     domain = domain if domain is not None else build_domain(cfg)
-    labeler = build_run_labeler(cfg, getattr(domain, "world", None), pairs_dir)
     seg = run_segment_ids(cfg, domain, pixels=True)
-    partial_path = pairs_dir / PARTIAL_FILE
-    if overwrite:
-        partial_path.unlink(missing_ok=True)
-    if partial_path.exists():   # a resumed labelling keeps what the partial file holds: only if made the same way
+    if overwrite and rank == 0:
+        for path in partial_files(pairs_dir):
+            path.unlink(missing_ok=True)
+    barrier()
+    if partial_files(pairs_dir):   # a resumed labelling keeps what the partial files hold: only if made the same way
         check_label_settings(cfg, pairs_dir)
-    atomic.write_json(pairs_dir / SETTINGS_FILE, label_settings(cfg))
     earlier = _failures_of_finished_runs(pairs_dir)
+    partial_path = pairs_dir / partial_file(rank, world_size)
+    done = read_partials(pairs_dir, own=partial_path)
+    labeler = build_run_labeler(cfg, getattr(domain, "world", None), pairs_dir, rank=rank, world_size=world_size)
+    barrier()   # every rank has read the same rows (and answers) before any appends: they agree on what is left
+    if rank == 0:
+        atomic.write_json(pairs_dir / SETTINGS_FILE, label_settings(cfg))
     run = label_records(labeler, PairFrames(pairs_dir), records, seg, domain.fps, batch_size=batch_size,
-                        partial_path=partial_path, progress=cfg.train.progress)
+                        partial_path=partial_path, progress=cfg.train.progress and rank == 0, done=done, rank=rank,
+                        world_size=world_size)
+    if ranked:
+        barrier()   # every rank's rows are on disk
+        run = _merge_ranks(run, pairs_dir, world_size)
+        if rank != 0:
+            barrier()   # until rank 0 has written the manifest (or refused the labels)
+            return None
+    try:
+        return _finish_labels(cfg, pairs_dir, records, problems, seg, run, earlier)
+    finally:
+        barrier()
+
+
+def _finish_labels(cfg: RunConfig, pairs_dir: Path, records: list, problems: list, seg: torch.Tensor, run: LabelRun,
+                   earlier: int) -> dict:
+    """``manifest.jsonl`` and ``label.json`` from the rows of ``run`` (or the error of too many failed)."""
     counts = run.counts() if records else status_counts([])
     comparisons = len(records) * (int(seg.max()) + 1)
     failed_now = counts[STATUS_FAILED]
@@ -380,7 +484,8 @@ def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: int = 64,
         first = run.first_failure([r.pair_id for r in records]) or "(no message)"
         error = (f"{pairs_dir}: {failed_now} of {comparisons} comparisons failed ({failed_now / comparisons:.0%}, "
                  f"more than label.max_failed_fraction = {limit:g}); first: {first}. The labels made are kept in "
-                 f"{PARTIAL_FILE}: rerun `vidpo label` to ask only the failed ones again")
+                 f"{PARTIAL_FILE} (one file per rank under torchrun): rerun `vidpo label` to ask only the failed ones "
+                 "again")
         stats["error"] = error
         atomic.write_json(pairs_dir / SUMMARY_FILE, stats)
         raise LabelingError(error)
@@ -393,8 +498,9 @@ def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: int = 64,
             r.extra["vlm_answers"] = row["orders"]
         labelled.append(r)
     write_manifest(pairs_dir / MANIFEST_FILE, labelled)
-    if not failed_now:   # while a comparison is failed, the partial file is what the next run retries
-        partial_path.unlink(missing_ok=True)
+    if not failed_now:   # while a comparison is failed, the partial files are what the next run retries
+        for path in partial_files(pairs_dir):
+            path.unlink(missing_ok=True)
     atomic.write_json(pairs_dir / SUMMARY_FILE, stats)
     rate = run.throughput.get("comparisons_per_s")
     log.info("label: %d pairs, %d segments each, tie fraction %.3f, %d unparseable answers (ties), %d failed "

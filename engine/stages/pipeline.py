@@ -185,6 +185,16 @@ def generate_stage(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
     _barrier(ranks)
 
 
+def label_stage(cfg: RunConfig, pairs_dir: str | Path, *, overwrite: bool = False) -> Optional[dict]:
+    """``vidpo label`` on its own, in one process or under torchrun: each rank labels its share of the batches
+    (a critic on its own GPU, a VLM's requests shared out) and rank 0 writes the manifest, as one process would;
+    returns the label statistics on rank 0, None on the others."""
+    world = None if cfg.prompts.path else build_world(cfg)
+    parallel = start_distributed(cfg, world, latent_frames_of(cfg))   # None for one process
+    rank, ranks = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
+    return label_pairs(cfg, pairs_dir, overwrite=overwrite, rank=rank, world_size=ranks)
+
+
 def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True, overwrite: bool = False) -> dict:
     """``vidpo run``: prepare the run's parts (prompt embeddings, VAE, real clips), then for the training and the
     held-out pairs generate -> decode (a latent model's pairs become mp4s, frames and the pair viewer) -> label;
@@ -228,8 +238,8 @@ def _run_pipeline(cfg: RunConfig, out_dir: Path, *, resume: bool, held: contextl
         t = time.time()
         held.enter_context(output_lock(d, rank=rank if ranks > 1 else None))   # until the run ends (labels too)
         generate_and_decode(cfg, d, parts, split=split, resume=resume, rank=rank, world_size=ranks)
-        if rank == 0 and (not (d / MANIFEST_FILE).exists() or not resume):
-            label_pairs(cfg, d, domain=domain)   # one process asks the judge (a VLM serves many requests at once)
+        if not (d / MANIFEST_FILE).exists() or not resume:
+            label_pairs(cfg, d, domain=domain, rank=rank, world_size=ranks)   # each rank labels its batches
         elif rank == 0:
             check_label_settings(cfg, d)         # kept labels: only if the label settings asked for now made them
         _barrier(ranks)

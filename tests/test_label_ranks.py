@@ -1,0 +1,148 @@
+"""`vidpo label` under torchrun: every rank labels its share of the batches and the folder ends as one process's.
+
+Two real gloo processes (``python -m torch.distributed.run --nproc-per-node 2 -m vidpo label``) against the HTTP
+stub VLM of ``helpers.vlm_server``, which counts every request: the manifest equals one process's byte for byte,
+each question is asked once over both ranks, and a labelling cut short on two ranks (failed comparisons left in
+both ranks' partial files) is finished by one process that asks only what failed, and the other way round.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from helpers.distributed import free_port
+from helpers.micro import MICRO
+from helpers.pairs_dirs import blank_recipe, vlm_overrides, write_pairs_dir
+from helpers.vlm_server import FakeVLM, Reply, brightness_verdict, judge_by_brightness
+from vidpo.cli import main
+from vidpo.data.pairs import MANIFEST_FILE, read_manifest
+from vidpo.labeling.answer_cache import answer_files
+from vidpo.stages.label import SUMMARY_FILE, partial_files, read_partials
+
+pytest.importorskip("megatron.core")
+
+_PAIR = re.compile(r"pair (\d+)")
+TARGETS = [[1, -1], [0, 1], [-1, -1], [1, 0], [0, 0], [-1, 1], [1, 1]]   # 7 pairs x 2 segments x 2 orders
+QUESTIONS = len(TARGETS) * 2 * 2
+
+
+@pytest.fixture
+def server():
+    fake = FakeVLM()
+    yield fake
+    fake.close()
+    assert not fake.schema_errors, fake.schema_errors[:3]
+
+
+def label_args(tmp_path, base_url, pairs: str) -> list[str]:
+    recipe = blank_recipe(tmp_path / "recipe.yaml")
+    # batches of 2 pairs: 4 batches, so each of the 2 ranks labels two of them (the last one short)
+    return ["label", str(recipe), "--pairs", str(tmp_path / pairs)] + [
+        f"--set={o}" for o in list(MICRO) + vlm_overrides(base_url) + ["label.batch_size=2"]]
+
+
+def torchrun_label(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "vidpo", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def pair_of(request) -> int:
+    return int(_PAIR.search(request.text).group(1))
+
+
+def failing_for(pairs: set[int]):
+    """HTTP 500 for every question about ``pairs``, the brightness verdict for the others."""
+    return lambda r: Reply(status=500) if pair_of(r) in pairs else Reply(text=brightness_verdict(r))
+
+
+def test_two_ranks_label_like_one_process_and_ask_each_question_once(tmp_path, server):
+    write_pairs_dir(tmp_path / "one", TARGETS)
+    write_pairs_dir(tmp_path / "two", TARGETS)
+    server.behaviour = judge_by_brightness()
+    assert main(label_args(tmp_path, server.base_url, "one")) == 0
+    assert len(server.requests) == QUESTIONS
+    server.requests.clear()
+
+    done = torchrun_label(label_args(tmp_path, server.base_url, "two"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert len(server.requests) == QUESTIONS            # each (pair, segment, order) once over both ranks
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (two / MANIFEST_FILE).read_text() == (one / MANIFEST_FILE).read_text()
+    assert [r.labels for r in read_manifest(two / MANIFEST_FILE)[0]] == TARGETS
+    assert not partial_files(two)                       # merged into the manifest, then removed
+    assert [p.name for p in answer_files(two)] == ["vlm_answers.r0.jsonl", "vlm_answers.r1.jsonl"]
+    throughput = json.loads((two / SUMMARY_FILE).read_text())["throughput"]
+    assert throughput["ranks"] == 2 and throughput["pairs"] == len(TARGETS)
+    assert sorted(part["pairs"] for part in throughput["per_rank"]) == [3, 4]   # batches 0, 2 and 1, 3 (short)
+    assert json.loads(done.stdout[done.stdout.index("{"):])["pairs"] == len(TARGETS)   # rank 0 prints, alone
+
+    server.requests.clear()   # a rerun: the manifest is rewritten from the answers on disk, nothing asked
+    again = torchrun_label(label_args(tmp_path, server.base_url, "two"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not server.requests and (two / MANIFEST_FILE).read_text() == (one / MANIFEST_FILE).read_text()
+
+
+def test_failures_left_by_two_ranks_are_finished_by_one_process_and_back(tmp_path, server):
+    write_pairs_dir(tmp_path / "clean", TARGETS)
+    server.behaviour = judge_by_brightness()
+    assert main(label_args(tmp_path, server.base_url, "clean")) == 0
+    clean = (tmp_path / "clean" / MANIFEST_FILE).read_text()
+
+    # Two ranks against a server failing pairs 0 and 5 (batch 0 on rank 0, batch 2 on rank 1).
+    write_pairs_dir(tmp_path / "pairs", TARGETS)
+    pairs = tmp_path / "pairs"
+    server.behaviour = failing_for({0, 5})
+    done = torchrun_label(label_args(tmp_path, server.base_url, "pairs"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert [p.name for p in partial_files(pairs)] == ["labels.partial.r0.jsonl", "labels.partial.r1.jsonl"]
+    rows = read_partials(pairs)
+    assert {pid for pid, row in rows.items() if "failed" in row["status"]} == {"p0000", "p0005"}
+
+    # One process finishes: it reads both ranks' rows and answers and asks only pairs 0 and 5.
+    server.behaviour = judge_by_brightness()
+    server.requests.clear()
+    assert main(label_args(tmp_path, server.base_url, "pairs")) == 0
+    asked = {pair_of(r) for r in server.requests}
+    assert asked == {0, 5} and len(server.requests) == 2 * 2 * 2
+    assert (pairs / MANIFEST_FILE).read_text() == clean
+    summary = json.loads((pairs / SUMMARY_FILE).read_text())
+    assert (summary["failed_comparisons"], summary["failed_comparisons_total"]) == (0, 4)
+    assert not partial_files(pairs)
+
+    # The other way round: one process leaves failures, two ranks finish them.
+    write_pairs_dir(tmp_path / "back", TARGETS)
+    server.behaviour = failing_for({2, 3})
+    assert main(label_args(tmp_path, server.base_url, "back")) == 0
+    assert [p.name for p in partial_files(tmp_path / "back")] == ["labels.partial.jsonl"]
+    server.behaviour = judge_by_brightness()
+    server.requests.clear()
+    done = torchrun_label(label_args(tmp_path, server.base_url, "back"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert {pair_of(r) for r in server.requests} == {2, 3}
+    assert (tmp_path / "back" / MANIFEST_FILE).read_text() == clean
+    assert not partial_files(tmp_path / "back")
+
+
+def test_rows_of_several_partial_files_merge_to_the_least_failed(tmp_path):
+    """A pair retried by a run with another number of ranks sits in two files: the retry (fewer failed
+    comparisons, more attempts counted) wins, whichever file is read last."""
+    def row(pair_id, status, failures):
+        return json.dumps({"pair_id": pair_id, "labels": [0, 1], "video_label": 1, "status": status,
+                           "failures": failures}) + "\n"
+    (tmp_path / "labels.partial.jsonl").write_text(row("p1", ["ok", "ok"], 2) + row("p2", ["failed", "ok"], 1))
+    (tmp_path / "labels.partial.r0.jsonl").write_text(row("p1", ["failed", "failed"], 2) + row("p2", ["ok", "ok"], 1))
+    (tmp_path / "labels.partial.r1.jsonl").write_text(row("p3", ["ok", "tie"], 0) + '{"pair_id": "p4", "lab')
+    (tmp_path / "labels.partial.old.jsonl").write_text(row("p9", ["ok", "ok"], 0))   # not a rank file: ignored
+    rows = read_partials(tmp_path)
+    assert {k: v["status"] for k, v in rows.items()} == {"p1": ["ok", "ok"], "p2": ["ok", "ok"], "p3": ["ok", "tie"]}
+    # another rank's torn last line is skipped, not cut: its writer may be appending to it
+    assert (tmp_path / "labels.partial.r1.jsonl").read_text().endswith('"lab')
+    read_partials(tmp_path, own=tmp_path / "labels.partial.r1.jsonl")
+    assert (tmp_path / "labels.partial.r1.jsonl").read_text().endswith("\n")
