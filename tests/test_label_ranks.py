@@ -14,15 +14,21 @@ import subprocess
 import sys
 
 import pytest
-
+import torch
 from helpers.distributed import free_port
 from helpers.micro import MICRO
 from helpers.pairs_dirs import blank_recipe, vlm_overrides, write_pairs_dir
 from helpers.vlm_server import FakeVLM, Reply, brightness_verdict, judge_by_brightness
+
 from vidpo.cli import main
-from vidpo.data.pairs import MANIFEST_FILE, read_manifest
+from vidpo.config import load_config
+from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE, PairRecord, read_manifest, shard_name, write_manifest
 from vidpo.labeling.answer_cache import answer_files
+from vidpo.labeling.critic import build_critic
+from vidpo.models.critic import save_critic
 from vidpo.stages.label import SUMMARY_FILE, partial_files, read_partials
+from vidpo.training.modeling import build_world
+from vidpo.utils import atomic
 
 pytest.importorskip("megatron.core")
 
@@ -128,6 +134,40 @@ def test_failures_left_by_two_ranks_are_finished_by_one_process_and_back(tmp_pat
     assert {pair_of(r) for r in server.requests} == {2, 3}
     assert (tmp_path / "back" / MANIFEST_FILE).read_text() == clean
     assert not partial_files(tmp_path / "back")
+
+
+CRITIC = ["critic.width=16", "critic.num_heads=2", "critic.depth=1", "critic.patch_size=[2,4,4]"]
+
+
+def test_a_critic_on_each_rank_labels_like_one_critic(tmp_path):
+    """A critic (random weights: scores close to each other, so a float differing by batch would flip labels)
+    labels 13 shapes-world pairs in batches of 3 on two ranks: the manifest equals one process's byte for byte."""
+    cfg = load_config(None, list(MICRO) + CRITIC)
+    world = build_world(cfg)
+    torch_gen = torch.Generator().manual_seed(0)
+    cond = world.condition(torch.randint(world.num_conditions, (13,), generator=torch_gen))
+    first = world.render(cond, torch.Generator().manual_seed(1)).clips
+    second = world.render(cond, torch.Generator().manual_seed(2)).clips
+    captions = world.captions(cond)
+    records = [PairRecord(pair_id=f"p{i:04d}", shard=shard_name(0), row=i, cond_ids=cond[i].tolist(),
+                          caption=captions[i]) for i in range(13)]
+    for name in ("one", "two"):
+        atomic.save_safetensors({"first": first, "second": second, "cond_ids": cond}, tmp_path / name / shard_name(0))
+        write_manifest(tmp_path / name / PAIRS_FILE, records)
+    save_critic(build_critic(cfg, world).eval(), tmp_path / "critic" / "critic.safetensors")
+    recipe = blank_recipe(tmp_path / "recipe.yaml")
+
+    def args(name):
+        return ["label", str(recipe), "--pairs", str(tmp_path / name)] + [
+            f"--set={o}" for o in list(MICRO) + CRITIC + ["label.labeler=critic", "label.batch_size=3",
+                                                          f"critic.checkpoint={tmp_path / 'critic'}"]]
+    assert main(args("one")) == 0
+    done = torchrun_label(args("two"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    one = (tmp_path / "one" / MANIFEST_FILE).read_text()
+    assert (tmp_path / "two" / MANIFEST_FILE).read_text() == one
+    labels = [r.labels for r in read_manifest(tmp_path / "one" / MANIFEST_FILE)[0]]
+    assert any(v == 1 for row in labels for v in row) and any(v == -1 for row in labels for v in row)
 
 
 def test_rows_of_several_partial_files_merge_to_the_least_failed(tmp_path):
