@@ -311,3 +311,20 @@ def test_cpu_offload_moves_the_sharded_state_to_host_memory():
     assert offloaded.total_gib == pytest.approx(on_gpu.total_gib - sum(offloaded.host_gib.values()))
     assert offloaded.memory_gib["fsdp_buffers"] == on_gpu.memory_gib["fsdp_buffers"] > 0   # gathered units stay
     assert any("cpu offload" in a for a in offloaded.assumptions) and offloaded.as_dict()["host_gib"]
+    # The copies and the host's AdamW are timed: H2D of the fp32 parameter shard per all-gather (forward, backward,
+    # reference), D2H of the fp32 gradient shard, AdamW reading 4 and writing 3 fp32 values per trainable parameter.
+    host = {r["collective"]: r for r in offloaded.comm if r["group"] == "host"}
+    assert not [r for r in on_gpu.comm if r["group"] == "host"]
+    gather = next(r for r in offloaded.comm if r["collective"] == "all-gather params")
+    fsdp, ring = offloaded.layout["fsdp_group"], (offloaded.layout["fsdp_group"] - 1) / offloaded.layout["fsdp_group"]
+    h2d = host["H2D parameter shards (offload)"]
+    # the all-gather moves (g-1)/g of the bf16 unit; the copy is the fp32 shard, 1/g of it: ratio 2 / (g-1)
+    assert h2d["GB"] == pytest.approx(gather["GB"] / ring / fsdp * 2)
+    assert h2d["seconds"] == pytest.approx(h2d["GB"] / 25.0) and h2d["link"] == "PCIe"
+    cfg = load_config(recipe, ["parallel.cpu_offload=true"])
+    assert cfg.lora is None   # full fine-tuning: AdamW over the parameter shard, whose fp32 gradient goes D2H
+    d2h = host["D2H gradient shards (offload)"]["GB"] / cfg.train.grad_accum
+    assert host["AdamW on the CPU (offload)"]["GB"] == pytest.approx(d2h * 7 * offloaded.model["experts"])
+    assert host["AdamW on the CPU (offload)"]["seconds"] == pytest.approx(host["AdamW on the CPU (offload)"]["GB"]
+                                                                          / cfg.cluster.host_memory_gbytes_per_s)
+    assert offloaded.comm_s == pytest.approx(on_gpu.comm_s + sum(r["seconds"] for r in host.values()))

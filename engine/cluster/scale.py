@@ -49,6 +49,9 @@ Communication (bytes each GPU sends per optimizer step; ring collectives: all-ga
             of fp32 gradients; the reference: one all-gather per forward; HSDP adds an all-reduce of
             the gradient shards over dp_replicate; unsharded DP all-reduces the gradients once per step
   The reference model and recomputation (activation checkpointing) repeat the forward collectives.
+  Offload   (parallel.cpu_offload) per all-gather the fp32 parameter shard host -> GPU, per reduce-scatter the fp32
+            gradient shard back, at ``cluster.host_link_gbytes_per_s``; AdamW on the host reads 4 and writes 3
+            fp32 values per trainable parameter of the shard at ``cluster.host_memory_gbytes_per_s``.
 A group whose ranks fit in one node (TP ranks are adjacent, then CP, then DP) uses
 ``cluster.intra_node_gbytes_per_s``, else ``cluster.inter_node_gbytes_per_s``. Times assume no overlap
 with compute (FSDP traffic is normally hidden behind it; TP/CP traffic mostly is not).
@@ -390,6 +393,21 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
                 2 * experts * grad_params / fsdp * 4 * _ring(layout.dp_replicate) * accum, world)
     elif dp * cp > 1:
         add("dp x cp", "all-reduce grads", 2 * experts * grad_params * 4 * _ring(dp * cp), world)
+    if host:
+        # CPU offload: every all-gather first copies the unit's parameter shard host -> GPU, every reduce-scatter
+        # hands its gradient shard back GPU -> host, and AdamW runs on the host over the trainable shard (reads
+        # parameter, gradient and both moments, writes parameter and moments: 7 x 4 bytes a parameter).
+        link = cfg.cluster.host_link_gbytes_per_s
+        shard_params = local_params / fsdp
+        trainable_shard = experts * (shape.lora_params if lora else local_params) / fsdp
+        copies = [("H2D parameter shards (offload)", shard_params * weight_bytes * gathers * accum),
+                  ("D2H gradient shards (offload)", grad_params / fsdp * 4 * accum)]
+        for collective, nbytes in copies:
+            rows.append({"group": "host", "collective": collective, "GB": nbytes / 1e9, "link": "PCIe",
+                         "seconds": nbytes / (link * 1e9)})
+        adamw = trainable_shard * 7 * 4
+        rows.append({"group": "host", "collective": "AdamW on the CPU (offload)", "GB": adamw / 1e9,
+                     "link": "host memory", "seconds": adamw / (cfg.cluster.host_memory_gbytes_per_s * 1e9)})
 
     # ----- compute -----------------------------------------------------------------------------------
     if dcfg is not None:
@@ -406,7 +424,9 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
         "activations: flash / memory-efficient attention (no n x n matrix); 10% of the GPU kept free"]
     if host:
         assumptions.append(f"cpu offload: {sum(host.values()):.2f} GiB per GPU in host memory (parameter, gradient "
-                           "and optimizer shards); the host <-> GPU copies of every unit are not timed")
+                           f"and optimizer shards); copies at {cfg.cluster.host_link_gbytes_per_s:g} GB/s per GPU "
+                           f"(PCIe), AdamW at {cfg.cluster.host_memory_gbytes_per_s:g} GB/s of host memory per GPU, "
+                           "no overlap")
     model = {"name": shape.name, "source": shape.source, "kind": cfg.model.kind, "params": params,
              "experts": experts, "tp_split_params": split, "lora_params": shape.lora_params, "tokens": n,
              "cond_tokens": L, "width": d, "depth": depth, "heads": shape.heads, "ffn": shape.ffn,

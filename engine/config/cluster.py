@@ -210,6 +210,14 @@ class ClusterConfig(Section):
     inter_node_gbytes_per_s: float = 50.0
     """Per-GPU unidirectional bandwidth between nodes (one 400 Gb/s InfiniBand NIC per GPU: 50 GB/s)."""
 
+    host_link_gbytes_per_s: float = 25.0
+    """Per-GPU host <-> GPU copy bandwidth with pinned memory (PCIe Gen5 x16: 64 GB/s on paper, about 25 GB/s
+    per GPU when two GPUs share a PCIe switch); times parallel.cpu_offload's copies in ``vidpo scale``."""
+
+    host_memory_gbytes_per_s: float = 25.0
+    """Per-GPU share of the host's memory bandwidth (a node's ~200-400 GB/s over its GPUs); times the AdamW step
+    that parallel.cpu_offload runs on the CPU in ``vidpo scale``."""
+
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.at_least(self, 1, "nodes", "gpus_per_node", "cpus_per_gpu", "signal_grace_s")
@@ -218,7 +226,8 @@ class ClusterConfig(Section):
                 p.check(bool(str(item).strip()) and "\n" not in str(item), name,
                         f"entry {item!r} must be one non-empty line")
         p.check(1 <= self.master_port <= 65535, "master_port", f"must be a port in [1, 65535], got {self.master_port}")
-        p.positive(self, "gpu_memory_gib", "gpu_tflops", "intra_node_gbytes_per_s", "inter_node_gbytes_per_s")
+        p.positive(self, "gpu_memory_gib", "gpu_tflops", "intra_node_gbytes_per_s", "inter_node_gbytes_per_s",
+                   "host_link_gbytes_per_s", "host_memory_gbytes_per_s")
         p.fraction(self, "mfu", low_open=True)
         for item in self.env:
             p.check("=" in item and not item.startswith("="), "env", f"entry {item!r} is not KEY=VALUE")
