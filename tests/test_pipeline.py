@@ -40,7 +40,7 @@ def test_generate_vanilla_and_resume_skips_complete_shards(tmp_path, micro_overr
     cfg = pref_cfg(micro_overrides, base_ckpt)
     info = generate_pairs(cfg, tmp_path / "pairs")
     assert info == {"pairs": 8, "shards_written": 2, "shards_skipped": 0, "mode": "vanilla", "split": "train",
-                    "latent_shape": [3, 4, 8, 8]}
+                    "latent_shape": [3, 4, 8, 8], "sampling_groups": 1, "ranks_per_group": 1}
     assert recs_have_prompts(tmp_path / "pairs")
     recs, problems = read_manifest(tmp_path / "pairs" / PAIRS_FILE, need_labels=False)
     assert len(recs) == 8 and not problems and recs[0].caption

@@ -241,3 +241,44 @@ def test_torchrun_generates_the_same_pairs_and_exports_the_same_lora(workspace, 
     pipe = diffusers_pipeline(model_dir)
     pipe.load_lora_weights(str(multi / "lora"))
     assert sum(isinstance(m, LoraLayer) for m in pipe.transformer.modules()) == len(one) // 2
+
+
+@pytest.mark.parametrize("layout", [("parallel.tp=2", "parallel.sp=true"), ("parallel.cp=2", "generate.frames=13")],
+                         ids=["tp2-sp", "cp2"])
+def test_torchrun_samples_with_the_model_parallel_layout(workspace, vlm, tmp_path, layout):
+    """``torchrun --nproc-per-node 2 -m vidpo generate`` with TP (+ SP) or CP = 2: both ranks sample every shard
+    together with the policy split over them (tokens or weights), rank 0 saves it; the pairs equal one process's
+    up to the order of the split sums (the sampler's 4 Euler steps through the tiny release)."""
+    import subprocess
+    import sys
+
+    from helpers.distributed import free_port
+    from safetensors.torch import load_file
+
+    pytest.importorskip("megatron.core")
+    model_dir = BUILDERS["wan2.1"](tmp_path / "wan")
+    sets = run_args(workspace, model_dir, vlm, tmp_path / "unused")[4:]   # the --set overrides only
+    sets += [a for item in layout if item.startswith("generate.") for a in ("--set", item)]  # 13 frames: 4 latent
+    recipe = RECIPE
+    if "parallel.tp=2" in layout:   # LoRA adapters are not tensor parallel: a full fine-tuning recipe
+        recipe = tmp_path / "full.yaml"
+        recipe.write_text(f"base: {os.path.abspath(RECIPE)}\nlora: null\npref: {{reference: frozen_copy}}\n")
+    one, two = tmp_path / "one" / "pairs", tmp_path / "two" / "pairs"
+    assert cli(["generate", str(recipe), "--out", str(one), *sets]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "vidpo", "generate", str(recipe), "--out", str(two), *sets,
+               *[a for item in layout + ("cluster.gpus_per_node=2",) for a in ("--set", item)]]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    shards = sorted((one / "shards").iterdir())
+    assert [p.name for p in shards] == sorted(p.name for p in (two / "shards").iterdir()) and shards
+    for shard in shards:
+        a, b = load_file(str(shard)), load_file(str(two / "shards" / shard.name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4, msg=f"{shard.name}:{key}")
+    info = json.loads((two / "generate.json").read_text())
+    assert info["shards_written"] == len(shards) and info["shards_skipped"] == 0   # each shard saved once
+    assert (info["sampling_groups"], info["ranks_per_group"]) == (1, 2)           # by both ranks together
+    assert (one / "pairs.jsonl").read_text() == (two / "pairs.jsonl").read_text()

@@ -9,11 +9,16 @@ A pairs folder records the settings its pairs were made with (``generate_setting
 steps, guidance, sizes, the model and a digest of its config, a fingerprint of the initial weights, the
 prompts); a rerun with other settings refuses, naming the keys, unless ``overwrite`` starts the folder over.
 ``num_pairs`` is not among them: a rerun with more pairs adds shards to the same ones.
+
+Under torchrun the shards are sliced over the ranks (``ShardSlice``): shard k is sampled by rank k mod world
+size; with a model-parallel layout (TP / CP) by data-parallel group k mod dp instead, whose ranks sample it together
+with the policy split over them (``vidpo.training.policy.prepare_sampling_policy``) and whose first rank saves it.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -40,6 +45,24 @@ log = logging.getLogger("vidpo")
 
 SETTINGS_FILE = "generate_settings.json"
 
+@dataclass(frozen=True)
+class ShardSlice:
+    """The shards one process samples: shard k when ``k % count == index``; it saves them when ``writes`` (the
+    ranks of a model-parallel group sample the same shards together, and the group's first rank saves them)."""
+
+    index: int = 0
+    count: int = 1
+    writes: bool = True
+
+    @classmethod
+    def of(cls, parallel, rank: int = 0, world_size: int = 1, model_parallel: bool = False) -> "ShardSlice":
+        """Rank ``rank`` of ``world_size`` alone, or, with ``model_parallel``, its data-parallel group of
+        ``parallel`` (a ``ParallelContext``)."""
+        if not model_parallel or parallel is None:
+            return cls(rank, world_size, True)
+        return cls(parallel.dp_rank, parallel.dp, parallel.tp_rank == 0 and parallel.cp_rank == 0)
+
+
 RealLatents = Callable[[list, torch.Generator], torch.Tensor]
 """``(prompt_ids, generator) -> (n, C, T, H, W)`` ground-truth latents of the prompts (structural pairs)."""
 
@@ -48,7 +71,7 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
                    policy: Optional[torch.nn.Module] = None, domain: Optional[Domain] = None,
                    conditioning: Optional[Conditioning] = None, vae: Optional[VideoVAE] = None,
                    real_latents: Optional[RealLatents] = None, rank: int = 0, world_size: int = 1,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, shards: Optional[ShardSlice] = None) -> dict:
     """Sample ``generate.num_pairs`` (or ``heldout_pairs`` for split 'heldout') pairs of the domain's ``split``
     prompts into shards (module docstring). ``domain``, ``conditioning`` and ``vae`` default to the recipe's
     (the shapes world, its tokens, pixels); ``real_latents(prompt_ids, generator)`` gives the ground-truth
@@ -57,8 +80,10 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
     Rank ``rank`` of ``world_size`` processes (a torchrun job's, with its process group up) samples shards
     ``rank, rank + world_size, ...``; every draw of a shard depends on the shard alone (its prompts, its
     per-sample noise streams), so the shards equal one process's. Rank 0 writes ``pairs.jsonl`` once every
-    rank is done. A folder made with other settings is refused (module docstring), or emptied when
-    ``overwrite``."""
+    rank is done. ``shards`` (default: rank ``rank`` of ``world_size`` alone) slices them by data-parallel group
+    instead, for a ``policy`` split over a model-parallel group. A folder made with other settings is refused
+    (module docstring), or emptied when ``overwrite``."""
+    shards = shards if shards is not None else ShardSlice(rank, world_size)
     pairs_dir = Path(pairs_dir)
     domain = domain if domain is not None else build_domain(cfg)
     if rank == 0:   # a killed run's temporary files, removed before any rank writes its own
@@ -112,10 +137,10 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
             etas = gen.eta_min + (gen.eta_max - gen.eta_min) * torch.rand(len(idx), generator=generator(
                 cfg.seed, "gen-eta", split, k))
         path = pairs_dir / name
-        if k % world_size != rank:
-            pass   # another rank's shard
-        elif _shard_complete(path, len(idx)):
-            skipped += 1
+        if k % shards.count != shards.index:
+            pass   # another rank's (or group's) shard
+        elif _shard_complete(path, len(idx)):   # the whole group finds it so: only its writer saves it
+            skipped += int(shards.writes)
         else:
             cond = conditioning.for_prompts(ids).to(device)
             negative = conditioning.negative(ids, cond)
@@ -140,15 +165,17 @@ def generate_pairs(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
                 for key, stream in (("first", f"{split}-sdedit-a"), ("second", f"{split}-sdedit-b")):
                     sdedit = model.sdedit if hook else partial(flow.sdedit, velocity)
                     tensors[key] = finish(sdedit(gt, cond, etas.to(device), indices=idx, stream=stream, **common))
-            atomic.save_safetensors(tensors, path, metadata={"mode": gen.mode, "split": split})
-            written += 1
+            if shards.writes:
+                atomic.save_safetensors(tensors, path, metadata={"mode": gen.mode, "split": split})
+                written += 1
         for row, (i, prompt) in enumerate(zip(idx, chosen)):
             records.append(PairRecord(pair_id=f"{split}-{i:06d}", shard=name, row=row, prompt_id=prompt.id,
                                       cond_ids=[] if cond_ids is None else [int(v) for v in cond_ids[row]],
                                       caption=prompt.text, mode=gen.mode,
                                       eta=None if etas is None else round(float(etas[row]), 6)))
     info = {"pairs": n, "shards_written": written, "shards_skipped": skipped, "mode": gen.mode, "split": split,
-            "latent_shape": list(shape)}
+            "latent_shape": list(shape), "sampling_groups": shards.count,
+            "ranks_per_group": max(1, world_size // shards.count)}
     if world_size > 1:
         counts = torch.tensor([written, skipped], dtype=torch.float64)
         dist.all_reduce(counts)   # also the barrier: every shard is on disk before the manifest names it

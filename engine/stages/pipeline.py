@@ -38,7 +38,7 @@ from vidpo.evaluation.pair_viewer import write_pair_viewer
 from vidpo.objectives.preference import PreferenceObjective, implicit_accuracy
 from vidpo.stages.common import save_samples, setup_logging, write_run_report
 from vidpo.stages.decode import decode_pairs
-from vidpo.stages.generate import check_generate_settings, generate_pairs
+from vidpo.stages.generate import ShardSlice, check_generate_settings, generate_pairs
 from vidpo.stages.judged_eval import judged_evaluation
 from vidpo.stages.label import check_label_settings, label_pairs
 from vidpo.stages.parts import RunParts, latent_frames_of, prepare_run
@@ -50,7 +50,7 @@ from vidpo.training.modeling import (
     run_segment_ids,
     set_threads,
 )
-from vidpo.training.policy import prepare_parallel_policy, prepare_policy, start_distributed
+from vidpo.training.policy import prepare_parallel_policy, prepare_policy, prepare_sampling_policy, start_distributed
 from vidpo.training.trainer import Trainer
 from vidpo.utils import atomic
 from vidpo.utils.lock import LOCK_FILE, output_lock
@@ -151,16 +151,21 @@ def _train_preference(cfg: RunConfig, run_dir: Path, *, resume: bool, reference_
 
 # ----- run: the whole chain ----------------------------------------------------------------------------
 def generate_and_decode(cfg: RunConfig, pairs_dir: Path, parts: RunParts, *, split: str = "train",
-                        resume: bool = True, rank: int = 0, world_size: int = 1, overwrite: bool = False) -> None:
+                        resume: bool = True, rank: int = 0, world_size: int = 1, overwrite: bool = False,
+                        parallel=None) -> None:
     """``vidpo generate``: the pairs of ``split`` into ``pairs_dir`` (kept when there with ``resume``, if made with
     the same settings; ``overwrite`` starts the folder over), and, for a latent model, decoded to frames and mp4s
-    with the pair viewer (people and judges look at pixels). Rank 0 holds the folder's lock meanwhile."""
+    with the pair viewer (people and judges look at pixels). Rank 0 holds the folder's lock meanwhile. Under a
+    model-parallel layout of ``parallel`` (TP / CP) the policy samples split over each data-parallel group, as in
+    training (``prepare_sampling_policy``)."""
     pairs_dir = Path(pairs_dir)
     with output_lock(pairs_dir, rank=rank if world_size > 1 else None):   # None: $RANK
         if overwrite or not resume or not (pairs_dir / PAIRS_FILE).exists():
+            policy = prepare_sampling_policy(cfg, getattr(parts.domain, "world", None), parallel)
             generate_pairs(cfg, pairs_dir, split=split, domain=parts.domain, conditioning=parts.conditioning,
                            vae=parts.vae, real_latents=parts.real_latents, rank=rank, world_size=world_size,
-                           overwrite=overwrite)
+                           overwrite=overwrite, policy=policy,
+                           shards=ShardSlice.of(parallel, rank, world_size, model_parallel=policy is not None))
         elif rank == 0:   # kept pairs: only if the settings asked for now made them
             check_generate_settings(cfg, pairs_dir, parts.domain, split)
         if not parts.vae.pixel_space:
@@ -181,7 +186,7 @@ def generate_stage(cfg: RunConfig, pairs_dir: str | Path, *, split: str = "train
     parts = prepare_run(cfg, pairs_dir.parent, device=parallel.device if parallel is not None else None, rank=rank,
                         world_size=ranks)
     generate_and_decode(cfg, pairs_dir, parts, split=split, resume=False, rank=rank, world_size=ranks,
-                        overwrite=overwrite)
+                        overwrite=overwrite, parallel=parallel)
     _barrier(ranks)
 
 
@@ -237,7 +242,7 @@ def _run_pipeline(cfg: RunConfig, out_dir: Path, *, resume: bool, held: contextl
             continue
         t = time.time()
         held.enter_context(output_lock(d, rank=rank if ranks > 1 else None))   # until the run ends (labels too)
-        generate_and_decode(cfg, d, parts, split=split, resume=resume, rank=rank, world_size=ranks)
+        generate_and_decode(cfg, d, parts, split=split, resume=resume, rank=rank, world_size=ranks, parallel=parallel)
         if not (d / MANIFEST_FILE).exists() or not resume:
             label_pairs(cfg, d, domain=domain, rank=rank, world_size=ranks)   # each rank labels its batches
         elif rank == 0:

@@ -120,6 +120,18 @@ def prepare_parallel_policy(cfg: RunConfig, world, parallel):
     return model, reference, mode, lora_state
 
 
+def prepare_sampling_policy(cfg: RunConfig, world, parallel) -> Optional[torch.nn.Module]:
+    """The initial policy laid out for sampling over a model-parallel layout (``parallel.tp`` or ``parallel.cp`` >
+    1), or None when there is none (each rank then samples whole clips alone). The model's own parallelize function
+    splits it over TP / SP / CP as for training but without FSDP: every data-parallel group holds its TP slice
+    whole and samples its shards on its own, so long clips split their tokens (CP) and weights (TP) over the
+    group, and groups need not step together."""
+    if parallel is None or (parallel.tp == 1 and parallel.cp == 1):
+        return None
+    model = load_initial_policy(cfg, world, parallel.device)
+    return model_spec(cfg.model.kind).parallelize(model, parallel, fsdp=False).eval()
+
+
 def _adapters_off_reference(model: torch.nn.Module):
     """The policy itself with its LoRA adapters switched off. The recipe loader already refuses
     ``lora_disabled`` without a ``lora`` section; this catches a config built in code, which would otherwise
