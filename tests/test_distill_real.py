@@ -5,6 +5,7 @@ on a tiny random Wan 2.1 release: preprocessing that survives a kill, a training
 transformer, and an export (OUT/lora + OUT/scheduler) that WanPipeline samples in 4 steps exactly like the
 engine's student."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -481,6 +482,36 @@ def test_fully_fine_tuned_student_exports_a_transformer_wan_pipeline_samples(wor
     _, sigmas, _ = student_schedule(cfg)
     want = cd.sample_flow_student(cd.ConsistencyStudent(student.eval(), sigmas), noise, cond, sigmas)
     torch.testing.assert_close(pipeline_latents(pipe, noise, cond, None, 4, 1.0), want, rtol=1e-5, atol=1e-5)
+
+
+def test_phased_release_student_maps_to_its_own_sigmas(workspace, tmp_path):
+    """``distill.phases = eval_steps``: the phase edges are the exported scheduler's sigmas (increasing), the loss
+    of the same rows differs from the plain targets', and a phase count other than eval_steps is one clear error."""
+    from vidpo.config import ConfigError
+    from vidpo.stages.distill_real import release_phase_edges, train_distill_real
+    from vidpo.stages.preprocess_real import preprocess_real_job, student_schedule
+
+    root, server = workspace
+    # 8 rows drawn with replacement, 8 a step: rows past the first phase (whose start is 0 either way) are drawn
+    overrides = [s for s in sets(root, server, "distill.num_rows=8", "train.max_steps=1", "train.ckpt_every=1",
+                                 "distill.motion_scale=0.0", "train.log_every=1", "train.batch_size=8")
+                 if s != "--set"]
+    cfg = load_config(RECIPE, overrides + [f"distill.data={tmp_path / 'data'}"])
+    preprocess_real_job(cfg, tmp_path / "data")
+    _, sigmas, _ = student_schedule(cfg)
+    phased = load_config(RECIPE, overrides + [f"distill.data={tmp_path / 'data'}", "distill.phases=4"])
+    edges = release_phase_edges(phased)
+    assert torch.equal(edges, sigmas.flip(0).float()) and edges[0] == 0 and edges[-1] == 1
+    assert release_phase_edges(cfg) is None
+    with pytest.raises(ConfigError, match="phases = 2: a release student's phases"):
+        release_phase_edges(load_config(RECIPE, overrides + ["distill.phases=2"]))
+
+    def first_loss(run_cfg, out):
+        train_distill_real(run_cfg, out, export_dir=out / "export")
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return next(r["loss"] for r in rows if "loss" in r)
+    plain, with_phases = first_loss(cfg, tmp_path / "plain"), first_loss(phased, tmp_path / "phased")
+    assert math.isfinite(with_phases) and with_phases != plain
 
 
 def test_release_distillation_refuses_what_it_cannot_do_in_one_clear_error():

@@ -77,7 +77,8 @@ class DistillConfig(Section):
     point of phase (s_m, s_{m+1}] maps to the phase's start, f(x, t) = x + (s_m - t) v(x, t); the loss is
     d(f(x_{t_n}, t_n), sg[f(x^_{t_{n-k}}, t_{n-k})]) with the same s_m on both sides (t_{n-k} = s_m: the target is
     x^ itself). The student samples deterministically along the edges, x <- x + (s_m - s_{m+1}) v(x, s_{m+1})
-    (sampler_noise is not used). grid_steps / skip must be a multiple of P; P = eval_steps is the usual choice."""
+    (sampler_noise is not used). grid_steps / skip must be a multiple of P; P = eval_steps is the usual choice,
+    and a release student's (Wan) only one: its edges are its exported scheduler's sigmas."""
 
     student_steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """Student step counts reported by the evaluation table."""

@@ -28,6 +28,17 @@ spaced multiples of the skip on the teacher's grid: ``x <- eps``; repeat ``x0^ =
 noise the student implies, ``z_j = x + (1 - tau_j) v`` (``predicted``: deterministic, which makes the sampler
 Euler with large steps); the last ``x0^`` is the sample. One network evaluation per step, no CFG pass.
 
+**Phased targets** (``distill.phases = P``; Phased Consistency Models, arXiv 2405.18407, and TCD's multistep form).
+The edges ``s_0 = 0 < s_1 < ... < s_P = 1`` are the P-step sampler's times (``phase_boundaries``); a point of phase
+``(s_m, s_{m+1}]`` maps to the start of its phase instead of t = 0 (``phase_end``), both sides of the loss to the
+same ``s_m``::
+
+    f_theta(x, t, c) = x + (s_m - t) v_theta(x, t, c)                  (c_skip = 1, c_out = s_m - t)
+    L_CD = mean d( f_theta(x_{t_n}, t_n, c),  sg[ f_theta(x^_{t_{n-k}}, t_{n-k}, c) ] )     (t_{n-k} = s_m: x^ itself)
+
+and the student samples deterministically along the edges, ``x <- x + (s_m - s_{m+1}) v_theta(x, s_{m+1})`` (the
+``predicted`` chain above at the edges). The reward rows still score the one-step clean sample ``x - t v_theta``.
+
 The student is not conditioned on the guidance scale w or strength eta (the tiny DiT has no such
 embedding): it is distilled for the recipe's fixed w and eta.
 
@@ -308,7 +319,7 @@ class ConsistencyDistillObjective:
         (``phase_boundaries``) that ``distill.phases > 0`` needs."""
         if cfg.distill.phases and boundaries is None:
             raise ValueError(f"distill.phases = {cfg.distill.phases} needs the phase edges of the teacher's grid; "
-                             "this student's stage does not pass them (phased targets: the shapes world's DiT)")
+                             "pass phase_boundaries(...) (the shapes world) or release_phase_edges(cfg) (a release)")
         self.boundaries = boundaries if cfg.distill.phases else None
         self.cfg = cfg
         self.world = world

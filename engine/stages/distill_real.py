@@ -31,6 +31,7 @@ import gc
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -114,6 +115,21 @@ def _check_data(cfg: RunConfig, data: DistillData) -> None:
                               f"{data.settings.get(key)!r}")
 
 
+def release_phase_edges(cfg: RunConfig) -> Optional[torch.Tensor]:
+    """Phased targets of a release student (``distill.phases``): the phases are the intervals of its own
+    ``eval_steps`` sigmas, which the exported FlowMatchEuler scheduler steps along (its Euler step from ``s_i`` to
+    ``s_{i+1}`` is the phased sampler's), so the edges are those sigmas, increasing; None for plain targets."""
+    d = cfg.distill
+    if not d.phases:
+        return None
+    if d.phases != d.eval_steps:
+        raise ConfigError(f"distill.phases = {d.phases}: a release student's phases are the intervals of its "
+                          f"distill.eval_steps = {d.eval_steps} sigmas (the exported scheduler's steps); set them "
+                          "equal, or 0 for targets at t = 0")
+    _, sigmas, _ = student_schedule(cfg)
+    return sigmas.flip(0).float()
+
+
 def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True, export_dir=None,
                        release=None) -> dict:
     """Train the student of a release from ``distill.data`` into ``out_dir`` and export it into ``export_dir``
@@ -145,7 +161,8 @@ def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Tr
         reward_names = rewards.names
     objective = ConsistencyDistillObjective(cfg, None, data, device, rewards=rewards,
                                             condition=lambda ids: release.cond_of(ids.cpu()).to(model.dtype),
-                                            prompt_key="prompt", frames=release.domain.frames)
+                                            prompt_key="prompt", frames=release.domain.frames,
+                                            boundaries=release_phase_edges(cfg))
     atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
     log.info("distill (%s): %d rows, rewards %s on '%s' rows, device %s", cfg.model.kind, len(data),
              reward_names or "none", cfg.reward.subset, device)
