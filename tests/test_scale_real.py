@@ -36,7 +36,7 @@ from vidpo.cluster.arch import (
     resolve_architecture,
     saved_bytes,
 )
-from vidpo.cluster.scale import GIB, default_world, estimate
+from vidpo.cluster.scale import GIB, default_world, estimate, format_report
 from vidpo.config import REPO_ROOT, load_config
 from vidpo.models import flow
 from vidpo.models.lora import apply_lora, mark_only_lora_trainable
@@ -328,3 +328,24 @@ def test_cpu_offload_moves_the_sharded_state_to_host_memory():
     assert host["AdamW on the CPU (offload)"]["seconds"] == pytest.approx(host["AdamW on the CPU (offload)"]["GB"]
                                                                           / cfg.cluster.host_memory_gbytes_per_s)
     assert offloaded.comm_s == pytest.approx(on_gpu.comm_s + sum(r["seconds"] for r in host.values()))
+
+
+def test_the_start_up_peak_counts_the_whole_model_and_its_frozen_copy():
+    """Every rank loads the whole model on its GPU (and copies it for a frozen reference) before it is sliced and
+    sharded: a full fp32 fine-tune of Wan 2.1 14B with a frozen reference needs 2 x 14.288 B x 4 bytes at start-up,
+    more than an 80 GiB GPU, whatever the sharded total says."""
+    recipe = str(REPO_ROOT / "recipes" / "wan" / "wan2.1_14b_densedpo_128gpu.yaml")
+    lora = estimate(load_config(recipe), 128)
+    assert lora.model["reference_copies"] == 1
+    assert lora.startup_gib == pytest.approx((lora.model["params"] + lora.model["lora_params"]) * 2 / 2**30)
+    # the full fine-tuning the recipe's header weighs: fp32, frozen reference, tp 2 + sp, dp_shard -1, batch 64
+    cfg = load_config(recipe, ["model.dtype=float32", "pref.reference=frozen_copy", "parallel.dp_shard=-1"])
+    cfg.lora = None   # full fine-tuning (--set cannot remove a section), then TP, which LoRA refuses
+    cfg.parallel.tp, cfg.parallel.sp, cfg.train.batch_size = 2, True, 64
+    full = estimate(cfg, 128)
+    assert full.model["reference_copies"] == 2
+    assert full.startup_gib == pytest.approx(2 * full.model["params"] * 4 / 2**30)   # 106.4 GiB
+    assert full.total_gib <= 0.9 * 80 and not full.fits                              # sharded, it would fit
+    report = format_report(full)
+    assert "its frozen reference copy on its GPU before slicing and sharding it: 106.4" in report
+    assert "(DOES NOT FIT)" in report and full.as_dict()["startup_gib"] == full.startup_gib

@@ -97,6 +97,7 @@ class ScaleEstimate:
     activations_gib: dict = field(default_factory=dict)   # with and without checkpointing (not in the total)
     assumptions: list = field(default_factory=list)
     host_gib: dict = field(default_factory=dict)   # per GPU, in host memory (parallel.cpu_offload); not in the total
+    startup_gib: float = 0.0   # the whole model (and a frozen reference copy) each rank loads before sharding
 
     @property
     def total_gib(self) -> float:
@@ -104,8 +105,8 @@ class ScaleEstimate:
 
     @property
     def fits(self) -> bool:
-        # 10 % stays free for the CUDA context, NCCL buffers and allocator fragmentation.
-        return self.total_gib <= 0.9 * self.capacity_gib
+        # 10 % stays free for the CUDA context, NCCL buffers and allocator fragmentation; the start-up peak too.
+        return max(self.total_gib, self.startup_gib) <= 0.9 * self.capacity_gib
 
     @property
     def comm_s(self) -> float:
@@ -116,7 +117,7 @@ class ScaleEstimate:
                 "total_gib": self.total_gib, "capacity_gib": self.capacity_gib, "fits": self.fits,
                 "activations_gib": self.activations_gib, "communication": self.comm,
                 "communication_s": self.comm_s, "compute_s": self.compute_s, "assumptions": self.assumptions,
-                "host_gib": self.host_gib}
+                "host_gib": self.host_gib, "startup_gib": self.startup_gib}
 
 
 def model_config(cfg: RunConfig):
@@ -326,6 +327,10 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
         memory["reference"] = experts * local_params / fsdp * weight_bytes if copy else 0.0
         grad_params = local_params
     memory["fsdp_buffers"] = block_local * 2 * param_bytes + (block_local * 4 if full else 0) if layout.fsdp else 0.0
+    # Start-up: every rank loads the whole model on its GPU (and copies it for a frozen reference) before the
+    # parallelize function slices and shards it (vidpo.training.policy.prepare_parallel_policy).
+    reference_copies = 2 if full and paired and cfg.pref.reference != "lora_disabled" else 1
+    startup = experts * (params * reference_copies + (shape.lora_params if lora else 0)) * weight_bytes / GIB
     host = {}
     if cfg.parallel.cpu_offload and layout.fsdp:
         # FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and the optimizer states in host
@@ -430,7 +435,7 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
     model = {"name": shape.name, "source": shape.source, "kind": cfg.model.kind, "params": params,
              "experts": experts, "tp_split_params": split, "lora_params": shape.lora_params, "tokens": n,
              "cond_tokens": L, "width": d, "depth": depth, "heads": shape.heads, "ffn": shape.ffn,
-             "videos_per_gpu": grad_videos, "pairs_per_dp_rank": pairs}
+             "videos_per_gpu": grad_videos, "pairs_per_dp_rank": pairs, "reference_copies": reference_copies}
     if dcfg is not None:
         model["preset"] = cfg.model.preset
     return ScaleEstimate(
@@ -439,7 +444,7 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
                 "dp_replicate": layout.dp_replicate, "fsdp_group": fsdp, "nodes": math.ceil(world / gpn),
                 "activation_checkpointing": cfg.parallel.activation_checkpointing},
         model=model, memory_gib=memory, capacity_gib=cfg.cluster.gpu_memory_gib, comm=rows, compute_s=compute_s,
-        activations_gib=act_both, assumptions=assumptions, host_gib=host)
+        activations_gib=act_both, assumptions=assumptions, host_gib=host, startup_gib=startup)
 
 
 def format_report(est: ScaleEstimate) -> str:
@@ -454,7 +459,10 @@ def format_report(est: ScaleEstimate) -> str:
     lines += [f"| {k} | {v:.2f} |" for k, v in est.memory_gib.items()]
     verdict = "fits" if est.fits else "DOES NOT FIT"
     act = est.activations_gib
+    startup = "fits" if est.startup_gib <= 0.9 * est.capacity_gib else "DOES NOT FIT"
     lines += [f"| **total** | **{est.total_gib:.2f}** of {est.capacity_gib:.0f} ({verdict}; 10% kept free) |", "",
+              f"start-up: each rank loads the whole model{' and its frozen reference copy' if mod['reference_copies'] > 1 else ''} "
+              f"on its GPU before slicing and sharding it: {est.startup_gib:.2f} GiB ({startup})", "",
               f"activations with full checkpointing {act['checkpointing full']:.2f} GiB, without "
               f"{act['checkpointing none']:.2f} GiB ({mod['videos_per_gpu']:g} videos with gradient per GPU)", "",
               "| group | collective | GB sent / GPU / step | link | seconds |", "|---|---|---:|---|---:|"]
