@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -168,6 +170,55 @@ def test_a_critic_on_each_rank_labels_like_one_critic(tmp_path):
     assert (tmp_path / "two" / MANIFEST_FILE).read_text() == one
     labels = [r.labels for r in read_manifest(tmp_path / "one" / MANIFEST_FILE)[0]]
     assert any(v == 1 for row in labels for v in row) and any(v == -1 for row in labels for v in row)
+
+
+def _worker_of_rank(agent: int, rank: int) -> int:
+    """The pid of torchrun agent ``agent``'s worker process of ``rank`` (from /proc: its parent and RANK)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if parent == agent and f"RANK={rank}".encode() in environ:
+            return int(entry)
+    raise AssertionError(f"no worker of rank {rank} under pid {agent}")
+
+
+def test_a_stop_signal_to_one_rank_stops_both_after_the_same_round(tmp_path, server):
+    """SIGUSR1 to rank 1 alone: the ranks agree after each round of batches, so both stop after the same one
+    (equal rows in their partial files, exit 75 each) instead of rank 0 waiting for rank 1 at the final barrier;
+    the rerun finishes with the clean manifest and no question is asked twice over both runs."""
+    targets = TARGETS * 3 + [[1, 1], [-1, 0], [0, -1]]     # 24 pairs: 12 batches of 2, 6 rounds
+    write_pairs_dir(tmp_path / "clean", targets)
+    write_pairs_dir(tmp_path / "pairs", targets)
+    server.behaviour = lambda r: Reply(text=brightness_verdict(r), delay_s=0.15)   # about a second a batch
+    assert main(label_args(tmp_path, server.base_url, "clean")) == 0
+    clean = (tmp_path / "clean" / MANIFEST_FILE).read_text()
+    server.requests.clear()
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "vidpo", *label_args(tmp_path, server.base_url, "pairs")]
+    agent = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pairs = tmp_path / "pairs"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and agent.poll() is None:
+        if sum(len(p.read_text().splitlines()) for p in partial_files(pairs)) >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(_worker_of_rank(agent.pid, 1), signal.SIGUSR1)
+    out, _ = agent.communicate(timeout=120)
+    assert agent.returncode != 0 and out.count("label stopped after") == 2, out[-4000:]
+    lines = [len(p.read_text().splitlines()) for p in partial_files(pairs)]
+    assert len(lines) == 2 and lines[0] == lines[1] and 0 < sum(lines) < len(targets), lines
+
+    done = torchrun_label(label_args(tmp_path, server.base_url, "pairs"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert (pairs / MANIFEST_FILE).read_text() == clean
+    assert len(server.requests) == len(targets) * 2 * 2     # over both runs: every question once
 
 
 def test_rows_of_several_partial_files_merge_to_the_least_failed(tmp_path):

@@ -296,9 +296,17 @@ def label_records(labeler: Labeler, reader: PairFrames, records: list, segment_i
     run = LabelRun(rows=dict(done) if done is not None else
                    (read_partial(partial_path) if partial_path is not None else {}))
     todo = [r for r in records if r.pair_id not in run.rows or STATUS_FAILED in run.rows[r.pair_id]["status"]]
+    idle_rounds = 0   # rounds of batches the other ranks label after this one's last
     if world_size > 1:
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        idle_rounds = math.ceil(len(batches) / world_size) - len(batches[rank::world_size])
         todo = [r for batch in batches[rank::world_size] for r in batch]
+
+    def stop_agreed() -> bool:
+        """A stop signal to any rank stops every rank after the same round of batches: one collective per round
+        (a rank whose batches ran out joins the remaining rounds' calls), so no rank waits at the final barrier
+        for a rank that stopped."""
+        return preemption.agreed() if world_size > 1 else preemption.requested()
     run.retried = sum(run.rows[r.pair_id]["status"].count(STATUS_FAILED) for r in todo if r.pair_id in run.rows)
     is_vlm = isinstance(labeler, VLMLabeler)
     if is_vlm:
@@ -332,7 +340,10 @@ def label_records(labeler: Labeler, reader: PairFrames, records: list, segment_i
             if handle is not None:
                 handle.write("".join(lines))
                 handle.flush()
-            if preemption.requested():   # a stop signal: this batch is on disk (or in run.rows), stop here
+            if stop_agreed():   # a stop signal: this batch is on disk (or in run.rows), stop here
+                raise preemption.Preempted(f"label stopped after {len(run.rows)} of {len(records)} pairs")
+        for _ in range(idle_rounds):   # this rank's batches are done: it only joins the others' agreements
+            if stop_agreed():
                 raise preemption.Preempted(f"label stopped after {len(run.rows)} of {len(records)} pairs")
     finally:
         batches.close()
