@@ -460,8 +460,9 @@ def format_report(est: ScaleEstimate) -> str:
     verdict = "fits" if est.fits else "DOES NOT FIT"
     act = est.activations_gib
     startup = "fits" if est.startup_gib <= 0.9 * est.capacity_gib else "DOES NOT FIT"
+    copy = " and its frozen reference copy" if mod["reference_copies"] > 1 else ""
     lines += [f"| **total** | **{est.total_gib:.2f}** of {est.capacity_gib:.0f} ({verdict}; 10% kept free) |", "",
-              f"start-up: each rank loads the whole model{' and its frozen reference copy' if mod['reference_copies'] > 1 else ''} "
+              f"start-up: each rank loads the whole model{copy} "
               f"on its GPU before slicing and sharding it: {est.startup_gib:.2f} GiB ({startup})", "",
               f"activations with full checkpointing {act['checkpointing full']:.2f} GiB, without "
               f"{act['checkpointing none']:.2f} GiB ({mod['videos_per_gpu']:g} videos with gradient per GPU)", "",

@@ -17,7 +17,7 @@ from vidpo.objectives.rewards import build_reward_mixture
 from vidpo.stages.common import build_oracle, save_samples, setup_logging
 from vidpo.stages.distill_eval import compare
 from vidpo.stages.distill_real import distill_real_job, train_distill_real
-from vidpo.stages.preprocess import DistillData, load_teacher, preprocess_job, teacher_grid
+from vidpo.stages.preprocess import DistillData, load_teacher, preprocess_job, require_distill_data, teacher_grid
 from vidpo.training import checkpoint as ckpt
 from vidpo.training.modeling import build_policy, build_world, loads_from_directory, pick_device, set_threads
 from vidpo.training.trainer import Trainer
@@ -37,9 +37,7 @@ def train_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -
     out_dir = Path(out_dir)
     setup_logging(out_dir)
     d = cfg.distill
-    if not d.data:
-        raise ConfigError("train.objective=consistency_distill needs distill.data: run `vidpo preprocess RECIPE "
-                          "--out DATA` first and --set distill.data=DATA (or use `vidpo distill`)")
+    require_distill_data(cfg)
     set_threads(cfg)
     seed_everything(cfg.seed)
     device = pick_device()

@@ -26,9 +26,7 @@ reward models) each reward's score of both models' judged videos with the paired
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
-import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -39,14 +37,13 @@ from vidpo.config import ConfigError, RunConfig, to_yaml
 from vidpo.data.video_io import read_mp4
 from vidpo.evaluation.evaluate import mean_ci, sample_videos
 from vidpo.evaluation.judge import EVAL_DIR, video_path
-from vidpo.models.lora import apply_lora, lora_state_dict, mark_only_lora_trainable
 from vidpo.objectives.distill import ConsistencyDistillObjective, ConsistencyStudent
 from vidpo.objectives.rewards import RewardMixture
 from vidpo.objectives.rewards_models import build_model_rewards
 from vidpo.stages.common import setup_logging
 from vidpo.stages.distill_eval import per_clip, sampling_meter
 from vidpo.stages.judged_eval import judged_evaluation
-from vidpo.stages.preprocess import DistillData
+from vidpo.stages.preprocess import DistillData, require_distill_data
 from vidpo.stages.preprocess_real import (
     REAL_LAZY_KEYS,
     REAL_TRAIN_KEYS,
@@ -55,8 +52,8 @@ from vidpo.stages.preprocess_real import (
     student_schedule,
 )
 from vidpo.training.export import export_run
-from vidpo.training.modeling import build_policy, load_initial_policy, pick_device, set_threads
-from vidpo.training.policy import apply_activation_checkpointing
+from vidpo.training.modeling import build_policy, pick_device, set_threads
+from vidpo.training.policy import apply_activation_checkpointing, initial_policy_with_lora
 from vidpo.training.trainer import Trainer
 from vidpo.utils import atomic
 from vidpo.utils.seeding import seed_everything
@@ -68,15 +65,7 @@ SCHEDULER_DIR = "scheduler"
 
 def build_student(cfg: RunConfig, device):
     """The release's transformer (``train.init_from`` if set) + LoRA when the recipe has one; no reference copy."""
-    model = load_initial_policy(cfg, None, device)
-    lora_state = None
-    if cfg.lora is not None:
-        apply_lora(model, **dataclasses.asdict(cfg.lora))
-        mark_only_lora_trainable(model)
-
-        def lora_state():
-            return lora_state_dict(model), {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-                                            "target_modules": json.dumps(cfg.lora.target_modules)}
+    model, lora_state = initial_policy_with_lora(cfg, None, device)
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     return model, lora_state
 
@@ -139,9 +128,7 @@ def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Tr
     export_dir = Path(export_dir) if export_dir is not None else out_dir
     setup_logging(out_dir)
     d = cfg.distill
-    if not d.data:
-        raise ConfigError("train.objective=consistency_distill needs distill.data: run `vidpo preprocess RECIPE "
-                          "--out DATA` first and --set distill.data=DATA (or use `vidpo distill`)")
+    require_distill_data(cfg)
     set_threads(cfg)
     seed_everything(cfg.seed)
     device = pick_device()

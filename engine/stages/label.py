@@ -425,8 +425,8 @@ def label_pairs(cfg: RunConfig, pairs_dir: str | Path, *, batch_size: Optional[i
     pixels: the decoded frames of a latent model's pairs (``vidpo.stages.decode``), the pairs themselves for a
     pixel-space one; its segments are ``label.segment_seconds`` of the domain's videos (default: the shapes
     world's). A partial labelling of ``pairs_dir`` is resumed only if it was made with the same label settings
-    (``label_settings``; ``overwrite`` discards it). More than ``label.max_failed_fraction`` of the comparisons failed: a ``LabelingError`` after
-    ``label.json`` is written (no manifest; a rerun asks the failed ones again).
+    (``label_settings``; ``overwrite`` discards it). More than ``label.max_failed_fraction`` of the comparisons
+    failed: a ``LabelingError`` after ``label.json`` is written (no manifest; a rerun asks the failed ones again).
 
     Under torchrun (``world_size`` > 1, the process group up) every rank calls it and labels its share of the
     batches (module docstring); rank 0 writes the manifest and ``label.json`` and returns the statistics, the

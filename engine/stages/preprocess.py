@@ -306,6 +306,14 @@ def preprocess_job(cfg: RunConfig, out_dir: str | Path, *, progress: Optional[bo
     return summary
 
 
+def require_distill_data(cfg: RunConfig) -> str:
+    """``distill.data``, which a student's training reads, or the one error that says how to make it."""
+    if not cfg.distill.data:
+        raise ConfigError("train.objective=consistency_distill needs distill.data: run `vidpo preprocess RECIPE "
+                          "--out DATA` first and --set distill.data=DATA (or use `vidpo distill`)")
+    return cfg.distill.data
+
+
 class DistillData:
     """The preprocessed rows of a directory, in memory (only what training reads: x_t, x_prev, t, t_prev,
     cond_ids, source). With ``lazy_keys`` those keys stay on disk and ``rows`` reads just the drawn rows of each

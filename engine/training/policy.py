@@ -73,9 +73,9 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> torch.n
     return model
 
 
-def prepare_policy(cfg: RunConfig, world, device, reference_weights: Optional[Path] = None):
-    """Initial policy (+ LoRA adapters, trainable; + ``parallel.activation_checkpointing``, which only acts where
-    gradients are computed) and its reference forward (``make_reference``)."""
+def initial_policy_with_lora(cfg: RunConfig, world, device):
+    """``(model, lora_state)``: the initial policy with the recipe's LoRA adapters, only they trainable, and the
+    callable that gives the adapters' weights and settings for a checkpoint (None without a lora section)."""
     model = load_initial_policy(cfg, world, device)
     lora_state = None
     if cfg.lora is not None:
@@ -85,6 +85,13 @@ def prepare_policy(cfg: RunConfig, world, device, reference_weights: Optional[Pa
         def lora_state():
             return lora_state_dict(model), {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
                                             "target_modules": json.dumps(cfg.lora.target_modules)}
+    return model, lora_state
+
+
+def prepare_policy(cfg: RunConfig, world, device, reference_weights: Optional[Path] = None):
+    """Initial policy (+ LoRA adapters, trainable; + ``parallel.activation_checkpointing``, which only acts where
+    gradients are computed) and its reference forward (``make_reference``)."""
+    model, lora_state = initial_policy_with_lora(cfg, world, device)
     reference, mode = make_reference(cfg, model, reference_weights)
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)   # the policy, not a frozen copy
     return model, reference, mode, lora_state
