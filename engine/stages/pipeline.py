@@ -117,9 +117,7 @@ def _train_preference(cfg: RunConfig, run_dir: Path, *, resume: bool, reference_
     if parallel is None:
         model, reference, ref_mode, lora_state = prepare_policy(cfg, world, device, reference_weights)
     else:
-        if reference_weights is not None:
-            raise ConfigError("a reference with its own weights is supported in one process only")
-        model, reference, ref_mode, lora_state = prepare_parallel_policy(cfg, world, parallel)
+        model, reference, ref_mode, lora_state = prepare_parallel_policy(cfg, world, parallel, reference_weights)
     log.info("train[%s]: %d pairs (%d skipped, %d with too few non-tie segments), reference=%s, loss backend=%s",
              cfg.train.objective, len(records), len(problems), too_few_non_ties, ref_mode, cfg.pref.loss_backend)
     # a diffusers adapter brings its own forward process / target / timesteps (None: rectified flow).

@@ -97,14 +97,17 @@ def prepare_policy(cfg: RunConfig, world, device, reference_weights: Optional[Pa
     return model, reference, mode, lora_state
 
 
-def prepare_parallel_policy(cfg: RunConfig, world, parallel):
+def prepare_parallel_policy(cfg: RunConfig, world, parallel, reference_weights: Optional[Path] = None):
     """``prepare_policy`` for a multi-process run: the policy (and a frozen reference copy, when that is the
-    reference) parallelized over ``parallel`` (TP/SP -> CP -> checkpointing -> compile -> FSDP) by the model's
-    own parallelize function (``models/<name>/parallelize.py``)."""
+    reference, holding ``reference_weights`` when given) parallelized over ``parallel`` (TP/SP -> CP ->
+    checkpointing -> compile -> FSDP) by the model's own parallelize function (``models/<name>/parallelize.py``)."""
     parallelize = model_spec(cfg.model.kind).parallelize
 
     full = load_initial_policy(cfg, world, parallel.device)
     mode = reference_mode(cfg)
+    if reference_weights is not None and mode != "frozen_copy":
+        raise ConfigError(f"a reference with its own weights ({reference_weights}) needs pref.reference=frozen_copy "
+                          f"(no LoRA), not {mode}")
     lora_state = None
     if cfg.lora is not None:
         apply_lora(full, **dataclasses.asdict(cfg.lora))
@@ -114,6 +117,9 @@ def prepare_parallel_policy(cfg: RunConfig, world, parallel):
         def lora_state():
             return {}, meta  # the distributed checkpoint writes the adapters from the consolidated weights
     frozen = copy.deepcopy(full).eval().requires_grad_(False) if mode == "frozen_copy" else None
+    if frozen is not None and reference_weights is not None:   # whole weights, before they are split
+        ckpt.load_weights(frozen, reference_weights)
+        mode = "frozen_copy(base)"
     model = parallelize(full, parallel, activation_checkpointing=cfg.parallel.activation_checkpointing,
                         compile=cfg.parallel.compile)
     if frozen is not None:
