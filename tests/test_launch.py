@@ -130,6 +130,11 @@ def test_one_verb_and_hybrid_sharded_layout(capsys, tmp_path, monkeypatch):
     assert code == 0 and "dp 64 (shard 4 x replicate 16) x cp 1 x tp 2 + sp" in printed
     code, _, err = dry_run(capsys, IPO, tmp_path / "ipo", "--verb", "cache")
     assert code == 2 and "--verb cache: this recipe's job has no cache stage (its stages: generate -> label" in err
+    # The IPO rounds run on every GPU of the allocation (each round's stages are sliced over the ranks).
+    code, printed, _ = dry_run(capsys, IPO, tmp_path / "ipo", "--verb", "iterate")
+    steps = stage_lines(printed)
+    assert code == 0 and len(steps) == 1 and steps[0].startswith("stage iterate all")
+    assert "srun torchrun" in steps[0] and steps[0].endswith(f"-m vidpo iterate {IPO} --out {tmp_path / 'ipo'}")
 
 
 def test_torchrun_single_node_and_multi_node_scripts(tmp_path):

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 from vidpo.cli.common import add_overrides, add_overwrite, print_json
-from vidpo.config import load_config
+from vidpo.config import ConfigError, load_config
 from vidpo.ipo.critic import (
     critic_eval_job,
     critic_train_job,
@@ -52,10 +53,14 @@ def cmd_iterate(args) -> int:
         if "judged" in keys:
             for row in brief["rounds"]:
                 row["judged"] = {k: (row["judged"] or {}).get(k) for k in ("win_rate", "wins", "ties", "losses")}
+    elif int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError("vidpo iterate under torchrun runs one recipe and seed over all its ranks; run a "
+                          "comparison of recipes or --seeds without torchrun (it spreads its runs over the GPUs)")
     else:
         brief = compare_iterations(args.recipes, args.seeds or [0], args.out, args.overrides, jobs=args.jobs,
                                    gpus=args.gpus)
-    print(json.dumps(brief, indent=2))
+    if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 reports
+        print(json.dumps(brief, indent=2))
     return 0
 
 

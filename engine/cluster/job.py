@@ -17,7 +17,7 @@ their labels and the trained weights done and does what is left: the evaluation,
 ``report.html``. A recipe that trains from cached latents is ``cache -> train``; any other objective (SFT,
 distillation) is ``train``. ``--verb STAGE`` launches one stage alone (it then reads what the recipe names,
 e.g. ``pref.pairs`` for train); ``--verb run`` is ``vidpo run`` in one step, ``--verb iterate`` the IPO rounds
-(``vidpo iterate``, one process).
+(``vidpo iterate`` on every GPU: each round's generation, labels, training and evaluation are sliced over the ranks).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def job_steps(cfg: RunConfig, recipe: str, overrides: Sequence[str], out: str, v
     if verb == "run":
         return [Step("run", [["run", recipe, "--out", out, *sets]])]
     if verb == "iterate":
-        return [Step("iterate", [["iterate", recipe, "--out", out, *sets]], ONE)]
+        return [Step("iterate", [["iterate", recipe, "--out", out, *sets]])]
     whole = verb == "job"
     steps: list[Step] = []
     if cfg.data.source == "latents":

@@ -19,14 +19,20 @@
 ``RunLayout.open(DIR)`` rebuilds the domain (the shapes world and its oracle, or the prompt file) and the segment
 ids of the videos the critic sees from the run's ``config.yaml``: what the rounds work in, and what measurements
 of a finished run read it with. A prompt file's parts (prompt embeddings, VAE) are prepared on first use.
+
+Under torchrun the layout also carries the run's process groups (``parallel``): the stages that scale with the
+data (generation, decoding, labelling, training, sampling for the evaluation) run on every rank, and the small
+ones that write one file (the oracle's labels, a critic, the pseudo-labels, a round's row) run on rank 0 while
+the others wait (``RunLayout.on_main``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from vidpo.config import RunConfig, load_config, resolve_path
 from vidpo.data.domains import Domain, ShapesDomain, exact_oracle
@@ -37,6 +43,7 @@ from vidpo.training.modeling import build_domain, pick_device, run_segment_ids
 TIMINGS_FILE = "timings.json"
 ROUND_FILE = "round.json"
 BASE_WEIGHTS = "base/model.safetensors"
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,6 +64,8 @@ class RunLayout:
     oracle: Optional[object] = None
     """The shapes world's exact oracle: it labels the seed pairs and measures (``vidpo.data.domains``); None for a
     prompt file, which has none."""
+    parallel: Optional[object] = None
+    """The run's ParallelContext under torchrun (``vidpo.training.distributed``); None in one process."""
     _parts: Optional[RunParts] = None
 
     @classmethod
@@ -80,11 +89,36 @@ class RunLayout:
         return self.world is not None
 
     @property
+    def rank(self) -> int:
+        return self.parallel.rank if self.parallel is not None else 0
+
+    @property
+    def ranks(self) -> int:
+        """Processes of the run (1 without torchrun)."""
+        return self.parallel.world_size if self.parallel is not None else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (nothing in one process): what one rank wrote is there for all after it."""
+        if self.ranks > 1:
+            dist.barrier()
+
+    def on_main(self, fn: Callable[[], T]) -> Optional[T]:
+        """``fn()`` on rank 0 while the other ranks wait; its result on rank 0, None on the others. For the small
+        steps that write one file (a critic, the oracle's labels): the others read the file afterwards."""
+        result = fn() if self.is_main else None
+        self.barrier()
+        return result
+
+    @property
     def parts(self) -> RunParts:
         """The run's parts (``vidpo.stages.parts.prepare_run``: prompt embeddings in ``DIR/prompt_embeddings``, the
-        VAE, real clips), prepared on first use."""
+        VAE, real clips), prepared on first use (under torchrun the ranks share out the embedding)."""
         if self._parts is None:
-            self._parts = prepare_run(self.cfg, self.out, device=self.device)
+            self._parts = prepare_run(self.cfg, self.out, device=self.device, rank=self.rank, world_size=self.ranks)
         return self._parts
 
     @property

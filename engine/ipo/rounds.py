@@ -43,6 +43,16 @@ stage of the unfinished round (pairs shards, labels, critics and training checkp
 ``vidpo iterate A.yaml B.yaml --seeds 0 1 2 --out DIR`` runs every recipe and seed into
 ``DIR/<recipe>/seed<k>`` and writes the comparison (per round: mean over seeds with a 95% CI over seeds)
 to ``DIR/summary.json`` and ``DIR/report.html`` (``vidpo.ipo.report``; the shapes world).
+
+**Under torchrun** (``torchrun --nproc-per-node N -m vidpo iterate ...``, or ``vidpo launch --verb iterate``) the
+stages that grow with the data run on every rank as their own verbs do: generation and decoding slice the shards
+(with the ``parallel.tp`` / ``parallel.cp`` sampling layout), labelling by a VLM judge or the critic slices the
+batches, each round's policy trains over the run's layout (FSDP / TP / SP / CP, the fixed-base reference a frozen
+copy split like the policy), and the evaluation samples on every rank. The steps that write one small file run on
+rank 0 while the others wait (``RunLayout.on_main``): the oracle's labels, the critic's training (one trainer
+keeps it equal to one process's), the pseudo-labels and pooled re-pairing, the base evaluation, the round row and
+the summary. Pairs, labels and critics equal one process's; the trained policies equal it up to the order of
+the data-parallel gradient sum.
 """
 from __future__ import annotations
 
@@ -55,6 +65,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from vidpo.config import PREFERENCE_OBJECTIVES, ConfigError, RunConfig, load_config, to_yaml
 from vidpo.data.pairs import MANIFEST_FILE, PAIRS_FILE
@@ -85,9 +96,11 @@ from vidpo.models.critic import save_critic
 from vidpo.stages.common import save_samples, setup_logging
 from vidpo.stages.generate import generate_pairs
 from vidpo.stages.label import label_pairs
+from vidpo.stages.parts import latent_frames_of
 from vidpo.stages.pipeline import generate_and_decode, train_preference
 from vidpo.training import checkpoint as ckpt
-from vidpo.training.modeling import build_policy, set_threads
+from vidpo.training.modeling import build_policy, build_world, set_threads
+from vidpo.training.policy import start_distributed
 from vidpo.utils import atomic
 from vidpo.utils.lock import LOCK_FILE
 from vidpo.utils.seeding import derive_seed
@@ -114,12 +127,12 @@ def generate_round_pairs(run: RunLayout, pairs_dir: Path, policy, n: int, *, str
     pairs to frames and mp4s (``vidpo.stages.pipeline.generate_and_decode``)."""
     if not run.shapes:
         cfg = _stage_cfg(run.cfg, stream=stream, generate__num_pairs=n, train__init_from=str(policy_path))
-        generate_and_decode(cfg, pairs_dir, run.parts, split="train")
-        return
-    if (pairs_dir / PAIRS_FILE).exists() and (pairs_dir / "generate.json").exists():
-        return
-    cfg = _stage_cfg(run.cfg, stream=stream, generate__num_pairs=n)
-    generate_pairs(cfg, pairs_dir, split="train", policy=policy)
+        generate_and_decode(cfg, pairs_dir, run.parts, split="train", rank=run.rank, world_size=run.ranks,
+                            parallel=run.parallel)
+    elif not ((pairs_dir / PAIRS_FILE).exists() and (pairs_dir / "generate.json").exists()):
+        cfg = _stage_cfg(run.cfg, stream=stream, generate__num_pairs=n)
+        generate_pairs(cfg, pairs_dir, split="train", policy=policy, rank=run.rank, world_size=run.ranks)
+    run.barrier()   # rank 0 writes the pairs file once every rank's shards are there
 
 
 def load_frozen_policy(run: RunLayout, path: Path) -> torch.nn.Module:
@@ -153,25 +166,31 @@ def _label_seed(run: RunLayout, pairs_dir: Path) -> None:
     it = run.cfg.iterate
     kind = _seed_labeler(run.cfg)
     if kind == "oracle":
-        oracle_label(run, pairs_dir, granularity=it.seed_granularity, tie_margin=it.seed_tie_margin)
+        run.on_main(lambda: oracle_label(run, pairs_dir, granularity=it.seed_granularity,
+                                         tie_margin=it.seed_tie_margin))
     elif not (pairs_dir / MANIFEST_FILE).exists():
         cfg = copy.deepcopy(run.cfg)
         cfg.label.labeler = kind
-        label_pairs(cfg, pairs_dir, domain=run.domain)
+        label_pairs(cfg, pairs_dir, domain=run.domain, rank=run.rank, world_size=run.ranks)
+        run.barrier()
 
 
 def _base_weights(run: RunLayout) -> None:
     """A release without ``train.init_from``: its transformer's own weights saved as policy 0 (once)."""
     if run.shapes or run.cfg.train.init_from or run.base_path.exists():
         return
-    model = build_policy(run.cfg, None, "cpu")
-    atomic.save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, run.base_path)
+
+    def save():
+        model = build_policy(run.cfg, None, "cpu")
+        atomic.save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, run.base_path)
+    run.on_main(save)
 
 
 # ----- critics ----------------------------------------------------------------------------------------------
 def _critic(run: RunLayout, directory: Path, data_fn, *, stream: Sequence[object], steps: int = 0):
     """The critic saved in ``directory``, or one trained on ``data_fn()`` (for ``steps``, 0: critic.steps) and
-    saved there."""
+    saved there. Under torchrun rank 0 trains it (a critic is small next to the policy, and one trainer keeps it
+    equal to one process's) and the other ranks read it back."""
     path = directory / "critic.safetensors"
     if path.exists():
         return open_critic(path, run.world, run.device)
@@ -179,16 +198,22 @@ def _critic(run: RunLayout, directory: Path, data_fn, *, stream: Sequence[object
     if steps:
         cfg = copy.deepcopy(cfg)
         cfg.critic.steps = steps
-    critic, info = train_critic(cfg, data_fn(), run.world, run.segment_ids, stream=stream, device=run.device,
-                                metrics_path=directory / "metrics.jsonl")
-    atomic.write_json(directory / "critic.json", info)
-    save_critic(critic, path)   # last: its presence means the critic is complete
-    return critic
+
+    def train():
+        critic, info = train_critic(cfg, data_fn(), run.world, run.segment_ids, stream=stream, device=run.device,
+                                    metrics_path=directory / "metrics.jsonl")
+        atomic.write_json(directory / "critic.json", info)
+        save_critic(critic, path)   # last: its presence means the critic is complete
+        return critic
+    critic = run.on_main(train)
+    return critic if critic is not None else open_critic(path, run.world, run.device)
 
 
 def _store_timing(run: RunLayout, key: str, seconds: float) -> None:
     """Record how long a stage before the rounds took, in ``DIR/timings.json`` (a resumed or reusing run then
     still knows what its seed labels, critic 0 and base evaluation cost)."""
+    if not run.is_main:
+        return
     path = run.out / TIMINGS_FILE
     stored = json.loads(path.read_text()) if path.exists() else {}
     stored[key] = round(seconds, 1)
@@ -225,19 +250,25 @@ def _pseudo_labels(run: RunLayout, r: int, critic_prev, policy_prev) -> dict:
     """Round r's Dual-IPO pseudo-labels (``vidpo.ipo.dual``) under policy r-1 and its reference, written once."""
     rd = run.out / f"round_{r}"
     if not (rd / "critic" / "critic.safetensors").exists():
-        policy_prev = policy_prev if policy_prev is not None else load_frozen_policy(run, run.policy_path(r - 1))
-        reference = load_frozen_policy(run, run.reference_path(r - 1))
-        pool = read_video_pool(rd / "pairs", run.domain)
-        if run.shapes:
-            tokens, process = run.world.tokens(pool.cond_ids), None
-        else:   # text embeddings of each video's prompt; the release's own forward process
-            tokens = run.parts.conditioning.for_prompts(pool.prompt_ids)
-            process = policy_prev if getattr(policy_prev, "training_target", None) is not None else None
-        stats = pseudo_label_pairs(rd / "pairs", pool, critic_prev, _velocity(policy_prev), _velocity(reference),
-                                   run.cfg, run.segment_ids, tokens=tokens, stream=("pseudo", r), device=run.device,
-                                   process=process, fps=run.domain.fps)
-        atomic.write_json(rd / "pseudo.json", stats)
+        run.on_main(lambda: _write_pseudo_labels(run, r, critic_prev, policy_prev))
     return json.loads((rd / "pseudo.json").read_text())
+
+
+def _write_pseudo_labels(run: RunLayout, r: int, critic_prev, policy_prev) -> None:
+    """Rank 0's part of ``_pseudo_labels``: the votes, implicit rewards and PCE of round r's pairs, written."""
+    rd = run.out / f"round_{r}"
+    policy_prev = policy_prev if policy_prev is not None else load_frozen_policy(run, run.policy_path(r - 1))
+    reference = load_frozen_policy(run, run.reference_path(r - 1))
+    pool = read_video_pool(rd / "pairs", run.domain)
+    if run.shapes:
+        tokens, process = run.world.tokens(pool.cond_ids), None
+    else:   # text embeddings of each video's prompt; the release's own forward process
+        tokens = run.parts.conditioning.for_prompts(pool.prompt_ids)
+        process = policy_prev if getattr(policy_prev, "training_target", None) is not None else None
+    stats = pseudo_label_pairs(rd / "pairs", pool, critic_prev, _velocity(policy_prev), _velocity(reference),
+                               run.cfg, run.segment_ids, tokens=tokens, stream=("pseudo", r), device=run.device,
+                               process=process, fps=run.domain.fps)
+    atomic.write_json(rd / "pseudo.json", stats)
 
 
 # ----- one round --------------------------------------------------------------------------------------------
@@ -250,24 +281,25 @@ def _label_round(run: RunLayout, r: int, critic, critic_dir: Path) -> tuple[Path
     if pooled:
         kto = cfg.train.objective == "kto"
         train_dir = rd / ("pairs_kto" if kto else "pairs_ranked")
-        if (train_dir / MANIFEST_FILE).exists():
-            stats = json.loads((train_dir / "label.json").read_text())
-        else:
-            pool = read_video_pool(rd / "pairs", run.domain)
-            scorer = oracle_scorer(run) if by_oracle else critic_scorer(critic, cfg, run.world, run.segment_ids)
-            source = ("oracle-" if by_oracle else "critic-") + ("pointwise" if kto else "ranked")
-            if kto:
-                stats = build_kto_pairs(scorer, pool, train_dir, cfg, run.segment_ids, source=source)
-            else:
-                stats = build_ranked_pairs(scorer, pool, train_dir, cfg, run.segment_ids, it.rank_fraction,
-                                           margin_fraction=it.margin_fraction, source=source)
-        stats = dict(stats)
+        if not (train_dir / MANIFEST_FILE).exists():
+            def pair_up():
+                pool = read_video_pool(rd / "pairs", run.domain)
+                scorer = oracle_scorer(run) if by_oracle else critic_scorer(critic, cfg, run.world, run.segment_ids)
+                source = ("oracle-" if by_oracle else "critic-") + ("pointwise" if kto else "ranked")
+                if kto:
+                    build_kto_pairs(scorer, pool, train_dir, cfg, run.segment_ids, source=source)
+                else:
+                    build_ranked_pairs(scorer, pool, train_dir, cfg, run.segment_ids, it.rank_fraction,
+                                       margin_fraction=it.margin_fraction, source=source)
+            run.on_main(pair_up)   # one scoring pass over the round's pool, then its pairs are written once
+        stats = json.loads((train_dir / "label.json").read_text())
     else:
         train_dir = rd / "pairs"
         if not (train_dir / MANIFEST_FILE).exists():
             lcfg = copy.deepcopy(cfg)
             lcfg.label.labeler, lcfg.critic.checkpoint = ("oracle" if by_oracle else "critic"), str(critic_dir)
-            label_pairs(lcfg, train_dir, domain=run.domain)
+            label_pairs(lcfg, train_dir, domain=run.domain, rank=run.rank, world_size=run.ranks)
+            run.barrier()   # rank 0 writes the manifest from every rank's labels
         stats = json.loads((train_dir / "label.json").read_text())
         stats.pop("problems", None)
     if run.shapes:
@@ -283,7 +315,7 @@ def _train_round(run: RunLayout, r: int, train_dir: Path) -> dict:
     reference = run.reference_path(r)
     return train_preference(tcfg, run.out / f"round_{r}" / "train", resume=True,
                             reference_weights=None if reference.resolve() == init.resolve() else reference,
-                            parts=None if run.shapes else run.parts)
+                            parts=None if run.shapes else run.parts, parallel=run.parallel)
 
 
 def run_round(run: RunLayout, r: int, critic_prev, base_eval: Optional[EvalResult],
@@ -303,7 +335,7 @@ def run_round(run: RunLayout, r: int, critic_prev, base_eval: Optional[EvalResul
     fresh = None
     if run.shapes:
         generate_round_pairs(run, rd / "pairs_eval", policy_prev, it.eval_pairs, stream=("round", r, "eval"))
-        oracle_label(run, rd / "pairs_eval", granularity="video", tie_margin=0.0)
+        run.on_main(lambda: oracle_label(run, rd / "pairs_eval", granularity="video", tie_margin=0.0))
     times["generate_s"] = round(time.time() - t, 1)
 
     row: dict = {"round": r}
@@ -343,10 +375,12 @@ def run_round(run: RunLayout, r: int, critic_prev, base_eval: Optional[EvalResul
     t = time.time()
     model = trained["model"].eval()
     result = None
+    # Every rank samples (a sharded policy needs all of them in each forward; the samples are equal), rank 0 writes.
     if run.shapes:
         result = evaluate_model(model, cfg, run.world, run.oracle)
-        save_eval_result(result, rd / "eval.safetensors")
-        save_samples(result, run.world, run.out / "samples", f"round_{r}", cfg.eval.grid_conditions)
+        if run.is_main:
+            save_eval_result(result, rd / "eval.safetensors")
+            save_samples(result, run.world, run.out / "samples", f"round_{r}", cfg.eval.grid_conditions)
     else:
         row["judged"] = judged_round(run, r, load_frozen_policy(run, run.base_path), model)
     times["eval_s"] = round(time.time() - t, 1)
@@ -360,9 +394,30 @@ def run_round(run: RunLayout, r: int, critic_prev, base_eval: Optional[EvalResul
                     "components": {k.split("/", 1)[1]: round(v["mean"], 4) for k, v in summary.items() if "/" in k}})
     row["refined"] = refined
     row["timings"] = dict(times, total_s=round(time.time() - t_round, 1))
-    atomic.write_json(rd / "round.json", row)   # last: the round is done
-    _log_round(row)
+    if run.is_main:
+        atomic.write_json(rd / "round.json", row)   # last: the round is done
+        _log_round(row)
+    run.barrier()
     return row, critic, result
+
+
+class _BaseEvaluation:
+    """The initial policy's evaluation on the shapes world, with its sample grid and timing, written once."""
+
+    def __init__(self, run: RunLayout, base: torch.nn.Module):
+        self.run, self.base = run, base
+
+    def __call__(self) -> None:
+        run, t = self.run, time.time()
+        result = evaluate_model(self.base, run.cfg, run.world, run.oracle)
+        save_samples(result, run.world, run.out / "samples", "base", run.cfg.eval.grid_conditions)
+        save_eval_result(result, run.base_eval_path)
+        _store_timing(run, "base_eval_s", time.time() - t)
+
+
+def _barrier(parallel) -> None:
+    if parallel is not None and parallel.world_size > 1:
+        dist.barrier()
 
 
 def _log_round(row: dict) -> None:
@@ -410,22 +465,32 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
     _check(cfg)
     out = Path(out_dir)
     saved = out / "config.yaml"
-    if overwrite and saved.exists():
+    # Under torchrun (module doc): the process groups first, so that rank 0 alone prepares the folder.
+    parallel = start_distributed(cfg, None if cfg.prompts.path else build_world(cfg), latent_frames_of(cfg))
+    main = parallel is None or parallel.is_main
+    if overwrite and saved.exists() and main:
         removed = atomic.clear_folder(out, keep=(LOCK_FILE, "vidpo.log"))
         log.info("iterate: --overwrite: removed %d entries of %s", removed, out)
+    _barrier(parallel)
     setup_logging(out)
     set_threads(cfg)
     # Compare after loading, so fields added to the config since the run started read as their defaults.
     if saved.exists() and to_yaml(load_config(saved)) != to_yaml(cfg):
         raise ConfigError(f"{out} holds a run of a different config ({saved}); use a new --out, the same "
                           "recipe and --set overrides to resume, or --overwrite to start it over")
-    atomic.write_text(saved, to_yaml(cfg))
-    if reuse is not None:
-        reuse_run(cfg, out, reuse)
+    _barrier(parallel)   # every rank has compared before rank 0 writes
+    if main:
+        atomic.write_text(saved, to_yaml(cfg))
+        if reuse is not None:
+            reuse_run(cfg, out, reuse)
+    _barrier(parallel)
     run = open_run(out, cfg)
+    if parallel is not None:
+        run.parallel, run.device = parallel, parallel.device
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    log.info("iterate: seed %d on %s%s", cfg.seed, run.device,
-             f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
+    log.info("iterate: seed %d on %s%s%s", cfg.seed, run.device,
+             f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "",
+             f", rank {run.rank} of {run.ranks}" if run.ranks > 1 else "")
     cfg, world = run.cfg, run.world
     t0 = time.time()
     if not run.shapes:
@@ -451,11 +516,8 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
     elif (out / "base_eval.safetensors").exists():
         base_eval = load_eval_result(out / "base_eval.safetensors")
     else:
-        t = time.time()
-        base_eval = evaluate_model(base, cfg, world, run.oracle)
-        save_samples(base_eval, world, out / "samples", "base", cfg.eval.grid_conditions)
-        save_eval_result(base_eval, out / "base_eval.safetensors")
-        _store_timing(run, "base_eval_s", time.time() - t)
+        run.on_main(_BaseEvaluation(run, base))   # the initial policy is whole on every rank: rank 0 samples it
+        base_eval = load_eval_result(out / "base_eval.safetensors")
     del base
 
     rows, prev_eval = [], base_eval
@@ -484,9 +546,11 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
                                           "critic_0": seed_info},
         "timings": _run_timings(run, rows, time.time() - t0),
     })
-    atomic.write_json(out / "summary.json", summary)
-    if run.shapes:
-        write_iterate_report(out, summary)
-    else:
-        write_judged_iterate_report(out, summary)
+    if run.is_main:
+        atomic.write_json(out / "summary.json", summary)
+        if run.shapes:
+            write_iterate_report(out, summary)
+        else:
+            write_judged_iterate_report(out, summary)
+    run.barrier()
     return summary
