@@ -5,19 +5,24 @@ pipeline all build the same model the same way (and a checkpoint's ``config.yaml
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 
 from vidpo.config import ConfigError, RunConfig, resolve_path
 from vidpo.data.domains import Domain, PromptFileDomain, ShapesDomain, shapes_world
 from vidpo.data.latents import latent_info
 from vidpo.data.segments import segment_ids as make_segment_ids
+from vidpo.models.adapters import CONDITIONER_FILE, TextConditioner, transformer_dir
 from vidpo.models.dit import build_dit, dit_config
-from vidpo.models.registry import load_adapter, model_spec
+from vidpo.models.pipeline_dir import is_pipeline_dir
+from vidpo.models.registry import load_adapter, model_spec, open_pipeline
 from vidpo.models.vae import VideoVAE
 from vidpo.training import checkpoint as ckpt
 from vidpo.training.conditioning import Conditioning, EmbeddingConditioning, TokenConditioning
@@ -160,3 +165,49 @@ def load_initial_policy(cfg: RunConfig, world, device) -> torch.nn.Module:
         return model  # a diffusers model directory (model.path) already holds the weights
     ckpt.load_weights(model, _require_init(cfg))
     return model
+
+
+def meta_policy(cfg: RunConfig, world) -> torch.nn.Module:
+    """The modules ``build_policy`` builds, on the meta device (no storage, no weights read): the DiT's constructor,
+    or the family's adapter over diffusers transformers made with ``from_config`` from their config.json, in the
+    recipe's dtype. What ranks other than 0 lay out under ``parallel.init: rank0`` (``vidpo.training.sharded_init``)
+    before their shards arrive."""
+    dtype = DTYPES[cfg.model.dtype]
+    if not loads_from_directory(cfg):
+        with torch.device("meta"):
+            model = build_dit(dit_config_for(cfg, world))
+        return model.to(dtype=dtype)
+    kind, path = cfg.model.kind, resolve_path(cfg.model.path)
+    adapter = model_spec(kind).adapter
+    transformer_class = adapter._diffusers_transformer_class()
+
+    def on_meta(config: dict) -> torch.nn.Module:
+        with torch.device("meta"):
+            return transformer_class.from_config(config)
+
+    sampling = adapter_sampling_kwargs(cfg)
+    if is_pipeline_dir(path):
+        pipe = open_pipeline(kind, path)
+
+        class MetaPipeline(type(pipe)):
+            def transformer(self, part: str = "transformer", **_):
+                return on_meta(self.config(part))
+
+        # The adapter's own from_pipeline (scheduler, Wan 2.2's second expert and its boundary), each transformer
+        # made from its config instead of loaded. It reads the small text-conditioner table, moved to meta below.
+        fields = {f.name: getattr(pipe, f.name) for f in dataclasses.fields(pipe) if f.init}
+        model = adapter.from_pipeline(MetaPipeline(**fields), **sampling)
+    else:
+        config = json.loads((transformer_dir(path) / "config.json").read_text())
+        model = adapter(on_meta(config), _meta_conditioner(path), **sampling)
+    return model.to(device="meta", dtype=dtype)
+
+
+def _meta_conditioner(path: Path) -> Optional[TextConditioner]:
+    """A model directory's TextConditioner on meta, its shape read from the file's header."""
+    file = path / CONDITIONER_FILE
+    if not file.exists():
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        shape = f.get_slice("table").get_shape()
+    return TextConditioner(torch.empty(shape, device="meta"))

@@ -4,8 +4,10 @@ Preference objectives compare the policy with a reference model on the same inpu
 the policy with its LoRA adapters disabled (``lora_disabled``: no second copy of the weights) or a frozen
 copy (``frozen_copy``); ``pref.reference: auto`` picks the first when the recipe has a ``lora`` section.
 Multi-process runs lay the policy (and a frozen reference copy) out with the model family's own
-``parallelize`` from the model registry (TP/SP -> CP -> activation checkpointing -> compile -> FSDP); in one
-process ``parallel.activation_checkpointing`` switches on the model's own block checkpointing
+``parallelize`` from the model registry (TP/SP -> CP -> activation checkpointing -> compile -> FSDP), their
+initial weights reaching the ranks as ``parallel.init`` says (``vidpo.training.sharded_init``: by default rank 0
+alone loads them and the other ranks receive only their shards); in one process
+``parallel.activation_checkpointing`` switches on the model's own block checkpointing
 (``apply_activation_checkpointing``).
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ from vidpo.models.lora import apply_lora, lora_disabled, lora_modules, lora_stat
 from vidpo.models.registry import model_spec
 from vidpo.training import checkpoint as ckpt
 from vidpo.training.distributed import DistributedSetupError, init_distributed
-from vidpo.training.modeling import dit_config_for, load_initial_policy, loads_from_directory
+from vidpo.training.modeling import dit_config_for, load_initial_policy, loads_from_directory, meta_policy
+from vidpo.training.sharded_init import init_parallel_models
 
 
 def reference_mode(cfg: RunConfig) -> str:
@@ -100,30 +103,35 @@ def prepare_policy(cfg: RunConfig, world, device, reference_weights: Optional[Pa
 def prepare_parallel_policy(cfg: RunConfig, world, parallel, reference_weights: Optional[Path] = None):
     """``prepare_policy`` for a multi-process run: the policy (and a frozen reference copy, when that is the
     reference, holding ``reference_weights`` when given) parallelized over ``parallel`` (TP/SP -> CP ->
-    checkpointing -> compile -> FSDP) by the model's own parallelize function (``models/<name>/parallelize.py``)."""
+    checkpointing -> compile -> FSDP) by the model's own parallelize function (``models/<name>/parallelize.py``),
+    built as ``parallel.init`` says (``vidpo.training.sharded_init``: by default rank 0 alone loads the weights)."""
     parallelize = model_spec(cfg.model.kind).parallelize
-
-    full = load_initial_policy(cfg, world, parallel.device)
     mode = reference_mode(cfg)
     if reference_weights is not None and mode != "frozen_copy":
         raise ConfigError(f"a reference with its own weights ({reference_weights}) needs pref.reference=frozen_copy "
                           f"(no LoRA), not {mode}")
     lora_state = None
     if cfg.lora is not None:
-        apply_lora(full, **dataclasses.asdict(cfg.lora))
-        mark_only_lora_trainable(full)
         meta = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": json.dumps(cfg.lora.target_modules)}
 
         def lora_state():
             return {}, meta  # the distributed checkpoint writes the adapters from the consolidated weights
-    frozen = copy.deepcopy(full).eval().requires_grad_(False) if mode == "frozen_copy" else None
-    if frozen is not None and reference_weights is not None:   # whole weights, before they are split
-        ckpt.load_weights(frozen, reference_weights)
-        mode = "frozen_copy(base)"
-    model = parallelize(full, parallel, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                        compile=cfg.parallel.compile)
-    if frozen is not None:
-        frozen_parallel = parallelize(frozen, parallel, compile=cfg.parallel.compile).eval()
+
+    def lay_out_reference(frozen):
+        return parallelize(frozen, parallel, compile=cfg.parallel.compile).eval()
+
+    def lay_out(full):
+        return parallelize(full, parallel, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                           compile=cfg.parallel.compile)
+
+    model, frozen_parallel = init_parallel_models(
+        parallel, **_builders(cfg, world), lay_out=lay_out,
+        lora=dataclasses.asdict(cfg.lora) if cfg.lora is not None else None,
+        lay_out_reference=lay_out_reference if mode == "frozen_copy" else None, reference_weights=reference_weights,
+        offloaded=parallel.cpu_offload and parallel.layout.fsdp)
+    if frozen_parallel is not None:
+        if reference_weights is not None:
+            mode = "frozen_copy(base)"
 
         def reference(x, t, c):
             with torch.no_grad():
@@ -138,11 +146,20 @@ def prepare_sampling_policy(cfg: RunConfig, world, parallel) -> Optional[torch.n
     1), or None when there is none (each rank then samples whole clips alone). The model's own parallelize function
     splits it over TP / SP / CP as for training but without FSDP: every data-parallel group holds its TP slice
     whole and samples its shards on its own, so long clips split their tokens (CP) and weights (TP) over the
-    group, and groups need not step together."""
+    group, and groups need not step together. Built as ``parallel.init`` says (``vidpo.training.sharded_init``)."""
     if parallel is None or (parallel.tp == 1 and parallel.cp == 1):
         return None
-    model = load_initial_policy(cfg, world, parallel.device)
-    return model_spec(cfg.model.kind).parallelize(model, parallel, fsdp=False).eval()
+    parallelize = model_spec(cfg.model.kind).parallelize
+    model, _ = init_parallel_models(parallel, **_builders(cfg, world),
+                                    lay_out=lambda full: parallelize(full, parallel, fsdp=False).eval())
+    return model
+
+
+def _builders(cfg: RunConfig, world) -> dict:
+    """What ``init_parallel_models`` builds the initial policy with (``parallel.init``, the loader and the meta
+    skeleton)."""
+    return {"init": cfg.parallel.init, "load": lambda device: load_initial_policy(cfg, world, device),
+            "skeleton": lambda: meta_policy(cfg, world)}
 
 
 def _adapters_off_reference(model: torch.nn.Module):

@@ -140,7 +140,10 @@ def megatron_linear(linear: nn.Linear, kind: str, parts: int, spec: ShardSpec, s
                                  params_dtype=weight.dtype)
     common = dict(config=config, init_method=lambda w: w, bias=linear.bias is not None, tp_group=spec.tp_group)
     rank, world = group_rank(spec.tp_group), spec.tp
-    with warnings.catch_warnings():
+    # Made on the weight's device (megatron's CPU initialisation takes the default device): on the meta device of a
+    # model whose weights arrive later (vidpo.training.sharded_init) no host copy is made, and no move to another
+    # device replaces the parameters megatron has set its attributes on.
+    with warnings.catch_warnings(), torch.device(weight.device):
         warnings.simplefilter("ignore")
         if kind == "column":
             layer = ColumnParallelLinear(linear.in_features, linear.out_features, gather_output=False,
