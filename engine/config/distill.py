@@ -3,11 +3,95 @@
 (``reward``)."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import string
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from vidpo.config.choices import DISTILL_SOURCES, Distance, RewardSubset, SamplerNoise
-from vidpo.config.fields import Problem, Problems, Section, choice
+from vidpo.config.fields import Problem, Problems, Section, choice, deferred_checks
+from vidpo.config.preference import VLMConfig
+
+MODEL_RULES = {"clip_cosine": "image", "clip_mean_cosine": "video"}
+"""Scoring rules of a local reward model (vidpo.objectives.rewards_models) -> the kind of reward it defines."""
+SERVED_RULE = "served_score"
+"""The rule of a served judge (vidpo.objectives.rewards_served): a score, not a gradient; it weights the CD loss."""
+SERVED_OWN_KEYS = ("kind", "rule", "question", "scale", "frames")
+SERVED_VLM_KEYS = tuple(f.name for f in dataclasses.fields(VLMConfig)
+                        if f.name not in ("prompt", "on_error", "cache_answers", "frames_per_segment"))
+"""The endpoint fields of a served judge: ``label.vlm``'s (VLMConfig) but its pairwise ``prompt``, ``on_error`` (a
+judge's problems always give a neutral weight) and ``cache_answers`` (always on); ``frames`` is its
+``frames_per_segment``."""
+SERVED_QUESTION_FIELDS = ("caption", "low", "high", "frames")
+
+
+def served_vlm_config(spec: dict) -> VLMConfig:
+    """The ``VLMConfig`` of a served judge's entry (its endpoint fields; VLMConfig's defaults for the others)."""
+    fields = {k: v for k, v in spec.items() if k in SERVED_VLM_KEYS}
+    if "frames" in spec:
+        fields["frames_per_segment"] = spec["frames"]
+    return VLMConfig(**fields)
+
+
+def served_scale(spec: dict) -> tuple[int, int]:
+    """``(low, high)`` of a served judge's declared integer scale (default 1..10)."""
+    low, high = spec.get("scale", (1, 10))
+    return int(low), int(high)
+
+
+def _type_ok(value, default) -> bool:
+    """Whether ``value`` has the type of a VLMConfig field whose default is ``default`` (None: any, checked by it)."""
+    if default is None or isinstance(default, (list, dict)):
+        return default is None or isinstance(value, type(default))
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default)) and not isinstance(value, bool)
+
+
+def served_problems(spec: dict, where: str) -> list[str]:
+    """What is wrong with a served judge's entry ``spec`` (at ``where``, e.g. 'reward.models.judge'), one sentence
+    each naming the field."""
+    out = []
+    for key in spec:
+        if key not in SERVED_OWN_KEYS + SERVED_VLM_KEYS:
+            close = difflib.get_close_matches(str(key), SERVED_OWN_KEYS + SERVED_VLM_KEYS, n=1, cutoff=0.5)
+            out.append(f"{where}.{key} is not a field of a served judge" + (f" (did you mean '{close[0]}'?)" if close
+                                                                              else ""))
+    if spec.get("kind") not in ("image", "video"):
+        out.append(f"{where}.kind must be 'image' or 'video', got {spec.get('kind')!r}")
+    scale = spec.get("scale", [1, 10])
+    if not (isinstance(scale, (list, tuple)) and len(scale) == 2 and all(isinstance(v, int) and not isinstance(
+            v, bool) for v in scale) and scale[0] < scale[1]):
+        out.append(f"{where}.scale must be two integers [low, high] with low < high, got {scale!r}")
+    question = spec.get("question")
+    if question is not None:
+        try:
+            names = [n for _, n, _, _ in string.Formatter().parse(str(question)) if n is not None]
+        except ValueError as exc:
+            names = []
+            out.append(f"{where}.question is not a valid template ({exc})")
+        bad = [n for n in names if n not in SERVED_QUESTION_FIELDS]
+        if bad or not isinstance(question, str):
+            out.append(f"{where}.question must be a text whose placeholders are {list(SERVED_QUESTION_FIELDS)}, "
+                       f"got {question!r}")
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(VLMConfig)}
+    defaults["frames"] = defaults["frames_per_segment"]
+    typed = True
+    for key, value in spec.items():
+        if key in SERVED_VLM_KEYS + ("frames",) and not _type_ok(value, defaults[key]):
+            kind = {bool: "boolean", int: "integer", float: "number", str: "text"}.get(type(defaults[key]),
+                                                                                    type(defaults[key]).__name__)
+            out.append(f"{where}.{key} must be a {kind}, got {value!r}")
+            typed = False
+    if typed and not any(key not in SERVED_OWN_KEYS + SERVED_VLM_KEYS for key in spec):
+        with deferred_checks():
+            vlm = served_vlm_config(spec)
+        out += [str(problem).replace("frames_per_segment", "frames") for problem in vlm.problems(where + ".")]
+    return out
 
 
 @dataclass
@@ -153,18 +237,25 @@ class RewardConfig(Section):
     max_rows: int = 8
     """At most this many reward rows per micro-batch (the paper: 1 reward clip per 3 CD clips per GPU)."""
 
-    models: Dict[str, Dict[str, str]] = field(default_factory=dict)
-    """Reward models of a release's distillation, by name: {path: a local transformers directory, kind: image |
-    video, rule: clip_cosine (image) | clip_mean_cosine (video)}; weighted by name in ``image`` / ``video``
-    (vidpo.objectives.rewards_models)."""
+    models: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    """Reward models of a release's distillation, by name; weighted by name in ``image`` / ``video``. A local
+    transformers model (vidpo.objectives.rewards_models, a differentiable reward): {path: DIR, kind: image, rule:
+    clip_cosine} or {path: DIR, kind: video, rule: clip_mean_cosine}. A served judge (vidpo.objectives.rewards_served,
+    a score that weights the CD loss of the routed rows): {kind: image | video, rule: served_score, base_url: URL,
+    model: NAME, question?: TEMPLATE with {caption} {low} {high} {frames}, scale?: [1, 10], frames?: 4, and any
+    endpoint field of label.vlm: answer_format, format, concurrency, max_retries, timeout_s, api_key_env, ...}."""
 
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.at_least(self, 1, "image_frames", "max_rows")
-        rules = {"clip_cosine": "image", "clip_mean_cosine": "video"}
         for name, spec in (self.models or {}).items():
-            ok = isinstance(spec, dict) and bool(spec.get("path")) and spec.get("rule") in rules \
-                and spec.get("kind") == rules.get(spec.get("rule"))
-            p.check(ok, "models", f"{name}: expected {{path: DIR, kind: image, rule: clip_cosine}} or {{path: DIR, "
-                                  f"kind: video, rule: clip_mean_cosine}}, got {spec!r}")
+            if isinstance(spec, dict) and spec.get("rule") == SERVED_RULE:
+                for problem in served_problems(dict(spec), f"{prefix}models.{name}"):
+                    p.add(problem, f"models.{name}")
+                continue
+            ok = isinstance(spec, dict) and bool(spec.get("path")) and spec.get("rule") in MODEL_RULES \
+                and spec.get("kind") == MODEL_RULES.get(spec.get("rule"))
+            p.check(ok, "models", f"{name}: expected {{path: DIR, kind: image, rule: clip_cosine}}, {{path: DIR, "
+                                  f"kind: video, rule: clip_mean_cosine}} or {{kind: image | video, rule: "
+                                  f"{SERVED_RULE}, base_url: URL, model: NAME}}, got {spec!r}")
         return p

@@ -84,8 +84,8 @@ from vidpo.labeling.vlm_request import (
     undecided_reason,
 )
 
-__all__ = ["ANSWER_REMINDER", "VIDEO_A_MARKER", "VIDEO_B_MARKER", "RequestStats", "ServerUnreachable", "VLMConfig",
-           "VLMLabeler", "clips_to_uint8", "parse_answer", "pick_frames", "png_data_url", "reply_text"]
+__all__ = ["ANSWER_REMINDER", "VIDEO_A_MARKER", "VIDEO_B_MARKER", "RequestFailed", "RequestStats", "ServerUnreachable",
+           "VLMConfig", "VLMLabeler", "clips_to_uint8", "parse_answer", "pick_frames", "png_data_url", "reply_text"]
 
 _RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
 
@@ -111,8 +111,11 @@ def _error_body(err: urllib.error.HTTPError) -> bytes:
         return b""
 
 
-class _Failure(Exception):
+class RequestFailed(Exception):
     """One question that got no reply (status ``failed``); the message says why."""
+
+
+_Failure = RequestFailed
 
 
 class _Unparseable(Exception):
@@ -297,6 +300,12 @@ class VLMLabeler(Labeler):
         if answer is None:
             raise _Unparseable(undecided_reason(reply, self.config))
         return answer
+
+    def reply(self, pair_id: str, segment: int, order: int, key: str, body: Callable[[], dict]) -> Reply:
+        """The reply to one question about item ``pair_id`` (a pair; a scored clip: ``vidpo.labeling.vlm_score``):
+        from the cache, else from the server, then kept in the cache; ``body()`` is built only when it is sent.
+        Raises ``RequestFailed`` (no reply) or ``ServerUnreachable``."""
+        return self._reply(pair_id, segment, order, key, body)
 
     def _reply(self, pair_id: str, segment: int, order: int, key: str, body: Callable[[], dict]) -> Reply:
         """The reply to one question: from the cache, else from the server (and then kept in the cache)."""

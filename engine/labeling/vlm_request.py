@@ -292,6 +292,12 @@ def build_body(cfg: VLMConfig, text: str, media_a: list[str], media_b: list[str]
         body["guided_choice"] = list(VERDICTS)
     elif cfg.answer_format == "structured_outputs":
         body["structured_outputs"] = {"choice": list(VERDICTS)}
+    return finish_body(cfg, body)
+
+
+def finish_body(cfg: VLMConfig, body: dict) -> dict:
+    """The request fields every question shares, set on ``body`` (model, messages, the answer form already in):
+    the reasoning switches, ``extra_body`` (merged into objects) and ``drop_fields`` (removed last)."""
     if cfg.reasoning_effort is not None:
         body["reasoning_effort"] = cfg.reasoning_effort
     if cfg.thinking_budget is not None:

@@ -22,6 +22,10 @@ routed subset, ``reward.subset``; at most ``reward.max_rows`` per micro-batch)::
 
     L = L_CD - mean_{b in r} R( f_theta(x_{t_n}, t_n, c)_b, c_b )          (vidpo.objectives.rewards.RewardMixture)
 
+A served judge (a VLM over HTTP: a score, no gradient) enters as a per-row weight of the CD loss instead,
+``L_CD = mean_b w_b mean d(..)_b`` with ``w = exp(sum_j gamma_j z_j)`` normalised to mean 1 over the routed rows
+and 1 elsewhere (``vidpo.objectives.rewards_served``).
+
 **Multi-step sampling** (consistency models' multistep sampler) at times ``tau_1 = 1 > ... > tau_s``, evenly
 spaced multiples of the skip on the teacher's grid: ``x <- eps``; repeat ``x0^ = f_theta(x, tau_j)`` then
 ``x <- (1 - tau_{j+1}) x0^ + tau_{j+1} z_j`` with fresh noise ``z_j`` (``sampler_noise: fresh``) or with the
@@ -106,26 +110,33 @@ def phase_end(t: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
 
 
 def cd_distance(prediction: torch.Tensor, target: torch.Tensor, distance: str = "huber",
-                huber_c: float = 0.001) -> torch.Tensor:
-    """Mean over all elements of the pseudo-Huber ``sqrt(d^2 + c^2) - c`` or squared error ``d^2``."""
+                huber_c: float = 0.001, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over all elements of the pseudo-Huber ``sqrt(d^2 + c^2) - c`` or squared error ``d^2``; with ``weight``
+    (B,) the weighted mean over rows of each row's mean, ``mean_b w_b mean_{elements of b} d`` (the served judges'
+    reward weights, ``vidpo.objectives.rewards_served``; all ones: the unweighted value)."""
     diff = prediction - target
     if distance == "huber":
-        return (torch.sqrt(diff * diff + huber_c * huber_c) - huber_c).mean()
-    if distance == "l2":
-        return (diff * diff).mean()
-    raise ValueError(f"unknown CD distance {distance!r}; valid: 'huber', 'l2'")
+        elementwise = torch.sqrt(diff * diff + huber_c * huber_c) - huber_c
+    elif distance == "l2":
+        elementwise = diff * diff
+    else:
+        raise ValueError(f"unknown CD distance {distance!r}; valid: 'huber', 'l2'")
+    if weight is None:
+        return elementwise.mean()
+    return (elementwise.flatten(1).mean(1) * weight.to(elementwise)).mean()
 
 
 def cd_loss(model, x_t: torch.Tensor, t: torch.Tensor, x_prev: torch.Tensor, t_prev: torch.Tensor,
             cond: torch.Tensor, *, distance: str = "huber", huber_c: float = 0.001,
-            end: Optional[torch.Tensor] = None):
+            end: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None):
     """``(L_CD, prediction, target)``: prediction keeps the graph, the target is the student under ``no_grad``.
-    ``end`` (B,): phased targets (module doc), both sides map to the start of ``t``'s phase (``t_prev >= end``)."""
+    ``end`` (B,): phased targets (module doc), both sides map to the start of ``t``'s phase (``t_prev >= end``);
+    ``weight`` (B,): per-row weights of the loss (``cd_distance``)."""
     prediction = consistency_function(model, x_t, t, cond, end)
     with torch.no_grad():
         target = consistency_function(model, x_prev, t_prev, cond, end)
     compute = torch.promote_types(prediction.dtype, torch.float32)   # bf16 under autocast -> fp32; fp64 stays
-    return cd_distance(prediction.to(compute), target.to(compute), distance, huber_c), prediction, target
+    return cd_distance(prediction.to(compute), target.to(compute), distance, huber_c, weight), prediction, target
 
 
 def student_times(steps: int, grid: torch.Tensor, skip: int) -> torch.Tensor:
@@ -312,11 +323,13 @@ class ConsistencyDistillObjective:
 
     def __init__(self, cfg: RunConfig, world, data, device: torch.device, rewards=None, *,
                  condition: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, prompt_key: str = "cond_ids",
-                 frames: Optional[int] = None, boundaries: Optional[torch.Tensor] = None):
+                 frames: Optional[int] = None, boundaries: Optional[torch.Tensor] = None,
+                 row_weights: Optional[torch.Tensor] = None):
         """``condition(batch[prompt_key]) -> cond`` maps a row's prompt to the model's condition (default: the shapes
         world's tokens of ``cond_ids``; a release: the cached prompt embeddings of the row's ``prompt`` index);
         ``frames``: pixel frames the image rewards pick from (default the world's); ``boundaries``: the phase edges
-        (``phase_boundaries``) that ``distill.phases > 0`` needs."""
+        (``phase_boundaries``) that ``distill.phases > 0`` needs; ``row_weights`` (P,): the CD loss weight of a
+        row by its prompt index ``batch[prompt_key]`` (the served judges', ``vidpo.objectives.rewards_served``)."""
         if cfg.distill.phases and boundaries is None:
             raise ValueError(f"distill.phases = {cfg.distill.phases} needs the phase edges of the teacher's grid; "
                              "pass phase_boundaries(...) (the shapes world) or release_phase_edges(cfg) (a release)")
@@ -332,12 +345,15 @@ class ConsistencyDistillObjective:
         subset = cfg.reward.subset
         self.reward_source = None if subset == "all" else SOURCE_CODES[subset]
         self.residency: Optional[dict] = None
+        self.row_weights = None if row_weights is None else row_weights.detach().float().cpu()
 
     def micro_batch(self, step: int, micro: int) -> dict:
         cfg = self.cfg
         g = generator(cfg.seed, "data", step, micro)
         index = torch.randint(len(self.data), (cfg.train.batch_size,), generator=g)
         batch = {k: v.to(self.device) for k, v in self.data.rows(index).items()}
+        if self.row_weights is not None:
+            batch["cd_weight"] = self.row_weights[batch[self.prompt_key].cpu().long()].to(self.device)
         if self.rewards is not None:
             source = batch["source"].cpu()
             eligible = torch.ones_like(source, dtype=torch.bool) if self.reward_source is None \
@@ -354,7 +370,8 @@ class ConsistencyDistillObjective:
         tokens = self.condition(cond_ids).to(self.device)
         end = None if self.boundaries is None else phase_end(batch["t"], self.boundaries)
         loss_cd, prediction, _ = cd_loss(model, batch["x_t"], batch["t"], batch["x_prev"], batch["t_prev"], tokens,
-                                         distance=d.distance, huber_c=d.huber_c, end=end)
+                                         distance=d.distance, huber_c=d.huber_c, end=end,
+                                         weight=batch.get("cd_weight"))
         if end is not None:
             # The rewards score the one-step clean sample x - t v, recovered from the phased x + (end - t) v.
             shape = (-1,) + (1,) * (prediction.dim() - 1)
@@ -362,6 +379,8 @@ class ConsistencyDistillObjective:
             prediction = batch["x_t"] + (prediction - batch["x_t"]) * (t / (t - end.to(prediction.dtype).view(shape)))
         loss = loss_cd
         metrics = {"cd": float(loss_cd.detach())}
+        if "cd_weight" in batch:
+            metrics["cd_weight_mean"] = float(batch["cd_weight"].mean())
         if self.rewards is not None:
             rows = batch["reward_rows"]
             metrics["reward_rows"] = float(rows.sum())

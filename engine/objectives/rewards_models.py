@@ -27,8 +27,18 @@ image / text features, ``u^ = u / |u|``):
 (``preprocessor_config.json``; OpenAI CLIP's when absent). The text features are computed once per prompt
 (no gradient flows to them); the reward model is frozen and gets no gradient itself; the gradient w.r.t.
 ``x`` trains the student. HPSv2 is an OpenCLIP ViT-H/14 fine-tune: exported to a transformers ``CLIPModel``
-it plugs in with ``clip_cosine``; a served judge (a VLM over HTTP) gives no gradient and is not a reward here
-(it judges the evaluation: ``vidpo.stages.judged_eval``).
+it plugs in with ``clip_cosine``.
+
+A served judge (``rule: served_score``: a VLM over HTTP, ``vidpo.objectives.rewards_served``) is the other kind of
+entry: its score has no gradient, so it is not a term of this differentiable mixture. It scores each routed
+training clip once, pointwise, while the data are preprocessed, and weights the CD loss of the routed rows::
+
+    w(r) = exp( sum_j gamma_j z_j(r) ) / mean_{r' in R} exp( sum_j gamma_j z_j(r') )     r in R (reward.subset)
+    w(r) = 1                                                                             otherwise
+
+with ``z_j`` judge ``j``'s score standardised over the routed rows (0 for a clip it could not score) and
+``gamma_j`` its weight under ``reward.image`` / ``reward.video``. ``build_model_rewards`` skips such entries;
+both kinds can be mixed in one recipe.
 """
 from __future__ import annotations
 
@@ -39,10 +49,11 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from vidpo.config.distill import MODEL_RULES, SERVED_RULE
 from vidpo.objectives.rewards import REWARDS, RewardMixture, RewardTerm
 
-RULES = {"clip_cosine": "image", "clip_mean_cosine": "video"}
-"""Scoring rule -> the kind of reward it defines."""
+RULES = MODEL_RULES
+"""Scoring rule -> the kind of reward it defines (a local model's; ``served_score`` is not a differentiable rule)."""
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -98,19 +109,29 @@ class ClipReward:
 def build_model_rewards(reward_cfg, texts: Sequence[str], *, decode: Optional[Callable] = None,
                         device: torch.device | str = "cpu") -> RewardMixture:
     """The mixture of ``reward.image`` / ``reward.video`` over the models of ``reward.models`` for prompts ``texts``
-    (a row's prompt index picks its text); ``decode`` maps the student's latents to pixels (the release's VAE)."""
+    (a row's prompt index picks its text); ``decode`` maps the student's latents to pixels (the release's VAE).
+    Served judges (``rule: served_score``) are not differentiable terms: skipped here (module doc)."""
     terms, loaded = [], {}
     for kind, table in (("image", reward_cfg.image), ("video", reward_cfg.video)):
         for name, weight in (table or {}).items():
             spec = (reward_cfg.models or {}).get(name)
+            if isinstance(spec, dict) and spec.get("rule") == SERVED_RULE:
+                continue
             if spec is None:
                 known = sorted(reward_cfg.models or {})
                 hint = " (the shapes world's rewards score its own clips only)" if name in REWARDS else ""
                 raise ValueError(f"reward.{kind}: {name!r} is not one of reward.models {known}{hint}")
             if spec["kind"] != kind:
-                raise ValueError(f"reward.{kind}: {name!r} is a {spec['kind']}-text reward (reward.models.{name}.kind); "
-                                 f"list it under reward.{spec['kind']}")
+                raise ValueError(f"reward.{kind}: {name!r} is a {spec['kind']}-text reward "
+                                 f"(reward.models.{name}.kind); list it under reward.{spec['kind']}")
             if name not in loaded:
                 loaded[name] = ClipReward(name, spec["path"], spec["rule"], texts, device=device)
             terms.append(RewardTerm(loaded[name], float(weight)))
     return RewardMixture(terms, image_frames=reward_cfg.image_frames, decode=decode)
+
+
+def model_reward_names(reward_cfg) -> list[str]:
+    """The names under ``reward.image`` / ``reward.video`` that are differentiable rewards (not served judges)."""
+    models = reward_cfg.models or {}
+    return [name for table in (reward_cfg.image, reward_cfg.video) for name in (table or {})
+            if not (isinstance(models.get(name), dict) and models[name].get("rule") == SERVED_RULE)]

@@ -7,7 +7,9 @@ the student under stop-gradient (no EMA network), and the teacher is not in memo
 shards), so the process holds ONE transformer (``summary.json``'s ``residency``, measured inside the first
 step: ``dit_models`` counts the diffusers ``*Transformer3DModel`` instances alive). Conditions are the cached
 prompt embeddings; the optional reward mixture decodes the student's one-step prediction with the VAE
-(``vidpo.objectives.rewards_models``).
+(``vidpo.objectives.rewards_models``); served judges weight the CD loss of the routed rows by the scores that
+preprocessing recorded (``vidpo.objectives.rewards_served``; ``summary.json``'s ``served_rewards``: the weights'
+min / mean / max and effective sample size).
 
 **Export** (into ``OUT``): ``OUT/lora/`` in diffusers' layout (``vidpo.training.export``; a full fine-tune:
 ``OUT/transformer/``) and ``OUT/scheduler/scheduler_config.json``, the ``FlowMatchEulerDiscreteScheduler`` whose
@@ -18,11 +20,12 @@ prompt embeddings; the optional reward mixture decodes the student's one-step pr
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(OUT / "scheduler")
     video = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).frames     # 4 network evaluations
 
-**Evaluation** (``OUT/eval``; one warm-up clip per model first, so first-call costs are not timed): the teacher (the release with its own scheduler, ``eval.steps`` steps, CFG
-``eval.cfg_scale`` against each prompt's negative prompt) as the base and the student (``ConsistencyStudent``:
-its k steps, no CFG) as the policy of ``vidpo.stages.judged_eval`` on the held-out prompts, from the same noise:
-judge win rate with its CI, video statistics; plus network evaluations and wall time per clip of each, and (with
-reward models) each reward's score of both models' judged videos with the paired difference's CI.
+**Evaluation** (``OUT/eval``; one warm-up clip per model first, so first-call costs are not timed): the teacher (the
+release with its own scheduler, ``eval.steps`` steps, CFG ``eval.cfg_scale`` against each prompt's negative prompt)
+as the base and the student (``ConsistencyStudent``: its k steps, no CFG) as the policy of
+``vidpo.stages.judged_eval`` on the held-out prompts, from the same noise: judge win rate with its CI, video
+statistics; plus network evaluations and wall time per clip of each, and (with reward models) each reward's score of
+both models' judged videos with the paired difference's CI.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ from vidpo.evaluation.evaluate import mean_ci, sample_videos
 from vidpo.evaluation.judge import EVAL_DIR, video_path
 from vidpo.objectives.distill import ConsistencyDistillObjective, ConsistencyStudent
 from vidpo.objectives.rewards import RewardMixture
-from vidpo.objectives.rewards_models import build_model_rewards
+from vidpo.objectives.rewards_models import build_model_rewards, model_reward_names
+from vidpo.objectives.rewards_served import served_row_weights
 from vidpo.stages.common import setup_logging
 from vidpo.stages.distill_eval import per_clip, sampling_meter
 from vidpo.stages.judged_eval import judged_evaluation
@@ -140,7 +144,13 @@ def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Tr
     model, lora_state = build_student(cfg, device)
     rewards, reward_names = RewardMixture([]), []
     vae = None
-    if cfg.reward.image or cfg.reward.video:
+    row_weights, served = served_row_weights(cfg.reward, data.directory, list(release.prompts.ids), release.source,
+                                             data.tensors["prompt"])
+    if served:
+        w = served["weights"]
+        log.info("served judges %s: CD weights of %d routed rows in [%.3g, %.3g], ESS %.1f", sorted(served["judges"]),
+                 w["rows"], w["min"] or 0.0, w["max"] or 0.0, w["ess"])
+    if model_reward_names(cfg.reward):
         vae = release.pipe.vae(device, torch.float32)
         vae.vae.requires_grad_(False)   # the reward's gradient reaches the student through it, never its weights
         rewards = build_model_rewards(cfg.reward, [p.text for p in release.prompts], decode=differentiable_decode(vae),
@@ -149,7 +159,7 @@ def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Tr
     objective = ConsistencyDistillObjective(cfg, None, data, device, rewards=rewards,
                                             condition=lambda ids: release.cond_of(ids.cpu()).to(model.dtype),
                                             prompt_key="prompt", frames=release.domain.frames,
-                                            boundaries=release_phase_edges(cfg))
+                                            boundaries=release_phase_edges(cfg), row_weights=row_weights)
     atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
     log.info("distill (%s): %d rows, rewards %s on '%s' rows, device %s", cfg.model.kind, len(data),
              reward_names or "none", cfg.reward.subset, device)
@@ -161,6 +171,7 @@ def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Tr
     summary = {"objective": "consistency_distill", "model_kind": cfg.model.kind, "steps": result["steps"],
                "seconds": round(result["seconds"], 1), "student_steps": d.eval_steps,
                "skipped_steps": result["skipped_steps"], "rewards": reward_names, "reward_subset": cfg.reward.subset,
+               "served_rewards": served,
                "data": str(data.directory), "export": {"weights": str(exported), "scheduler": str(scheduler_dir)},
                "residency": {**(objective.residency or {}), "student_parameter_bytes": param_bytes,
                              "vae_parameter_bytes": (sum(p.numel() * p.element_size() for p in vae.vae.parameters())
@@ -195,7 +206,7 @@ def evaluate_real(cfg: RunConfig, out_dir: str | Path, student: torch.nn.Module,
     del teacher
     gc.collect()
     out = {"judged": judged, "cost": cost}
-    if judged is not None and (cfg.reward.image or cfg.reward.video):
+    if judged is not None and model_reward_names(cfg.reward):
         out["rewards"] = eval_rewards(cfg, out_dir, release)
     atomic.write_json(Path(out_dir) / "eval" / "distill_eval.json", out)
     return out
@@ -238,7 +249,8 @@ def distill_real_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True
     student, release = trained.pop("model"), trained.pop("release")
     evaluation = evaluate_real(cfg, out_dir, student, release)
     summary = {"preprocess": prep,
-               "train": {k: trained[k] for k in ("steps", "seconds", "rewards", "residency", "export")},
+               "train": {k: trained[k] for k in ("steps", "seconds", "rewards", "served_rewards", "residency",
+                                                 "export")},
                "eval": evaluation}
     atomic.write_json(out_dir / "summary.json", summary)
     return summary

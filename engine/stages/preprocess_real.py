@@ -26,12 +26,19 @@ with ``w = distill.cfg_scale`` and the motion-guidance term of ``vidpo.models.mo
 source is in ``distill.motion_sources`` at ``t_n > 1 - distill.motion_fraction``; ``A_ref`` comes from the ODE
 inversion of the clip's own latents on the same grid.
 
-**Shards**: ``DATA/shards/shard_*.safetensors`` with ``x_t, x_prev (S, C, T, H, W)`` float32, ``t, t_prev,
-energy``, ``n, prompt`` (index into ``meta.json``'s ``prompt_ids``), ``source``, ``motion`` (the shapes world's
-format; ``x0`` is not repeated: it is the row's prompt's clip in ``DATA/clips``, 1/3 of the bytes at scale); ``meta.json`` records the
-settings (model, prompts, clips, grid, guidance) and refuses a rerun with other ones. Shards are written
-atomically, each from its own stream; rank ``r`` of ``R`` writes shards ``r, r + R, ...``; a rerun skips
-complete shards: after a kill nothing is redone and nothing is lost (``vidpo.stages.preprocess.write_shards``).
+**Shards**: ``DATA/shards/shard_*.safetensors`` with ``x_t, x_prev (S, C, T, H, W)`` float32, ``t, t_prev, energy``,
+``n, prompt`` (index into ``meta.json``'s ``prompt_ids``), ``source``, ``motion`` (the shapes world's format; ``x0``
+is not repeated: it is the row's prompt's clip in ``DATA/clips``, 1/3 of the bytes at scale); ``meta.json`` records
+the settings (model, prompts, clips, grid, guidance) and refuses a rerun with other ones. Shards are written
+atomically, each from its own stream; rank ``r`` of ``R`` writes shards ``r, r + R, ...``; a rerun skips complete
+shards: after a kill nothing is redone and nothing is lost (``vidpo.stages.preprocess.write_shards``).
+
+**Served judges** (``reward.models`` entries with ``rule: served_score``, ``vidpo.objectives.rewards_served``): before
+the teacher is loaded, rank 0 has every judge score each routed clip (decoded as ``vidpo cache`` decodes it) against
+its prompt into ``DATA/served_rewards/`` (answers cached as they arrive: a rerun asks only what is unanswered).
+Here rather than at the start of training: this pass already reads the real clips and runs once per data, while
+training then needs no server and stays a function of ``DATA`` (a rerun of training trains the same); the scores
+are not part of the shards' settings, so a new judge costs its questions, never a teacher pass.
 """
 from __future__ import annotations
 
@@ -52,6 +59,7 @@ from vidpo.data.prompts import PromptSet
 from vidpo.models.pipeline_dir import PipelineDirectory
 from vidpo.models.wan.motion import WanAttentionProbe, transformer_depth
 from vidpo.objectives.distill import flow_student_scheduler, refined_grid, student_sigmas
+from vidpo.objectives.rewards_served import score_served_judges
 from vidpo.stages.parts import open_model_dir
 from vidpo.stages.preprocess import (
     DATA_VERSION,
@@ -235,6 +243,9 @@ def preprocess_real_job(cfg: RunConfig, out_dir: str | Path, *, rank: int = 0, w
     _, sigmas, grid = student_schedule(cfg)
     data = release if release is not None else release_data(cfg, out_dir, device)
     digest = _check_meta(out_dir, content_settings(cfg, data), d.num_rows)
+    # The served judges score the routed clips before the teacher is loaded: an unreachable server is one error
+    # before any model work, and no GPU memory is held while waiting on HTTP. Rank 0 asks; the answers are cached.
+    served = score_served_judges(cfg, out_dir, list(data.prompts.ids), data.source, data.domain) if rank == 0 else {}
     teacher = build_policy(cfg, None, device).eval().requires_grad_(False)   # the release itself, no LoRA
     t0 = time.time()
     show = cfg.train.progress if progress is None else progress
@@ -247,6 +258,8 @@ def preprocess_real_job(cfg: RunConfig, out_dir: str | Path, *, rank: int = 0, w
     summary = {"out": str(out_dir), "rows": d.num_rows, "shards": num_shards, "computed": computed,
                "skipped": skipped, "seconds": round(seconds, 1), "settings_digest": digest,
                "student_sigmas": [round(float(s), 6) for s in sigmas], "prompts": len(data.prompts)}
+    if served:
+        summary["served_rewards"] = served
     paths = [shard_path(out_dir, k) for k in range(num_shards)]
     if all(p.exists() for p in paths):
         stats = [shard_stats_of(p) for p in paths]
