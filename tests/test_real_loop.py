@@ -241,6 +241,14 @@ def test_torchrun_generates_the_same_pairs_and_exports_the_same_lora(workspace, 
     pipe = diffusers_pipeline(model_dir)
     pipe.load_lora_weights(str(multi / "lora"))
     assert sum(isinstance(m, LoraLayer) for m in pipe.transformer.modules()) == len(one) // 2
+    # The judged evaluation's sampling is split over the ranks (each samples every other video) and gathered on
+    # rank 0: the initial policy's videos are one process's, frame for frame, and every video is judged once.
+    videos = sorted(p.name for p in (single / "eval" / "videos").iterdir())
+    assert videos == sorted(p.name for p in (multi / "eval" / "videos").iterdir()) and len(videos) == 8
+    for name in (v for v in videos if v.endswith("_base.mp4")):
+        assert torch.equal(read_mp4(single / "eval" / "videos" / name), read_mp4(multi / "eval" / "videos" / name))
+    judged = [json.loads((run / "summary.json").read_text())["judged"] for run in (single, multi)]
+    assert judged[0]["videos"] == judged[1]["videos"] == 4 and judged[1]["failed"] == 0
 
 
 @pytest.mark.parametrize("layout", [("parallel.tp=2", "parallel.sp=true"), ("parallel.cp=2", "generate.frames=13")],

@@ -121,5 +121,6 @@ def judged_round(run: RunLayout, r: int, base: torch.nn.Module, policy: torch.nn
     ``DIR/round_<r>/eval/``; its summary (win rate with a 95% CI over prompts, ties, video statistics)."""
     parts = run.parts
     judged = judged_evaluation(run.cfg, run.out / f"round_{r}", base=base, policy=policy, domain=parts.domain,
-                               conditioning=parts.conditioning, vae=parts.vae, write=run.is_main)
+                               conditioning=parts.conditioning, vae=parts.vae, write=run.is_main,
+                               parallel=run.parallel)
     return judged if judged is not None else {"judge": "none"}

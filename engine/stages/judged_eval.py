@@ -10,6 +10,12 @@ shown randomised and balanced (``vidpo.evaluation.judge``): the win rate with it
 ties and failed comparisons counted apart. Model-free statistics of every video (flicker, frame difference,
 motion: ``vidpo.evaluation.video_stats``) are compared pairwise with their intervals. Everything goes to
 ``RUN_DIR/eval/judged.json``; the run report shows the videos side by side with the verdicts.
+
+Under torchrun the sampling, the expensive part (``eval.steps`` forwards with guidance per video and model), is
+split over the data-parallel groups: group g samples videos ``k = g, g + G, ...`` (every rank of a TP / CP group
+the same ones, as its sharded forward needs), each from its own noise stream, so the videos equal one process's.
+Every group runs the same number of forwards (a short group repeats its last video), because an FSDP forward is
+a collective of all ranks. The latents meet on rank 0, which decodes, writes and judges.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from vidpo.config import ConfigError, RunConfig
 from vidpo.data.domains import Domain, ShapesDomain
@@ -34,6 +41,28 @@ from vidpo.utils import atomic
 log = logging.getLogger("vidpo")
 
 
+def sample_split(sample, n: int, parallel) -> Optional[torch.Tensor]:
+    """``sample(rows)`` of rows ``0..n-1`` (module doc): in one process all of them; under torchrun each
+    data-parallel group its share, padded to the same count, gathered in row order on rank 0 (None elsewhere)."""
+    if parallel is None or parallel.world_size == 1:
+        return sample(list(range(n)))
+    groups, group = parallel.dp, parallel.dp_rank
+    mine = list(range(group, n, groups))
+    per_group = -(-n // groups)
+    padded = mine + [mine[-1] if mine else 0] * (per_group - len(mine))   # equal forwards on every rank
+    local = sample(padded)[:len(mine)] if padded else None
+    share = (mine, local) if parallel.tp_rank == 0 and parallel.cp_rank == 0 else ([], None)
+    gathered = [None] * parallel.world_size if parallel.rank == 0 else None
+    dist.gather_object(share, gathered, dst=0)
+    if parallel.rank != 0:
+        return None
+    out = [None] * n
+    for rows, values in gathered:
+        for j, k in enumerate(rows):
+            out[k] = values[j]
+    return torch.stack(out)
+
+
 def judge_kind(cfg: RunConfig, domain: Domain) -> Optional[str]:
     """The labeller kind that judges (``eval.judge``), or None when the judged evaluation is off."""
     kind = cfg.eval.judge
@@ -45,10 +74,12 @@ def judge_kind(cfg: RunConfig, domain: Domain) -> Optional[str]:
 
 
 def judged_evaluation(cfg: RunConfig, run_dir: str | Path, *, base: torch.nn.Module, policy: torch.nn.Module,
-                      domain: Domain, conditioning: Conditioning, vae: VideoVAE, write: bool = True) -> Optional[dict]:
+                      domain: Domain, conditioning: Conditioning, vae: VideoVAE, write: bool = True,
+                      parallel=None) -> Optional[dict]:
     """Sample, decode, write and judge (module docstring); returns the summary for ``summary.json``, or None
-    when ``eval.judge`` is 'none'. Under torchrun every rank samples (a sharded policy needs all of them in each
-    forward) and only the rank with ``write`` decodes, judges and writes; the others return None."""
+    when ``eval.judge`` is 'none'. Under torchrun (``parallel``: the run's ParallelContext) every rank samples its
+    data-parallel group's share of the videos and only the rank with ``write`` (rank 0) decodes, judges and
+    writes; the others return None."""
     kind = judge_kind(cfg, domain)
     if kind is None:
         return None
@@ -70,9 +101,14 @@ def judged_evaluation(cfg: RunConfig, run_dir: str | Path, *, base: torch.nn.Mod
     except ValueError as exc:
         raise ConfigError(f"generate.frames / generate.height / generate.width: {exc}") from None
     eval_dir = Path(run_dir) / EVAL_DIR
-    latents = {role: sample_videos(model, cond, shape, seed=cfg.seed, indices=seeds, steps=cfg.eval.steps,
-                                   cfg_scale=cfg.eval.cfg_scale, negative=negative, batch_size=cfg.sample.batch_size)
-               for role, model in (("base", base), ("policy", policy))}
+    latents = {}
+    for role, model in (("base", base), ("policy", policy)):
+        def sample(rows: list[int]) -> torch.Tensor:
+            return sample_videos(model, cond[rows], shape, seed=cfg.seed, indices=[seeds[k] for k in rows],
+                                 steps=cfg.eval.steps, cfg_scale=cfg.eval.cfg_scale,
+                                 negative=None if negative is None else negative[rows],
+                                 batch_size=cfg.sample.batch_size)
+        latents[role] = sample_split(sample, n, parallel)
     if not write:
         return None
     clips, stats = {}, {}

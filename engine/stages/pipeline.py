@@ -260,7 +260,7 @@ def _run_pipeline(cfg: RunConfig, out_dir: Path, *, resume: bool, held: contextl
     if world is not None:
         summary.update(_oracle_evaluation(cfg, out_dir, world, base, model, write=rank == 0))
     judged = judged_evaluation(cfg, out_dir, base=base, policy=model, domain=domain, conditioning=parts.conditioning,
-                               vae=parts.vae, write=rank == 0)
+                               vae=parts.vae, write=rank == 0, parallel=parallel)
     if judged is not None:
         summary["judged"] = judged
     acc_args = dict(beta=cfg.pref.beta, seed=cfg.seed, t_min=cfg.flow.t_min, t_max=cfg.flow.t_max, device=device,
