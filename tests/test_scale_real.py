@@ -331,21 +331,30 @@ def test_cpu_offload_moves_the_sharded_state_to_host_memory():
 
 
 def test_the_start_up_peak_counts_the_whole_model_and_its_frozen_copy():
-    """Every rank loads the whole model on its GPU (and copies it for a frozen reference) before it is sliced and
-    sharded: a full fp32 fine-tune of Wan 2.1 14B with a frozen reference needs 2 x 14.288 B x 4 bytes at start-up,
-    more than an 80 GiB GPU, whatever the sharded total says."""
+    """parallel.init full: every rank loads the whole model on its GPU (and copies it for a frozen reference) before
+    it is sliced and sharded: a full fp32 fine-tune of Wan 2.1 14B with a frozen reference needs 2 x 14.288 B x 4
+    bytes at start-up, more than an 80 GiB GPU, whatever the sharded total says. parallel.init rank0 (the
+    default): rank 0 holds one whole model in host memory, and no GPU more than its shards."""
     recipe = str(REPO_ROOT / "recipes" / "wan" / "wan2.1_14b_densedpo_128gpu.yaml")
-    lora = estimate(load_config(recipe), 128)
+    lora = estimate(load_config(recipe, ["parallel.init=full"]), 128)
     assert lora.model["reference_copies"] == 1
     assert lora.startup_gib == pytest.approx((lora.model["params"] + lora.model["lora_params"]) * 2 / 2**30)
     # the full fine-tuning the recipe's header weighs: fp32, frozen reference, tp 2 + sp, dp_shard -1, batch 64
-    cfg = load_config(recipe, ["model.dtype=float32", "pref.reference=frozen_copy", "parallel.dp_shard=-1"])
-    cfg.lora = None   # full fine-tuning (--set cannot remove a section), then TP, which LoRA refuses
-    cfg.parallel.tp, cfg.parallel.sp, cfg.train.batch_size = 2, True, 64
-    full = estimate(cfg, 128)
+    overrides = ["model.dtype=float32", "pref.reference=frozen_copy", "parallel.dp_shard=-1"]
+    estimates = {}
+    for init in ("full", "rank0"):
+        cfg = load_config(recipe, overrides + [f"parallel.init={init}"])
+        cfg.lora = None   # full fine-tuning (--set cannot remove a section), then TP, which LoRA refuses
+        cfg.parallel.tp, cfg.parallel.sp, cfg.train.batch_size = 2, True, 64
+        estimates[init] = estimate(cfg, 128)
+    full = estimates["full"]
     assert full.model["reference_copies"] == 2
     assert full.startup_gib == pytest.approx(2 * full.model["params"] * 4 / 2**30)   # 106.4 GiB
     assert full.total_gib <= 0.9 * 80 and not full.fits                              # sharded, it would fit
     report = format_report(full)
     assert "its frozen reference copy on its GPU before slicing and sharding it: 106.4" in report
     assert "(DOES NOT FIT)" in report and full.as_dict()["startup_gib"] == full.startup_gib
+    rank0 = estimates["rank0"]
+    assert rank0.startup_gib == 0 and rank0.startup_host_gib == pytest.approx(full.model["params"] * 4 / 2**30)
+    assert rank0.fits and rank0.total_gib == full.total_gib
+    assert "rank 0 loads the whole model into host memory (53.2" in format_report(rank0)

@@ -97,7 +97,8 @@ class ScaleEstimate:
     activations_gib: dict = field(default_factory=dict)   # with and without checkpointing (not in the total)
     assumptions: list = field(default_factory=list)
     host_gib: dict = field(default_factory=dict)   # per GPU, in host memory (parallel.cpu_offload); not in the total
-    startup_gib: float = 0.0   # the whole model (and a frozen reference copy) each rank loads before sharding
+    startup_gib: float = 0.0   # parallel.init full: the whole model (and a frozen copy) each GPU holds before sharding
+    startup_host_gib: float = 0.0   # parallel.init rank0: the whole model rank 0 holds in host memory at start-up
 
     @property
     def total_gib(self) -> float:
@@ -117,7 +118,7 @@ class ScaleEstimate:
                 "total_gib": self.total_gib, "capacity_gib": self.capacity_gib, "fits": self.fits,
                 "activations_gib": self.activations_gib, "communication": self.comm,
                 "communication_s": self.comm_s, "compute_s": self.compute_s, "assumptions": self.assumptions,
-                "host_gib": self.host_gib, "startup_gib": self.startup_gib}
+                "host_gib": self.host_gib, "startup_gib": self.startup_gib, "startup_host_gib": self.startup_host_gib}
 
 
 def model_config(cfg: RunConfig):
@@ -327,10 +328,14 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
         memory["reference"] = experts * local_params / fsdp * weight_bytes if copy else 0.0
         grad_params = local_params
     memory["fsdp_buffers"] = block_local * 2 * param_bytes + (block_local * 4 if full else 0) if layout.fsdp else 0.0
-    # Start-up: every rank loads the whole model on its GPU (and copies it for a frozen reference) before the
-    # parallelize function slices and shards it (vidpo.training.policy.prepare_parallel_policy).
+    # Start-up (vidpo.training.sharded_init). parallel.init 'full': every rank loads the whole model on its GPU (and
+    # copies it for a frozen reference) before the parallelize function slices and shards it. 'rank0': rank 0 loads
+    # it once into host memory (a frozen reference's own weights only after the policy's have left) and every GPU
+    # receives its shards alone, so no GPU holds more than it does in training.
     reference_copies = 2 if full and paired and cfg.pref.reference != "lora_disabled" else 1
-    startup = experts * (params * reference_copies + (shape.lora_params if lora else 0)) * weight_bytes / GIB
+    one_model = experts * (params + (shape.lora_params if lora else 0)) * weight_bytes / GIB
+    startup_host = one_model if cfg.parallel.init == "rank0" else 0.0
+    startup = 0.0 if startup_host else one_model + experts * params * (reference_copies - 1) * weight_bytes / GIB
     host = {}
     if cfg.parallel.cpu_offload and layout.fsdp:
         # FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and the optimizer states in host
@@ -444,7 +449,8 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
                 "dp_replicate": layout.dp_replicate, "fsdp_group": fsdp, "nodes": math.ceil(world / gpn),
                 "activation_checkpointing": cfg.parallel.activation_checkpointing},
         model=model, memory_gib=memory, capacity_gib=cfg.cluster.gpu_memory_gib, comm=rows, compute_s=compute_s,
-        activations_gib=act_both, assumptions=assumptions, host_gib=host, startup_gib=startup)
+        activations_gib=act_both, assumptions=assumptions, host_gib=host, startup_gib=startup,
+        startup_host_gib=startup_host)
 
 
 def format_report(est: ScaleEstimate) -> str:
@@ -459,11 +465,16 @@ def format_report(est: ScaleEstimate) -> str:
     lines += [f"| {k} | {v:.2f} |" for k, v in est.memory_gib.items()]
     verdict = "fits" if est.fits else "DOES NOT FIT"
     act = est.activations_gib
-    startup = "fits" if est.startup_gib <= 0.9 * est.capacity_gib else "DOES NOT FIT"
-    copy = " and its frozen reference copy" if mod["reference_copies"] > 1 else ""
+    if est.startup_host_gib:
+        startup = (f"start-up (parallel.init rank0): rank 0 loads the whole model into host memory "
+                   f"({est.startup_host_gib:.2f} GiB) and every GPU receives only its own shards")
+    else:
+        copy = " and its frozen reference copy" if mod["reference_copies"] > 1 else ""
+        fits = "fits" if est.startup_gib <= 0.9 * est.capacity_gib else "DOES NOT FIT"
+        startup = (f"start-up (parallel.init full): each rank loads the whole model{copy} on its GPU before "
+                   f"slicing and sharding it: {est.startup_gib:.2f} GiB ({fits})")
     lines += [f"| **total** | **{est.total_gib:.2f}** of {est.capacity_gib:.0f} ({verdict}; 10% kept free) |", "",
-              f"start-up: each rank loads the whole model{copy} "
-              f"on its GPU before slicing and sharding it: {est.startup_gib:.2f} GiB ({startup})", "",
+              startup, "",
               f"activations with full checkpointing {act['checkpointing full']:.2f} GiB, without "
               f"{act['checkpointing none']:.2f} GiB ({mod['videos_per_gpu']:g} videos with gradient per GPU)", "",
               "| group | collective | GB sent / GPU / step | link | seconds |", "|---|---|---:|---|---:|"]
