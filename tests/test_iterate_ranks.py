@@ -6,8 +6,8 @@ the initial policy split like the policy), once in one process and once under
 ranks, the critic labels its share of the batches, each round's policy trains data-parallel (FSDP), and rank 0
 alone writes the oracle's labels, the critics, the pseudo-labels and the rows. What the ranks make equals one
 process's: the seed pairs, labels and critic 0 bit for bit, round 1's pairs and labels too (sampled by the same
-initial policy), policy 1 to float tolerance (the data-parallel gradient is summed in another order), round 2's pairs, which
-policy 1 samples, to the same tolerance, and policy 2 to its losses and a small share of its update.
+initial policy), policy 1 to float tolerance (the data-parallel gradient is summed in another order), round 2's
+pairs, which policy 1 samples, to the same tolerance, and policy 2 to its losses and a small share of its update.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ ROUNDS = ["train.objective=flow_dpo", "train.max_steps=2", "train.warmup_steps=0
           "flow.t_min=0.3", "pref.sft_weight=0.5", "iterate.rounds=2", "iterate.seed_pairs=8", "iterate.eval_pairs=6",
           "iterate.votes=3", "iterate.pce_timesteps=1", "critic.width=16", "critic.num_heads=2", "critic.depth=1",
           "critic.steps=4", "critic.batch_size=4", "eval.num_samples=6", "iterate.vote_min_confidence=0.55",
-          "iterate.reference=base", "iterate.seed_tie_margin=0", "generate.shard_size=4", "label.batch_size=4", "train.lr=1e-3"]
+          "iterate.reference=base", "iterate.seed_tie_margin=0", "generate.shard_size=4", "label.batch_size=4",
+          "train.lr=1e-3"]
 
 
 def losses(run_dir) -> list[float]:

@@ -525,8 +525,20 @@ def test_vidpo_distill_with_a_served_judge(tmp_path, tmp_path_factory):
         assert 0 < w["ess"] <= w["rows"] and w["ess_fraction"] == pytest.approx(w["ess"] / w["rows"])
         metrics = [json.loads(line) for line in (out / "student" / "metrics.jsonl").read_text().splitlines()]
         assert any("cd_weight_mean" in m for m in metrics) and any(m.get("reward_rows", 0) > 0 for m in metrics)
-        scored = {r.text.split('"')[1] for r in server.requests if isinstance(r, ScoreRequest)}
-        assert len(scored) == len(web)                                # each web clip asked once
+        asked = sum(isinstance(r, ScoreRequest) for r in server.requests)
+        answers = {stage: (out / stage / "served_rewards" / "judge" / "vlm_answers.jsonl").read_text().splitlines()
+                   for stage in ("data", "eval")}
+        per_clip = len(answers["data"]) // len(web)
+        assert per_clip >= 1 and len(answers["data"]) == per_clip * len(web)   # each web clip asked once
+        # The evaluation: the judge scores the teacher's and the student's judged videos (the same mp4s as the
+        # VLM judge saw), each once, on its scale; the comparison is over the pairs both of whose videos it scored.
+        judged_videos = load_config(RECIPE).eval.judged_videos
+        evaluation = summary["eval"]["rewards"]["judge"]
+        assert evaluation["pairs"] == judged_videos and evaluation["problems"] == []
+        assert 1 <= evaluation["base"] <= 10 and 1 <= evaluation["policy"] <= 10 and "ci95" in evaluation["delta"]
+        assert len(answers["eval"]) == 2 * judged_videos * per_clip
+        assert asked == len(answers["data"]) + len(answers["eval"])
+        assert "clip" in summary["eval"]["rewards"]                    # the local reward model's scores beside it
     finally:
         server.close()
     assert not server.schema_errors, server.schema_errors[:3]

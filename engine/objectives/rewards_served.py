@@ -51,6 +51,7 @@ from vidpo.config import DISTILL_SOURCES, ConfigError, VLMConfig
 from vidpo.config.distill import SERVED_RULE, served_scale, served_vlm_config
 from vidpo.data.decode import ClipDecoder, SamplingSpec, VideoDecodeError
 from vidpo.data.manifest import read_clip_manifest
+from vidpo.data.video_io import read_mp4
 from vidpo.labeling.answer_cache import ANSWERS_FILE, AnswerCache
 from vidpo.labeling.base import STATUS_FAILED
 from vidpo.labeling.vlm import ServerUnreachable
@@ -247,6 +248,36 @@ def score_served_judges(cfg, data_dir: str | Path, prompt_ids: Sequence[str], so
         log.info("served judge %s: %d of %d routed clips scored, %d problems (neutral weight), %d requests, "
                  "%d answers from the cache", judge.name, out[judge.name]["scored"], len(wanted), len(problems),
                  stats["requests"], stats["cached_answers"])
+    return out
+
+
+def score_videos(cfg, answers_dir: str | Path, videos: dict, captions: Sequence[str], fps: float) -> dict:
+    """Every served judge's scores of evaluation videos: ``videos`` ``{role: [(video id, path of its mp4)]}`` in the
+    order of ``captions``; returns ``{judge: {role: (n,) float64, NaN where unscored}, "problems": [...]}``. The
+    replies go to ``answers_dir/NAME/vlm_answers.jsonl``, so a rerun asks nothing again. An evaluation ranks models,
+    it weights no data: a problem leaves that video's score out of the comparison."""
+    out = {}
+    for judge in served_judges(cfg.reward):
+        cache = AnswerCache(Path(answers_dir) / judge.name / ANSWERS_FILE)
+        scorer = ServedScorer(judge.config, judge.kind, judge.low, judge.high, question=judge.question, cache=cache)
+        scores, problems = {}, []
+        try:
+            for role, listed in videos.items():
+                items = []
+                for (video_id, path), caption in zip(listed, captions):
+                    clip = read_mp4(path)
+                    picked = scorer.pick(clip.shape[1])
+                    item = ScoreItem(video_id, caption, f"{path}|{Path(path).stat().st_size}",
+                                     frames=clips_to_uint8(clip[None])[0][picked], seconds=clip.shape[1] / fps)
+                    items.append((item, clip.shape[1]))
+                results = [scorer.score([item], frames)[0] for item, frames in items]
+                scores[role] = torch.tensor([math.nan if r.score is None else r.score for r in results],
+                                            dtype=torch.float64)
+                problems += [r.message for r in results if r.message]
+        except ServerUnreachable as err:
+            raise ServerUnreachable(f"served judge reward.models.{judge.name}: {err}".replace(
+                "label.vlm.base_url", f"reward.models.{judge.name}.base_url")) from None
+        out[judge.name] = {**scores, "problems": problems}
     return out
 
 

@@ -43,7 +43,7 @@ from vidpo.evaluation.judge import EVAL_DIR, video_path
 from vidpo.objectives.distill import ConsistencyDistillObjective, ConsistencyStudent
 from vidpo.objectives.rewards import RewardMixture
 from vidpo.objectives.rewards_models import build_model_rewards, model_reward_names
-from vidpo.objectives.rewards_served import served_row_weights
+from vidpo.objectives.rewards_served import SCORES_DIR, score_videos, served_judges, served_row_weights
 from vidpo.stages.common import setup_logging
 from vidpo.stages.distill_eval import per_clip, sampling_meter
 from vidpo.stages.judged_eval import judged_evaluation
@@ -206,7 +206,7 @@ def evaluate_real(cfg: RunConfig, out_dir: str | Path, student: torch.nn.Module,
     del teacher
     gc.collect()
     out = {"judged": judged, "cost": cost}
-    if judged is not None and model_reward_names(cfg.reward):
+    if judged is not None and (model_reward_names(cfg.reward) or served_judges(cfg.reward)):
         out["rewards"] = eval_rewards(cfg, out_dir, release)
     atomic.write_json(Path(out_dir) / "eval" / "distill_eval.json", out)
     return out
@@ -214,7 +214,9 @@ def evaluate_real(cfg: RunConfig, out_dir: str | Path, student: torch.nn.Module,
 
 def eval_rewards(cfg: RunConfig, out_dir: str | Path, release) -> dict:
     """The reward models' scores of the judged videos (``OUT/eval/videos``, as people and the judge saw them):
-    ``{name: {"policy", "base", "delta": mean_ci(student - teacher)}}``; image rewards average every frame."""
+    ``{name: {"policy", "base", "delta": mean_ci(student - teacher)}}``; image rewards average every frame. Served
+    judges score them too (``vidpo.objectives.rewards_served.score_videos``, answers cached in
+    ``OUT/eval/served_rewards``), over the pairs both of whose videos got a score (``pairs``, ``problems``)."""
     prompts = release.domain.prompts("heldout")
     n = cfg.eval.judged_videos
     chosen = [prompts[k % len(prompts)] for k in range(n)]
@@ -234,8 +236,21 @@ def eval_rewards(cfg: RunConfig, out_dir: str | Path, release) -> dict:
                 else:
                     value = reward(clips, index)
                 scores.setdefault(reward.name, {})[role] = value.double()
-    return {name: {"policy": float(v["policy"].mean()), "base": float(v["base"].mean()),
-                   "delta": mean_ci(v["policy"] - v["base"])} for name, v in scores.items()}
+    out = {name: {"policy": float(v["policy"].mean()), "base": float(v["base"].mean()),
+                  "delta": mean_ci(v["policy"] - v["base"])} for name, v in scores.items()}
+    # Served judges score the same mp4s; a video they could not score drops its pair from the comparison.
+    eval_dir = Path(out_dir) / EVAL_DIR
+    videos = {role: [(f"{role}:{p.id}:{cfg.eval.seed_offset + k}",
+                      video_path(eval_dir, p.id, cfg.eval.seed_offset + k, role)) for k, p in enumerate(chosen)]
+              for role in ("base", "policy")}
+    served = score_videos(cfg, eval_dir / SCORES_DIR, videos, [p.text for p in chosen], release.domain.fps)
+    for name, v in served.items():
+        both = ~(v["policy"].isnan() | v["base"].isnan())
+        out[name] = {"policy": float(v["policy"][both].mean()) if both.any() else None,
+                     "base": float(v["base"][both].mean()) if both.any() else None,
+                     "delta": mean_ci(v["policy"][both] - v["base"][both]) if both.sum() > 1 else None,
+                     "pairs": int(both.sum()), "problems": v["problems"]}
+    return out
 
 
 def distill_real_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> dict:
