@@ -8,13 +8,22 @@ alone writes the oracle's labels, the critics, the pseudo-labels and the rows. W
 process's: the seed pairs, labels and critic 0 bit for bit, round 1's pairs and labels too (sampled by the same
 initial policy), policy 1 to float tolerance (the data-parallel gradient is summed in another order), round 2's
 pairs, which policy 1 samples, to the same tolerance, and policy 2 to its losses and a small share of its update.
+
+The same on a tiny Wan release with a prompt file (the VLM judge of the stub server, the VLM critic), and that run
+stopped by SIGUSR1 to rank 1 alone, twice, and resumed: it ends equal bit for bit to the uninterrupted torchrun run,
+with no question asked twice.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +34,7 @@ from safetensors.torch import load_file
 
 from vidpo.cli import main
 from vidpo.config import load_config
+from vidpo.stages.label import partial_files
 from vidpo.training import checkpoint as ckpt
 
 pytest.importorskip("megatron.core")
@@ -104,10 +114,50 @@ def test_two_ranks_iterate_like_one_process(tmp_path):
 
 
 # ----- a release and a prompt file: the VLM judge, the VLM critic, DenseDPO rounds -------------------------------
-def test_two_ranks_iterate_on_a_release_like_one_process(tmp_path):
-    """recipes/wan/ipo_tiny_cpu.yaml (tests/test_iterate_real.py's parts) under torchrun: the seed pairs are sampled
-    and decoded on both ranks, the VLM judge's questions shared out, critic 0 (the VLM critic) trained on rank 0,
-    each round's DenseDPO policy trained with FSDP over both ranks and judged against the initial policy."""
+def _workers(agent: int) -> dict[int, int]:
+    """The worker processes of the torchrun agent ``agent``, by rank (from /proc: their parent and RANK)."""
+    workers = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [int(v[5:]) for v in environ if v.startswith(b"RANK=")]
+        if parent == agent and ranks:
+            workers[ranks[0]] = int(entry)
+    return workers
+
+
+def start_iterate(release, out: Path) -> subprocess.Popen:
+    """``torchrun --nproc-per-node 2 -m vidpo iterate`` of the release run into ``out``, started."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "vidpo", "iterate", release.recipe, "--out", str(out),
+               *release.sets]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_iterate(agent: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    """The run's stdout and stderr once it ends; a run still going after ``timeout`` seconds (a rank waiting for
+    another that left) fails the test, and its workers (in sessions of their own) are killed with it."""
+    try:
+        return agent.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in _workers(agent.pid).values():
+            os.kill(pid, signal.SIGKILL)
+        agent.kill()
+        out, err = agent.communicate()
+        pytest.fail(f"torchrun iterate still running after {timeout} s:\n{out[-3000:]}\n{err[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """recipes/wan/ipo_tiny_cpu.yaml (tests/test_iterate_real.py's parts: a tiny Wan release, a prompt file with
+    clips, a tiny LLaVA as the VLM critic's backbone, the stub VLM judging by brightness) run once uninterrupted
+    under torchrun into ``two``; ``asked``: the questions that run put to the judge."""
     pytest.importorskip("diffusers")
     pytest.importorskip("av")
     from helpers.llava_serve import build_tiny_llava
@@ -115,6 +165,7 @@ def test_two_ranks_iterate_on_a_release_like_one_process(tmp_path):
     from helpers.video import encode_clip, make_frames
     from helpers.vlm_server import FakeVLM, Reply, brightness_verdict
 
+    tmp_path = tmp_path_factory.mktemp("release")
     rows = []
     for i, text in enumerate(PROMPTS_FOR_TESTS):
         clip = encode_clip(tmp_path / "clips" / f"c{i}", make_frames(12, 40, 48), "h264", fps=8)
@@ -124,25 +175,31 @@ def test_two_ranks_iterate_on_a_release_like_one_process(tmp_path):
     wan, backbone = make_wan_dir(tmp_path / "wan", prompts=PROMPTS_FOR_TESTS), build_tiny_llava(tmp_path / "llava")
     server = FakeVLM()
     server.behaviour = lambda request: Reply(text=brightness_verdict(request, margin=0.5))
-    recipe = "recipes/wan/ipo_tiny_cpu.yaml"
     items = [f"model.path={wan}", f"prompts.path={tmp_path / 'prompts.jsonl'}", f"label.vlm.base_url={server.base_url}",
              f"critic.backbone={backbone}", "critic.steps=12", "critic.batch_size=4", "iterate.refine_steps=6",
              "train.num_threads=1", "label.batch_size=2"]
-    sets = [a for item in items for a in ("--set", item)]
-    one, two = tmp_path / "one", tmp_path / "two"
+    run = SimpleNamespace(tmp=tmp_path, recipe="recipes/wan/ipo_tiny_cpu.yaml", server=server,
+                          judge=server.behaviour, sets=[a for item in items for a in ("--set", item)],
+                          two=tmp_path / "two")
     try:
-        assert main(["iterate", recipe, "--out", str(one), *sets]) == 0
-        asked_by_one = len(server.requests)
-        server.requests.clear()
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                   "127.0.0.1", "--master-port", str(free_port()), "-m", "vidpo", "iterate", recipe, "--out", str(two),
-                   *sets]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-        assert len(server.requests) == asked_by_one, "each question once over both ranks, as one process asks"
+        agent = start_iterate(run, run.two)
+        out, err = finish_iterate(agent)
+        assert agent.returncode == 0, out[-3000:] + err[-6000:]
+        run.asked = len(server.requests)
+        yield run
     finally:
         server.close()
+    assert not server.schema_errors, server.schema_errors[:3]
+
+
+def test_two_ranks_iterate_on_a_release_like_one_process(release):
+    """recipes/wan/ipo_tiny_cpu.yaml under torchrun: the seed pairs are sampled and decoded on both ranks, the VLM
+    judge's questions shared out, critic 0 (the VLM critic) trained on rank 0, each round's DenseDPO policy trained
+    with FSDP over both ranks and judged against the initial policy."""
+    server, one, two = release.server, release.tmp / "one", release.two
+    server.requests.clear()
+    assert main(["iterate", release.recipe, "--out", str(one), *release.sets]) == 0
+    assert len(server.requests) == release.asked, "each question once over both ranks, as one process asks"
     for folder in ("seed/pairs", "round_1/pairs"):
         a, b = shards(one / folder), shards(two / folder)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
@@ -160,3 +217,81 @@ def test_two_ranks_iterate_on_a_release_like_one_process(tmp_path):
     assert s2["rounds"][0]["judged"]["videos"] == s1["rounds"][0]["judged"]["videos"] == 4
     assert s2["rounds"][0]["judged"]["wins"] == s1["rounds"][0]["judged"]["wins"]
     assert (two / "round_2" / "train" / "transformer").is_dir()
+
+
+TIMINGS = ("timings", "throughput", "seconds")
+"""Fields of the summary that time a run (wall clock): they differ between any two runs."""
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def stopped_ranks(agent: subprocess.Popen, out: str, err: str) -> None:
+    """Both ranks stopped at the same safe point: each printed the CLI's stop line, and they exited with its status
+    (75; torchrun itself exits with 1 and lists its workers' codes). torchrun sends SIGTERM to a rank still alive
+    once another has exited, so a rank leaving after its stop line may read as killed by it (-15)."""
+    assert agent.returncode != 0, out[-3000:] + err[-6000:]
+    assert err.count("rerun the same command to resume") == 2, err[-6000:]
+    codes = re.findall(r"exitcode\s+: (-?\d+) \(pid", err)
+    assert len(codes) == 2 and "75" in codes and set(codes) <= {"75", "-15"}, err[-3000:]
+
+
+def test_a_stop_signal_to_rank_1_of_iterate_resumes_as_if_it_had_not_stopped(release):
+    """SIGUSR1 to rank 1 alone, twice: at the judge's first seed question (both ranks stop after the same round of
+    label batches, before any round) and at its first question of round 1's judged evaluation (rank 1 is then
+    waiting for rank 0's judging; both stop before round 2's first shard, with round 1 finished). Each stopped run
+    exits with status 75 on both ranks and leaves round.json only for the rounds it finished; the third run ends
+    the run, equal bit for bit to the uninterrupted torchrun run (same ranks, same settings: the same pairs,
+    labels, critics and policies, the same rows but for their timings), and no question is asked twice."""
+    server, two, out = release.server, release.two, release.tmp / "stopped"
+    seed_questions = sum(len(p.read_text().splitlines()) for p in (two / "seed" / "pairs").glob("vlm_answers*"))
+    stop_at = {1, seed_questions + 1}     # the first seed question; the first question of round 1's evaluation
+    agent, asked, lock = None, [0], threading.Lock()
+
+    def behaviour(request):
+        with lock:
+            asked[0] += 1
+            stop = asked[0] in stop_at
+        if stop:
+            os.kill(_workers(agent.pid)[1], signal.SIGUSR1)
+        return release.judge(request)
+    server.behaviour = behaviour
+    try:
+        agent = start_iterate(release, out)
+        stopped_ranks(agent, *finish_iterate(agent))
+        assert not list(out.glob("round_*/round.json")) and not (out / "seed" / "pairs" / "manifest.jsonl").exists()
+        labelled = [len(p.read_text().splitlines()) for p in partial_files(out / "seed" / "pairs")]
+        assert len(labelled) == 2 and labelled[0] == labelled[1] and 0 < sum(labelled) < 8, labelled
+        assert asked[0] < seed_questions
+
+        agent = start_iterate(release, out)
+        stopped_ranks(agent, *finish_iterate(agent))
+        assert [p.parent.name for p in out.glob("round_*/round.json")] == ["round_1"]
+        assert not list((out / "round_2" / "pairs").glob("shards/*"))
+        assert asked[0] == seed_questions + 8   # round 1's evaluation: 4 videos x 2 orders, then the stop
+
+        agent = start_iterate(release, out)
+        stdout, err = finish_iterate(agent)
+        assert agent.returncode == 0, stdout[-3000:] + err[-6000:]
+    finally:
+        server.behaviour = release.judge
+    assert asked[0] == release.asked, "over the three runs each question once, as the uninterrupted run asks"
+
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (two, out))
+    assert without_timings(s2) == without_timings(s1)
+    assert [r["round"] for r in s2["rounds"]] == [1, 2] and s2["rounds"][1]["refined"]
+    for folder in ("seed/pairs", "round_1/pairs", "round_2/pairs"):
+        assert (out / folder / "manifest.jsonl").read_text() == (two / folder / "manifest.jsonl").read_text(), folder
+        a, b = shards(two / folder), shards(out / folder)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    for weights in ([d / "critic_0" / "critic.safetensors" for d in (two, out)],
+                    [d / "round_2" / "critic" / "critic.safetensors" for d in (two, out)],
+                    [ckpt.find_weights(d / "round_1" / "train") for d in (two, out)],
+                    [ckpt.find_weights(d / "round_2" / "train") for d in (two, out)]):
+        a, b = (load_file(str(w)) for w in weights)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), weights[1]

@@ -106,6 +106,15 @@ class RunLayout:
         if self.ranks > 1:
             dist.barrier()
 
+    def exists(self, path: Path) -> bool:
+        """Whether ``path`` is there, the same answer on every rank: each rank looks, then all wait for each other.
+        For a step that rank 0 writes through ``on_main`` and that every rank skips when its file is there: a rank
+        that looked only after rank 0 had written the file (it was still loading what rank 0 did not need) would
+        skip the barrier rank 0 and the others wait in, and the ranks' collectives would pair up wrongly (a hang)."""
+        there = Path(path).exists()
+        self.barrier()   # no rank writes it (on_main) before every rank has looked
+        return there
+
     def on_main(self, fn: Callable[[], T]) -> Optional[T]:
         """``fn()`` on rank 0 while the other ranks wait; its result on rank 0, None on the others. For the small
         steps that write one file (a critic, the oracle's labels): the others read the file afterwards."""

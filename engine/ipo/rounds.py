@@ -177,7 +177,8 @@ def _label_seed(run: RunLayout, pairs_dir: Path) -> None:
 
 def _base_weights(run: RunLayout) -> None:
     """A release without ``train.init_from``: its transformer's own weights saved as policy 0 (once)."""
-    if run.shapes or run.cfg.train.init_from or run.base_path.exists():
+    # run.exists: every rank decides alike (rank 1, still loading the VAE, could see the file rank 0 just wrote)
+    if run.shapes or run.cfg.train.init_from or run.exists(run.base_path):
         return
 
     def save():
@@ -192,7 +193,7 @@ def _critic(run: RunLayout, directory: Path, data_fn, *, stream: Sequence[object
     saved there. Under torchrun rank 0 trains it (a critic is small next to the policy, and one trainer keeps it
     equal to one process's) and the other ranks read it back."""
     path = directory / "critic.safetensors"
-    if path.exists():
+    if run.exists(path):   # every rank alike: one looking after rank 0 saved it would skip on_main's barrier
         return open_critic(path, run.world, run.device)
     cfg = run.cfg
     if steps:
@@ -281,7 +282,7 @@ def _label_round(run: RunLayout, r: int, critic, critic_dir: Path) -> tuple[Path
     if pooled:
         kto = cfg.train.objective == "kto"
         train_dir = rd / ("pairs_kto" if kto else "pairs_ranked")
-        if not (train_dir / MANIFEST_FILE).exists():
+        if not run.exists(train_dir / MANIFEST_FILE):   # every rank alike (RunLayout.exists)
             def pair_up():
                 pool = read_video_pool(rd / "pairs", run.domain)
                 scorer = oracle_scorer(run) if by_oracle else critic_scorer(critic, cfg, run.world, run.segment_ids)
@@ -513,7 +514,7 @@ def iterate(cfg: RunConfig, out_dir: str | Path, *, reuse: Optional[str | Path] 
     base_eval = None
     if not run.shapes:
         pass
-    elif (out / "base_eval.safetensors").exists():
+    elif run.exists(out / "base_eval.safetensors"):   # every rank alike (RunLayout.exists)
         base_eval = load_eval_result(out / "base_eval.safetensors")
     else:
         run.on_main(_BaseEvaluation(run, base))   # the initial policy is whole on every rank: rank 0 samples it

@@ -405,6 +405,8 @@ def _merge_ranks(run: LabelRun, pairs_dir: Path, world_size: int) -> LabelRun:
     mine = {"failed": run.failed, "retried": run.retried, "messages": run.messages, "throughput": run.throughput}
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, mine)
+    if dist.get_rank() != 0:   # only rank 0 reads the partial files: it deletes them once the manifest is written
+        return run
     merged = LabelRun(rows=read_partials(pairs_dir), failed=sum(g["failed"] for g in gathered),
                       retried=sum(g["retried"] for g in gathered),
                       messages=[m for g in gathered for m in g["messages"]])
