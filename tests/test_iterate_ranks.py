@@ -111,6 +111,14 @@ def test_two_ranks_iterate_like_one_process(tmp_path):
         assert r2["oracle"]["mean"] == pytest.approx(r1["oracle"]["mean"], abs=1e-3)
         assert r2["train"]["steps"] == r1["train"]["steps"] == 2
     assert (two / "report.html").exists()
+    # Dual-IPO in round 2: each rank computed the implicit rewards of every other video of the pool, gathered in
+    # order; rank 0 voted and wrote. Against one process: the same pairs and votes, rewards to the round's tolerance.
+    rows = [[json.loads(x) for x in (d / "round_2" / "pairs" / "pseudo.jsonl").read_text().splitlines()]
+            for d in (one, two)]
+    assert [(x["pair_id"], x["video_label"]) for x in rows[0]] == [(x["pair_id"], x["video_label"]) for x in rows[1]]
+    for side in ("reward_first", "reward_second"):
+        got, want = [x[side] for x in rows[1]], [x[side] for x in rows[0]]
+        assert got == pytest.approx(want, abs=1e-3) and max(want) - min(want) > 0.1, side
 
 
 # ----- a release and a prompt file: the VLM judge, the VLM critic, DenseDPO rounds -------------------------------

@@ -51,7 +51,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -311,9 +311,26 @@ def refinement_pairs(keys: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch
     raise ValueError(f"iterate.refine_pairs must be 'generated' or 'within_prompt', got {mode!r}")
 
 
-def pseudo_label_pairs(pairs_dir: str | Path, pool: VideoPool, critic, policy: VelocityFn, reference: VelocityFn,
-                       cfg, segment_ids: torch.Tensor, *, tokens: torch.Tensor, stream: tuple = ("pseudo",),
-                       device="cpu", process=None, fps: float = 8.0) -> dict:
+def pool_implicit_rewards(pool: VideoPool, policy: VelocityFn, reference: VelocityFn, cfg, *, tokens: torch.Tensor,
+                          stream: tuple = ("pseudo",), device="cpu", process=None,
+                          videos: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The implicit rewards ``pseudo_label_pairs`` reads, of the pool's ``videos`` (default: all), in that order.
+    Each video's draws depend on its key alone (``video_implicit_rewards``), so the rewards of a share of the
+    videos equal those of the whole pool: ranks can each compute theirs (``vidpo.ipo.rounds``)."""
+    it = cfg.iterate
+    _, _, keys = refinement_pairs(pool.keys, it.refine_pairs)
+    rows = list(range(len(pool))) if videos is None else list(videos)
+    if not rows:
+        return torch.zeros(0, dtype=torch.float64)
+    return video_implicit_rewards(policy, reference, pool.latents[rows], tokens[rows], keys[rows], beta=cfg.pref.beta,
+                                  seed=derive_seed(cfg.seed, *stream), draws=it.pce_timesteps, t_min=cfg.flow.t_min,
+                                  t_max=cfg.flow.t_max, device=device, process=process)
+
+
+def pseudo_label_pairs(pairs_dir: str | Path, pool: VideoPool, critic, policy: Optional[VelocityFn],
+                       reference: Optional[VelocityFn], cfg, segment_ids: torch.Tensor, *, tokens: torch.Tensor,
+                       stream: tuple = ("pseudo",), device="cpu", process=None, fps: float = 8.0,
+                       rewards: Optional[torch.Tensor] = None) -> dict:
     """Vote, compute the PCE and write ``pairs_dir/pseudo.jsonl`` (every voted pair, its vote, PCE, ``kept``).
 
     ``pool`` is the videos of the unlabelled ``pairs.jsonl`` of ``pairs_dir`` (``vidpo.ipo.pairing.read_video_pool``):
@@ -321,7 +338,9 @@ def pseudo_label_pairs(pairs_dir: str | Path, pool: VideoPool, critic, policy: V
     implicit rewards read its latents with ``tokens`` (2N, ...), the model
     conditioning of each video (``process``: a diffusers model's hooks, ``video_implicit_rewards``). It votes on
     the pairs ``iterate.refine_pairs`` names; each line gives the pair's two videos as indices into the pool
-    (``first_video``, ``second_video``). Returns counts and the reward statistics."""
+    (``first_video``, ``second_video``). ``rewards``: the pool's implicit rewards when already computed
+    (``pool_implicit_rewards``; ``policy`` and ``reference`` are then not used). Returns counts and the reward
+    statistics."""
     pairs_dir = Path(pairs_dir)
     it = cfg.iterate
     first, second, keys = refinement_pairs(pool.keys, it.refine_pairs)
@@ -336,9 +355,9 @@ def pseudo_label_pairs(pairs_dir: str | Path, pool: VideoPool, critic, policy: V
                            tie_margin=cfg.critic.tie_margin, min_confidence=it.vote_min_confidence,
                            keep_fraction=it.vote_keep_fraction, granularity=cfg.critic.granularity,
                            batch_size=cfg.critic.batch_size_eval)
-    rewards = video_implicit_rewards(policy, reference, pool.latents, tokens, keys, beta=cfg.pref.beta, seed=seed,
-                                     draws=it.pce_timesteps, t_min=cfg.flow.t_min, t_max=cfg.flow.t_max,
-                                     device=device, process=process)
+    if rewards is None:
+        rewards = pool_implicit_rewards(pool, policy, reference, cfg, tokens=tokens, stream=stream, device=device,
+                                        process=process)
     r_first, r_second = rewards[first], rewards[second]
     pce, q, tau = preference_certainty(r_first, r_second, votes.video_labels, temperature=it.pce_temperature,
                                        population=rewards)

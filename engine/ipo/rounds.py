@@ -48,10 +48,11 @@ to ``DIR/summary.json`` and ``DIR/report.html`` (``vidpo.ipo.report``; the shape
 stages that grow with the data run on every rank as their own verbs do: generation and decoding slice the shards
 (with the ``parallel.tp`` / ``parallel.cp`` sampling layout), labelling by a VLM judge or the critic slices the
 batches, each round's policy trains over the run's layout (FSDP / TP / SP / CP, the fixed-base reference a frozen
-copy split like the policy), and the evaluation samples on every rank. The steps that write one small file run on
-rank 0 while the others wait (``RunLayout.on_main``): the oracle's labels, the critic's training (one trainer
-keeps it equal to one process's), the pseudo-labels and pooled re-pairing, the base evaluation, the round row and
-the summary. Pairs, labels and critics equal one process's; the trained policies equal it up to the order of
+copy split like the policy), the evaluation samples on every rank, and Dual-IPO's implicit rewards (the costly part
+of the PCE) are split over the ranks by video. The steps that write one small file run on rank 0 while the others
+wait (``RunLayout.on_main``): the oracle's labels, the critic's training (one trainer keeps it equal to one
+process's), the votes and pseudo-labels, the pooled re-pairing, the base evaluation, the round row and the
+summary. Pairs, labels and critics equal one process's; the trained policies equal it up to the order of
 the data-parallel gradient sum.
 """
 from __future__ import annotations
@@ -78,7 +79,7 @@ from vidpo.evaluation.evaluate import (
     save_eval_result,
 )
 from vidpo.ipo.critic import PreferenceData, load_preference_data, train_critic
-from vidpo.ipo.dual import load_pseudo_labels, pseudo_label_pairs
+from vidpo.ipo.dual import load_pseudo_labels, pool_implicit_rewards, pseudo_label_pairs
 from vidpo.ipo.layout import TIMINGS_FILE, RunLayout, open_run
 from vidpo.ipo.measure import (
     FreshPairs,
@@ -250,26 +251,41 @@ def _refinement_data(run: RunLayout, r: int) -> PreferenceData:
 def _pseudo_labels(run: RunLayout, r: int, critic_prev, policy_prev) -> dict:
     """Round r's Dual-IPO pseudo-labels (``vidpo.ipo.dual``) under policy r-1 and its reference, written once."""
     rd = run.out / f"round_{r}"
-    if not (rd / "critic" / "critic.safetensors").exists():
-        run.on_main(lambda: _write_pseudo_labels(run, r, critic_prev, policy_prev))
+    if not run.exists(rd / "critic" / "critic.safetensors"):   # every rank alike (RunLayout.exists)
+        pool = read_video_pool(rd / "pairs", run.domain)
+        rewards = _implicit_rewards(run, r, pool, policy_prev)
+
+        def write():
+            stats = pseudo_label_pairs(rd / "pairs", pool, critic_prev, None, None, run.cfg, run.segment_ids,
+                                       tokens=None, stream=("pseudo", r), device=run.device, fps=run.domain.fps,
+                                       rewards=rewards)
+            atomic.write_json(rd / "pseudo.json", stats)
+        run.on_main(write)   # the votes (critic or served judge) and the PCE, written once
     return json.loads((rd / "pseudo.json").read_text())
 
 
-def _write_pseudo_labels(run: RunLayout, r: int, critic_prev, policy_prev) -> None:
-    """Rank 0's part of ``_pseudo_labels``: the votes, implicit rewards and PCE of round r's pairs, written."""
-    rd = run.out / f"round_{r}"
+def _implicit_rewards(run: RunLayout, r: int, pool, policy_prev) -> torch.Tensor:
+    """The implicit rewards of round r's pool under policy r-1 and its reference (``vidpo.ipo.dual``), the costly
+    part of the PCE (``iterate.pce_timesteps`` forwards of both models per video): under torchrun each rank
+    computes every ``ranks``-th video's with both models whole, and all ranks get all of them."""
     policy_prev = policy_prev if policy_prev is not None else load_frozen_policy(run, run.policy_path(r - 1))
     reference = load_frozen_policy(run, run.reference_path(r - 1))
-    pool = read_video_pool(rd / "pairs", run.domain)
     if run.shapes:
         tokens, process = run.world.tokens(pool.cond_ids), None
     else:   # text embeddings of each video's prompt; the release's own forward process
         tokens = run.parts.conditioning.for_prompts(pool.prompt_ids)
         process = policy_prev if getattr(policy_prev, "training_target", None) is not None else None
-    stats = pseudo_label_pairs(rd / "pairs", pool, critic_prev, _velocity(policy_prev), _velocity(reference),
-                               run.cfg, run.segment_ids, tokens=tokens, stream=("pseudo", r), device=run.device,
-                               process=process, fps=run.domain.fps)
-    atomic.write_json(rd / "pseudo.json", stats)
+    mine = list(range(run.rank, len(pool), run.ranks))
+    local = pool_implicit_rewards(pool, _velocity(policy_prev), _velocity(reference), run.cfg, tokens=tokens,
+                                  stream=("pseudo", r), device=run.device, process=process, videos=mine)
+    if run.ranks == 1:
+        return local
+    shares: list = [None] * run.ranks
+    dist.all_gather_object(shares, local)
+    rewards = torch.zeros(len(pool), dtype=torch.float64)
+    for rank, share in enumerate(shares):
+        rewards[rank::run.ranks] = share
+    return rewards
 
 
 # ----- one round --------------------------------------------------------------------------------------------
