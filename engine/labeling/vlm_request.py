@@ -112,7 +112,8 @@ def parse_answer(text: str) -> Optional[str]:
     return verdicts.pop() if len(verdicts) == 1 else None
 
 
-def _json_verdict(text: str) -> Optional[str]:
+def json_object(text: str) -> Optional[dict]:
+    """The JSON object a structured reply holds (bare or in a fenced block), or None when it holds none."""
     stripped = text.strip()
     if stripped.startswith("```"):  # a fenced JSON block
         stripped = stripped.strip("`").removeprefix("json").strip()
@@ -122,7 +123,12 @@ def _json_verdict(text: str) -> Optional[str]:
         obj = json.loads(stripped)
     except json.JSONDecodeError:
         return None
-    if not isinstance(obj, dict):
+    return obj if isinstance(obj, dict) else None
+
+
+def _json_verdict(text: str) -> Optional[str]:
+    obj = json_object(text)
+    if obj is None:
         return None
     value = obj.get("verdict", obj.get("answer"))
     if isinstance(value, str) and value.strip().upper() in VERDICTS:

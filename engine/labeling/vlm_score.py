@@ -49,6 +49,7 @@ from vidpo.labeling.vlm_request import (
     Reply,
     finish_body,
     image_data_url,
+    json_object,
     pick_frames,
     segment_media,
     snippet,
@@ -138,16 +139,8 @@ def parse_score(text: str, low: int, high: int) -> Optional[int]:
 
 
 def _json_score(text: str):
-    stripped = text.strip()
-    if stripped.startswith("```"):
-        stripped = stripped.strip("`").removeprefix("json").strip()
-    if not stripped.startswith("{"):
-        return None
-    try:
-        obj = json.loads(stripped)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict):
+    obj = json_object(text)
+    if obj is None:
         return None
     for name in ("score", "rating", "answer"):
         value = obj.get(name)
