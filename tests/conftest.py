@@ -24,6 +24,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture
+def server():
+    """The stub VLM server of ``helpers.vlm_server`` (set its ``behaviour``); every request it got must have been
+    well formed."""
+    from helpers.vlm_server import FakeVLM
+
+    fake = FakeVLM()
+    yield fake
+    fake.close()
+    assert not fake.schema_errors, f"the labeller sent malformed requests: {fake.schema_errors[:3]}"
+
+
+@pytest.fixture
 def micro_overrides():
     """A fresh copy of ``helpers.micro.MICRO``: a world + model small enough for end-to-end tests."""
     return list(MICRO)

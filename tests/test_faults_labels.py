@@ -19,7 +19,7 @@ import pytest
 from helpers.micro import MICRO
 from helpers.models import save_perturbed_base
 from helpers.pairs_dirs import blank_recipe, vlm_overrides, write_pairs_dir
-from helpers.vlm_server import FakeVLM, Reply, brightness_verdict, judge_by_brightness
+from helpers.vlm_server import Reply, brightness_verdict, judge_by_brightness
 from vidpo.cli import main
 from vidpo.config import load_config
 from vidpo.data.pairs import MANIFEST_FILE, PairDataError, PairRecord, read_manifest, trainable_records
@@ -29,14 +29,6 @@ from vidpo.stages.pipeline import dense_pairs_only, train_preference
 
 TARGETS = [[1, -1], [0, 1], [-1, -1], [1, 0], [0, 0], [-1, 1], [1, 1]]   # 7 pairs x 2 segments = 14 comparisons
 _PAIR = re.compile(r"pair (\d+)")
-
-
-@pytest.fixture
-def server():
-    fake = FakeVLM()
-    yield fake
-    fake.close()
-    assert not fake.schema_errors, fake.schema_errors[:3]
 
 
 def pair_of(request) -> int:

@@ -16,20 +16,12 @@ import pytest
 import torch
 
 from helpers.pairs_dirs import blank_recipe, vlm_overrides, write_pairs_dir
-from helpers.vlm_server import FakeVLM, Reply, judge_by_brightness
+from helpers.vlm_server import Reply, judge_by_brightness
 from vidpo.cli import main
 from vidpo.evaluation.judge_eval import judge_agreement, markdown_report
 from vidpo.labeling import save_label_file
 
 PAIRS = 48
-
-
-@pytest.fixture
-def server():
-    fake = FakeVLM()
-    yield fake
-    fake.close()
-    assert not fake.schema_errors, fake.schema_errors[:3]
 
 
 def biased_judge(first_rate: float):

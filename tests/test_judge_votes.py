@@ -12,7 +12,7 @@ import hashlib
 import pytest
 import torch
 
-from helpers.vlm_server import FakeVLM, Reply, brightness_verdict
+from helpers.vlm_server import Reply, brightness_verdict
 from vidpo.config import ConfigError, load_config
 from vidpo.ipo.dual import judge_votes
 from vidpo.labeling import VLMConfig
@@ -20,14 +20,6 @@ from vidpo.labeling.answer_cache import AnswerCache
 
 FRAMES, SIZE, FPS = 8, 16, 8.0
 SEGMENTS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-
-
-@pytest.fixture
-def server():
-    fake = FakeVLM()
-    yield fake
-    fake.close()
-    assert not fake.schema_errors, fake.schema_errors[:3]
 
 
 def noisy_judge(flip_rate: float):

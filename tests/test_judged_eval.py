@@ -274,14 +274,6 @@ def test_layout_and_bad_input():
 
 
 # ------------------------------------------------------------------------------------- the VLM judge
-@pytest.fixture
-def server():
-    fake = FakeVLM()
-    yield fake
-    fake.close()
-    assert not fake.schema_errors, f"the labeller sent malformed requests: {fake.schema_errors[:3]}"
-
-
 def vlm_judge(server: FakeVLM) -> VLMLabeler:
     return VLMLabeler(VLMConfig(base_url=server.base_url, model="fake-vlm", timeout_s=30.0, max_retries=0,
                                 retry_backoff_s=0.01, concurrency=4, frames_per_segment=2, image_size=16))

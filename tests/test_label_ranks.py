@@ -20,7 +20,7 @@ import torch
 from helpers.distributed import free_port
 from helpers.micro import MICRO
 from helpers.pairs_dirs import blank_recipe, vlm_overrides, write_pairs_dir
-from helpers.vlm_server import FakeVLM, Reply, brightness_verdict, judge_by_brightness
+from helpers.vlm_server import Reply, brightness_verdict, judge_by_brightness
 
 from vidpo.cli import main
 from vidpo.config import load_config
@@ -37,14 +37,6 @@ pytest.importorskip("megatron.core")
 _PAIR = re.compile(r"pair (\d+)")
 TARGETS = [[1, -1], [0, 1], [-1, -1], [1, 0], [0, 0], [-1, 1], [1, 1]]   # 7 pairs x 2 segments x 2 orders
 QUESTIONS = len(TARGETS) * 2 * 2
-
-
-@pytest.fixture
-def server():
-    fake = FakeVLM()
-    yield fake
-    fake.close()
-    assert not fake.schema_errors, fake.schema_errors[:3]
 
 
 def label_args(tmp_path, base_url, pairs: str) -> list[str]:

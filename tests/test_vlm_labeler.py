@@ -66,14 +66,6 @@ def make_labeler(server: FakeVLM, **options) -> VLMLabeler:
     return VLMLabeler(VLMConfig(**settings))
 
 
-@pytest.fixture
-def server():
-    fake = FakeVLM()
-    yield fake
-    fake.close()
-    assert not fake.schema_errors, f"the labeller sent malformed requests: {fake.schema_errors[:3]}"
-
-
 TARGETS = [[1, -1, 0], [1, 1, -1], [0, 0, 0], [-1, 0, 0]]
 VIDEO_LABELS = [0, 1, 0, -1]
 
