@@ -25,22 +25,68 @@
 # lists versions, every command, its status and its time against the estimate. Logs: $OUT/logs/<step>.log.
 # Exit status: 0 when every step passed (or was skipped for a missing optional package), 1 otherwise.
 #
-#   bash benchmarks/run_gpu.sh --dry-run    on any machine: checks every step (files, each script's arguments
-#                                           through its own --dry-run / --help, the test selection collects),
-#                                           prints the plan with its estimates, fails over budget
+# Packages the GPU machine lacks: each step names the Python modules it imports (diffusers for the Wan step and the
+# VAE). A GPU image without network (the lent H100 / H200 one has torch, triton, transformers and peft, but no
+# diffusers) gets them as wheels carried with the working tree: `--fetch-wheels` downloads the pinned list of
+# benchmarks/gpu_wheels.txt for the GPU machine's Python into .whl/ (ignored by git), and every run installs what
+# .whl/ holds into $SITE and puts it on PYTHONPATH before it checks the steps' imports. A step whose import is
+# missing fails at once (dry run included) with the module's name, never after the build and the tests.
+#
+#   bash benchmarks/run_gpu.sh --fetch-wheels   here, with a registry: .whl/ for the GPU's Python (GPU_PYTHON_VERSION,
+#                                               default 3.12); carry .whl with the working tree
+#   bash benchmarks/run_gpu.sh --dry-run    on any machine: checks every step (files, imports, each script's
+#                                           arguments through its own --dry-run / --help, the test selection
+#                                           collects), prints the plan with its estimates, fails over budget
 #   bash benchmarks/run_gpu.sh              on the GPU
 # Environment: OUT (output folder; default a temporary one), BUDGET_S, DEADLINE_S, STEPS (space-separated subset
-# of the step names, default all), PYTHON (default python).
+# of the step names, default all), PYTHON (default python, else python3), WHEELS (default .whl), SITE (where the
+# carried wheels are installed; default /tmp/vidpo_gpu_site), GPU_WHEELS_LIST (default benchmarks/gpu_wheels.txt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY_RUN=0
+FETCH=0
 case "${1:-}" in
     --dry-run) DRY_RUN=1 ;;
+    --fetch-wheels) FETCH=1 ;;
     "") ;;
-    *) echo "usage: bash benchmarks/run_gpu.sh [--dry-run]" >&2; exit 2 ;;
+    *) echo "usage: bash benchmarks/run_gpu.sh [--dry-run | --fetch-wheels]" >&2; exit 2 ;;
 esac
-PY="${PYTHON:-python}"
+# The GPU image's interpreter is `python3`; `python` is not always there.
+PY="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
+WHEELS="${WHEELS:-.whl}"
+SITE="${SITE:-/tmp/vidpo_gpu_site}"
+WHEEL_LIST="${GPU_WHEELS_LIST:-benchmarks/gpu_wheels.txt}"
+
+if (( FETCH )); then
+    # Wheels only (nothing is built there), for the GPU machine's Python and platform, without dependencies: the
+    # list names each package the GPU image lacks, pinned, and its dependencies are already there.
+    version="${GPU_PYTHON_VERSION:-3.12}"
+    mapfile -t wanted < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$WHEEL_LIST")
+    (( ${#wanted[@]} )) || { echo "no packages listed in $WHEEL_LIST" >&2; exit 1; }
+    mkdir -p "$WHEELS"
+    platforms=()
+    for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
+        platforms+=(--platform "$tag")
+    done
+    "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$version" --implementation cp \
+        "${platforms[@]}" -d "$WHEELS" "${wanted[@]}" || { echo "pip download failed for: ${wanted[*]}" >&2; exit 1; }
+    ls -l "$WHEELS"/*.whl
+    echo "fetched ${#wanted[@]} package(s) for Python $version into $WHEELS ($(du -sh "$WHEELS" | cut -f1)); carry $WHEELS"
+    exit 0
+fi
+
+# Carried wheels go into $SITE, ahead of the image's own packages, for every step and its subprocesses.
+shopt -s nullglob
+carried=("$WHEELS"/*.whl)
+shopt -u nullglob
+if (( ${#carried[@]} )); then
+    rm -rf "$SITE"
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${carried[@]}" \
+        || { echo "could not install the wheels carried in $WHEELS into $SITE" >&2; exit 1; }
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    echo "installed ${#carried[@]} carried wheel(s) from $WHEELS into $SITE: $(cd "$WHEELS" && ls -- *.whl | tr '\n' ' ')"
+fi
 BUDGET_S="${BUDGET_S:-480}"
 DEADLINE_S="${DEADLINE_S:-560}"
 ALL_STEPS="env build tests dense_dpo step_lora_32k step_full_32k step_lora_75k vae dali"
@@ -97,6 +143,29 @@ add_step dali 15 0 \
     "$PY benchmarks/bench_decode.py --help >/dev/null" \
     "if $PY -c 'import nvidia.dali, av' 2>/dev/null; then $PY benchmarks/bench_decode.py --quick --providers dali --codecs h264 --sizes 512,1280x720 --gops 16 --frames 64 --out $RUN_RESULTS/decode.csv; else echo 'SKIPPED: nvidia.dali or av is not importable'; fi"
 
+# The Python modules each step imports (dali's are optional: it reports SKIPPED without them).
+declare -A REQUIRES=([build]="setuptools torch" [tests]="pytest triton" [dense_dpo]="triton"
+                     [step_lora_32k]="diffusers" [step_full_32k]="diffusers" [step_lora_75k]="diffusers"
+                     [vae]="diffusers")
+# Prints the step's modules that do not import with $PY (nothing when all do).
+missing_for() {
+    local mods="${REQUIRES[$1]:-}"
+    [[ -n "$mods" ]] || return 0
+    "$PY" - $mods <<'PYCODE' 2>/dev/null || echo "$mods"
+import importlib, sys
+missing = []
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception:
+        missing.append(name)
+print(" ".join(missing))
+PYCODE
+}
+missing_message() {
+    echo "needs $1, which $PY cannot import: on a machine with a registry run \`bash benchmarks/run_gpu.sh --fetch-wheels\` (the list is $WHEEL_LIST) and carry $WHEELS"
+}
+
 selected() { [[ " $STEPS " == *" $1 "* ]]; }
 for wanted in $STEPS; do
     [[ " $ALL_STEPS " == *" $wanted "* ]] || { echo "unknown step '$wanted' in STEPS; valid: $ALL_STEPS" >&2; exit 2; }
@@ -120,7 +189,11 @@ if (( DRY_RUN )); then
     declare -A PIDS
     for i in "${!NAMES[@]}"; do
         selected "${NAMES[$i]}" || continue
-        bash -c "${CHECKS[$i]}" >"$LOGS/${NAMES[$i]}.dry.log" 2>&1 &
+        (
+            gone="$(missing_for "${NAMES[$i]}")"
+            [[ -z "$gone" ]] || { missing_message "$gone"; exit 1; }
+            bash -c "${CHECKS[$i]}"
+        ) >"$LOGS/${NAMES[$i]}.dry.log" 2>&1 &
         PIDS[$i]=$!
     done
     failed=0
@@ -183,6 +256,15 @@ status_lines=()
 overall=0
 md_command() { local c="$1"; printf '%s' "${c//|/\\|}"; }     # a pipe would end the table cell
 start_all=$SECONDS
+# Every missing import is named up front, before the build and the tests take their minutes.
+declare -A MISSING
+for i in "${!NAMES[@]}"; do
+    selected "${NAMES[$i]}" || continue
+    gone="$(missing_for "${NAMES[$i]}")"
+    [[ -z "$gone" ]] && continue
+    MISSING[${NAMES[$i]}]="$gone"
+    echo "WARNING: ${NAMES[$i]} $(missing_message "$gone")" >&2
+done
 for i in "${!NAMES[@]}"; do
     name="${NAMES[$i]}"
     selected "$name" || continue
@@ -192,6 +274,15 @@ for i in "${!NAMES[@]}"; do
         echo "== $name: SKIPPED (out of time)"
         overall=1
         write_report
+        continue
+    fi
+    if [[ -n "${MISSING[$name]:-}" ]]; then
+        state="FAILED: $(missing_message "${MISSING[$name]}")"
+        status_lines+=("| $name | $state | 0 | ${ESTIMATES[$i]} | \`$(md_command "${COMMANDS[$i]}")\` |")
+        echo "== $name: $state"
+        overall=1
+        write_report
+        (( CRITICAL[i] )) && { echo "STOPPED: $name cannot run" >&2; break; }
         continue
     fi
     echo "== $name (estimate ${ESTIMATES[$i]} s)"

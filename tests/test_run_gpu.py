@@ -1,9 +1,14 @@
 """benchmarks/run_gpu.sh on CPU: its dry run checks every step and the time budget; the gates that keep an unchecked
-kernel's speed out of the results (the GPU-test gate, the fused loss's float64 check, the VAE's dtype check)."""
+kernel's speed out of the results (the GPU-test gate, the fused loss's float64 check, the VAE's dtype check); the
+packages the GPU image lacks: named before anything runs, fetched as wheels and installed from the carried folder."""
+import base64
 import csv
+import hashlib
 import os
+import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,11 +23,12 @@ import run_gpu_checks  # noqa: E402
 STEPS = ("env", "build", "tests", "dense_dpo", "step_lora_32k", "step_full_32k", "step_lora_75k", "vae", "dali")
 
 
-def run_script(tmp_path, **env):
-    full_env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env}
+def run_script(tmp_path, *args, **env):
+    full_env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+                "WHEELS": str(tmp_path / "no_wheels"), **env}
     full_env.pop("TRITON_INTERPRET", None)
-    return subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), "--dry-run"], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), *(args or ("--dry-run",))], cwd=ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=300)
 
 
 def test_dry_run_checks_every_step_and_fits_the_budget(tmp_path):
@@ -41,6 +47,77 @@ def test_dry_run_fails_over_budget_and_on_a_broken_step(tmp_path):
     assert over.returncode == 1 and "OVER BUDGET" in over.stderr
     broken = run_script(tmp_path, STEPS="vae", PYTHON="false")     # an interpreter that fails every command
     assert broken.returncode == 1 and "dry run: vae FAILED" in broken.stderr
+
+
+def hide_module(tmp_path, name):
+    """A sitecustomize that makes ``name`` unimportable, as on a GPU image that lacks it."""
+    folder = tmp_path / "hide"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, fullname, path=None, target=None):\n"
+        f"        if fullname.split('.')[0] == {name!r}:\n"
+        "            raise ModuleNotFoundError(fullname)\n"
+        "sys.meta_path.insert(0, Hide())\n")
+    return str(folder)
+
+
+def test_a_step_whose_import_is_missing_fails_the_dry_run_naming_it(tmp_path):
+    done = run_script(tmp_path, STEPS="dense_dpo vae", PYTHONPATH=hide_module(tmp_path, "diffusers"))
+    assert done.returncode == 1
+    assert "dry run: dense_dpo ok" in done.stdout and "dry run: vae FAILED" in done.stderr
+    assert "needs diffusers" in done.stderr and "--fetch-wheels" in done.stderr
+
+
+def make_wheel(folder, name="vidpo_gpu_probe", version="0.1"):
+    """A minimal pure-Python wheel: one module holding VALUE = 7."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": "VALUE = 7\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    files[f"{dist}/RECORD"] = "\n".join(record + [f"{dist}/RECORD,,"]) + "\n"
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def test_wheels_are_fetched_from_the_list_then_installed_for_every_step(tmp_path):
+    registry = tmp_path / "registry"
+    make_wheel(registry)
+    listing = tmp_path / "wheels.txt"
+    listing.write_text("# what the GPU image lacks\nvidpo-gpu-probe==0.1   # the probe\n")
+    wheels, site = tmp_path / "carried", tmp_path / "site"
+    offline = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(registry), "PIP_CONSTRAINT": "", "WHEELS": str(wheels),
+               "GPU_WHEELS_LIST": str(listing)}
+    fetched = run_script(tmp_path, "--fetch-wheels", **offline)
+    assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+    assert [p.name for p in wheels.glob("*.whl")] == ["vidpo_gpu_probe-0.1-py3-none-any.whl"]
+    assert "for Python 3.12" in fetched.stdout
+    done = run_script(tmp_path, STEPS="env", WHEELS=str(wheels), SITE=str(site))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"installed 1 carried wheel(s) from {wheels} into {site}" in done.stdout
+    probe = subprocess.run([sys.executable, "-c", "import vidpo_gpu_probe as p; print(p.VALUE, p.__file__)"],
+                           env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+    assert probe.stdout.split()[0] == "7" and probe.stdout.split()[1].startswith(str(site))
+    listing.write_text("vidpo-gpu-probe==9.9\n")                      # a version the registry lacks
+    missing = run_script(tmp_path, "--fetch-wheels", **offline)
+    assert missing.returncode == 1 and "pip download failed for: vidpo-gpu-probe==9.9" in missing.stderr
+
+
+def test_the_carried_list_pins_what_the_gpu_steps_import():
+    pinned = [line.split("#")[0].strip() for line in (ROOT / "benchmarks" / "gpu_wheels.txt").read_text().splitlines()]
+    pinned = [p for p in pinned if p]
+    assert pinned and all("==" in p for p in pinned)
+    suite_pin = re.search(r'"(diffusers==[^"]+)"', (ROOT / "setup.py").read_text()).group(1)
+    assert suite_pin in pinned                                    # the version the CPU suite checks the Wan step with
 
 
 def junit(tmp_path, cases):
