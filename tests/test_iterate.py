@@ -11,7 +11,7 @@ import torch
 from helpers.models import perturb_, save_perturbed_base
 from vidpo.labeling.critic import build_critic, score_videos
 from vidpo.ipo.critic import pool_accuracy, within_prompt_pairs
-from vidpo.ipo.pairing import read_pool
+from vidpo.ipo.pool import read_pool
 from vidpo.ipo.dual import (critic_votes, implicit_rewards, indexed_votes, load_pseudo_labels, mode_vote,
                             preference_certainty, read_pseudo_rows, video_implicit_rewards)
 from vidpo.ipo.rounds import iterate

@@ -21,13 +21,14 @@ from helpers.llava_serve import build_tiny_llava  # noqa: E402
 from helpers.pipelines import PROMPTS_FOR_TESTS, make_wan_dir  # noqa: E402
 from helpers.video import encode_clip, make_frames  # noqa: E402
 from helpers.vlm_server import FakeVLM, Reply, brightness_verdict  # noqa: E402
+
 from vidpo.cli import main as cli  # noqa: E402
 from vidpo.config import ConfigError, load_config  # noqa: E402
 from vidpo.data.pairs import MANIFEST_FILE, read_manifest  # noqa: E402
 from vidpo.ipo.critic import critic_accuracy, load_preference_data  # noqa: E402
 from vidpo.ipo.dual import read_pseudo_rows  # noqa: E402
 from vidpo.ipo.layout import open_run  # noqa: E402
-from vidpo.ipo.pairing import read_video_pool  # noqa: E402
+from vidpo.ipo.pool import read_video_pool  # noqa: E402
 from vidpo.ipo.rounds import iterate  # noqa: E402
 from vidpo.ipo.sweep import compare_iterations  # noqa: E402
 from vidpo.labeling.critic import open_critic, score_clips  # noqa: E402

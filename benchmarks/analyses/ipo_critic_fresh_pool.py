@@ -44,7 +44,7 @@ import torch
 from vidpo.evaluation.evaluate import mean_ci
 from vidpo.ipo.critic import pool_accuracy, pool_gain
 from vidpo.ipo.layout import open_run
-from vidpo.ipo.pairing import read_pool
+from vidpo.ipo.pool import read_pool
 from vidpo.ipo.rounds import generate_round_pairs, load_frozen_policy
 from vidpo.models.critic import load_critic
 from vidpo.training.modeling import set_threads

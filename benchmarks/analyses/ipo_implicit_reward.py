@@ -34,7 +34,7 @@ import torch
 from vidpo.config import load_config
 from vidpo.data.oracle import ShapesOracle
 from vidpo.ipo.dual import PSEUDO_FILE, read_pseudo_rows
-from vidpo.ipo.pairing import read_pool
+from vidpo.ipo.pool import read_pool
 from vidpo.training.modeling import build_world, set_threads
 
 

@@ -46,7 +46,7 @@ import torch
 from vidpo.config import load_config
 from vidpo.data.oracle import ShapesOracle
 from vidpo.ipo.critic import PreferenceData, critic_accuracy, load_preference_data, train_critic, within_prompt_pairs
-from vidpo.ipo.pairing import read_pool
+from vidpo.ipo.pool import read_pool
 from vidpo.labeling.critic import Symmetries, score_videos
 from vidpo.models.critic import load_critic
 from vidpo.training.modeling import build_world, run_segment_ids, set_threads

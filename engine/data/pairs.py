@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from vidpo.utils import atomic
@@ -199,12 +199,18 @@ def shard_name(index: int) -> str:
 
 class ShardReader:
     """Loads shards on demand (cached) and returns a record's tensors; a missing or unreadable shard is a
-    PairDataError naming the shard file and the pair."""
+    PairDataError naming the shard file and the pair.
 
-    def __init__(self, root: str | os.PathLike, max_cached: int = 8):
+    ``rows_only``: :meth:`get` reads the record's row alone through the file's memory map (``safe_open``) and keeps
+    only open handles, never a whole shard: what a pool of thousands of decoded videos read one by one needs (a
+    shard of 64 decoded Wan pairs is ~12 GB). Whole-shard mode is faster when every row of a shard is read in turn."""
+
+    def __init__(self, root: str | os.PathLike, max_cached: int = 8, *, rows_only: bool = False):
         self.root = Path(root)
         self.max_cached = max_cached
+        self.rows_only = rows_only
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._handles: dict[str, object] = {}
 
     def shard(self, name: str, pair_id: str = "?") -> dict[str, torch.Tensor]:
         if name not in self._cache:
@@ -220,7 +226,38 @@ class ShardReader:
             self._cache[name] = tensors
         return self._cache[name]
 
+    def _handle(self, name: str, pair_id: str):
+        handle = self._handles.pop(name, None)
+        if handle is None:
+            path = self.root / name
+            if not path.exists():
+                raise PairDataError(f"{path}: shard missing (needed by pair {pair_id})")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise PairDataError(f"{path}: shard unreadable ({exc}) (needed by pair {pair_id})") from None
+            if len(self._handles) >= self.max_cached:
+                self._handles.pop(next(iter(self._handles)))
+        self._handles[name] = handle   # most recently used last
+        return handle
+
+    def _row(self, rec: PairRecord, key: str) -> torch.Tensor:
+        handle = self._handle(rec.shard, rec.pair_id)
+        if key not in handle.keys():
+            raise PairDataError(f"{self.root / rec.shard}: no tensor '{key}' (pair {rec.pair_id})")
+        rows = handle.get_slice(key)
+        count = rows.get_shape()[0]
+        if rec.row >= count:
+            raise PairDataError(f"{self.root / rec.shard}: pair {rec.pair_id} row {rec.row} out of range "
+                                f"({count} rows)")
+        try:
+            return rows[rec.row:rec.row + 1][0]
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise PairDataError(f"{self.root / rec.shard}: pair {rec.pair_id} unreadable ({exc})") from None
+
     def get(self, rec: PairRecord, key: str) -> torch.Tensor:
+        if self.rows_only:
+            return self._row(rec, key)
         tensors = self.shard(rec.shard, rec.pair_id)
         if key not in tensors:
             raise PairDataError(f"{self.root / rec.shard}: no tensor '{key}' (pair {rec.pair_id})")

@@ -233,14 +233,16 @@ class PairFrames:
     whose latents are pixels) from the latent shard.
 
     ``pixel_space``: None (auto) falls back to the latents when they have 3 channels (a pixel-space model; the
-    latents of the Wan and CogVideoX VAEs have 16); True always falls back; False never does. Without frames and
+    latents of the Wan and CogVideoX VAEs have 16); True always falls back; False never does. ``rows_only``: read
+    one row at a time instead of whole shards (``ShardReader``). Without frames and
     without the fallback, :meth:`get` is a PairDataError that says to decode the pairs first."""
 
-    def __init__(self, root: str | os.PathLike, *, pixel_space: Optional[bool] = None, max_cached: int = 2):
+    def __init__(self, root: str | os.PathLike, *, pixel_space: Optional[bool] = None, max_cached: int = 2,
+                 rows_only: bool = False):
         self.root = Path(root)
         self.pixel_space = pixel_space
-        self._frames = ShardReader(self.root, max_cached=max_cached)
-        self._latents = ShardReader(self.root, max_cached=max_cached)
+        self._frames = ShardReader(self.root, max_cached=max_cached, rows_only=rows_only)
+        self._latents = ShardReader(self.root, max_cached=max_cached, rows_only=rows_only)
 
     def has_frames(self, record: PairRecord) -> bool:
         return (self.root / frames_name(record.shard)).is_file()

@@ -56,7 +56,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from vidpo.ipo.critic import PreferenceData, pairs_within
-from vidpo.ipo.pairing import VideoPool, read_pool
+from vidpo.ipo.pool import VideoPool, pool_videos
 from vidpo.labeling.answer_cache import AnswerCache
 from vidpo.labeling.base import PairBatch
 from vidpo.labeling.critic import as_critic, labels_from_differences, score_clips, tie_margin_of
@@ -322,7 +322,7 @@ def pool_implicit_rewards(pool: VideoPool, policy: VelocityFn, reference: Veloci
     rows = list(range(len(pool))) if videos is None else list(videos)
     if not rows:
         return torch.zeros(0, dtype=torch.float64)
-    return video_implicit_rewards(policy, reference, pool.latents[rows], tokens[rows], keys[rows], beta=cfg.pref.beta,
+    return video_implicit_rewards(policy, reference, pool.latents.take(rows), tokens[rows], keys[rows], beta=cfg.pref.beta,
                                   seed=derive_seed(cfg.seed, *stream), draws=it.pce_timesteps, t_min=cfg.flow.t_min,
                                   t_max=cfg.flow.t_max, device=device, process=process)
 
@@ -398,7 +398,7 @@ def load_pseudo_labels(pairs_dir: str | Path, num_segments: int) -> Optional[Pre
     rows = [r for r in read_pseudo_rows(pairs_dir) if r["kept"]]
     if not rows:
         return None
-    videos, _ = read_pool(pairs_dir)
+    videos = pool_videos(pairs_dir)   # read on demand: only the kept pairs' videos are loaded
     first = torch.tensor([r["first_video"] for r in rows], dtype=torch.long)
     second = torch.tensor([r["second_video"] for r in rows], dtype=torch.long)
     labels = torch.tensor([r["labels"] for r in rows], dtype=torch.long)

@@ -25,7 +25,7 @@ from vidpo.evaluation.evaluate import brief_ci, mean_ci
 from vidpo.ipo.critic import PreferenceData, critic_accuracy, load_preference_data, pool_accuracy, pool_gain
 from vidpo.ipo.dual import read_pseudo_rows
 from vidpo.ipo.layout import RunLayout
-from vidpo.ipo.pairing import read_pool
+from vidpo.ipo.pool import read_pool
 from vidpo.models.critic import CriticScores
 from vidpo.stages.judged_eval import judged_evaluation
 from vidpo.stages.label import label_pairs

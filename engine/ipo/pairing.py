@@ -1,7 +1,7 @@
 """Preference pairs built from a critic's scores of a pool of videos.
 
-A round's videos form a pool (``read_video_pool``: every generated pair contributes its two videos, the first
-videos then the second ones, with their captions, prompt ids and a prompt key). The critic scores the pool's
+A round's videos form a pool (``vidpo.ipo.pool.read_video_pool``: every generated pair contributes its two videos,
+the first videos then the second ones, with their captions, prompt ids and a prompt key). The critic scores the pool's
 pixels (the shapes world's clips, or a latent model's decoded frames); the pairs written hold the videos the
 policy trains on (the same clips, or the latents). Prompts are told apart by their key: the shapes world's
 condition index, or a prompt's position in the prompt file. Instead of labelling the pairs as generated, the
@@ -19,105 +19,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from vidpo.config import RunConfig
-from vidpo.data.domains import Domain, ShapesDomain
-from vidpo.data.pairs import (
-    MANIFEST_FILE,
-    PAIRS_FILE,
-    PairRecord,
-    ShardReader,
-    read_manifest,
-    shard_name,
-    write_manifest,
-)
-from vidpo.data.video_io import PairFrames
+from vidpo.data.pairs import MANIFEST_FILE, PairRecord, shard_name, write_manifest
 from vidpo.ipo.critic import pointwise_labels
+from vidpo.ipo.pool import VideoPool, pool_scores
 from vidpo.labeling.base import LabelingError
 from vidpo.labeling.critic import PoolScorer
 from vidpo.utils import atomic
-
-
-@dataclass
-class VideoPool:
-    """Every video of a round's generated pairs: the first videos, then the second ones (2N)."""
-
-    pixels: torch.Tensor
-    """(2N, 3, F, H, W) what a critic scores: the shapes world's clips (float), or decoded frames (uint8)."""
-    latents: torch.Tensor
-    """(2N, C, T, h, w) what the policy trains on (the very tensor of ``pixels`` for the shapes world)."""
-    captions: list
-    prompt_ids: list
-    cond_ids: torch.Tensor
-    """(2N, K) the shapes world's conditions (K = 0 for a prompt file)."""
-    keys: torch.Tensor
-    """(2N,) long: the prompt key (``prompt_keys``)."""
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-
-def prompt_keys(domain: Domain, prompt_ids, cond_ids: torch.Tensor) -> torch.Tensor:
-    """(n,) long keys of the prompts: the shapes world's condition index, or a prompt's position in the prompt
-    file (what groups a pool by prompt, and what Dual-IPO's shared implicit-reward draws are named by)."""
-    if isinstance(domain, ShapesDomain):
-        return domain.world.condition_index(cond_ids)
-    order = {p.id: i for i, p in enumerate(domain.all_prompts)}
-    missing = sorted({p for p in prompt_ids if p not in order}, key=str)
-    if missing:
-        raise LabelingError(f"pairs of prompts {missing[:3]} are not in this run's prompt file")
-    return torch.tensor([order[p] for p in prompt_ids], dtype=torch.long)
-
-
-def _records(src: Path) -> list[PairRecord]:
-    records, _ = read_manifest(src / PAIRS_FILE, need_labels=False, on_error="skip")
-    return records
-
-
-def _pool_pixels(src: Path, records: list[PairRecord]) -> torch.Tensor:
-    frames = PairFrames(src)
-    if records and frames.has_frames(records[0]):
-        return torch.cat([torch.stack([frames.get_uint8(r, key) for r in records]) for key in ("first", "second")])
-    reader = ShardReader(src)
-    return torch.cat([torch.stack([reader.get(r, "first") for r in records]),
-                      torch.stack([reader.get(r, "second") for r in records])]).float()
-
-
-def read_pool(src: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pixels of every video of the generated pairs in ``src`` as one pool (decoded frames, uint8, when the pairs
-    were decoded): (videos (2N, 3, F, H, W), cond_ids (2N, K))."""
-    records = _records(src)
-    return _pool_pixels(src, records), _cond_ids(records).repeat(2, 1)
-
-
-def _cond_ids(records: list[PairRecord]) -> torch.Tensor:
-    if all(r.cond_ids for r in records):
-        return torch.tensor([r.cond_ids for r in records], dtype=torch.long)
-    return torch.zeros(len(records), 0, dtype=torch.long)
-
-
-def read_video_pool(src: Path, domain: Domain) -> VideoPool:
-    """The pool of the generated pairs in ``src`` (module docstring), keyed by ``domain``'s prompts."""
-    records = _records(src)
-    pixels = _pool_pixels(src, records)
-    if pixels.dtype == torch.uint8:   # decoded: the shards hold the latents
-        reader = ShardReader(src)
-        latents = torch.cat([torch.stack([reader.get(r, key) for r in records]) for key in ("first", "second")])
-    else:
-        latents = pixels
-    cond = _cond_ids(records).repeat(2, 1)
-    prompt_ids = [r.prompt_id for r in records] * 2
-    return VideoPool(pixels=pixels, latents=latents.float(), captions=[r.caption for r in records] * 2,
-                     prompt_ids=prompt_ids, cond_ids=cond, keys=prompt_keys(domain, prompt_ids, cond))
-
-
-def pool_scores(scorer: PoolScorer, pool: VideoPool):
-    return scorer(pool.pixels, pool.captions, pool.cond_ids)
 
 
 def _write_pool_pairs(dst: Path, pool: VideoPool, first: list[int], second: list[int], segment_labels: torch.Tensor,

@@ -89,7 +89,8 @@ from vidpo.ipo.measure import (
     oracle_scorer,
     pseudo_label_quality,
 )
-from vidpo.ipo.pairing import build_kto_pairs, build_ranked_pairs, read_video_pool
+from vidpo.ipo.pairing import build_kto_pairs, build_ranked_pairs
+from vidpo.ipo.pool import read_video_pool
 from vidpo.ipo.report import write_iterate_report, write_judged_iterate_report
 from vidpo.ipo.reuse import reuse_run
 from vidpo.labeling.critic import critic_scorer, open_critic
