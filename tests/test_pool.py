@@ -1,6 +1,7 @@
 """A round's pool read on demand (vidpo.ipo.pool): the lazy videos index like the tensor they replace, a decoded
 pool gives uint8 frames and float latents, scoring and pair writing never load a whole shard, the scorer gets the
-pool in bounded chunks with the same scores, and row reads name the file on bad input."""
+pool in bounded chunks with the same scores, row reads name the file on bad input, and a critic's training pairs
+too large for memory are read batch by batch and train the same critic."""
 import json
 from pathlib import Path
 
@@ -13,9 +14,10 @@ from safetensors.torch import save_file
 from vidpo.config import load_config
 from vidpo.data.pairs import MANIFEST_FILE, PairDataError, PairRecord, ShardReader, read_manifest
 from vidpo.data.video_io import frames_name
+from vidpo.data.video_rows import VideoRows
 from vidpo.ipo import pool as pool_module
 from vidpo.ipo.pairing import build_ranked_pairs
-from vidpo.ipo.pool import PoolVideos, VideoPool, pool_chunks, pool_scores, pool_videos, read_pool
+from vidpo.ipo.pool import VideoPool, pool_chunks, pool_scores, pool_videos, read_pool
 from vidpo.models.critic import CriticScores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +70,8 @@ def write_decoded_pool(root: Path, pairs: int = 4) -> tuple[torch.Tensor, torch.
 def test_a_decoded_pool_gives_its_frames_to_score_and_its_latents_to_train(tmp_path):
     latents, frames = write_decoded_pool(tmp_path)
     records, _ = read_manifest(tmp_path / "pairs.jsonl", need_labels=False)
-    pixels, lat = pool_module._videos(tmp_path, records)
-    assert isinstance(pixels, PoolVideos) and pixels.dtype == torch.uint8 and torch.equal(pixels[:], frames)
+    pixels, lat = pool_module._videos(tmp_path, records, "pixels"), pool_module._videos(tmp_path, records, "latents")
+    assert isinstance(pixels, VideoRows) and pixels.dtype == torch.uint8 and torch.equal(pixels[:], frames)
     assert lat.dtype == torch.float32 and lat.shape == latents.shape and torch.equal(lat[[5, 0]], latents[[5, 0]])
 
 
@@ -91,7 +93,7 @@ def brightness_scorer(seen: list):
 
 def test_scoring_and_pair_writing_read_rows_alone_in_bounded_chunks(pairs_dir, tmp_path, monkeypatch):
     records, _ = read_manifest(pairs_dir / "pairs.jsonl", need_labels=False)
-    pixels, latents = pool_module._videos(pairs_dir, records)
+    pixels, latents = pool_module._videos(pairs_dir, records, "pixels"), pool_module._videos(pairs_dir, records, "latents")
     keys = torch.tensor([0, 1, 0, 1, 0] * 2)
     pool = VideoPool(pixels=pixels, latents=latents, captions=[r.caption for r in records] * 2,
                      prompt_ids=[None] * 10, cond_ids=torch.zeros(10, 0, dtype=torch.long), keys=keys)
@@ -134,3 +136,34 @@ def test_row_reads_name_the_file_on_bad_input(pairs_dir):
     (pairs_dir / "shards" / "shard_00001.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(PairDataError, match="shard_00001.safetensors: shard unreadable"):
         ShardReader(pairs_dir, rows_only=True).get(PairRecord(pair_id="p0003", shard="shards/shard_00001.safetensors", row=0), "first")
+
+
+def test_a_critic_trains_the_same_on_pairs_read_batch_by_batch(tmp_path, micro_overrides, monkeypatch):
+    from test_critic import _colour_pairs, _write_pairs
+
+    from vidpo.ipo.critic import PreferenceData, load_preference_data, train_critic
+    from vidpo.labeling.critic import score_videos
+    from vidpo.training.modeling import build_world
+
+    over = micro_overrides + ["critic.width=16", "critic.num_heads=2", "critic.depth=1", "critic.steps=6",
+                              "critic.batch_size=8", "critic.warmup_steps=1"]
+    cfg = load_config(None, over)
+    world = build_world(cfg)
+    seg = torch.tensor([0, 0, 1, 1])
+    _write_pairs(tmp_path, *_colour_pairs(world, 24, 0), world, 2)
+    loaded = load_preference_data(tmp_path, 2)
+    lazy = load_preference_data(tmp_path, 2, memory_bytes=0)
+    assert isinstance(loaded.first, torch.Tensor) and isinstance(lazy.first, VideoRows)
+    assert torch.equal(lazy.first[:], loaded.first) and torch.equal(lazy.second[:], loaded.second)
+    part = lazy.subset([5, 1, 9])
+    assert isinstance(part.first, VideoRows) and torch.equal(part.second[:], loaded.second[[5, 1, 9]])
+    joined = PreferenceData.concat([lazy.subset(range(4)), loaded.subset(range(4, 6))])
+    assert isinstance(joined.first, VideoRows) and torch.equal(joined.first[:], loaded.first[:6])
+    with monkeypatch.context() as patched:
+        no_whole_shards(patched)
+        critic_lazy, _ = train_critic(cfg, lazy, world, seg, device=torch.device("cpu"))
+    critic, _ = train_critic(cfg, loaded, world, seg, device=torch.device("cpu"))
+    for key, value in critic.state_dict().items():
+        assert torch.equal(critic_lazy.state_dict()[key], value), key
+    assert torch.equal(score_videos(critic_lazy, lazy.first, lazy.cond_ids, world, seg).video,
+                       score_videos(critic, loaded.first, loaded.cond_ids, world, seg).video)

@@ -36,6 +36,8 @@ identity view alone.
 
 **Pixels.** A pairs directory of the shapes world holds its pixels in the shards; a latent model's pairs are
 read from their decoded frames (``vidpo.data.video_io.PairFrames``, uint8, 4x smaller in memory than floats).
+A training set of up to 8 GiB of videos is loaded whole; a larger one (decoded Wan 480p frames are 97 MB a video)
+stays on disk and each step reads its batch (``vidpo.data.video_rows``).
 """
 from __future__ import annotations
 
@@ -54,8 +56,8 @@ import torch
 from vidpo.config import RunConfig
 from vidpo.config.loader import to_yaml
 from vidpo.data.domains import ShapesDomain
-from vidpo.data.pairs import MANIFEST_FILE, ShardReader, read_manifest
-from vidpo.data.video_io import PairFrames
+from vidpo.data.pairs import MANIFEST_FILE, read_manifest
+from vidpo.data.video_rows import IN_MEMORY_BYTES, VideoRows, load_if_small, pair_rows, take_rows
 from vidpo.evaluation.evaluate import mean_ci
 from vidpo.labeling.critic import as_critic, build_scorer, open_critic, score_clips, score_videos
 from vidpo.models.critic import Critic, CriticScores, VideoCritic, save_critic
@@ -101,10 +103,11 @@ def critic_loss(first: CriticScores, second: CriticScores, labels: torch.Tensor,
 # ----- preference data in memory -------------------------------------------------------------------------
 @dataclass
 class PreferenceData:
-    """N labelled pairs held in memory (the critic's training / evaluation set)."""
+    """N labelled pairs (the critic's training / evaluation set): labels in memory, videos in memory or read on
+    demand (``VideoRows``, indexed like the tensors: ``first[idx]`` reads a batch)."""
 
-    first: torch.Tensor          # (N, 3, T, H, W) pixels: float in [-1, 1], or uint8 (decoded videos)
-    second: torch.Tensor         # (N, 3, T, H, W)
+    first: torch.Tensor | VideoRows   # (N, 3, T, H, W) pixels: float in [-1, 1], or uint8 (decoded videos); unread
+    second: torch.Tensor | VideoRows  # rows (vidpo.data.video_rows) when too large for memory (``load_if_small``)
     cond_ids: torch.Tensor       # (N, K) long: the shapes world's conditions (K = 0 for a prompt file)
     labels: torch.Tensor         # (N, S) long in {-1, 0, 1}
     video_labels: torch.Tensor   # (N,) long
@@ -121,7 +124,7 @@ class PreferenceData:
     def subset(self, index: Sequence[int]) -> "PreferenceData":
         idx = torch.as_tensor(list(index), dtype=torch.long)
         rows = idx.tolist()
-        return PreferenceData(self.first[idx], self.second[idx], self.cond_ids[idx], self.labels[idx],
+        return PreferenceData(take_rows(self.first, idx), take_rows(self.second, idx), self.cond_ids[idx], self.labels[idx],
                               self.video_labels[idx], self.weights[idx], [self.pair_ids[i] for i in rows],
                               captions=None if self.captions is None else [self.captions[i] for i in rows],
                               prompt_ids=None if self.prompt_ids is None else [self.prompt_ids[i] for i in rows])
@@ -133,20 +136,26 @@ class PreferenceData:
             raise ValueError("no labelled pairs to concatenate")
         dtypes = {p.first.dtype for p in parts}
         if len(dtypes) > 1:   # decoded (uint8) and float pixels together: all as floats
-            parts = [dataclasses.replace(p, first=_float_pixels(p.first), second=_float_pixels(p.second))
+            parts = [dataclasses.replace(p, first=_float_videos(p.first), second=_float_videos(p.second))
                      for p in parts]
 
         def joined(name):
             lists = [getattr(p, name) for p in parts]
             return None if any(x is None for x in lists) else [v for x in lists for v in x]
-        return PreferenceData(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                                ("first", "second", "cond_ids", "labels", "video_labels", "weights")),
+        join = VideoRows.cat if any(isinstance(p.first, VideoRows) for p in parts) else torch.cat
+        return PreferenceData(*(join([getattr(p, f) for p in parts]) for f in ("first", "second")),
+                              *(torch.cat([getattr(p, f) for p in parts]) for f in
+                                ("cond_ids", "labels", "video_labels", "weights")),
                               pair_ids=[i for p in parts for i in p.pair_ids], captions=joined("captions"),
                               prompt_ids=joined("prompt_ids"))
 
 
 def _float_pixels(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
+
+
+def _float_videos(x: "torch.Tensor | VideoRows") -> "torch.Tensor | VideoRows":
+    return x.map(_float_pixels) if isinstance(x, VideoRows) else _float_pixels(x)
 
 
 def captions_of(data: PreferenceData, world=None) -> list[str]:
@@ -158,19 +167,16 @@ def captions_of(data: PreferenceData, world=None) -> list[str]:
     return world.captions(data.cond_ids)
 
 
-def pair_pixels(pairs_dir: Path, records, key: str) -> torch.Tensor:
-    """The ``key`` videos of ``records`` (n, 3, T, H, W): decoded frames (uint8) when the pairs were decoded,
+def pair_pixels(pairs_dir: Path, records, key: str) -> VideoRows:
+    """The ``key`` videos of ``records`` (n, 3, T, H, W), unread: decoded frames (uint8) when the pairs were decoded,
     else the shards' pixels (float; the shapes world's pairs are pixels)."""
-    frames = PairFrames(pairs_dir)
-    if records and frames.has_frames(records[0]):
-        return torch.stack([frames.get_uint8(r, key) for r in records])
-    reader = ShardReader(pairs_dir)
-    return torch.stack([reader.get(r, key) for r in records]).float()
+    return pair_rows(pairs_dir, records, key, kind="pixels")
 
 
 def load_preference_data(pairs_dir: str | Path, num_segments: Optional[int] = None, *,
-                         records=None) -> PreferenceData:
-    """The labelled pairs of ``pairs_dir/manifest.jsonl`` (or the given records of that directory)."""
+                         records=None, memory_bytes: int = IN_MEMORY_BYTES) -> PreferenceData:
+    """The labelled pairs of ``pairs_dir/manifest.jsonl`` (or the given records of that directory); their videos
+    loaded when they hold at most ``memory_bytes``, else read batch by batch (``load_if_small``)."""
     pairs_dir = Path(pairs_dir)
     if records is None:
         records, problems = read_manifest(pairs_dir / MANIFEST_FILE, need_labels=True, on_error="skip",
@@ -187,8 +193,9 @@ def load_preference_data(pairs_dir: str | Path, num_segments: Optional[int] = No
     weights = [float(r.extra.get("weight", 1.0)) for r in records]
     cond = (torch.tensor([r.cond_ids for r in records], dtype=torch.long) if all(r.cond_ids for r in records)
             else torch.zeros(len(records), 0, dtype=torch.long))
-    return PreferenceData(first=pair_pixels(pairs_dir, records, "first"),
-                          second=pair_pixels(pairs_dir, records, "second"),
+    first, second = load_if_small(pair_pixels(pairs_dir, records, "first"), pair_pixels(pairs_dir, records, "second"),
+                                  budget=memory_bytes)
+    return PreferenceData(first=first, second=second,
                           cond_ids=cond,
                           labels=torch.tensor([r.labels for r in records], dtype=torch.long),
                           video_labels=torch.tensor(video, dtype=torch.long),

@@ -55,6 +55,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from vidpo.data.video_rows import load_if_small
 from vidpo.ipo.critic import PreferenceData, pairs_within
 from vidpo.ipo.pool import VideoPool, pool_videos
 from vidpo.labeling.answer_cache import AnswerCache
@@ -398,7 +399,7 @@ def load_pseudo_labels(pairs_dir: str | Path, num_segments: int) -> Optional[Pre
     rows = [r for r in read_pseudo_rows(pairs_dir) if r["kept"]]
     if not rows:
         return None
-    videos = pool_videos(pairs_dir)   # read on demand: only the kept pairs' videos are loaded
+    videos = pool_videos(pairs_dir)   # unread: only the kept pairs' videos are ever read
     first = torch.tensor([r["first_video"] for r in rows], dtype=torch.long)
     second = torch.tensor([r["second_video"] for r in rows], dtype=torch.long)
     labels = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
@@ -407,7 +408,8 @@ def load_pseudo_labels(pairs_dir: str | Path, num_segments: int) -> Optional[Pre
                          f"{num_segments}")
     cond = torch.tensor([r["cond_ids"] for r in rows], dtype=torch.long).reshape(len(rows), -1) \
         if all(r["cond_ids"] for r in rows) else torch.zeros(len(rows), 0, dtype=torch.long)
-    return PreferenceData(first=videos[first], second=videos[second], cond_ids=cond, labels=labels,
+    first_videos, second_videos = load_if_small(videos.take(first), videos.take(second))
+    return PreferenceData(first=first_videos, second=second_videos, cond_ids=cond, labels=labels,
                           video_labels=torch.tensor([r["video_label"] for r in rows], dtype=torch.long),
                           weights=torch.tensor([float(r["weight"]) for r in rows], dtype=torch.float32),
                           pair_ids=[r["pair_id"] for r in rows], captions=[r["caption"] for r in rows],

@@ -43,8 +43,8 @@ def oracle_label(run: RunLayout, pairs_dir: Path, *, granularity: str, tie_margi
 def oracle_video_labels(run: RunLayout, data: PreferenceData) -> torch.Tensor:
     """The oracle's whole-video verdicts (N,) of in-memory pairs (for measurements only, never for training)."""
     with torch.no_grad():
-        d = (run.oracle.score(data.first, data.cond_ids).total.double()
-             - run.oracle.score(data.second, data.cond_ids).total.double())
+        d = (run.oracle.score(data.first[:], data.cond_ids).total.double()
+             - run.oracle.score(data.second[:], data.cond_ids).total.double())
     return torch.sign(d).long()
 
 
@@ -92,7 +92,7 @@ class FreshPairs:
     def __init__(self, run: RunLayout, pairs_dir: Path):
         self.run = run
         self.pairs = load_preference_data(pairs_dir, run.num_segments)
-        self.videos = torch.cat([self.pairs.first, self.pairs.second])
+        self.videos = torch.cat([self.pairs.first[:], self.pairs.second[:]])
         self.cond = torch.cat([self.pairs.cond_ids, self.pairs.cond_ids])
         with torch.no_grad():
             self.truth = run.oracle.score(self.videos, self.cond).total

@@ -5,23 +5,22 @@ Every generated pair of a round contributes its two videos to the pool, the firs
 the pool's pixels (the shapes world's clips, or a latent model's decoded uint8 frames); the pairs written from it
 and Dual-IPO's implicit rewards read its latents.
 
-Nothing of the pool is held in memory beyond what one step of its reader asks for. ``PoolVideos`` indexes the
-videos like a (2N, ...) tensor (an int, a slice, a list or a 1-D index tensor gives a stacked tensor) and reads
-each asked video alone from its shard through the shard file's memory map. A decoded Wan 2.1 480p video is 97 MB
-of uint8 frames and 8.4 MB of fp32 latents: a pool of 16k pairs is ~3 TB of frames, which used to be loaded whole
-on every rank. ``pool_scores`` hands a scorer the pool in chunks of at most ``POOL_CHUNK_BYTES``.
+Nothing of the pool is held in memory beyond what one step of its reader asks for: its pixels and latents are
+``vidpo.data.video_rows.VideoRows``, indexed like (2N, ...) tensors, each asked video read alone from its shard
+through the shard file's memory map. A decoded Wan 2.1 480p video is 97 MB of uint8 frames and 8.4 MB of fp32
+latents: a pool of 16k pairs is ~3 TB of frames, which used to be loaded whole on every rank. ``pool_scores`` hands
+a scorer the pool in chunks of at most ``POOL_CHUNK_BYTES``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import torch
 
 from vidpo.data.domains import Domain, ShapesDomain
-from vidpo.data.pairs import PAIRS_FILE, PairRecord, ShardReader, read_manifest
-from vidpo.data.video_io import PairFrames
+from vidpo.data.pairs import PAIRS_FILE, PairRecord, read_manifest
+from vidpo.data.video_rows import VideoRows, pair_rows
 from vidpo.labeling.base import LabelingError
 from vidpo.labeling.critic import PoolScorer
 from vidpo.models.critic import CriticScores
@@ -30,75 +29,13 @@ POOL_CHUNK_BYTES = 2 << 30
 """The most bytes of videos ``pool_scores`` hands its scorer at once (decoded Wan 480p: 21 videos)."""
 
 
-class PoolVideos:
-    """The (2N, ...) videos of a generated pairs directory, read on demand: video i < N is record i's first video,
-    video N + i its second one. ``read(record, key)`` gives one video; indexing stacks the asked ones."""
-
-    def __init__(self, records: Sequence[PairRecord], read: Callable[[PairRecord, str], torch.Tensor],
-                 rows: Optional[Sequence[int]] = None):
-        self._records = list(records)
-        self._read = read
-        self._rows = list(range(2 * len(self._records))) if rows is None else list(rows)
-        self._first: Optional[torch.Tensor] = None
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def video(self, i: int) -> torch.Tensor:
-        """Video ``i`` of this view."""
-        row = self._rows[i]
-        n = len(self._records)
-        return self._read(self._records[row % n], "first" if row < n else "second")
-
-    def _probe(self) -> torch.Tensor:
-        if self._first is None:
-            if not self._rows:
-                raise IndexError("an empty pool has no video shape")
-            self._first = self.video(0)
-        return self._first
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((len(self), *self._probe().shape))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._probe().dtype
-
-    def nbytes_per_video(self) -> int:
-        probe = self._probe()
-        return probe.numel() * probe.element_size()
-
-    def take(self, rows: Sequence[int]) -> "PoolVideos":
-        """A lazy view of the videos ``rows`` of this one, in that order."""
-        return PoolVideos(self._records, self._read, [self._rows[int(i)] for i in rows])
-
-    def __getitem__(self, index) -> torch.Tensor:
-        if isinstance(index, int):
-            return self.video(index if index >= 0 else len(self) + index)
-        if isinstance(index, slice):
-            positions = range(*index.indices(len(self)))
-        elif isinstance(index, torch.Tensor):
-            if index.dtype == torch.bool or index.dim() != 1:
-                raise TypeError(f"PoolVideos takes a 1-D integer index tensor, got {index.dtype} {tuple(index.shape)}")
-            positions = index.tolist()
-        elif isinstance(index, (list, tuple, range)):
-            positions = [int(i) for i in index]
-        else:
-            raise TypeError(f"PoolVideos cannot be indexed by {type(index).__name__}")
-        positions = [p if p >= 0 else len(self) + p for p in positions]
-        if not positions:
-            return torch.empty((0, *self._probe().shape), dtype=self.dtype)
-        return torch.stack([self.video(p) for p in positions])
-
-
 @dataclass
 class VideoPool:
     """Every video of a round's generated pairs: the first videos, then the second ones (2N)."""
 
-    pixels: PoolVideos
+    pixels: VideoRows
     """(2N, 3, F, H, W) what a critic scores: the shapes world's clips (float), or decoded frames (uint8)."""
-    latents: PoolVideos
+    latents: VideoRows
     """(2N, C, T, h, w) what the policy trains on (float; the clips themselves for the shapes world)."""
     captions: list
     prompt_ids: list
@@ -134,44 +71,35 @@ def _cond_ids(records: list[PairRecord]) -> torch.Tensor:
     return torch.zeros(len(records), 0, dtype=torch.long)
 
 
-def _videos(src: Path, records: list[PairRecord]) -> tuple[PoolVideos, PoolVideos]:
-    """(pixels, latents) of the pool: decoded uint8 frames and the shards' latents, or the shards' clips for both."""
-    frames = PairFrames(src, rows_only=True)
-    shards = ShardReader(src, max_cached=4, rows_only=True)
-
-    def latent(record: PairRecord, key: str) -> torch.Tensor:
-        return shards.get(record, key).float()
-
-    if records and frames.has_frames(records[0]):
-        return PoolVideos(records, frames.get_uint8), PoolVideos(records, latent)
-    clips = PoolVideos(records, latent)
-    return clips, clips
+def _videos(src: Path, records: list[PairRecord], kind: str = "pixels") -> VideoRows:
+    """The pool's videos: the records' first videos, then their second ones (``pair_rows``' ``kind``)."""
+    return VideoRows.cat([pair_rows(src, records, key, kind=kind) for key in ("first", "second")])
 
 
 def read_video_pool(src: Path, domain: Domain) -> VideoPool:
     """The pool of the generated pairs in ``src`` (module docstring), keyed by ``domain``'s prompts."""
     records = _records(src)
-    pixels, latents = _videos(src, records)
+    pixels, latents = _videos(src, records, "pixels"), _videos(src, records, "latents")
     cond = _cond_ids(records).repeat(2, 1)
     prompt_ids = [r.prompt_id for r in records] * 2
     return VideoPool(pixels=pixels, latents=latents, captions=[r.caption for r in records] * 2,
                      prompt_ids=prompt_ids, cond_ids=cond, keys=prompt_keys(domain, prompt_ids, cond))
 
 
-def pool_videos(src: Path) -> PoolVideos:
+def pool_videos(src: Path) -> VideoRows:
     """The pixels of every video of the generated pairs in ``src``, read on demand (decoded uint8 frames when the
     pairs were decoded, else the shards' clips as float): (2N, 3, F, H, W)."""
-    return _videos(src, _records(src))[0]
+    return _videos(src, _records(src))
 
 
 def read_pool(src: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """``pool_videos`` loaded whole, and the conditions: (videos (2N, 3, F, H, W), cond_ids (2N, K)). For
     measurements of toy pools; a real model's pool is read through ``pool_videos``."""
     records = _records(src)
-    return _videos(src, records)[0][:], _cond_ids(records).repeat(2, 1)
+    return _videos(src, records)[:], _cond_ids(records).repeat(2, 1)
 
 
-def pool_chunks(videos: PoolVideos, chunk_bytes: int = POOL_CHUNK_BYTES) -> list[range]:
+def pool_chunks(videos: VideoRows, chunk_bytes: int = POOL_CHUNK_BYTES) -> list[range]:
     """Consecutive ranges of ``videos`` of at most ``chunk_bytes`` each (at least one video a range)."""
     if not len(videos):
         return []
