@@ -479,3 +479,31 @@ def test_report_without_eval_dir_has_no_section(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 0.5}) + "\n")
     assert render_judged(tmp_path) == ("", [])
     assert "<video" not in write_report(tmp_path).read_text()
+
+
+def test_decoding_is_dealt_to_the_ranks_by_decode_batch():
+    from types import SimpleNamespace
+
+    from vidpo.models.vae import IdentityVAE
+    from vidpo.stages.judged_eval import decode_split
+
+    class CountingVAE(IdentityVAE):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def decode(self, latents):
+            self.batches.append(latents.shape[0])
+            return super().decode(latents)
+
+    latents = torch.rand(7, 3, 2, 4, 4) * 2 - 1
+    one = dict(decode_split(IdentityVAE(), latents, 3, None))
+    assert sorted(one) == list(range(7))
+    seen = {}
+    for rank in range(2):
+        vae = CountingVAE()
+        got = dict(decode_split(vae, latents, 3, SimpleNamespace(rank=rank, world_size=2)))
+        assert vae.batches == ([3, 1] if rank == 0 else [3])     # batches [0, 3) and [6, 7) / [3, 6)
+        assert not set(got) & set(seen)
+        seen.update(got)
+    assert sorted(seen) == list(range(7)) and all(torch.equal(seen[k], one[k]) for k in range(7))

@@ -104,6 +104,7 @@ def test_vidpo_run_over_a_release_and_a_prompt_file(workspace, vlm, release, tmp
     # the judged evaluation: base vs policy on held-out prompts, win rate with its interval over prompts
     judged = summary["judged"]
     assert judged["judge"] == "vlm" and judged["videos"] == 4 and judged["failed"] == 0
+    assert not (out / "eval" / "frames").exists()    # the frames the judge read are removed once it has judged
     lo, hi = judged["win_rate"]["ci95"]
     assert lo <= judged["win_rate"]["mean"] <= hi and judged["wins"] + judged["ties"] + judged["losses"] == 4
     assert {p["prompt_id"] for p in json.loads((out / "eval" / "judged.json").read_text())["pairs"]} <= {"p6", "p7"} \
@@ -221,8 +222,9 @@ def test_torchrun_generates_the_same_pairs_and_exports_the_same_lora(workspace, 
     pytest.importorskip("megatron.core")
     model_dir = BUILDERS["wan2.1"](tmp_path / "wan")
     single, multi = tmp_path / "single", tmp_path / "torchrun"
-    assert cli(run_args(workspace, model_dir, vlm, single)) == 0
-    sets = run_args(workspace, model_dir, vlm, multi)[2:]
+    one_per_batch = "generate.decode_batch_size=1"    # 4 decode batches per model: both ranks decode
+    assert cli(run_args(workspace, model_dir, vlm, single, one_per_batch)) == 0
+    sets = run_args(workspace, model_dir, vlm, multi, one_per_batch)[2:]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(free_port()), "-m", "vidpo", "run", RECIPE, *sets]
@@ -242,13 +244,16 @@ def test_torchrun_generates_the_same_pairs_and_exports_the_same_lora(workspace, 
     pipe.load_lora_weights(str(multi / "lora"))
     assert sum(isinstance(m, LoraLayer) for m in pipe.transformer.modules()) == len(one) // 2
     # The judged evaluation's sampling is split over the ranks (each samples every other video) and gathered on
-    # rank 0: the initial policy's videos are one process's, frame for frame, and every video is judged once.
+    # every rank: the initial policy's videos are one process's, frame for frame, and every video is judged once.
     videos = sorted(p.name for p in (single / "eval" / "videos").iterdir())
     assert videos == sorted(p.name for p in (multi / "eval" / "videos").iterdir()) and len(videos) == 8
     for name in (v for v in videos if v.endswith("_base.mp4")):
         assert torch.equal(read_mp4(single / "eval" / "videos" / name), read_mp4(multi / "eval" / "videos" / name))
     judged = [json.loads((run / "summary.json").read_text())["judged"] for run in (single, multi)]
     assert judged[0]["videos"] == judged[1]["videos"] == 4 and judged[1]["failed"] == 0
+    # ... and so is the decoding (each rank decodes every other batch, so the base mp4s above came from both ranks);
+    # rank 0 judged from the frames both ranks wrote, then removed them
+    assert not (multi / "eval" / "frames").exists()
 
 
 @pytest.mark.parametrize("layout", [("parallel.tp=2", "parallel.sp=true"), ("parallel.cp=2", "generate.frames=13")],

@@ -15,21 +15,28 @@ Under torchrun the sampling, the expensive part (``eval.steps`` forwards with gu
 split over the data-parallel groups: group g samples videos ``k = g, g + G, ...`` (every rank of a TP / CP group
 the same ones, as its sharded forward needs), each from its own noise stream, so the videos equal one process's.
 Every group runs the same number of forwards (a short group repeats its last video), because an FSDP forward is
-a collective of all ranks. The latents meet on rank 0, which decodes, writes and judges.
+a collective of all ranks. The latents (8 MB a Wan 480p video) are then gathered on every rank, and the decoding
+is split too: rank r decodes the decode batches ``r, r + R, ...`` (the same batches as one process, so the same
+frames), writes their mp4s, their uint8 frames (``eval/frames/``) and their clip statistics. Rank 0 then judges
+from those frames, read one batch at a time (a decoded 480p video is 97 MB of frames: 32 per model would be 6 GB
+held at once), and removes them. One process takes the same path, so a judge sees the same frames either way.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 from vidpo.config import ConfigError, RunConfig
 from vidpo.data.domains import Domain, ShapesDomain
-from vidpo.data.video_io import display_scale, write_mp4
+from vidpo.data.video_io import display_scale, from_uint8, to_uint8, write_mp4
+from vidpo.data.video_rows import VideoRows
 from vidpo.evaluation.evaluate import sample_videos
 from vidpo.evaluation.judge import EVAL_DIR, JUDGED_NAME, judge_videos, video_path
 from vidpo.evaluation.video_stats import clip_stats, paired_stats
@@ -41,9 +48,13 @@ from vidpo.utils import atomic
 log = logging.getLogger("vidpo")
 
 
-def sample_split(sample, n: int, parallel) -> Optional[torch.Tensor]:
+FRAMES_DIR = "frames"
+"""Under ``RUN_DIR/eval/``: each judged video's uint8 frames, from its decoding to the end of the judging."""
+
+
+def sample_split(sample, n: int, parallel) -> torch.Tensor:
     """``sample(rows)`` of rows ``0..n-1`` (module doc): in one process all of them; under torchrun each
-    data-parallel group its share, padded to the same count, gathered in row order on rank 0 (None elsewhere)."""
+    data-parallel group its share, padded to the same count, gathered in row order on every rank."""
     if parallel is None or parallel.world_size == 1:
         return sample(list(range(n)))
     groups, group = parallel.dp, parallel.dp_rank
@@ -51,16 +62,34 @@ def sample_split(sample, n: int, parallel) -> Optional[torch.Tensor]:
     per_group = -(-n // groups)
     padded = mine + [mine[-1] if mine else 0] * (per_group - len(mine))   # equal forwards on every rank
     local = sample(padded)[:len(mine)] if padded else None
-    share = (mine, local) if parallel.tp_rank == 0 and parallel.cp_rank == 0 else ([], None)
-    gathered = [None] * parallel.world_size if parallel.rank == 0 else None
-    dist.gather_object(share, gathered, dst=0)
-    if parallel.rank != 0:
-        return None
+    share = (mine, None if local is None else local.cpu()) if parallel.tp_rank == 0 and parallel.cp_rank == 0 \
+        else ([], None)
+    gathered = [None] * parallel.world_size
+    dist.all_gather_object(gathered, share)
     out = [None] * n
     for rows, values in gathered:
         for j, k in enumerate(rows):
             out[k] = values[j]
     return torch.stack(out)
+
+
+def decode_split(vae: VideoVAE, latents: torch.Tensor, batch_size: int, parallel):
+    """``(k, clip)`` of this rank's videos: the decode batches ``[0, b), [b, 2b), ...`` of ``latents`` dealt to the
+    ranks in turn (one process: all of them), each clip float (3, F, H, W) on the CPU."""
+    rank, ranks = (0, 1) if parallel is None else (parallel.rank, parallel.world_size)
+    starts = list(range(0, latents.shape[0], batch_size))[rank::ranks]
+    for start in starts:
+        decoded = vae.decode(latents[start:start + batch_size]).cpu()
+        yield from zip(range(start, start + decoded.shape[0]), decoded)
+
+
+def frames_path(eval_dir: Path, prompt_id: str, seed: int, role: str) -> Path:
+    """Where a judged video's uint8 frames wait for the judge (beside its mp4's name)."""
+    return eval_dir / FRAMES_DIR / (video_path(eval_dir, prompt_id, seed, role).stem + ".safetensors")
+
+
+def _read_frames(path: Path) -> torch.Tensor:
+    return from_uint8(load_file(str(path))["frames"])
 
 
 def judge_kind(cfg: RunConfig, domain: Domain) -> Optional[str]:
@@ -78,8 +107,8 @@ def judged_evaluation(cfg: RunConfig, run_dir: str | Path, *, base: torch.nn.Mod
                       parallel=None) -> Optional[dict]:
     """Sample, decode, write and judge (module docstring); returns the summary for ``summary.json``, or None
     when ``eval.judge`` is 'none'. Under torchrun (``parallel``: the run's ParallelContext) every rank samples its
-    data-parallel group's share of the videos and only the rank with ``write`` (rank 0) decodes, judges and
-    writes; the others return None."""
+    data-parallel group's share of the videos and decodes its share of the decode batches; only the rank with
+    ``write`` (rank 0) judges and writes the summary; the others return None."""
     kind = judge_kind(cfg, domain)
     if kind is None:
         return None
@@ -109,19 +138,28 @@ def judged_evaluation(cfg: RunConfig, run_dir: str | Path, *, base: torch.nn.Mod
                                  negative=None if negative is None else negative[rows],
                                  batch_size=cfg.sample.batch_size)
         latents[role] = sample_split(sample, n, parallel)
+    scale = display_scale(domain.height, domain.width)
+    mine = {}    # (role, k) -> this rank's clip statistics
+    for role in ("base", "policy"):
+        for k, clip in decode_split(vae, latents[role], cfg.generate.decode_batch_size, parallel):
+            write_mp4(video_path(eval_dir, ids[k], seeds[k], role), clip, domain.fps, scale=scale)
+            atomic.save_safetensors({"frames": to_uint8(clip)}, frames_path(eval_dir, ids[k], seeds[k], role))
+            mine[role, k] = {name: float(v[0]) for name, v in clip_stats(clip[None]).items()}
+    every = [mine]
+    if parallel is not None and parallel.world_size > 1:
+        every = [None] * parallel.world_size
+        dist.all_gather_object(every, mine)   # also the barrier after which every rank's frames are on disk
     if not write:
         return None
-    clips, stats = {}, {}
-    for role in ("base", "policy"):
-        pixels = torch.cat([vae.decode(latents[role][i:i + cfg.generate.decode_batch_size])
-                            for i in range(0, n, cfg.generate.decode_batch_size)]).cpu()
-        scale = display_scale(domain.height, domain.width)
-        for prompt_id, seed, clip in zip(ids, seeds, pixels):
-            write_mp4(video_path(eval_dir, prompt_id, seed, role), clip, domain.fps, scale=scale)
-        clips[role], stats[role] = pixels, clip_stats(pixels)
+    by_video = {key: values for part in every for key, values in part.items()}
+    clips = {role: VideoRows([lambda p=frames_path(eval_dir, ids[k], seeds[k], role): _read_frames(p)
+                              for k in range(n)]) for role in ("base", "policy")}
+    stats = {role: {name: torch.tensor([by_video[role, k][name] for k in range(n)], dtype=torch.float64)
+                    for name in by_video["base", 0]} for role in ("base", "policy")}
     comparison = judge_videos(labeler, clips["policy"], clips["base"], [p.text for p in chosen], ids, domain.fps,
                               seeds=seeds, order_seed=cfg.seed, cond_ids=domain.condition_ids(ids))
     comparison.save(eval_dir / JUDGED_NAME)
+    shutil.rmtree(eval_dir / FRAMES_DIR, ignore_errors=True)
     summary = {**comparison.summary(), "judge": kind, "videos": n,
                "video_stats": paired_stats(stats["policy"], stats["base"])}
     atomic.write_json(eval_dir / "judged_summary.json", summary)
