@@ -124,8 +124,9 @@ class PreferenceData:
     def subset(self, index: Sequence[int]) -> "PreferenceData":
         idx = torch.as_tensor(list(index), dtype=torch.long)
         rows = idx.tolist()
-        return PreferenceData(take_rows(self.first, idx), take_rows(self.second, idx), self.cond_ids[idx], self.labels[idx],
-                              self.video_labels[idx], self.weights[idx], [self.pair_ids[i] for i in rows],
+        return PreferenceData(take_rows(self.first, idx), take_rows(self.second, idx), self.cond_ids[idx],
+                              self.labels[idx], self.video_labels[idx], self.weights[idx],
+                              [self.pair_ids[i] for i in rows],
                               captions=None if self.captions is None else [self.captions[i] for i in rows],
                               prompt_ids=None if self.prompt_ids is None else [self.prompt_ids[i] for i in rows])
 

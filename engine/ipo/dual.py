@@ -323,8 +323,9 @@ def pool_implicit_rewards(pool: VideoPool, policy: VelocityFn, reference: Veloci
     rows = list(range(len(pool))) if videos is None else list(videos)
     if not rows:
         return torch.zeros(0, dtype=torch.float64)
-    return video_implicit_rewards(policy, reference, pool.latents.take(rows), tokens[rows], keys[rows], beta=cfg.pref.beta,
-                                  seed=derive_seed(cfg.seed, *stream), draws=it.pce_timesteps, t_min=cfg.flow.t_min,
+    return video_implicit_rewards(policy, reference, pool.latents.take(rows), tokens[rows], keys[rows],
+                                  beta=cfg.pref.beta, seed=derive_seed(cfg.seed, *stream), draws=it.pce_timesteps,
+                                  t_min=cfg.flow.t_min,
                                   t_max=cfg.flow.t_max, device=device, process=process)
 
 
