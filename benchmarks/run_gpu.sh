@@ -22,7 +22,9 @@
 # than BUDGET_S. A step that would start after DEADLINE_S (default 560 s: the device tool stops a command at
 # 600 s) is skipped and reported. Rows go to $OUT/results/*.csv (a fresh CSV per script) and are appended to
 # benchmarks/results/*.csv; the dated report benchmarks/reports/<yyyy-mm-dd>_gpu_<device>.md (copied to $OUT)
-# lists versions, every command, its status and its time against the estimate. Logs: $OUT/logs/<step>.log.
+# lists versions, every command, its status and its time against the estimate. The logs, the GPU tests' JUnit XML
+# and the step benchmarks' own reports are written under $WORK and packed into $OUT/logs.tar.gz after every step:
+# $OUT never holds more than 6 files (the device tool brings back 8), even when the run is stopped from outside.
 # Exit status: 0 when every step passed (or was skipped for a missing optional package), 1 otherwise.
 #
 # Packages the GPU machine lacks: each step names the Python modules it imports (diffusers for the Wan step and the
@@ -38,9 +40,11 @@
 #                                           arguments through its own --dry-run / --help, the test selection
 #                                           collects), prints the plan with its estimates, fails over budget
 #   bash benchmarks/run_gpu.sh              on the GPU
-# Environment: OUT (output folder; default a temporary one), BUDGET_S, DEADLINE_S, STEPS (space-separated subset
-# of the step names, default all), PYTHON (default python, else python3), WHEELS (default .whl), SITE (where the
-# carried wheels are installed; default /tmp/vidpo_gpu_site), GPU_WHEELS_LIST (default benchmarks/gpu_wheels.txt).
+# Environment: OUT (output folder; default a temporary one), WORK (logs before packing; default a temporary one),
+# BUDGET_S, DEADLINE_S, STEPS (space-separated subset of the step names, default all), PYTHON (default python, else
+# python3), WHEELS (default .whl), SITE (where the carried wheels are installed; default /tmp/vidpo_gpu_site),
+# GPU_WHEELS_LIST (default benchmarks/gpu_wheels.txt), RESULTS_DIR (default benchmarks/results) and REPORTS_DIR
+# (default benchmarks/reports): where the rows are appended and the dated report is written.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -92,9 +96,12 @@ DEADLINE_S="${DEADLINE_S:-560}"
 ALL_STEPS="env build tests dense_dpo step_lora_32k step_full_32k step_lora_75k vae dali"
 STEPS="${STEPS:-$ALL_STEPS}"
 OUT_DIR="${OUT:-$(mktemp -d /tmp/vidpo_gpu.XXXXXX)}"
+WORK_DIR="${WORK:-$(mktemp -d /tmp/vidpo_gpu_work.XXXXXX)}"
+RESULTS_DIR="${RESULTS_DIR:-benchmarks/results}"
+REPORTS_DIR="${REPORTS_DIR:-benchmarks/reports}"
 RUN_RESULTS="$OUT_DIR/results"
-LOGS="$OUT_DIR/logs"
-mkdir -p "$RUN_RESULTS" "$LOGS"
+LOGS="$WORK_DIR/logs"
+mkdir -p "$RUN_RESULTS" "$LOGS" "$RESULTS_DIR" "$REPORTS_DIR"
 STAMP="$(date -u +%Y-%m-%d)"
 export PYTHONUNBUFFERED=1
 
@@ -129,13 +136,13 @@ add_step dense_dpo 50 0 \
     "TRITON_INTERPRET=0 $PY benchmarks/bench_dense_dpo.py --device cuda --quick --pairs 2,16 --providers torch,compile,triton,cuda --out $RUN_RESULTS/dense_dpo.csv"
 add_step step_lora_32k 75 0 \
     "$PY $STEP_COMMON $WAN_32K --train lora --repeats 2 --flips ref_lora_off --dry-run" \
-    "$PY $STEP_COMMON $WAN_32K --train lora --repeats 2 --flips ref_lora_off --out $RUN_RESULTS/step.csv --report $OUT_DIR/step_wan1.3b_lora_32k.md"
+    "$PY $STEP_COMMON $WAN_32K --train lora --repeats 2 --flips ref_lora_off --out $RUN_RESULTS/step.csv --report $WORK_DIR/step_wan1.3b_lora_32k.md"
 add_step step_full_32k 50 0 \
     "$PY $STEP_COMMON $WAN_32K --train full --repeats 2 --flips none --dry-run" \
-    "$PY $STEP_COMMON $WAN_32K --train full --repeats 2 --flips none --out $RUN_RESULTS/step.csv --report $OUT_DIR/step_wan1.3b_full_32k.md"
+    "$PY $STEP_COMMON $WAN_32K --train full --repeats 2 --flips none --out $RUN_RESULTS/step.csv --report $WORK_DIR/step_wan1.3b_full_32k.md"
 add_step step_lora_75k 75 0 \
     "$PY $STEP_COMMON $WAN_75K --train lora --repeats 1 --flips none --no-plain --dry-run" \
-    "$PY $STEP_COMMON $WAN_75K --train lora --repeats 1 --flips none --no-plain --out $RUN_RESULTS/step.csv --report $OUT_DIR/step_wan1.3b_lora_75k.md"
+    "$PY $STEP_COMMON $WAN_75K --train lora --repeats 1 --flips none --no-plain --out $RUN_RESULTS/step.csv --report $WORK_DIR/step_wan1.3b_lora_75k.md"
 add_step vae 35 0 \
     "$PY benchmarks/bench_vae.py --dry-run --device cuda" \
     "$PY benchmarks/bench_vae.py --device cuda --warmup 1 --repeats 2 --out $RUN_RESULTS/vae.csv"
@@ -213,13 +220,13 @@ if (( DRY_RUN )); then
 fi
 
 device_name="$($PY -c 'import torch; n=torch.cuda.get_device_name(0).lower(); print("h200" if "h200" in n else "h100" if "h100" in n else n.split()[-1].replace("-", ""))' 2>/dev/null || echo unknown)"
-report="benchmarks/reports/${STAMP}_gpu_${device_name}.md"
+report="$REPORTS_DIR/${STAMP}_gpu_${device_name}.md"
 # The report is rewritten after every step, so a run stopped from outside still leaves one in $OUT.
 write_report() {
     {
         echo "# vidpo GPU measurements: $device_name, $STAMP"
         echo
-        echo "Produced by \`bash benchmarks/run_gpu.sh\` in $((SECONDS - start_all)) s (budget $BUDGET_S s). Rows: \`benchmarks/results/{dense_dpo,step,vae,decode}.csv\` (this run's timestamps); logs were in \`\$OUT/logs\`."
+        echo "Produced by \`bash benchmarks/run_gpu.sh\` in $((SECONDS - start_all)) s (budget $BUDGET_S s). Rows: \`benchmarks/results/{dense_dpo,step,vae,decode}.csv\` (this run's timestamps); logs in \`\$OUT/logs.tar.gz\`."
         echo
         echo "## Versions"
         echo
@@ -241,7 +248,7 @@ write_report() {
             grep -v '^USDT' "$LOGS/$part.log" | tail -n 60
             echo '```'
         done
-        for step_report in "$OUT_DIR"/step_wan*.md; do
+        for step_report in "$WORK_DIR"/step_wan*.md; do
             [[ -f "$step_report" ]] || continue
             echo
             echo "## $(basename "$step_report" .md)"
@@ -250,6 +257,7 @@ write_report() {
         done
     } >"$report"
     cp "$report" "$OUT_DIR/"
+    tar -czf "$OUT_DIR/logs.tar.gz.tmp" -C "$WORK_DIR" . && mv "$OUT_DIR/logs.tar.gz.tmp" "$OUT_DIR/logs.tar.gz"
 }
 
 status_lines=()
@@ -310,7 +318,7 @@ done
 # Rows of this run: fresh CSVs under $OUT/results, appended to the committed ones (header kept once).
 for csv in "$RUN_RESULTS"/*.csv; do
     [[ -f "$csv" ]] || continue
-    target="benchmarks/results/$(basename "$csv")"
+    target="$RESULTS_DIR/$(basename "$csv")"
     if [[ -s "$target" ]]; then tail -n +2 "$csv" >>"$target"; else cp "$csv" "$target"; fi
 done
 

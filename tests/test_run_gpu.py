@@ -27,7 +27,8 @@ def run_script(tmp_path, *args, **env):
     full_env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
                 "WHEELS": str(tmp_path / "no_wheels"), **env}
     full_env.pop("TRITON_INTERPRET", None)
-    return subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), *(args or ("--dry-run",))], cwd=ROOT,
+    args = [a for a in (args or ("--dry-run",)) if a]      # "" runs for real
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), *args], cwd=ROOT,
                           env=full_env, capture_output=True, text=True, timeout=300)
 
 
@@ -47,6 +48,26 @@ def test_dry_run_fails_over_budget_and_on_a_broken_step(tmp_path):
     assert over.returncode == 1 and "OVER BUDGET" in over.stderr
     broken = run_script(tmp_path, STEPS="vae", PYTHON="false")     # an interpreter that fails every command
     assert broken.returncode == 1 and "dry run: vae FAILED" in broken.stderr
+
+
+def test_a_run_leaves_few_files_in_out_and_packs_its_logs(tmp_path):
+    """The device tool brings back at most 8 files from $OUT: the run keeps the CSVs, the report and one archive of
+    every log there. The env step runs on any machine (its GPU tools may be missing), so a real run of it is checked."""
+    import tarfile
+
+    out, reports, results = tmp_path / "out", tmp_path / "reports", tmp_path / "results"
+    done = run_script(tmp_path / "dry", "", STEPS="env", OUT=str(out), WORK=str(tmp_path / "work"),
+                      REPORTS_DIR=str(reports), RESULTS_DIR=str(results))
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert len(files) <= 8 and "logs.tar.gz" in files
+    (report,) = [f for f in files if f.endswith(".md")]
+    assert (reports / report).read_text() == (out / report).read_text()
+    text = (out / report).read_text()
+    assert "| env | ok |" in text and "torch 2." in text and "$OUT/logs.tar.gz" in text
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        assert "./logs/env.log" in archive.getnames()
+    assert not list(results.glob("*.csv"))            # the env step writes no rows
 
 
 def hide_module(tmp_path, name):
