@@ -40,6 +40,9 @@
 #                                           arguments through its own --dry-run / --help, the test selection
 #                                           collects), prints the plan with its estimates, fails over budget
 #   bash benchmarks/run_gpu.sh              on the GPU
+#   bash benchmarks/run_gpu.sh --import DIR  here, after the run: DIR is the $OUT that came back; its rows are
+#                                           appended to benchmarks/results/*.csv (once) and its report copied to
+#                                           benchmarks/reports/, ready to commit
 # Environment: OUT (output folder; default a temporary one), WORK (logs before packing; default a temporary one),
 # BUDGET_S, DEADLINE_S, STEPS (space-separated subset of the step names, default all), PYTHON (default python, else
 # python3), WHEELS (default .whl), SITE (where the carried wheels are installed; default /tmp/vidpo_gpu_site),
@@ -50,17 +53,24 @@ cd "$(dirname "$0")/.."
 
 DRY_RUN=0
 FETCH=0
+IMPORT_FROM=""
+USAGE="usage: bash benchmarks/run_gpu.sh [--dry-run | --fetch-wheels | --import DIR]"
 case "${1:-}" in
     --dry-run) DRY_RUN=1 ;;
     --fetch-wheels) FETCH=1 ;;
+    --import)
+        IMPORT_FROM="${2:-}"
+        [[ -n "$IMPORT_FROM" && -d "$IMPORT_FROM" ]] || { echo "$USAGE (--import needs the folder \$OUT came back in)" >&2; exit 2; } ;;
     "") ;;
-    *) echo "usage: bash benchmarks/run_gpu.sh [--dry-run | --fetch-wheels]" >&2; exit 2 ;;
+    *) echo "$USAGE" >&2; exit 2 ;;
 esac
 # The GPU image's interpreter is `python3`; `python` is not always there.
 PY="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
 WHEELS="${WHEELS:-.whl}"
 SITE="${SITE:-/tmp/vidpo_gpu_site}"
 WHEEL_LIST="${GPU_WHEELS_LIST:-benchmarks/gpu_wheels.txt}"
+RESULTS_DIR="${RESULTS_DIR:-benchmarks/results}"
+REPORTS_DIR="${REPORTS_DIR:-benchmarks/reports}"
 
 if (( FETCH )); then
     # Wheels only (nothing is built there), for the GPU machine's Python and platform, without dependencies: the
@@ -77,6 +87,37 @@ if (( FETCH )); then
         "${platforms[@]}" -d "$WHEELS" "${wanted[@]}" || { echo "pip download failed for: ${wanted[*]}" >&2; exit 1; }
     ls -l "$WHEELS"/*.whl
     echo "fetched ${#wanted[@]} package(s) for Python $version into $WHEELS ($(du -sh "$WHEELS" | cut -f1)); carry $WHEELS"
+    exit 0
+fi
+
+# Fresh CSVs (one run's rows, with their header) appended to $RESULTS_DIR's, the header kept once; a CSV whose first
+# row is already there was appended before and is skipped.
+append_rows() {
+    local csv target first
+    for csv in "$1"/*.csv; do
+        [[ -f "$csv" ]] || continue
+        target="$RESULTS_DIR/$(basename "$csv")"
+        first="$(sed -n 2p "$csv")"
+        if [[ -z "$first" ]]; then continue; fi
+        if [[ -s "$target" ]] && grep -qxF -- "$first" "$target"; then
+            echo "rows of $csv are already in $target: skipped"
+        elif [[ -s "$target" ]]; then
+            tail -n +2 "$csv" >>"$target"
+            echo "appended $(($(wc -l <"$csv") - 1)) rows to $target"
+        else
+            cp "$csv" "$target"
+            echo "wrote $target"
+        fi
+    done
+}
+
+if [[ -n "$IMPORT_FROM" ]]; then
+    mkdir -p "$RESULTS_DIR" "$REPORTS_DIR"
+    append_rows "$IMPORT_FROM/results"
+    for md in "$IMPORT_FROM"/*_gpu_*.md; do
+        [[ -f "$md" ]] || continue
+        cp "$md" "$REPORTS_DIR/" && echo "copied $(basename "$md") to $REPORTS_DIR"
+    done
     exit 0
 fi
 
@@ -97,8 +138,6 @@ ALL_STEPS="env build tests dense_dpo step_lora_32k step_full_32k step_lora_75k v
 STEPS="${STEPS:-$ALL_STEPS}"
 OUT_DIR="${OUT:-$(mktemp -d /tmp/vidpo_gpu.XXXXXX)}"
 WORK_DIR="${WORK:-$(mktemp -d /tmp/vidpo_gpu_work.XXXXXX)}"
-RESULTS_DIR="${RESULTS_DIR:-benchmarks/results}"
-REPORTS_DIR="${REPORTS_DIR:-benchmarks/reports}"
 RUN_RESULTS="$OUT_DIR/results"
 LOGS="$WORK_DIR/logs"
 mkdir -p "$RUN_RESULTS" "$LOGS" "$RESULTS_DIR" "$REPORTS_DIR"
@@ -316,11 +355,7 @@ for i in "${!NAMES[@]}"; do
 done
 
 # Rows of this run: fresh CSVs under $OUT/results, appended to the committed ones (header kept once).
-for csv in "$RUN_RESULTS"/*.csv; do
-    [[ -f "$csv" ]] || continue
-    target="$RESULTS_DIR/$(basename "$csv")"
-    if [[ -s "$target" ]]; then tail -n +2 "$csv" >>"$target"; else cp "$csv" "$target"; fi
-done
+append_rows "$RUN_RESULTS"
 
 write_report
 echo "report: $report (copy in $OUT_DIR)"

@@ -70,6 +70,31 @@ def test_a_run_leaves_few_files_in_out_and_packs_its_logs(tmp_path):
     assert not list(results.glob("*.csv"))            # the env step writes no rows
 
 
+def test_what_came_back_is_imported_once(tmp_path):
+    came_back, results, reports = tmp_path / "came_back", tmp_path / "results", tmp_path / "reports"
+    (came_back / "results").mkdir(parents=True)
+    header = "kernel,provider,mode,metric,unit,x,y50,y20,y80,device,timestamp,version,command\n"
+    fresh = ["dense_dpo,cuda,full,time,ms,B2,1.0,0.9,1.1,NVIDIA H200,2026-12-04T10:00:00Z,v,c\n",
+             "dense_dpo,triton,full,time,ms,B2,1.2,1.1,1.3,NVIDIA H200,2026-12-04T10:00:00Z,v,c\n"]
+    (came_back / "results" / "dense_dpo.csv").write_text(header + "".join(fresh))
+    (came_back / "results" / "vae.csv").write_text(header + fresh[0])
+    (came_back / "2026-12-04_gpu_h200.md").write_text("# vidpo GPU measurements: h200\n")
+    results.mkdir()
+    old = "dense_dpo,cpp,full,time,ms,B4,2.0,1.9,2.1,AMD EPYC,2026-12-03T10:00:00Z,v,c\n"
+    (results / "dense_dpo.csv").write_text(header + old)
+    env = dict(RESULTS_DIR=str(results), REPORTS_DIR=str(reports))
+    first = run_script(tmp_path, "--import", str(came_back), **env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (results / "dense_dpo.csv").read_text() == header + old + "".join(fresh)
+    assert (results / "vae.csv").read_text() == header + fresh[0]
+    assert (reports / "2026-12-04_gpu_h200.md").is_file()
+    again = run_script(tmp_path, "--import", str(came_back), **env)
+    assert again.returncode == 0 and again.stdout.count("already in") == 2
+    assert (results / "dense_dpo.csv").read_text() == header + old + "".join(fresh)
+    missing = run_script(tmp_path, "--import", str(tmp_path / "nowhere"), **env)
+    assert missing.returncode == 2 and "--import needs the folder" in missing.stderr
+
+
 def hide_module(tmp_path, name):
     """A sitecustomize that makes ``name`` unimportable, as on a GPU image that lacks it."""
     folder = tmp_path / "hide"
