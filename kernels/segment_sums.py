@@ -86,10 +86,24 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def plane_alignment(plane_size: int) -> int:
+    """The largest power of two up to 16 that divides ``plane_size``: every plane then starts on a multiple of it.
+
+    The kernels take the plane size as ``plane_units * ALIGN`` with ALIGN a constexpr, so the compiler knows it: with
+    8 or 16 a plane's loads and stores become 16-byte vectors for bf16 and fp32. Triton's own specialisation of an
+    integer argument only knows "divisible by 16" (Wan's 60 x 104 = 6240), not CogVideoX's 60 x 90 = 5400 (divisible
+    by 8), whose loads were 2-byte scalars without the hint (``python -m vidpo.kernels.aot --unaligned``)."""
+    align = 1
+    while align < 16 and plane_size % (2 * align) == 0:
+        align *= 2
+    return align
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Program tiling: each program covers ``planes`` consecutive planes x one chunk of
-    ``block * iters`` elements of each; ``chunks`` chunks cover a plane; ``programs`` in total."""
+    ``block * iters`` elements of each; ``chunks`` chunks cover a plane; ``programs`` in total. ``align``:
+    ``plane_alignment`` of the plane size (a constexpr of the kernels)."""
 
     block: int
     iters: int
@@ -97,6 +111,7 @@ class LaunchConfig:
     planes: int
     programs: int
     num_warps: int
+    align: int = 1
 
 
 def launch_config(plane_size: int, num_planes: int, interpreter: Optional[bool] = None) -> LaunchConfig:
@@ -109,7 +124,7 @@ def launch_config(plane_size: int, num_planes: int, interpreter: Optional[bool] 
     planes = max(1, min(tile // block, _next_pow2(num_planes)))
     programs = -(-num_planes // planes) * chunks
     num_warps = max(1, min(8, block * planes // 256))
-    return LaunchConfig(block, iters, chunks, planes, programs, num_warps)
+    return LaunchConfig(block, iters, chunks, planes, programs, num_warps, plane_alignment(plane_size))
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,12 +140,15 @@ def _kernels() -> SimpleNamespace:
     @triton.jit
     def _segment_sq_err_sums_fwd_kernel(
         v_theta_ptr, v_ref_ptr, target_ptr, x0_ptr, noise_ptr, partial_theta_ptr, partial_ref_ptr,
-        plane_size, num_planes, planes_per_row, noise_rows, chunks_per_plane,
+        plane_units, num_planes, planes_per_row, noise_rows, chunks_per_plane,
         HAS_REF: tl.constexpr, TARGET_FROM_NOISE: tl.constexpr,
-        BLOCK: tl.constexpr, ITERS: tl.constexpr, PLANES: tl.constexpr,
+        BLOCK: tl.constexpr, ITERS: tl.constexpr, PLANES: tl.constexpr, ALIGN: tl.constexpr,
     ):
         pid = tl.program_id(0)
         chunk = pid % chunks_per_plane
+        # The plane size comes as plane_units * ALIGN (plane_alignment): the compiler then knows that planes start,
+        # and the bounds mask changes, on multiples of ALIGN, and loads 16-byte vectors.
+        plane_size = plane_units * ALIGN
         # Planes (n * C + c) * T + t of this program; a plane's noise is noise row n % noise_rows.
         planes = (pid // chunks_per_plane) * PLANES + tl.arange(0, PLANES)
         valid = planes < num_planes
@@ -140,18 +158,20 @@ def _kernels() -> SimpleNamespace:
             noise_base = noise_planes.to(tl.int64) * plane_size
         acc_theta = tl.zeros([PLANES, BLOCK], dtype=tl.float32)
         acc_ref = tl.zeros([PLANES, BLOCK], dtype=tl.float32)
+        start = base[:, None] + chunk * (BLOCK * ITERS)   # each plane's first element of this chunk
         for i in range(ITERS):
-            offs = (chunk * (BLOCK * ITERS) + i * BLOCK + tl.arange(0, BLOCK))[None, :]
-            mask = valid[:, None] & (offs < plane_size)
+            offs = (i * BLOCK + tl.arange(0, BLOCK))[None, :]
+            mask = valid[:, None] & (chunk * (BLOCK * ITERS) + offs < plane_size)
             if TARGET_FROM_NOISE:
-                noise = tl.load(noise_ptr + noise_base[:, None] + offs, mask=mask, other=0.0).to(tl.float32)
-                u = noise - tl.load(x0_ptr + base[:, None] + offs, mask=mask, other=0.0).to(tl.float32)
+                noise_start = noise_base[:, None] + chunk * (BLOCK * ITERS)
+                noise = tl.load(noise_ptr + noise_start + offs, mask=mask, other=0.0).to(tl.float32)
+                u = noise - tl.load(x0_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
             else:
-                u = tl.load(target_ptr + base[:, None] + offs, mask=mask, other=0.0).to(tl.float32)
-            diff = tl.load(v_theta_ptr + base[:, None] + offs, mask=mask, other=0.0).to(tl.float32) - u
+                u = tl.load(target_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+            diff = tl.load(v_theta_ptr + start + offs, mask=mask, other=0.0).to(tl.float32) - u
             acc_theta += diff * diff
             if HAS_REF:
-                diff_ref = tl.load(v_ref_ptr + base[:, None] + offs, mask=mask, other=0.0).to(tl.float32) - u
+                diff_ref = tl.load(v_ref_ptr + start + offs, mask=mask, other=0.0).to(tl.float32) - u
                 acc_ref += diff_ref * diff_ref
         # One partial per (plane, chunk), laid out (num_planes, chunks_per_plane).
         slot = planes.to(tl.int64) * chunks_per_plane + chunk
@@ -162,11 +182,13 @@ def _kernels() -> SimpleNamespace:
     @triton.jit
     def _segment_scaled_residual_bwd_kernel(
         v_theta_ptr, target_ptr, x0_ptr, noise_ptr, coef_ptr, segment_ids_ptr, grad_ptr,
-        plane_size, num_planes, frames, planes_per_row, noise_rows, num_segments, chunks_per_plane,
+        plane_units, num_planes, frames, planes_per_row, noise_rows, num_segments, chunks_per_plane,
         TARGET_FROM_NOISE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, PLANES: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):
         pid = tl.program_id(0)
         chunk = pid % chunks_per_plane
+        plane_size = plane_units * ALIGN   # as in the forward kernel
         # Planes (n * C + c) * T + t of this program; a plane's noise is noise row n % noise_rows.
         planes = (pid // chunks_per_plane) * PLANES + tl.arange(0, PLANES)
         valid = planes < num_planes
@@ -229,9 +251,9 @@ def segment_sq_err_sums(
             _kernels().fwd[(cfg.programs,)](
                 v_theta, v_ref if v_ref is not None else v_theta, target_ptr, x0_ptr, noise_ptr,
                 partial[0], partial[num_sums - 1],
-                height * width, num_planes, channels * frames, noise_rows, cfg.chunks,
+                height * width // cfg.align, num_planes, channels * frames, noise_rows, cfg.chunks,
                 HAS_REF=v_ref is not None, TARGET_FROM_NOISE=from_noise,
-                BLOCK=cfg.block, ITERS=cfg.iters, PLANES=cfg.planes, num_warps=cfg.num_warps,
+                BLOCK=cfg.block, ITERS=cfg.iters, PLANES=cfg.planes, ALIGN=cfg.align, num_warps=cfg.num_warps,
             )
     per_frame = partial.view(num_sums, rows, channels, frames, cfg.chunks).sum(dim=(2, 4))  # (K, N, T)
     segments = torch.arange(num_segments, device=v_theta.device)
@@ -262,9 +284,10 @@ def segment_scaled_residual(
         with _device_guard(v_theta):
             _kernels().bwd[(cfg.programs,)](
                 v_theta, target_ptr, x0_ptr, noise_ptr, coef, segment_ids.contiguous(), grad,
-                height * width, num_planes, frames, channels * frames, noise_rows, coef.shape[1], cfg.chunks,
+                height * width // cfg.align, num_planes, frames, channels * frames, noise_rows, coef.shape[1],
+                cfg.chunks,
                 TARGET_FROM_NOISE=from_noise, BLOCK=cfg.block, ITERS=cfg.iters, PLANES=cfg.planes,
-                num_warps=cfg.num_warps,
+                ALIGN=cfg.align, num_warps=cfg.num_warps,
             )
     return grad
 

@@ -59,12 +59,15 @@ def close(actual, expected, dtype, scale=1.0, what=""):
 
 
 # Shapes: (B, C, T, H, W, segment_ids). Unequal segments, odd sizes, a plane larger than one program's
-# chunk (H*W = 8463 > 1024 * 8) so several programs share a plane.
+# chunk (H*W = 8463 > 1024 * 8) so several programs share a plane, planes aligned to 8 elements.
 CASES = {
     "odd_unequal_segments": (3, 3, 7, 5, 9, [0, 0, 1, 1, 1, 1, 2]),
     "one_segment": (2, 3, 5, 3, 7, [0, 0, 0, 0, 0]),
     "one_pair": (1, 2, 6, 4, 4, [0, 1, 1, 2, 3, 3]),
     "multi_chunk_plane": (1, 1, 3, 91, 93, [0, 0, 1]),
+    # planes whose size is a multiple of 8, not 16 (as CogVideoX's 60 x 90): the kernels' ALIGN = 8 path
+    "align_8_plane": (2, 2, 3, 12, 30, [0, 1, 1]),
+    "align_8_multi_chunk": (1, 1, 2, 82, 100, [0, 1]),
 }
 
 
