@@ -152,6 +152,16 @@ segment_sq_err_sums_cpu, segment_scaled_residual_cpu = register_segment_ops(
     "cpu", _sums_cpu, _residual_cpu, allow_double=True)
 
 
+def eager_or_op(op, impl, *args):
+    """``impl(*args)``, the extension itself, where the custom op adds nothing: grad mode off (the losses'
+    ``SegmentSqErrSums`` calls the primitives inside its own forward and backward) and no torch.compile tracing.
+    Otherwise ``op(*args)``: its autograd rule, its fake implementation for tracing. The custom-op dispatch costs
+    ~15 us a call in Python, a tenth of a small loss's host time and, on a GPU, longer than its kernels."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return op(*args)
+    return impl(*args)
+
+
 # ------------------------------------------------------------------------------------------------
 # The primitives (the functions ``vidpo.kernels.dispatch`` calls).
 
@@ -163,7 +173,8 @@ def segment_sq_err_sums(v_theta: torch.Tensor, v_ref: Optional[torch.Tensor], ta
     Differentiable in v_theta (and v_ref) through the custom op's autograd rule.
     """
     extension()
-    return segment_sq_err_sums_cpu(v_theta, v_ref, target, x0, noise, segment_ids, int(num_segments))
+    return eager_or_op(segment_sq_err_sums_cpu, _sums_cpu, v_theta, v_ref, target, x0, noise, segment_ids,
+                       int(num_segments))
 
 
 def segment_scaled_residual(v_theta: torch.Tensor, target: Optional[torch.Tensor], x0: Optional[torch.Tensor],
@@ -171,4 +182,4 @@ def segment_scaled_residual(v_theta: torch.Tensor, target: Optional[torch.Tensor
                             segment_ids: torch.Tensor) -> torch.Tensor:
     """coef[n, segment_ids[t]] * (v_theta - u), shaped like v_theta, on CPU tensors; coef (N, S)."""
     extension()
-    return segment_scaled_residual_cpu(v_theta, target, x0, noise, coef, segment_ids)
+    return eager_or_op(segment_scaled_residual_cpu, _residual_cpu, v_theta, target, x0, noise, coef, segment_ids)

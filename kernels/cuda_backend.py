@@ -79,7 +79,8 @@ def segment_sq_err_sums(v_theta: torch.Tensor, v_ref: Optional[torch.Tensor], ta
     Differentiable in v_theta (and v_ref) through the custom op's autograd rule.
     """
     _extension_with_cuda()
-    return segment_sq_err_sums_cuda(v_theta, v_ref, target, x0, noise, segment_ids, int(num_segments))
+    return cpp_backend.eager_or_op(segment_sq_err_sums_cuda, _sums_cuda, v_theta, v_ref, target, x0, noise,
+                                   segment_ids, int(num_segments))
 
 
 def segment_scaled_residual(v_theta: torch.Tensor, target: Optional[torch.Tensor], x0: Optional[torch.Tensor],
@@ -87,4 +88,5 @@ def segment_scaled_residual(v_theta: torch.Tensor, target: Optional[torch.Tensor
                             segment_ids: torch.Tensor) -> torch.Tensor:
     """coef[n, segment_ids[t]] * (v_theta - u), shaped like v_theta, on CUDA tensors; coef (N, S) fp32."""
     _extension_with_cuda()
-    return segment_scaled_residual_cuda(v_theta, target, x0, noise, coef, segment_ids)
+    return cpp_backend.eager_or_op(segment_scaled_residual_cuda, _residual_cuda, v_theta, target, x0, noise, coef,
+                                   segment_ids)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
 from typing import Dict, List, Tuple, Union
 
 import torch
@@ -41,6 +42,7 @@ BACKEND_DEVICES = {"torch": ("cpu", "cuda"), "triton": ("cuda", "cpu"), "cpp": (
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 _logged_choices = set()
+_resolved: Dict[tuple, str] = {}   # (requested name, device type, TRITON_INTERPRET) -> backend
 
 
 def _device_type(device: Union[str, torch.device, None]) -> str:
@@ -116,14 +118,20 @@ def resolve_backend(name: str, device: Union[str, torch.device, None]) -> str:
     The choice is logged once per (requested name, device type).
     """
     device_type = _device_type(device)
-    if name == "auto":
+    # Every loss call resolves its backend: a resolution that succeeded is kept (module imports and availability
+    # probes cost ~25 us a call, most of a small loss's host time). TRITON_INTERPRET is part of the key, since it
+    # decides whether triton runs on CPU tensors.
+    cache_key = (name, device_type, os.environ.get("TRITON_INTERPRET", "0"))
+    chosen = _resolved.get(cache_key)
+    if chosen is None and name == "auto":
         order = AUTO_ORDER.get(device_type, ("torch",))
         chosen = next(b for b in order if backend_status(b, device_type)[0])
-    else:
+    elif chosen is None:
         ok, reason = backend_status(name, device_type)
         if not ok:
             raise RuntimeError(f"loss backend {name!r} is unavailable on {device_type}: {reason}")
         chosen = name
+    _resolved[cache_key] = chosen
     key = (name, device_type, chosen)
     if key not in _logged_choices:
         _logged_choices.add(key)

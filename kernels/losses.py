@@ -25,6 +25,7 @@ for its frames equals the single-process gradient of those frames.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -118,6 +119,32 @@ def _segment_sums(backend, v_theta, v_ref, target, x0, noise, segment_ids, num_s
     return mappings.reduce_from_group(sums, group)
 
 
+_SEGMENT_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+_SEGMENT_CACHE_SIZE = 32
+
+
+def _segments(fn, segment_ids, frames, num_segments, height, width, group, device):
+    """``(segment ids on device, tokens per segment)``: checked and counted once per distinct CPU ids.
+
+    A training run passes the same few segment layouts every step; their checks and counts are ~15 small ops (and,
+    on a GPU, as many launches). Without a group and with ids on the CPU they are cached by value, so a changed or
+    new layout is checked again; ids on a GPU, or a group (its counts are all-reduced), take the full path."""
+    if group is not None or segment_ids.device.type != "cpu":
+        ids = _check_segment_ids(fn, segment_ids, frames, num_segments, group, device)
+        return ids, _token_counts(fn, ids, num_segments, height, width, group, device)
+    key = (tuple(segment_ids.tolist()), segment_ids.dtype, frames, num_segments, height, width, str(device))
+    hit = _SEGMENT_CACHE.get(key)
+    if hit is not None:
+        _SEGMENT_CACHE.move_to_end(key)
+        return hit
+    ids = _check_segment_ids(fn, segment_ids, frames, num_segments, group, device)
+    value = (ids, _token_counts(fn, ids, num_segments, height, width, group, device))
+    _SEGMENT_CACHE[key] = value
+    if len(_SEGMENT_CACHE) > _SEGMENT_CACHE_SIZE:
+        _SEGMENT_CACHE.popitem(last=False)
+    return value
+
+
 def _token_counts(fn, segment_ids, num_segments, height, width, group, device):
     tokens = reference.segment_token_counts(segment_ids, num_segments, height, width, group, device, torch.float32)
     if group is not None and bool((tokens == 0).any()):
@@ -202,14 +229,14 @@ def dense_dpo_loss(
         raise ValueError(f"{fn}: labels must be integers in {{+1, -1, 0}}")
     num_segments = labels.shape[1]
     _, channels, frames, height, width = v_theta.shape
-    segment_ids = _check_segment_ids(fn, segment_ids, frames, num_segments, group, v_theta.device)
     if name == "torch":
+        segment_ids = _check_segment_ids(fn, segment_ids, frames, num_segments, group, v_theta.device)
         return reference.dense_dpo_loss_reference(
             v_theta, v_ref, target, labels, segment_ids, beta, group=group, x0=x0, noise=noise,
             label_smoothing=label_smoothing,
         )
+    segment_ids, tokens = _segments(fn, segment_ids, frames, num_segments, height, width, group, v_theta.device)
     sums = _segment_sums(name, v_theta, v_ref, target, x0, noise, segment_ids, num_segments, group)
-    tokens = _token_counts(fn, segment_ids, num_segments, height, width, group, v_theta.device)
     return dpo_epilogue(sums, tokens, channels, labels, beta, label_smoothing)
 
 

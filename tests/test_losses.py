@@ -370,6 +370,24 @@ def test_bad_inputs_give_clear_errors():
         dense_dpo_loss(**args(backend="cuda"))
 
 
+def test_segment_layouts_are_checked_once_and_again_when_they_change():
+    """The fused path checks and counts a CPU segment layout once (keyed by its values): the same ids give the very
+    tensors of the first call, changed ids (in place too) are checked again, and a bad layout still raises."""
+    from vidpo.kernels import losses
+
+    ids = torch.tensor([0, 0, 1, 1, 2])
+    first = losses._segments("f", ids, 5, 3, 4, 6, None, torch.device("cpu"))
+    again = losses._segments("f", ids.clone(), 5, 3, 4, 6, None, torch.device("cpu"))
+    assert again[0] is first[0] and again[1] is first[1] and first[1].tolist() == [48.0, 48.0, 24.0]
+    ids[4] = 1                                       # changed in place: checked again, and now wrong
+    with pytest.raises(ValueError, match="segments \\[2\\] have no frame"):
+        losses._segments("f", ids, 5, 3, 4, 6, None, torch.device("cpu"))
+    other = losses._segments("f", torch.tensor([0, 1, 1, 2, 2]), 5, 3, 4, 6, None, torch.device("cpu"))
+    assert other[1].tolist() == [24.0, 48.0, 48.0] and other[0].tolist() == [0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="non-decreasing"):
+        losses._segments("f", torch.tensor([0, 1, 0, 1, 2]), 5, 3, 4, 6, None, torch.device("cpu"))
+
+
 def test_dispatch_auto_choice_and_single_log(caplog):
     assert "torch" in available_backends("cpu")
     auto = resolve_backend("auto", "cpu")
