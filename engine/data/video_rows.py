@@ -104,11 +104,6 @@ def load_if_small(*parts: VideoRows, budget: int = IN_MEMORY_BYTES) -> "tuple[Vi
     return tuple(p[:] for p in parts) if total <= budget else parts
 
 
-def as_rows(videos: "VideoRows | torch.Tensor") -> VideoRows:
-    """``videos`` as a ``VideoRows`` (a tensor's rows, or itself)."""
-    return videos if isinstance(videos, VideoRows) else VideoRows.of_tensor(videos)
-
-
 def take_rows(videos: "VideoRows | torch.Tensor", index) -> "VideoRows | torch.Tensor":
     """``videos[index]`` that stays unread for ``VideoRows`` (a tensor is indexed as usual)."""
     return videos.take(index) if isinstance(videos, VideoRows) else videos[index]
