@@ -14,7 +14,8 @@ import torch
 
 from helpers.vlm_server import Reply, brightness_verdict
 from vidpo.config import ConfigError, load_config
-from vidpo.ipo.dual import judge_votes
+from vidpo.data.video_rows import VideoRows
+from vidpo.ipo.dual import judge_votes, vote_batch_pairs
 from vidpo.labeling import VLMConfig
 from vidpo.labeling.answer_cache import AnswerCache
 
@@ -69,8 +70,18 @@ def test_judge_votes_are_k_sampled_judgements_whose_mode_recovers_the_order(serv
     # the answers are cached per pass: the same votes again without a request
     asked = len(server.requests)
     again = judge_votes(config(server), videos, captions, first, second, SEGMENTS, FPS, passes=5, seed=3,
-                        temperature=0.7, granularity="segment", cache=AnswerCache(tmp_path / "vlm_votes.jsonl"))
+                        temperature=0.7, granularity="segment", cache=AnswerCache(tmp_path / "vlm_votes.jsonl"),
+                        batch_size=5)    # other batches: the same questions, the same votes
     assert len(server.requests) == asked and torch.equal(again.passes, votes.passes)
+
+
+def test_judge_batches_hold_a_bounded_number_of_bytes():
+    small = torch.zeros(4, 3, 8, 16, 16, dtype=torch.uint8)               # 6 KiB a video: the cap of 64 pairs
+    assert vote_batch_pairs(small) == 64
+    per_video = 3 * 8 * 16 * 16
+    assert vote_batch_pairs(small, budget=10 * 2 * per_video) == 10 and vote_batch_pairs(small, budget=1) == 1
+    rows = VideoRows.of_tensor(small)                                       # a pool read on demand: one video read
+    assert vote_batch_pairs(rows, budget=3 * 2 * per_video) == 3
 
 
 def test_judge_votes_need_a_positive_temperature_and_a_judge():

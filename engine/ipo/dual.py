@@ -57,7 +57,7 @@ import torch
 
 from vidpo.data.video_rows import load_if_small
 from vidpo.ipo.critic import PreferenceData, pairs_within
-from vidpo.ipo.pool import VideoPool, pool_videos
+from vidpo.ipo.pool import POOL_CHUNK_BYTES, VideoPool, pool_videos
 from vidpo.labeling.answer_cache import AnswerCache
 from vidpo.labeling.base import PairBatch
 from vidpo.labeling.critic import as_critic, labels_from_differences, score_clips, tie_margin_of
@@ -164,18 +164,29 @@ JUDGE_VOTES_FILE = "vlm_votes.jsonl"
 """The answers of the judge's voting passes, beside the pairs (``vidpo.labeling.answer_cache``)."""
 
 
+def vote_batch_pairs(videos, cap: int = 64, budget: int = POOL_CHUNK_BYTES) -> int:
+    """Pairs per judge batch: ``cap``, or fewer when their two videos each would hold more than ``budget`` bytes
+    (a decoded Wan 480p video is 97 MB: 11 pairs in 2 GiB, where 64 would stack 12 GB of frames)."""
+    first = videos[0]
+    per_video = first.numel() * first.element_size()
+    return max(1, min(cap, budget // max(1, 2 * per_video)))
+
+
 def judge_votes(config: VLMConfig, videos: torch.Tensor, captions, first: torch.Tensor, second: torch.Tensor,
                 segment_ids: torch.Tensor, fps: float, *, passes: int, seed: int, temperature: float,
-                granularity: str = "video", cache: Optional[AnswerCache] = None, batch_size: int = 64) -> VoteResult:
+                granularity: str = "video", cache: Optional[AnswerCache] = None,
+                batch_size: Optional[int] = None) -> VoteResult:
     """The votes of ``pool_votes`` from K sampled judgements of a served VLM judge instead of critic passes.
 
     Pass k asks every pair (every segment, in both orders, as ``vidpo.labeling.vlm`` does) at ``temperature`` with
     the request seed ``derive_seed(seed, "judge-vote", k)``: the seed makes the passes distinct requests (the answer
     cache keys them apart, so a rerun asks nothing again) and repeatable on a server that honours it. A pass' label
     is the order-swap-consistent verdict (an inconsistent or failed comparison is that pass' tie); the
-    pseudo-label is the mode over the K passes, per video and, with ``granularity`` 'segment', per segment."""
+    pseudo-label is the mode over the K passes, per video and, with ``granularity`` 'segment', per segment.
+    ``batch_size`` pairs are stacked at a time (default ``vote_batch_pairs``); the votes do not depend on it."""
     if passes < 1:
         raise ValueError(f"iterate.votes must be >= 1, got {passes}")
+    batch_size = batch_size or (vote_batch_pairs(videos) if len(first) else 1)
     seg_votes, video_votes = [], []
     for k in range(passes):
         extra = dict(config.extra_body, seed=derive_seed(seed, "judge-vote", k) % 2 ** 31)
