@@ -162,7 +162,8 @@ class DistillConfig(Section):
     d(f(x_{t_n}, t_n), sg[f(x^_{t_{n-k}}, t_{n-k})]) with the same s_m on both sides (t_{n-k} = s_m: the target is
     x^ itself). The student samples deterministically along the edges, x <- x + (s_m - s_{m+1}) v(x, s_{m+1})
     (sampler_noise is not used). grid_steps / skip must be a multiple of P; P = eval_steps is the usual choice,
-    and a release student's (Wan) only one: its edges are its exported scheduler's sigmas."""
+    and a release student's only one: its edges are its exported scheduler's sigmas (CogVideoX: its timesteps, the
+    jump to an edge being DDIM's, vidpo.objectives.distill_process)."""
 
     student_steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """Student step counts reported by the evaluation table."""
@@ -171,15 +172,18 @@ class DistillConfig(Section):
     """Teacher Euler + CFG step counts reported by the evaluation table."""
 
     eval_steps: int = 4
-    """Student steps of the evaluation during / at the end of training. For a release (model.kind wan) the
-    student's only step count: its sampling schedule, exported as OUT/scheduler."""
+    """Student steps of the evaluation during / at the end of training. For a release (model.kind wan / cogvideox)
+    the student's only step count: its sampling schedule, exported as OUT/scheduler (CogVideoX: a divisor of the
+    scheduler's 1000 training timesteps, so that each DDIM step lands on the next student time)."""
 
     student_shift: float = 1.0
     """Release students (wan): time shift of the exported FlowMatchEulerDiscreteScheduler whose eval_steps sigmas
-    are the student's times; the teacher's grid refines them (vidpo.objectives.distill.refined_grid)."""
+    are the student's times; the teacher's grid refines them (vidpo.objectives.distill.refined_grid). A CogVideoX
+    student samples at its DDIM scheduler's trailing timesteps: leave 1.0."""
 
     student_terminal: Optional[float] = None
-    """Release students: the last sigma before 0 (the scheduler's shift_terminal); None: 1 / eval_steps."""
+    """Release students (wan): the last sigma before 0 (the scheduler's shift_terminal); None: 1 / eval_steps
+    (CogVideoX: leave None)."""
 
     @property
     def student_noise(self) -> str:

@@ -63,6 +63,10 @@ multistep consistency sampler (``predicted`` re-noising) IS that Euler chain: ``
 s) v) = x + (s' - s) v``, and its last step is ``f(x, s_{k-1})``. ``refined_grid`` builds the teacher's grid from
 those sigmas (each student interval split into ``grid_steps / k`` equal parts), so the student's times are
 exactly training times (multiples of the skip) and the exported schedule is the one it was trained for.
+
+**A v-prediction DDPM release (CogVideoX)** has its own path, DDIM step, consistency function (the DDIM jump to the
+clean end, or to the phase's start) and student scheduler (``CogVideoXDDIMScheduler``, trailing timesteps):
+``vidpo.objectives.distill_process``, passed to ``cd_loss`` and the objective as ``process``.
 """
 from __future__ import annotations
 
@@ -128,13 +132,15 @@ def cd_distance(prediction: torch.Tensor, target: torch.Tensor, distance: str = 
 
 def cd_loss(model, x_t: torch.Tensor, t: torch.Tensor, x_prev: torch.Tensor, t_prev: torch.Tensor,
             cond: torch.Tensor, *, distance: str = "huber", huber_c: float = 0.001,
-            end: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None):
+            end: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None, process=None):
     """``(L_CD, prediction, target)``: prediction keeps the graph, the target is the student under ``no_grad``.
     ``end`` (B,): phased targets (module doc), both sides map to the start of ``t``'s phase (``t_prev >= end``);
-    ``weight`` (B,): per-row weights of the loss (``cd_distance``)."""
-    prediction = consistency_function(model, x_t, t, cond, end)
+    ``weight`` (B,): per-row weights of the loss (``cd_distance``); ``process``: the diffusion process whose
+    consistency function is used (``vidpo.objectives.distill_process``; None: rectified flow, as above)."""
+    f = consistency_function if process is None else process.consistency_function
+    prediction = f(model, x_t, t, cond, end)
     with torch.no_grad():
-        target = consistency_function(model, x_prev, t_prev, cond, end)
+        target = f(model, x_prev, t_prev, cond, end)
     compute = torch.promote_types(prediction.dtype, torch.float32)   # bf16 under autocast -> fp32; fp64 stays
     return cd_distance(prediction.to(compute), target.to(compute), distance, huber_c, weight), prediction, target
 
@@ -261,12 +267,14 @@ def sample_flow_student(model_fn, noise: torch.Tensor, cond: torch.Tensor, sigma
 
 class ConsistencyStudent(torch.nn.Module):
     """A distilled diffusers adapter seen by the stages that sample through a model's ``sample`` hook (the judged
-    evaluation): ``sample`` runs ``sample_flow_student`` at its own sigmas, whatever steps / guidance the caller
-    asks for (the student is distilled for one schedule, without CFG)."""
+    evaluation): ``sample`` runs ``sampler(model_fn, noise, cond, sigmas)`` (default ``sample_flow_student``; a
+    v-prediction release: ``VPredictionProcess.sample_student``) at its own sigmas, whatever steps / guidance the
+    caller asks for (the student is distilled for one schedule, without CFG)."""
 
-    def __init__(self, model: torch.nn.Module, sigmas: torch.Tensor):
+    def __init__(self, model: torch.nn.Module, sigmas: torch.Tensor, sampler: Optional[Callable] = None):
         super().__init__()
         self.model = model
+        self.sampler = sampler or sample_flow_student
         self.register_buffer("sigmas", sigmas.float().cpu(), persistent=False)
 
     @property
@@ -286,7 +294,7 @@ class ConsistencyStudent(torch.nn.Module):
         noise = randn_per_sample((len(indices),) + tuple(shape), seed, indices, stream, device=device)
         was_training = self.model.training
         self.model.eval()
-        out = sample_flow_student(self, noise, cond.to(device), self.sigmas)   # through forward: meters see it
+        out = self.sampler(self, noise, cond.to(device), self.sigmas)   # through forward: meters see it
         self.model.train(was_training)
         return out
 
@@ -324,12 +332,13 @@ class ConsistencyDistillObjective:
     def __init__(self, cfg: RunConfig, world, data, device: torch.device, rewards=None, *,
                  condition: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, prompt_key: str = "cond_ids",
                  frames: Optional[int] = None, boundaries: Optional[torch.Tensor] = None,
-                 row_weights: Optional[torch.Tensor] = None):
+                 row_weights: Optional[torch.Tensor] = None, process=None):
         """``condition(batch[prompt_key]) -> cond`` maps a row's prompt to the model's condition (default: the shapes
         world's tokens of ``cond_ids``; a release: the cached prompt embeddings of the row's ``prompt`` index);
         ``frames``: pixel frames the image rewards pick from (default the world's); ``boundaries``: the phase edges
         (``phase_boundaries``) that ``distill.phases > 0`` needs; ``row_weights`` (P,): the CD loss weight of a
-        row by its prompt index ``batch[prompt_key]`` (the served judges', ``vidpo.objectives.rewards_served``)."""
+        row by its prompt index ``batch[prompt_key]`` (the served judges', ``vidpo.objectives.rewards_served``);
+        ``process``: the release's diffusion process (``vidpo.objectives.distill_process``; None: rectified flow)."""
         if cfg.distill.phases and boundaries is None:
             raise ValueError(f"distill.phases = {cfg.distill.phases} needs the phase edges of the teacher's grid; "
                              "pass phase_boundaries(...) (the shapes world) or release_phase_edges(cfg) (a release)")
@@ -346,6 +355,7 @@ class ConsistencyDistillObjective:
         self.reward_source = None if subset == "all" else SOURCE_CODES[subset]
         self.residency: Optional[dict] = None
         self.row_weights = None if row_weights is None else row_weights.detach().float().cpu()
+        self.process = process
 
     def micro_batch(self, step: int, micro: int) -> dict:
         cfg = self.cfg
@@ -371,12 +381,16 @@ class ConsistencyDistillObjective:
         end = None if self.boundaries is None else phase_end(batch["t"], self.boundaries)
         loss_cd, prediction, _ = cd_loss(model, batch["x_t"], batch["t"], batch["x_prev"], batch["t_prev"], tokens,
                                          distance=d.distance, huber_c=d.huber_c, end=end,
-                                         weight=batch.get("cd_weight"))
+                                         weight=batch.get("cd_weight"), process=self.process)
         if end is not None:
-            # The rewards score the one-step clean sample x - t v, recovered from the phased x + (end - t) v.
-            shape = (-1,) + (1,) * (prediction.dim() - 1)
-            t = batch["t"].to(prediction.dtype).view(shape)
-            prediction = batch["x_t"] + (prediction - batch["x_t"]) * (t / (t - end.to(prediction.dtype).view(shape)))
+            # The rewards score the one-step clean sample (x - t v for a flow), recovered from the phased one.
+            if self.process is None:
+                shape = (-1,) + (1,) * (prediction.dim() - 1)
+                t = batch["t"].to(prediction.dtype).view(shape)
+                x_t = batch["x_t"]
+                prediction = x_t + (prediction - x_t) * (t / (t - end.to(prediction.dtype).view(shape)))
+            else:
+                prediction = self.process.clean_from(batch["x_t"], batch["t"], prediction, end)
         loss = loss_cd
         metrics = {"cd": float(loss_cd.detach())}
         if "cd_weight" in batch:

@@ -1,5 +1,5 @@
-"""Consistency distillation of a release (``model.kind: wan``): train the student, export it where diffusers loads
-it, and evaluate teacher against student by the judged evaluation.
+"""Consistency distillation of a release (``model.kind: wan | cogvideox``): train the student, export it where
+diffusers loads it, and evaluate teacher against student by the judged evaluation.
 
 **Student.** The release's transformer itself, with LoRA (the ``lora`` section) or fully fine-tuned, trained on
 the preprocessed rows (``vidpo.stages.preprocess_real``) with ``vidpo.objectives.distill``'s loss: the target is
@@ -12,12 +12,13 @@ preprocessing recorded (``vidpo.objectives.rewards_served``; ``summary.json``'s 
 min / mean / max and effective sample size).
 
 **Export** (into ``OUT``): ``OUT/lora/`` in diffusers' layout (``vidpo.training.export``; a full fine-tune:
-``OUT/transformer/``) and ``OUT/scheduler/scheduler_config.json``, the ``FlowMatchEulerDiscreteScheduler`` whose
-``distill.eval_steps`` sigmas are the student's times::
+``OUT/transformer/``) and ``OUT/scheduler/scheduler_config.json``, the scheduler whose ``distill.eval_steps`` times
+are the student's (``vidpo.objectives.distill_process``): Wan's ``FlowMatchEulerDiscreteScheduler``, CogVideoX's
+``CogVideoXDDIMScheduler`` with the release's noise schedule and trailing timesteps::
 
-    pipe = WanPipeline.from_pretrained(RELEASE)
+    pipe = WanPipeline.from_pretrained(RELEASE)                  # CogVideoXPipeline
     pipe.load_lora_weights(OUT / "lora")
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(OUT / "scheduler")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(OUT / "scheduler")   # CogVideoXDDIMScheduler
     video = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).frames     # 4 network evaluations
 
 **Evaluation** (``OUT/eval``; one warm-up clip per model first, so first-call costs are not timed): the teacher (the
@@ -51,6 +52,7 @@ from vidpo.stages.preprocess import DistillData, require_distill_data
 from vidpo.stages.preprocess_real import (
     REAL_LAZY_KEYS,
     REAL_TRAIN_KEYS,
+    distill_process,
     preprocess_real_job,
     release_data,
     student_schedule,
@@ -110,8 +112,9 @@ def _check_data(cfg: RunConfig, data: DistillData) -> None:
 
 def release_phase_edges(cfg: RunConfig) -> Optional[torch.Tensor]:
     """Phased targets of a release student (``distill.phases``): the phases are the intervals of its own
-    ``eval_steps`` sigmas, which the exported FlowMatchEuler scheduler steps along (its Euler step from ``s_i`` to
-    ``s_{i+1}`` is the phased sampler's), so the edges are those sigmas, increasing; None for plain targets."""
+    ``eval_steps`` sigmas (CogVideoX: timesteps), which the exported scheduler steps along (its Euler / DDIM step from
+    ``s_i`` to ``s_{i+1}`` is the phased sampler's), so the edges are those times, increasing; None for plain
+    targets."""
     d = cfg.distill
     if not d.phases:
         return None
@@ -159,7 +162,8 @@ def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Tr
     objective = ConsistencyDistillObjective(cfg, None, data, device, rewards=rewards,
                                             condition=lambda ids: release.cond_of(ids.cpu()).to(model.dtype),
                                             prompt_key="prompt", frames=release.domain.frames,
-                                            boundaries=release_phase_edges(cfg), row_weights=row_weights)
+                                            boundaries=release_phase_edges(cfg), row_weights=row_weights,
+                                            process=distill_process(cfg))
     atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
     log.info("distill (%s): %d rows, rewards %s on '%s' rows, device %s", cfg.model.kind, len(data),
              reward_names or "none", cfg.reward.subset, device)
@@ -186,9 +190,10 @@ def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Tr
 def evaluate_real(cfg: RunConfig, out_dir: str | Path, student: torch.nn.Module, release) -> dict:
     """Teacher vs student on the held-out prompts (module doc) into ``out_dir/eval``; returns the summary."""
     device = pick_device()
-    _, sigmas, _ = student_schedule(cfg)
+    process = distill_process(cfg)
+    _, sigmas, _ = process.student_schedule(cfg.distill)
     teacher = build_policy(cfg, None, device).eval()
-    policy = ConsistencyStudent(student.eval(), sigmas)
+    policy = ConsistencyStudent(student.eval(), sigmas, process.sample_student)
     vae = release.pipe.vae(device, torch.float32, tiling=cfg.generate.vae_tiling)
     shape = vae.latent_shape(release.domain.frames, release.domain.height, release.domain.width)
     warm_ids = [release.domain.prompts("heldout")[0].id] if len(release.domain.prompts("heldout")) else []

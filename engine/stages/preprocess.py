@@ -28,10 +28,11 @@ Resumable: every shard is drawn from its own stream ``(seed, "distill", "rows", 
 ``shard_size`` rows, truncated for the last shard) and written atomically; a rerun skips shards that are
 complete, so an interrupted run continues where it stopped and produces the same data.
 
-Shared with a release's preprocessing (``vidpo.stages.preprocess_real``, Wan): ``write_shards`` (the resumable,
-rank-sliced, atomic shard writer), ``guided_teacher_step`` (the step above for any rectified-flow model, its
+Shared with a release's preprocessing (``vidpo.stages.preprocess_real``, Wan and CogVideoX): ``write_shards`` (the
+resumable, rank-sliced, atomic shard writer), ``guided_teacher_step`` (the step above for any model, its
 unconditional branch given: the null condition here, a negative prompt's embeddings there; its temporal attention
-read by a family's probe), ``_check_meta`` and ``DistillData``.
+read by a family's probe; a release's own forward path, DDIM step and inversion given by its process,
+``vidpo.objectives.distill_process``), ``_check_meta`` and ``DistillData``.
 """
 from __future__ import annotations
 
@@ -178,15 +179,18 @@ def teacher_step(cfg: RunConfig, teacher, world, rows: dict, grid: torch.Tensor,
 
 
 def guided_teacher_step(cfg: RunConfig, teacher, rows: dict, cond: torch.Tensor, null: torch.Tensor,
-                        grid: torch.Tensor, device, *, depth: int, probe=mg.TemporalAttentionProbe) -> dict:
+                        grid: torch.Tensor, device, *, depth: int, probe=mg.TemporalAttentionProbe,
+                        process=None) -> dict:
     """The teacher's guided solver step (module doc) of rows ``x0, noise, t, t_prev, n, source`` with conditions
     ``cond`` and the unconditional branch ``null`` (the null condition, or a release's negative-prompt
-    embeddings), any model with the rectified-flow parameterisation; ``probe`` reads its temporal attention."""
+    embeddings); ``probe`` reads the teacher's temporal attention. ``process`` (``vidpo.objectives.distill_process``)
+    gives the forward path, the solver step (DDIM) and the inversion of a release's parameterisation; None: the
+    rectified flow written out above (Euler)."""
     d = cfg.distill
     x0, noise = rows["x0"].to(device), rows["noise"].to(device)
     t, t_prev = rows["t"].to(device), rows["t_prev"].to(device)
     tokens, null = cond.to(device), null.to(device)
-    x_t = flow.interpolate(x0, noise, t)
+    x_t = flow.interpolate(x0, noise, t) if process is None else process.interpolate(x0, noise, t)
     trusted = torch.tensor([SOURCES[s] in d.motion_sources for s in rows["source"].tolist()], dtype=torch.bool)
     motion = trusted & (rows["t"] > 1.0 - d.motion_fraction) & (d.motion_scale != 0.0)
     block = motion_block(cfg, depth)
@@ -196,13 +200,14 @@ def guided_teacher_step(cfg: RunConfig, teacher, rows: dict, cond: torch.Tensor,
     if guided.numel():
         # One inversion pass up to the largest guided time gives every guided row's reference latent.
         top = int(rows["n"][guided].max())
-        latents = mg.invert(lambda x, tt, c: teacher(x, tt, c), x0[guided], tokens[guided], grid[: top + 1])
+        invert = mg.invert if process is None else process.invert
+        latents = invert(lambda x, tt, c: teacher(x, tt, c), x0[guided], tokens[guided], grid[: top + 1])
         x_ref = latents[rows["n"][guided].to(latents.device), torch.arange(guided.numel(), device=latents.device)]
         ref_attention = mg.reference_attention(teacher, x_ref, t[guided], tokens[guided], block, probe=probe)
     v, stats = mg.guided_velocity(teacher, x_t, t, tokens, null, d.cfg_scale, motion_scale=d.motion_scale,
                                   ref_attention=ref_attention, motion_rows=motion.to(device), block=block,
                                   probe=probe)
-    x_prev = x_t + (t_prev - t).view(-1, 1, 1, 1, 1) * v
+    x_prev = x_t + (t_prev - t).view(-1, 1, 1, 1, 1) * v if process is None else process.step(x_t, t, t_prev, v)
     if guided.numel():
         energy[guided] = stats["energy"].float().cpu()
     return {"x_t": x_t.float().cpu(), "x_prev": x_prev.float().cpu(), "motion": motion.to(torch.uint8),

@@ -1,5 +1,5 @@
-"""Consistency-distillation preprocessing on a released model (``model.kind: wan``): the teacher's guided ODE step
-of real clips, recorded into the same resumable shards as the shapes world's (``vidpo.stages.preprocess``).
+"""Consistency-distillation preprocessing on a released model (``model.kind: wan | cogvideox``): the teacher's guided
+ODE step of real clips, recorded into the same resumable shards as the shapes world's (``vidpo.stages.preprocess``).
 
 Inputs: the release ``model.path`` (transformer, VAE, text encoder) and the prompt file ``prompts.path`` whose
 training prompts name reference clips (JSONL ``"clip"``; optional ``"source": "curated" | "web"``, default
@@ -7,31 +7,36 @@ curated: the routing of motion guidance and rewards). The clips become VAE laten
 (``vidpo.stages.real_clips``: ``DATA/clips/``), the prompts and their negative prompts become the text encoder's
 embeddings (``DATA/prompt_embeddings/``); both are cached and resumable themselves.
 
-**Times.** The student samples with the ``distill.eval_steps``-step sigmas ``s_0 = 1 > ... > s_k = 0`` of a
+**The process** (``vidpo.objectives.distill_process``): Wan is a rectified flow, ``x_t = (1 - t) x0 + t eps`` and
+DDIM is Euler on its velocity; CogVideoX a v-prediction DDPM with integer timesteps ``k = round(t (N - 1))``,
+``x_t = a_k x0 + s_k eps`` from the release's own scheduler config, DDIM on its v, and engine time 0 its clean end.
+
+**Times.** A Wan student samples with the ``distill.eval_steps``-step sigmas ``s_0 = 1 > ... > s_k = 0`` of a
 ``FlowMatchEulerDiscreteScheduler`` (``distill.student_shift``, ``distill.student_terminal``; exported so that
-``WanPipeline`` reproduces them). The teacher's grid ``t_0 = 0 < ... < t_N = 1`` (N = ``distill.grid_steps``)
-splits each student interval into ``N / k`` equal parts (``vidpo.objectives.distill.refined_grid``), so every
-student time is a training time ``t_n`` (n a multiple of the skip).
+``WanPipeline`` reproduces them); a CogVideoX student with ``CogVideoXDDIMScheduler``'s trailing timesteps
+(999, 749, 499, 249 for 4 steps; exported so that ``CogVideoXPipeline`` reproduces them). The teacher's grid
+``t_0 = 0 < ... < t_N = 1`` (N = ``distill.grid_steps``) splits each student interval into ``N / k`` equal parts
+(whole timesteps for CogVideoX), so every student time is a training time ``t_n`` (n a multiple of the skip).
 
 **One row**: prompt ``p`` (uniform over the training prompts with a clip), its clip's latents ``x0``, noise
 ``eps`` and ``n = k_skip * U{1..N/k_skip}`` drawn from the shard's stream ``(seed, "distill", "rows", shard)``::
 
-    x_t    = (1 - t_n) x0 + t_n eps                                      Wan's flow-matching forward path
-    x_prev = x_t + (t_{n-k} - t_n) v~                                    Euler on Wan's velocity
+    x_t    = a(t_n) x0 + s(t_n) eps                                      the release's forward path
+    x_prev = step(x_t, t_n -> t_{n-k}, v~)                               DDIM (Euler on Wan's velocity)
     v~     = v_neg + w (v_cond - v_neg) + eta m grad g(x_t)              CFG against the NEGATIVE prompt's
-                                                                         embeddings (WanPipeline's uncond branch)
+                                                                         embeddings (the pipelines' uncond branch)
 
-with ``w = distill.cfg_scale`` and the motion-guidance term of ``vidpo.models.motion_guidance`` read through
-``vidpo.models.wan.motion.WanAttentionProbe`` (the documented rule for Wan's full 3-D attention), on rows whose
-source is in ``distill.motion_sources`` at ``t_n > 1 - distill.motion_fraction``; ``A_ref`` comes from the ODE
-inversion of the clip's own latents on the same grid.
+with ``w = distill.cfg_scale`` and the motion-guidance term of ``vidpo.models.motion_guidance`` read through the
+family's probe (``vidpo.models.wan.motion.WanAttentionProbe``, ``vidpo.models.cogvideox.motion``: the documented
+rules for their full 3-D attention), on rows whose source is in ``distill.motion_sources`` at ``t_n > 1 -
+distill.motion_fraction``; ``A_ref`` comes from the DDIM inversion of the clip's own latents on the same grid.
 
 **Shards**: ``DATA/shards/shard_*.safetensors`` with ``x_t, x_prev (S, C, T, H, W)`` float32, ``t, t_prev, energy``,
 ``n, prompt`` (index into ``meta.json``'s ``prompt_ids``), ``source``, ``motion`` (the shapes world's format; ``x0``
 is not repeated: it is the row's prompt's clip in ``DATA/clips``, 1/3 of the bytes at scale); ``meta.json`` records
-the settings (model, prompts, clips, grid, guidance) and refuses a rerun with other ones. Shards are written
-atomically, each from its own stream; rank ``r`` of ``R`` writes shards ``r, r + R, ...``; a rerun skips complete
-shards: after a kill nothing is redone and nothing is lost (``vidpo.stages.preprocess.write_shards``).
+the settings (model, prompts, clips, grid, guidance; a DDPM's noise schedule) and refuses a rerun with other ones.
+Shards are written atomically, each from its own stream; rank ``r`` of ``R`` writes shards ``r, r + R, ...``; a rerun
+skips complete shards: after a kill nothing is redone and nothing is lost (``vidpo.stages.preprocess.write_shards``).
 
 **Served judges** (``reward.models`` entries with ``rule: served_score``, ``vidpo.objectives.rewards_served``): before
 the teacher is loaded, rank 0 has every judge score each routed clip (decoded as ``vidpo cache`` decodes it) against
@@ -56,9 +61,12 @@ import torch
 
 from vidpo.config import DISTILL_SOURCES, ConfigError, RunConfig
 from vidpo.data.prompts import PromptSet
+from vidpo.models.cogvideox import COGVIDEOX_SCHEDULER
+from vidpo.models.cogvideox.motion import CogVideoXAttentionProbe
+from vidpo.models.cogvideox.motion import transformer_depth as cogvideox_depth
 from vidpo.models.pipeline_dir import PipelineDirectory
 from vidpo.models.wan.motion import WanAttentionProbe, transformer_depth
-from vidpo.objectives.distill import flow_student_scheduler, refined_grid, student_sigmas
+from vidpo.objectives.distill_process import DiffusionProcess, release_process
 from vidpo.objectives.rewards_served import score_served_judges
 from vidpo.stages.parts import open_model_dir
 from vidpo.stages.preprocess import (
@@ -83,28 +91,35 @@ log = logging.getLogger("vidpo")
 REAL_SHARD_KEYS = ("x_t", "x_prev", "t", "t_prev", "n", "prompt", "source", "motion", "energy")
 REAL_LAZY_KEYS = ("x_t", "x_prev")   # read row by row in training (vidpo.stages.preprocess.DistillData)
 REAL_TRAIN_KEYS = ("x_t", "x_prev", "t", "t_prev", "prompt", "source")
-PROBES = {"wan": WanAttentionProbe}   # how each family's temporal attention is read (motion guidance)
+# How each family's temporal attention is read (motion guidance) and how deep its transformer is.
+PROBES = {"wan": WanAttentionProbe, "cogvideox": CogVideoXAttentionProbe}
+DEPTHS = {"wan": transformer_depth, "cogvideox": cogvideox_depth}
 
 
 def check_release_family(cfg: RunConfig) -> None:
-    """The real-model path distils rectified-flow releases: Wan (CogVideoX is a v-prediction DDPM)."""
+    """The real-model path distils Wan (rectified flow) and CogVideoX (v-prediction DDPM) releases."""
     if cfg.model.kind not in PROBES:
         raise ConfigError(f"model.kind={cfg.model.kind}: consistency distillation of a release supports "
-                          f"{sorted(PROBES)} (rectified flow); CogVideoX's v-prediction DDPM is not distilled here")
+                          f"{sorted(PROBES)}")
     if not cfg.prompts.path:
         raise ConfigError("consistency distillation of a release needs prompts.path: a prompt file whose training "
                           "prompts name reference clips (JSONL \"clip\")")
 
 
+def distill_process(cfg: RunConfig) -> DiffusionProcess:
+    """The release's diffusion process (``vidpo.objectives.distill_process``): CogVideoX's from the release's own
+    ``scheduler/scheduler_config.json`` (its betas, SNR shift and zero-terminal-SNR rescaling), else CogVideoX-2B's."""
+    check_release_family(cfg)
+    if cfg.model.kind != "cogvideox":
+        return release_process(cfg.model.kind)
+    pipe = open_model_dir(cfg)
+    config = pipe.scheduler_config() if pipe.has("scheduler") else COGVIDEOX_SCHEDULER
+    return release_process(cfg.model.kind, config)
+
+
 def student_schedule(cfg: RunConfig) -> tuple:
     """``(scheduler, sigmas (k + 1,), teacher grid (N + 1,))`` of a release student (module doc)."""
-    d = cfg.distill
-    scheduler = flow_student_scheduler(d.eval_steps, shift=d.student_shift, terminal=d.student_terminal)
-    sigmas = student_sigmas(scheduler, d.eval_steps)
-    if d.grid_steps % (d.eval_steps * d.skip):
-        raise ConfigError(f"distill.grid_steps = {d.grid_steps} must be a multiple of distill.eval_steps * "
-                          f"distill.skip = {d.eval_steps * d.skip}: every student time must be a training time")
-    return scheduler, sigmas, refined_grid(sigmas, d.grid_steps)
+    return distill_process(cfg).student_schedule(cfg.distill)
 
 
 @dataclass
@@ -183,7 +198,9 @@ def release_data(cfg: RunConfig, data_dir: str | Path, device, *, clips: bool = 
 
 def content_settings(cfg: RunConfig, data: ReleaseData) -> dict:
     d = cfg.distill
-    return {"version": DATA_VERSION, "seed": cfg.seed, **data.digest, "shard_size": d.shard_size,
+    # A DDPM's rows depend on its noise schedule too (a Wan release's settings stay as they always were).
+    process = {} if cfg.model.kind == "wan" else {"process": distill_process(cfg).config}
+    return {"version": DATA_VERSION, "seed": cfg.seed, **data.digest, **process, "shard_size": d.shard_size,
             "grid_steps": d.grid_steps, "skip": d.skip, "eval_steps": d.eval_steps, "student_shift": d.student_shift,
             "student_terminal": d.student_terminal, "cfg_scale": d.cfg_scale, "motion_scale": d.motion_scale,
             "motion_fraction": d.motion_fraction, "motion_block": d.motion_block,
@@ -208,13 +225,14 @@ def compute_shard(cfg: RunConfig, teacher, data: ReleaseData, shard: int, rows: 
     drawn = {k: v[:rows] for k, v in draw_rows(cfg, data, shard, grid).items()}
     parts, energies, ratios = [], [], []
     step = max(1, cfg.distill.batch_size)
-    depth = transformer_depth(teacher)
+    depth = DEPTHS[cfg.model.kind](teacher)
+    process = distill_process(cfg)
     for start in range(0, rows, step):
         chunk = {k: v[start:start + step] for k, v in drawn.items()}
         chunk["x0"] = data.latents_of(chunk["prompt"])
         out = guided_teacher_step(cfg, teacher, chunk, data.cond_of(chunk["prompt"]).to(teacher.dtype),
                                   data.negative_of(chunk["prompt"]).to(teacher.dtype), grid, device, depth=depth,
-                                  probe=PROBES[cfg.model.kind])
+                                  probe=PROBES[cfg.model.kind], process=process)
         parts.append(out)
         if out["stats"]:
             stats = out["stats"]
