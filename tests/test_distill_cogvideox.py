@@ -307,3 +307,32 @@ def test_vidpo_distill_on_a_cogvideox_release(workspace, tmp_path):
                                   sigmas)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got - base).abs().max() > 1e-4      # the LoRA was trained and loaded: without it the output differs
+
+
+def test_phased_cogvideox_student_jumps_to_its_own_timesteps_and_rewards_score_the_clean_sample(workspace, tmp_path):
+    """``distill.phases = eval_steps``: the edges are the exported DDIM scheduler's timesteps (increasing, the clean
+    end first); a phased step trains with a finite loss other than the plain one, and the reward models score the
+    one-step clean sample recovered from the phased prediction."""
+    from vidpo.stages.distill_real import release_phase_edges, train_distill_real
+    from vidpo.stages.preprocess_real import preprocess_real_job
+
+    root, server = workspace
+    overrides = [s for s in sets(root, server, "distill.num_rows=8", "train.max_steps=1", "train.ckpt_every=1",
+                                 "distill.motion_scale=0.0", "train.log_every=1", "train.batch_size=8",
+                                 f"reward.models={{clip: {{path: {root / 'clip'}, kind: image, rule: clip_cosine}}}}",
+                                 "reward.image={clip: 1.0}", "reward.subset=all", "reward.max_rows=8")
+                 if s != "--set"]
+    cfg = load_config(RECIPE, overrides + [f"distill.data={tmp_path / 'data'}"])
+    preprocess_real_job(cfg, tmp_path / "data")
+    phased = load_config(RECIPE, overrides + [f"distill.data={tmp_path / 'data'}", "distill.phases=4"])
+    edges = release_phase_edges(phased)
+    assert (edges.double() * TOP).round().tolist() == [0, 249, 499, 749, 999]
+
+    def first_row(run_cfg, out):
+        train_distill_real(run_cfg, out, export_dir=out / "export")
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in rows if "loss" in r)
+    plain, with_phases = first_row(cfg, tmp_path / "plain"), first_row(phased, tmp_path / "phased")
+    assert with_phases["cd"] != plain["cd"] and with_phases["reward_rows"] == 8
+    # the same rows and the same student before its first step: the same one-step clean samples, the same reward
+    assert with_phases["reward"] == pytest.approx(plain["reward"], rel=1e-4, abs=1e-6)
