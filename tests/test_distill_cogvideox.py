@@ -48,8 +48,8 @@ def bcast(v):
     return v.view(-1, 1, 1, 1, 1)
 
 
-def tiny_cogvideox(dtype=torch.float32, layers=2):
-    return CogVideoXAdapter(tiny_cogvideox_transformer("2b", seed=3, num_layers=layers)).to(dtype).eval()
+def tiny_cogvideox(dtype=torch.float32, layers=2, layout="2b"):
+    return CogVideoXAdapter(tiny_cogvideox_transformer(layout, seed=3, num_layers=layers)).to(dtype).eval()
 
 
 def inputs(dtype, batch=2, seed=0):
@@ -168,13 +168,15 @@ def test_cogvideox_cd_loss_matches_float64_reference(phased):
     assert any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in model32.parameters())
 
 
-def test_cogvideox_guided_teacher_step_matches_float64_reference():
+@pytest.mark.parametrize("layout", ["2b", "5b"])
+def test_cogvideox_guided_teacher_step_matches_float64_reference(layout):
     """x_prev = DDIM(x_t, k -> k', v_neg + w (v_cond - v_neg) + eta grad g) in the scheduler's own form (a_t x +
-    b_t x0^), with motion guidance on the first row only, its reference latent the DDIM inversion of x0."""
+    b_t x0^), with motion guidance on the first row only, its reference latent the DDIM inversion of x0; on the 2B
+    layout (sincos positions) and the 5B one (3-D RoPE, which the probe applies as the model does)."""
     cfg = load_config(RECIPE, ["distill.motion_scale=50.0", "distill.motion_fraction=0.5", "distill.cfg_scale=4.0",
                                "distill.motion_block=1", "model.path=/unused"])
     process = VPredictionProcess(COGVIDEOX_SCHEDULER)
-    model32, model64 = tiny_cogvideox(torch.float32), tiny_cogvideox(torch.float64)
+    model32, model64 = tiny_cogvideox(torch.float32, layout=layout), tiny_cogvideox(torch.float64, layout=layout)
     x0, cond = inputs(torch.float64, seed=6)
     noise, negative = inputs(torch.float64, seed=7)
     grid_k = torch.tensor([0, 62, 124, 187, 249, 499, 749, 874, 999])
