@@ -52,9 +52,9 @@ def tiny_cogvideox(dtype=torch.float32, layers=2, layout="2b"):
     return CogVideoXAdapter(tiny_cogvideox_transformer(layout, seed=3, num_layers=layers)).to(dtype).eval()
 
 
-def inputs(dtype, batch=2, seed=0):
+def inputs(dtype, batch=2, seed=0, frames=3):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 16, 3, 4, 4, generator=g).to(dtype)
+    x = torch.randn(batch, 16, frames, 4, 4, generator=g).to(dtype)
     cond = torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=g).to(dtype)
     return x, cond
 
@@ -168,17 +168,19 @@ def test_cogvideox_cd_loss_matches_float64_reference(phased):
     assert any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in model32.parameters())
 
 
-@pytest.mark.parametrize("layout", ["2b", "5b"])
+@pytest.mark.parametrize("layout", ["2b", "5b", "1.5"])
 def test_cogvideox_guided_teacher_step_matches_float64_reference(layout):
     """x_prev = DDIM(x_t, k -> k', v_neg + w (v_cond - v_neg) + eta grad g) in the scheduler's own form (a_t x +
     b_t x0^), with motion guidance on the first row only, its reference latent the DDIM inversion of x0; on the 2B
-    layout (sincos positions) and the 5B one (3-D RoPE, which the probe applies as the model does)."""
+    layout (sincos positions), the 5B one (3-D RoPE, which the probe applies as the model does) and 1.5's (RoPE and
+    2-frame temporal patches)."""
     cfg = load_config(RECIPE, ["distill.motion_scale=50.0", "distill.motion_fraction=0.5", "distill.cfg_scale=4.0",
                                "distill.motion_block=1", "model.path=/unused"])
     process = VPredictionProcess(COGVIDEOX_SCHEDULER)
     model32, model64 = tiny_cogvideox(torch.float32, layout=layout), tiny_cogvideox(torch.float64, layout=layout)
-    x0, cond = inputs(torch.float64, seed=6)
-    noise, negative = inputs(torch.float64, seed=7)
+    frames = 4 if layout == "1.5" else 3          # 1.5's 2-frame temporal patches need an even latent frame count
+    x0, cond = inputs(torch.float64, seed=6, frames=frames)
+    noise, negative = inputs(torch.float64, seed=7, frames=frames)
     grid_k = torch.tensor([0, 62, 124, 187, 249, 499, 749, 874, 999])
     grid = times(*grid_k.tolist())
     n = torch.tensor([8, 6])
