@@ -64,7 +64,7 @@ INITS = {
     "wan_frozen_cp2": ("wan", "frozen", "cp2", False),
     "wan22_release_lora_dp2_fsdp": ("wan22", "lora", "dp2_fsdp", False),
     "wan_lora_dp2_fsdp_offload": ("wan", "lora", "dp2_fsdp_offload", False),
-    "cogvideox_frozen_tp2": ("cogvideox", "frozen", "tp2", False),   # CogVideoX has no sequence parallel
+    "cogvideox_frozen_tp2": ("cogvideox", "frozen", "tp2", False),
 }
 SAMPLING = {"dit_sampling_tp2_sp": ("dit", "tp2_sp"), "wan_sampling_cp2": ("wan", "cp2")}
 # name -> (model, variant, layout): trained in the workers with parallel.init=full, by `vidpo train` with rank0.

@@ -280,7 +280,8 @@ class Saved:
     what: str
     size: str            # 'D' width, 'F' FFN width, 'H' heads (one value per head), '1' one value per token
     dtype: str           # 'fp32' | 'autocast' (fp32 under bf16 autocast, else compute) | 'compute'
-    split: str           # 'tp': split by tensor parallel; 'seq': only by sequence parallel
+    split: str           # 'tp': split by tensor parallel; 'seq': only by sequence parallel; 'gathered': by neither
+                         # (saved after the sequence-parallel all-gather: the whole sequence on every rank)
     count: float = 1.0
     full_only: bool = False   # kept only when the base weights train
 
@@ -318,7 +319,8 @@ SAVED_COGVIDEOX = (
     Saved("norm1 / norm2 LayerNorm inputs", "D", "autocast", "seq", 2),
     Saved("their mean and rstd", "1", "fp32", "seq", 4),
     Saved("norm1 / norm2 outputs, for the modulation's gradient", "D", "autocast", "seq", 2, True),
-    Saved("inputs of to_q/k/v and ff.net.0.proj", "D", "compute", "seq", 2, True),
+    # One gathered joint input per region, shared by its projections (vidpo.models.cogvideox.parallelize)
+    Saved("inputs of to_q/k/v and ff.net.0.proj", "D", "compute", "gathered", 2, True),
     Saved("norm_q / norm_k LayerNorm inputs (per head)", "D", "autocast", "tp", 2),
     Saved("norm_q / norm_k mean and rstd (per head)", "H", "fp32", "tp", 4),
     Saved("SDPA q, k, v, output", "D", "compute", "tp", 4),
@@ -355,7 +357,7 @@ def saved_bytes(entries, arch: Architecture, precision: Precision, *, full: bool
     for e in entries:
         if e.full_only and not full:
             continue
-        div = tp if (e.split == "tp" or sp) else 1
+        div = tp if (e.split == "tp" or (sp and e.split == "seq")) else 1
         total += e.count * _size(arch, e.size) * precision.of(e.dtype) / div
     return total
 

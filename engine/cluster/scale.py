@@ -225,7 +225,8 @@ def release_activation_bytes(shape: _Shape, precision: Precision, *, full: bool,
     video_entries, text_entries = block_entries(arch)
     n, L = shape.tokens / cp, shape.cond_tokens
     video = saved_bytes(video_entries, arch, precision, full=full, tp=tp, sp=sp)
-    text = saved_bytes(text_entries, arch, precision, full=full, tp=tp, sp=sp)
+    # CogVideoX's text stream stays whole on every TP rank under sequence parallel (models/cogvideox/parallelize.py)
+    text = saved_bytes(text_entries, arch, precision, full=full, tp=tp, sp=sp and not arch.joint_text)
     if lora_rank:
         lora_video, lora_text = lora_saved_bytes(arch, shape.count, lora_rank, precision)
         video += lora_video
@@ -249,7 +250,8 @@ def release_activation_bytes(shape: _Shape, precision: Precision, *, full: bool,
     # One block's transient tensors: in the reference forward the FFN's hidden before and after GELU and a few
     # fp32 residual-width temporaries (upcast residual, normalised input, q / k norms); in the backward their
     # gradients. Per token.
-    working = (n + (L if arch.joint_text else 0)) * (2 * shape.ffn * c / tp + 4 * d * 4 / seq_div)
+    joint_text = L if arch.joint_text else 0
+    working = (n + joint_text) * 2 * shape.ffn * c / tp + (n / seq_div + joint_text) * 4 * d * 4
     if checkpointing:
         # The backward recomputes one block; as it enters it, all of the block's saved tensors are alive with the
         # first gradients (the residual stream's and the FFN hidden's), and it frees them as it walks back through
@@ -377,7 +379,16 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
     if tp > 1:
         act = tokens_gpu * ACT_BYTES * d                             # one video's (n/cp, D) activation
         k = row_layers
-        if sp:
+        if sp and joint:
+            # CogVideoX: the video stream's regions gather once (shared by q / k / v) and reduce-scatter; the
+            # gathered input is saved, so the backward only runs the duals; the replicated text stream all-reduces.
+            video_act, text_act = n / cp * ACT_BYTES * d, L * ACT_BYTES * d
+            add("tp", "all-gather (SP)", video_act * _ring(tp) * depth * accum * k * (fwd_passes + bwd_passes), tp)
+            add("tp", "reduce-scatter (SP)", video_act * _ring(tp) * depth * accum * k * (fwd_passes + bwd_passes),
+                tp)
+            add("tp", "all-reduce (text stream)", 2 * text_act * _ring(tp) * depth * accum * k
+                * (fwd_passes + bwd_passes), tp)
+        elif sp:
             ag = act * _ring(tp) * depth * accum * (k * fwd_passes + 2 * k * bwd_passes)
             rs = act * _ring(tp) * depth * accum * (k * fwd_passes + k * bwd_passes)
             add("tp", "all-gather (SP)", ag, tp)

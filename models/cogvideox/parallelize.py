@@ -16,9 +16,20 @@ Tensor parallel (Megatron-LM, arXiv:1909.08053), per block, on the joint sequenc
   column-parallel (heads / hidden split):  attn1.to_q / to_k / to_v, ff.net.0.proj
   row-parallel (input split):              attn1.to_out.0, ff.net.2
   attn1.norm_q / norm_k are replicated but each rank applies them to its own heads only, so their weights
-  enter through ``copy_to_group`` (the backward sums the ranks' partial gradients). Both residual streams are
-  replicated over TP. Sequence parallel is not implemented for this model (the two streams would need
-  different token splits): ``parallel.sp`` raises.
+  enter through ``copy_to_group`` (the backward sums the ranks' partial gradients). Without sequence parallel
+  both residual streams are replicated over TP.
+Sequence parallel (Megatron-LM SP, arXiv:2205.05198), ``parallel.sp`` with tp > 1: the VIDEO stream is split by
+  tokens over the TP ranks between the tensor-parallel regions (its residual stream, the expert LayerNorms,
+  modulation and gates: 1/tp of the activations there); the text stream (a few hundred tokens; 226 does not
+  divide by 4 or 8) stays replicated. A region's entry builds the joint ``[text; video]`` once for its
+  column-parallel projections: the video all-gathered (reduce-scatter backward), the text through
+  ``copy_to_group`` (all-reduce backward); its row-parallel exit reduce-scatters the video's partial sums and
+  all-reduces the text's. That is Megatron SP's communication volume for the video and plain TP's for the text.
+  The projections then run as ``F.linear`` on the megatron layers' own shards (the layers' forward would add a
+  second entry collective); the row-parallel bias is added to the video through ``copy_to_group``, to the text
+  directly, so its gradient sums the video's partial parts once and the replicated text's once. The modulation
+  and LayerNorm affine of the video enter through ``copy_to_group`` too (each rank normalises its own tokens).
+  The video's tokens (this CP rank's) must divide by tp.
 Context parallel (Ulysses, arXiv:2309.14509): rank c holds latent frames [c T/cp, (c+1) T/cp) of the video stream;
   the text stream (a few hundred tokens) is replicated. In attention, the video q / k / v swap tokens for heads
   with an all-to-all; the text q / k / v, computed for all heads on every rank, are cut to this rank's heads;
@@ -30,8 +41,8 @@ Context parallel (Ulysses, arXiv:2309.14509): rank c holds latent frames [c T/cp
   per-segment sums over the CP group (``local_frames``); samplers gather the whole clip at every step
   (``whole_clip_forward``). Heads must divide by tp * cp.
 
-Not supported, with a clear error: sequence parallel, CogVideoX 1.5's image-to-video ``ofs`` embedding, fused
-projections, LoRA under tensor parallel (LoRA works with CP / DP / FSDP at tp = 1, as for the other models).
+Not supported, with a clear error: CogVideoX 1.5's image-to-video ``ofs`` embedding, fused projections, LoRA under
+tensor parallel (LoRA works with CP / DP / FSDP at tp = 1, as for the other models).
 
 Layout in the blocks: sequence first, text (L, B, D) and video (n_local, B, D), as megatron-core's layers expect.
 """
@@ -56,7 +67,17 @@ from vidpo.models.dit.parallelize import (
     megatron_linear,
     row_parallel,
 )
-from vidpo.parallel.mappings import all_gather_to_group, copy_to_group, group_rank, heads_to_sequence, sequence_to_heads
+from vidpo.parallel.mappings import (
+    all_gather_to_group,
+    copy_to_group,
+    gather_from_group,
+    group_rank,
+    heads_to_sequence,
+    reduce_from_group,
+    reduce_scatter_to_group,
+    scatter_to_group,
+    sequence_to_heads,
+)
 
 COGVIDEOX_COLUMN_PARALLEL = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "ff.net.0.proj")
 COGVIDEOX_ROW_PARALLEL = ("attn1.to_out.0", "ff.net.2")
@@ -81,6 +102,37 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def _sp_entry(text: torch.Tensor, video: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
+    """The joint ``[text; video]`` (L + n, B, D) a tensor-parallel region's column projections read: under sequence
+    parallel the video (n / tp, B, D) all-gathered (reduce-scatter backward) and the text through copy_to_group
+    (all-reduce backward: each rank's columns give a partial gradient); else the plain concatenation."""
+    if not spec.sp:
+        return torch.cat([text, video])
+    return torch.cat([copy_to_group(text, spec.tp_group), all_gather_to_group(video, 0, spec.tp_group)])
+
+
+def _column(layer: nn.Module, x: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
+    """A column projection: under sequence parallel on the layer's own shard, its entry collective done once by
+    ``_sp_entry`` for every projection of the region."""
+    return F.linear(x, layer.weight, layer.bias) if spec.sp else column_parallel(layer, x)
+
+
+def _row_exit(layer: nn.Module, x: torch.Tensor, length: int,
+              spec: ShardSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row projection of the joint (L + n, B, in / tp) -> text (L, B, D), video (n or n / tp under SP, B, D). Under
+    sequence parallel: the text's partial sums all-reduced, the video's reduce-scattered to this rank's tokens; the
+    bias reaches the video through copy_to_group (its tokens differ per rank), the replicated text directly."""
+    if not spec.sp:
+        out = row_parallel(layer, x, spec)
+        return out[:length], out[length:]
+    partial = F.linear(x, layer.weight)
+    text = reduce_from_group(partial[:length], spec.tp_group)
+    video = reduce_scatter_to_group(partial[length:].contiguous(), 0, spec.tp_group)
+    if layer.bias is not None:
+        text, video = text + layer.bias, video + copy_to_group(layer.bias, spec.tp_group)
+    return text, video
 
 
 class ParallelCogVideoXAttention(nn.Module):
@@ -116,11 +168,11 @@ class ParallelCogVideoXAttention(nn.Module):
 
     def forward(self, text: torch.Tensor, video: torch.Tensor,
                 rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """text (L, B, D), video (n_local, B, D), rope (cos, sin) each (n_local, 1, 1, d) or None; returns the
-        attention outputs of both streams, same shapes."""
+        """text (L, B, D), video (n_local, B, D) (this rank's tokens under SP), rope (cos, sin) each (n_cp, 1, 1, d)
+        (this CP rank's tokens) or None; returns the attention outputs of both streams, same shapes."""
         spec, length = self.spec, text.shape[0]
-        joint = torch.cat([text, video])                                                      # (L + n, B, D)
-        q, k, v = (column_parallel(layer, joint).unflatten(-1, (self.local_heads, -1))               # (L + n, B, h_tp, d)
+        joint = _sp_entry(text, video, spec)                                                  # (L + n, B, D)
+        q, k, v = (_column(layer, joint, spec).unflatten(-1, (self.local_heads, -1))          # (L + n, B, h_tp, d)
                    for layer in (self.to_q, self.to_k, self.to_v))
         q, k = self._head_norm(self.norm_q, q), self._head_norm(self.norm_k, k)
         if rope is not None:   # video tokens only, after the norms (CogVideoXAttnProcessor2_0)
@@ -139,8 +191,8 @@ class ParallelCogVideoXAttention(nn.Module):
             video_out = heads_to_sequence(video_out.contiguous(), spec.cp_group)              # (B, h_tp, n, d)
             text_out = all_gather_to_group(text_out.contiguous(), 1, spec.cp_group)          # (B, h_tp, L, d)
         out = torch.cat([text_out, video_out], dim=2).permute(2, 0, 1, 3).flatten(2).type_as(joint)
-        out = self.to_out[1](row_parallel(self.to_out[0], out, spec))                                 # (L + n, B, D)
-        return out[:length], out[length:]
+        text_out, video_out = _row_exit(self.to_out[0], out, length, spec)              # (L, B, D), (n_local, B, D)
+        return self.to_out[1](text_out), self.to_out[1](video_out)
 
 
 class ParallelCogVideoXFeedForward(nn.Module):
@@ -158,18 +210,29 @@ class ParallelCogVideoXFeedForward(nn.Module):
         fc2 = megatron_linear(ff.net[2], "row", 1, spec, False) if tp else ff.net[2]
         self.net = nn.ModuleList([FeedForwardProjection(fc1), ff.net[1], fc2, *ff.net[3:]])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.net[1](F.gelu(column_parallel(self.net[0].proj, x), approximate="tanh"))
-        h = row_parallel(self.net[2], h, self.spec)
-        return self.net[3](h) if len(self.net) > 3 else h
+    def forward(self, text: torch.Tensor, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One feed-forward over the joint [text; video], as ``CogVideoXBlock`` runs it; returns both streams."""
+        spec = self.spec
+        h = self.net[1](F.gelu(_column(self.net[0].proj, _sp_entry(text, video, spec), spec), approximate="tanh"))
+        text, video = _row_exit(self.net[2], h, text.shape[0], spec)
+        return (self.net[3](text), self.net[3](video)) if len(self.net) > 3 else (text, video)
 
 
-def _expert_norm(norm: nn.Module, text: torch.Tensor, video: torch.Tensor, temb: torch.Tensor):
-    """``CogVideoXLayerNormZero`` in sequence-first layout: one LayerNorm, a modulation per modality."""
-    shift, scale, gate, enc_shift, enc_scale, enc_gate = norm.linear(norm.silu(temb)).unsqueeze(0).chunk(6, dim=-1)
-    video = norm.norm(video) * (1 + scale) + shift
+def _expert_norm(norm: nn.Module, text: torch.Tensor, video: torch.Tensor, temb: torch.Tensor, spec: ShardSpec):
+    """``CogVideoXLayerNormZero`` in sequence-first layout: one LayerNorm, a modulation per modality. Under sequence
+    parallel the video's modulation and LayerNorm affine are used on this rank's tokens only: copy_to_group."""
+    modulation = norm.linear(norm.silu(temb)).unsqueeze(0)
+    enc_shift, enc_scale, enc_gate = modulation[..., 3 * modulation.shape[-1] // 6:].chunk(3, dim=-1)
     text = norm.norm(text) * (1 + enc_scale) + enc_shift
-    return text, video, enc_gate, gate
+    video_mod, layer = modulation[..., :3 * modulation.shape[-1] // 6], norm.norm
+    if spec.sp:
+        video_mod = copy_to_group(video_mod, spec.tp_group)
+        weight, bias = (None if w is None else copy_to_group(w, spec.tp_group) for w in (layer.weight, layer.bias))
+        normed = F.layer_norm(video, layer.normalized_shape, weight, bias, layer.eps)
+    else:
+        normed = layer(video)
+    shift, scale, gate = video_mod.chunk(3, dim=-1)
+    return text, normed * (1 + scale) + shift, enc_gate, gate
 
 
 class ParallelCogVideoXBlock(nn.Module):
@@ -177,6 +240,7 @@ class ParallelCogVideoXBlock(nn.Module):
 
     def __init__(self, block: nn.Module, spec: ShardSpec, backend: str = "sdpa"):
         super().__init__()
+        self.spec = spec
         # Registered in diffusers' order: parameters enumerate as in the single-device model (the index-keyed
         # optimizer state of a single-process checkpoint relies on it).
         self.norm1 = block.norm1
@@ -186,14 +250,13 @@ class ParallelCogVideoXBlock(nn.Module):
 
     def forward(self, text: torch.Tensor, video: torch.Tensor, temb: torch.Tensor,
                 rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        length = text.shape[0]
-        norm_text, norm_video, text_gate, video_gate = _expert_norm(self.norm1, text, video, temb)
+        norm_text, norm_video, text_gate, video_gate = _expert_norm(self.norm1, text, video, temb, self.spec)
         attn_text, attn_video = self.attn1(norm_text, norm_video, rope)
         video = video + video_gate * attn_video
         text = text + text_gate * attn_text
-        norm_text, norm_video, text_gate, video_gate = _expert_norm(self.norm2, text, video, temb)
-        ff = self.ff(torch.cat([norm_text, norm_video]))
-        return text + text_gate * ff[:length], video + video_gate * ff[length:]
+        norm_text, norm_video, text_gate, video_gate = _expert_norm(self.norm2, text, video, temb, self.spec)
+        ff_text, ff_video = self.ff(norm_text, norm_video)
+        return text + text_gate * ff_text, video + video_gate * ff_video
 
 
 class ParallelCogVideoXTransformer(nn.Module):
@@ -255,6 +318,11 @@ class ParallelCogVideoXTransformer(nn.Module):
         rope = None
         if image_rotary_emb is not None:   # (n, d) each, the whole clip's video tokens
             rope = tuple(f[first:first + count].to(video.device)[:, None, None, :] for f in image_rotary_emb)
+        if self.spec.sp:
+            if count % self.spec.tp:
+                raise ValueError(f"sequence parallel splits this rank's {count} video tokens over tp={self.spec.tp} "
+                                 "ranks: they must divide")
+            video = scatter_to_group(video, 0, self.spec.tp_group)                              # (n_cp/tp, B, D)
 
         recompute = self.activation_checkpointing == "full" and torch.is_grad_enabled()
         for block in self.transformer_blocks:
@@ -263,6 +331,8 @@ class ParallelCogVideoXTransformer(nn.Module):
             else:
                 text, video = block(text, video, emb, rope)
 
+        if self.spec.sp:
+            video = gather_from_group(video, 0, self.spec.tp_group)                             # (n_cp, B, D)
         h = self.norm_final(video.transpose(0, 1))                                               # (B, n_cp, D)
         h = self.proj_out(self.norm_out(h, temb=emb))
         local = here.stop - here.start
@@ -293,14 +363,11 @@ def parallelize_cogvideox(adapter: CogVideoXAdapter, ctx, *, activation_checkpoi
     storage): do not use ``adapter`` afterwards."""
     if not isinstance(adapter, CogVideoXAdapter):
         raise TypeError(f"parallelize_cogvideox takes a CogVideoXAdapter, got {type(adapter).__name__}")
-    if ctx.sp and ctx.tp > 1:
-        raise NotImplementedError("sequence parallel is not implemented for CogVideoX (its text and video streams "
-                                  "would need different token splits): use parallel.sp=false, with tp and / or cp")
     heads = adapter.transformer.config.num_attention_heads
     if heads % (ctx.tp * ctx.cp):
         raise ValueError(f"{heads} heads are not divisible by tp * cp = {ctx.tp * ctx.cp}")
     spec = ShardSpec(tp_group=ctx.tp_group if ctx.tp > 1 else None, cp_group=ctx.cp_group if ctx.cp > 1 else None,
-                     sp=False)
+                     sp=bool(ctx.sp) and ctx.tp > 1)
     transformer = ParallelCogVideoXTransformer(adapter.transformer, spec,
                                                activation_checkpointing=activation_checkpointing,
                                                attention_backend=attention_backend)                  # TP, CP

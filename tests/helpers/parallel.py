@@ -80,12 +80,10 @@ def _wan_unsupported(ctx, parallelize, make_model):
 
 
 def _cogvideox_unsupported(ctx, parallelize, make_model):
-    from vidpo.config import ParallelConfig
-    from vidpo.training import distributed
-
-    ctx = distributed.init_distributed(ParallelConfig(tp=2, sp=True))
-    with pytest.raises(NotImplementedError, match="sequence parallel"):
-        parallelize(make_model(), ctx)
+    fused = make_model()
+    fused.transformer.fuse_qkv_projections()
+    with pytest.raises(NotImplementedError, match="unfused q/k/v projections"):
+        parallelize(fused, ctx)
 
 
 def _wan_tp_split():
@@ -120,7 +118,7 @@ CASES = {
         block_prefix="blocks", tp_split=_wan_tp_split(), every_parameter_has_gradient=True,
         unsupported=_wan_unsupported),
     # 2B layout (sincos positions), 5B (3-D RoPE), 1.5 (RoPE, 2-frame temporal patches). CP splits the video
-    # stream (Ulysses), the text stream stays replicated.
+    # stream (Ulysses), SP splits it by tokens over the TP ranks; the text stream stays replicated.
     "cogvideox": AdapterCase(
         kind="cogvideox", adapter="CogVideoXAdapter",
         build=lambda architecture, channels: tiny_cogvideox(in_channels=channels, num_layers=2, seed=3,
@@ -130,12 +128,15 @@ CASES = {
                              "ParallelCogVideoXTransformer"),
         channels=4, train_channels=3,
         layouts={"tp2_checkpointed_2b": ("2b", dict(tp=2), dict(activation_checkpointing="full")),
+                 "tp2_sp_checkpointed_2b": ("2b", dict(tp=2, sp=True), dict(activation_checkpointing="full")),
+                 "tp2_sp_5b": ("5b", dict(tp=2, sp=True), {}),
                  "cp2_2b": ("2b", dict(cp=2), {}),
                  "dp2_fsdp_2b": ("2b", dict(dp_shard=-1), {}),
                  "tp2_5b": ("5b", dict(tp=2), {}),
                  "cp2_5b": ("5b", dict(cp=2), {}),
                  "cp2_1.5": ("1.5", dict(cp=2), {})},
         train_layouts={"train_tp2": ("full", ["parallel.tp=2"]),
+                       "train_tp2_sp": ("full", ["parallel.tp=2", "parallel.sp=true"]),
                        "train_cp2": ("full", ["parallel.cp=2"]),
                        "train_lora_dp2_fsdp": ("lora", ["parallel.dp_shard=2"])},
         architectures=("2b", "5b", "1.5"),
