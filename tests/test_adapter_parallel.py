@@ -5,10 +5,10 @@ Per model: forward outputs, every parameter gradient and a sampled clip under ea
 with activation checkpointing, CP=2 (Ulysses), DP=2 sharded (FSDP2); CogVideoX: TP=2 with activation
 checkpointing, TP=2 + SP (the video stream split by tokens) with activation checkpointing, CP=2 (Ulysses over the
 video stream, the text stream replicated) and DP=2 FSDP for the 2B layout (sincos positions), TP=2, TP=2 + SP and
-CP=2 for the 5B layout (3-D RoPE), CP=2 for the 1.5 layout (RoPE, 2-frame temporal patches)); the refusals (LoRA,
-Wan image-to-video, CogVideoX fused projections); then one DenseDPO training step of ``vidpo train`` against the
-same step in one process (loss, gradient norm, updated weights): full fine-tuning with a frozen reference under TP,
-TP + SP and CP=2, LoRA (reference = adapters off) under DP=2 FSDP.
+CP=2 for the 5B layout (3-D RoPE), CP=2 and TP=2 + SP for the 1.5 layout (RoPE, 2-frame temporal patches)); the
+refusals (LoRA, Wan image-to-video, CogVideoX fused projections); then one DenseDPO training step of ``vidpo train``
+against the same step in one process (loss, gradient norm, updated weights): full fine-tuning with a frozen
+reference under TP, TP + SP and CP=2, LoRA (reference = adapters off) under DP=2 FSDP.
 
 Each model is prepared and its two worker processes are spawned once, when a test first needs them (the
 module-scoped ``runs`` keeps them per model, whatever order the tests run in); one pytest test per check asserts
