@@ -570,3 +570,33 @@ def test_two_expert_student_schedule_routes_like_wan_pipeline(tmp_path):
     cond = torch.randn(1, 8, TEXT_DIM, generator=g)
     want = cd.sample_flow_student(cd.ConsistencyStudent(adapter, sigmas), noise, cond, sigmas)
     torch.testing.assert_close(pipeline_latents(pipe, noise, cond, None, 4, 1.0), want, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_process_is_the_generic_ddim_process_at_a_equal_1_minus_t_s_equal_t():
+    """Wan's process (vidpo.objectives.distill_process.FlowProcess): its Euler step, consistency function, phased
+    inverse and inversion, written in the flow form, equal the generic DDIM forms with a = 1 - t, s = t."""
+    from vidpo.objectives.distill_process import DiffusionProcess, FlowProcess
+
+    flow_process = FlowProcess()
+
+    class Generic(DiffusionProcess):   # the base class's DDIM step, inversion and phased inverse
+        coefficients, predictions = FlowProcess.coefficients, FlowProcess.predictions
+    generic = Generic()
+    g = torch.Generator().manual_seed(0)
+    x, v, x0, eps = (torch.randn(3, 4, 2, 2, 2, generator=g, dtype=torch.float64) for _ in range(4))
+    t, t_to, end = (torch.tensor(v, dtype=torch.float64) for v in ([0.9, 0.5, 0.25], [0.7, 0.25, 0.0],
+                                                                    [0.75, 0.25, 0.0]))
+    for name, args in (("interpolate", (x0, eps, t)), ("step", (x, t, t_to, v)),
+                       ("clean_from", (x, t, x + (end - t).view(-1, 1, 1, 1, 1) * v, end))):
+        torch.testing.assert_close(getattr(flow_process, name)(*args), getattr(generic, name)(*args),
+                                   rtol=1e-12, atol=1e-12)
+    for e in (None, end):
+        torch.testing.assert_close(flow_process.consistency_function(lambda *_: v, x, t, None, e),
+                                   generic.consistency_function(lambda *_: v, x, t, None, e), rtol=1e-12, atol=1e-12)
+    model = tiny_wan(torch.float64)
+    x0 = torch.randn(2, 16, 3, 4, 4, generator=g, dtype=torch.float64)
+    cond = torch.randn(2, 5, TEXT_DIM, generator=g, dtype=torch.float64)
+    times = torch.linspace(0, 1, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(flow_process.invert(model, x0, cond, times), generic.invert(model, x0, cond, times),
+                                   rtol=1e-10, atol=1e-10)

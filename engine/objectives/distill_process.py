@@ -10,7 +10,7 @@ end, t = 0 the clean end) whose network predicts a velocity-like ``v``; from ``(
 
 **Rectified flow (Wan, the toy DiT)** ``FlowProcess``: ``a = 1 - t``, ``s = t``, ``v ~ eps - x0``,
 ``x0^ = x - t v``, ``eps^ = x + (1 - t) v``, so DDIM is the Euler step ``x + (t' - t) v``. Its code is the
-flow functions of ``vidpo.objectives.distill`` unchanged (same roundings as before this module existed).
+flow functions of ``vidpo.objectives.distill`` and ``vidpo.models`` (the shapes world's roundings, bit for bit).
 
 **v-prediction DDPM (CogVideoX)** ``VPredictionProcess``: integer timesteps ``k = round(t (N - 1))`` (N = 1000, the
 adapter's engine time), ``a = sqrt(abar_k)``, ``s = sqrt(1 - abar_k)`` from the release scheduler's
@@ -88,9 +88,8 @@ class DiffusionProcess:
         return a * x0 + s * eps
 
     def predictions(self, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x0^, eps^)`` of ``x`` at ``t`` given the network's ``v``."""
-        a, s = self._ab(t, x)
-        return a * x - s * v, s * x + a * v
+        """``(x0^, eps^)`` of ``x`` at ``t`` given the network's ``v`` (the parameterisation's own)."""
+        raise NotImplementedError
 
     def step(self, x: torch.Tensor, t: torch.Tensor, t_to: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """DDIM from ``t`` to ``t_to`` (either direction): ``a(t') x0^ + s(t') eps^``."""
@@ -143,6 +142,10 @@ class FlowProcess(DiffusionProcess):
     def coefficients(self, t):
         t = t.double()
         return 1.0 - t, t
+
+    def predictions(self, x, t, v):
+        t = _bcast(torch.as_tensor(t).reshape(-1), x)
+        return x - t * v, x + (1 - t) * v
 
     def interpolate(self, x0, eps, t):
         return flow.interpolate(x0, eps, t)
@@ -206,6 +209,10 @@ class VPredictionProcess(DiffusionProcess):
         k = self.timesteps_of(t.cpu())
         abar = torch.where(k == 0, torch.ones((), dtype=torch.float64), self.alphas_cumprod[k])
         return abar.sqrt(), (1.0 - abar).clamp_min(0.0).sqrt()
+
+    def predictions(self, x, t, v):
+        a, s = self._ab(t, x)          # v = a eps - s x0 with a^2 + s^2 = 1
+        return a * x - s * v, s * x + a * v
 
     def student_scheduler(self, steps: int):
         if steps < 1 or self.num_train_timesteps % steps:
