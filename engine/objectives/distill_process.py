@@ -151,7 +151,7 @@ class FlowProcess(DiffusionProcess):
         return flow.interpolate(x0, eps, t)
 
     def step(self, x, t, t_to, v):
-        return x + _bcast(torch.as_tensor(t_to).reshape(-1) - torch.as_tensor(t).reshape(-1), x) * v
+        return x + (_bcast(torch.as_tensor(t_to).reshape(-1), x) - _bcast(torch.as_tensor(t).reshape(-1), x)) * v
 
     def invert(self, model_fn, x0, cond, times):
         return mg.invert(model_fn, x0, cond, times)
