@@ -290,6 +290,10 @@ def test_vidpo_distill_on_a_cogvideox_release(workspace, tmp_path):
     assert evaluation["judged"]["judge"] == "vlm" and evaluation["judged"]["failed"] == 0
     cost = evaluation["cost"]
     assert cost["teacher"]["nfe_per_clip"] == 32 and cost["student"]["nfe_per_clip"] == 4
+    # OUT/report.html: the student's curves, the summary, the judged teacher / student videos side by side
+    page = (out / "report.html").read_text()
+    assert "teacher and student side by side" in page and "Win rate of the student over the teacher" in page
+    assert page.count("<video") == 8 and (out / "report" / "loss.png").is_file()
 
     # OUT/lora + OUT/scheduler in CogVideoXPipeline: 4 steps, guidance 1, equal to the engine's student on fixed noise
     cfg = load_config(RECIPE, [s for s in args if s != "--set"])

@@ -5,8 +5,8 @@ under ``run_dir/report/``; ``vidpo report RUN_DIR`` does the same from a shell.
 
 Inputs (only ``metrics.jsonl`` is required; a missing file just omits its section):
 
-- ``metrics.jsonl``: one JSON object per line with ``step`` and ``phase`` ('train' / 'eval' / other;
-  missing means 'train') and numeric fields. Drawn: the training loss raw and EMA-smoothed, every other
+- ``metrics.jsonl`` (a distillation's: ``student/metrics.jsonl``): one JSON object per line with ``step`` and
+  ``phase`` ('train' / 'eval' / other; missing means 'train') and numeric fields. Drawn: the training loss raw and EMA-smoothed, every other
   numeric train metric as small multiples, the eval ``oracle/*`` keys on one figure with 95% CI bands
   where ``<key>_ci_lo`` / ``<key>_ci_hi`` exist, and remaining eval / other-phase metrics as small
   multiples. A line that is not a JSON object with a numeric ``step`` is skipped with a warning naming
@@ -48,6 +48,8 @@ from PIL import Image
 from vidpo.evaluation.judge import EVAL_DIR, JUDGED_NAME, ROLES, VIDEO_DIR
 
 REPORT_NAME = "report.html"
+DISTILL_STUDENT = "student"                                   # a distillation's training run (vidpo distill)
+DISTILL_NAMES = {"base": "teacher", "policy": "student"}
 PLOT_DIR = "report"
 MAX_LINE_WARNINGS = 20
 MAX_PANELS = 36
@@ -421,8 +423,9 @@ def _video_figure(run_dir: Path, path: Optional[Path], role: str, expected: str)
     return f"<figure>{media}<figcaption>{_esc(role)}: {_esc(path.name)}</figcaption></figure>"
 
 
-def render_judged(run_dir: Path) -> Tuple[str, List[str]]:
-    """The side-by-side section of held-out base and policy videos, and the notes it adds.
+def render_judged(run_dir: Path, names: Optional[Dict[str, str]] = None) -> Tuple[str, List[str]]:
+    """The side-by-side section of held-out base and policy videos, and the notes it adds. ``names``: what the
+    page calls the two roles (default their own names; a distillation's are the teacher and the student).
 
     Reads ``run_dir/eval/judged.json`` (``vidpo.evaluation.judge.JudgedComparison.save``): the win rate with
     its CI on top, then per pair the base and the policy video (named by the record, else found as
@@ -431,6 +434,7 @@ def render_judged(run_dir: Path) -> Tuple[str, List[str]]:
     """
     eval_dir = run_dir / EVAL_DIR
     judged_path, video_dir = eval_dir / JUDGED_NAME, eval_dir / VIDEO_DIR
+    names = {role: role for role in ROLES} | dict(names or {})
     notes: List[str] = []
     records, summary = None, None
     if judged_path.is_file():
@@ -455,12 +459,13 @@ def render_judged(run_dir: Path) -> Tuple[str, List[str]]:
                 records.append({"videos": {role: f"{VIDEO_DIR}/{stem[:-5]}_{role}.{suffix}" for role in ROLES}})
         if not records:
             return "", notes
-    parts = ["<h2>Held-out prompts: base and policy side by side</h2>"]
+    parts = [f"<h2>Held-out prompts: {_esc(names['base'])} and {_esc(names['policy'])} side by side</h2>"]
     if summary is not None:
         rate = summary.get("win_rate") or {}
         lo, hi = (list(rate.get("ci95") or []) + [None, None])[:2]
         counts = ", ".join(f"{_format_scalar(summary.get(k))} {k}" for k in ("wins", "ties", "losses", "failed"))
-        parts.append(f'<p class="winrate"><strong>Win rate of the policy over the base: '
+        parts.append(f'<p class="winrate"><strong>Win rate of the {_esc(names["policy"])} over the '
+                     f'{_esc(names["base"])}: '
                      f"{_esc(_format_scalar(rate.get('mean')))}</strong> (95% CI {_esc(_format_scalar(lo))} to "
                      f"{_esc(_format_scalar(hi))}, over {_esc(_format_scalar(summary.get('ci_over_prompts')))} "
                      f"prompts; ties count half) · {_esc(counts)} of {_esc(_format_scalar(summary.get('pairs')))} "
@@ -476,11 +481,13 @@ def render_judged(run_dir: Path) -> Tuple[str, List[str]]:
                             None)
                 if path is None:
                     notes.append(f"{eval_dir}: {role} video {expected!r} missing")
-            figures.append(_video_figure(run_dir, path, role, expected))
+            figures.append(_video_figure(run_dir, path, names[role], expected))
         caption = ""
         if "prompt_id" in record:
-            outcome = _OUTCOME_TEXT.get(str(record.get("outcome")), str(record.get("outcome")))
-            shown = "policy" if record.get("policy_first") else "base"
+            outcome = str(record.get("outcome"))
+            outcome = (f"{names[outcome]} better" if outcome in ROLES
+                       else _OUTCOME_TEXT.get(outcome, outcome))
+            shown = names["policy" if record.get("policy_first") else "base"]
             detail = f" ({record['message']})" if record.get("message") else ""
             caption = (f'<p class="verdict"><strong>{_esc(outcome)}</strong>{_esc(detail)} · prompt '
                        f"{_esc(record['prompt_id'])}, seed {_esc(record.get('seed'))} · shown first: {shown}<br>"
@@ -522,13 +529,19 @@ def _safe_name(text: str) -> str:
 def write_report(run_dir) -> Path:
     """Write ``run_dir/report.html`` and its plots under ``run_dir/report/``; returns the HTML path.
 
-    Raises FileNotFoundError naming the path when the run directory or its metrics.jsonl is missing.
-    Unreadable optional inputs are skipped with a ReportWarning and listed in the page's notes.
+    A distillation's directory (``vidpo distill``: the student's training in ``student/``, the teacher-vs-student
+    evaluation in ``eval/``) is reported from ``student/metrics.jsonl`` and ``student/config.yaml``, its judged
+    videos named teacher and student. Raises FileNotFoundError naming the path when the run directory or its
+    metrics.jsonl is missing. Unreadable optional inputs are skipped with a ReportWarning and listed in the
+    page's notes.
     """
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
         raise FileNotFoundError(f"write_report: run directory not found: {run_dir}")
+    names = None
+    if not metrics_path.is_file() and (run_dir / DISTILL_STUDENT / "metrics.jsonl").is_file():
+        metrics_path, names = run_dir / DISTILL_STUDENT / "metrics.jsonl", DISTILL_NAMES
     if not metrics_path.is_file():
         raise FileNotFoundError(f"write_report: {metrics_path} not found (every run writes one)")
     plot_dir = run_dir / PLOT_DIR
@@ -580,12 +593,14 @@ def write_report(run_dir) -> Path:
 
     config_html = ""
     config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        config_path = metrics_path.parent / "config.yaml"
     if config_path.is_file():
         config_text = config_path.read_text(encoding="utf-8", errors="replace")
         config_html = (f"<h2>Configuration</h2><details><summary>config.yaml ({len(config_text.splitlines())} "
                        f"lines)</summary><pre>{_esc(config_text)}</pre></details>")
 
-    judged_html, judged_notes = render_judged(run_dir)
+    judged_html, judged_notes = render_judged(run_dir, names)
     notes.extend(judged_notes)
 
     notes_html = ""

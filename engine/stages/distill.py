@@ -14,7 +14,7 @@ from vidpo.config import ConfigError, RunConfig, resolve_path, to_yaml
 from vidpo.evaluation.evaluate import EvalResult, eval_conditions
 from vidpo.objectives.distill import ConsistencyDistillObjective, phase_boundaries, sample_student
 from vidpo.objectives.rewards import build_reward_mixture
-from vidpo.stages.common import build_oracle, save_samples, setup_logging
+from vidpo.stages.common import build_oracle, save_samples, setup_logging, write_run_report
 from vidpo.stages.distill_eval import compare
 from vidpo.stages.distill_real import distill_real_job, train_distill_real
 from vidpo.stages.preprocess import DistillData, load_teacher, preprocess_job, require_distill_data, teacher_grid
@@ -106,4 +106,5 @@ def distill_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> 
                         "rows": [{"model": r["model"], "steps": r["steps"], "oracle": round(r["oracle"]["mean"], 4),
                                   "ms_per_clip": r["ms_per_clip"]} for r in table["rows"]]}}
     atomic.write_json(out_dir / "summary.json", summary)
+    write_run_report(out_dir)     # OUT/report.html: the student's curves, the summary, the sample grids
     return summary

@@ -45,7 +45,7 @@ from vidpo.objectives.distill import ConsistencyDistillObjective, ConsistencyStu
 from vidpo.objectives.rewards import RewardMixture
 from vidpo.objectives.rewards_models import build_model_rewards, model_reward_names
 from vidpo.objectives.rewards_served import SCORES_DIR, score_videos, served_judges, served_row_weights
-from vidpo.stages.common import setup_logging
+from vidpo.stages.common import setup_logging, write_run_report
 from vidpo.stages.distill_eval import per_clip, sampling_meter
 from vidpo.stages.judged_eval import judged_evaluation
 from vidpo.stages.preprocess import DistillData, require_distill_data
@@ -260,7 +260,8 @@ def eval_rewards(cfg: RunConfig, out_dir: str | Path, release) -> dict:
 
 def distill_real_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True) -> dict:
     """``vidpo distill`` on a release: preprocess into ``OUT/data`` (or ``distill.data``) -> train ``OUT/student``
-    (exported to ``OUT/lora`` + ``OUT/scheduler``) -> teacher vs student into ``OUT/eval``; each stage resumes."""
+    (exported to ``OUT/lora`` + ``OUT/scheduler``) -> teacher vs student into ``OUT/eval`` -> ``OUT/report.html``;
+    each stage resumes."""
     out_dir = Path(out_dir)
     setup_logging(out_dir)
     release = release_data(cfg, cfg.distill.data, pick_device())   # the text encoder is loaded once, then freed
@@ -273,4 +274,5 @@ def distill_real_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True
                                                  "export")},
                "eval": evaluation}
     atomic.write_json(out_dir / "summary.json", summary)
+    write_run_report(out_dir)     # OUT/report.html: the student's curves, the summary, teacher and student videos
     return summary
