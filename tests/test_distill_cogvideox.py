@@ -136,6 +136,12 @@ def test_student_timesteps_are_training_times_of_a_whole_timestep_grid():
         VPredictionProcess(dict(COGVIDEOX_SCHEDULER, prediction_type="epsilon"))
 
 
+def test_a_release_student_refuses_context_parallel_in_one_clear_error():
+    """(Tensor parallel is laid out by test_torchrun_trains_a_fully_fine_tuned_student_tensor_and_sequence_parallel.)"""
+    with pytest.raises(ConfigError, match="context parallel is not supported for it"):
+        load_config(RECIPE, ["parallel.cp=2", "cluster.gpus_per_node=2"])
+
+
 # ----- the loss and the teacher step against float64 references ----------------------------------------------------
 @pytest.mark.parametrize("phased", [False, True])
 def test_cogvideox_cd_loss_matches_float64_reference(phased):
@@ -344,3 +350,110 @@ def test_phased_cogvideox_student_jumps_to_its_own_timesteps_and_rewards_score_t
     assert with_phases["cd"] != plain["cd"] and with_phases["reward_rows"] == 8
     # the same rows and the same student before its first step: the same one-step clean samples, the same reward
     assert with_phases["reward"] == pytest.approx(plain["reward"], rel=1e-4, abs=1e-6)
+
+
+def test_torchrun_trains_the_student_data_parallel_as_one_process(workspace, tmp_path, monkeypatch):
+    """``torchrun --nproc-per-node 2 -m vidpo train`` of a release student (FSDP over 2 ranks, LoRA, a CLIP reward on
+    some rows of each rank's half of the batch): every rank draws the whole batch and keeps its rows, its loss is its
+    share of the global loss, so the logged losses and the exported LoRA equal one process's up to the order of the
+    data-parallel sums; rank 0 exports the consolidated adapters and the scheduler. ``vidpo distill`` itself stays one
+    process and says how to run the stages under torchrun; run after them in one process, it keeps the data and the
+    trained student and exports and evaluates."""
+    from helpers.distributed import free_port
+    from safetensors.torch import load_file
+
+    from vidpo.stages.distill import distill_job
+    from vidpo.stages.distill_real import train_distill_real
+    from vidpo.stages.preprocess_real import preprocess_real_job
+
+    pytest.importorskip("megatron.core")
+    root, server = workspace
+    run = tmp_path / "run"
+    data = run / "data"
+    extra = [f"reward.models={{clip: {{path: {root / 'clip'}, kind: image, rule: clip_cosine}}}}",
+             "reward.image={clip: 1.0}", "reward.subset=all", "reward.max_rows=3", "distill.num_rows=8",
+             "distill.shard_size=4", "distill.motion_scale=0.0", "train.batch_size=4", "train.max_steps=3",
+             "train.ckpt_every=3", "train.log_every=1", f"distill.data={data}"]
+    args = sets(root, server, *extra)
+    cfg = load_config(RECIPE, [s for s in args if s != "--set"])
+    preprocess_real_job(cfg, data)
+    train_distill_real(cfg, tmp_path / "one")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "vidpo", "train", RECIPE, "--out", str(run / "student"),
+               *args, "--set", "parallel.dp_shard=2"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+    two_dir = run / "student"
+
+    def rows(directory):
+        return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line)]
+    one, two = rows(tmp_path / "one"), rows(two_dir)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    assert any(r["reward_rows"] > 0 for r in one)
+    for a, b in zip(one, two):
+        for key in ("loss", "cd", "reward", "reward_rows"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
+    lora = [load_file(str(d / "lora" / "pytorch_lora_weights.safetensors")) for d in (tmp_path / "one", two_dir)]
+    assert lora[0].keys() == lora[1].keys()
+    for key in lora[0]:
+        torch.testing.assert_close(lora[1][key], lora[0][key], rtol=1e-3, atol=5e-5)
+    residency = [json.loads((d / "summary.json").read_text())["residency"] for d in (tmp_path / "one", two_dir)]
+    assert residency[0]["dit_models"] == {"CogVideoXTransformer3DModel": 1}
+    assert residency[1]["dit_models"] == {"ParallelCogVideoXTransformer": 1}     # the student alone, parallelized
+    assert (two_dir / "scheduler" / "scheduler_config.json").read_text() == \
+        (tmp_path / "one" / "scheduler" / "scheduler_config.json").read_text()
+
+    with monkeypatch.context() as env_of_torchrun:      # `vidpo distill` started by torchrun
+        env_of_torchrun.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ConfigError, match="torchrun .* -m vidpo train"):
+            distill_job(cfg, run)
+    summary = distill_job(cfg, run)       # then in one process: nothing recomputed, the student exported, evaluated
+    assert summary["preprocess"]["computed"] == 0 and summary["train"]["steps"] == 3
+    kept = load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
+    assert kept.keys() == lora[1].keys() and all(torch.equal(kept[k], lora[1][k]) for k in kept)
+    assert summary["eval"]["cost"]["student"]["nfe_per_clip"] == 4 and (run / "report.html").is_file()
+
+
+def test_torchrun_trains_a_fully_fine_tuned_student_tensor_and_sequence_parallel(workspace, tmp_path):
+    """No ``lora`` section, ``parallel.tp=2`` + ``parallel.sp=true``: both ranks hold half of every projection and
+    half of the video tokens between them, take the same rows, and the losses and the exported transformer equal one
+    process's up to the order of the split sums."""
+    import yaml
+    from diffusers import CogVideoXTransformer3DModel
+    from helpers.distributed import free_port
+
+    from vidpo.stages.distill_real import train_distill_real
+    from vidpo.stages.preprocess_real import preprocess_real_job
+
+    pytest.importorskip("megatron.core")
+    root, server = workspace
+    recipe = yaml.safe_load((REPO / RECIPE).read_text())
+    del recipe["lora"]
+    full = tmp_path / "full.yaml"
+    full.write_text(yaml.safe_dump(recipe))
+    data = tmp_path / "data"
+    args = sets(root, server, "distill.num_rows=4", "distill.motion_scale=0.0", "train.batch_size=2",
+                "train.max_steps=2", "train.ckpt_every=2", "train.log_every=1", f"distill.data={data}")
+    cfg = load_config(str(full), [s for s in args if s != "--set"])
+    assert cfg.lora is None
+    preprocess_real_job(cfg, data)
+    train_distill_real(cfg, tmp_path / "one")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "vidpo", "train", str(full), "--out", str(tmp_path / "two"),
+               *args, "--set", "parallel.tp=2", "--set", "parallel.sp=true", "--set", "cluster.gpus_per_node=2"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                 if "loss" in json.loads(line)] for run in ("one", "two"))
+    assert [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+    weights = [CogVideoXTransformer3DModel.from_pretrained(str(tmp_path / run / "transformer")).state_dict()
+               for run in ("one", "two")]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-3, atol=5e-5)

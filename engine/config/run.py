@@ -127,9 +127,14 @@ class RunConfig(Section):
             if par.tp > cl.gpus_per_node >= 1:
                 p.add(f"parallel.tp={par.tp} spans nodes (cluster.gpus_per_node={cl.gpus_per_node}): keep tensor "
                       "parallel inside a node's NVLink domain", "parallel.tp", "cluster.gpus_per_node")
-            if train.objective not in PREFERENCE_OBJECTIVES and train.objective in OBJECTIVES:
+            release_student = train.objective == "consistency_distill" and self.model.kind != "dit"
+            if release_student and par.cp > 1:
+                p.add(f"parallel.cp={par.cp}: a release's consistency student trains data parallel and tensor (+ "
+                      "sequence) parallel; context parallel is not supported for it (the rewards decode whole clips)",
+                      "parallel.cp", "train.objective")
+            elif train.objective not in PREFERENCE_OBJECTIVES and train.objective in OBJECTIVES and not release_student:
                 p.add(f"train.objective={train.objective} runs in one process; distributed training covers "
-                      f"{', '.join(PREFERENCE_OBJECTIVES[:-1])} and {PREFERENCE_OBJECTIVES[-1]} (this recipe asks for "
+                      f"{', '.join(PREFERENCE_OBJECTIVES)} and a release's consistency_distill (this recipe asks for "
                       f"{self._processes_asked()})", "train.objective", "parallel.tp", "parallel.cp", "cluster.nodes")
         return p
 

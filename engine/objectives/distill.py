@@ -77,6 +77,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from vidpo.config import RunConfig
+from vidpo.parallel.mappings import reduce_from_group
+from vidpo.training.distributed import weighted_means
 from vidpo.utils.seeding import generator, randn_per_sample
 
 SOURCE_CODES = {"curated": 0, "web": 1}
@@ -305,21 +307,30 @@ class ConsistencyStudent(torch.nn.Module):
 # ----- what the training process holds ---------------------------------------------------------------------
 def resident_parameters() -> dict:
     """Every ``nn.Module`` alive in this process that owns parameters, grouped by class: instance counts and
-    distinct parameter bytes (storages counted once). "No teacher in memory" means one ``VideoDiT`` (a release:
-    one diffusers ``*Transformer3DModel``; the key keeps its historical name ``dit_models``)."""
+    distinct parameter bytes (storages counted once; under FSDP this rank's shards). "No teacher in memory" means
+    one ``VideoDiT`` (a release: one diffusers ``*Transformer3DModel``, or its ``Parallel*Transformer`` under
+    torchrun; the key keeps its historical name ``dit_models``)."""
     gc.collect()
     seen, total, counts = set(), 0, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # isinstance() on deprecated torch aliases in gc's list warns
         modules = [obj for obj in gc.get_objects() if isinstance(obj, torch.nn.Module)]
     for module in modules:
-        if type(module).__name__.endswith(("DiT", "Transformer3DModel")):
-            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+        name = type(module).__name__
+        name = name[len("FSDP"):] if name.startswith("FSDP") else name    # FSDP2 subclasses the module it shards
+        parallel_form = name.startswith("Parallel") and name.endswith("Transformer")
+        if name.endswith(("DiT", "Transformer3DModel")) or parallel_form:
+            counts[name] = counts.get(name, 0) + 1
         for p in module.parameters(recurse=False):
-            key = (p.device.type, p.untyped_storage().data_ptr())
+            local = p.to_local() if hasattr(p, "to_local") else p           # an FSDP / TP DTensor: this rank's part
+            try:
+                storage = local.untyped_storage()
+                key = (local.device.type, storage.data_ptr())
+            except RuntimeError:   # a storage FSDP has freed (resized to 0): nothing resident
+                continue
             if key not in seen:
                 seen.add(key)
-                total += p.untyped_storage().nbytes()
+                total += storage.nbytes()
     return {"dit_models": counts, "parameter_bytes": total}
 
 
@@ -332,13 +343,16 @@ class ConsistencyDistillObjective:
     def __init__(self, cfg: RunConfig, world, data, device: torch.device, rewards=None, *,
                  condition: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, prompt_key: str = "cond_ids",
                  frames: Optional[int] = None, boundaries: Optional[torch.Tensor] = None,
-                 row_weights: Optional[torch.Tensor] = None, process=None):
+                 row_weights: Optional[torch.Tensor] = None, process=None, parallel=None):
         """``condition(batch[prompt_key]) -> cond`` maps a row's prompt to the model's condition (default: the shapes
         world's tokens of ``cond_ids``; a release: the cached prompt embeddings of the row's ``prompt`` index);
         ``frames``: pixel frames the image rewards pick from (default the world's); ``boundaries``: the phase edges
         (``phase_boundaries``) that ``distill.phases > 0`` needs; ``row_weights`` (P,): the CD loss weight of a
         row by its prompt index ``batch[prompt_key]`` (the served judges', ``vidpo.objectives.rewards_served``);
-        ``process``: the release's diffusion process (``vidpo.objectives.distill_process``; None: rectified flow)."""
+        ``process``: the release's diffusion process (``vidpo.objectives.distill_process``; None: rectified flow);
+        ``parallel``: the run's ``ParallelContext`` under torchrun (data parallel: every rank draws the global
+        micro-batch, as one process does, and keeps its rows; its loss is its share of the global loss, summed over
+        the data-parallel group so that every rank holds the global loss)."""
         if cfg.distill.phases and boundaries is None:
             raise ValueError(f"distill.phases = {cfg.distill.phases} needs the phase edges of the teacher's grid; "
                              "pass phase_boundaries(...) (the shapes world) or release_phase_edges(cfg) (a release)")
@@ -356,22 +370,27 @@ class ConsistencyDistillObjective:
         self.residency: Optional[dict] = None
         self.row_weights = None if row_weights is None else row_weights.detach().float().cpu()
         self.process = process
+        self.parallel = parallel if parallel is not None and parallel.dp > 1 else None
 
     def micro_batch(self, step: int, micro: int) -> dict:
         cfg = self.cfg
         g = generator(cfg.seed, "data", step, micro)
         index = torch.randint(len(self.data), (cfg.train.batch_size,), generator=g)
-        batch = {k: v.to(self.device) for k, v in self.data.rows(index).items()}
+        # Under data parallel, only this rank's rows are read; every random draw stays the whole batch's.
+        rows = self.parallel.dp_rows(index.numel()) if self.parallel is not None else slice(None)
+        batch = {k: v.to(self.device) for k, v in self.data.rows(index[rows]).items()}
+        batch["batch_rows"] = index.numel()
         if self.row_weights is not None:
             batch["cd_weight"] = self.row_weights[batch[self.prompt_key].cpu().long()].to(self.device)
         if self.rewards is not None:
-            source = batch["source"].cpu()
+            source = self.data.tensors["source"][index]        # the whole draw's, as one process routes it
             eligible = torch.ones_like(source, dtype=torch.bool) if self.reward_source is None \
                 else source == self.reward_source
             # The first max_rows eligible rows of the (random) draw: a random subset of the routed data.
             chosen = eligible & (eligible.long().cumsum(0) <= cfg.reward.max_rows)
-            batch["reward_rows"] = chosen.to(self.device)
-            batch["frames"] = self.rewards.draw_frames(index.numel(), self.frames, g)
+            batch["reward_rows_total"] = int(chosen.sum())
+            batch["reward_rows"] = chosen[rows].to(self.device)
+            batch["frames"] = self.rewards.draw_frames(index.numel(), self.frames, g)[rows]
         return batch
 
     def loss(self, model, batch: dict):
@@ -391,20 +410,36 @@ class ConsistencyDistillObjective:
                 prediction = x_t + (prediction - x_t) * (t / (t - end.to(prediction.dtype).view(shape)))
             else:
                 prediction = self.process.clean_from(batch["x_t"], batch["t"], prediction, end)
-        loss = loss_cd
+        # This rank's share of the global loss: its rows are an equal part of the batch's (data parallel).
+        share = batch[self.prompt_key].shape[0] / batch.get("batch_rows", batch[self.prompt_key].shape[0])
+        loss = loss_cd * share
         metrics = {"cd": float(loss_cd.detach())}
+        weights = {"cd": 1.0}               # each metric's data-parallel weight (its local count)
         if "cd_weight" in batch:
             metrics["cd_weight_mean"] = float(batch["cd_weight"].mean())
+            weights["cd_weight_mean"] = float(batch["cd_weight"].numel())
         if self.rewards is not None:
             rows = batch["reward_rows"]
-            metrics["reward_rows"] = float(rows.sum())
             if bool(rows.any()):
                 frames = batch["frames"][rows.cpu()]
                 total, parts = self.rewards(prediction[rows].float(), cond_ids[rows], frames)
-                loss = loss - total.mean()
+                loss = loss - total.sum() / batch["reward_rows_total"]     # the mean over the whole batch's rows
                 metrics["reward"] = float(total.detach().mean())
                 for name, value in parts.items():
                     metrics[f"reward/{name}"] = float(value.detach().mean())
+                weights.update({k: float(rows.sum()) for k in metrics if k.startswith("reward")})
+        if self.parallel is not None:
+            # Summed over the group (identity backward): every rank holds the global loss, and the gradients the
+            # training loop sums over ranks are the global ones.
+            loss = reduce_from_group(loss, self.parallel.dp_group)
+            reward_keys = [f"reward/{name}" for name in self.rewards.names] + ["reward"] if self.rewards else []
+            for key in reward_keys:        # a rank without reward rows weighs 0 in the mean
+                metrics.setdefault(key, 0.0)
+                weights.setdefault(key, 0.0)
+            metrics = weighted_means({k: (v, weights[k]) for k, v in metrics.items()}, self.parallel.dp_group,
+                                     device=loss.device)
+        if self.rewards is not None:
+            metrics["reward_rows"] = float(batch["reward_rows_total"])
         if self.residency is None:
             # Measured inside the first step, while the step's graph is alive: what training really holds.
             self.residency = resident_parameters()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +49,7 @@ from vidpo.objectives.rewards_served import SCORES_DIR, score_videos, served_jud
 from vidpo.stages.common import setup_logging, write_run_report
 from vidpo.stages.distill_eval import per_clip, sampling_meter
 from vidpo.stages.judged_eval import judged_evaluation
+from vidpo.stages.parts import latent_frames_of
 from vidpo.stages.preprocess import DistillData, require_distill_data
 from vidpo.stages.preprocess_real import (
     REAL_LAZY_KEYS,
@@ -59,7 +61,12 @@ from vidpo.stages.preprocess_real import (
 )
 from vidpo.training.export import export_run
 from vidpo.training.modeling import build_policy, pick_device, set_threads
-from vidpo.training.policy import apply_activation_checkpointing, initial_policy_with_lora
+from vidpo.training.policy import (
+    apply_activation_checkpointing,
+    initial_policy_with_lora,
+    prepare_parallel_student,
+    start_distributed,
+)
 from vidpo.training.trainer import Trainer
 from vidpo.utils import atomic
 from vidpo.utils.seeding import seed_everything
@@ -138,13 +145,19 @@ def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Tr
     require_distill_data(cfg)
     set_threads(cfg)
     seed_everything(cfg.seed)
-    device = pick_device()
+    parallel = start_distributed(cfg, None, latent_frames_of(cfg))   # None for one process
+    if parallel is not None and parallel.cp > 1:
+        raise ConfigError(f"parallel.cp = {parallel.cp}: a release student trains data parallel (FSDP) and tensor "
+                          "(+ sequence) parallel; context parallel is not supported here (the rewards decode whole "
+                          "clips): set parallel.cp=1")
+    main = parallel is None or parallel.is_main
+    device = parallel.device if parallel is not None else pick_device()
     data = DistillData(d.data, keys=REAL_TRAIN_KEYS, lazy_keys=REAL_LAZY_KEYS)
     _check_data(cfg, data)
     release = release if release is not None else release_data(cfg, data.directory, device, clips=False)
     if list(release.prompts.ids) != data.settings["prompt_ids"]:
         raise ConfigError(f"{data.directory}: its rows index other training prompts than {cfg.prompts.path} gives now")
-    model, lora_state = build_student(cfg, device)
+    model, lora_state = build_student(cfg, device) if parallel is None else prepare_parallel_student(cfg, parallel)
     rewards, reward_names = RewardMixture([]), []
     vae = None
     row_weights, served = served_row_weights(cfg.reward, data.directory, list(release.prompts.ids), release.source,
@@ -163,15 +176,19 @@ def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Tr
                                             condition=lambda ids: release.cond_of(ids.cpu()).to(model.dtype),
                                             prompt_key="prompt", frames=release.domain.frames,
                                             boundaries=release_phase_edges(cfg), row_weights=row_weights,
-                                            process=distill_process(cfg))
-    atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
+                                            process=distill_process(cfg), parallel=parallel)
+    if main:
+        atomic.write_text(out_dir / "config.yaml", to_yaml(cfg))
     log.info("distill (%s): %d rows, rewards %s on '%s' rows, device %s", cfg.model.kind, len(data),
              reward_names or "none", cfg.reward.subset, device)
-    trainer = Trainer(cfg, out_dir, model, objective, device=device, resume=resume, lora_state=lora_state)
+    trainer = Trainer(cfg, out_dir, model, objective, device=device, resume=resume, lora_state=lora_state,
+                      parallel=parallel)
     result = trainer.fit()
-    exported = export_run(cfg, export_dir, model, from_checkpoint=False)
+    if not main:      # rank 0 exports the consolidated checkpoint and writes the summary
+        return {"steps": result["steps"], "model": model, "release": release}
+    exported = export_run(cfg, export_dir, model, from_checkpoint=parallel is not None, checkpoints=out_dir)
     scheduler_dir = export_scheduler(cfg, export_dir)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())   # this rank's shards
     summary = {"objective": "consistency_distill", "model_kind": cfg.model.kind, "steps": result["steps"],
                "seconds": round(result["seconds"], 1), "student_steps": d.eval_steps,
                "skipped_steps": result["skipped_steps"], "rewards": reward_names, "reward_subset": cfg.reward.subset,
@@ -263,6 +280,12 @@ def distill_real_job(cfg: RunConfig, out_dir: str | Path, *, resume: bool = True
     (exported to ``OUT/lora`` + ``OUT/scheduler``) -> teacher vs student into ``OUT/eval`` -> ``OUT/report.html``;
     each stage resumes."""
     out_dir = Path(out_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("`vidpo distill` of a release runs in one process; under torchrun run its stages: "
+                          f"`vidpo preprocess RECIPE --out {out_dir}/data --rank R --world-size N` (N processes), "
+                          f"`torchrun --nproc-per-node N -m vidpo train RECIPE --out {out_dir}/student --set "
+                          f"distill.data={out_dir}/data`, then `vidpo distill RECIPE --out {out_dir}` in one process "
+                          "(the data and the trained student are kept; it exports and evaluates)")
     setup_logging(out_dir)
     release = release_data(cfg, cfg.distill.data, pick_device())   # the text encoder is loaded once, then freed
     prep = preprocess_real_job(cfg, cfg.distill.data, release=release)

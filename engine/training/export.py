@@ -35,29 +35,33 @@ from vidpo.training.modeling import loads_from_directory
 from vidpo.utils import atomic
 
 
-def export_run(cfg: RunConfig, run_dir: str | os.PathLike, model, *, from_checkpoint: bool) -> Optional[Path]:
+def export_run(cfg: RunConfig, run_dir: str | os.PathLike, model, *, from_checkpoint: bool,
+               checkpoints: Optional[str | os.PathLike] = None) -> Optional[Path]:
     """The run's trained policy in its users' format (module docstring): the LoRA export when the recipe has a
     ``lora`` section, else a diffusers model's transformer folder(s). ``model``: the trained policy (one process);
     with ``from_checkpoint`` (a multi-process run, on its main rank after training) the latest checkpoint's
-    consolidated weights are exported instead. Returns the LoRA path or ``RUN_DIR/transformer`` (None: a fully
-    fine-tuned DiT, whose checkpoints already are its export)."""
+    consolidated weights are exported instead, from ``checkpoints`` (default ``run_dir``: the training run's own).
+    Returns the LoRA path or ``RUN_DIR/transformer`` (None: a fully fine-tuned DiT, whose checkpoints already are its
+    export)."""
     if cfg.lora is not None:
-        return export_run_lora(cfg, run_dir, model, from_checkpoint=from_checkpoint)
+        return export_run_lora(cfg, run_dir, model, from_checkpoint=from_checkpoint, checkpoints=checkpoints)
     if not loads_from_directory(cfg):
         return None
     if from_checkpoint:
-        state = load_file(str(_latest(run_dir) / "model.safetensors"))
+        state = load_file(str(_latest(checkpoints or run_dir) / "model.safetensors"))
         return export_transformer_state(cfg.model.kind, resolve_path(cfg.model.path), state, run_dir)["transformer"]
     return export_transformers(model, run_dir)["transformer"]
 
 
-def export_run_lora(cfg: RunConfig, run_dir: str | os.PathLike, model, *, from_checkpoint: bool) -> Path:
+def export_run_lora(cfg: RunConfig, run_dir: str | os.PathLike, model, *, from_checkpoint: bool,
+                    checkpoints: Optional[str | os.PathLike] = None) -> Path:
     """The trained adapters: ``RUN_DIR/lora/`` in diffusers' layout for a diffusers model, else
-    ``RUN_DIR/lora.safetensors``; ``from_checkpoint``: what the latest checkpoint consolidated."""
+    ``RUN_DIR/lora.safetensors``; ``from_checkpoint``: what the latest checkpoint (of ``checkpoints``, default
+    ``run_dir``) consolidated."""
     run_dir = Path(run_dir)
     diffusers_model = loads_from_directory(cfg)
     if from_checkpoint:
-        latest = _latest(run_dir) / "lora.safetensors"
+        latest = _latest(checkpoints or run_dir) / "lora.safetensors"
         if not diffusers_model:
             atomic.write_bytes(run_dir / "lora.safetensors", latest.read_bytes())
             return run_dir / "lora.safetensors"

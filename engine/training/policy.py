@@ -105,8 +105,13 @@ def prepare_parallel_policy(cfg: RunConfig, world, parallel, reference_weights: 
     reference, holding ``reference_weights`` when given) parallelized over ``parallel`` (TP/SP -> CP ->
     checkpointing -> compile -> FSDP) by the model's own parallelize function (``models/<name>/parallelize.py``),
     built as ``parallel.init`` says (``vidpo.training.sharded_init``: by default rank 0 alone loads the weights)."""
+    return _parallel_policy(cfg, world, parallel, reference_weights)
+
+
+def _parallel_policy(cfg: RunConfig, world, parallel, reference_weights: Optional[Path] = None, *,
+                     with_reference: bool = True):
     parallelize = model_spec(cfg.model.kind).parallelize
-    mode = reference_mode(cfg)
+    mode = reference_mode(cfg) if with_reference else "none"
     if reference_weights is not None and mode != "frozen_copy":
         raise ConfigError(f"a reference with its own weights ({reference_weights}) needs pref.reference=frozen_copy "
                           f"(no LoRA), not {mode}")
@@ -129,6 +134,8 @@ def prepare_parallel_policy(cfg: RunConfig, world, parallel, reference_weights: 
         lora=dataclasses.asdict(cfg.lora) if cfg.lora is not None else None,
         lay_out_reference=lay_out_reference if mode == "frozen_copy" else None, reference_weights=reference_weights,
         offloaded=parallel.cpu_offload and parallel.layout.fsdp)
+    if not with_reference:
+        return model, None, mode, lora_state
     if frozen_parallel is not None:
         if reference_weights is not None:
             mode = "frozen_copy(base)"
@@ -139,6 +146,14 @@ def prepare_parallel_policy(cfg: RunConfig, world, parallel, reference_weights: 
     else:
         reference = _adapters_off_reference(model)
     return model, reference, mode, lora_state
+
+
+def prepare_parallel_student(cfg: RunConfig, parallel):
+    """A consistency student for a multi-process run: the initial policy (+ LoRA) parallelized over ``parallel`` as
+    ``prepare_parallel_policy`` lays out a policy, with no reference (its target is itself under stop-gradient).
+    Returns ``(model, lora_state)``."""
+    model, _, _, lora_state = _parallel_policy(cfg, None, parallel, with_reference=False)
+    return model, lora_state
 
 
 def prepare_sampling_policy(cfg: RunConfig, world, parallel) -> Optional[torch.nn.Module]:
