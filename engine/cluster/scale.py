@@ -14,7 +14,8 @@ is allocated, so a 14B layout for 128 GPUs is checked on a laptop. Two kinds of 
   off the diffusers blocks and checked against them); ``--arch`` names the release when model.path is not here.
 
 Shapes. n = tokens per video, L = condition tokens, D = width, F = MLP width,
-videos = 2 * pairs per DP rank for the paired objectives (policy and reference run on both videos).
+videos = 2 * pairs per DP rank for the paired objectives (policy and reference run on both videos); a consistency
+student's rows are one video each, with one more forward without gradient (its stop-gradient target).
 Per GPU a video holds n / cp tokens (Ulysses CP), and n / (cp * tp) inside sequence-parallel regions.
 
 Memory (bytes per GPU; every parameter-sized row is over the FSDP shard group, dp_shard * cp ranks, and the
@@ -310,7 +311,9 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
     if paired and cfg.pref.sft_weight > 0:
         sft_videos = pairs * (2 if cfg.pref.sft_source == "both" else 1)
     grad_videos = videos + sft_videos
-    ref_videos = videos if paired else 0.0
+    # The reference's forward (paired objectives) or the consistency target's (the student under stop-gradient at
+    # the teacher's next point): one no-grad forward per video with gradient.
+    ref_videos = videos if paired or cfg.train.objective == "consistency_distill" else 0.0
     ac = cfg.parallel.activation_checkpointing == "full"
     param_bytes = 2 if cfg.parallel.fsdp_param_dtype == "bfloat16" else 4
     weight_bytes = DTYPE_BYTES[cfg.model.dtype]
