@@ -457,3 +457,38 @@ def test_torchrun_trains_a_fully_fine_tuned_student_tensor_and_sequence_parallel
                for run in ("one", "two")]
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=1e-3, atol=5e-5)
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+def test_reward_decode_of_a_latent_prefix_is_the_whole_clips_first_frames(workspace, tmp_path, family):
+    """``reward.decode_latent_frames`` K: both families' VAEs are causal in time, so decoding the first K latent frames
+    gives the whole clip's first 1 + 4 (K - 1) pixel frames (to rounding), and the gradient reaches those latents
+    only; the rewards then pick their frames among them. CogVideoX's decoder takes latent frames in pairs after the
+    first three: its prefix must be odd and >= 3, and one that is not is one clear error."""
+    from helpers.pipelines import make_wan_dir
+
+    from vidpo.models.pipeline_dir import PipelineDirectory
+    from vidpo.stages.distill_real import check_decode_prefix, differentiable_decode, reward_frames
+
+    root, _ = workspace
+    path = root / "cog" if family == "cogvideox" else make_wan_dir(tmp_path / "wan", num_layers=1)
+    vae = PipelineDirectory.open(path, family).vae("cpu", torch.float32)
+    latents = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(0))
+    k = 3 if family == "cogvideox" else 2
+    with torch.no_grad():
+        whole = differentiable_decode(vae)(latents)
+    prefix_latents = latents.clone().requires_grad_(True)
+    prefix = differentiable_decode(vae, k)(prefix_latents)
+    frames = 1 + 4 * (k - 1)
+    assert whole.shape[2] == 17 and prefix.shape[2] == frames
+    torch.testing.assert_close(prefix, whole[:, :, :frames], rtol=1e-4, atol=1e-4)
+    prefix.sum().backward()
+    assert bool(prefix_latents.grad[:, :, :k].abs().sum() > 0) and bool(prefix_latents.grad[:, :, k:].eq(0).all())
+    cfg = load_config(RECIPE, [f"reward.decode_latent_frames={k}", "model.path=/unused", f"model.kind={family}"])
+    assert reward_frames(cfg, vae, 17) == frames
+    check_decode_prefix(cfg)
+    if family == "cogvideox":
+        with pytest.raises(ConfigError, match="decode_latent_frames = 2: CogVideoX's VAE"):
+            check_decode_prefix(load_config(RECIPE, ["reward.decode_latent_frames=2", "model.path=/unused"]))
+    with pytest.raises(ConfigError, match="decode_latent_frames"):
+        load_config(RECIPE, ["reward.decode_latent_frames=0"])

@@ -241,6 +241,14 @@ class RewardConfig(Section):
     max_rows: int = 8
     """At most this many reward rows per micro-batch (the paper: 1 reward clip per 3 CD clips per GPU)."""
 
+    decode_latent_frames: Optional[int] = None
+    """A release's differentiable rewards: decode only the first K latent frames of the student's one-step prediction
+    (pixel frames 1 + k (K - 1) of a k-times temporal VAE; the image rewards pick among them, the video rewards see
+    them); None: the whole clip. Why: the reward's gradient goes back through the VAE decoder, whose activations for
+    a whole 81-frame 480p clip are far beyond a GPU's memory; the Wan and CogVideoX VAEs are causal in time, so a
+    prefix decodes as the whole clip's first frames do (CogVideoX: an odd K >= 3, its decoder takes latent frames in
+    pairs after the first three)."""
+
     models: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     """Reward models of a release's distillation, by name; weighted by name in ``image`` / ``video``. A local
     transformers model (vidpo.objectives.rewards_models, a differentiable reward): {path: DIR, kind: image, rule:
@@ -252,6 +260,8 @@ class RewardConfig(Section):
     def rules(self, prefix: str = "") -> list[Problem]:
         p = Problems(prefix)
         p.at_least(self, 1, "image_frames", "max_rows")
+        p.check(self.decode_latent_frames is None or self.decode_latent_frames >= 1, "decode_latent_frames",
+                f"must be None or >= 1, got {self.decode_latent_frames!r}")
         for name, spec in (self.models or {}).items():
             if isinstance(spec, dict) and spec.get("rule") == SERVED_RULE:
                 for problem in served_problems(dict(spec), f"{prefix}models.{name}"):

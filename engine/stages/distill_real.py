@@ -92,12 +92,34 @@ def _reward_parameters(rewards: RewardMixture) -> list:
     return list(seen.values())
 
 
-def differentiable_decode(vae):
-    """The VAE's decode with gradients (``DiffusersVAE.decode`` runs under no_grad): latents -> pixels in [-1, 1]."""
+def differentiable_decode(vae, latent_frames: Optional[int] = None):
+    """The VAE's decode with gradients (``DiffusersVAE.decode`` runs under no_grad): latents -> pixels in [-1, 1];
+    with ``latent_frames`` K, of the first K latent frames only (``reward.decode_latent_frames``: the VAEs are causal
+    in time, so these are the whole clip's first ``1 + k (K - 1)`` pixel frames)."""
     def decode(latents: torch.Tensor) -> torch.Tensor:
+        if latent_frames is not None:
+            latents = latents[:, :, :latent_frames]
         z = vae.denormalize(latents.to(vae.device)).to(vae.dtype)
         return vae.vae.decode(z).sample.float().clamp(-1.0, 1.0)
     return decode
+
+
+def check_decode_prefix(cfg: RunConfig) -> None:
+    """``reward.decode_latent_frames`` that a family's VAE decodes as the whole clip's first frames: any K for Wan
+    (causal, one latent frame at a time); for CogVideoX an odd K >= 3 (its decoder takes the latent frames in pairs,
+    the first three together; a prefix of another length is cut where the whole clip's is not)."""
+    k = cfg.reward.decode_latent_frames
+    if k is not None and cfg.model.kind == "cogvideox" and (k < 3 or k % 2 == 0):
+        raise ConfigError(f"reward.decode_latent_frames = {k}: CogVideoX's VAE decodes a prefix of 3, 5, 7, ... latent "
+                          "frames as the whole clip's first frames (it decodes the latent frames in pairs, the first "
+                          "three together)")
+
+
+def reward_frames(cfg: RunConfig, vae, frames: int) -> int:
+    """The pixel frames the rewards see: the clip's ``frames``, or those of its first ``reward.decode_latent_frames``
+    latent frames."""
+    k = cfg.reward.decode_latent_frames
+    return frames if k is None else min(frames, vae.pixel_frames(k))
 
 
 def export_scheduler(cfg: RunConfig, out_dir: str | Path) -> Path:
@@ -169,12 +191,16 @@ def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Tr
     if model_reward_names(cfg.reward):
         vae = release.pipe.vae(device, torch.float32)
         vae.vae.requires_grad_(False)   # the reward's gradient reaches the student through it, never its weights
-        rewards = build_model_rewards(cfg.reward, [p.text for p in release.prompts], decode=differentiable_decode(vae),
+        check_decode_prefix(cfg)
+        decode = differentiable_decode(vae, cfg.reward.decode_latent_frames)
+        rewards = build_model_rewards(cfg.reward, [p.text for p in release.prompts], decode=decode,
                                       device=device)
         reward_names = rewards.names
     objective = ConsistencyDistillObjective(cfg, None, data, device, rewards=rewards,
                                             condition=lambda ids: release.cond_of(ids.cpu()).to(model.dtype),
-                                            prompt_key="prompt", frames=release.domain.frames,
+                                            prompt_key="prompt",
+                                            frames=(reward_frames(cfg, vae, release.domain.frames) if vae is not None
+                                                    else release.domain.frames),
                                             boundaries=release_phase_edges(cfg), row_weights=row_weights,
                                             process=distill_process(cfg), parallel=parallel)
     if main:
