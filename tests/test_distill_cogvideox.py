@@ -225,28 +225,12 @@ def test_cogvideox_guided_teacher_step_matches_float64_reference(layout):
 # ----- vidpo distill on a tiny CogVideoX release -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A tiny CogVideoX-2B release (2 blocks), a prompt file whose prompts name real clips (half 'web'), a CLIP reward
-    model and the stub VLM judge."""
+    """A tiny CogVideoX-2B release (2 blocks) in ``test_distill_real.turbo_workspace``."""
     from helpers.pipelines import make_cogvideox_dir
-    from helpers.video import encode_clip, make_frames
-    from helpers.vlm_server import FakeVLM, Reply, brightness_verdict
-    from test_distill_real import make_clip_dir
+    from test_distill_real import turbo_workspace
 
-    root = tmp_path_factory.mktemp("turbo_cog")
-    make_cogvideox_dir(root / "cog", prompts=PROMPTS_FOR_TESTS, num_layers=2)
-    rows = []
-    for i, text in enumerate(PROMPTS_FOR_TESTS):
-        clip = encode_clip(root / "clips" / f"c{i}", make_frames(12, 40, 48), "h264", fps=8)
-        row = {"id": f"p{i}", "prompt": text, "clip": str(clip), "source": "web" if i % 2 else "curated"}
-        if i >= 6:
-            row["split"] = "heldout"
-        if i == 1:
-            row["negative_prompt"] = "blurry, low quality"
-        rows.append(row)
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    make_clip_dir(root / "clip")
-    server = FakeVLM()
-    server.behaviour = lambda request: Reply(text=brightness_verdict(request, margin=0.5))
+    root, server = turbo_workspace(tmp_path_factory.mktemp("turbo_cog"),
+                                   lambda r: make_cogvideox_dir(r / "cog", prompts=PROMPTS_FOR_TESTS, num_layers=2))
     yield root, server
     server.close()
     assert not server.schema_errors, server.schema_errors[:3]

@@ -312,16 +312,14 @@ def test_clip_reward_value_and_gradient_match_float64_reference(tmp_path, rule):
 
 
 # ----- vidpo distill on a tiny Wan release -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A tiny Wan 2.1 release (2 blocks), a prompt file whose prompts name real clips (half 'web'), a CLIP reward
-    model and the stub VLM judge."""
-    from helpers.pipelines import make_wan_dir
+def turbo_workspace(root: Path, make_release):
+    """``(root, server)`` for a release's distillation tests: ``make_release(root)`` builds the tiny release, a prompt
+    file whose prompts name real clips (half 'web', two held out, one with a negative prompt), a CLIP reward model
+    and the stub VLM judge (close ``server`` after)."""
     from helpers.video import encode_clip, make_frames
     from helpers.vlm_server import FakeVLM, Reply, brightness_verdict
 
-    root = tmp_path_factory.mktemp("turbo")
-    make_wan_dir(root / "wan", prompts=PROMPTS_FOR_TESTS, num_layers=2)
+    make_release(root)
     rows = []
     for i, text in enumerate(PROMPTS_FOR_TESTS):
         clip = encode_clip(root / "clips" / f"c{i}", make_frames(12, 40, 48), "h264", fps=8)
@@ -335,6 +333,16 @@ def workspace(tmp_path_factory):
     make_clip_dir(root / "clip")
     server = FakeVLM()
     server.behaviour = lambda request: Reply(text=brightness_verdict(request, margin=0.5))
+    return root, server
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny Wan 2.1 release (2 blocks) in ``turbo_workspace``."""
+    from helpers.pipelines import make_wan_dir
+
+    root, server = turbo_workspace(tmp_path_factory.mktemp("turbo"),
+                                   lambda r: make_wan_dir(r / "wan", prompts=PROMPTS_FOR_TESTS, num_layers=2))
     yield root, server
     server.close()
     assert not server.schema_errors, server.schema_errors[:3]
