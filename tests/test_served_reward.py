@@ -309,14 +309,20 @@ def test_scores_survive_a_kill_and_a_rerun_asks_only_the_rest(tmp_path):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         proc = subprocess.Popen([sys.executable, "-c", SCORE_SCRIPT, args], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cache = tmp_path / "data" / "served_rewards" / "judge" / "vlm_answers.jsonl"
+
+        def kept():   # whole lines only: the client may be writing the next one
+            return cache.read_text().count("\n") if cache.exists() else 0
+        # kill once the server hangs on the 4th question and the client has kept the 3 replies it got; the reply
+        # to the 3rd question may still be on its way when the 4th arrives (2 in flight), so wait for both
         deadline = time.time() + 60
-        while (len(answered) < 3 or len(server.requests) < 4) and proc.poll() is None and time.time() < deadline:
+        while (len(answered) < 3 or len(server.requests) < 4 or kept() < 3) and proc.poll() is None \
+                and time.time() < deadline:
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         release.set()
         assert len(answered) == 3, proc.stderr.read().decode()[-3000:]
-        cache = tmp_path / "data" / "served_rewards" / "judge" / "vlm_answers.jsonl"
         assert len(cache.read_text().splitlines()) == 3        # each reply was kept as it arrived
         assert not (tmp_path / "data" / "served_rewards" / "scores.json").exists()
 
