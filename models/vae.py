@@ -88,7 +88,7 @@ class VAEGeometry:
     norm: dict      # {"kind": "mean_std", "mean", "std"} | {"kind": "scale", "scale"} | {"kind": "none"}
 
 
-def _resolved_config(directory: Path) -> tuple[str, dict]:
+def resolved_vae_config(directory: Path) -> tuple[str, dict]:
     """``(class name, config)``: config.json over the diffusers class's constructor defaults, i.e. the config the
     loaded model has (a release's config.json may omit keys added to diffusers later, e.g. Wan 2.1's VAE has no
     ``scale_factor_*``)."""
@@ -123,7 +123,7 @@ def vae_geometry(directory: str | os.PathLike) -> VAEGeometry:
                               2^(len(block_out_channels) - 1) (16, 4x, 8x); latents scaled, z * scaling_factor
     """
     directory = Path(directory)
-    name, c = _resolved_config(directory)
+    name, c = resolved_vae_config(directory)
     if name == "AutoencoderKLWan":
         channels = int(c["z_dim"])
         temporal = 2 ** sum(bool(d) for d in c["temperal_downsample"])

@@ -423,6 +423,12 @@ def test_vidpo_distill_on_a_wan_release(workspace, tmp_path):
     assert residency["reward_parameter_bytes"] == clip_bytes
     assert residency["parameter_bytes"] == (residency["student_parameter_bytes"] + residency["vae_parameter_bytes"]
                                             + clip_bytes)
+    # `vidpo scale` counts the reward's models on the meta device as the run loaded them (the VAE and the CLIP model)
+    from vidpo.cluster.scale import GIB, estimate
+
+    on_paper = estimate(cfg, 1)
+    assert on_paper.memory_gib["reward_models"] * GIB == pytest.approx(residency["vae_parameter_bytes"] + clip_bytes)
+    assert on_paper.memory_gib["reward_activations"] > 0
     assert train["rewards"] == ["clip"]
     metrics = [json.loads(line) for line in (out / "student" / "metrics.jsonl").read_text().splitlines()]
     assert any(row.get("reward_rows", 0) > 0 for row in metrics)

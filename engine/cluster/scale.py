@@ -41,6 +41,9 @@ TP-split parameters of the family's plan / tp):
                          torch.autograd.graph.saved_tensors_hooks; tests/test_distributed_scale.py checks it).
                          With activation checkpointing only each block's input (D, / tp with SP) per block
                          plus one block recomputed. Attention is flash-style (O(n) saved, no n x n matrix).
+  reward_models,          a release student's differentiable rewards (consistency_distill with reward.models): the
+  reward_activations     VAE and reward models' weights, and what their decode / image towers save for backward,
+                         counted on the meta device (vidpo.cluster.reward_memory)
 Communication (bytes each GPU sends per optimizer step; ring collectives: all-gather / reduce-scatter move
 (g-1)/g of the full tensor, all-reduce twice that, all-to-all (g-1)/g of the local tensor):
   TP + SP   per block and pass, a = one (n/cp, videos, D) activation: forward 3 all-gathers + 3
@@ -64,15 +67,18 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from vidpo.cluster.arch import (
+    RELEASES,
     Architecture,
     ParameterCount,
     Precision,
     block_entries,
     count_parameters,
     lora_saved_bytes,
+    recognise_release,
     resolve_architecture,
     saved_bytes,
 )
+from vidpo.cluster.reward_memory import reward_memory
 from vidpo.config import RunConfig
 from vidpo.models.dit import dit_config
 from vidpo.training.distributed import resolve_layout
@@ -356,6 +362,13 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
                                         lora_rank=cfg.lora.rank if lora else None)
     parts = activations(ac)
     memory["activations"] = sum(parts.values())
+    rewards = None
+    if dcfg is None and cfg.train.objective == "consistency_distill":
+        g = cfg.generate
+        release = shape.arch.name if shape.arch.name in RELEASES else recognise_release(cfg.model.path or "")
+        rewards = reward_memory(cfg, shape.arch.latent_grid(g.frames, g.height, g.width), release, pairs)
+        if rewards is not None:
+            memory["reward_models"], memory["reward_activations"] = rewards.weights, rewards.activations
     memory = {k: v / GIB for k, v in memory.items()}
     act_both = {"checkpointing full": sum(activations(True).values()) / GIB,
                 "checkpointing none": sum(activations(False).values()) / GIB,
@@ -446,6 +459,8 @@ def estimate(cfg: RunConfig, world: int, *, cond_len: Optional[int] = None, arch
         f"compute: {cfg.cluster.gpu_tflops:g} TFLOP/s peak x {cfg.cluster.mfu:g} MFU; backward = 2 x forward; "
         "checkpointing recomputes the forward",
         "activations: flash / memory-efficient attention (no n x n matrix); 10% of the GPU kept free"]
+    if rewards is not None:
+        assumptions += rewards.notes
     if host:
         assumptions.append(f"cpu offload: {sum(host.values()):.2f} GiB per GPU in host memory (parameter, gradient "
                            f"and optimizer shards); copies at {cfg.cluster.host_link_gbytes_per_s:g} GB/s per GPU "

@@ -249,6 +249,13 @@ class RewardConfig(Section):
     prefix decodes as the whole clip's first frames do (CogVideoX: an odd K >= 3, its decoder takes latent frames in
     pairs after the first three)."""
 
+    decode_checkpoint: bool = True
+    """A release's differentiable rewards: decode the student's sample in the VAE's own spatial tiles (diffusers'
+    tiled decode), each tile under activation checkpointing (vidpo.models.vae_grad), so the backward holds one tile's
+    decoder activations instead of the whole clip's (Wan 2.1's VAE, 2 latent frames at 480 x 832: 5.8 instead of
+    34 GiB); a clip no larger than one tile decodes whole either way. False: the whole clip decodes at once and keeps
+    every activation (the untiled decode, which differs from the tiled one slightly at the seams)."""
+
     models: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     """Reward models of a release's distillation, by name; weighted by name in ``image`` / ``video``. A local
     transformers model (vidpo.objectives.rewards_models, a differentiable reward): {path: DIR, kind: image, rule:

@@ -42,6 +42,7 @@ from vidpo.config import ConfigError, RunConfig, to_yaml
 from vidpo.data.video_io import read_mp4
 from vidpo.evaluation.evaluate import mean_ci, sample_videos
 from vidpo.evaluation.judge import EVAL_DIR, video_path
+from vidpo.models.vae_grad import checkpointed_tiled_decode
 from vidpo.objectives.distill import ConsistencyDistillObjective, ConsistencyStudent
 from vidpo.objectives.rewards import RewardMixture
 from vidpo.objectives.rewards_models import build_model_rewards, model_reward_names
@@ -92,15 +93,18 @@ def _reward_parameters(rewards: RewardMixture) -> list:
     return list(seen.values())
 
 
-def differentiable_decode(vae, latent_frames: Optional[int] = None):
+def differentiable_decode(vae, latent_frames: Optional[int] = None, *, checkpoint_tiles: bool = True):
     """The VAE's decode with gradients (``DiffusersVAE.decode`` runs under no_grad): latents -> pixels in [-1, 1];
     with ``latent_frames`` K, of the first K latent frames only (``reward.decode_latent_frames``: the VAEs are causal
-    in time, so these are the whole clip's first ``1 + k (K - 1)`` pixel frames)."""
+    in time, so these are the whole clip's first ``1 + k (K - 1)`` pixel frames). ``checkpoint_tiles``
+    (``reward.decode_checkpoint``): in the VAE's spatial tiles, each recomputed in the backward
+    (``vidpo.models.vae_grad``); else the whole clip at once, untiled."""
     def decode(latents: torch.Tensor) -> torch.Tensor:
         if latent_frames is not None:
             latents = latents[:, :, :latent_frames]
         z = vae.denormalize(latents.to(vae.device)).to(vae.dtype)
-        return vae.vae.decode(z).sample.float().clamp(-1.0, 1.0)
+        pixels = checkpointed_tiled_decode(vae.vae, z) if checkpoint_tiles else vae.vae._decode(z).sample
+        return pixels.float().clamp(-1.0, 1.0)
     return decode
 
 
@@ -192,7 +196,8 @@ def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Tr
         vae = release.pipe.vae(device, torch.float32)
         vae.vae.requires_grad_(False)   # the reward's gradient reaches the student through it, never its weights
         check_decode_prefix(cfg)
-        decode = differentiable_decode(vae, cfg.reward.decode_latent_frames)
+        decode = differentiable_decode(vae, cfg.reward.decode_latent_frames,
+                                      checkpoint_tiles=cfg.reward.decode_checkpoint)
         rewards = build_model_rewards(cfg.reward, [p.text for p in release.prompts], decode=decode,
                                       device=device)
         reward_names = rewards.names
