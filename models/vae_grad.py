@@ -73,6 +73,30 @@ def tile_grid(vae, height: int, width: int) -> TileGrid:
                     vae.tile_sample_min_width - blend_w)
 
 
+def set_tile_size(vae, height: int, width: int) -> None:
+    """Tiles of ``height x width`` pixels (``reward.decode_tile``) through the VAE's ``enable_tiling``, with its default
+    overlaps: Wan's stride 3/4 of the tile (192 of 256), CogVideoX's overlap factors. ValueError for a size whose
+    tiles would not meet exactly (Wan: a multiple of 4 x the spatial compression; CogVideoX: a multiple of 48 high
+    and 40 wide with its 1/6 and 1/5 overlaps), naming the sizes that do."""
+    if _family(vae) == WAN:
+        step = 4 * vae.spatial_compression_ratio
+        if height % step or width % step or height <= 0 or width <= 0:
+            raise ValueError(f"tiles of {height} x {width} pixels: {WAN}'s tile height and width must be a multiple "
+                             f"of {step} pixels (its stride, 3/4 of a tile, must be whole latents)")
+        vae.enable_tiling(tile_sample_min_height=height, tile_sample_min_width=width,
+                          tile_sample_stride_height=height * 3 // 4, tile_sample_stride_width=width * 3 // 4)
+        return
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    for size, factor, what in ((height, vae.tile_overlap_factor_height, "height"),
+                               (width, vae.tile_overlap_factor_width, "width")):
+        if size <= 0 or int(size // scale * (1 - factor)) * scale != size - int(size * factor):
+            step = round(scale / factor)
+            raise ValueError(f"tiles of {height} x {width} pixels: {COGVIDEOX}'s tile {what} must be a multiple of "
+                             f"{step} pixels (with its {factor:.3g} overlap the tiles meet exactly only then), "
+                             f"got {size}")
+    vae.enable_tiling(tile_sample_min_height=height, tile_sample_min_width=width)
+
+
 def fits_one_tile(vae, height: int, width: int) -> bool:
     """Whether diffusers decodes a latent of ``height x width`` whole (its ``_decode`` tiles only larger ones)."""
     if _family(vae) == WAN:

@@ -125,3 +125,42 @@ def test_the_distillations_reward_decode_is_the_checkpointed_tiled_decode_of_its
     vae.vae.disable_tiling()
     whole = differentiable_decode(vae, 2, checkpoint_tiles=False)(latents)
     assert torch.equal(whole, vae.decode(latents.detach()[:, :, :2]))
+
+
+@pytest.mark.parametrize("case,size,meets", [("wan2.1", (64, 96), True), ("wan2.1", (60, 64), False),
+                                             ("wan2.2-ti2v", (64, 128), True), ("wan2.2-ti2v", (32, 64), False),
+                                             ("cogvideox", (48, 40), True), ("cogvideox", (64, 80), False)])
+def test_a_chosen_tile_size_tiles_the_clip_exactly_or_is_refused(case, size, meets):
+    """``reward.decode_tile``: sizes whose tiles meet exactly decode as diffusers' tiled decode does with them, to
+    the clip's full size; others are refused with the multiple that works."""
+    from vidpo.models.vae_grad import set_tile_size
+
+    make, shape, _ = CASES[case]
+    vae = make()
+    vae.requires_grad_(False)
+    if not meets:
+        with pytest.raises(ValueError, match="multiple of"):
+            set_tile_size(vae, *size)
+        return
+    set_tile_size(vae, *size)
+    latent = shape[:3] + (20, 22) if not case.endswith("ti2v") else shape[:3] + (10, 11)
+    z = torch.randn(latent, generator=torch.Generator().manual_seed(4))
+    ours = checkpointed_tiled_decode(vae, z)
+    assert tile_grid(vae, *latent[-2:]).count > 4 and torch.equal(ours, vae.tiled_decode(z).sample)
+    assert ours.shape[-2:] == (160, 176)
+
+
+def test_scale_counts_the_tiles_the_recipe_asks_for():
+    from vidpo.cluster.scale import estimate
+    from vidpo.config import ConfigError, load_config
+
+    recipe = "recipes/wan/wan2.1_1.3b_turbo_lora.yaml"
+    default = estimate(load_config(recipe, []), 1)
+    small = estimate(load_config(recipe, ["reward.decode_tile=[128, 128]"]), 1)
+    whole = estimate(load_config(recipe, ["reward.decode_checkpoint=false"]), 1)
+    act = [e.memory_gib["reward_activations"] for e in (small, default, whole)]
+    assert act[0] < act[1] < act[2] / 4
+    assert any("in 15 tiles" in note for note in default.assumptions)
+    assert any("whole" in note for note in whole.assumptions)
+    with pytest.raises(ConfigError, match=r"reward.decode_tile = \[100, 128\].*multiple of 32"):
+        estimate(load_config(recipe, ["reward.decode_tile=[100, 128]"]), 1)

@@ -31,10 +31,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from vidpo.config import RunConfig, resolve_path
+from vidpo.config import ConfigError, RunConfig, resolve_path
 from vidpo.config.distill import SERVED_RULE
 from vidpo.models.vae import resolved_vae_config
-from vidpo.models.vae_grad import checkpointed_tiled_decode, decode_tile, fits_one_tile, tile_grid
+from vidpo.models.vae_grad import checkpointed_tiled_decode, decode_tile, fits_one_tile, set_tile_size, tile_grid
 
 # The VAE a release ships when its directory is not here (diffusers' class defaults are these VAEs' configs).
 RELEASE_VAES = {"wan2.1-t2v-1.3b": "AutoencoderKLWan", "wan2.1-t2v-14b": "AutoencoderKLWan",
@@ -105,8 +105,10 @@ def _vae_source(cfg: RunConfig, release: Optional[str]) -> tuple[Optional[str], 
 
 
 @functools.lru_cache(maxsize=16)
-def _vae_counts(name: str, config_json: str, latent: tuple, checkpoint_tiles: bool) -> tuple[int, int, int, int]:
-    """``(parameters, saved bytes of the decode, pixel frames, tiles)`` of ``latent (B, C, T, h, w)`` on meta."""
+def _vae_counts(name: str, config_json: str, latent: tuple, checkpoint_tiles: bool,
+                tile: Optional[tuple] = None) -> tuple[int, int, int, int]:
+    """``(parameters, saved bytes of the decode, pixel frames, tiles)`` of ``latent (B, C, T, h, w)`` on meta;
+    ``tile``: ``reward.decode_tile`` (ValueError when the VAE's tiles cannot take it)."""
     import diffusers
 
     cls = getattr(diffusers, name)
@@ -114,6 +116,8 @@ def _vae_counts(name: str, config_json: str, latent: tuple, checkpoint_tiles: bo
     with torch.device("meta"):
         vae = cls(**config) if config else cls()
     vae.requires_grad_(False)
+    if checkpoint_tiles and tile:
+        set_tile_size(vae, *tile)
     params = sum(p.numel() for p in vae.parameters())
     z = torch.zeros(latent, device="meta", requires_grad=True)
     height, width = latent[-2:]
@@ -169,8 +173,12 @@ def reward_memory(cfg: RunConfig, latent_grid: tuple[int, int, int], release: Op
     else:
         channels = int((config or {}).get("z_dim" if name == "AutoencoderKLWan" else "latent_channels", 16))
         latent = (out.videos, channels, latent_frames, height, width)
-        params, decode, out.pixel_frames, out.tiles = _vae_counts(name, json.dumps(config or {}, sort_keys=True),
-                                                                  latent, r.decode_checkpoint)
+        tile = tuple(r.decode_tile) if r.decode_tile else None
+        try:
+            params, decode, out.pixel_frames, out.tiles = _vae_counts(
+                name, json.dumps(config or {}, sort_keys=True), latent, r.decode_checkpoint, tile)
+        except ValueError as exc:
+            raise ConfigError(f"reward.decode_tile = {list(tile)}: {exc}") from None
         out.weights += params * VAE_BYTES
         out.decode = out.activations = float(decode)
         how = f"in {out.tiles} tiles, one recomputed at a time" if out.tiles > 1 else "whole"

@@ -256,6 +256,12 @@ class RewardConfig(Section):
     34 GiB); a clip no larger than one tile decodes whole either way. False: the whole clip decodes at once and keeps
     every activation (the untiled decode, which differs from the tiled one slightly at the seams)."""
 
+    decode_tile: Optional[List[int]] = None
+    """[height, width] in pixels of the checkpointed decode's tiles (decode_checkpoint); None: the VAE's own (Wan
+    256 x 256, CogVideoX 240 x 360 at 480 x 720). The backward's peak is one tile's activations, so smaller tiles use
+    less memory and recompute more overlap. Wan: multiples of 4 x its spatial compression (32; Wan 2.2 TI2V-5B 64);
+    CogVideoX: a multiple of 48 high and of 40 wide (its overlaps)."""
+
     models: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     """Reward models of a release's distillation, by name; weighted by name in ``image`` / ``video``. A local
     transformers model (vidpo.objectives.rewards_models, a differentiable reward): {path: DIR, kind: image, rule:
@@ -269,6 +275,10 @@ class RewardConfig(Section):
         p.at_least(self, 1, "image_frames", "max_rows")
         p.check(self.decode_latent_frames is None or self.decode_latent_frames >= 1, "decode_latent_frames",
                 f"must be None or >= 1, got {self.decode_latent_frames!r}")
+        tile = self.decode_tile
+        p.check(tile is None or (isinstance(tile, (list, tuple)) and len(tile) == 2
+                                 and all(isinstance(v, int) and v > 0 for v in tile)), "decode_tile",
+                f"must be None or [height, width] in pixels, got {tile!r}")
         for name, spec in (self.models or {}).items():
             if isinstance(spec, dict) and spec.get("rule") == SERVED_RULE:
                 for problem in served_problems(dict(spec), f"{prefix}models.{name}"):

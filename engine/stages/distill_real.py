@@ -42,7 +42,7 @@ from vidpo.config import ConfigError, RunConfig, to_yaml
 from vidpo.data.video_io import read_mp4
 from vidpo.evaluation.evaluate import mean_ci, sample_videos
 from vidpo.evaluation.judge import EVAL_DIR, video_path
-from vidpo.models.vae_grad import checkpointed_tiled_decode
+from vidpo.models.vae_grad import checkpointed_tiled_decode, set_tile_size
 from vidpo.objectives.distill import ConsistencyDistillObjective, ConsistencyStudent
 from vidpo.objectives.rewards import RewardMixture
 from vidpo.objectives.rewards_models import build_model_rewards, model_reward_names
@@ -196,6 +196,11 @@ def train_distill_real(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Tr
         vae = release.pipe.vae(device, torch.float32)
         vae.vae.requires_grad_(False)   # the reward's gradient reaches the student through it, never its weights
         check_decode_prefix(cfg)
+        if cfg.reward.decode_checkpoint and cfg.reward.decode_tile:
+            try:
+                set_tile_size(vae.vae, *cfg.reward.decode_tile)
+            except ValueError as exc:
+                raise ConfigError(f"reward.decode_tile = {list(cfg.reward.decode_tile)}: {exc}") from None
         decode = differentiable_decode(vae, cfg.reward.decode_latent_frames,
                                       checkpoint_tiles=cfg.reward.decode_checkpoint)
         rewards = build_model_rewards(cfg.reward, [p.text for p in release.prompts], decode=decode,
