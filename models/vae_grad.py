@@ -2,8 +2,8 @@
 
 A differentiable reward (T2V-Turbo-v2's image-text and video-text rewards) scores the student's sample in pixels,
 so its gradient goes back through the VAE decoder. Both video VAEs are large at full resolution: decoding the first
-2 latent frames of a 480 x 832 clip with Wan 2.1's VAE keeps 34 GiB for backward (float32), the first 3 of a
-480 x 720 clip with CogVideoX's 125 GiB (``vidpo scale`` counts them on the meta device). diffusers' tiled decode
+2 latent frames of a 480 x 832 clip with Wan 2.1's VAE keeps 33.5 GiB for backward (float32), the first 3 of a
+480 x 720 clip with CogVideoX's 124.7 GiB (``vidpo scale`` counts them on the meta device). diffusers' tiled decode
 splits the latents into overlapping spatial tiles, decodes each alone and blends the seams; with gradient the
 whole of every tile's activations is kept anyway. Here each tile's decode runs under ``torch.utils.checkpoint``
 (non-reentrant): the forward keeps only the tiles' latents and decoded pixels, the backward recomputes one tile at

@@ -95,14 +95,17 @@ def test_the_meta_count_is_what_the_real_decode_saves(case, tiles):
                                                  latent, tiles)
     assert params == sum(p.numel() for p in vae_default.parameters())
     z = torch.zeros(latent, requires_grad=True)
+    weights = list(vae_default.parameters())      # the model's own memory, counted as its weights
     if tiles:
         grid = tile_grid(vae_default, *latent[-2:])
         assert count == grid.count > 1
-        real = saved_bytes(lambda: checkpointed_tiled_decode(vae_default, z)) + saved_bytes(
-            lambda: decode_tile(vae_default, z[:, :, :, :grid.tile_h, :grid.tile_w]))
+        real = saved_bytes(lambda: checkpointed_tiled_decode(vae_default, z), weights) + saved_bytes(
+            lambda: decode_tile(vae_default, z[:, :, :, :grid.tile_h, :grid.tile_w]), weights)
     else:
         assert count == 1
-        real = saved_bytes(lambda: vae_default._decode(z).sample)
+        real = saved_bytes(lambda: vae_default._decode(z).sample, weights)
+    assert saved_bytes(lambda: vae_default._decode(z).sample) > saved_bytes(lambda: vae_default._decode(z).sample,
+                                                                            weights)
     assert counted == real > 0
     assert frames == checkpointed_tiled_decode(vae_default, z.detach()).shape[2]
 
@@ -164,3 +167,30 @@ def test_scale_counts_the_tiles_the_recipe_asks_for():
     assert any("whole" in note for note in whole.assumptions)
     with pytest.raises(ConfigError, match=r"reward.decode_tile = \[100, 128\].*multiple of 32"):
         estimate(load_config(recipe, ["reward.decode_tile=[100, 128]"]), 1)
+
+
+def test_the_reward_models_count_is_what_their_image_towers_save(tmp_path):
+    """A local CLIP reward model counted on the meta device: its parameters, and the bytes the real image tower
+    saves for the input's gradient (its weights aside); the published ViT-H/14 and ViT-L/14 by the paths that name
+    them, at their published sizes."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from vidpo.cluster.reward_memory import _clip_counts, reward_model_source
+
+    config = CLIPConfig(text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=16),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=8)
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    model.requires_grad_(False)
+    model.save_pretrained(str(tmp_path / "clip"))
+    source, where = reward_model_source(str(tmp_path / "clip"))
+    assert source == str(tmp_path / "clip") and where.endswith("config.json")
+    pixels = torch.zeros(3, 3, 32, 32, requires_grad=True)
+    real = saved_bytes(lambda: model.get_image_features(pixel_values=pixels), model.parameters())
+    assert _clip_counts(source, 3) == (sum(p.numel() for p in model.parameters()), real) and real > 0
+    assert reward_model_source("/models/HPSv2.1-clip-vit-h-14")[0] == "clip-vit-h-14"
+    assert reward_model_source("/models/clip-vit-large-patch14")[0] == "clip-vit-l-14"
+    assert reward_model_source("/models/some-other-scorer")[0] is None
+    assert _clip_counts("clip-vit-h-14", 1)[0] == 986_109_441 and _clip_counts("clip-vit-l-14", 1)[0] == 427_616_513

@@ -24,9 +24,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -78,14 +79,16 @@ def fused_attention_on_meta():
         F.scaled_dot_product_attention = original
 
 
-def saved_bytes(run: Callable[[], object]) -> int:
+def saved_bytes(run: Callable[[], object], weights: Iterable[torch.Tensor] = ()) -> int:
     """Bytes of the tensors ``run()``'s autograd graph saves for backward, each storage once (meta tensors too:
-    attention counted as the fused kernel, ``fused_attention_on_meta``)."""
-    seen = {}
+    attention counted as the fused kernel, ``fused_attention_on_meta``), less ``weights`` (a frozen layer's weight is
+    saved for its input's gradient, but it is the model's own memory, counted as such)."""
+    seen, own = {}, {id(w) for w in weights}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         base = tensor._base if tensor._base is not None else tensor
-        seen[id(base)] = (base, base.numel() * base.element_size())   # the reference keeps ids unique
+        if id(base) not in own:
+            seen[id(base)] = (base, base.numel() * base.element_size())   # the reference keeps ids unique
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), fused_attention_on_meta():
@@ -124,32 +127,70 @@ def _vae_counts(name: str, config_json: str, latent: tuple, checkpoint_tiles: bo
     if checkpoint_tiles and not fits_one_tile(vae, height, width):
         grid = tile_grid(vae, height, width)
         tile = {}
-        one_tile = saved_bytes(lambda: tile.setdefault("out", decode_tile(vae, z[:, :, :, :grid.tile_h, :grid.tile_w])))
+        one_tile = saved_bytes(lambda: tile.setdefault("out", decode_tile(vae, z[:, :, :, :grid.tile_h, :grid.tile_w])),
+                               vae.parameters())
         up = tile["out"].shape[-1] // grid.tile_w
 
         def same_shapes(_, part):      # a tile's output of the right size (edge tiles are cut short), undecoded
             return tile["out"][..., :part.shape[-2] * up, :part.shape[-1] * up] * 1.0
         pixels = {}
         outside = saved_bytes(lambda: pixels.setdefault("out", checkpointed_tiled_decode(vae, z,
-                                                                                         tile_decoder=same_shapes)))
+                                                                                         tile_decoder=same_shapes)),
+                              vae.parameters())
         return params, outside + one_tile, pixels["out"].shape[2], grid.count
     holder = {}
-    whole = saved_bytes(lambda: holder.setdefault("out", vae._decode(z).sample))
+    whole = saved_bytes(lambda: holder.setdefault("out", vae._decode(z).sample), vae.parameters())
     return params, whole, holder["out"].shape[2], 1
 
 
+# Published CLIP-style reward models, recognised in a reward.models path that is not on this machine (lower case):
+# OpenCLIP ViT-H/14 (HPSv2 / HPSv2.1 fine-tune it; exported as a transformers CLIPModel) and OpenAI CLIP ViT-L/14
+# (openai/clip-vit-large-patch14). Built on the meta device they have 986,109,441 and 427,616,513 parameters, the
+# published sizes (986 M, 428 M).
+_TEXT = dict(vocab_size=49408, max_position_embeddings=77)
+REWARD_RELEASES = {
+    "clip-vit-h-14": (r"vit-h-14|vit-huge-patch14|hpsv2", dict(
+        text_config=dict(_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                         hidden_act="gelu"),
+        vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                           image_size=224, patch_size=14, hidden_act="gelu"), projection_dim=1024)),
+    "clip-vit-l-14": (r"vit-large-patch14|vit-l-14", dict(
+        text_config=dict(_TEXT, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=224, patch_size=14, hidden_act="quick_gelu"), projection_dim=768)),
+}
+
+
+def reward_model_source(path: str) -> tuple[Optional[str], str]:
+    """``(what _clip_counts builds, where from)``: the local directory when it has a config.json, else the published
+    model its path names (``REWARD_RELEASES``); ``(None, why)`` otherwise."""
+    local = resolve_path(path)
+    if (Path(local) / "config.json").is_file():
+        return str(local), str(Path(local) / "config.json")
+    for name, (pattern, _) in REWARD_RELEASES.items():
+        if re.search(pattern, str(path).lower()):
+            return name, f"the published {name} (named by {path}, which is not on this machine)"
+    return None, f"{path} is not on this machine and names no published reward model ({sorted(REWARD_RELEASES)})"
+
+
 @functools.lru_cache(maxsize=16)
-def _clip_counts(path: str, images: int) -> tuple[int, int]:
-    """``(parameters, saved bytes of the image tower over ``images`` frames)`` of a transformers CLIP model."""
+def _clip_counts(source: str, images: int) -> tuple[int, int]:
+    """``(parameters, saved bytes of the image tower over ``images`` frames)`` of a transformers CLIP model: a local
+    directory, or a ``REWARD_RELEASES`` name."""
     from transformers import CLIPConfig, CLIPModel
 
-    config = CLIPConfig.from_pretrained(path, local_files_only=True)
+    if source in REWARD_RELEASES:
+        config = CLIPConfig(**REWARD_RELEASES[source][1])
+    else:
+        config = CLIPConfig.from_pretrained(source, local_files_only=True)
     with torch.device("meta"):
         model = CLIPModel(config)
     model.requires_grad_(False)
     size = int(config.vision_config.image_size)
     pixels = torch.zeros(images, 3, size, size, device="meta", requires_grad=True)
-    return sum(p.numel() for p in model.parameters()), saved_bytes(lambda: model.get_image_features(pixel_values=pixels))
+    saved = saved_bytes(lambda: model.get_image_features(pixel_values=pixels), model.parameters())
+    return sum(p.numel() for p in model.parameters()), saved
 
 
 def reward_memory(cfg: RunConfig, latent_grid: tuple[int, int, int], release: Optional[str], rows: float) -> \
@@ -187,13 +228,14 @@ def reward_memory(cfg: RunConfig, latent_grid: tuple[int, int, int], release: Op
                          "(counted on the meta device)")
     for kind, reward in names:
         spec = models.get(reward)
-        path = resolve_path(spec["path"]) if isinstance(spec, dict) and spec.get("path") else None
-        if path is None or not (Path(path) / "config.json").is_file():
-            out.notes.append(f"rewards: reward model '{reward}' ({spec.get('path') if isinstance(spec, dict) else spec}"
-                             ") is not on this machine: its weights and activations are not counted")
+        source, where = reward_model_source(spec["path"])
+        if source is None:
+            out.notes.append(f"rewards: reward model '{reward}': {where}: its weights and activations are not counted")
             continue
         images = out.videos * (min(r.image_frames, out.pixel_frames) if kind == "image" else out.pixel_frames)
-        params, saved = _clip_counts(str(path), images)
+        params, saved = _clip_counts(source, images)
         out.weights += params * VAE_BYTES
         out.activations += saved
+        out.notes.append(f"rewards: reward model '{reward}' from {where}: {params / 1e6:.0f} M parameters, "
+                         f"{saved / 2 ** 30:.2f} GiB saved over {images} frames")
     return out

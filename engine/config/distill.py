@@ -252,8 +252,8 @@ class RewardConfig(Section):
     decode_checkpoint: bool = True
     """A release's differentiable rewards: decode the student's sample in the VAE's own spatial tiles (diffusers'
     tiled decode), each tile under activation checkpointing (vidpo.models.vae_grad), so the backward holds one tile's
-    decoder activations instead of the whole clip's (Wan 2.1's VAE, 2 latent frames at 480 x 832: 5.8 instead of
-    34 GiB); a clip no larger than one tile decodes whole either way. False: the whole clip decodes at once and keeps
+    decoder activations instead of the whole clip's (Wan 2.1's VAE, 2 latent frames at 480 x 832: 5.6 instead of
+    33.5 GiB); a clip no larger than one tile decodes whole either way. False: the whole clip decodes at once and keeps
     every activation (the untiled decode, which differs from the tiled one slightly at the seams)."""
 
     decode_tile: Optional[List[int]] = None
