@@ -16,8 +16,10 @@ the meta device and run on meta tensors of the step's shapes under ``torch.autog
 every tensor its autograd graph saves is summed once (views count as their base). Nothing is allocated or computed,
 so a 480p decode is counted in about a second. The VAE's config is ``model.path``'s ``vae/config.json`` when that
 exists here, else the release's (Wan 2.1 / 2.2 A14B: ``AutoencoderKLWan``'s defaults, which are Wan 2.1's VAE;
-CogVideoX: ``AutoencoderKLCogVideoX``'s, which are its VAE). A reward model whose ``path`` is not on this machine is
-not counted (the report says so). tests/test_vae_grad.py checks the count against real saved tensors.
+CogVideoX: ``AutoencoderKLCogVideoX``'s, which are its VAE); a reward model's is its local ``config.json``, else the
+published CLIP its path names (``REWARD_RELEASES``), else it is not counted (the report says so). The models' own
+weights, which frozen layers save for their input's gradient, are counted once, as ``reward_models``.
+tests/test_vae_grad.py checks the count against real saved tensors.
 """
 from __future__ import annotations
 
@@ -228,6 +230,9 @@ def reward_memory(cfg: RunConfig, latent_grid: tuple[int, int, int], release: Op
                          "(counted on the meta device)")
     for kind, reward in names:
         spec = models.get(reward)
+        if not (isinstance(spec, dict) and spec.get("path")):
+            out.notes.append(f"rewards: '{reward}' is not one of reward.models: not counted")
+            continue
         source, where = reward_model_source(spec["path"])
         if source is None:
             out.notes.append(f"rewards: reward model '{reward}': {where}: its weights and activations are not counted")
