@@ -311,6 +311,28 @@ def test_clip_reward_value_and_gradient_match_float64_reference(tmp_path, rule):
     assert float(g64.abs().max()) > 0
 
 
+def test_two_rewards_on_one_checkpoint_share_its_weights(tmp_path):
+    """A frame reward and a video reward on one CLIP checkpoint load it once, and `vidpo scale` counts it once."""
+    from types import SimpleNamespace
+
+    from vidpo.cluster.reward_memory import _clip_counts, reward_memory
+    from vidpo.config import RewardConfig
+    from vidpo.objectives.rewards_models import build_model_rewards
+
+    path = make_clip_dir(tmp_path / "clip")
+    models = {"frames": {"path": str(path), "kind": "image", "rule": "clip_cosine"},
+              "video": {"path": str(path), "kind": "video", "rule": "clip_mean_cosine"}}
+    reward = RewardConfig(image={"frames": 1.0}, video={"video": 0.5}, models=models, max_rows=1)
+    mixture = build_model_rewards(reward, list(PROMPTS_FOR_TESTS[:3]))
+    assert [t.reward.rule for t in mixture.terms] == ["clip_cosine", "clip_mean_cosine"]
+    assert mixture.terms[0].reward.model is mixture.terms[1].reward.model
+    cfg = SimpleNamespace(reward=reward, model=SimpleNamespace(path=None))
+    counted = reward_memory(cfg, (2, 4, 4), None, 1)
+    params = sum(p.numel() for p in mixture.terms[0].reward.model.parameters())
+    assert counted.weights == params * 4 and _clip_counts(str(path), 2)[0] == params
+    assert counted.activations == _clip_counts(str(path), 2)[1] + _clip_counts(str(path), 5)[1]
+
+
 # ----- vidpo distill on a tiny Wan release -------------------------------------------------------------------------
 def turbo_workspace(root: Path, make_release):
     """``(root, server)`` for a release's distillation tests: ``make_release(root)`` builds the tiny release, a prompt

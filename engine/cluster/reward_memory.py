@@ -2,8 +2,8 @@
 
 T2V-Turbo-v2's rewards score the student's one-step sample in pixels, so each step also holds, per GPU:
 
-* ``reward_models``: the release's VAE and each reward model (``reward.models``, loaded once per name), float32 and
-  frozen, as ``vidpo.stages.distill_real`` loads them;
+* ``reward_models``: the release's VAE and each reward model (``reward.models``, loaded once per checkpoint),
+  float32 and frozen, as ``vidpo.stages.distill_real`` loads them;
 * ``reward_activations``: what their forwards keep for the backward that reaches the student: the VAE decode of the
   reward rows' first ``reward.decode_latent_frames`` latent frames (or whole clips), and the reward models' image
   towers over the frames they score (``reward.image_frames`` per clip for an image-text reward, every decoded frame
@@ -228,6 +228,7 @@ def reward_memory(cfg: RunConfig, latent_grid: tuple[int, int, int], release: Op
         out.notes.append(f"rewards: {source} decodes {out.videos} clip(s) of {latent_frames} latent frames "
                          f"({out.pixel_frames} pixel frames) with gradient, {how}: {decode / 2 ** 30:.2f} GiB saved "
                          "(counted on the meta device)")
+    counted = set()
     for kind, reward in names:
         spec = models.get(reward)
         if not (isinstance(spec, dict) and spec.get("path")):
@@ -239,7 +240,9 @@ def reward_memory(cfg: RunConfig, latent_grid: tuple[int, int, int], release: Op
             continue
         images = out.videos * (min(r.image_frames, out.pixel_frames) if kind == "image" else out.pixel_frames)
         params, saved = _clip_counts(source, images)
-        out.weights += params * VAE_BYTES
+        if Path(spec["path"]) not in counted:      # names on one checkpoint share its weights (build_model_rewards)
+            counted.add(Path(spec["path"]))
+            out.weights += params * VAE_BYTES
         out.activations += saved
         out.notes.append(f"rewards: reward model '{reward}' from {where}: {params / 1e6:.0f} M parameters, "
                          f"{saved / 2 ** 30:.2f} GiB saved over {images} frames")

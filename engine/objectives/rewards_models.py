@@ -67,15 +67,19 @@ class ClipReward:
     """A CLIP-style reward (module doc) over prompts ``texts``; called as ``reward(pixels, prompt_index)``."""
 
     def __init__(self, name: str, path: str | Path, rule: str, texts: Sequence[str], *,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, model=None):
+        """``model``: the checkpoint's CLIPModel already loaded (on ``device``, in ``dtype``), shared by rewards
+        that score with the same checkpoint under different rules."""
         from transformers import AutoTokenizer, CLIPModel
 
         if rule not in RULES:
             raise ValueError(f"reward model {name!r}: unknown rule {rule!r}; known: {sorted(RULES)}")
         path = Path(path)
-        self.name, self.rule, self.kind = name, rule, RULES[rule]
-        self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device=device, dtype=dtype)
-        self.model.eval().requires_grad_(False)
+        self.name, self.rule, self.kind, self.path = name, rule, RULES[rule], path
+        if model is None:
+            model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device=device, dtype=dtype)
+            model.eval().requires_grad_(False)
+        self.model = model
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         tokens = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(device)
         with torch.no_grad():
@@ -125,7 +129,10 @@ def build_model_rewards(reward_cfg, texts: Sequence[str], *, decode: Optional[Ca
                 raise ValueError(f"reward.{kind}: {name!r} is a {spec['kind']}-text reward "
                                  f"(reward.models.{name}.kind); list it under reward.{spec['kind']}")
             if name not in loaded:
-                loaded[name] = ClipReward(name, spec["path"], spec["rule"], texts, device=device)
+                # two names on one checkpoint (a frame reward and a video reward) share its weights
+                same = next((r for r in loaded.values() if Path(r.path) == Path(spec["path"])), None)
+                loaded[name] = ClipReward(name, spec["path"], spec["rule"], texts, device=device,
+                                          model=same.model if same is not None else None)
             terms.append(RewardTerm(loaded[name], float(weight)))
     return RewardMixture(terms, image_frames=reward_cfg.image_frames, decode=decode)
 
