@@ -145,11 +145,11 @@ def checkpointed_tiled_decode(vae, z: torch.Tensor, *, use_checkpoint: bool = Tr
                               tile_decoder: Callable = decode_tile) -> torch.Tensor:
     """diffusers' decode of raw latents ``z (B, C, T, h, w)`` -> pixels (module docstring): tiled as its
     ``tiled_decode`` when the latent is larger than one tile, each tile recomputed in the backward
-    (``use_checkpoint``); whole, as its ``_decode``, otherwise. ``tile_decoder(vae, z_tile)``: ``decode_tile``
+    (``use_checkpoint``); whole, as its ``decode``, otherwise. ``tile_decoder(vae, z_tile)``: ``decode_tile``
     (``vidpo scale`` passes a stand-in of the same shapes to count what the blend keeps without decoding)."""
     height, width = z.shape[-2:]
     if fits_one_tile(vae, height, width):
-        return vae._decode(z).sample          # diffusers' whole decode (it tiles only larger latents)
+        return vae.decode(z).sample           # diffusers' whole decode (it tiles only larger latents)
     grid = tile_grid(vae, height, width)
 
     def run(tile: torch.Tensor) -> torch.Tensor:

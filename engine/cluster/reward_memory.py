@@ -141,7 +141,7 @@ def _vae_counts(name: str, config_json: str, latent: tuple, checkpoint_tiles: bo
                               vae.parameters())
         return params, outside + one_tile, pixels["out"].shape[2], grid.count
     holder = {}
-    whole = saved_bytes(lambda: holder.setdefault("out", vae._decode(z).sample), vae.parameters())
+    whole = saved_bytes(lambda: holder.setdefault("out", vae.decode(z).sample), vae.parameters())
     return params, whole, holder["out"].shape[2], 1
 
 

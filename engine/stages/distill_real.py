@@ -103,7 +103,7 @@ def differentiable_decode(vae, latent_frames: Optional[int] = None, *, checkpoin
         if latent_frames is not None:
             latents = latents[:, :, :latent_frames]
         z = vae.denormalize(latents.to(vae.device)).to(vae.dtype)
-        pixels = checkpointed_tiled_decode(vae.vae, z) if checkpoint_tiles else vae.vae._decode(z).sample
+        pixels = checkpointed_tiled_decode(vae.vae, z) if checkpoint_tiles else vae.vae.decode(z).sample
         return pixels.float().clamp(-1.0, 1.0)
     return decode
 
